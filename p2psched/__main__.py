@@ -1,0 +1,3 @@
+from p2psched.cli.main import main
+
+main()

@@ -1,0 +1,142 @@
+"""The job a client submits: its spec, resources and limits.
+
+One pydantic model per concept; every field carries its default and its bounds, so
+a bad value is refused with a message naming the field and the allowed range.
+Bytes travel as base64 in JSON (pydantic's ``base64`` mode) and raw in msgpack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Base64Bytes = Annotated[bytes, Field(json_schema_extra={"contentEncoding": "base64"})]
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+#: 64 MiB: large enough for an MLP guest with its weights, small enough that one
+#: request cannot exhaust the agent's memory. Nomad's artifact default is similar.
+MAX_MODULE_BYTES = 64 * 1024 * 1024
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+CAPABILITIES = ("wasm", "process", "gpu", "network")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class Resources(Strict):
+    """What the job occupies on its executor while it runs."""
+
+    cpu: float = Field(1.0, gt=0, le=1024, description="CPU cores (slots) reserved.")
+    mem_mb: int = Field(256, ge=1, le=4 * 1024 * 1024, description="Memory reserved, MiB.")
+    gpu: int = Field(0, ge=0, le=64, description="Virtual GPU slots.")
+    gpu_type: str | None = Field(None, max_length=64, description="Slot type, e.g. 'whole' or '1g.10gb'.")
+
+
+class Limits(Strict):
+    """Hard limits the sandbox enforces; crossing one ends the job with a named reason."""
+
+    wall_ms: int = Field(60_000, ge=1, le=7 * 24 * 3600 * 1000, description="Wall-clock limit.")
+    cpu_ms: int | None = Field(None, ge=1, le=7 * 24 * 3600 * 1000, description="CPU-time limit.")
+    fuel: int | None = Field(None, ge=1, le=10**15, description="WebAssembly instruction fuel.")
+    mem_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, le=1 << 42, description="Memory limit.")
+    stack_bytes: int = Field(1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024, description="Guest stack limit.")
+    stdout_bytes: int = Field(1024 * 1024, ge=0, le=1 << 30, description="stdout kept; the rest is cut and flagged.")
+    stderr_bytes: int = Field(256 * 1024, ge=0, le=1 << 30, description="stderr kept; the rest is cut and flagged.")
+    pids: int = Field(64, ge=1, le=65536, description="Processes a process job may hold at once.")
+    nofile: int = Field(64, ge=4, le=65536, description="Open files a process job may hold.")
+    fsize_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1 << 40, description="Largest file a process job may write.")
+    scratch_mb: int = Field(64, ge=1, le=1 << 20, description="Size of the tmpfs scratch directory.")
+    violation: Literal["graceful", "kill"] = Field("kill", description="graceful: SIGTERM, grace, SIGKILL.")
+    grace_ms: int = Field(2_000, ge=0, le=600_000, description="Grace period for the graceful policy.")
+
+
+class JobSpec(Strict):
+    """A job as submitted. ``id`` makes submission idempotent."""
+
+    id: str | None = Field(None, description="Client-chosen id; the same id never runs twice.")
+    tenant: str = Field("default", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    runtime: Literal["wasm", "process"] = "wasm"
+    module: Base64Bytes | None = Field(None, description="The WebAssembly module's bytes.")
+    module_sha256: str | None = Field(None, description="sha256 of the module; alone, names one the agent holds.")
+    command: list[str] = Field(default_factory=list, max_length=4096, description="argv of a process job.")
+    entry: str = Field("_start", min_length=1, max_length=256, description="Exported function to call.")
+    args: list[str] = Field(default_factory=list, max_length=4096)
+    env: dict[str, str] = Field(default_factory=dict, max_length=1024)
+    input: Base64Bytes = Field(b"", description="The guest's stdin.")
+    resources: Resources = Field(default_factory=Resources)
+    limits: Limits = Field(default_factory=Limits)
+    priority: int = Field(0, ge=0, le=1000, description="Higher runs first.")
+    capabilities: list[Literal["wasm", "process", "gpu", "network"]] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    mask_patterns: list[str] = Field(default_factory=list, max_length=64, description="Regexes scrubbed from output.")
+    artifacts: list[str] = Field(default_factory=list, max_length=64, description="Scratch files returned with the result.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str | None) -> str | None:
+        if v is not None and not JOB_ID_RE.match(v):
+            raise ValueError("must be 1-128 characters of letters, digits and . _ : - and start with a letter or digit")
+        return v
+
+    @field_validator("module_sha256")
+    @classmethod
+    def _sha_shape(cls, v: str | None) -> str | None:
+        if v is not None and not SHA256_RE.match(v):
+            raise ValueError("must be 64 lowercase hex digits (a sha256)")
+        return v
+
+    @field_validator("module")
+    @classmethod
+    def _module_size(cls, v: bytes | None) -> bytes | None:
+        if v is not None and len(v) > MAX_MODULE_BYTES:
+            raise ValueError(f"is {len(v)} bytes; the limit is {MAX_MODULE_BYTES}")
+        return v
+
+    @field_validator("input")
+    @classmethod
+    def _input_size(cls, v: bytes) -> bytes:
+        if len(v) > MAX_INPUT_BYTES:
+            raise ValueError(f"is {len(v)} bytes; the limit is {MAX_INPUT_BYTES}")
+        return v
+
+    @field_validator("mask_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"pattern {p!r} is not a valid regex: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _runtime_fields(self) -> JobSpec:
+        if self.runtime == "wasm":
+            if self.module is None and self.module_sha256 is None:
+                raise ValueError("a wasm job needs 'module' (base64 bytes) or 'module_sha256' of a module the agent holds")
+            if self.module is not None:
+                digest = hashlib.sha256(self.module).hexdigest()
+                if self.module_sha256 is None:
+                    self.module_sha256 = digest
+                elif self.module_sha256 != digest:
+                    raise ValueError(
+                        f"module_sha256 is {self.module_sha256} but the module's bytes hash to {digest}; "
+                        "send the module that was declared"
+                    )
+            if self.command:
+                raise ValueError("'command' is for process jobs; a wasm job takes 'module' and 'args'")
+        else:
+            if not self.command:
+                raise ValueError("a process job needs 'command', e.g. [\"/usr/bin/python3\", \"-c\", \"print(1)\"]")
+            if self.module is not None:
+                raise ValueError("'module' is for wasm jobs; a process job takes 'command'")
+        return self
+
+    def input_sha256(self) -> str:
+        return hashlib.sha256(self.input).hexdigest()
