@@ -1,0 +1,88 @@
+"""The resource vector an agent gossips, and that placement reads.
+
+It is plain data with a compact wire form (short msgpack keys) because it rides in
+every gossip packet: at 1,200 bytes a datagram, each byte of a vector is a byte less
+for piggybacked membership updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ResourceVector:
+    cpu_total: float = 0.0
+    cpu_free: float = 0.0
+    mem_total_mb: int = 0
+    mem_free_mb: int = 0
+    gpu_free: dict[str, int] = field(default_factory=dict)  # slot type -> free slots
+    gpu_total: dict[str, int] = field(default_factory=dict)  # slot type -> slots
+    queue_len: int = 0
+    running: int = 0
+    load: float = 0.0  # 1-minute load average divided by cpu_total
+    draining: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "ct": self.cpu_total, "cf": self.cpu_free, "mt": self.mem_total_mb, "mf": self.mem_free_mb,
+            "gf": self.gpu_free, "gt": self.gpu_total, "q": self.queue_len, "r": self.running,
+            "l": round(self.load, 3), "d": self.draining,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> ResourceVector:
+        return cls(
+            cpu_total=float(d.get("ct", 0.0)), cpu_free=float(d.get("cf", 0.0)),
+            mem_total_mb=int(d.get("mt", 0)), mem_free_mb=int(d.get("mf", 0)),
+            gpu_free={str(k): int(v) for k, v in dict(d.get("gf", {})).items()},
+            gpu_total={str(k): int(v) for k, v in dict(d.get("gt", {})).items()},
+            queue_len=int(d.get("q", 0)), running=int(d.get("r", 0)),
+            load=float(d.get("l", 0.0)), draining=bool(d.get("d", False)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cpu_total": self.cpu_total, "cpu_free": self.cpu_free,
+            "mem_total_mb": self.mem_total_mb, "mem_free_mb": self.mem_free_mb,
+            "gpu_free": dict(self.gpu_free), "gpu_total": dict(self.gpu_total),
+            "queue_len": self.queue_len, "running": self.running, "load": self.load,
+            "draining": self.draining,
+        }
+
+
+@dataclass(slots=True)
+class NodeState:
+    """Everything one agent tells the cluster about itself, versioned as a whole.
+
+    A newer ``version`` replaces an older one (scuttlebutt-style); the vector changes
+    often, the rest rarely.
+    """
+
+    node_id: str
+    version: int = 0
+    vector: ResourceVector = field(default_factory=ResourceVector)
+    agent_version: str = ""
+    api: str = ""  # "host:port" of the HTTP API
+    transfer: str = ""  # "host:port" of the job transfer service
+    labels: dict[str, str] = field(default_factory=dict)
+    position: str = ""  # host id in the topology, e.g. "h0-1"
+    node_pubkey: str = ""  # Ed25519 public key, hex (attestation)
+    measurement: str = ""  # sha256 of code and config (attestation)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "n": self.node_id, "v": self.version, "rv": self.vector.to_wire(), "av": self.agent_version,
+            "api": self.api, "tr": self.transfer, "lb": self.labels, "pos": self.position,
+            "pk": self.node_pubkey, "ms": self.measurement,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> NodeState:
+        return cls(
+            node_id=str(d["n"]), version=int(d.get("v", 0)), vector=ResourceVector.from_wire(dict(d.get("rv", {}))),
+            agent_version=str(d.get("av", "")), api=str(d.get("api", "")), transfer=str(d.get("tr", "")),
+            labels={str(k): str(v) for k, v in dict(d.get("lb", {})).items()}, position=str(d.get("pos", "")),
+            node_pubkey=str(d.get("pk", "")), measurement=str(d.get("ms", "")),
+        )
