@@ -316,6 +316,7 @@ class Topology:
         for h in parsed.hosts:
             leaves = [n for n in self.graph.neighbors(h) if n in self._leaf_set]
             self._host_leaf[h] = min(leaves) if leaves else min(self.graph.neighbors(h))
+        self._anchors: dict[str, tuple[str, float, str | None]] = {}
         self._virtual_link: dict[str, tuple[float, float]] = {}
         every = [self.graph.edges[h, self._host_leaf[h]] for h in parsed.hosts]
         overall = (statistics.median(e["latency_us"] for e in every), statistics.median(e["bandwidth_gbps"] for e in every))
@@ -325,6 +326,9 @@ class Topology:
                 (statistics.median(e["latency_us"] for e in links), statistics.median(e["bandwidth_gbps"] for e in links))
                 if links else overall
             )
+        # Precomputed because placement prices every peer on every decision.
+        for n in self.graph.nodes:
+            self._anchors[n] = self._attach(n)
 
     # -- file changes -------------------------------------------------------------
 
@@ -395,6 +399,9 @@ class Topology:
 
     def _attach(self, ident: str) -> tuple[str, float, str | None]:
         """(anchor node in the graph, weight to reach it, name to prepend or append)."""
+        known = self._anchors.get(ident)
+        if known is not None:
+            return known
         if ident in self.graph:
             if self.graph.degree(ident) == 1:
                 (nbr,) = self.graph.neighbors(ident)
