@@ -1,0 +1,491 @@
+"""The agent: accepts, stores, places, runs and reports jobs.
+
+One trio nursery owns everything the agent does: the HTTP server, the dispatcher,
+the store's flusher, and (when configured) membership and transfer. The job state
+machine itself is pure (``jobs/state.py``); this module is the I/O around it: it
+reads the clock, talks to the store and the sandboxes, and wakes waiters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from p2psched import __version__
+from p2psched.agent.errors import AgentError, Conflict, NotFound, QueueFull, Unavailable
+from p2psched.config import AgentSettings
+from p2psched.jobs.queue import DispatchQueue
+from p2psched.jobs.record import RECORD_TEXT_BYTES, JobRecord, JobResult
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import JobState, state_for_reason
+from p2psched.jobs.store import Store
+from p2psched.metrics.agent import AgentMetrics
+from p2psched.resources import ResourceVector
+from p2psched.sandbox.base import SandboxRequest, SandboxResult
+
+log = logging.getLogger("p2psched.agent")
+jlog = logging.getLogger("p2psched.jobs")
+
+#: Staged transitions that nobody awaits (placed, running) are flushed at least this
+#: often, so a crash loses at most this much timeline detail and never a job.
+FLUSH_INTERVAL_S = 0.05
+
+
+@dataclass(slots=True)
+class Running:
+    record: JobRecord
+    started: float
+    cancel_reason: str | None = None
+    scope: trio.CancelScope | None = None
+
+
+def new_job_id(node_id: str) -> str:
+    """``<origin>:<time><random>``: sortable by time, and any agent can tell the origin."""
+    return f"{node_id}:{time.time_ns() // 1000:x}{secrets.token_hex(4)}"
+
+
+def origin_of(job_id: str) -> str | None:
+    head, sep, _ = job_id.rpartition(":")
+    return head if sep else None
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = AgentMetrics(self.registry)
+        self.data_dir = settings.resolved_data_dir
+        self.store = Store(self.data_dir)
+        self.queue = DispatchQueue(settings.dispatch_policy)
+        self.active: dict[str, JobRecord] = {}
+        self.running: dict[str, Running] = {}
+        self.cpu_total = settings.detected_cpus()
+        self.mem_total_mb = settings.detected_mem_mb()
+        self.cpu_used = 0.0
+        self.mem_used_mb = 0
+        self.accepting = True
+        self.started_at = time.time()
+        self._wake = trio.Event()
+        self._waiters: dict[str, trio.Event] = {}
+        self._stop = trio.Event()
+        self.stopped = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._wasm: Any = None
+        self._thread_limiter = trio.CapacityLimiter(max(1, int(self.cpu_total)))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from p2psched.api.server import serve_api
+
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.recover()
+            nursery.start_soon(self._dispatch_loop)
+            nursery.start_soon(self._flush_loop)
+            await nursery.start(serve_api, self)
+            log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
+            task_status.started()
+            await self._stop.wait()
+            await self._shutdown()
+            nursery.cancel_scope.cancel()
+        self.store.close()
+        self.stopped.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read files that may change while running (tenants, topology)."""
+        log.info("SIGHUP: nothing to reload yet")
+
+    async def _shutdown(self) -> None:
+        self.accepting = False
+        deadline = trio.current_time() + self.settings.grace_s
+        log.info("stopping: no new jobs; %d running may finish within %.1fs", len(self.running), self.settings.grace_s)
+        with trio.move_on_at(deadline):
+            while self.running:
+                await trio.sleep(0.02)
+        for run in list(self.running.values()):
+            self._cancel_running(run, "shutdown")
+        with trio.move_on_after(5):
+            while self.running:
+                await trio.sleep(0.01)
+        await self.store.sync()
+        log.info("stopped; state flushed to %s", self.store.path)
+
+    def recover(self) -> None:
+        """Bring back unfinished jobs after a restart (or a kill -9)."""
+        now = time.time()
+        n = 0
+        for rec in self.store.unfinished():
+            n += 1
+            self._seq_seen(rec.seq)
+            if rec.state in (JobState.RUNNING, JobState.PLACED):
+                self._advance(rec, JobState.QUEUED, now, "agent restarted while the job was in flight; running it again")
+            elif rec.state == JobState.SUBMITTED:
+                self._advance(rec, JobState.QUEUED, now, "recovered after restart")
+            self.active[rec.id] = rec
+            self.queue.push(rec)
+        if n:
+            log.info("recovered %d unfinished jobs from %s", n, self.store.path)
+        self.metrics.queue_length.set(len(self.queue))
+
+    _seq = 0
+
+    def _seq_seen(self, seq: int) -> None:
+        self._seq = max(self._seq, seq, self.store.last_seq)
+
+    def _next_seq(self) -> int:
+        self._seq = max(self._seq, self.store.last_seq) + 1
+        return self._seq
+
+    # ---------------------------------------------------------------- state changes
+
+    def _advance(self, rec: JobRecord, state: JobState, at: float, detail: str = "") -> None:
+        rec.advance(state, at, self.node_id, detail)
+        self.metrics.jobs_total.labels(state.value, rec.runtime).inc()
+        jlog.info("job %s %s", rec.id, state.value, extra={"job": rec.id, "state": state.value, "detail": detail})
+        self.store.stage(rec)
+        if state.final:
+            self.active.pop(rec.id, None)
+            ev = self._waiters.pop(rec.id, None)
+            if ev is not None:
+                ev.set()
+
+    # ---------------------------------------------------------------- submission
+
+    def _admit_check(self, extra: int = 1) -> None:
+        if not self.accepting:
+            raise Unavailable(
+                f"agent {self.node_id} is shutting down and accepts no new jobs; submit to another agent",
+                reason="shutting_down",
+            )
+        if len(self.queue) + extra > self.settings.queue_limit:
+            self.metrics.admission_rejections.labels("queue_full").inc()
+            raise QueueFull(
+                f"the queue at {self.node_id} holds {len(self.queue)} jobs (limit {self.settings.queue_limit}); "
+                "retry after the time in Retry-After or submit to another agent",
+                retry_after=self._retry_after(),
+            )
+
+    def _retry_after(self) -> float:
+        return float(min(60, max(1, len(self.queue) // max(1, int(self.cpu_total) * 100))))
+
+    def _accept(self, spec: JobSpec, now: float) -> tuple[JobRecord, bool]:
+        """Create the record for ``spec`` (or find the existing one); stage it."""
+        if spec.id is not None:
+            existing = self.active.get(spec.id) or self.store.get(spec.id)
+            if existing is not None:
+                return existing, False
+        job_id = spec.id or new_job_id(self.node_id)
+        spec.id = job_id
+        if spec.runtime == "wasm":
+            assert spec.module_sha256 is not None
+            if spec.module is not None:
+                self.store.put_module(spec.module_sha256, spec.module)
+                spec.module = None
+            elif not self.store.has_module(spec.module_sha256):
+                self.metrics.admission_rejections.labels("unknown_module").inc()
+                raise AgentError(
+                    f"module_sha256 {spec.module_sha256} names no module this agent holds; send 'module' with its bytes",
+                    reason="unknown_module",
+                )
+        rec = JobRecord(id=job_id, spec=spec, origin=self.node_id, created_at=now, seq=self._next_seq())
+        rec.timeline.append({"state": JobState.SUBMITTED.value, "at": now, "node": self.node_id, "detail": ""})
+        self.store.stage(rec, new=True)
+        self.metrics.jobs_total.labels("submitted", rec.runtime).inc()
+        self._advance(rec, JobState.QUEUED, now, "accepted")
+        self.active[rec.id] = rec
+        return rec, True
+
+    async def submit(self, spec: JobSpec) -> tuple[JobRecord, bool]:
+        """Accept one job durably. Returns (record, created)."""
+        self._admit_check()
+        rec, created = self._accept(spec, time.time())
+        await self.store.sync()
+        if created:
+            self._enqueue(rec)
+        return rec, created
+
+    async def submit_many(self, specs: Iterable[JobSpec | AgentError]) -> list[tuple[JobRecord, bool] | AgentError]:
+        """Accept many jobs with one durable write; each gets its own record or error."""
+        out: list[tuple[JobRecord, bool] | AgentError] = []
+        now = time.time()
+        for spec in specs:
+            if isinstance(spec, AgentError):
+                out.append(spec)
+                continue
+            try:
+                self._admit_check()
+                out.append(self._accept(spec, now))
+            except AgentError as e:
+                out.append(e)
+        await self.store.sync()
+        for item in out:
+            if isinstance(item, tuple) and item[1]:
+                self._enqueue(item[0])
+        return out
+
+    def _enqueue(self, rec: JobRecord) -> None:
+        self.queue.push(rec)
+        self.metrics.queue_length.set(len(self.queue))
+        self._wake.set()
+
+    # ---------------------------------------------------------------- queries
+
+    def get(self, job_id: str) -> JobRecord:
+        rec = self.active.get(job_id) or self.store.get(job_id)
+        if rec is None:
+            origin = origin_of(job_id)
+            hint = ""
+            if origin and origin != self.node_id:
+                hint = f"; its id says it was submitted to {origin}" + self._api_hint(origin)
+            raise NotFound(f"no job {job_id!r} at agent {self.node_id}{hint}", reason="unknown_job")
+        return rec
+
+    def _api_hint(self, node_id: str) -> str:
+        return ""
+
+    async def wait_final(self, job_id: str, timeout: float) -> JobRecord:
+        rec = self.get(job_id)
+        if rec.state.final or timeout <= 0:
+            return rec
+        ev = self._waiters.setdefault(job_id, trio.Event())
+        with trio.move_on_after(timeout):
+            await ev.wait()
+        return self.get(job_id)
+
+    def output(self, job_id: str) -> bytes:
+        rec = self.get(job_id)
+        if not rec.state.final:
+            raise Conflict(
+                f"job {job_id} is {rec.state.value}; its output exists once it ends (use ?wait=SECONDS to wait)",
+                reason="not_finished",
+            )
+        data = self.store.output(job_id)
+        return data if data is not None else b""
+
+    async def list_jobs(self, *, state: str | None, tenant: str | None, limit: int, cursor: int) -> list[JobRecord]:
+        await self.store.sync()
+        return self.store.list(state=state, tenant=tenant, limit=limit, after_seq=cursor)
+
+    # ---------------------------------------------------------------- cancel
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        rec = self.get(job_id)
+        if rec.state.final:
+            raise Conflict(
+                f"job {job_id} already ended ({rec.state.value}); there is nothing to cancel",
+                reason="already_final",
+            )
+        run = self.running.get(job_id)
+        if run is not None:
+            self._cancel_running(run, "cancelled")
+            return await self.wait_final(job_id, 30)
+        self.queue.remove(job_id)
+        self.metrics.queue_length.set(len(self.queue))
+        rec.result = JobResult(exit_code=None, reason="cancelled")
+        self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")
+        await self.store.sync()
+        return rec
+
+    def _cancel_running(self, run: Running, why: str) -> None:
+        if run.cancel_reason is None:
+            run.cancel_reason = why
+        if run.record.runtime == "wasm" and self._wasm is not None:
+            self._wasm.cancel(run.record.id)
+        elif run.scope is not None:
+            run.scope.cancel()
+
+    # ---------------------------------------------------------------- resources
+
+    def vector(self) -> ResourceVector:
+        load = 0.0
+        try:
+            load = os.getloadavg()[0] / max(self.cpu_total, 1.0)
+        except OSError:
+            pass
+        return ResourceVector(
+            cpu_total=self.cpu_total, cpu_free=max(0.0, self.cpu_total - self.cpu_used),
+            mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
+            queue_len=len(self.queue), running=len(self.running), load=load, draining=not self.accepting,
+        )
+
+    def _fits_now(self, spec: JobSpec) -> bool:
+        r = spec.resources
+        return self.cpu_used + r.cpu <= self.cpu_total + 1e-9 and self.mem_used_mb + r.mem_mb <= self.mem_total_mb
+
+    def _never_fits(self, spec: JobSpec) -> str | None:
+        r = spec.resources
+        if r.cpu > self.cpu_total:
+            return f"needs {r.cpu:g} cpus; this agent has {self.cpu_total:g} and no peer can take it"
+        if r.mem_mb > self.mem_total_mb:
+            return f"needs {r.mem_mb} MiB of memory; this agent has {self.mem_total_mb} MiB and no peer can take it"
+        if r.gpu > 0:
+            return f"needs {r.gpu} GPU slots; this agent has none and no peer can take it"
+        return None
+
+    # ---------------------------------------------------------------- dispatch
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL_S)
+            if self.store.dirty:
+                await self.store.sync()
+
+    async def _dispatch_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while True:
+                rec = self.queue.peek()
+                if rec is None:
+                    break
+                reason = self._never_fits(rec.spec)
+                if reason is not None:
+                    self.queue.pop()
+                    rec.result = JobResult(exit_code=None, reason=f"rejected: {reason}")
+                    self._advance(rec, JobState.REJECTED, time.time(), reason)
+                    continue
+                if not self._fits_now(rec.spec):
+                    rec.wait_reason = "waiting for local capacity: all cpu/memory slots are in use"
+                    break
+                self.queue.pop()
+                rec.wait_reason = None
+                self._start_local(rec)
+            self.metrics.queue_length.set(len(self.queue))
+
+    def _start_local(self, rec: JobRecord) -> None:
+        assert self._nursery is not None
+        now = time.time()
+        rec.executor = self.node_id
+        rec.route = rec.route or [self.node_id]
+        rec.attempts += 1
+        self._advance(rec, JobState.PLACED, now, "runs here")
+        r = rec.spec.resources
+        self.cpu_used += r.cpu
+        self.mem_used_mb += r.mem_mb
+        self._update_slot_metrics()
+        run = Running(rec, now)
+        self.running[rec.id] = run
+        self._nursery.start_soon(self._run_job, run)
+
+    def _update_slot_metrics(self) -> None:
+        self.metrics.slots_in_use.labels("cpu").set(self.cpu_used)
+        self.metrics.slots_in_use.labels("mem_mb").set(self.mem_used_mb)
+        self.metrics.running.set(len(self.running))
+
+    def _sandbox_request(self, rec: JobRecord) -> SandboxRequest:
+        s = rec.spec
+        return SandboxRequest(
+            job_id=rec.id, runtime=s.runtime, limits=s.limits, resources=s.resources,
+            module_sha256=s.module_sha256,
+            module_path=self.store.module_path(s.module_sha256) if s.module_sha256 else None,
+            entry=s.entry, command=list(s.command), args=list(s.args), env=dict(s.env), stdin=s.input,
+            network="network" in s.capabilities, mask_patterns=list(s.mask_patterns), artifacts=list(s.artifacts),
+        )
+
+    async def _execute(self, run: Running, req: SandboxRequest) -> SandboxResult:
+        if req.runtime == "wasm":
+            if self._wasm is None:
+                from p2psched.sandbox.wasm import WasmEngine
+
+                self._wasm = WasmEngine(cache_dir=self.data_dir / "compiled")
+            wasm = self._wasm
+            return await trio.to_thread.run_sync(wasm.run, req, limiter=self._thread_limiter)
+        from p2psched.sandbox.process import run_process
+
+        work = self.data_dir / "work" / req.job_id.replace(":", "_")
+        run.scope = trio.CancelScope()
+        with run.scope:
+            return await run_process(req, work)
+        return SandboxResult(exit_code=None, reason="cancelled")
+
+    async def _run_job(self, run: Running) -> None:
+        rec = run.record
+        started = time.time()
+        self.metrics.queue_seconds.labels(rec.runtime).observe(max(0.0, started - rec.created_at))
+        self._advance(rec, JobState.RUNNING, started, f"attempt {rec.attempts}")
+        try:
+            result = await self._execute(run, self._sandbox_request(rec))
+        except Exception as e:  # a sandbox bug must not take the agent down
+            log.exception("job %s: sandbox error", rec.id)
+            result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")
+        finally:
+            r = rec.spec.resources
+            self.cpu_used -= r.cpu
+            self.mem_used_mb -= r.mem_mb
+            self.running.pop(rec.id, None)
+            self._update_slot_metrics()
+            self._wake.set()
+        ended = time.time()
+        self.metrics.run_seconds.labels(rec.runtime).observe(ended - started)
+        if run.cancel_reason == "shutdown":
+            self._advance(rec, JobState.QUEUED, ended, "agent stopping: run interrupted; it will run again")
+            return
+        if run.cancel_reason == "cancelled":
+            result.reason = "cancelled"
+        self._finish(rec, result, started, ended)
+        await self.store.sync()
+
+    def _finish(self, rec: JobRecord, res: SandboxResult, started: float, ended: float) -> None:
+        out = res.stdout
+        rec.result = JobResult(
+            exit_code=res.exit_code, reason=res.reason,
+            stdout=out[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
+            stderr=res.stderr[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
+            stdout_truncated=res.stdout_truncated, stderr_truncated=res.stderr_truncated,
+            cpu_ms=res.cpu_ms, peak_mem_bytes=res.peak_mem_bytes,
+            output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
+            warnings=list(res.warnings),
+        )
+        state = state_for_reason(res.reason, res.exit_code)
+        self.store.stage(rec, output=out)
+        self._advance(rec, state, ended, res.reason)
+
+    # ---------------------------------------------------------------- cluster views
+
+    def self_view(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id, "address": self.settings.gossip, "api": self.settings.api,
+            "state": "draining" if not self.accepting else "alive", "incarnation": 0, "age_s": 0.0,
+            "vector": self.vector().as_dict(), "position": "", "self": True,
+        }
+
+    def peers_view(self) -> list[dict[str, Any]]:
+        return [self.self_view()]
+
+    def cluster_view(self) -> dict[str, Any]:
+        members = self.peers_view()
+        by_state: dict[str, int] = {}
+        total = {"cpu": 0.0, "mem_mb": 0, "gpu": 0}
+        free = {"cpu": 0.0, "mem_mb": 0, "gpu": 0}
+        for m in members:
+            by_state[m["state"]] = by_state.get(m["state"], 0) + 1
+            if m["state"] in ("alive", "draining"):
+                v = m["vector"]
+                total["cpu"] += v["cpu_total"]
+                free["cpu"] += v["cpu_free"]
+                total["mem_mb"] += v["mem_total_mb"]
+                free["mem_mb"] += v["mem_free_mb"]
+                total["gpu"] += sum(v["gpu_total"].values())
+                free["gpu"] += sum(v["gpu_free"].values())
+        return {"members": len(members), "by_state": by_state, "total": total, "free": free}
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop admissions; queued jobs run here (or go to peers once placement forwards)."""
+        self.accepting = False
+        log.warning("draining: no new admissions")
+        return {"node_id": self.node_id, "draining": True, "queued": len(self.queue), "running": len(self.running)}

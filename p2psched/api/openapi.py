@@ -1,0 +1,110 @@
+"""The OpenAPI description served at /openapi.json.
+
+Paths are listed by hand (they are few and stable); the schemas come from the same
+pydantic models that validate requests, so the document cannot drift from them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from p2psched import __version__
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import JobState
+
+_ERR = {"$ref": "#/components/schemas/Error"}
+_REC = {"$ref": "#/components/schemas/JobRecord"}
+
+
+def _resp(desc: str, schema: dict[str, Any] | None = None, ctype: str = "application/json") -> dict[str, Any]:
+    r: dict[str, Any] = {"description": desc}
+    if schema is not None:
+        r["content"] = {ctype: {"schema": schema}}
+    return r
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Invalid input; `error.fields` names each bad field.", 404: "Unknown job.",
+            409: "Conflict with the job's state.", 413: "Body too large.", 429: "Queue full; see Retry-After.",
+            503: "Agent shutting down."}
+    return {str(c): _resp(text[c], _ERR) for c in codes}
+
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 300},
+         "description": "Long-poll: wait up to this many seconds for the job to end."}
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    spec_schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = spec_schema.pop("$defs", {})
+    schemas: dict[str, Any] = {**defs, "JobSpec": spec_schema}
+    schemas["Error"] = {
+        "type": "object",
+        "properties": {"error": {"type": "object", "properties": {
+            "status": {"type": "integer"}, "reason": {"type": "string"}, "message": {"type": "string"},
+            "fields": {"type": "array", "items": {"type": "object", "properties": {
+                "field": {"type": "string"}, "message": {"type": "string"}}}}}}},
+    }
+    schemas["JobRecord"] = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "state": {"type": "string", "enum": [s.value for s in JobState]},
+            "tenant": {"type": "string"}, "runtime": {"type": "string"}, "origin": {"type": "string"},
+            "executor": {"type": ["string", "null"]}, "route": {"type": "array", "items": {"type": "string"}},
+            "cost": {"type": "number"}, "hops": {"type": "integer"}, "attempts": {"type": "integer"},
+            "timeline": {"type": "array", "items": {"type": "object", "properties": {
+                "state": {"type": "string"}, "at": {"type": "number"}, "node": {"type": "string"},
+                "detail": {"type": "string"}}}},
+            "result": {"type": ["object", "null"], "properties": {
+                "exit_code": {"type": ["integer", "null"]}, "reason": {"type": "string"},
+                "stdout": {"type": "string"}, "stderr": {"type": "string"},
+                "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
+                "cpu_ms": {"type": "number"}, "peak_mem_bytes": {"type": "integer"},
+                "output_sha256": {"type": "string"}, "attestation": {"type": ["object", "null"]}}},
+            "wait_reason": {"type": ["string", "null"]},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "p2psched agent API", "version": __version__},
+        "paths": {
+            "/v1/jobs": {
+                "post": {"summary": "Submit a job", "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}},
+                    "responses": {"202": _resp("Accepted", _REC), "200": _resp("Same id: the existing job", _REC),
+                                  **_errors(400, 413, 429, 503)}},
+                "get": {"summary": "List jobs", "parameters": [
+                    {"name": "state", "in": "query", "schema": {"type": "string"}},
+                    {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+                    "responses": {"200": _resp("Jobs", {"type": "object", "properties": {
+                        "jobs": {"type": "array", "items": _REC}, "next_cursor": {"type": ["integer", "null"]}}}),
+                        **_errors(400)}},
+            },
+            "/v1/jobs:batch": {"post": {"summary": "Submit many jobs", "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}}}}}}},
+                "responses": {"202": _resp("One record or error per spec, in order"),
+                              "207": _resp("Some specs failed; see each result"), **_errors(400, 413)}}},
+            "/v1/jobs/{job_id}": {
+                "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT],
+                        "responses": {"200": _resp("The record", _REC), **_errors(404)}},
+                "delete": {"summary": "Cancel a job", "parameters": [_JOB_ID],
+                           "responses": {"200": _resp("The cancelled record", _REC), **_errors(404, 409)}},
+            },
+            "/v1/jobs/{job_id}/result": {"get": {"summary": "A job's raw output bytes", "parameters": [_JOB_ID, _WAIT],
+                "responses": {"200": _resp("stdout bytes", {"type": "string", "format": "binary"},
+                                           "application/octet-stream"), **_errors(404, 409)}}},
+            "/v1/peers": {"get": {"summary": "Cluster members", "responses": {"200": _resp("Members")}}},
+            "/v1/cluster": {"get": {"summary": "Members by state and resources", "responses": {"200": _resp("Totals")}}},
+            "/v1/drain": {"post": {"summary": "Drain this agent", "responses": {"200": _resp("Drain started")}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _resp("Serving"),
+                                                                        "503": _resp("Draining or stopping")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": _resp("Text format")}}},
+        },
+        "components": {"schemas": schemas},
+    }

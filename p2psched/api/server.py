@@ -1,0 +1,265 @@
+"""The HTTP API: JSON under /v1, served by hypercorn's trio worker.
+
+The handlers are thin: they parse and validate, call the agent, and map its errors
+to statuses. Bodies are read with a hard size limit before any parsing, so an
+oversized request costs the agent at most ``max_request_bytes`` of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import trio
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from p2psched.agent.errors import AgentError
+from p2psched.api.errors import error_body, field_errors
+from p2psched.api.openapi import openapi_document
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import JobState
+
+#: Batch requests carry at most this many specs: enough to amortise one HTTP round
+#: trip and one fsync over many jobs, small enough to answer within a second.
+MAX_BATCH = 10_000
+#: Long-polls are capped so that proxies and clients with default timeouts behave.
+MAX_WAIT_S = 300.0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def _error(e: AgentError) -> Response:
+    headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else None
+    return _json(error_body(e.status, e.reason, e.message, e.details), e.status, headers)
+
+
+def _bad(reason: str, message: str, status: int = 400, details: list[dict[str, str]] | None = None) -> Response:
+    return _json(error_body(status, reason, message, details), status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge()
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_spec(raw: Any, prefix: str = "") -> JobSpec | AgentError:
+    if not isinstance(raw, dict):
+        return AgentError(f"{prefix or 'body'} must be a JSON object holding a job spec", reason="invalid_spec")
+    try:
+        spec = JobSpec.model_validate(raw, strict=False)
+    except ValidationError as e:
+        details = field_errors(e, prefix=prefix)
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+        return AgentError(f"invalid job spec: {summary}", reason="invalid_spec", details=details)
+    return spec
+
+
+def _wasm_check(agent: Any, spec: JobSpec, prefix: str = "") -> AgentError | None:
+    if spec.runtime != "wasm" or spec.module is None:
+        return None
+    from p2psched.sandbox.wasm import validate_module
+
+    try:
+        validate_module(spec.module)
+    except ValueError as e:
+        return AgentError(str(e), reason="invalid_module", details=[{"field": prefix + "module", "message": str(e)}])
+    return None
+
+
+def _wait_param(request: Request) -> float:
+    raw = request.query_params.get("wait", "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise AgentError(f"wait={raw!r} must be a number of seconds, 0 to {MAX_WAIT_S:g}", reason="invalid_query")
+    if not 0 <= value <= MAX_WAIT_S or math.isnan(value):
+        raise AgentError(f"wait={raw} is out of range; use 0 to {MAX_WAIT_S:g} seconds", reason="invalid_query")
+    return value
+
+
+def create_app(agent: Any) -> Starlette:
+    limit = agent.settings.max_request_bytes
+
+    async def load_json(request: Request) -> Any:
+        try:
+            body = await _read_body(request, limit)
+        except BodyTooLarge:
+            raise AgentError(
+                f"request body is larger than the limit of {limit} bytes; send a smaller module or input, "
+                "or raise max_request_bytes", reason="body_too_large", status=413,
+            ) from None
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
+
+    async def submit(request: Request) -> Response:
+        raw = await load_json(request)
+        spec = _parse_spec(raw)
+        if isinstance(spec, AgentError):
+            agent.metrics.admission_rejections.labels(spec.reason).inc()
+            raise spec
+        err = _wasm_check(agent, spec)
+        if err is not None:
+            agent.metrics.admission_rejections.labels(err.reason).inc()
+            raise err
+        rec, created = await agent.submit(spec)
+        return _json(rec.as_dict(), 202 if created else 200)
+
+    async def submit_batch(request: Request) -> Response:
+        raw = await load_json(request)
+        jobs = raw.get("jobs") if isinstance(raw, dict) else None
+        if not isinstance(jobs, list):
+            raise AgentError('batch body must be {"jobs": [spec, ...]}', reason="invalid_batch")
+        if len(jobs) > MAX_BATCH:
+            raise AgentError(f"batch holds {len(jobs)} jobs; the limit is {MAX_BATCH}", reason="invalid_batch",
+                             status=413)
+        specs: list[JobSpec | AgentError] = []
+        for i, item in enumerate(jobs):
+            spec = _parse_spec(item, prefix=f"jobs.{i}.")
+            if isinstance(spec, JobSpec):
+                spec = _wasm_check(agent, spec, prefix=f"jobs.{i}.") or spec
+            if isinstance(spec, AgentError):
+                agent.metrics.admission_rejections.labels(spec.reason).inc()
+            specs.append(spec)
+        results = await agent.submit_many(specs)
+        out = []
+        for item in results:
+            if isinstance(item, AgentError):
+                out.append(error_body(item.status, item.reason, item.message, item.details))
+            else:
+                out.append({"status": 202 if item[1] else 200, "job": item[0].as_dict()})
+        return _json({"results": out}, 207 if any("error" in o for o in out) else 202)
+
+    async def get_job(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        wait = _wait_param(request)
+        rec = await agent.wait_final(job_id, wait) if wait else agent.get(job_id)
+        return _json(rec.as_dict(include_spec=request.query_params.get("spec") == "1"))
+
+    async def get_result(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        wait = _wait_param(request)
+        rec = await agent.wait_final(job_id, wait) if wait else agent.get(job_id)
+        data = agent.output(rec.id)
+        headers = {"X-Job-State": rec.state.value}
+        if rec.result is not None:
+            headers["X-Job-Reason"] = rec.result.reason.encode("ascii", "replace").decode()[:200]
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    async def list_jobs(request: Request) -> Response:
+        q = request.query_params
+        unknown = set(q) - {"state", "tenant", "limit", "cursor"}
+        if unknown:
+            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use state, tenant, limit, cursor",
+                             reason="invalid_query")
+        state = q.get("state")
+        if state is not None and state not in {s.value for s in JobState}:
+            raise AgentError(f"state={state!r} is not a job state; use one of "
+                             + ", ".join(s.value for s in JobState), reason="invalid_query")
+        try:
+            limit = int(q.get("limit", "100"))
+            cursor = int(q.get("cursor", "0"))
+        except ValueError:
+            raise AgentError("limit and cursor must be integers", reason="invalid_query") from None
+        if not 1 <= limit <= 1000 or cursor < 0:
+            raise AgentError("limit must be 1-1000 and cursor >= 0", reason="invalid_query")
+        recs = await agent.list_jobs(state=state, tenant=q.get("tenant"), limit=limit, cursor=cursor)
+        next_cursor = recs[-1].seq if len(recs) == limit else None
+        return _json({"jobs": [r.as_dict() for r in recs], "next_cursor": next_cursor})
+
+    async def cancel_job(request: Request) -> Response:
+        rec = await agent.cancel(request.path_params["job_id"])
+        return _json(rec.as_dict())
+
+    async def healthz(request: Request) -> Response:
+        status = 200 if agent.accepting else 503
+        return _json({"status": "ok" if agent.accepting else "draining", "node_id": agent.node_id,
+                      "version": agent_version()}, status)
+
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(agent.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return _json(openapi_document())
+
+    async def peers(request: Request) -> Response:
+        return _json({"peers": agent.peers_view()})
+
+    async def cluster(request: Request) -> Response:
+        return _json(agent.cluster_view())
+
+    async def drain(request: Request) -> Response:
+        return _json(await agent.drain())
+
+    async def on_agent_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AgentError)
+        return _error(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        reason = {404: "no_such_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        msg = {404: f"no route {request.url.path}; see /openapi.json for the API",
+               405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json"}
+        return _bad(reason, msg.get(exc.status_code, str(exc.detail)), exc.status_code)
+
+    routes = [
+        Route("/v1/jobs", submit, methods=["POST"]),
+        Route("/v1/jobs:batch", submit_batch, methods=["POST"]),
+        Route("/v1/jobs", list_jobs, methods=["GET"]),
+        Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+        Route("/v1/jobs/{job_id}/result", get_result, methods=["GET"]),
+        Route("/v1/peers", peers, methods=["GET"]),
+        Route("/v1/cluster", cluster, methods=["GET"]),
+        Route("/v1/drain", drain, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={AgentError: on_agent_error, HTTPException: on_http_error})
+
+
+def agent_version() -> str:
+    from p2psched import __version__
+
+    return __version__
+
+
+async def serve_api(agent: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [agent.settings.api]
+    config.accesslog = None
+    config.errorlog = None
+    # Long-polls hold a connection for up to MAX_WAIT_S; keep idle ones a little longer.
+    config.keep_alive_timeout = MAX_WAIT_S + 5
+    config.graceful_timeout = 1.0
+    app = create_app(agent)
+    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

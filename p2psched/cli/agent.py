@@ -1,0 +1,83 @@
+"""``p2psched agent``: run the agent in the foreground."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from p2psched.config import ConfigError, load_settings
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--node-id", help="This agent's id (default: hostname).")
+@click.option("--api", help="HTTP API HOST:PORT [0.0.0.0:7700].")
+@click.option("--gossip", help="Gossip HOST:PORT, UDP [0.0.0.0:7701].")
+@click.option("--transfer", help="Transfer HOST:PORT, TCP [0.0.0.0:7702].")
+@click.option("--advertise", help="Host peers should use to reach this agent.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Data directory [./data/<node-id>].")
+@click.option("--cpus", type=float, help="Advertised CPU slots [detected].")
+@click.option("--mem-mb", type=int, help="Advertised memory in MiB [detected].")
+@click.option("--queue-limit", type=int, help="Queued jobs at most before 429 [10000].")
+@click.option("--dispatch-policy", type=click.Choice(["fair", "fifo"]), help="Local dispatch order [fair].")
+@click.option("--grace-s", type=float, help="Seconds running jobs may finish on shutdown [10].")
+@click.option("--drain-on-sigterm/--no-drain-on-sigterm", default=None, help="SIGTERM drains first.")
+@click.option("--join", multiple=True, help="Seed peer HOST:PORT (repeatable).")
+@click.option("--join-dns", multiple=True, help="DNS NAME:PORT resolving to peers (repeatable).")
+@click.option("--no-mdns", is_flag=True, default=None, help="Turn off mDNS discovery.")
+@click.option("--topology", type=click.Path(path_type=Path), help="Leaf-spine topology YAML.")
+@click.option("--tenants", type=click.Path(path_type=Path), help="Tenant registry TOML.")
+@click.option("--insecure", is_flag=True, default=None, help="No gossip encryption or TLS (says so loudly).")
+@click.option("--gossip-key", type=click.Path(path_type=Path), help="Gossip keyring file.")
+@click.option("--tls-dir", type=click.Path(path_type=Path), help="Directory with ca.pem and this node's cert.")
+@click.option("--cluster-name", help="Cluster name bound into gossip encryption.")
+@click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]))
+@click.option("--gpus", help="Declared GPUs (see docs/gpu.md).")
+@click.option("--log-format", type=click.Choice(["text", "json"]))
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def agent(config_file: Path | None, **flags: object) -> None:
+    """Run the agent on this host. Every flag is also P2PSCHED_<NAME> and a config key."""
+    overrides = {k: v for k, v in flags.items() if v is not None and v != ()}
+    for key in ("join", "join_dns"):
+        if key in overrides:
+            overrides[key] = list(overrides[key])  # type: ignore[call-overload]
+    try:
+        settings = load_settings(config_file, **overrides)
+    except ConfigError as e:
+        click.echo(f"p2psched agent: {e}", err=True)
+        sys.exit(2)
+
+    import trio
+
+    from p2psched import logs
+    from p2psched.agent.agent import Agent
+
+    logs.configure(settings.log_format, settings.log_level)
+
+    async def main() -> None:
+        agent = Agent(settings)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.run)
+
+                async def on_signals() -> None:
+                    async for sig in signals:
+                        if sig == signal.SIGHUP:
+                            agent.reload()
+                            continue
+                        if sig == signal.SIGTERM and settings.drain_on_sigterm:
+                            await agent.drain()
+                        agent.request_stop()
+
+                nursery.start_soon(on_signals)
+                await agent.stopped.wait()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except OSError as e:
+        click.echo(f"p2psched agent: {e}; is another agent using the same ports? (`p2psched doctor` checks)", err=True)
+        sys.exit(1)

@@ -1,0 +1,309 @@
+"""The client commands: submit, status, jobs, cancel, result, peers, cluster, drain.
+
+They speak only the HTTP API, so everything they do a user can do with curl.
+Exit status: 0 on success; 1 when the job did not succeed (reason on stderr);
+2 for usage errors; 3 when the agent cannot be reached or answers an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:7700"
+agent_option = click.option(
+    "--agent", "agent_url", default=lambda: os.environ.get("P2PSCHED_URL", DEFAULT_URL), show_default="$P2PSCHED_URL or "
+    + DEFAULT_URL, help="Agent API URL.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON record.")
+
+
+def fail(message: str, code: int = 3) -> NoReturn:
+    click.echo(f"p2psched: {message}", err=True)
+    sys.exit(code)
+
+
+class Api:
+    def __init__(self, url: str, *, tenant: str | None = None, key: Path | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0))
+        self.signer = None
+        if tenant and key:
+            from p2psched.security.client import RequestSigner  # type: ignore[import-not-found]
+
+            self.signer = RequestSigner(tenant, key)
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        if self.signer is not None:
+            kw.setdefault("headers", {}).update(self.signer.headers(method, path))
+        try:
+            resp = self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            fail(f"cannot reach the agent at {self.url}: {e}; is `p2psched agent` running there? "
+                 "(set --agent or $P2PSCHED_URL)")
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+                msg = err["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = resp.text[:500]
+            fail(f"{resp.status_code}: {msg}")
+        return resp
+
+    def json(self, method: str, path: str, **kw: Any) -> Any:
+        return self.request(method, path, **kw).json()
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _summary(rec: dict[str, Any]) -> str:
+    res = rec.get("result") or {}
+    parts = [f"{rec['id']}  {rec['state']}", f"runtime={rec['runtime']}", f"executor={rec.get('executor')}"]
+    if rec.get("hops"):
+        parts.append(f"hops={rec['hops']} route={'>'.join(rec['route'])} cost={rec['cost']}")
+    if res:
+        parts.append(f"reason={res['reason']!r} cpu_ms={res['cpu_ms']} peak_mem={res['peak_mem_bytes']}")
+    if rec.get("wait_reason"):
+        parts.append(f"waiting: {rec['wait_reason']}")
+    return "  ".join(parts)
+
+
+def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            fail(f"--env {item!r} must be KEY=VALUE", 2)
+        env[k] = v
+    return env
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("module", required=False, type=click.Path(path_type=Path))
+@click.argument("command", nargs=-1)
+@click.option("--process", is_flag=True, help="Run COMMAND in the process sandbox: submit --process -- CMD ARGS...")
+@agent_option
+@click.option("--id", "job_id", help="Job id (idempotency: the same id never runs twice).")
+@click.option("--input", "input_file", help="File (or - for stdin) fed to the job's stdin.")
+@click.option("--arg", "args", multiple=True, help="Argument for the guest (repeatable).")
+@click.option("--env", "env", multiple=True, help="KEY=VALUE for the guest (repeatable).")
+@click.option("--entry", default="_start", show_default=True, help="Exported function to call (wasm).")
+@click.option("--cpu", type=float, help="CPU slots [1].")
+@click.option("--mem-mb", type=int, help="Memory reserved, MiB [256].")
+@click.option("--gpu", type=int, help="GPU slots [0].")
+@click.option("--gpu-type", help="GPU slot type.")
+@click.option("--wall-ms", type=int, help="Wall-clock limit, ms [60000].")
+@click.option("--cpu-ms", type=int, help="CPU-time limit, ms.")
+@click.option("--fuel", type=int, help="WebAssembly fuel limit.")
+@click.option("--mem-limit-mb", type=int, help="Hard memory limit, MiB [256].")
+@click.option("--priority", type=int, help="Priority; higher runs first [0].")
+@click.option("--cap", "caps", multiple=True, help="Capability the job needs (network, gpu; repeatable).")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE label (repeatable).")
+@click.option("--tenant", help="Tenant name (signs the request with --key).")
+@click.option("--key", type=click.Path(path_type=Path), help="Tenant private key file.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; print its output (or record with --json).")
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds.")
+@json_option
+def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_url: str, job_id: str | None,
+           input_file: str | None, args: tuple[str, ...], env: tuple[str, ...], entry: str, cpu: float | None,
+           mem_mb: int | None, gpu: int | None, gpu_type: str | None, wall_ms: int | None, cpu_ms: int | None,
+           fuel: int | None, mem_limit_mb: int | None, priority: int | None, caps: tuple[str, ...],
+           labels: tuple[str, ...], tenant: str | None, key: Path | None, wait: bool, timeout: float,
+           as_json: bool) -> None:
+    """Submit MODULE (a .wasm file), or with --process a command: submit --process -- CMD ARGS..."""
+    spec: dict[str, Any] = {}
+    if process:
+        argv = ([str(module)] if module is not None else []) + list(command)
+        if not argv:
+            fail("--process needs a command after --, e.g. p2psched submit --process -- /bin/echo hi", 2)
+        spec["runtime"] = "process"
+        spec["command"] = argv
+    else:
+        if module is None:
+            fail("give a .wasm MODULE to run, or --process -- CMD ARGS...", 2)
+        if command:
+            fail(f"unexpected arguments {list(command)}; pass guest arguments with --arg", 2)
+        try:
+            data = module.read_bytes()
+        except OSError as e:
+            fail(f"cannot read module {module}: {e.strerror}", 2)
+        spec["runtime"] = "wasm"
+        spec["module"] = base64.b64encode(data).decode()
+        if entry != "_start":
+            spec["entry"] = entry
+    if job_id:
+        spec["id"] = job_id
+    if input_file is not None:
+        try:
+            raw = sys.stdin.buffer.read() if input_file == "-" else Path(input_file).read_bytes()
+        except OSError as e:
+            fail(f"cannot read --input {input_file}: {e.strerror}", 2)
+        spec["input"] = base64.b64encode(raw).decode()
+    if args:
+        spec["args"] = list(args)
+    if env:
+        spec["env"] = _parse_env(env)
+    resources = {k: v for k, v in {"cpu": cpu, "mem_mb": mem_mb, "gpu": gpu, "gpu_type": gpu_type}.items()
+                 if v is not None}
+    if resources:
+        spec["resources"] = resources
+    limits = {k: v for k, v in {"wall_ms": wall_ms, "cpu_ms": cpu_ms, "fuel": fuel,
+                                 "mem_bytes": mem_limit_mb * 1024 * 1024 if mem_limit_mb else None}.items()
+              if v is not None}
+    if limits:
+        spec["limits"] = limits
+    if priority is not None:
+        spec["priority"] = priority
+    if caps:
+        spec["capabilities"] = list(caps)
+    if labels:
+        spec["labels"] = _parse_env(labels)
+    if tenant:
+        spec["tenant"] = tenant
+    api = Api(agent_url, tenant=tenant, key=key)
+    body: dict[str, Any] = spec
+    if tenant and key:
+        from p2psched.security.client import sign_submission  # type: ignore[import-not-found]
+
+        body = sign_submission(spec, tenant, key)
+    rec = api.json("POST", "/v1/jobs", json=body)
+    if not wait:
+        if as_json:
+            _print_json(rec)
+        else:
+            click.echo(rec["id"])
+        return
+    rec = _wait_final(api, rec["id"], timeout)
+    _report(api, rec, as_json)
+
+
+def _wait_final(api: Api, job_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        rec = api.json("GET", f"/v1/jobs/{job_id}", params={"wait": f"{max(0.0, min(left, 60.0)):.3f}"})
+        if rec["state"] in ("succeeded", "failed", "cancelled", "timed_out", "rejected") or left <= 0:
+            return rec
+
+
+def _report(api: Api, rec: dict[str, Any], as_json: bool) -> None:
+    ok = rec["state"] == "succeeded"
+    if as_json:
+        _print_json(rec)
+    elif rec["state"] in ("succeeded", "failed", "timed_out"):
+        out = api.request("GET", f"/v1/jobs/{rec['id']}/result").content
+        sys.stdout.buffer.write(out)
+        sys.stdout.flush()
+    if not ok:
+        res = rec.get("result") or {}
+        reason = res.get("reason") or rec.get("wait_reason") or "did not finish in time"
+        click.echo(f"p2psched: job {rec['id']} {rec['state']}: {reason}", err=True)
+        if res.get("stderr") and not as_json:
+            click.echo(res["stderr"].rstrip(), err=True)
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("job_id")
+@agent_option
+@click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
+@json_option
+def status(job_id: str, agent_url: str, wait_s: float, as_json: bool) -> None:
+    """Show one job's record."""
+    rec = Api(agent_url).json("GET", f"/v1/jobs/{job_id}", params={"wait": wait_s})
+    if as_json:
+        _print_json(rec)
+        return
+    click.echo(_summary(rec))
+    for t in rec["timeline"]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(t["at"])) + f".{int(t['at'] * 1000) % 1000:03d}"
+        click.echo(f"  {stamp}  {t['state']:<10} {t['node']:<12} {t['detail']}")
+
+
+@click.command()
+@agent_option
+@click.option("--state", help="Only jobs in this state.")
+@click.option("--tenant", help="Only this tenant's jobs.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@json_option
+def jobs(agent_url: str, state: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
+    """List jobs known to an agent, oldest first."""
+    params: dict[str, Any] = {"limit": min(limit, 1000)}
+    if state:
+        params["state"] = state
+    if tenant:
+        params["tenant"] = tenant
+    data = Api(agent_url).json("GET", "/v1/jobs", params=params)
+    if as_json:
+        _print_json(data)
+        return
+    for rec in data["jobs"]:
+        click.echo(_summary(rec))
+
+
+@click.command()
+@click.argument("job_id")
+@agent_option
+@json_option
+def cancel(job_id: str, agent_url: str, as_json: bool) -> None:
+    """Cancel a job; a running one is stopped."""
+    rec = Api(agent_url).json("DELETE", f"/v1/jobs/{job_id}")
+    _print_json(rec) if as_json else click.echo(_summary(rec))
+
+
+@click.command()
+@click.argument("job_id")
+@agent_option
+@click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
+def result(job_id: str, agent_url: str, wait_s: float) -> None:
+    """Write a job's raw output bytes to stdout."""
+    resp = Api(agent_url).request("GET", f"/v1/jobs/{job_id}/result", params={"wait": wait_s})
+    sys.stdout.buffer.write(resp.content)
+
+
+@click.command()
+@agent_option
+@json_option
+def peers(agent_url: str, as_json: bool) -> None:
+    """List cluster members as the agent sees them."""
+    data = Api(agent_url).json("GET", "/v1/peers")
+    if as_json:
+        _print_json(data)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("node", "state", "inc", "age", "address", "api", "position", "cpu free/total", "mem free/total MiB",
+                  "gpu slots free", "queue", "running")
+    for p in data["peers"]:
+        v = p["vector"]
+        gpus = ", ".join(f"{t}:{n}/{v['gpu_total'].get(t, n)}" for t, n in v["gpu_free"].items()) or "-"
+        table.add_row(p["node_id"] + (" *" if p.get("self") else ""), p["state"], str(p["incarnation"]),
+                      f"{p['age_s']:.1f}s", p["address"], p.get("api", ""), p.get("position") or "-",
+                      f"{v['cpu_free']:g}/{v['cpu_total']:g}", f"{v['mem_free_mb']}/{v['mem_total_mb']}", gpus,
+                      str(v["queue_len"]), str(v["running"]))
+    Console().print(table)
+
+
+@click.command()
+@agent_option
+def cluster(agent_url: str) -> None:
+    """Members by state, and total and free resources."""
+    _print_json(Api(agent_url).json("GET", "/v1/cluster"))
+
+
+@click.command()
+@agent_option
+def drain(agent_url: str) -> None:
+    """Drain an agent: stop admissions, hand queued jobs to peers, finish running ones, leave."""
+    _print_json(Api(agent_url).json("POST", "/v1/drain"))

@@ -1,0 +1,133 @@
+"""``p2psched doctor``: what works on this host, and how to fix what doesn't.
+
+Each check prints ok/warn/FAIL, what it found and, when it is not ok, the fix.
+Exit status 1 when any check FAILs (warnings are fine: they mean a fallback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import click
+
+Check = tuple[str, bool, str, str]  # name, ok, detail, fix
+
+
+def check_python() -> Check:
+    ok = sys.version_info >= (3, 11)
+    return ("python", ok, sys.version.split()[0], "install Python 3.11 or newer")
+
+
+def check_wasmtime() -> Check:
+    try:
+        import wasmtime
+
+        engine = wasmtime.Engine()
+        store = wasmtime.Store(engine)
+        module = wasmtime.Module(engine, '(module (func (export "add") (param i32 i32) (result i32) '
+                                         "local.get 0 local.get 1 i32.add))")
+        add = wasmtime.Instance(store, module, []).exports(store)["add"]
+        got = add(store, 2, 3)  # type: ignore[operator]
+        ok = got == 5
+        from importlib.metadata import version as dist_version
+
+        version = dist_version("wasmtime")
+        return ("wasmtime", ok, f"wasmtime {version}: trial run 2+3={got}", "pip install --upgrade wasmtime")
+    except Exception as e:  # any failure here is the finding
+        return ("wasmtime", False, f"trial run failed: {e}", "pip install --upgrade wasmtime (needs x86-64 or arm64)")
+
+
+def check_data_dir(path: Path) -> Check:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".doctor-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return ("data dir", True, f"{path} is writable", "")
+    except OSError as e:
+        return ("data dir", False, f"{path}: {e.strerror}", f"choose a writable --data-dir, or fix permissions on {path}")
+
+
+def check_port(name: str, hostport: str, kind: int) -> Check:
+    host, _, port = hostport.rpartition(":")
+    s = socket.socket(socket.AF_INET, kind)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host or "0.0.0.0", int(port)))
+        return (f"port {name}", True, f"{hostport} is free", "")
+    except OSError as e:
+        return (f"port {name}", False, f"{hostport}: {e.strerror}",
+                f"stop whatever uses {hostport} (`ss -lntup | grep {port}`) or pass --{name} HOST:OTHERPORT")
+    finally:
+        s.close()
+
+
+def check_cgroups() -> Check:
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():
+        ctrls = (root / "cgroup.controllers").read_text().split()
+        writable = os.access(root, os.W_OK)
+        return ("cgroups", writable, f"v2 (unified), controllers: {' '.join(ctrls)}; "
+                f"{'writable' if writable else 'read-only'}",
+                "run the agent as root or delegate a cgroup subtree to it (systemd Delegate=yes); "
+                "in a container use --cgroupns=private with a writable /sys/fs/cgroup")
+    v1 = sorted(p.name for p in root.iterdir() if (p / "tasks").exists()) if root.exists() else []
+    if v1:
+        writable = all(os.access(root / c, os.W_OK) for c in ("memory", "pids", "cpu") if (root / c).exists())
+        return ("cgroups", writable, f"v1, controllers: {' '.join(v1)}; {'writable' if writable else 'read-only'}",
+                "run the agent as root so it can create job cgroups; without them limits fall back to rlimits")
+    return ("cgroups", False, "no cgroup hierarchy found at /sys/fs/cgroup",
+            "mount cgroup2 at /sys/fs/cgroup; until then process jobs get rlimits only")
+
+
+def check_userns() -> Check:
+    path = Path("/proc/sys/user/max_user_namespaces")
+    try:
+        n = int(path.read_text())
+    except (OSError, ValueError):
+        return ("user namespaces", False, "cannot read max_user_namespaces", "use a kernel with CONFIG_USER_NS")
+    clone = Path("/proc/sys/kernel/unprivileged_userns_clone")
+    extra = f", unprivileged_userns_clone={clone.read_text().strip()}" if clone.exists() else ""
+    return ("user namespaces", n > 0, f"max_user_namespaces={n}{extra}",
+            "sysctl -w user.max_user_namespaces=15000 (process jobs still run as root-owned namespaces without it)")
+
+
+def _module_checks(module: str) -> Iterable[Check]:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return []
+    fn: Callable[[], list[Check]] | None = getattr(mod, "doctor_checks", None)
+    return fn() if fn else []
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--api", default="0.0.0.0:7700", show_default=True)
+@click.option("--gossip", default="0.0.0.0:7701", show_default=True)
+@click.option("--transfer", default="0.0.0.0:7702", show_default=True)
+def doctor(data_dir: Path, api: str, gossip: str, transfer: str) -> None:
+    """Check what works on this host, and how to fix what doesn't."""
+    checks: list[Check] = [
+        check_python(), check_wasmtime(), check_data_dir(data_dir),
+        check_port("api", api, socket.SOCK_STREAM), check_port("gossip", gossip, socket.SOCK_DGRAM),
+        check_port("transfer", transfer, socket.SOCK_STREAM), check_cgroups(), check_userns(),
+    ]
+    checks += _module_checks("p2psched.sandbox.process")
+    checks += _module_checks("p2psched.gpu.discovery")
+    failed = 0
+    for name, ok, detail, fix in checks:
+        mark = click.style(" ok ", fg="green") if ok else click.style("FAIL", fg="red")
+        if not ok and ("fallback" in detail or "none" in detail.lower() or name.startswith("gpu")):
+            mark = click.style("warn", fg="yellow")
+        elif not ok:
+            failed += 1
+        click.echo(f"[{mark}] {name:<18} {detail}")
+        if not ok and fix:
+            click.echo(f"       fix: {fix}")
+    sys.exit(1 if failed else 0)

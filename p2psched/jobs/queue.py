@@ -1,0 +1,120 @@
+"""The local dispatch queue: priority first, then fair share between tenants.
+
+Policies:
+  * ``fair`` (default): the highest priority wins; at equal priority tenants take
+    turns (round robin), and each tenant's jobs run in arrival order. One tenant
+    submitting 10,000 jobs cannot starve another's single job.
+  * ``fifo``: the highest priority wins; at equal priority, arrival order.
+
+The queue is bounded by the agent (admission), not here, so that a full queue is
+answered with 429 at the door rather than discovered after the job was accepted.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from typing import Literal
+
+from p2psched.jobs.record import JobRecord
+
+Policy = Literal["fair", "fifo"]
+
+
+class DispatchQueue:
+    def __init__(self, policy: Policy = "fair") -> None:
+        self.policy = policy
+        # fair: priority -> tenant -> deque of records; tenants rotate by moving to the end
+        self._levels: dict[int, OrderedDict[str, deque[tuple[int, JobRecord]]]] = {}
+        self._prios: list[int] = []  # max-heap of priorities present (negated)
+        # fifo: heap of (-priority, seq, id)
+        self._heap: list[tuple[int, int, int, JobRecord]] = []
+        # id -> token of its live entry; removed or superseded entries are skipped lazily
+        self._ids: dict[str, int] = {}
+        self._tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._ids
+
+    def push(self, rec: JobRecord) -> None:
+        if rec.id in self._ids:
+            return
+        self._tokens += 1
+        token = self._ids[rec.id] = self._tokens
+        p = rec.spec.priority
+        if self.policy == "fifo":
+            heapq.heappush(self._heap, (-p, rec.seq, token, rec))
+            return
+        level = self._levels.get(p)
+        if level is None:
+            level = self._levels[p] = OrderedDict()
+            heapq.heappush(self._prios, -p)
+        level.setdefault(rec.tenant, deque()).append((token, rec))
+
+    def peek(self) -> JobRecord | None:
+        self._drop_cancelled()
+        if self.policy == "fifo":
+            return self._heap[0][3] if self._heap else None
+        if not self._prios:
+            return None
+        level = self._levels[-self._prios[0]]
+        tenant = next(iter(level))
+        return level[tenant][0][1]
+
+    def pop(self) -> JobRecord | None:
+        rec = self.peek()
+        if rec is None:
+            return None
+        del self._ids[rec.id]
+        if self.policy == "fifo":
+            heapq.heappop(self._heap)
+            return rec
+        p = -self._prios[0]
+        level = self._levels[p]
+        q = level[rec.tenant]
+        q.popleft()
+        if q:
+            level.move_to_end(rec.tenant)  # the next job at this priority is another tenant's
+        else:
+            del level[rec.tenant]
+        if not level:
+            del self._levels[p]
+            heapq.heappop(self._prios)
+        return rec
+
+    def remove(self, job_id: str) -> bool:
+        """Mark a queued job gone (cancel, hand-off); it is skipped lazily."""
+        return self._ids.pop(job_id, None) is not None
+
+    def _drop_cancelled(self) -> None:
+        # Lazily discard entries removed by remove(): O(1) cancel, amortised cleanup.
+        if self.policy == "fifo":
+            while self._heap and self._ids.get(self._heap[0][3].id) != self._heap[0][2]:
+                heapq.heappop(self._heap)
+            return
+        while self._prios:
+            p = -self._prios[0]
+            level = self._levels[p]
+            while level:
+                tenant, q = next(iter(level.items()))
+                while q and self._ids.get(q[0][1].id) != q[0][0]:
+                    q.popleft()
+                if q:
+                    return
+                del level[tenant]
+            del self._levels[p]
+            heapq.heappop(self._prios)
+
+    def __iter__(self) -> Iterator[JobRecord]:
+        if self.policy == "fifo":
+            items = sorted(self._heap)
+            return iter([r for _, _, t, r in items if self._ids.get(r.id) == t])
+        out = []
+        for p in sorted(self._levels, reverse=True):
+            for q in self._levels[p].values():
+                out.extend(r for t, r in q if self._ids.get(r.id) == t)
+        return iter(out)

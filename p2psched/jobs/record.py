@@ -1,0 +1,91 @@
+"""The job record: the spec plus everything the cluster learned about the job.
+
+The record is what the API returns, what the store persists and what travels back
+from executor to origin. Its JSON form is the public contract (``issues show 2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import JobState, check_transition
+
+#: Text of stdout/stderr kept inside the JSON record; the raw bytes come from /result.
+RECORD_TEXT_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class JobResult:
+    exit_code: int | None
+    reason: str
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    cpu_ms: float = 0.0
+    peak_mem_bytes: int = 0
+    output_sha256: str = ""
+    limit_hit: str | None = None
+    signal: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    attestation: dict[str, Any] | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256; bytes under /result?artifact=
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code, "reason": self.reason, "stdout": self.stdout, "stderr": self.stderr,
+            "stdout_truncated": self.stdout_truncated, "stderr_truncated": self.stderr_truncated,
+            "cpu_ms": round(self.cpu_ms, 3), "peak_mem_bytes": self.peak_mem_bytes,
+            "output_sha256": self.output_sha256, "limit_hit": self.limit_hit, "signal": self.signal,
+            "warnings": list(self.warnings), "attestation": self.attestation, "artifacts": dict(self.artifacts),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobResult:
+        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class JobRecord:
+    id: str
+    spec: JobSpec
+    origin: str
+    state: JobState = JobState.SUBMITTED
+    executor: str | None = None
+    route: list[str] = field(default_factory=list)
+    cost: float = 0.0
+    hops: int = 0
+    attempts: int = 0
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    result: JobResult | None = None
+    wait_reason: str | None = None
+    created_at: float = 0.0
+    seq: int = 0  # arrival order at this agent, for FIFO within a tenant
+
+    @property
+    def tenant(self) -> str:
+        return self.spec.tenant
+
+    @property
+    def runtime(self) -> str:
+        return self.spec.runtime
+
+    def advance(self, state: JobState, at: float, node: str, detail: str = "") -> None:
+        """Move to ``state``, stamping the timeline; raises IllegalTransition on a bug."""
+        check_transition(self.id, self.state, state)
+        self.state = state
+        self.timeline.append({"state": state.value, "at": at, "node": node, "detail": detail})
+
+    def as_dict(self, *, include_spec: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id, "state": self.state.value, "tenant": self.tenant, "runtime": self.runtime,
+            "origin": self.origin, "executor": self.executor, "route": list(self.route), "cost": self.cost,
+            "hops": self.hops, "attempts": self.attempts, "timeline": list(self.timeline),
+            "result": self.result.as_dict() if self.result else None, "wait_reason": self.wait_reason,
+            "priority": self.spec.priority, "created_at": self.created_at,
+        }
+        if include_spec:
+            d["spec"] = self.spec.model_dump(mode="json", exclude={"module"})
+        return d

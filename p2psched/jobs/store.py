@@ -1,0 +1,260 @@
+"""Durable job store: SQLite in WAL mode, with group commit.
+
+Writers *stage* a record and then ``await sync()``; one flush writes everything
+staged so far in a single transaction on a worker thread, and every waiter whose
+writes it covered is released. Under load many submissions share one fsync, so the
+store is not the throughput bottleneck; idle, a single write costs one transaction.
+
+Layout under the data dir::
+
+    jobs.db            the jobs table (spec written once, record on every transition)
+    modules/<sha>.wasm module bytes, content-addressed
+    outputs/<id>.out   raw outputs larger than INLINE_OUTPUT_BYTES
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2psched.jobs.record import JobRecord, JobResult
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import FINAL_STATES, JobState
+
+#: Outputs up to this size live in the row; larger ones in a file, so the database
+#: stays small enough to page through quickly.
+INLINE_OUTPUT_BYTES = 64 * 1024
+#: Finished records kept in memory; older ones are read back from SQLite on demand.
+FINISHED_CACHE = 10_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    spec TEXT NOT NULL,
+    record TEXT NOT NULL,
+    output BLOB,
+    output_file TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, seq);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _record_row(rec: JobRecord) -> str:
+    d = rec.as_dict()
+    d.pop("id"), d.pop("tenant"), d.pop("runtime"), d.pop("priority")
+    return json.dumps(d, separators=(",", ":"))
+
+
+def _spec_row(spec: JobSpec) -> str:
+    return spec.model_dump_json(exclude={"module"})
+
+
+def _load(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
+    job_id, seq, spec_json, record_json = row
+    d = json.loads(record_json)
+    spec = JobSpec.model_validate_json(spec_json) if spec_json else None
+    assert spec is not None
+    result = d.get("result")
+    return JobRecord(
+        id=job_id, spec=spec, origin=d["origin"], state=JobState(d["state"]), executor=d.get("executor"),
+        route=d.get("route", []), cost=d.get("cost", 0.0), hops=d.get("hops", 0), attempts=d.get("attempts", 0),
+        timeline=d.get("timeline", []), result=JobResult.from_dict(result) if result else None,
+        wait_reason=d.get("wait_reason"), created_at=d.get("created_at", 0.0), seq=seq,
+    )
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.modules_dir = data_dir / "modules"
+        self.outputs_dir = data_dir / "outputs"
+        for d in (data_dir, self.modules_dir, self.outputs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "jobs.db"
+        # The writer connection is used only inside flushes, one at a time; the reader
+        # serves point lookups on the trio thread (WAL lets it read while a flush writes).
+        self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
+        # loss can drop the last transactions. That is the trade-off etcd and Consul make too.
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._writer.executescript(SCHEMA)
+        self._reader = sqlite3.connect(self.path, check_same_thread=False)
+        self._pending: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
+        self._record_json_cache: dict[str, str] = {}
+        self._staged_gen = 0
+        self._committed_gen = 0
+        self._flushing = False
+        self._flushed = trio.Event()
+        self._finished: OrderedDict[str, JobRecord] = OrderedDict()
+        row = self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+        self.last_seq: int = int(row[0])
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+    # -- modules and outputs -------------------------------------------------
+
+    def module_path(self, sha256: str) -> Path:
+        return self.modules_dir / f"{sha256}.wasm"
+
+    def has_module(self, sha256: str) -> bool:
+        return self.module_path(sha256).exists()
+
+    def put_module(self, sha256: str, data: bytes) -> Path:
+        path = self.module_path(sha256)
+        if not path.exists():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return path
+
+    def output(self, job_id: str) -> bytes | None:
+        row = self._reader.execute("SELECT output, output_file FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        blob, file = row
+        if file:
+            return (self.outputs_dir / file).read_bytes()
+        if blob is not None:
+            return bytes(blob)
+        pending = self._pending.get(job_id)
+        return pending[7] if pending else None
+
+    # -- staging and group commit -------------------------------------------
+
+    def stage(self, rec: JobRecord, *, new: bool = False, output: bytes | None = None) -> None:
+        """Queue ``rec``'s current state for the next flush."""
+        prev = self._pending.get(rec.id)
+        spec = _spec_row(rec.spec) if new else (prev[1] if prev else None)
+        out = output if output is not None else (prev[7] if prev else None)
+        self._pending[rec.id] = (
+            rec.id, spec, rec.seq, rec.state.value, rec.tenant, rec.runtime, rec.created_at, out,
+        )
+        self._record_json_cache[rec.id] = _record_row(rec)
+        self._staged_gen += 1
+        if rec.state in FINAL_STATES:
+            self._finished[rec.id] = rec
+            self._finished.move_to_end(rec.id)
+            while len(self._finished) > FINISHED_CACHE:
+                self._finished.popitem(last=False)
+
+    @property
+    def dirty(self) -> bool:
+        return self._committed_gen < self._staged_gen
+
+    async def sync(self) -> None:
+        """Return once everything staged before this call is durable."""
+        target = self._staged_gen
+        while self._committed_gen < target:
+            if self._flushing:
+                await self._flushed.wait()
+                continue
+            self._flushing = True
+            batch, self._pending = self._pending, {}
+            records, self._record_json_cache = self._record_json_cache, {}
+            gen = self._staged_gen
+            try:
+                await trio.to_thread.run_sync(self._write, batch, records)
+            except BaseException:
+                # Put the batch back (without clobbering newer stagings) so nothing is lost.
+                for k, v in batch.items():
+                    self._pending.setdefault(k, v)
+                for k, r in records.items():
+                    self._record_json_cache.setdefault(k, r)
+                raise
+            finally:
+                self._flushing = False
+                done, self._flushed = self._flushed, trio.Event()
+                done.set()
+            self._committed_gen = gen
+
+    def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str]) -> None:
+        rows_new = []
+        rows_upd = []
+        for job_id, (jid, spec, seq, state, tenant, runtime, created, out) in batch.items():
+            rec_json = records[job_id]
+            out_file = None
+            if out is not None and len(out) > INLINE_OUTPUT_BYTES:
+                out_file = f"{job_id}.out"
+                (self.outputs_dir / out_file).write_bytes(out)
+                out = None
+            if spec is not None:
+                rows_new.append((jid, seq, state, tenant, runtime, created, spec, rec_json, out, out_file))
+            else:
+                rows_upd.append((state, rec_json, out, out_file, jid))
+        try:
+            self._writer.execute("BEGIN")
+            if rows_new:
+                self._writer.executemany(
+                    "INSERT INTO jobs (id, seq, state, tenant, runtime, created_at, spec, record, output, output_file)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET state=excluded.state,"
+                    " record=excluded.record, output=COALESCE(excluded.output, output),"
+                    " output_file=COALESCE(excluded.output_file, output_file)",
+                    rows_new,
+                )
+            if rows_upd:
+                self._writer.executemany(
+                    "UPDATE jobs SET state=?, record=?, output=COALESCE(?, output),"
+                    " output_file=COALESCE(?, output_file) WHERE id=?",
+                    rows_upd,
+                )
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
+            raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and permissions") from e
+
+    # -- reads ----------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """A finished or unknown job's record (active jobs live in the agent's memory)."""
+        rec = self._finished.get(job_id)
+        if rec is not None:
+            return rec
+        row = self._reader.execute("SELECT id, seq, spec, record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _load(row) if row else None
+
+    def unfinished(self) -> Iterator[JobRecord]:
+        finals = tuple(s.value for s in FINAL_STATES)
+        q = f"SELECT id, seq, spec, record FROM jobs WHERE state NOT IN ({','.join('?' * len(finals))}) ORDER BY seq"
+        for row in self._reader.execute(q, finals):
+            yield _load(row)
+
+    def list(self, *, state: str | None, tenant: str | None, limit: int, after_seq: int) -> list[JobRecord]:
+        q = "SELECT id, seq, spec, record FROM jobs WHERE seq > ?"
+        args: list[Any] = [after_seq]
+        if state:
+            q += " AND state = ?"
+            args.append(state)
+        if tenant:
+            q += " AND tenant = ?"
+            args.append(tenant)
+        q += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [_load(r) for r in self._reader.execute(q, args)]
+
+    def get_kv(self, key: str) -> str | None:
+        row = self._reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_kv(self, key: str, value: str) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
