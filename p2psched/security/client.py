@@ -1,0 +1,43 @@
+"""What the p2psched client needs to act as a tenant: sign submissions and requests.
+
+Public interface (used by ``p2psched/cli/client.py``):
+
+* ``sign_submission(spec: dict, tenant, key_path, now=None, ttl=DEFAULT_TTL_S) -> dict``:
+  the ``POST /v1/jobs`` body ``{"spec": ..., "auth": ...}`` for a spec given as JSON
+  data (bytes as base64, as the API takes them).
+* ``RequestSigner(tenant, key_path).auth``: an ``httpx.Auth``; pass it as
+  ``httpx.Client(auth=...)`` and every request is signed over its method, its path
+  *with the query string httpx builds*, and its body. ``signer.headers(method,
+  raw_path, body)`` is for callers that build the final URL themselves: ``raw_path``
+  must then include the query string exactly as it will be sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from p2psched.jobs.spec import JobSpec
+from p2psched.security.keys import load_private_key
+from p2psched.security.request_auth import TenantAuth, build_auth_header
+from p2psched.security.signing import DEFAULT_TTL_S, sign_spec
+
+
+def sign_submission(spec: dict[str, Any], tenant: str, key_path: Path | str, now: float | None = None,
+                    ttl: int = DEFAULT_TTL_S) -> dict[str, Any]:
+    """Sign a JSON-form spec as ``tenant``; raises KeyFormatError or pydantic's ValidationError."""
+    key = load_private_key(key_path)
+    parsed = JobSpec.model_validate_json(json.dumps(spec))
+    return sign_spec(parsed, tenant, key, time.time() if now is None else now, ttl=ttl).to_json()
+
+
+class RequestSigner:
+    def __init__(self, tenant: str, key_path: Path | str) -> None:
+        self.tenant = tenant
+        self.key = load_private_key(key_path)
+        self.auth = TenantAuth(tenant, self.key)
+
+    def headers(self, method: str, raw_path: str, body: bytes = b"") -> dict[str, str]:
+        return {"Authorization": build_auth_header(method, raw_path, body, self.tenant, self.key, time.time())}
