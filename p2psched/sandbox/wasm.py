@@ -1,0 +1,689 @@
+"""The WebAssembly sandbox: run one job's module under wasmtime, within its limits.
+
+Public interface (all the agent needs):
+
+``WasmEngine(cache_dir, *, tick_ms=10.0, modules_in_memory=256, max_stack_bytes=None)``
+    One per agent, made at start-up and closed at shutdown (or used as a context
+    manager). It owns the wasmtime engines, the compiled-module caches and the
+    epoch ticker thread, and is safe to share between worker threads.
+    ``cache_dir`` is where compiled modules are kept, e.g. ``<data_dir>/modules``.
+
+``run_wasm(request, engine) -> SandboxResult``
+    Blocking: call it from a worker thread,
+    ``await trio.to_thread.run_sync(run_wasm, request, engine)``, with as many
+    threads at once as the agent has CPU slots. It never raises for anything the
+    guest does; every outcome is a :class:`SandboxResult` with a precise
+    ``reason``. It reads ``request.module_path`` only when the module is in
+    neither cache.
+
+``WasmEngine.cancel(job_id) -> bool``
+    From any thread (the trio thread included; it does not block). Stops that
+    job's guest within one tick with reason ``cancelled``. True if the job was
+    running; if it had not started yet, its run returns ``cancelled`` at once
+    when it does start. A trio task awaiting ``to_thread.run_sync`` cannot
+    interrupt a thread, so on cancellation the agent calls this and then keeps
+    awaiting the thread, which returns promptly.
+
+``validate_module(data: bytes) -> None``
+    Cheap check at submission: raises ``ValueError("module is not valid
+    WebAssembly: ...")`` with the reason and a fix.
+
+``FUEL_PER_CPU_MS``
+    How a ``cpu_ms`` limit becomes fuel when the job gives no ``fuel``.
+
+What a guest can do, and how each limit is enforced
+- WASI command modules (export ``_start``): ``args`` become argv after
+  ``argv[0] = "guest.wasm"``, ``env`` is the whole environment (nothing is
+  inherited from the agent), ``stdin`` is readable once, stdout and stderr are
+  captured up to ``limits.stdout_bytes`` / ``stderr_bytes`` (the rest is
+  dropped and flagged). ``proc_exit(n)`` ends it with ``exit n``.
+- Modules that export a function: ``entry`` names it (or, when ``entry`` is
+  ``_start`` and there is no ``_start``, the module's only exported function);
+  ``args`` are converted to its parameter types and its results are printed to
+  stdout as text, space separated, with a newline; ``exit 0``.
+- No preopened directories and no sockets: every path_open fails.
+- Fuel (``limits.fuel``, else ``cpu_ms * FUEL_PER_CPU_MS``, else unlimited) ->
+  ``out_of_fuel``. Wall time (``limits.wall_ms``, checked at each epoch tick)
+  -> ``wall_timeout``. Linear memory (``limits.mem_bytes``, a store limit) ->
+  ``memory_limit``. Stack (``limits.stack_bytes``) -> ``stack_overflow``. Any
+  other trap -> ``trap: <message>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import wasmtime
+
+from p2psched.sandbox import wasm_ffi
+from p2psched.sandbox.base import SandboxRequest, SandboxResult
+
+__all__ = ["FUEL_PER_CPU_MS", "WasmEngine", "run_wasm", "validate_module"]
+
+#: Fuel is about one unit per executed wasm instruction. A tight loop here burns
+#: 0.44 M fuel per CPU millisecond (wasmtime 50, x86-64, fuel metering on) and
+#: straight-line arithmetic somewhat more, so 500k/ms makes a ``cpu_ms`` limit
+#: roughly right for branchy code and a little generous for arithmetic. Give
+#: ``fuel`` explicitly when the bound must be exact and portable.
+FUEL_PER_CPU_MS = 500_000
+
+#: Fuel for a job with neither ``fuel`` nor ``cpu_ms``: wall time bounds it.
+UNLIMITED_FUEL = (1 << 63) - 1
+
+#: 10 ms, like the Linux CFS scheduling period and wasmtime's own examples: the
+#: wall deadline and cancellation are checked this often, and a busy guest pays
+#: one Python callback per tick. Smaller reacts faster and costs more GIL time.
+DEFAULT_TICK_MS = 10.0
+
+#: Compiled modules kept in memory. A compiled module costs roughly its code
+#: size (kilobytes for the examples); 256 covers a busy agent's working set.
+DEFAULT_MODULES_IN_MEMORY = 256
+
+#: Host stack the worker thread keeps free above the guest's stack: the Python
+#: frames of the thread pool and of ``run_wasm`` itself, with a wide margin.
+_HOST_STACK_RESERVE = 1 << 20
+
+#: A guest that fails with its memory within this much of ``mem_bytes`` is
+#: reported as ``memory_limit``. wasmtime's store limiter makes ``memory.grow``
+#: return -1 instead of trapping, and guests then fail in their own way (an
+#: ``unreachable``, a non-zero exit), so nearness to the limit is the evidence.
+#: 1/64 of the limit (4 MiB of the default 256 MiB) covers allocators that grow
+#: in chunks.
+def _memory_slack(mem_bytes: int) -> int:
+    return max(65536, mem_bytes // 64)
+
+
+_WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
+_ARGV0 = "guest.wasm"
+_F32 = struct.Struct("<f")
+
+
+# ---------------------------------------------------------------------------
+# Validation at submission
+
+
+_validation_engine: wasmtime.Engine | None = None
+_validation_lock = threading.Lock()
+
+
+def _engine_config(stack_bytes: int | None) -> wasmtime.Config:
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    config.epoch_interruption = True
+    if stack_bytes is not None:
+        # wasmtime aborts the whole process if max_wasm_stack exceeds the async
+        # stack size, even though no async call is ever made here.
+        wasm_ffi.set_async_stack_size(config, stack_bytes + (1 << 20))
+        config.max_wasm_stack = stack_bytes
+    return config
+
+
+def validate_module(data: bytes) -> None:
+    """Raise ``ValueError`` naming what is wrong if ``data`` is not a valid core
+    WebAssembly module. Validation does not compile, so it is cheap."""
+    if len(data) < 8 or data[:4] != b"\0asm":
+        raise ValueError(
+            "module is not valid WebAssembly: it does not start with the '\\0asm' magic bytes; "
+            "send the binary .wasm file (a .wat text module must be built first, as scripts/build-guests.sh does)"
+        )
+    if data[4:8] != b"\x01\x00\x00\x00":
+        raise ValueError(
+            "module is not valid WebAssembly: it is a WebAssembly component or an unknown binary version; "
+            "p2psched runs core modules (wasm32-wasip1 / wasm32-wasi targets), not components"
+        )
+    global _validation_engine
+    with _validation_lock:
+        if _validation_engine is None:
+            _validation_engine = wasmtime.Engine(_engine_config(None))
+        engine = _validation_engine
+    try:
+        wasmtime.Module.validate(engine, data)
+    except wasmtime.WasmtimeError as e:
+        raise ValueError(f"module is not valid WebAssembly: {_first_line(str(e))}") from None
+
+
+# ---------------------------------------------------------------------------
+# The engine: wasmtime engines per stack size, caches, ticker
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters for tests and metrics: how each module load was served."""
+
+    compiled: int = 0  # compiled from the module's bytes
+    from_disk: int = 0  # deserialized from the disk cache
+    from_memory: int = 0  # found in the in-memory cache
+
+
+@dataclass(slots=True)
+class _Entry:
+    """How to call one exported function."""
+
+    name: bytes
+    params: tuple[str, ...]  # "i32" | "i64" | "f32" | "f64" | other
+    results: tuple[str, ...]
+    command: bool  # a WASI command's _start: no arguments, no results printed
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A compiled module, linked and ready to instantiate in a fresh store."""
+
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre | None
+    link_error: str | None
+    needs_wasi: bool
+    functions: dict[str, _Entry]
+    memories: tuple[bytes, ...]
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One wasmtime engine (one stack limit) and its linkers."""
+
+    stack_bytes: int
+    engine: wasmtime.Engine
+    wasi_linker: wasmtime.Linker
+    plain_linker: wasmtime.Linker
+
+
+@dataclass(slots=True)
+class _Run:
+    job_id: str
+    deadline: float
+    cancelled: bool = False
+    stop: str | None = None  # why the epoch callback stopped the guest
+
+    def decide(self) -> int | str:
+        """At each epoch tick: go on for one more tick, or stop the guest."""
+        if self.cancelled:
+            self.stop = "cancelled"
+            return "p2psched: job cancelled"
+        if time.monotonic() >= self.deadline:
+            self.stop = "wall_timeout"
+            return "p2psched: wall-clock limit reached"
+        return 1
+
+
+class WasmEngine:
+    """Shared state for running wasm jobs; see the module docstring."""
+
+    def __init__(
+        self,
+        cache_dir: Path | str | None,
+        *,
+        tick_ms: float = DEFAULT_TICK_MS,
+        modules_in_memory: int = DEFAULT_MODULES_IN_MEMORY,
+        max_stack_bytes: int | None = None,
+        start_ticker: bool = True,
+    ) -> None:
+        """``cache_dir``: compiled modules are kept here across restarts (None:
+        memory only). ``tick_ms``: how often deadlines and cancellation are
+        checked. ``max_stack_bytes``: the largest guest stack allowed; by default
+        what the worker threads' stacks hold minus 1 MiB for the host (larger
+        requests are lowered to it, with a warning in the result).
+        ``start_ticker=False`` leaves ticking to the caller, through :meth:`tick`."""
+        if tick_ms <= 0:
+            raise ValueError(f"tick_ms must be positive, got {tick_ms}")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.tick_seconds = tick_ms / 1000.0
+        self.max_stack_bytes = max_stack_bytes or max(64 * 1024, _thread_stack_bytes() - _HOST_STACK_RESERVE)
+        self.stats = CacheStats()
+        self.wasmtime_version = _wasmtime_version()
+        # Deserialization checks the wasmtime version and compile settings
+        # itself; the key also carries them so that versions never overwrite
+        # each other's files. The stack limit is a runtime setting: one
+        # compiled file serves every stack size.
+        self._fingerprint = f"wasmtime{self.wasmtime_version}-fuel-epoch"
+
+        self._cond = threading.Condition()  # guards everything below
+        self._slots: dict[int, _Slot] = {}
+        self._modules: OrderedDict[tuple[str, int], _Prepared] = OrderedDict()
+        self._modules_cap = modules_in_memory
+        self._runs: dict[str, _Run] = {}
+        self._precancelled: OrderedDict[str, None] = OrderedDict()
+        self._active = 0
+        self._closed = False
+        self._compile_lock = threading.Lock()  # one compile at a time: never the same module twice
+        self._handles = itertools.count(1)
+        self._ticker: threading.Thread | None = None
+        if start_ticker:
+            self._ticker = threading.Thread(target=self._tick_loop, name="p2psched-wasm-ticker", daemon=True)
+            self._ticker.start()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the ticker. Runs still in flight then only stop by fuel or cancel."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._ticker is not None:
+            self._ticker.join()
+
+    def __enter__(self) -> WasmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- cancellation and time --------------------------------------------
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop job ``job_id``'s guest with reason ``cancelled``; see the module docstring."""
+        with self._cond:
+            run = self._runs.get(job_id)
+            if run is not None:
+                run.cancelled = True
+                return True
+            # Not started yet: remember it, boundedly, so the run refuses to start.
+            self._precancelled[job_id] = None
+            while len(self._precancelled) > 10_000:
+                self._precancelled.popitem(last=False)
+            return False
+
+    def tick(self) -> None:
+        """Advance every engine's epoch by one: running guests check their
+        deadline and cancellation. The ticker thread calls this every tick."""
+        with self._cond:
+            slots = list(self._slots.values())
+        for slot in slots:
+            slot.engine.increment_epoch()
+
+    def running(self) -> list[str]:
+        """Job ids whose guests are running now."""
+        with self._cond:
+            return list(self._runs)
+
+    def _tick_loop(self) -> None:
+        # Ticks only while a guest runs, so an idle agent spends no CPU here.
+        while True:
+            with self._cond:
+                while self._active == 0 and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            time.sleep(self.tick_seconds)
+            self.tick()
+
+    def _begin(self, job_id: str, deadline: float) -> _Run | None:
+        with self._cond:
+            if job_id in self._precancelled:
+                del self._precancelled[job_id]
+                return None
+            run = _Run(job_id, deadline)
+            self._runs[job_id] = run
+            self._active += 1
+            if self._active == 1:
+                self._cond.notify_all()
+            return run
+
+    def _end(self, run: _Run) -> None:
+        with self._cond:
+            if self._runs.get(run.job_id) is run:
+                del self._runs[run.job_id]
+            self._active -= 1
+
+    # -- engines and modules ----------------------------------------------
+
+    def _slot(self, stack_bytes: int) -> _Slot:
+        with self._cond:
+            slot = self._slots.get(stack_bytes)
+            if slot is not None:
+                return slot
+        engine = wasmtime.Engine(_engine_config(stack_bytes))
+        wasi_linker = wasmtime.Linker(engine)
+        wasi_linker.define_wasi()
+        slot = _Slot(stack_bytes, engine, wasi_linker, wasmtime.Linker(engine))
+        with self._cond:
+            return self._slots.setdefault(stack_bytes, slot)
+
+    def _stack_bucket(self, requested: int) -> int:
+        # wasmtime's stack limit is per engine, so requests share an engine per
+        # power of two (at most a dozen engines), rounded up: a guest gets at
+        # least what it asked for, never more than the host can hold.
+        bucket = 1 << max(16, (requested - 1).bit_length())
+        return min(bucket, self.max_stack_bytes)
+
+    def prepared(self, sha256: str, module_path: Path | None, stack_bytes: int) -> _Prepared:
+        """The module ready to run: from memory, else from the disk cache, else compiled."""
+        key = (sha256, stack_bytes)
+        with self._cond:
+            hit = self._modules.get(key)
+            if hit is not None:
+                self._modules.move_to_end(key)
+                self.stats.from_memory += 1
+                return hit
+        slot = self._slot(stack_bytes)
+        with self._compile_lock:
+            with self._cond:
+                hit = self._modules.get(key)
+            if hit is not None:
+                return hit
+            module = self._load(slot.engine, sha256, module_path)
+            prepared = _prepare(slot, module)
+            with self._cond:
+                self._modules[key] = prepared
+                while len(self._modules) > self._modules_cap:
+                    self._modules.popitem(last=False)
+            return prepared
+
+    def _cache_path(self, sha256: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{sha256}.{self._fingerprint}.cwasm"
+
+    def _load(self, engine: wasmtime.Engine, sha256: str, module_path: Path | None) -> wasmtime.Module:
+        cached = self._cache_path(sha256)
+        if cached is not None and cached.exists():
+            try:
+                module = wasmtime.Module.deserialize_file(engine, str(cached))
+                self.stats.from_disk += 1
+                return module
+            except wasmtime.WasmtimeError:
+                pass  # stale or damaged: compile again and overwrite it
+        if module_path is None:
+            raise FileNotFoundError(f"module {sha256} is not cached here and the request names no module_path")
+        data = Path(module_path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            # Never file a compiled module under another module's name.
+            raise ValueError(f"module file {module_path} hashes to {digest}, not the job's module_sha256 {sha256}")
+        module = wasmtime.Module(engine, data)
+        self.stats.compiled += 1
+        if cached is not None:
+            tmp = cached.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            tmp.write_bytes(module.serialize())
+            os.replace(tmp, cached)
+        return module
+
+
+def _prepare(slot: _Slot, module: wasmtime.Module) -> _Prepared:
+    imports = module.imports
+    needs_wasi = any(imp.module in _WASI_MODULES for imp in imports)
+    linker = slot.wasi_linker if needs_wasi else slot.plain_linker
+    pre: wasmtime.InstancePre | None = None
+    link_error: str | None = None
+    try:
+        pre = linker.instantiate_pre(module)
+    except wasmtime.WasmtimeError as e:
+        wanted = ", ".join(f"{imp.module}::{imp.name}" for imp in imports if imp.module not in _WASI_MODULES)
+        link_error = f"cannot link: {_first_line(str(e))} (p2psched provides only WASI preview 1; the module also imports {wanted or 'nothing else'})"
+    functions: dict[str, _Entry] = {}
+    memories: list[bytes] = []
+    for export in module.exports:
+        ty = export.type
+        if isinstance(ty, wasmtime.FuncType):
+            params = tuple(_kind(p) for p in ty.params)
+            results = tuple(_kind(r) for r in ty.results)
+            command = export.name == "_start" and not params and not results
+            functions[export.name] = _Entry(export.name.encode(), params, results, command)
+        elif isinstance(ty, wasmtime.MemoryType):
+            memories.append(export.name.encode())
+    return _Prepared(module, pre, link_error, needs_wasi, functions, tuple(memories))
+
+
+def _kind(ty: wasmtime.ValType) -> str:
+    return str(ty)
+
+
+# ---------------------------------------------------------------------------
+# One run
+
+
+@dataclass(slots=True)
+class _Capture:
+    """A guest's output stream, kept up to ``cap`` bytes."""
+
+    cap: int
+    data: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+
+    def write(self, chunk: bytes) -> int:
+        room = self.cap - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            if room > 0:
+                self.data += chunk[:room]
+        else:
+            self.data += chunk
+        # Claim all of it was written: a guest that retries short writes would
+        # otherwise spin on a full buffer instead of running into its limits.
+        return len(chunk)
+
+
+def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
+    """Run one wasm job to the end and say how it ended. Blocking; see the module docstring."""
+    limits = request.limits
+    started = time.monotonic()
+    run = engine._begin(request.job_id, started + limits.wall_ms / 1000.0)
+    if run is None:
+        return SandboxResult(exit_code=None, reason="cancelled")
+    warnings: list[str] = []
+    cpu_ms = 0.0
+    try:
+        stack = engine._stack_bucket(limits.stack_bytes)
+        if stack < limits.stack_bytes:
+            warnings.append(
+                f"stack limit lowered from {limits.stack_bytes} to {stack} bytes, what this agent's worker threads can hold"
+            )
+        sha256 = request.module_sha256
+        if sha256 is None:
+            if request.module_path is None:
+                raise ValueError("a wasm request needs module_sha256 or module_path")
+            sha256 = hashlib.sha256(Path(request.module_path).read_bytes()).hexdigest()
+        prepared = engine.prepared(sha256, request.module_path, stack)
+        # The job's CPU time, not the agent's: compiling a module is excluded.
+        cpu_start = time.thread_time()
+        result = _execute(request, engine, run, prepared, stack)
+        cpu_ms = (time.thread_time() - cpu_start) * 1000.0
+    except (OSError, ValueError) as e:
+        # The agent's own files are missing or wrong: say so; the job did not run.
+        result = SandboxResult(exit_code=None, reason=f"trap: module unavailable: {e}")
+    except wasmtime.WasmtimeError as e:
+        result = SandboxResult(exit_code=None, reason=f"trap: module does not compile: {_first_line(str(e))}")
+    finally:
+        engine._end(run)
+    result.cpu_ms = cpu_ms
+    if warnings:
+        result.warnings.extend(warnings)
+    return result
+
+
+def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _Prepared, stack: int) -> SandboxResult:
+    limits = request.limits
+    if prepared.pre is None:
+        return SandboxResult(exit_code=None, reason=f"trap: {prepared.link_error}")
+    entry = _pick_entry(request.entry, prepared)
+    if isinstance(entry, str):
+        return SandboxResult(exit_code=None, reason=f"trap: {entry}")
+    params: list[int | float] = []
+    if not entry.command:
+        converted = _convert_args(entry, request.args)
+        if isinstance(converted, str):
+            return SandboxResult(exit_code=None, reason=f"trap: {converted}")
+        params = converted
+
+    slot = engine._slot(stack)
+    fuel = limits.fuel or (limits.cpu_ms * FUEL_PER_CPU_MS if limits.cpu_ms else UNLIMITED_FUEL)
+    stdout = _Capture(limits.stdout_bytes)
+    stderr = _Capture(limits.stderr_bytes)
+    handle = next(engine._handles)
+    store = wasm_ffi.RawStore(slot.engine)
+    instance = None
+    exit_code: int | None = None
+    reason: str
+    peak = 0
+    try:
+        store.limit(fuel, limits.mem_bytes, handle, run.decide)
+        if prepared.needs_wasi:
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = [_ARGV0, *request.args] if entry.command else [_ARGV0]
+            if request.env:
+                wasi.env = list(request.env.items())
+            if request.stdin:
+                wasm_ffi.set_stdin_bytes(wasi, request.stdin)
+            wasi.stdout_custom = stdout.write
+            wasi.stderr_custom = stderr.write
+            store.set_wasi(wasi)
+        try:
+            instance = store.instantiate(prepared.pre)
+            func = store.export_func(instance, entry.name)
+            if entry.params or entry.results:
+                stdout.write(_format_results(store.call(func, params), entry.results).encode())
+            else:
+                store.call_nullary(func)
+            exit_code, reason = 0, "exit 0"
+        except wasmtime.ExitTrap as e:
+            exit_code, reason = e.code, f"exit {e.code}"
+        except wasmtime.Trap as e:
+            code = e.trap_code
+            if code == wasmtime.TrapCode.OUT_OF_FUEL:
+                reason = "out_of_fuel"
+            elif code == wasmtime.TrapCode.STACK_OVERFLOW:
+                reason = "stack_overflow"
+            elif code == wasmtime.TrapCode.INTERRUPT:
+                reason = run.stop or "wall_timeout"
+            else:
+                reason = f"trap: {_trap_message(e.message)}"
+        except wasmtime.WasmtimeError as e:
+            message = str(e)
+            if run.stop is not None:
+                reason = run.stop
+            elif instance is None and "memory" in message and "limit" in message:
+                reason = "memory_limit"  # its initial memory alone is over the limit
+            else:
+                reason = f"trap: {_trap_message(message)}"
+        peak = store.memory_bytes(instance, prepared.memories) if instance is not None and prepared.memories else 0
+    finally:
+        wasm_ffi.clear_epoch_decider(handle)
+        store.close()
+
+    if exit_code != 0 and reason.startswith(("trap:", "exit ")) and peak + _memory_slack(limits.mem_bytes) > limits.mem_bytes:
+        reason, exit_code = "memory_limit", None
+    limit_hit = reason if reason in _LIMIT_HITS else None
+    return SandboxResult(
+        exit_code=exit_code,
+        reason=reason,
+        stdout=bytes(stdout.data),
+        stderr=bytes(stderr.data),
+        stdout_truncated=stdout.truncated,
+        stderr_truncated=stderr.truncated,
+        peak_mem_bytes=peak,
+        limit_hit=limit_hit,
+        sandbox={
+            "runtime": "wasmtime",
+            "wasmtime": engine.wasmtime_version,
+            "preopens": 0,
+            "network": False,
+            "fuel": fuel,
+            "stack_bytes": stack,
+            "mem_bytes": limits.mem_bytes,
+        },
+    )
+
+
+_LIMIT_HITS = frozenset({"out_of_fuel", "wall_timeout", "memory_limit", "stack_overflow"})
+
+
+def _pick_entry(name: str, prepared: _Prepared) -> _Entry | str:
+    """The function to call, or a sentence saying why there is none."""
+    entry = prepared.functions.get(name)
+    if entry is not None:
+        return entry
+    exported = sorted(prepared.functions)
+    if name == "_start" and len(exported) == 1:
+        return prepared.functions[exported[0]]
+    listing = ", ".join(exported[:20]) or "none"
+    return f"the module exports no function {name!r}; its exported functions are: {listing}. Choose one with the job's 'entry'"
+
+
+def _convert_args(entry: _Entry, args: list[str]) -> list[int | float] | str:
+    name = entry.name.decode()
+    if len(args) != len(entry.params):
+        return f"function {name!r} takes {len(entry.params)} argument(s) ({', '.join(entry.params)}) but the job gives {len(args)}"
+    values: list[int | float] = []
+    for i, (arg, kind) in enumerate(zip(args, entry.params, strict=True)):
+        try:
+            if kind in ("i32", "i64"):
+                v = int(arg, 0)
+                bits = 32 if kind == "i32" else 64
+                if not -(1 << (bits - 1)) <= v < (1 << bits):
+                    return f"argument {i} of {name!r} is {arg!r}, out of range for {kind}"
+                if v >= 1 << (bits - 1):
+                    v -= 1 << bits  # accept unsigned spellings such as 0xffffffff
+                values.append(v)
+            elif kind in ("f32", "f64"):
+                values.append(float(arg))
+            else:
+                return f"function {name!r} takes a {kind} parameter, which a job's text arguments cannot express"
+        except ValueError:
+            return f"argument {i} of {name!r} is {arg!r}, which is not a {kind} number"
+    return values
+
+
+def _format_results(out: object, kinds: tuple[str, ...]) -> str:
+    if not kinds:
+        return ""
+    values = out if isinstance(out, list) else [out]
+    return " ".join(_format_value(v, k) for v, k in zip(values, kinds, strict=True)) + "\n"
+
+
+def _format_value(value: object, kind: str) -> str:
+    if kind == "f32" and isinstance(value, float):
+        # The shortest decimal that reads back as the same float32.
+        for digits in range(6, 10):
+            text = f"{value:.{digits}g}"
+            if _F32.unpack(_F32.pack(float(text)))[0] == value:
+                return text
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+
+
+def _trap_message(message: str) -> str:
+    """The cause of a wasmtime error, without its backtrace."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    if "Caused by:" in lines:
+        causes = lines[lines.index("Caused by:") + 1 :]
+        causes = [c.split(":", 1)[1].strip() if c[:1].isdigit() and ":" in c else c for c in causes if c]
+        if causes:
+            return causes[0]
+    first = lines[0] if lines else "unknown error"
+    return first.removeprefix("wasm trap: ")
+
+
+def _thread_stack_bytes() -> int:
+    """The stack size of threads this process creates from now on."""
+    size = threading.stack_size()
+    if size:
+        return size
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    except (ImportError, OSError, ValueError):
+        soft = -1
+    # glibc gives new threads RLIMIT_STACK; when that is unlimited, 2 MiB.
+    return soft if 0 < soft < (1 << 40) else 2 << 20
+
+
+def _wasmtime_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wasmtime")
+    except PackageNotFoundError:
+        return "unknown"
