@@ -1,0 +1,414 @@
+"""Per-job cgroups on either hierarchy: v2 (unified) or v1 (one mount per controller).
+
+Most hosts and containers run cgroup v2; some machine images still mount the v1
+controllers with an empty ``unified`` hierarchy beside them (a "hybrid" layout).
+:func:`detect` reads ``/proc/self/mountinfo`` and ``/proc/self/cgroup`` and picks
+the hierarchy that actually holds the memory, pids and cpu controllers; the parsing
+is pure (:func:`parse_layout`) so both layouts are tested from text.
+
+Job cgroups are created under the agent's own cgroup (``<agent cgroup>/p2psched/
+job-...``), so that whoever confines the agent (systemd, a container runtime)
+confines its jobs too: that is the delegation model systemd documents.
+
+A :class:`JobCgroup` is what the process sandbox uses: ``create`` with limits,
+``add`` the job's first process before it executes anything, read ``stats``,
+``kill`` every member, ``remove``. Reads are plain synchronous file reads: each is
+a few microseconds on cgroupfs and never blocks on I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import trio
+
+#: Controllers the sandbox uses. Without memory and pids it falls back to rlimits.
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "devices", "freezer")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+
+#: 100 ms: the kernel's default CFS period. Shorter periods tighten the quota's
+#: granularity but cost scheduler work; Kubernetes and Docker keep 100 ms.
+CFS_PERIOD_US = 100_000
+
+#: Device nodes every job may use (major, minor): null, zero, full, random,
+#: urandom, tty, ptmx and the pts range. The same list runc allows by default.
+DEFAULT_DEVICES = (
+    ("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9),
+    ("c", 5, 0), ("c", 5, 2), ("c", 136, -1),
+)
+
+PARENT_NAME = "p2psched"
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupLayout:
+    """Where this process's cgroups live, and which hierarchy the sandbox will use."""
+
+    version: Literal[1, 2] | None
+    #: v2: the directory of the agent's own cgroup
+    v2_dir: Path | None = None
+    #: v2: controllers enabled for the agent's cgroup (its ``cgroup.controllers``)
+    v2_controllers: frozenset[str] = frozenset()
+    #: v1: controller -> the directory of the agent's own cgroup in that hierarchy
+    v1_dirs: dict[str, Path] = field(default_factory=dict)
+    #: why the layout is what it is, for doctor and for the job's warnings
+    note: str = ""
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        if self.version == 2:
+            return self.v2_controllers
+        if self.version == 1:
+            return frozenset(self.v1_dirs)
+        return frozenset()
+
+
+def _unescape(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return path.encode().decode("unicode_escape") if "\\" in path else path
+
+
+def _join(mountpoint: str, mount_root: str, own_path: str) -> Path:
+    """The directory of ``own_path`` (from /proc/self/cgroup) under a mount of ``mount_root``."""
+    if mount_root != "/" and (own_path == mount_root or own_path.startswith(mount_root + "/")):
+        own_path = own_path[len(mount_root):]
+    return Path(mountpoint) / own_path.lstrip("/")
+
+
+def parse_layout(mountinfo: str, self_cgroup: str, v2_controllers_of: dict[str, str] | None = None) -> CgroupLayout:
+    """Pick the hierarchy from the text of ``/proc/self/mountinfo`` and ``/proc/self/cgroup``.
+
+    ``v2_controllers_of`` maps a v2 cgroup directory to the text of its
+    ``cgroup.controllers``; by default the file is read.
+    """
+    own_v1: dict[str, str] = {}
+    own_v2: str | None = None
+    for line in self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hier, ctrls, path = parts
+        if hier == "0" and ctrls == "":
+            own_v2 = path
+        else:
+            for c in ctrls.split(","):
+                if c:
+                    own_v1[c] = path
+
+    v1_dirs: dict[str, Path] = {}
+    v2_dir: Path | None = None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        lf = left.split()
+        rf = right.split()
+        if len(lf) < 5 or len(rf) < 3:
+            continue
+        mount_root, mountpoint = _unescape(lf[3]), _unescape(lf[4])
+        fstype, superopts = rf[0], rf[2].split(",")
+        if fstype == "cgroup2" and own_v2 is not None:
+            v2_dir = _join(mountpoint, mount_root, own_v2)
+        elif fstype == "cgroup":
+            for c in superopts:
+                if c in V1_CONTROLLERS and c in own_v1:
+                    v1_dirs[c] = _join(mountpoint, mount_root, own_v1[c])
+
+    v2_ctrls: frozenset[str] = frozenset()
+    if v2_dir is not None:
+        if v2_controllers_of is not None:
+            text = v2_controllers_of.get(str(v2_dir), "")
+        else:
+            try:
+                text = (v2_dir / "cgroup.controllers").read_text()
+            except OSError:
+                text = ""
+        v2_ctrls = frozenset(text.split())
+
+    needed = {"memory", "pids"}
+    if v2_dir is not None and needed <= v2_ctrls:
+        return CgroupLayout(2, v2_dir=v2_dir, v2_controllers=v2_ctrls, note=f"cgroup v2 at {v2_dir}")
+    if needed <= set(v1_dirs):
+        extra = " (the v2 hierarchy holds no controllers: hybrid layout)" if v2_dir is not None else ""
+        return CgroupLayout(1, v1_dirs=v1_dirs, note=f"cgroup v1 controllers {sorted(v1_dirs)}{extra}")
+    if v2_dir is not None:
+        return CgroupLayout(
+            None, v2_dir=v2_dir, v2_controllers=v2_ctrls,
+            note=f"cgroup v2 at {v2_dir} lacks the memory and pids controllers (has: {sorted(v2_ctrls) or 'none'})",
+        )
+    return CgroupLayout(None, v1_dirs=v1_dirs, note="no cgroup hierarchy with memory and pids controllers is mounted")
+
+
+def detect() -> CgroupLayout:
+    """The layout of the running host."""
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        self_cgroup = Path("/proc/self/cgroup").read_text()
+    except OSError as e:
+        return CgroupLayout(None, note=f"cannot read /proc/self: {e}")
+    return parse_layout(mountinfo, self_cgroup)
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read().decode()
+    except OSError:
+        return ""
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """Parse "key value" lines (memory.events, pids.events, cpu.stat, memory.oom_control)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            continue
+    return out
+
+
+@dataclass(slots=True)
+class CgroupStats:
+    cpu_ns: int = 0
+    peak_mem_bytes: int = 0
+    oom_kills: int = 0
+    pids_max_hits: int = 0
+
+
+class CgroupSetupError(RuntimeError):
+    pass
+
+
+def prepare_parent(layout: CgroupLayout) -> list[Path]:
+    """Create ``<agent cgroup>/p2psched`` in each hierarchy the sandbox will use.
+
+    On v2, controllers must be enabled in each ancestor's ``cgroup.subtree_control``,
+    and a cgroup with processes in it cannot hand controllers down (the "no
+    internal processes" rule). When the agent's own cgroup refuses, the agent
+    moves itself into a leaf ``p2psched/agent`` and tries again, as systemd's
+    delegation guide advises.
+    """
+    if layout.version == 1:
+        parents = []
+        for c, d in layout.v1_dirs.items():
+            p = d / PARENT_NAME
+            p.mkdir(exist_ok=True)
+            parents.append(p)
+        return parents
+    if layout.version == 2:
+        assert layout.v2_dir is not None
+        base = layout.v2_dir
+        parent = base / PARENT_NAME
+        parent.mkdir(exist_ok=True)
+        want = " ".join(f"+{c}" for c in V2_CONTROLLERS if c in layout.v2_controllers)
+        try:
+            _write(base / "cgroup.subtree_control", want)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            leaf = parent / "agent"
+            leaf.mkdir(exist_ok=True)
+            _write(leaf / "cgroup.procs", str(os.getpid()))
+            # parent must be a non-leaf with no processes for jobs to be siblings of agent
+            _write(base / "cgroup.subtree_control", want)
+        _write(parent / "cgroup.subtree_control", want)
+        return [parent]
+    raise CgroupSetupError(layout.note)
+
+
+class JobCgroup:
+    """One job's cgroup(s). Create, add the first process, read, kill, remove."""
+
+    def __init__(self, layout: CgroupLayout, name: str) -> None:
+        self.layout = layout
+        self.name = name
+        if layout.version == 2:
+            assert layout.v2_dir is not None
+            self.dirs = {"*": layout.v2_dir / PARENT_NAME / name}
+        else:
+            self.dirs = {c: d / PARENT_NAME / name for c, d in layout.v1_dirs.items()}
+        self.created: list[Path] = []
+        #: host pid of the job's first process, fixed after ``add``
+        self.first_pid: int | None = None
+
+    def _dir(self, controller: str) -> Path | None:
+        if self.layout.version == 2:
+            return self.dirs["*"] if controller in self.layout.v2_controllers or controller == "*" else None
+        return self.dirs.get(controller)
+
+    @property
+    def procs_dir(self) -> Path:
+        if self.layout.version == 2:
+            return self.dirs["*"]
+        return self.dirs.get("pids") or next(iter(self.dirs.values()))
+
+    def create(self, *, mem_bytes: int, pids: int, cpu: float, devices: list[tuple[str, int, int]] | None) -> None:
+        """Make the directories and write the limits. Raises OSError on a refusal."""
+        for d in self.dirs.values():
+            d.mkdir()
+            self.created.append(d)
+        quota = max(1000, int(cpu * CFS_PERIOD_US))
+        if self.layout.version == 2:
+            d = self.dirs["*"]
+            if "memory" in self.layout.v2_controllers:
+                _write(d / "memory.max", str(mem_bytes))
+                for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+                    if (d / name).exists():
+                        # oom.group: one OOM kill ends the whole job, not a random member
+                        _write(d / name, value)
+            if "pids" in self.layout.v2_controllers:
+                _write(d / "pids.max", str(pids))
+            if "cpu" in self.layout.v2_controllers:
+                _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+                # weight 100 is one core's fair share; the kernel's range is 1..10000
+                _write(d / "cpu.weight", str(min(10000, max(1, round(100 * cpu)))))
+            return
+        if (m := self.dirs.get("memory")) is not None:
+            _write(m / "memory.limit_in_bytes", str(mem_bytes))
+            if (m / "memory.memsw.limit_in_bytes").exists():
+                _write(m / "memory.memsw.limit_in_bytes", str(mem_bytes))
+        if (p := self.dirs.get("pids")) is not None:
+            _write(p / "pids.max", str(pids))
+        if (c := self.dirs.get("cpu")) is not None:
+            _write(c / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(c / "cpu.cfs_quota_us", str(quota))
+            # 1024 shares is one core's fair share in v1
+            _write(c / "cpu.shares", str(max(2, round(1024 * cpu))))
+        if devices is not None and (dv := self.dirs.get("devices")) is not None:
+            _write(dv / "devices.deny", "a")
+            for kind, major, minor in list(DEFAULT_DEVICES) + devices:
+                mi = "*" if minor < 0 else str(minor)
+                _write(dv / "devices.allow", f"{kind} {major}:{mi} rwm")
+
+    def add(self, pid: int) -> None:
+        """Move ``pid`` (not yet executing the job) into every hierarchy."""
+        for d in self.dirs.values():
+            _write(d / "cgroup.procs", str(pid))
+        self.first_pid = pid
+
+    def pids(self) -> list[int]:
+        return [int(x) for x in _read(self.procs_dir / "cgroup.procs").split()]
+
+    def stats(self) -> CgroupStats:
+        s = CgroupStats()
+        if self.layout.version == 2:
+            d = self.dirs["*"]
+            s.cpu_ns = _keyed(_read(d / "cpu.stat")).get("usage_usec", 0) * 1000
+            peak = _read(d / "memory.peak").strip()
+            s.peak_mem_bytes = int(peak) if peak.isdigit() else 0
+            s.oom_kills = _keyed(_read(d / "memory.events")).get("oom_kill", 0)
+            s.pids_max_hits = _keyed(_read(d / "pids.events")).get("max", 0)
+            return s
+        if (c := self.dirs.get("cpuacct")) is not None:
+            v = _read(c / "cpuacct.usage").strip()
+            s.cpu_ns = int(v) if v.isdigit() else 0
+        if (m := self.dirs.get("memory")) is not None:
+            v = _read(m / "memory.max_usage_in_bytes").strip()
+            s.peak_mem_bytes = int(v) if v.isdigit() else 0
+            s.oom_kills = _keyed(_read(m / "memory.oom_control")).get("oom_kill", 0)
+        if (p := self.dirs.get("pids")) is not None:
+            s.pids_max_hits = _keyed(_read(p / "pids.events")).get("max", 0)
+        return s
+
+    def kill(self) -> None:
+        """SIGKILL every member. v2 has ``cgroup.kill``; v1 freezes first so no member forks meanwhile."""
+        if self.layout.version == 2:
+            k = self.dirs["*"] / "cgroup.kill"
+            if k.exists():
+                try:
+                    _write(k, "1")
+                    return
+                except OSError:
+                    pass
+        freezer = self.dirs.get("freezer")
+        if freezer is not None:
+            try:
+                _write(freezer / "freezer.state", "FROZEN")
+            except OSError:
+                freezer = None
+        for _ in range(100):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if freezer is None:
+                continue
+            break
+        if freezer is not None:
+            try:
+                # killed tasks only die once thawed
+                _write(freezer / "freezer.state", "THAWED")
+            except OSError:
+                pass
+
+    async def remove(self, timeout_s: float = 5.0) -> bool:
+        """rmdir every directory; members that are still exiting get ``timeout_s``."""
+        ok = True
+        with trio.move_on_after(timeout_s) as scope:
+            for d in reversed(self.created):
+                delay = 0.001
+                while True:
+                    try:
+                        d.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError as e:
+                        if e.errno != errno.EBUSY:
+                            ok = False
+                            break
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, 0.05)
+        return ok and not scope.cancelled_caught
+
+
+def reap_stale(layout: CgroupLayout) -> int:
+    """Kill and remove job cgroups a previous agent left behind (it was killed). Returns how many."""
+    if layout.version is None:
+        return 0
+    removed = 0
+    roots = [layout.v2_dir / PARENT_NAME] if layout.version == 2 and layout.v2_dir else [
+        d / PARENT_NAME for d in layout.v1_dirs.values()
+    ]
+    names: set[str] = set()
+    for r in roots:
+        try:
+            names.update(p.name for p in r.iterdir() if p.is_dir() and p.name.startswith("job-"))
+        except OSError:
+            continue
+    for name in names:
+        cg = JobCgroup(layout, name)
+        cg.created = [d for d in cg.dirs.values() if d.exists()]
+        cg.kill()
+        for d in reversed(cg.created):
+            for _ in range(200):
+                try:
+                    d.rmdir()
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        break
+                    import time
+
+                    time.sleep(0.005)
+        removed += 1
+    return removed

@@ -1,0 +1,820 @@
+"""The process sandbox: run one job's command under kernel-enforced isolation and limits.
+
+Public interface (what the agent calls)::
+
+    async def run_process(request: SandboxRequest, work_dir: Path,
+                          config: ProcessSandboxConfig | None = None) -> SandboxResult
+    def doctor_checks() -> list[tuple[str, bool, str, str]]     # (check, ok, detail, fix)
+    def reap_stale(config: ProcessSandboxConfig | None = None) -> int   # call once at agent start
+
+``run_process`` must be awaited from the trio thread (never from a worker
+thread): the parent-death signal that kills a job when its agent dies is tied to
+the thread that started it. ``work_dir`` is a directory the agent owns for this
+job (created if missing; its ``scratch`` subdirectory is mounted and removed
+again). The result's ``reason`` is ``exit N``, ``signal N`` or one of
+``memory_limit``, ``pids_limit``, ``cpu_limit``, ``wall_timeout``,
+``output_limit``; ``sandbox`` lists the isolation actually applied and
+``warnings`` every fallback taken.
+
+Cancellation: when the surrounding trio scope is cancelled, every process of the
+job is SIGKILLed (its PID namespace is torn down by killing its init, and its
+cgroup is killed), the cgroup and scratch are removed, and ``trio.Cancelled``
+propagates. Nothing is returned for a cancelled job.
+
+``reap_stale`` kills and removes what an agent killed with SIGKILL left behind:
+job cgroups and scratch mounts (the jobs themselves died with the agent).
+
+How a job runs (see docs/sandbox.md)::
+
+    agent --fork/exec--> prlimit --exec--> bwrap (monitor) --clone(new namespaces)--> bwrap init (PID 1)
+                                                                                        `--> the job's command
+
+``prlimit`` (util-linux) sets RLIMIT_NOFILE/FSIZE/CORE and, without cgroups, the
+fallback limits; ``bwrap`` builds the private root, applies ``no_new_privs`` and
+the seccomp filter and executes the command. bwrap reports its PID-1 over
+``--info-fd`` and then waits on ``--block-fd``: in that window the agent moves it
+into the job's cgroup, so the command starts inside its limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2psched.sandbox import cgroups, namespaces, seccomp_filter
+from p2psched.sandbox.base import SandboxRequest, SandboxResult
+
+__all__ = ["ProcessSandboxConfig", "SandboxError", "doctor_checks", "reap_stale", "run_process"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSandboxConfig:
+    """Agent-wide settings of the process sandbox. Each default says why."""
+
+    #: The host uid/gid a job runs as (in its own user namespace where one is
+    #: allowed). 65534 is ``nobody`` on Debian and most distributions: it owns no
+    #: files, so a job that escaped its mount namespace could still read and write
+    #: only what is world-accessible.
+    uid: int = 65534
+    gid: int = 65534
+    #: "auto": use a user namespace where the kernel allows one (probed once);
+    #: "off": never (bwrap runs as the agent's uid with every capability dropped).
+    user_namespace: str = "auto"
+    #: "auto": per-job cgroups where a hierarchy with memory and pids is writable;
+    #: "off": rlimits only (the fallback, also used to test it).
+    cgroups: str = "auto"
+    #: How often a running job's cgroup counters (OOM kills, pids.max hits, CPU
+    #: time) are read. The interval starts at the minimum and doubles to the
+    #: maximum, so short jobs react fast and 1,000 sleeping jobs cost ~1,000 small
+    #: reads a second. CPU-time checks are also scheduled at the earliest moment
+    #: the quota could let the job cross its limit.
+    poll_min_s: float = 0.05
+    poll_max_s: float = 1.0
+    #: How long a killed job's processes may take to exit before the sandbox gives
+    #: up waiting (they are SIGKILLed; this only bounds the wait).
+    kill_wait_s: float = 5.0
+    #: Per-artifact and per-job caps on the files collected from scratch. Larger
+    #: outputs belong in the data plane (transfer), not in a job record.
+    artifact_max_bytes: int = 8 * 1024 * 1024
+    artifacts_total_bytes: int = 32 * 1024 * 1024
+    #: The fewest open files bwrap needs while it sets the sandbox up (its own fds
+    #: plus the job's three). A lower ``nofile`` limit is raised to this, with a warning.
+    min_nofile: int = 16
+
+
+class SandboxError(RuntimeError):
+    """The host cannot run process jobs as configured; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------
+# Host facts, probed once per agent process
+
+
+@dataclass(slots=True)
+class _Host:
+    tools: namespaces.Tools
+    user_namespace: bool
+    userns_detail: str
+    layout: cgroups.CgroupLayout
+    cgroups_ok: bool
+    cgroup_detail: str
+    can_mount: bool
+    system_layout: list[tuple[str, str]]
+    seccomp_sha256: str
+    warnings: list[str] = field(default_factory=list)
+
+
+_HOSTS: dict[tuple[Any, ...], _Host] = {}
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+SCRATCH_SOURCE = b"p2psched-scratch"
+
+
+def _mount_tmpfs(path: Path, size: int, uid: int, gid: int) -> None:
+    opts = f"size={size},mode=0700,uid={uid},gid={gid}".encode()
+    if _libc().mount(SCRATCH_SOURCE, str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(path))
+
+
+def _umount(path: Path) -> None:
+    _libc().umount2(str(path).encode(), MNT_DETACH)
+
+
+def _host(cfg: ProcessSandboxConfig) -> _Host:
+    key = (cfg.uid, cfg.gid, cfg.user_namespace, cfg.cgroups)
+    if key in _HOSTS:
+        return _HOSTS[key]
+    tools = namespaces.find_tools()
+    warnings: list[str] = []
+    root = os.geteuid() == 0
+    userns, userns_detail = False, "disabled by configuration"
+    if tools.bwrap and cfg.user_namespace == "auto":
+        userns, userns_detail = namespaces.probe_user_namespace(tools.bwrap, cfg.uid if root else None, cfg.gid)
+        if not userns:
+            warnings.append(f"no user namespace ({userns_detail}): the job runs without one, all capabilities dropped")
+    layout = cgroups.detect() if cfg.cgroups == "auto" else cgroups.CgroupLayout(None, note="cgroups disabled by configuration")
+    cg_ok, cg_detail = False, layout.note
+    if layout.version is not None:
+        try:
+            cgroups.prepare_parent(layout)
+            cg_ok = True
+        except OSError as e:
+            cg_detail = f"{layout.note}, but it is not writable: {e}"
+    if not cg_ok:
+        warnings.append(
+            f"cgroups unavailable ({cg_detail}): rlimits only; memory is capped as address space, "
+            "process counts per uid, and CPU time per process"
+        )
+    can_mount = False
+    if root:
+        probe = Path(f"/tmp/.p2psched-mount-probe-{os.getpid()}")
+        with contextlib.suppress(OSError):
+            probe.mkdir(exist_ok=True)
+            try:
+                _mount_tmpfs(probe, 4096, 0, 0)
+                _umount(probe)
+                can_mount = True
+            except OSError:
+                pass
+            probe.rmdir()
+    if not can_mount:
+        warnings.append("cannot mount tmpfs: scratch is a plain directory, not size-capped (only RLIMIT_FSIZE per file)")
+    bpf = seccomp_filter.filter_bpf()
+    host = _Host(
+        tools, userns, userns_detail, layout, cg_ok, cg_detail, can_mount,
+        namespaces.system_layout(), hashlib.sha256(bpf).hexdigest(), warnings,
+    )
+    _HOSTS[key] = host
+    return host
+
+
+# ---------------------------------------------------------------------------
+# One job
+
+
+_SIG_RESULT = {signal.SIGXFSZ: "output_limit", signal.SIGXCPU: "cpu_limit"}
+
+
+def _safe_name(job_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:80] or "job"
+
+
+_counter = 0
+
+
+def _next_name(job_id: str) -> str:
+    global _counter
+    _counter += 1
+    return f"job-{_safe_name(job_id)}-{os.getpid()}-{_counter}"
+
+
+class _Capture:
+    """Keep the first ``limit`` bytes of a stream; past it, close the pipe.
+
+    Closing rather than draining keeps a flood from costing the agent memory or
+    CPU: the job's next write fails with EPIPE/SIGPIPE, exactly as with
+    ``job | head -c LIMIT``.
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.stream = trio.lowlevel.FdStream(fd)
+        self.limit = limit
+        self.buf = bytearray()
+        self.truncated = False
+
+    async def run(self) -> None:
+        try:
+            while True:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    return
+                room = self.limit - len(self.buf)
+                if len(chunk) > room:
+                    self.buf += chunk[: max(room, 0)]
+                    self.truncated = True
+                    return
+                self.buf += chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+
+class _Job:
+    def __init__(self, request: SandboxRequest, work_dir: Path, cfg: ProcessSandboxConfig, host: _Host) -> None:
+        self.req = request
+        self.work_dir = work_dir
+        self.cfg = cfg
+        self.host = host
+        self.limits = request.limits
+        self.warnings = list(host.warnings)
+        self.fds: list[int] = []
+        self.scratch = work_dir / "scratch"
+        self.scratch_mounted = False
+        self.cg: cgroups.JobCgroup | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.monitor_pidfd: int | None = None
+        self.init_pid: int | None = None
+        self.init_pidfd: int | None = None
+        self.reaped: tuple[int, Any] | None = None
+        self.violation: str | None = None
+        self.stopping = False
+        self.userns = host.user_namespace
+        self.rlimits: dict[str, int] = {}
+        self.exited = trio.Event()
+
+    # -- set-up ------------------------------------------------------------
+
+    def _fd(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def _close(self, fd: int) -> None:
+        if fd in self.fds:
+            self.fds.remove(fd)
+            os.close(fd)
+
+    def _prepare_scratch(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.scratch.mkdir(exist_ok=True)
+        uid, gid = (self.cfg.uid, self.cfg.gid) if self.userns and os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        if self.host.can_mount:
+            _mount_tmpfs(self.scratch, self.limits.scratch_mb * 1024 * 1024, uid, gid)
+            self.scratch_mounted = True
+        elif os.geteuid() == 0:
+            os.chown(self.scratch, uid, gid)
+
+    def _prepare_cgroup(self) -> None:
+        if not self.host.cgroups_ok:
+            return
+        cg = cgroups.JobCgroup(self.host.layout, _next_name(self.req.job_id))
+        devices = None
+        if self.host.layout.version == 1:
+            devices = []
+            for dev in self.req.gpu_devices:
+                st = os.stat(dev)
+                devices.append(("c", os.major(st.st_rdev), os.minor(st.st_rdev)))
+        try:
+            cg.create(mem_bytes=self.limits.mem_bytes, pids=self.limits.pids, cpu=self.req.resources.cpu, devices=devices)
+        except OSError as e:
+            self.cg = cg  # so cleanup removes what was made
+            raise SandboxError(f"could not set up the job's cgroup {cg.name}: {e}") from e
+        self.cg = cg
+        if self.req.gpu_devices and self.host.layout.version == 2:
+            self.warnings.append("cgroup v2: GPU device access is limited by the mount namespace only (no device BPF program)")
+
+    def _prlimit_args(self) -> list[str]:
+        lim = self.limits
+        nofile = max(lim.nofile, self.cfg.min_nofile)
+        if nofile != lim.nofile:
+            self.warnings.append(f"nofile {lim.nofile} raised to {nofile}: the sandbox launcher needs that many to start")
+        r = {"nofile": nofile, "fsize": lim.fsize_bytes, "core": 0}
+        if not self.cg:
+            # the rlimits fallback: weaker, and said so in the warnings
+            r["as"] = lim.mem_bytes
+            r["nproc"] = lim.pids
+            if lim.cpu_ms is not None:
+                r["cpu"] = max(1, math.ceil(lim.cpu_ms / 1000))
+        self.rlimits = r
+        assert self.host.tools.prlimit
+        return [self.host.tools.prlimit] + [f"--{k}={v}:{v}" for k, v in r.items()] + ["--"]
+
+    def _plan(self, command: list[str], seccomp_fd: int, info_w: int, block_r: int) -> tuple[list[str], list[str], list[int]]:
+        binds: list[namespaces.Bind] = []
+        pass_fds: list[int] = [seccomp_fd, info_w, block_r]
+        if self.userns:
+            # an unprivileged bwrap may not be able to walk to the agent's 0700 dirs:
+            # hand it open directory fds instead of paths
+            sfd = self._fd(os.open(self.scratch, os.O_PATH | os.O_DIRECTORY))
+            binds.append(namespaces.Bind(namespaces.SCRATCH, fd=sfd, writable=True))
+            pass_fds.append(sfd)
+        else:
+            binds.append(namespaces.Bind(namespaces.SCRATCH, src=str(self.scratch), writable=True))
+        exe = command[0]
+        if not namespaces.in_system_dirs(exe):
+            d = os.path.dirname(exe)
+            if self.userns:
+                dfd = self._fd(os.open(d, os.O_PATH | os.O_DIRECTORY))
+                binds.append(namespaces.Bind(namespaces.JOB_BIN, fd=dfd))
+                pass_fds.append(dfd)
+            else:
+                binds.append(namespaces.Bind(namespaces.JOB_BIN, src=d))
+            command = [f"{namespaces.JOB_BIN}/{os.path.basename(exe)}"] + command[1:]
+        for dev in self.req.gpu_devices:
+            binds.append(namespaces.Bind(dev, src=dev, writable=True, device=True))
+        env = dict(self.req.env)
+        env.update(self.req.gpu_env)
+        etc = namespaces.ETC_FILES + (namespaces.ETC_NETWORK_FILES if self.req.network else ())
+        plan = namespaces.BwrapPlan(
+            command=command, env=env, binds=binds, user_namespace=self.userns, uid=self.cfg.uid, gid=self.cfg.gid,
+            network=self.req.network, seccomp_fd=seccomp_fd, info_fd=info_w, block_fd=block_r, etc_files=etc,
+        )
+        return namespaces.bwrap_args(plan, self.host.system_layout), command, pass_fds
+
+    # -- the run -------------------------------------------------------------
+
+    async def run(self) -> SandboxResult:
+        req = self.req
+        if not req.command:
+            raise SandboxError("a process job needs a command, e.g. ['/usr/bin/python3', '-c', 'print(1)']")
+        exe = namespaces.resolve_command(req.command[0], req.env)
+        if exe is None:
+            return SandboxResult(
+                exit_code=127, reason="exit 127",
+                stderr=(f"p2psched: command {req.command[0]!r} was not found on the executor "
+                        f"(looked in PATH={req.env.get('PATH', namespaces.DEFAULT_PATH)}); "
+                        "give an absolute path or install it on every executor\n").encode(),
+                warnings=self.warnings, sandbox=self._sandbox_info(),
+            )
+        self._prepare_scratch()
+        self._prepare_cgroup()
+
+        seccomp_fd = self._fd(seccomp_filter.bpf_fd())
+        info_r, info_w = (self._fd(x) for x in os.pipe())
+        block_r, block_w = (self._fd(x) for x in os.pipe())
+        out_r, out_w = (self._fd(x) for x in os.pipe())
+        err_r, err_w = (self._fd(x) for x in os.pipe())
+        stdin_r, stdin_w = (self._fd(x) for x in os.pipe())
+        args, command, pass_fds = self._plan([exe] + req.command[1:] + req.args, seccomp_fd, info_w, block_r)
+        # The arguments travel on a memfd, not argv: env values (tokens, keys) must
+        # not show in the host's `ps`.
+        args_fd = self._fd(os.memfd_create("p2psched-bwrap-args", 0))
+        os.write(args_fd, b"\0".join(x.encode() for x in args) + b"\0")
+        os.lseek(args_fd, 0, os.SEEK_SET)
+        pass_fds.append(args_fd)
+        assert self.host.tools.bwrap
+        argv = self._prlimit_args() + [self.host.tools.bwrap, "--args", str(args_fd), "--", *command]
+        kw: dict[str, Any] = {}
+        if self.userns and os.geteuid() == 0:
+            kw = {"user": self.cfg.uid, "group": self.cfg.gid, "extra_groups": []}
+        self.popen = subprocess.Popen(
+            argv, stdin=stdin_r, stdout=out_w, stderr=err_w, pass_fds=pass_fds, close_fds=True,
+            env={}, cwd="/", **kw,
+        )
+        self.monitor_pidfd = os.pidfd_open(self.popen.pid)
+        for fd in (stdin_r, out_w, err_w, info_w, block_r, args_fd, seccomp_fd, *pass_fds):
+            self._close(fd)
+
+        out = _Capture(out_r, self.limits.stdout_bytes)
+        err = _Capture(err_r, self.limits.stderr_bytes)
+        self.fds.remove(out_r)
+        self.fds.remove(err_r)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.run)
+            nursery.start_soon(err.run)
+            nursery.start_soon(self._reaper)
+            started = await self._await_start(info_r)
+            self._close(info_r)
+            if started:
+                os.write(block_w, b"1")
+            self._close(block_w)
+            if started and req.stdin:
+                nursery.start_soon(self._feed_stdin, stdin_w)
+            else:
+                self._close(stdin_w)
+            watchdog = trio.CancelScope()
+            if started:
+                nursery.start_soon(self._watchdog, watchdog)
+            await self.exited.wait()
+            watchdog.cancel()
+            # Every job process is gone (its PID namespace died with bwrap's init), so
+            # the pipes reach EOF at once; the deadline only covers a stray holder.
+            nursery.cancel_scope.deadline = trio.current_time() + self.cfg.kill_wait_s
+        assert self.reaped is not None
+        status, rusage = self.reaped
+        if not started:
+            raise SandboxError(
+                "the sandbox launcher (bwrap) failed before the job started: "
+                + (bytes(err.buf).decode(errors="replace").strip() or f"wait status {status}")
+            )
+        return self._result(status, rusage, out, err)
+
+    async def _await_start(self, info_r: int) -> bool:
+        """Read bwrap's info JSON; move its PID 1 into the cgroup. False if bwrap died first."""
+        stream = trio.lowlevel.FdStream(os.dup(info_r))
+        data = b""
+        try:
+            while True:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return False
+                data += chunk
+                try:
+                    info = json.loads(data)
+                    break
+                except ValueError:
+                    continue
+        finally:
+            await stream.aclose()
+        pid = int(info["child-pid"])
+        self.init_pid = pid
+        self.init_pidfd = os.pidfd_open(pid)
+        if self.cg is not None:
+            self.cg.add(pid)
+        return True
+
+    async def _feed_stdin(self, fd: int) -> None:
+        self.fds.remove(fd)
+        stream = trio.lowlevel.FdStream(fd)
+        try:
+            await stream.send_all(self.req.stdin)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the job stopped reading; that is its business
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _reaper(self) -> None:
+        await self._wait_monitor()
+        self.exited.set()
+
+    async def _wait_monitor(self) -> tuple[int, Any]:
+        """Reap bwrap. Called by the reaper task, or by cleanup once that task is gone."""
+        assert self.popen is not None and self.monitor_pidfd is not None
+        if self.reaped is None:
+            await trio.lowlevel.wait_readable(self.monitor_pidfd)
+            _, status, rusage = os.wait4(self.popen.pid, 0)
+            self.popen.returncode = os.waitstatus_to_exitcode(status)
+            self.reaped = (status, rusage)
+        return self.reaped
+
+    def _signal_init(self, sig: int) -> None:
+        if self.init_pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.init_pidfd, sig)
+
+    def kill_all(self) -> None:
+        """SIGKILL the job's PID 1 (the kernel then kills every process in the namespace) and its cgroup."""
+        self._signal_init(signal.SIGKILL)
+        if self.cg is not None:
+            with contextlib.suppress(OSError):
+                self.cg.kill()
+        if self.init_pidfd is None and self.popen is not None and self.reaped is None:
+            # bwrap has not reported its PID 1 yet: killing bwrap itself makes its
+            # child die too (--die-with-parent)
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.kill()
+
+    def _members(self) -> list[int]:
+        """Host pids of the job's processes other than bwrap's init."""
+        if self.cg is not None:
+            pids = self.cg.pids()
+        else:
+            pids = _pids_in_namespace_of(self.init_pid) if self.init_pid else []
+        return [p for p in pids if p != self.init_pid]
+
+    async def _violate(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.violation = reason
+        if self.limits.violation == "graceful" and self.limits.grace_ms > 0:
+            for pid in self._members():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            with trio.move_on_after(self.limits.grace_ms / 1000):
+                await self.exited.wait()
+                return
+        self.kill_all()
+
+    async def _watchdog(self, scope: trio.CancelScope) -> None:
+        with scope:
+            start = trio.current_time()
+            deadline = start + self.limits.wall_ms / 1000
+            interval = self.cfg.poll_min_s
+            cpu = max(self.req.resources.cpu, 0.01)
+            while True:
+                now = trio.current_time()
+                if now >= deadline:
+                    await self._violate("wall_timeout")
+                    return
+                wake = min(deadline, now + interval)
+                if self.cg is not None:
+                    s = self.cg.stats()
+                    if s.oom_kills:
+                        await self._violate("memory_limit")
+                        return
+                    if s.pids_max_hits:
+                        await self._violate("pids_limit")
+                        return
+                    if self.limits.cpu_ms is not None:
+                        left_ms = self.limits.cpu_ms - s.cpu_ns / 1e6
+                        if left_ms <= 0:
+                            await self._violate("cpu_limit")
+                            return
+                        # the quota lets CPU time grow at most `cpu` seconds per second
+                        wake = min(wake, now + max(left_ms / 1000 / cpu, 0.005))
+                else:
+                    wake = deadline
+                await trio.sleep_until(wake)
+                interval = min(interval * 2, self.cfg.poll_max_s)
+
+    # -- the result --------------------------------------------------------
+
+    def _result(self, status: int, rusage: Any, out: _Capture, err: _Capture) -> SandboxResult:
+        stats = self.cg.stats() if self.cg is not None else None
+        if stats is not None:
+            cpu_ms = stats.cpu_ns / 1e6
+            peak = stats.peak_mem_bytes
+        else:
+            cpu_ms = (rusage.ru_utime + rusage.ru_stime) * 1000
+            peak = rusage.ru_maxrss * 1024
+        # bwrap exits with the command's status, or 128+N when it died of signal N
+        # (the shell convention); its own death by a signal means we killed it.
+        code = os.waitstatus_to_exitcode(status)
+        exit_code: int | None
+        sig: int | None = None
+        if code < 0:
+            exit_code, sig = None, -code
+        elif 128 < code <= 128 + 64:
+            exit_code, sig = None, code - 128
+        else:
+            exit_code = code
+        limit: str | None = self.violation
+        if limit is None and stats is not None:
+            if stats.oom_kills:
+                limit = "memory_limit"
+            elif stats.pids_max_hits and exit_code != 0:
+                limit = "pids_limit"
+        if limit is None and sig is not None:
+            if sig in _SIG_RESULT:
+                limit = _SIG_RESULT[signal.Signals(sig)]
+            elif sig == signal.SIGPIPE and (out.truncated or err.truncated):
+                limit = "output_limit"
+        if limit is not None:
+            reason = limit
+        elif sig is not None:
+            reason = f"signal {sig}"
+        else:
+            reason = f"exit {exit_code}"
+        stdout, stderr = bytes(out.buf), bytes(err.buf)
+        if self.req.mask_patterns:
+            stdout, stderr = _mask(stdout, self.req.mask_patterns), _mask(stderr, self.req.mask_patterns)
+        return SandboxResult(
+            exit_code=exit_code, reason=reason, stdout=stdout, stderr=stderr,
+            stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+            cpu_ms=cpu_ms, peak_mem_bytes=peak, limit_hit=limit, signal=sig,
+            artifacts=self._collect_artifacts(), warnings=self.warnings, sandbox=self._sandbox_info(),
+        )
+
+    def _collect_artifacts(self) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        total = 0
+        for name in self.req.artifacts:
+            try:
+                data, cut = _read_beneath(self.scratch, name, self.cfg.artifact_max_bytes + 1)
+            except (OSError, ValueError) as e:
+                self.warnings.append(f"artifact {name!r} not collected: {e}")
+                continue
+            if len(data) > self.cfg.artifact_max_bytes or cut:
+                data = data[: self.cfg.artifact_max_bytes]
+                self.warnings.append(f"artifact {name!r} truncated to {self.cfg.artifact_max_bytes} bytes")
+            if total + len(data) > self.cfg.artifacts_total_bytes:
+                self.warnings.append(f"artifact {name!r} dropped: artifacts exceed {self.cfg.artifacts_total_bytes} bytes")
+                continue
+            total += len(data)
+            found[name] = data
+        return found
+
+    def _sandbox_info(self) -> dict[str, object]:
+        ns = ["pid", "mount", "ipc", "uts", "cgroup"] + ([] if self.req.network else ["net"])
+        if self.userns:
+            ns.append("user")
+        layout = self.host.layout
+        return {
+            "runtime": "process",
+            "launcher": self.host.tools.bwrap_version,
+            "namespaces": sorted(ns),
+            "user_namespace": self.userns,
+            "uid": self.cfg.uid if self.userns else os.geteuid(),
+            "capabilities": [],
+            "no_new_privs": True,
+            "seccomp": {"action": "EPERM", "denied": len(seccomp_filter.DENIED_SYSCALLS) + 2,
+                        "bpf_sha256": self.host.seccomp_sha256},
+            "network": "host" if self.req.network else "loopback",
+            "root": "read-only binds of system dirs and a curated /etc",
+            "scratch": {"tmpfs": self.scratch_mounted, "bytes": self.limits.scratch_mb * 1024 * 1024},
+            "cgroup": f"v{layout.version}" if self.cg is not None else None,
+            "controllers": sorted(layout.controllers) if self.cg is not None else [],
+            "rlimits": dict(self.rlimits),
+            "devices": list(self.req.gpu_devices),
+        }
+
+    # -- tear-down ---------------------------------------------------------
+
+    async def cleanup(self) -> None:
+        """Kill whatever is left, reap bwrap, remove cgroup and scratch. Runs shielded."""
+        with trio.CancelScope(shield=True):
+            if self.popen is not None and self.reaped is None:
+                self.kill_all()
+                with trio.move_on_after(self.cfg.kill_wait_s):
+                    await self._wait_monitor()
+            if self.cg is not None:
+                with contextlib.suppress(OSError):
+                    self.cg.kill()
+                if not await self.cg.remove(self.cfg.kill_wait_s):
+                    self.warnings.append(f"cgroup {self.cg.name} could not be removed")
+            for fd in (self.monitor_pidfd, self.init_pidfd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            for fd in list(self.fds):
+                self._close(fd)
+            if self.scratch_mounted:
+                _umount(self.scratch)
+                self.scratch_mounted = False
+            with contextlib.suppress(OSError):
+                _rmtree(self.scratch)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _mask(data: bytes, patterns: list[str]) -> bytes:
+    for p in patterns:
+        data = re.sub(p.encode(), b"[masked]", data)
+    return data
+
+
+def _read_beneath(root: Path, name: str, limit: int) -> tuple[bytes, bool]:
+    """Read ``root/name`` without following any symlink: the job wrote scratch, and a
+    symlink to /etc/shadow must not make the (root) agent read the host's file."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError("the name must be a relative path inside scratch, without '..'")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for p in parts[:-1]:
+            nfd = os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    try:
+        st = os.fstat(ffd)
+        import stat as stat_mod
+
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise ValueError("it is not a regular file")
+        chunks = []
+        got = 0
+        while got < limit:
+            b = os.read(ffd, min(1 << 20, limit - got))
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        return b"".join(chunks), got >= limit
+    finally:
+        os.close(ffd)
+
+
+def _pids_in_namespace_of(init_pid: int) -> list[int]:
+    """Host pids sharing ``init_pid``'s PID namespace (the no-cgroup fallback's member list)."""
+    try:
+        target = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return []
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry.name}/ns/pid") == target:
+                    out.append(int(entry.name))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+async def run_process(
+    request: SandboxRequest, work_dir: Path, config: ProcessSandboxConfig | None = None
+) -> SandboxResult:
+    """Run ``request`` in the process sandbox; see the module docstring for the contract."""
+    cfg = config or ProcessSandboxConfig()
+    host = _host(cfg)
+    if host.tools.bwrap is None:
+        raise SandboxError("process jobs need bubblewrap: install it with 'apt-get install bubblewrap'")
+    if host.tools.prlimit is None:
+        raise SandboxError("process jobs need util-linux's prlimit: install it with 'apt-get install util-linux'")
+    job = _Job(request, work_dir, cfg, host)
+    try:
+        return await job.run()
+    finally:
+        await job.cleanup()
+
+
+def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
+    """Remove job cgroups and scratch mounts left by a previous agent process. Returns how many."""
+    cfg = config or ProcessSandboxConfig()
+    n = 0
+    if cfg.cgroups == "auto":
+        n += cgroups.reap_stale(cgroups.detect())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            rf = right.split()
+            if len(rf) >= 2 and rf[0] == "tmpfs" and rf[1] == SCRATCH_SOURCE.decode():
+                _umount(Path(left.split()[4]))
+                n += 1
+    return n
+
+
+def doctor_checks(config: ProcessSandboxConfig | None = None) -> list[tuple[str, bool, str, str]]:
+    """(check, ok, detail, fix) for every isolation feature the process sandbox uses."""
+    cfg = config or ProcessSandboxConfig()
+    checks: list[tuple[str, bool, str, str]] = []
+    tools = namespaces.find_tools()
+    checks.append(("bubblewrap", tools.bwrap is not None, tools.bwrap_version or "not found on PATH",
+                   "install it: apt-get install bubblewrap"))
+    checks.append(("prlimit", tools.prlimit is not None, tools.prlimit or "not found on PATH",
+                   "install util-linux: apt-get install util-linux"))
+    for kind in ("pid", "mount", "net", "ipc", "uts", "cgroup"):
+        ok, detail = namespaces.probe_namespace(kind)
+        checks.append((f"{kind} namespace", ok, detail,
+                       "run the agent as root (or with CAP_SYS_ADMIN); in a container, run it --privileged"))
+    if tools.bwrap:
+        ok, detail = namespaces.probe_user_namespace(tools.bwrap, cfg.uid if os.geteuid() == 0 else None, cfg.gid)
+    else:
+        ok, detail = False, "bubblewrap is missing"
+    checks.append(("user namespace", ok, detail,
+                   "allow them: sysctl -w user.max_user_namespaces=15000 kernel.unprivileged_userns_clone=1 "
+                   "(without them jobs run as the agent's uid with all capabilities dropped)"))
+    layout = cgroups.detect()
+    checks.append(("cgroup layout", layout.version is not None, layout.note,
+                   "mount cgroup v2 at /sys/fs/cgroup with the memory, pids and cpu controllers enabled"))
+    writable, wdetail = False, "no usable hierarchy"
+    if layout.version is not None:
+        try:
+            cgroups.prepare_parent(layout)
+            probe = cgroups.JobCgroup(layout, f"job-doctor-{os.getpid()}")
+            probe.create(mem_bytes=64 << 20, pids=8, cpu=1.0, devices=None)
+            probe.kill()
+            for d in reversed(probe.created):
+                d.rmdir()
+            writable, wdetail = True, f"created and removed a job cgroup with {sorted(layout.controllers)}"
+        except OSError as e:
+            wdetail = str(e)
+    checks.append(("cgroup writable", writable, wdetail,
+                   "run the agent as root, or delegate a cgroup to it (systemd: Delegate=yes)"))
+    missing = sorted(set(cgroups.V2_CONTROLLERS) - layout.controllers)
+    checks.append(("cgroup controllers", layout.version is not None and not missing,
+                   f"have {sorted(layout.controllers)}" + (f", missing {missing}" if missing else ""),
+                   "enable them in the parent's cgroup.subtree_control (v2) or mount them (v1)"))
+    try:
+        bpf = seccomp_filter.filter_bpf()
+        has_seccomp = "Seccomp:" in Path("/proc/self/status").read_text()
+        checks.append(("seccomp", has_seccomp, f"libseccomp filter built ({len(bpf)} bytes of BPF)",
+                       "use a kernel built with CONFIG_SECCOMP_FILTER"))
+    except Exception as e:  # libseccomp missing or broken: the check must report it, not crash doctor
+        checks.append(("seccomp", False, str(e), "install libseccomp2: apt-get install libseccomp2"))
+    fallback = not writable
+    checks.append(("limits fallback", not fallback,
+                   "cgroups enforce memory, pids and CPU" if not fallback else
+                   "RLIMITS ONLY: memory is capped as address space, processes per uid, CPU per process",
+                   "make a cgroup hierarchy writable (see 'cgroup writable')"))
+    return checks
