@@ -58,6 +58,8 @@ class RegistryError(ValueError):
 
 
 class _Strict(BaseModel):
+    # Scalars are strict (Field(strict=True)): TOML has real types, so admin = "yes" or
+    # cpu = "8" is a mistake to report, not to guess at.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -68,11 +70,11 @@ class Quota(_Strict):
     wants a quota writes it down (``tenant add --max-jobs ...``).
     """
 
-    concurrent_jobs: int | None = Field(None, ge=0)
-    queued_jobs: int | None = Field(None, ge=0)
-    cpu: float | None = Field(None, ge=0)
-    mem_mb: int | None = Field(None, ge=0)
-    gpu_slots: int | None = Field(None, ge=0)
+    concurrent_jobs: int | None = Field(None, ge=0, strict=True)
+    queued_jobs: int | None = Field(None, ge=0, strict=True)
+    cpu: float | None = Field(None, ge=0, strict=True)
+    mem_mb: int | None = Field(None, ge=0, strict=True)
+    gpu_slots: int | None = Field(None, ge=0, strict=True)
 
 
 class RateLimit(_Strict):
@@ -84,8 +86,8 @@ class RateLimit(_Strict):
     per-namespace submit limit by default.)
     """
 
-    per_second: float = Field(10.0, gt=0, le=1_000_000)
-    burst: int = Field(20, ge=1, le=1_000_000)
+    per_second: float = Field(10.0, gt=0, le=1_000_000, strict=True)
+    burst: int = Field(20, ge=1, le=1_000_000, strict=True)
 
 
 class Tenant(_Strict):
@@ -96,11 +98,11 @@ class Tenant(_Strict):
     capabilities: frozenset[Capability] = frozenset({"wasm"})
     #: 100 of the 0..1000 range: leaves the top of the range for tenants the operator
     #: marks as urgent, so ordinary tenants cannot jump every queue.
-    max_priority: int = Field(100, ge=0, le=1000)
+    max_priority: int = Field(100, ge=0, le=1000, strict=True)
     #: Label key -> allowed values, or "*" for any value. ``None``: any labels; labels only
     #: steer placement, so restricting them matters only where node pools are reserved.
     labels: Mapping[str, tuple[str, ...] | Literal["*"]] | None = None
-    admin: bool = False
+    admin: bool = Field(False, strict=True)
     quota: Quota = Quota()
     rate: RateLimit = RateLimit()
 
@@ -167,8 +169,10 @@ class TenantRegistry:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            # tomllib says "(at line N, column M)"; keep its words, add what to do.
-            raise RegistryError(f"tenants file {source}: {e}; fix the TOML syntax there") from None
+            # tomllib says "(at line N, column M)" or "(at end of document)"; keep its
+            # words, make sure a line is named, and add what to do.
+            where = "" if "line" in str(e) else f" (line {len(text.splitlines())}: something is left open)"
+            raise RegistryError(f"tenants file {source}: {e}{where}; fix the TOML syntax there") from None
         lines = _key_lines(text)
         try:
             top = _File.model_validate(data)
