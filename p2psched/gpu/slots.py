@@ -607,3 +607,19 @@ def best_fit_score(gpu_free: Mapping[str, int], count: int, gpu_type: str | None
     if free < count:
         return None
     return count / free
+
+
+def describe_slots(gpu_free: Mapping[str, int], gpu_total: Mapping[str, int],
+                   labels: Mapping[str, str] | None = None) -> str:
+    """One line for ``p2psched peers``: ``whole 1/2, share-1/4 3/4 (declared)``.
+
+    ``labels`` are the peer's node labels; GPUs from ``--gpus`` carry
+    ``gpu.declared=true`` there (see GpuInventory.labels), and the line says so.
+    """
+    if not gpu_total:
+        return "-"
+    order = sorted(gpu_total, key=lambda t: (t != WHOLE, -slot_fraction(t), t))
+    text = ", ".join(f"{t} {gpu_free.get(t, 0)}/{gpu_total[t]}" for t in order)
+    if labels is not None and labels.get("gpu.declared") == "true":
+        text += " (declared)"
+    return text

@@ -54,7 +54,7 @@ class _NotFound(Exception):
 
 
 def fake_nvml(proc: Path) -> Any:
-    gpus = [
+    gpus: list[dict[str, Any]] = [
         {"uuid": b"GPU-11111111-2222-3333-4444-555555555555", "name": b"NVIDIA H100 80GB HBM3", "mem": 80 << 30,
          "minor": 0, "mig": 1, "migs": {0: ("MIG-aaaaaaaa-0000-0000-0000-000000000001", "3g.40gb", 1, 0),
                                          2: ("MIG-aaaaaaaa-0000-0000-0000-000000000002", "1g.10gb", 9, 0)}},

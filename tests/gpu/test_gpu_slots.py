@@ -347,3 +347,14 @@ def test_mig_allocation_never_overlaps_and_free_counts_stay_exact(seq: list[tupl
     for g in a.grants():
         a.release(g.job_id)
     assert a.free_by_type() == a.total_by_type() == {k: 2 * v for k, v in capacity(H100, 0, 0).items()}
+
+
+def test_peers_line_shows_slots_and_marks_declared_ones() -> None:
+    from p2psched.gpu.slots import describe_slots
+
+    inv = load_inventory("1xH100-80GB, 1xL4-24GB/shared:4")
+    a = SlotAllocator(inv)
+    a.reserve("j", 1, "share-1/4")
+    line = describe_slots(a.free_by_type(), a.total_by_type(), inv.labels())
+    assert line == "whole 1/1, share-1/4 3/4 (declared)"
+    assert describe_slots({}, {}, {}) == "-"
