@@ -216,6 +216,8 @@ def prepare_parent(layout: CgroupLayout) -> list[Path]:
         parent = base / PARENT_NAME
         parent.mkdir(exist_ok=True)
         want = " ".join(f"+{c}" for c in V2_CONTROLLERS if c in layout.v2_controllers)
+        if not want:
+            return [parent]
         try:
             _write(base / "cgroup.subtree_control", want)
         except OSError as e:

@@ -45,15 +45,10 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 @dataclass(frozen=True, slots=True)
 class Bind:
-    """A read-only (or, for scratch, writable) bind. ``fd`` set: bind the open fd instead of a path.
-
-    Binding by fd lets an unprivileged bwrap mount a directory it could not
-    traverse to by path (the agent's data dir is mode 0700).
-    """
+    """A read-only (or, for scratch, writable; for a device node, device) bind of a host path."""
 
     dest: str
-    src: str | None = None
-    fd: int | None = None
+    src: str
     writable: bool = False
     device: bool = False
 
@@ -117,13 +112,8 @@ def bwrap_args(plan: BwrapPlan, layout: Sequence[tuple[str, str]]) -> list[str]:
         a += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     a += ["--proc", "/proc", "--dev", "/dev"]
     for b in plan.binds:
-        if b.fd is not None:
-            op = "--bind-fd" if b.writable else "--ro-bind-fd"
-            a += [op, str(b.fd), b.dest]
-        else:
-            assert b.src is not None
-            op = "--dev-bind" if b.device else ("--bind" if b.writable else "--ro-bind")
-            a += [op, b.src, b.dest]
+        op = "--dev-bind" if b.device else ("--bind" if b.writable else "--ro-bind")
+        a += [op, b.src, b.dest]
     a += ["--symlink", SCRATCH, "/tmp"]
     # Only scratch stays writable: the root and /dev (and so /dev/shm) are
     # tmpfs that bwrap made; freeze them once every mount is in place.

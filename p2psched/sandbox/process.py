@@ -91,6 +91,10 @@ class ProcessSandboxConfig:
     #: outputs belong in the data plane (transfer), not in a job record.
     artifact_max_bytes: int = 8 * 1024 * 1024
     artifacts_total_bytes: int = 32 * 1024 * 1024
+    #: Where a root agent mounts each job's scratch tmpfs and binds its program's
+    #: directory (mode 0711, so the sandbox uid can reach them by path, which bwrap
+    #: needs, without listing other jobs). A non-root agent uses ``work_dir``.
+    runtime_dir: Path = Path("/run/p2psched")
     #: The fewest open files bwrap needs while it sets the sandbox up (its own fds
     #: plus the job's three). A lower ``nofile`` limit is raised to this, with a warning.
     min_nofile: int = 16
@@ -125,7 +129,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+MS_NOSUID, MS_NODEV, MS_BIND, MNT_DETACH = 2, 4, 4096, 2
 SCRATCH_SOURCE = b"p2psched-scratch"
 
 
@@ -134,6 +138,12 @@ def _mount_tmpfs(path: Path, size: int, uid: int, gid: int) -> None:
     if _libc().mount(SCRATCH_SOURCE, str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(path))
+
+
+def _bind(src: str, dest: Path) -> None:
+    if _libc().mount(src.encode(), str(dest).encode(), None, MS_BIND, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src)
 
 
 def _umount(path: Path) -> None:
@@ -248,8 +258,13 @@ class _Job:
         self.limits = request.limits
         self.warnings = list(host.warnings)
         self.fds: list[int] = []
-        self.scratch = work_dir / "scratch"
+        self.name = _next_name(request.job_id)
+        root_mounts = host.can_mount and os.geteuid() == 0
+        self.rundir = cfg.runtime_dir / self.name if root_mounts else work_dir / "sandbox"
+        self.scratch = self.rundir / "scratch"
+        self.bindir = self.rundir / "bin"
         self.scratch_mounted = False
+        self.mounts: list[Path] = []
         self.cg: cgroups.JobCgroup | None = None
         self.popen: subprocess.Popen[bytes] | None = None
         self.monitor_pidfd: int | None = None
@@ -275,10 +290,16 @@ class _Job:
 
     def _prepare_scratch(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.scratch.mkdir(exist_ok=True)
+        if self.rundir.parent == self.cfg.runtime_dir:
+            self.cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.cfg.runtime_dir, 0o711)
+        self.rundir.mkdir(mode=0o711)
+        os.chmod(self.rundir, 0o711)
+        self.scratch.mkdir()
         uid, gid = (self.cfg.uid, self.cfg.gid) if self.userns and os.geteuid() == 0 else (os.geteuid(), os.getegid())
         if self.host.can_mount:
             _mount_tmpfs(self.scratch, self.limits.scratch_mb * 1024 * 1024, uid, gid)
+            self.mounts.append(self.scratch)
             self.scratch_mounted = True
         elif os.geteuid() == 0:
             os.chown(self.scratch, uid, gid)
@@ -286,7 +307,7 @@ class _Job:
     def _prepare_cgroup(self) -> None:
         if not self.host.cgroups_ok:
             return
-        cg = cgroups.JobCgroup(self.host.layout, _next_name(self.req.job_id))
+        cg = cgroups.JobCgroup(self.host.layout, self.name)
         devices = None
         if self.host.layout.version == 1:
             devices = []
@@ -321,23 +342,19 @@ class _Job:
     def _plan(self, command: list[str], seccomp_fd: int, info_w: int, block_r: int) -> tuple[list[str], list[str], list[int]]:
         binds: list[namespaces.Bind] = []
         pass_fds: list[int] = [seccomp_fd, info_w, block_r]
-        if self.userns:
-            # an unprivileged bwrap may not be able to walk to the agent's 0700 dirs:
-            # hand it open directory fds instead of paths
-            sfd = self._fd(os.open(self.scratch, os.O_PATH | os.O_DIRECTORY))
-            binds.append(namespaces.Bind(namespaces.SCRATCH, fd=sfd, writable=True))
-            pass_fds.append(sfd)
-        else:
-            binds.append(namespaces.Bind(namespaces.SCRATCH, src=str(self.scratch), writable=True))
+        binds.append(namespaces.Bind(namespaces.SCRATCH, src=str(self.scratch), writable=True))
         exe = command[0]
         if not namespaces.in_system_dirs(exe):
-            d = os.path.dirname(exe)
-            if self.userns:
-                dfd = self._fd(os.open(d, os.O_PATH | os.O_DIRECTORY))
-                binds.append(namespaces.Bind(namespaces.JOB_BIN, fd=dfd))
-                pass_fds.append(dfd)
-            else:
-                binds.append(namespaces.Bind(namespaces.JOB_BIN, src=d))
+            d = os.path.dirname(os.path.abspath(exe))
+            if self.scratch_mounted:
+                # bwrap, running as the sandbox uid, resolves sources by path and may
+                # not traverse the agent's 0700 directories; the agent (root) binds
+                # the program's directory under the 0711 runtime dir first
+                self.bindir.mkdir()
+                _bind(d, self.bindir)
+                self.mounts.append(self.bindir)
+                d = str(self.bindir)
+            binds.append(namespaces.Bind(namespaces.JOB_BIN, src=d))
             command = [f"{namespaces.JOB_BIN}/{os.path.basename(exe)}"] + command[1:]
         for dev in self.req.gpu_devices:
             binds.append(namespaces.Bind(dev, src=dev, writable=True, device=True))
@@ -447,7 +464,10 @@ class _Job:
             await stream.aclose()
         pid = int(info["child-pid"])
         self.init_pid = pid
-        self.init_pidfd = os.pidfd_open(pid)
+        try:
+            self.init_pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False  # bwrap failed while building the sandbox; its stderr says why
         if self.cg is not None:
             self.cg.add(pid)
         return True
@@ -659,11 +679,11 @@ class _Job:
                         os.close(fd)
             for fd in list(self.fds):
                 self._close(fd)
-            if self.scratch_mounted:
-                _umount(self.scratch)
-                self.scratch_mounted = False
+            for m in reversed(self.mounts):
+                _umount(m)
+            self.mounts.clear()
             with contextlib.suppress(OSError):
-                _rmtree(self.scratch)
+                _rmtree(self.rundir)
 
 
 def _rmtree(path: Path) -> None:
@@ -754,13 +774,16 @@ def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
     n = 0
     if cfg.cgroups == "auto":
         n += cgroups.reap_stale(cgroups.detect())
+    prefix = str(cfg.runtime_dir) + "/"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            rf = right.split()
-            if len(rf) >= 2 and rf[0] == "tmpfs" and rf[1] == SCRATCH_SOURCE.decode():
-                _umount(Path(left.split()[4]))
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            mountpoint = line.split()[4]
+            if mountpoint.startswith(prefix):
+                _umount(Path(mountpoint))
                 n += 1
+        for d in cfg.runtime_dir.iterdir():
+            if d.name.startswith("job-"):
+                _rmtree(d)
     return n
 
 

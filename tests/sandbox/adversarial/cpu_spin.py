@@ -1,0 +1,3 @@
+# 7. A CPU spin.
+while True:
+    pass
