@@ -100,6 +100,8 @@ class Agent:
             await self._shutdown()
             nursery.cancel_scope.cancel()
         self.store.close()
+        if self._wasm is not None:
+            self._wasm.close()
         self.stopped.set()
 
     def request_stop(self) -> None:
@@ -139,6 +141,7 @@ class Agent:
             self.queue.push(rec)
         if n:
             log.info("recovered %d unfinished jobs from %s", n, self.store.path)
+            self._wake.set()
         self.metrics.queue_length.set(len(self.queue))
 
     _seq = 0
@@ -161,7 +164,15 @@ class Agent:
             self.active.pop(rec.id, None)
             ev = self._waiters.pop(rec.id, None)
             if ev is not None:
-                ev.set()
+                # Waiters learn of the ending only once it is durable.
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._notify_when_durable, ev)
+                else:
+                    ev.set()
+
+    async def _notify_when_durable(self, ev: trio.Event) -> None:
+        await self.store.sync()
+        ev.set()
 
     # ---------------------------------------------------------------- submission
 
@@ -402,9 +413,10 @@ class Agent:
             if self._wasm is None:
                 from p2psched.sandbox.wasm import WasmEngine
 
-                self._wasm = WasmEngine(cache_dir=self.data_dir / "compiled")
-            wasm = self._wasm
-            return await trio.to_thread.run_sync(wasm.run, req, limiter=self._thread_limiter)
+                self._wasm = WasmEngine(self.data_dir / "compiled")
+            from p2psched.sandbox.wasm import run_wasm
+
+            return await trio.to_thread.run_sync(run_wasm, req, self._wasm, limiter=self._thread_limiter)
         from p2psched.sandbox.process import run_process
 
         work = self.data_dir / "work" / req.job_id.replace(":", "_")

@@ -100,6 +100,7 @@ class Store:
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._pending: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
         self._record_json_cache: dict[str, str] = {}
+        self._inflight: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
         self._staged_gen = 0
         self._committed_gen = 0
         self._flushing = False
@@ -137,7 +138,7 @@ class Store:
             return (self.outputs_dir / file).read_bytes()
         if blob is not None:
             return bytes(blob)
-        pending = self._pending.get(job_id)
+        pending = self._pending.get(job_id) or self._inflight.get(job_id)
         return pending[7] if pending else None
 
     # -- staging and group commit -------------------------------------------
@@ -173,6 +174,7 @@ class Store:
             batch, self._pending = self._pending, {}
             records, self._record_json_cache = self._record_json_cache, {}
             gen = self._staged_gen
+            self._inflight = batch
             try:
                 await trio.to_thread.run_sync(self._write, batch, records)
             except BaseException:
@@ -183,6 +185,7 @@ class Store:
                     self._record_json_cache.setdefault(k, r)
                 raise
             finally:
+                self._inflight = {}
                 self._flushing = False
                 done, self._flushed = self._flushed, trio.Event()
                 done.set()

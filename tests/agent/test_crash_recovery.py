@@ -1,0 +1,77 @@
+"""kill -9 an agent with jobs queued and running; after a restart every job ends."""
+
+import signal
+import time
+
+import pytest
+
+from agents import new_agent, wasm_spec
+
+pytestmark = pytest.mark.cluster
+
+
+def test_kill_9_then_restart_finishes_every_job(tmp_path):
+    agent = new_agent(tmp_path, "crashy", "--cpus", "1").start()
+    with agent.client() as http:
+        slow = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
+        queued = [http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"] for _ in range(5)]
+        deadline = time.monotonic() + 10
+        while http.get(f"/v1/jobs/{slow}").json()["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert all(http.get(f"/v1/jobs/{j}").json()["state"] == "queued" for j in queued)
+    agent.kill(signal.SIGKILL)
+
+    agent.start()
+    with agent.client() as http:
+        final = {j: http.get(f"/v1/jobs/{j}", params={"wait": 30}).json() for j in [slow, *queued]}
+    assert final[slow]["state"] == "timed_out"
+    assert final[slow]["attempts"] == 2
+    assert any("restarted" in t["detail"] for t in final[slow]["timeline"])
+    for j in queued:
+        assert final[j]["state"] == "succeeded", final[j]
+        assert final[j]["result"]["stdout"] == "hello from p2psched\n"
+    assert agent.stop() == 0
+
+
+def test_finished_results_are_served_after_kill_9(tmp_path):
+    agent = new_agent(tmp_path, "keeper").start()
+    with agent.client() as http:
+        job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
+        assert http.get(f"/v1/jobs/{job}", params={"wait": 10}).json()["state"] == "succeeded"
+    agent.kill(signal.SIGKILL)
+    agent.start()
+    with agent.client() as http:
+        assert http.get(f"/v1/jobs/{job}").json()["state"] == "succeeded"
+        assert http.get(f"/v1/jobs/{job}/result").content == b"hello from p2psched\n"
+    agent.stop()
+
+
+def test_sigterm_lets_running_jobs_finish_and_exits_0(tmp_path):
+    agent = new_agent(tmp_path, "graceful", "--grace-s", "20").start()
+    with agent.client() as http:
+        job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 800})).json()["id"]
+        while http.get(f"/v1/jobs/{job}").json()["state"] != "running":
+            time.sleep(0.02)
+    assert agent.stop() == 0
+    assert "stopped; state flushed" in agent.log()
+    agent.start()
+    with agent.client() as http:
+        rec = http.get(f"/v1/jobs/{job}").json()
+    assert rec["state"] == "timed_out" and rec["attempts"] == 1
+    agent.stop()
+
+
+def test_grace_expiry_requeues_the_interrupted_job_and_says_why(tmp_path):
+    agent = new_agent(tmp_path, "impatient", "--grace-s", "0.2").start()
+    with agent.client() as http:
+        job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 2000})).json()["id"]
+        while http.get(f"/v1/jobs/{job}").json()["state"] != "running":
+            time.sleep(0.02)
+    assert agent.stop() == 0
+    agent.start()
+    with agent.client() as http:
+        rec = http.get(f"/v1/jobs/{job}", params={"wait": 30}).json()
+    assert rec["state"] == "timed_out" and rec["attempts"] == 2
+    assert any("agent stopping" in t["detail"] for t in rec["timeline"])
+    agent.stop()

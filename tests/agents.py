@@ -1,0 +1,141 @@
+"""Test helpers that start real agents: in-process on trio, or as subprocesses.
+
+Every cluster test reads as a scenario on top of these; nothing here fakes an agent.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM = ROOT / "examples" / "wasm"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free for both TCP and UDP (the gossip port uses both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+
+
+def wasm_spec(name: str, **extra: Any) -> dict[str, Any]:
+    spec = {"runtime": "wasm", "module": base64.b64encode((WASM / name).read_bytes()).decode()}
+    spec.update(extra)
+    return spec
+
+
+@asynccontextmanager
+async def running_agent(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """An agent inside this trio run, with a real HTTP server on a free port."""
+    from p2psched.agent.agent import Agent
+    from p2psched.config import load_settings
+
+    port = free_port()
+    settings = load_settings(
+        node_id=overrides.pop("node_id", "t1"), api=f"127.0.0.1:{port}", gossip=f"127.0.0.1:{free_port()}",
+        transfer=f"127.0.0.1:{free_port()}", data_dir=tmp_path / "agent", insecure=True, no_mdns=True,
+        **overrides,
+    )
+    agent = Agent(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield agent, client
+        agent.request_stop()
+        await agent.stopped.wait()
+
+
+@dataclass
+class AgentProcess:
+    node_id: str
+    data_dir: Path
+    api_port: int
+    gossip_port: int
+    transfer_port: int
+    extra: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def gossip(self) -> str:
+        return f"127.0.0.1:{self.gossip_port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "p2psched", "agent", "--node-id", self.node_id,
+                "--api", f"127.0.0.1:{self.api_port}", "--gossip", self.gossip,
+                "--transfer", f"127.0.0.1:{self.transfer_port}", "--data-dir", str(self.data_dir), *self.extra]
+
+    def start(self, wait: bool = True) -> AgentProcess:
+        self.log_path = self.data_dir.parent / f"{self.node_id}.log"
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent {self.node_id} exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"agent {self.node_id} not healthy in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig) if sig == signal.SIGKILL else self.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                self.proc.wait(60)
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else 0
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+
+def new_agent(tmp_path: Path, node_id: str, *extra: str) -> AgentProcess:
+    return AgentProcess(node_id, tmp_path / "agents" / node_id, free_port(), free_port(), free_port(),
+                        ["--insecure", "--no-mdns", *extra])

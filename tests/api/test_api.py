@@ -1,0 +1,181 @@
+"""The HTTP API against a real agent and real hypercorn, on a free port."""
+
+import base64
+
+import trio
+
+from agents import running_agent, wasm_spec
+
+
+async def test_submit_wait_and_fetch_result(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert r.status_code == 202
+        job = r.json()
+        assert job["state"] == "queued" and job["origin"] == "t1" and job["id"].startswith("t1:")
+        r = await http.get(f"/v1/jobs/{job['id']}", params={"wait": 10})
+        done = r.json()
+        assert done["state"] == "succeeded"
+        assert done["executor"] == "t1" and done["attempts"] == 1
+        assert [t["state"] for t in done["timeline"]] == ["submitted", "queued", "placed", "running", "succeeded"]
+        assert done["result"]["stdout"] == "hello from p2psched\n"
+        out = await http.get(f"/v1/jobs/{job['id']}/result")
+        assert out.content == b"hello from p2psched\n"
+        assert out.headers["x-job-state"] == "succeeded"
+
+
+async def test_same_id_twice_runs_once(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        first = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", id="once"))
+        second = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", id="once"))
+        assert first.status_code == 202 and second.status_code == 200
+        assert second.json()["id"] == "once"
+        done = (await http.get("/v1/jobs/once", params={"wait": 10})).json()
+        assert done["attempts"] == 1
+        assert agent.metrics.jobs_total.labels("running", "wasm")._value.get() == 1
+
+
+async def test_invalid_spec_names_each_field(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", json={"runtime": "wasm", "module": "AGFzbQEAAAA=",
+                                              "limits": {"wall_ms": -1, "mem_bytes": 10**20}, "colour": "red"})
+        assert r.status_code == 400
+        fields = {f["field"] for f in r.json()["error"]["fields"]}
+        assert fields == {"limits.wall_ms", "limits.mem_bytes", "colour"}
+        assert r.json()["error"]["reason"] == "invalid_spec"
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_malformed_json_and_wrong_body_shape(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", content=b'{"runtime": ', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "malformed_json"
+        r = await http.post("/v1/jobs", json=[1, 2])
+        assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+
+
+async def test_module_that_is_not_wasm_is_refused(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", json={"runtime": "wasm", "module": base64.b64encode(b"#!/bin/sh\n").decode()})
+        assert r.status_code == 400
+        assert r.json()["error"]["reason"] == "invalid_module"
+        assert "not valid WebAssembly" in r.json()["error"]["message"]
+
+
+async def test_oversized_body_gets_413(tmp_path):
+    async with running_agent(tmp_path, max_request_bytes=4096) as (agent, http):
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", input=base64.b64encode(b"x" * 8192).decode()))
+        assert r.status_code == 413
+        assert "4096" in r.json()["error"]["message"]
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_module_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    import p2psched.jobs.spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "MAX_MODULE_BYTES", 16)
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert r.status_code == 400
+        assert r.json()["error"]["fields"][0]["field"] == "module"
+        assert "limit is 16" in r.json()["error"]["fields"][0]["message"]
+
+
+async def test_unknown_job_and_cancel_of_finished_job(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.get("/v1/jobs/nope")
+        assert r.status_code == 404 and "no job 'nope'" in r.json()["error"]["message"]
+        r = await http.get("/v1/jobs/other-node:abc")
+        assert "submitted to other-node" in r.json()["error"]["message"]
+        job = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()
+        await http.get(f"/v1/jobs/{job['id']}", params={"wait": 10})
+        r = await http.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 409 and "already ended (succeeded)" in r.json()["error"]["message"]
+
+
+async def test_cancel_stops_a_running_job(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        job = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(job["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        r = await http.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 200
+        assert r.json()["state"] == "cancelled" and r.json()["result"]["reason"] == "cancelled"
+
+
+async def test_queue_full_gets_429_with_retry_after(tmp_path):
+    async with running_agent(tmp_path, queue_limit=2, cpus=1) as (agent, http):
+        running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(running["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        for _ in range(2):
+            assert (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).status_code == 202
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["reason"] == "queue_full"
+        metrics = (await http.get("/metrics")).text
+        assert 'p2psched_admission_rejections_total{reason="queue_full"} 1.0' in metrics
+        assert "p2psched_queue_length 2.0" in metrics
+        await http.delete(f"/v1/jobs/{running['id']}")
+
+
+async def test_batch_returns_one_result_per_spec(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        specs = [wasm_spec("hello.wasm"), {"runtime": "wasm"}, wasm_spec("exit3.wasm")]
+        r = await http.post("/v1/jobs:batch", json={"jobs": specs})
+        assert r.status_code == 207
+        results = r.json()["results"]
+        assert results[0]["status"] == 202 and results[2]["status"] == 202
+        assert results[1]["error"]["reason"] == "invalid_spec"
+        assert results[1]["error"]["fields"][0]["field"].startswith("jobs.1")
+        ids = [results[0]["job"]["id"], results[2]["job"]["id"]]
+        states = [(await http.get(f"/v1/jobs/{i}", params={"wait": 10})).json()["state"] for i in ids]
+        assert states == ["succeeded", "failed"]
+
+
+async def test_list_filters_and_pages(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm") for _ in range(5)]
+                                                    + [wasm_spec("exit3.wasm")]})
+        for item in r.json()["results"]:
+            await http.get(f"/v1/jobs/{item['job']['id']}", params={"wait": 10})
+        page1 = (await http.get("/v1/jobs", params={"limit": 4})).json()
+        assert len(page1["jobs"]) == 4 and page1["next_cursor"] is not None
+        page2 = (await http.get("/v1/jobs", params={"limit": 4, "cursor": page1["next_cursor"]})).json()
+        assert len(page2["jobs"]) == 2
+        failed = (await http.get("/v1/jobs", params={"state": "failed"})).json()["jobs"]
+        assert len(failed) == 1 and failed[0]["result"]["reason"] == "exit 3"
+        bad = await http.get("/v1/jobs", params={"state": "sleepy"})
+        assert bad.status_code == 400 and "not a job state" in bad.json()["error"]["message"]
+
+
+async def test_priority_and_fair_share_order_of_dispatch(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        blocker = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(blocker["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        order = [("a", 0), ("a", 0), ("b", 0), ("c", 9)]
+        ids = []
+        for tenant, prio in order:
+            ids.append((await http.post("/v1/jobs", json=wasm_spec("hello.wasm", tenant=tenant, priority=prio))).json()["id"])
+        await http.delete(f"/v1/jobs/{blocker['id']}")
+        for i in ids:
+            await http.get(f"/v1/jobs/{i}", params={"wait": 10})
+        started = sorted(ids, key=lambda i: next(t["at"] for t in agent.get(i).timeline if t["state"] == "running"))
+        assert started == [ids[3], ids[0], ids[2], ids[1]]
+
+
+async def test_openapi_and_metrics_describe_the_agent(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        doc = (await http.get("/openapi.json")).json()
+        assert "/v1/jobs:batch" in doc["paths"] and "JobSpec" in doc["components"]["schemas"]
+        await http.get(f"/v1/jobs/{(await http.post('/v1/jobs', json=wasm_spec('hello.wasm'))).json()['id']}",
+                       params={"wait": 10})
+        text = (await http.get("/metrics")).text
+        for name in ("p2psched_queue_length", 'p2psched_jobs_total{runtime="wasm",state="succeeded"} 1.0',
+                     "p2psched_job_run_seconds_bucket", "p2psched_job_queue_seconds_bucket",
+                     'p2psched_slots_in_use{kind="cpu"}'):
+            assert name in text
+        r = await http.get("/v2/nothing")
+        assert r.status_code == 404 and "openapi.json" in r.json()["error"]["message"]

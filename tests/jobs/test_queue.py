@@ -1,0 +1,70 @@
+from hypothesis import given, strategies as st
+
+from p2psched.jobs.queue import DispatchQueue
+from p2psched.jobs.record import JobRecord
+from p2psched.jobs.spec import JobSpec
+
+_seq = iter(range(1, 10**9))
+
+
+def job(tenant: str, priority: int = 0) -> JobRecord:
+    n = next(_seq)
+    return JobRecord(id=f"{tenant}-{n}", seq=n, origin="n1",
+                     spec=JobSpec(runtime="process", command=["x"], tenant=tenant, priority=priority))
+
+
+def drain(q: DispatchQueue) -> list[str]:
+    out = []
+    while (r := q.pop()) is not None:
+        out.append(r.id)
+    return out
+
+
+def test_fair_share_round_robins_tenants_at_equal_priority():
+    q = DispatchQueue("fair")
+    a = [job("a") for _ in range(3)]
+    b = [job("b") for _ in range(2)]
+    for r in a + b:
+        q.push(r)
+    assert drain(q) == [a[0].id, b[0].id, a[1].id, b[1].id, a[2].id]
+
+
+def test_priority_beats_fairness_and_arrival():
+    q = DispatchQueue("fair")
+    low = job("a", 0)
+    high = job("b", 5)
+    q.push(low)
+    q.push(high)
+    assert drain(q) == [high.id, low.id]
+
+
+def test_fifo_policy_is_arrival_order_within_priority():
+    q = DispatchQueue("fifo")
+    jobs = [job("a"), job("a"), job("b"), job("a")]
+    for r in jobs:
+        q.push(r)
+    assert drain(q) == [r.id for r in jobs]
+
+
+def test_removed_job_is_skipped_and_can_be_pushed_again_once():
+    q = DispatchQueue("fair")
+    r1, r2 = job("a"), job("a")
+    q.push(r1)
+    q.push(r2)
+    assert q.remove(r1.id)
+    assert len(q) == 1
+    q.push(r1)
+    assert sorted(drain(q)) == sorted([r1.id, r2.id])
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 3)), max_size=60),
+       st.sampled_from(["fair", "fifo"]))
+def test_every_pushed_job_pops_exactly_once_in_priority_order(items, policy):
+    q = DispatchQueue(policy)
+    jobs = [job(t, p) for t, p in items]
+    for r in jobs:
+        q.push(r)
+    popped = drain(q)
+    assert sorted(popped) == sorted(r.id for r in jobs)
+    prios = {r.id: r.spec.priority for r in jobs}
+    assert [prios[i] for i in popped] == sorted((prios[i] for i in popped), reverse=True)

@@ -1,0 +1,74 @@
+import sqlite3
+
+import trio
+
+from p2psched.jobs.record import JobRecord, JobResult
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import JobState
+from p2psched.jobs.store import INLINE_OUTPUT_BYTES, Store
+
+
+def rec(i: int) -> JobRecord:
+    r = JobRecord(id=f"n1:{i}", seq=i, origin="n1", created_at=1.0,
+                  spec=JobSpec(runtime="process", command=["/bin/echo", str(i)], input=b"\x00\xffin"))
+    r.advance(JobState.QUEUED, 1.0, "n1")
+    return r
+
+
+async def test_synced_records_survive_reopening(tmp_path):
+    store = Store(tmp_path)
+    records = [rec(i) for i in range(1, 6)]
+    for r in records:
+        store.stage(r, new=True)
+    records[0].advance(JobState.PLACED, 2.0, "n1")
+    records[0].advance(JobState.RUNNING, 3.0, "n1")
+    store.stage(records[0])
+    await store.sync()
+    store.close()
+
+    again = Store(tmp_path)
+    back = {r.id: r for r in again.unfinished()}
+    assert set(back) == {r.id for r in records}
+    assert back["n1:1"].state is JobState.RUNNING
+    assert [t["state"] for t in back["n1:1"].timeline] == ["queued", "placed", "running"]
+    assert back["n1:2"].spec.input == b"\x00\xffin"
+    assert again.last_seq == 5
+
+
+async def test_concurrent_syncs_share_flushes_and_all_land(tmp_path):
+    store = Store(tmp_path)
+    async with trio.open_nursery() as n:
+        for i in range(1, 201):
+            def one(i=i):
+                store.stage(rec(i), new=True)
+                return store.sync()
+            n.start_soon(one)
+    rows = sqlite3.connect(tmp_path / "jobs.db").execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    assert rows == 200
+
+
+async def test_large_outputs_go_to_files_and_small_ones_inline(tmp_path):
+    store = Store(tmp_path)
+    small, big = rec(1), rec(2)
+    for r, out in ((small, b"hi"), (big, b"x" * (INLINE_OUTPUT_BYTES + 1))):
+        store.stage(r, new=True)
+        for s in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
+            r.advance(s, 2.0, "n1")
+        r.result = JobResult(exit_code=0, reason="exit 0")
+        store.stage(r, output=out)
+    await store.sync()
+    assert store.output(small.id) == b"hi"
+    assert store.output(big.id) == b"x" * (INLINE_OUTPUT_BYTES + 1)
+    assert (tmp_path / "outputs" / f"{big.id}.out").exists()
+    assert not (tmp_path / "outputs" / f"{small.id}.out").exists()
+    store.close()
+    again = Store(tmp_path)
+    got = again.get(big.id)
+    assert got is not None and got.state is JobState.SUCCEEDED and got.result.exit_code == 0
+    assert list(again.unfinished()) == []
+
+
+async def test_wal_mode_is_on(tmp_path):
+    Store(tmp_path)
+    mode = sqlite3.connect(tmp_path / "jobs.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
