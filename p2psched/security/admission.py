@@ -251,14 +251,14 @@ def check_capabilities(tenant: Tenant, spec: JobSpec) -> None:
 def check_quota(tenant: Tenant, spec: JobSpec, usage: TenantUsage) -> None:
     """Raise AdmissionError unless ``usage`` plus this job stays within the tenant's quota."""
     q, r, name = tenant.quota, spec.resources, tenant.name
-    sizes = (("cpu", q.cpu, r.cpu, usage.cpu, "quota_cpu", "cpu"),
-             ("memory", q.mem_mb, r.mem_mb, usage.mem_mb, "quota_memory", "MiB"),
-             ("GPU slots", q.gpu_slots, r.gpu, usage.gpu_slots, "quota_gpu", "slots"))
-    for what, limit, asked, _, _, unit in sizes:
+    sizes = (("CPU slots", q.cpu, r.cpu, usage.cpu, "quota_cpu"),
+             ("MiB of memory", q.mem_mb, r.mem_mb, usage.mem_mb, "quota_memory"),
+             ("GPU slots", q.gpu_slots, r.gpu, usage.gpu_slots, "quota_gpu"))
+    for noun, limit, asked, _, _ in sizes:
         if limit is not None and asked > limit:
             raise AdmissionError(
-                "exceeds_quota", f"this job asks for {asked:g} {unit} of {what}, more than tenant {name!r}'s whole "
-                f"quota of {limit:g}; it could never run: ask for less, or have an operator raise the quota",
+                "exceeds_quota", f"this job asks for {asked:g} {noun}, more than tenant {name!r}'s whole quota of "
+                f"{limit:g}; it could never run: ask for less, or have an operator raise the quota",
             )
     if q.concurrent_jobs is not None and usage.jobs + 1 > q.concurrent_jobs:
         raise AdmissionError(
@@ -270,9 +270,9 @@ def check_quota(tenant: Tenant, spec: JobSpec, usage: TenantUsage) -> None:
             "quota_queued", f"tenant {name!r} has {usage.queued} jobs waiting in the cluster, its quota is "
             f"{q.queued_jobs}; submit again when some have started",
         )
-    for what, limit, asked, used, reason, unit in sizes:
+    for noun, limit, asked, used, reason in sizes:
         if limit is not None and used + asked > limit:
             raise AdmissionError(
-                reason, f"tenant {name!r} uses {used:g} of its {limit:g} {unit} {what} quota and this job asks "
-                f"for {asked:g}; submit again when jobs finish",
+                reason, f"tenant {name!r} holds {used:g} of its quota of {limit:g} {noun} and this job asks "
+                f"for {asked:g} more; submit again when jobs finish",
             )

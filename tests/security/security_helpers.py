@@ -30,12 +30,12 @@ class TenantKeys:
 
 
 def tenants_toml(keys: TenantKeys, extra: dict[str, str] | None = None) -> str:
-    """A registry with alice (wasm+process, quotas), bob (wasm only), root (admin, all)."""
+    """A registry with alice (wasm+process+gpu, quotas), bob (wasm only), root (admin, all)."""
     extra = extra or {}
     return f"""# tenants for tests
 [tenants.alice]
 keys = ["{keys.pub('alice')}"]
-capabilities = ["wasm", "process"]
+capabilities = ["wasm", "process", "gpu"]
 max_priority = 50
 labels = {{ team = ["ml", "vision"], zone = "*" }}
 {extra.get('alice', '')}

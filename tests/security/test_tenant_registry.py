@@ -24,7 +24,7 @@ def test_full_file_loads_with_every_field() -> None:
     alice = reg.get("alice")
     assert alice is not None
     assert alice.keys == (keys.pub("alice"),)
-    assert alice.capabilities == {"wasm", "process"}
+    assert alice.capabilities == {"wasm", "process", "gpu"}
     assert alice.max_priority == 50
     assert alice.label_allowed("team", "ml") and not alice.label_allowed("team", "web")
     assert alice.label_allowed("zone", "anything") and not alice.label_allowed("owner", "x")
@@ -58,7 +58,7 @@ def test_pem_public_key_is_accepted_and_stored_as_hex() -> None:
 @pytest.mark.parametrize(
     ("mutate", "needle", "words"),
     [
-        (lambda t: t.replace('capabilities = ["wasm", "process"]', 'capabilities = ["wasm", "fly"]'),
+        (lambda t: t.replace('capabilities = ["wasm", "process", "gpu"]', 'capabilities = ["wasm", "fly"]'),
          'capabilities = ["wasm", "fly"]', ["capabilities", "wasm, process, gpu, network"]),
         (lambda t: t.replace("cpu = 8.0", "cpus = 8.0"), "cpus = 8.0", ["unknown field 'cpus'", "concurrent_jobs"]),
         (lambda t: t.replace("cpu = 8.0", "cpu = -1"), "cpu = -1", ["quota.cpu", "greater than or equal to 0"]),
