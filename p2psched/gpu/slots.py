@@ -23,6 +23,7 @@ is always ``count`` slots of one type, so the per-type count answers it exactly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -323,12 +324,12 @@ def _pool_for(gpu: GpuInfo) -> _Pool:
         return _DynamicMigPool(gpu, geom)
     layout = check_layout(geom, prof.layout)
     slots = [_FixedSlot(f"MIG-declared-{gpu.index}-{start}-{name}", name,
-                        gpu.memory_bytes * _size(geom, name) // geom.memory_slices, ())
+                        gpu.memory_bytes * _slices(geom, name) // geom.memory_slices, ())
              for name, start in layout]
     return _FixedMigPool(gpu, slots)
 
 
-def _size(geom: MigGeometry, name: str) -> int:
+def _slices(geom: MigGeometry, name: str) -> int:
     p = geom.profile(name)
     assert p is not None
     return p.size
@@ -472,6 +473,8 @@ class SlotAllocator:
         problems: list[str] = []
         for raw in grants:
             g = raw if isinstance(raw, Grant) else Grant.from_wire(raw)
+            if not g.slots:  # a job that held no GPU has nothing to take back
+                continue
             if g.job_id in self._grants:
                 if self._grants[g.job_id].slots == g.slots:
                     continue
@@ -572,14 +575,23 @@ def _sum(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
     return out
 
 
+def _size(slot_type: str) -> tuple[float, int]:
+    """Bigger first: compute share, then memory (1g.20gb before 1g.10gb)."""
+    m = _MEM_RE.search(slot_type)
+    return (slot_fraction(slot_type), int(m.group(1)) if m else 0)
+
+
+_MEM_RE = re.compile(r"\.(\d+)gb$")
+
+
 def _largest(types: Mapping[str, int]) -> str:
-    return max(types, key=lambda t: (slot_fraction(t), t))
+    return max(types, key=lambda t: (_size(t), t))
 
 
 def pick_type(slots: Mapping[str, int], count: int) -> str | None:
     """The type an untyped request takes: ``whole`` first, then the largest slice
     with ``count`` free. None if no type has ``count``."""
-    for t in sorted(slots, key=lambda t: (t != WHOLE, -slot_fraction(t), t)):
+    for t in sorted(slots, key=lambda t: (t != WHOLE, tuple(-x for x in _size(t)), t)):
         if slots[t] >= count:
             return t
     return None
@@ -618,7 +630,7 @@ def describe_slots(gpu_free: Mapping[str, int], gpu_total: Mapping[str, int],
     """
     if not gpu_total:
         return "-"
-    order = sorted(gpu_total, key=lambda t: (t != WHOLE, -slot_fraction(t), t))
+    order = sorted(gpu_total, key=lambda t: (t != WHOLE, tuple(-x for x in _size(t)), t))
     text = ", ".join(f"{t} {gpu_free.get(t, 0)}/{gpu_total[t]}" for t in order)
     if labels is not None and labels.get("gpu.declared") == "true":
         text += " (declared)"

@@ -358,3 +358,14 @@ def test_peers_line_shows_slots_and_marks_declared_ones() -> None:
     line = describe_slots(a.free_by_type(), a.total_by_type(), inv.labels())
     assert line == "whole 1/1, share-1/4 3/4 (declared)"
     assert describe_slots({}, {}, {}) == "-"
+
+
+def test_untyped_request_prefers_more_memory_among_equal_compute() -> None:
+    c = alloc("1xH100-80GB/mig:1g.20gb+1g.10gb+1g.10gb")
+    assert c.reserve("u", 1, None).slot_type == "1g.20gb"
+
+
+def test_restore_skips_grants_without_slots() -> None:
+    a = alloc("1xH100-80GB")
+    assert a.restore([a.reserve("cpu", 0).to_wire()]) == []
+    assert a.in_use_by_job() == {}
