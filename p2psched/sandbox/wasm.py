@@ -58,7 +58,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import wasmtime
@@ -441,27 +441,6 @@ def _kind(ty: wasmtime.ValType) -> str:
 # One run
 
 
-@dataclass(slots=True)
-class _Capture:
-    """A guest's output stream, kept up to ``cap`` bytes."""
-
-    cap: int
-    data: bytearray = field(default_factory=bytearray)
-    truncated: bool = False
-
-    def write(self, chunk: bytes) -> int:
-        room = self.cap - len(self.data)
-        if len(chunk) > room:
-            self.truncated = True
-            if room > 0:
-                self.data += chunk[:room]
-        else:
-            self.data += chunk
-        # Claim all of it was written: a guest that retries short writes would
-        # otherwise spin on a full buffer instead of running into its limits.
-        return len(chunk)
-
-
 def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
     """Run one wasm job to the end and say how it ended. Blocking; see the module docstring."""
     limits = request.limits
@@ -516,8 +495,8 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
 
     slot = engine._slot(stack)
     fuel = limits.fuel or (limits.cpu_ms * FUEL_PER_CPU_MS if limits.cpu_ms else UNLIMITED_FUEL)
-    stdout = _Capture(limits.stdout_bytes)
-    stderr = _Capture(limits.stderr_bytes)
+    stdout = wasm_ffi.OutputSink(limits.stdout_bytes)
+    stderr = wasm_ffi.OutputSink(limits.stderr_bytes)
     handle = next(engine._handles)
     store = wasm_ffi.RawStore(slot.engine)
     instance = None
@@ -533,14 +512,13 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
                 wasi.env = list(request.env.items())
             if request.stdin:
                 wasm_ffi.set_stdin_bytes(wasi, request.stdin)
-            wasi.stdout_custom = stdout.write
-            wasi.stderr_custom = stderr.write
+            wasm_ffi.set_outputs(wasi, handle, stdout, stderr)
             store.set_wasi(wasi)
         try:
             instance = store.instantiate(prepared.pre)
             func = store.export_func(instance, entry.name)
             if entry.params or entry.results:
-                stdout.write(_format_results(store.call(func, params), entry.results).encode())
+                stdout.data += _format_results(store.call(func, params), entry.results).encode()
             else:
                 store.call_nullary(func)
             exit_code, reason = 0, "exit 0"
@@ -566,8 +544,9 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
                 reason = f"trap: {_trap_message(message)}"
         peak = store.memory_bytes(instance, prepared.memories) if instance is not None and prepared.memories else 0
     finally:
-        wasm_ffi.clear_epoch_decider(handle)
         store.close()
+        wasm_ffi.clear_epoch_decider(handle)
+        wasm_ffi.clear_outputs(handle)
 
     if exit_code != 0 and reason.startswith(("trap:", "exit ")) and peak + _memory_slack(limits.mem_bytes) > limits.mem_bytes:
         reason, exit_code = "memory_limit", None
@@ -659,8 +638,7 @@ def _trap_message(message: str) -> str:
     if "Caused by:" in lines:
         causes = lines[lines.index("Caused by:") + 1 :]
         causes = [c.split(":", 1)[1].strip() if c[:1].isdigit() and ":" in c else c for c in causes if c]
-        if causes:
-            return causes[0]
+        lines = causes or lines
     first = lines[0] if lines else "unknown error"
     return first.removeprefix("wasm trap: ")
 

@@ -1,0 +1,189 @@
+"""Each limit of a wasm job ends it with its own reason, and cancellation stops a running guest."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import wasmtime
+
+from p2psched.jobs.spec import Limits, Resources
+from p2psched.sandbox.base import SandboxRequest, SandboxResult
+from p2psched.sandbox.wasm import FUEL_PER_CPU_MS, WasmEngine, run_wasm
+
+GUESTS = Path(__file__).resolve().parents[2] / "examples" / "wasm"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with WasmEngine(None) as e:
+        yield e
+
+
+def request(guest: str | Path, *, limits: Limits | None = None, job_id: str = "job", **fields) -> SandboxRequest:
+    path = guest if isinstance(guest, Path) else GUESTS / f"{guest}.wasm"
+    return SandboxRequest(
+        job_id=job_id, runtime="wasm", limits=limits or Limits(), resources=Resources(), module_path=path, **fields
+    )
+
+
+def wat_module(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / f"{name}.wasm"
+    path.write_bytes(wasmtime.wat2wasm(source))
+    return path
+
+
+def test_infinite_loop_hits_the_wall_clock_limit(engine):
+    result = run_wasm(request("loop", limits=Limits(wall_ms=100)), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("wall_timeout", "wall_timeout", None)
+    assert not result.succeeded
+
+
+def test_infinite_loop_runs_out_of_fuel(engine):
+    result = run_wasm(request("loop", limits=Limits(fuel=2_000_000)), engine)
+    assert (result.reason, result.limit_hit) == ("out_of_fuel", "out_of_fuel")
+    assert result.sandbox["fuel"] == 2_000_000
+
+
+def test_cpu_ms_becomes_fuel_at_the_documented_rate(engine):
+    result = run_wasm(request("loop", limits=Limits(cpu_ms=5)), engine)
+    assert result.reason == "out_of_fuel"
+    assert result.sandbox["fuel"] == 5 * FUEL_PER_CPU_MS
+    assert result.cpu_ms > 0
+
+
+def test_memory_bomb_hits_the_memory_limit(engine):
+    limit = 4 << 20
+    result = run_wasm(request("membomb", limits=Limits(mem_bytes=limit)), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("memory_limit", "memory_limit", None)
+    assert limit - 65536 < result.peak_mem_bytes <= limit
+
+
+def test_initial_memory_over_the_limit_is_a_memory_limit(engine, tmp_path):
+    big = wat_module(tmp_path, "big", '(module (memory (export "memory") 64) (func (export "_start")))')
+    result = run_wasm(request(big, limits=Limits(mem_bytes=1 << 20)), engine)
+    assert (result.reason, result.limit_hit) == ("memory_limit", "memory_limit")
+
+
+def test_deep_recursion_is_a_stack_overflow_not_a_crash(engine):
+    for stack in (64 * 1024, 1 << 20):
+        result = run_wasm(request("recurse", limits=Limits(stack_bytes=stack)), engine)
+        assert (result.reason, result.limit_hit) == ("stack_overflow", "stack_overflow")
+        assert result.sandbox["stack_bytes"] == stack
+
+
+def test_a_stack_limit_beyond_the_threads_is_lowered_with_a_warning():
+    with WasmEngine(None, max_stack_bytes=256 * 1024) as small:
+        result = run_wasm(request("recurse", limits=Limits(stack_bytes=4 << 20)), small)
+    assert result.reason == "stack_overflow"
+    assert result.sandbox["stack_bytes"] == 256 * 1024
+    assert result.warnings == [
+        "stack limit lowered from 4194304 to 262144 bytes, what this agent's worker threads can hold"
+    ]
+
+
+def test_stdout_flood_is_truncated_and_stopped(engine):
+    limits = Limits(wall_ms=150, stdout_bytes=1000)
+    result = run_wasm(request("stdout_flood", limits=limits), engine)
+    assert result.reason == "wall_timeout"
+    assert result.stdout == b"y" * 1000
+    assert result.stdout_truncated and not result.stderr_truncated
+
+
+def test_stdout_flood_can_also_be_stopped_by_fuel(engine):
+    # Fuel meters wasm instructions, not the host's work in fd_write, so a
+    # flood burns little fuel per 64 KiB block (filling the block costs ~65k).
+    limits = Limits(fuel=70_000, stdout_bytes=10, wall_ms=30_000)
+    result = run_wasm(request("stdout_flood", limits=limits), engine)
+    assert result.reason == "out_of_fuel"
+    assert result.stdout_truncated and len(result.stdout) == 10
+
+
+def test_other_traps_carry_their_message(engine, tmp_path):
+    unreachable = wat_module(tmp_path, "u", '(module (func (export "_start") unreachable))')
+    result = run_wasm(request(unreachable), engine)
+    assert result.reason == "trap: wasm `unreachable` instruction executed"
+    assert (result.exit_code, result.limit_hit) == (None, None)
+
+    div = wat_module(
+        tmp_path, "d", '(module (func (export "div") (param i32 i32) (result i32) (i32.div_s (local.get 0) (local.get 1))))'
+    )
+    result = run_wasm(request(div, args=["1", "0"]), engine)
+    assert result.reason == "trap: integer divide by zero"
+    result = run_wasm(request(div, args=["7", "2"]), engine)
+    assert result.stdout == b"3\n"
+
+
+def test_float_functions_take_and_print_floats(engine, tmp_path):
+    mod = wat_module(
+        tmp_path,
+        "f",
+        """(module
+             (func (export "half") (param f32) (result f32) (f32.mul (local.get 0) (f32.const 0.5)))
+             (func (export "pair") (param f64) (result f64 i32) (local.get 0) (i32.const 7)))""",
+    )
+    assert run_wasm(request(mod, entry="half", args=["0.2"]), engine).stdout == b"0.1\n"
+    assert run_wasm(request(mod, entry="pair", args=["2.5"]), engine).stdout == b"2.5 7\n"
+
+
+def test_unknown_imports_fail_to_link_with_a_clear_reason(engine, tmp_path):
+    mod = wat_module(tmp_path, "imp", '(module (import "env" "gpu_matmul" (func)) (func (export "_start")))')
+    result = run_wasm(request(mod), engine)
+    assert result.reason.startswith("trap: cannot link: ")
+    assert "env::gpu_matmul" in result.reason
+
+
+def test_cancel_from_another_thread_stops_a_running_guest(engine):
+    results: list[SandboxResult] = []
+    worker = threading.Thread(
+        target=lambda: results.append(run_wasm(request("loop", job_id="spin", limits=Limits(wall_ms=60_000)), engine))
+    )
+    worker.start()
+    while "spin" not in engine.running():
+        time.sleep(0.005)
+    assert engine.cancel("spin") is True
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert (results[0].reason, results[0].exit_code, results[0].limit_hit) == ("cancelled", None, None)
+    assert engine.running() == []
+
+
+def test_cancel_before_the_run_starts_refuses_to_start_it(engine):
+    assert engine.cancel("early") is False
+    result = run_wasm(request("hello", job_id="early"), engine)
+    assert result.reason == "cancelled" and result.stdout == b""
+    # Only that one run: the same id runs normally afterwards.
+    assert run_wasm(request("hello", job_id="early"), engine).succeeded
+
+
+async def test_agent_style_cancel_from_a_trio_task(engine):
+    # The agent's pattern: the run in a worker thread, cancel() from the trio thread.
+    results: list[SandboxResult] = []
+
+    async def job() -> None:
+        results.append(await trio.to_thread.run_sync(run_wasm, request("loop", job_id="t1", limits=Limits(wall_ms=60_000)), engine))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(job)
+        while "t1" not in engine.running():
+            await trio.sleep(0.005)
+        engine.cancel("t1")
+    assert results[0].reason == "cancelled"
+
+
+async def test_concurrent_runs_in_worker_threads_stay_separate(engine):
+    inputs = [bytes([i]) * (1000 + i) for i in range(8)]
+    results: dict[int, SandboxResult] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await trio.to_thread.run_sync(run_wasm, request("sha256", job_id=f"c{i}", stdin=inputs[i]), engine)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(one, i)
+    for i, data in enumerate(inputs):
+        assert results[i].stdout == hashlib.sha256(data).hexdigest().encode() + b"\n"
