@@ -337,7 +337,10 @@ class _Job:
                 r["cpu"] = max(1, math.ceil(lim.cpu_ms / 1000))
         self.rlimits = r
         assert self.host.tools.prlimit
-        return [self.host.tools.prlimit] + [f"--{k}={v}:{v}" for k, v in r.items()] + ["--"]
+        # RLIMIT_CPU: the soft limit sends SIGXCPU (reported as cpu_limit); the hard
+        # one, a second later, SIGKILL for a job that ignores it
+        hard = {**r, "cpu": r["cpu"] + 1} if "cpu" in r else r
+        return [self.host.tools.prlimit] + [f"--{k}={v}:{hard[k]}" for k, v in r.items()] + ["--"]
 
     def _plan(self, command: list[str], seccomp_fd: int, info_w: int, block_r: int) -> tuple[list[str], list[str], list[int]]:
         binds: list[namespaces.Bind] = []
