@@ -54,7 +54,7 @@ class MigProfile:
     starts: tuple[int, ...]  # memory-slice offsets where an instance may start
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity hash: cheap cache keys for the tables below
 class MigGeometry:
     model: str  # canonical model key, e.g. "H100-80GB"
     compute_slices: int
@@ -201,7 +201,7 @@ def occupy(profile: MigProfile, start: int) -> int:
     return ((1 << profile.size) - 1) << start
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1 << 17)  # bounded by geometries x 2^8 masks x compute x profiles
 def max_count(geom: MigGeometry, name: str, mask: int, compute_used: int) -> int:
     """The most further instances of one profile that fit, searched exactly.
 
@@ -224,7 +224,12 @@ def _ceiling(geom: MigGeometry, prof: MigProfile) -> int:
 
 def capacity(geom: MigGeometry, mask: int, compute_used: int) -> dict[str, int]:
     """For each profile, how many more instances of it alone would fit."""
-    return {p.name: max_count(geom, p.name, mask, compute_used) for p in geom.profiles}
+    return dict(_capacity(geom, mask, compute_used))
+
+
+@lru_cache(maxsize=1 << 14)
+def _capacity(geom: MigGeometry, mask: int, compute_used: int) -> tuple[tuple[str, int], ...]:
+    return tuple((p.name, max_count(geom, p.name, mask, compute_used)) for p in geom.profiles)
 
 
 def choose_start(geom: MigGeometry, name: str, mask: int, compute_used: int) -> int | None:

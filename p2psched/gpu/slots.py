@@ -346,16 +346,20 @@ class SlotAllocator:
         self._pools: list[_Pool] = [_pool_for(g) for g in inventory.gpus]
         self._by_uuid = {p.gpu.uuid: p for p in self._pools}
         self._grants: dict[str, Grant] = {}
+        self._total = _sum(p.total() for p in self._pools)
+        self._free: dict[str, int] | None = None  # cached until the next reserve/release/restore
 
     # views --------------------------------------------------------------------
 
     def total_by_type(self) -> dict[str, int]:
         """Slots per type on an idle agent (``ResourceVector.gpu_total``)."""
-        return _sum(p.total() for p in self._pools)
+        return dict(self._total)
 
     def free_by_type(self) -> dict[str, int]:
         """Slots per type that could be granted now (``ResourceVector.gpu_free``); every offered type appears, even at 0."""
-        return _sum(p.free() for p in self._pools)
+        if self._free is None:
+            self._free = _sum(p.free() for p in self._pools)
+        return dict(self._free)
 
     def in_use_by_type(self) -> dict[str, int]:
         out = {t: 0 for t in self.total_by_type()}
@@ -450,6 +454,7 @@ class SlotAllocator:
         for s in plan:
             self._by_uuid[s.gpu_uuid].take(s)
         self._grants[job_id] = grant
+        self._free = None
         return grant
 
     def release(self, job_id: str) -> bool:
@@ -457,6 +462,7 @@ class SlotAllocator:
         grant = self._grants.pop(job_id, None)
         if grant is None:
             return False
+        self._free = None
         for s in grant.slots:
             pool = self._by_uuid.get(s.gpu_uuid)
             if pool is not None:
@@ -486,6 +492,7 @@ class SlotAllocator:
                 continue
             for s in g.slots:
                 self._by_uuid[s.gpu_uuid].take(s)
+            self._free = None
             # Rebuild env and devices from today's inventory (device minors can change across reboots).
             self._grants[g.job_id] = self._make_grant(g.job_id, list(g.slots))
         return problems
