@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Set up .venv, start a local 3-agent cluster on loopback, run the example jobs
+# against it, print a summary, and stop the cluster. No arguments needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+NODES=${NODES:-3}
+BASE=${BASE_PORT:-17700}
+run_dir=$(mktemp -d -t p2psched-demo.XXXXXX)
+export P2PSCHED_URL="http://127.0.0.1:${BASE}"
+
+echo "== starting ${NODES} agents (logs in ${run_dir}/logs)"
+p2psched up --nodes "$NODES" --base-port "$BASE" --data-root "$run_dir/data" --log-dir "$run_dir/logs" \
+  >"$run_dir/up.out" 2>"$run_dir/up.err" &
+up_pid=$!
+cleanup() {
+  kill -INT "$up_pid" 2>/dev/null || true
+  wait "$up_pid" 2>/dev/null || true
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT
+for _ in $(seq 1 150); do
+  grep -q "agents up" "$run_dir/up.err" 2>/dev/null && break
+  kill -0 "$up_pid" 2>/dev/null || { cat "$run_dir/up.err" >&2; exit 1; }
+  sleep 0.2
+done
+cat "$run_dir/up.out"
+
+echo
+echo "== hello (WASI stdout)"
+p2psched submit examples/wasm/hello.wasm --wait
+
+echo "== vector add: [1,2,3,4] + [10,20,30,40]"
+python3 -c 'import struct,sys; sys.stdout.buffer.write(struct.pack("<4f",1,2,3,4)+struct.pack("<4f",10,20,30,40))' \
+  >"$run_dir/vec.bin"
+p2psched submit examples/wasm/vecadd.wasm --input "$run_dir/vec.bin" --wait \
+  | python3 -c 'import struct,sys; d=sys.stdin.buffer.read(); print(list(struct.unpack(f"<{len(d)//4}f", d)))'
+
+echo "== sha256 of 'p2psched' (guest vs host)"
+printf 'p2psched' | p2psched submit examples/wasm/sha256.wasm --input - --wait
+printf 'p2psched' | sha256sum | cut -d' ' -f1
+
+echo "== tiny MLP inference"
+p2psched submit examples/wasm/mlp.wasm --input examples/wasm/mlp.in.bin --wait \
+  | python3 -c 'import struct,sys; d=sys.stdin.buffer.read(); print("logits:", [round(x,4) for x in struct.unpack(f"<{len(d)//4}f", d)])'
+
+echo "== adversarial guests, each stopped by its limit"
+for guest in loop membomb recurse; do
+  id=$(p2psched submit "examples/wasm/${guest}.wasm" --wall-ms 1000)
+  p2psched status "$id" --wait 30 | head -1
+done
+
+echo "== a batch of 200 noop jobs through the batch API"
+python3 - <<PY
+import base64, httpx, time
+mod = base64.b64encode(open("examples/wasm/noop.wasm", "rb").read()).decode()
+t = time.perf_counter()
+with httpx.Client(base_url="${P2PSCHED_URL}", timeout=60) as http:
+    r = http.post("/v1/jobs:batch", json={"jobs": [{"module": mod} for _ in range(200)]})
+    ids = [x["job"]["id"] for x in r.json()["results"]]
+    states = [http.get(f"/v1/jobs/{i}", params={"wait": 30}).json()["state"] for i in ids]
+print(f"{states.count('succeeded')}/{len(ids)} succeeded in {time.perf_counter() - t:.2f}s")
+PY
+
+echo
+echo "== cluster as agent 0 sees it"
+p2psched peers
+echo
+echo "== summary"
+p2psched jobs --limit 20
