@@ -205,7 +205,8 @@ def _extract(data: Any, where: str) -> dict[str, Any]:
             return data
         for holder in (data.get("result"), data):
             if isinstance(holder, dict) and isinstance(holder.get("attestation"), dict):
-                return holder["attestation"]
+                found: dict[str, Any] = holder["attestation"]
+                return found
     _fail(f"{where} holds no attestation report (a job record's result.attestation, or the report itself); "
           "a job that has not finished has none", 1)
 

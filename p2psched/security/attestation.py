@@ -172,7 +172,9 @@ def report_from_result(
     result: SandboxResult, sandbox_kind: str, started_at: float, ended_at: float,
 ) -> dict[str, Any]:
     """The executor's one call: a signed report for ``spec`` that ended with ``result``."""
-    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
     return issue_report(
         node_key, node_id=node_id, measurement=measurement, job_id=job_id, tenant=spec.tenant,
         runtime=spec.runtime, module_sha256=spec.module_sha256, input_sha256=sha(spec.input),

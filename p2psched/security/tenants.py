@@ -103,8 +103,8 @@ class Tenant(_Strict):
     #: steer placement, so restricting them matters only where node pools are reserved.
     labels: Mapping[str, tuple[str, ...] | Literal["*"]] | None = None
     admin: bool = Field(False, strict=True)
-    quota: Quota = Quota()
-    rate: RateLimit = RateLimit()
+    quota: Quota = Quota.model_validate({})  # frozen, so one shared default is safe
+    rate: RateLimit = RateLimit.model_validate({})
 
     @field_validator("keys", mode="before")
     @classmethod
