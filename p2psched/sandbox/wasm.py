@@ -63,7 +63,7 @@ from pathlib import Path
 
 import wasmtime
 
-from p2psched.sandbox import wasm_ffi
+from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 
 __all__ = ["FUEL_PER_CPU_MS", "WasmEngine", "run_wasm", "validate_module"]
@@ -199,6 +199,7 @@ class _Slot:
 class _Run:
     job_id: str
     deadline: float
+    tick_seconds: float
     cancelled: bool = False
     stop: str | None = None  # why the epoch callback stopped the guest
 
@@ -321,7 +322,7 @@ class WasmEngine:
             if job_id in self._precancelled:
                 del self._precancelled[job_id]
                 return None
-            run = _Run(job_id, deadline)
+            run = _Run(job_id, deadline, self.tick_seconds)
             self._runs[job_id] = run
             self._active += 1
             if self._active == 1:
@@ -344,6 +345,7 @@ class WasmEngine:
         engine = wasmtime.Engine(_engine_config(stack_bytes))
         wasi_linker = wasmtime.Linker(engine)
         wasi_linker.define_wasi()
+        wasm_poll.define(wasi_linker)
         slot = _Slot(stack_bytes, engine, wasi_linker, wasmtime.Linker(engine))
         with self._cond:
             return self._slots.setdefault(stack_bytes, slot)
@@ -464,7 +466,11 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
         prepared = engine.prepared(sha256, request.module_path, stack)
         # The job's CPU time, not the agent's: compiling a module is excluded.
         cpu_start = time.thread_time()
-        result = _execute(request, engine, run, prepared, stack)
+        wasm_poll.current.run = run
+        try:
+            result = _execute(request, engine, run, prepared, stack)
+        finally:
+            wasm_poll.current.run = None
         cpu_ms = (time.thread_time() - cpu_start) * 1000.0
     except (OSError, ValueError) as e:
         # The agent's own files are missing or wrong: say so; the job did not run.
@@ -526,12 +532,14 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
             exit_code, reason = e.code, f"exit {e.code}"
         except wasmtime.Trap as e:
             code = e.trap_code
-            if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            if run.stop is not None:
+                reason = run.stop
+            elif code == wasmtime.TrapCode.OUT_OF_FUEL:
                 reason = "out_of_fuel"
             elif code == wasmtime.TrapCode.STACK_OVERFLOW:
                 reason = "stack_overflow"
             elif code == wasmtime.TrapCode.INTERRUPT:
-                reason = run.stop or "wall_timeout"
+                reason = "wall_timeout"
             else:
                 reason = f"trap: {_trap_message(e.message)}"
         except wasmtime.WasmtimeError as e:
@@ -542,6 +550,8 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
                 reason = "memory_limit"  # its initial memory alone is over the limit
             else:
                 reason = f"trap: {_trap_message(message)}"
+        if run.stop is not None:  # stopped during a host call, whatever the guest did next
+            exit_code, reason = None, run.stop
         peak = store.memory_bytes(instance, prepared.memories) if instance is not None and prepared.memories else 0
     finally:
         store.close()

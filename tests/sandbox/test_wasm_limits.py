@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
 import time
 from pathlib import Path
@@ -187,3 +188,63 @@ async def test_concurrent_runs_in_worker_threads_stay_separate(engine):
             nursery.start_soon(one, i)
     for i, data in enumerate(inputs):
         assert results[i].stdout == hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def _in_thread(fn) -> SandboxResult:
+    # A broken sandbox would sleep for an hour; fail the test instead of hanging.
+    results: list[SandboxResult] = []
+    worker = threading.Thread(target=lambda: results.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert results, "the guest was still sleeping after 60 s"
+    return results[0]
+
+
+def test_sleeping_guest_is_stopped_at_the_wall_clock_limit(engine):
+    result = _in_thread(lambda: run_wasm(request("sleep", limits=Limits(wall_ms=100)), engine))
+    assert (result.reason, result.limit_hit) == ("wall_timeout", "wall_timeout")
+
+
+def test_sleeping_guest_can_be_cancelled(engine):
+    def cancel_when_running() -> None:
+        while "sleeper" not in engine.running():
+            time.sleep(0.005)
+        engine.cancel("sleeper")
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    result = _in_thread(lambda: run_wasm(request("sleep", job_id="sleeper"), engine))
+    canceller.join()
+    assert result.reason == "cancelled"
+
+
+POLL_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    ;; subscription 0 at 0: userdata 7, tag TAG, clock id 1 / fd 0 at 16, relative timeout 20 ms at 24
+    (i64.store (i32.const 0) (i64.const 7))
+    (i32.store8 (i32.const 8) (i32.const TAG))
+    (i32.store (i32.const 16) (i32.const FD_OR_CLOCK))
+    (i64.store (i32.const 24) (i64.const 20000000))
+    ;; errno at 300, nevents at 304, event (32 bytes) at 64; print 300..312 and the event
+    (i32.store (i32.const 300) (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 304)))
+    (i32.store (i32.const 400) (i32.const 300)) (i32.store (i32.const 404) (i32.const 8))
+    (i32.store (i32.const 408) (i32.const 64)) (i32.store (i32.const 412) (i32.const 32))
+    ;; one iovec per call: WASI may write only the first of several
+    (drop (call $fd_write (i32.const 1) (i32.const 400) (i32.const 1) (i32.const 420)))
+    (drop (call $fd_write (i32.const 1) (i32.const 408) (i32.const 1) (i32.const 420)))))
+"""
+
+
+@pytest.mark.parametrize(("tag", "fd_or_clock"), [(0, 1), (1, 0)])
+def test_poll_oneoff_reports_the_event_that_fired(engine, tmp_path, tag, fd_or_clock):
+    # A short clock sleep completes; an fd subscription (stdin) is ready at once.
+    source = POLL_WAT.replace("TAG", str(tag)).replace("FD_OR_CLOCK", str(fd_or_clock))
+    result = run_wasm(request(wat_module(tmp_path, "poll", source)), engine)
+    assert result.succeeded
+    errno, nevents = struct.unpack_from("<II", result.stdout)
+    userdata, error, kind = struct.unpack_from("<QHB", result.stdout, 8)
+    assert (errno, nevents, userdata, error, kind) == (0, 1, 7, 0, tag)
