@@ -188,13 +188,21 @@ def _describe(nv: Any, i: int, profile: str, proc_caps: Path) -> GpuInfo:
                    profile="mig-existing" if mig_on else profile)
 
 
-_MIG_NAME_IN_DEVICE = re.compile(r"(\d+g\.\d+gb)")
+# "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "... MIG 1c.3g.40gb" (a compute instance sharing
+# its GPU instance), "... MIG 1g.10gb+me" (with media extensions).
+_MIG_NAME_IN_DEVICE = re.compile(r"MIG\s+((?:\d+c\.)?\d+g\.\d+gb(?:\+me)?)")
+
+
+def mig_profile_from_name(name: str) -> str | None:
+    """The MIG profile in an NVML device name, or None."""
+    m = _MIG_NAME_IN_DEVICE.search(name)
+    return m.group(1) if m else None
 
 
 def _describe_mig(nv: Any, parent: Any, m: Any, minor: int | None, proc_caps: Path) -> MigInstance:
     uuid = _s(nv.nvmlDeviceGetUUID(m))
     name = _s(nv.nvmlDeviceGetName(m))  # "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
-    found = _MIG_NAME_IN_DEVICE.search(name)
+    found = mig_profile_from_name(name)
     mem = int(nv.nvmlDeviceGetMemoryInfo(m).total)
     gi = ci = start = None
     try:
@@ -209,7 +217,7 @@ def _describe_mig(nv: Any, parent: Any, m: Any, minor: int | None, proc_caps: Pa
         except Exception:
             start = None
     caps = mig_cap_devices(minor, gi, ci, proc_caps) if minor is not None and gi is not None and ci is not None else ()
-    profile = found.group(1) if found else f"mig-{mem // (1 << 30)}gb"
+    profile = found or f"mig-{mem // (1 << 30)}gb"
     return MigInstance(uuid=uuid, profile=profile, memory_bytes=mem, gi_id=gi, ci_id=ci, start=start,
                        cap_devices=caps)
 

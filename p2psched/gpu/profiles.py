@@ -102,6 +102,7 @@ MIG_GEOMETRIES: dict[str, MigGeometry] = {
 }
 
 _MIG_NAME_RE = re.compile(r"^(\d+)g\.(\d+)gb$")
+_MIG_TYPE_RE = re.compile(r"^(?:(\d+)c\.)?(\d+)g\.(\d+)gb(?:\+me)?$")  # as NVML names existing instances
 _SHARE_RE = re.compile(r"^share-1/(\d+)$")
 
 
@@ -159,9 +160,9 @@ def slot_fraction(slot_type: str) -> float:
     m = _SHARE_RE.match(slot_type)
     if m:
         return 1.0 / int(m.group(1))
-    m = _MIG_NAME_RE.match(slot_type)
+    m = _MIG_TYPE_RE.match(slot_type)
     if m:
-        return min(1.0, int(m.group(1)) / 7)
+        return min(1.0, int(m.group(1) or m.group(2)) / 7)
     return 0.0
 
 

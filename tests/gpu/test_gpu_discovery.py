@@ -184,3 +184,18 @@ def test_metrics_follow_the_allocator_and_mark_declared_capacity() -> None:
     assert v("p2psched_gpu_utilization_ratio", {"gpu": "1"}) == 0.5
     assert v("p2psched_gpu_memory_used_bytes", {"gpu": "1"}) == 3 << 30
     assert other.get_sample_value("p2psched_gpu_slots_in_use", {"type": "share-1/4"}) is None
+
+
+@pytest.mark.parametrize("name,profile", [
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "1g.10gb"),
+    ("NVIDIA A100-SXM4-40GB MIG 1c.3g.20gb", "1c.3g.20gb"),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb+me", "1g.10gb+me"),
+    ("NVIDIA H100 80GB HBM3", None),
+])
+def test_mig_profile_names_come_from_nvml_device_names(name: str, profile: str | None) -> None:
+    from p2psched.gpu.discovery import mig_profile_from_name
+    from p2psched.gpu.profiles import slot_fraction
+
+    assert mig_profile_from_name(name) == profile
+    if profile == "1c.3g.20gb":
+        assert slot_fraction(profile) == 1 / 7  # one compute slice of the shared 3g instance
