@@ -24,6 +24,16 @@ Public interface (all the agent needs):
     interrupt a thread, so on cancellation the agent calls this and then keeps
     awaiting the thread, which returns promptly.
 
+``WasmEngine.close()``
+    At shutdown, after the grace period: cancels what still runs, waits for
+    those runs to return, stops the ticker; later runs return ``cancelled``.
+
+``WasmEngine.running() -> list[str]``, ``WasmEngine.stats``
+    Job ids in flight; compiled / from_disk / from_memory counters (metrics).
+
+``WasmEngine.warm(sha256, module_path)``
+    Optional, blocking: compile a newly stored module before its first run.
+
 ``validate_module(data: bytes) -> None``
     Cheap check at submission: raises ``ValueError("module is not valid
     WebAssembly: ...")`` with the reason and a fix.
@@ -265,9 +275,13 @@ class WasmEngine:
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the ticker. Runs still in flight then only stop by fuel or cancel."""
+        """Shut down: refuse new runs, cancel the ones in flight, wait for them
+        to return, stop the ticker. For a grace period, wait for the runs to
+        finish before calling this."""
         with self._cond:
             self._closed = True
+            for run in self._runs.values():
+                run.cancelled = True
             self._cond.notify_all()
         if self._ticker is not None:
             self._ticker.join()
@@ -307,18 +321,21 @@ class WasmEngine:
             return list(self._runs)
 
     def _tick_loop(self) -> None:
-        # Ticks only while a guest runs, so an idle agent spends no CPU here.
+        # Ticks only while a guest runs, so an idle agent spends no CPU here;
+        # after close() it ticks on until the cancelled runs have returned.
         while True:
             with self._cond:
                 while self._active == 0 and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed and self._active == 0:
                     return
             time.sleep(self.tick_seconds)
             self.tick()
 
     def _begin(self, job_id: str, deadline: float) -> _Run | None:
         with self._cond:
+            if self._closed:
+                return None
             if job_id in self._precancelled:
                 del self._precancelled[job_id]
                 return None
@@ -357,7 +374,7 @@ class WasmEngine:
         bucket = 1 << max(16, (requested - 1).bit_length())
         return min(bucket, self.max_stack_bytes)
 
-    def prepared(self, sha256: str, module_path: Path | None, stack_bytes: int) -> _Prepared:
+    def _prepared(self, sha256: str, module_path: Path | None, stack_bytes: int) -> _Prepared:
         """The module ready to run: from memory, else from the disk cache, else compiled."""
         key = (sha256, stack_bytes)
         with self._cond:
@@ -379,6 +396,11 @@ class WasmEngine:
                 while len(self._modules) > self._modules_cap:
                     self._modules.popitem(last=False)
             return prepared
+
+    def warm(self, sha256: str, module_path: Path, stack_bytes: int = 1 << 20) -> None:
+        """Compile a module into the caches ahead of its first run (blocking;
+        optional). Raises ``wasmtime.WasmtimeError`` if it does not compile."""
+        self._prepared(sha256, module_path, self._stack_bucket(stack_bytes))
 
     def _cache_path(self, sha256: str) -> Path | None:
         if self.cache_dir is None:
@@ -463,7 +485,7 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
             if request.module_path is None:
                 raise ValueError("a wasm request needs module_sha256 or module_path")
             sha256 = hashlib.sha256(Path(request.module_path).read_bytes()).hexdigest()
-        prepared = engine.prepared(sha256, request.module_path, stack)
+        prepared = engine._prepared(sha256, request.module_path, stack)
         # The job's CPU time, not the agent's: compiling a module is excluded.
         cpu_start = time.thread_time()
         wasm_poll.current.run = run

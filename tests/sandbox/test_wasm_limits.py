@@ -248,3 +248,16 @@ def test_poll_oneoff_reports_the_event_that_fired(engine, tmp_path, tag, fd_or_c
     errno, nevents = struct.unpack_from("<II", result.stdout)
     userdata, error, kind = struct.unpack_from("<QHB", result.stdout, 8)
     assert (errno, nevents, userdata, error, kind) == (0, 1, 7, 0, tag)
+
+
+def test_close_cancels_runs_in_flight_and_refuses_new_ones():
+    engine = WasmEngine(None)
+    results: list[SandboxResult] = []
+    worker = threading.Thread(target=lambda: results.append(run_wasm(request("loop", job_id="last"), engine)))
+    worker.start()
+    while "last" not in engine.running():
+        time.sleep(0.005)
+    engine.close()  # returns once the run has returned
+    worker.join(timeout=30)
+    assert results[0].reason == "cancelled"
+    assert run_wasm(request("hello", job_id="late"), engine).reason == "cancelled"
