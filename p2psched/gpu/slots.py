@@ -23,8 +23,9 @@ is always ``count`` slots of one type, so the per-type count answers it exactly.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,8 @@ class Grant:
     job_id: str
     slots: tuple[SlotRef, ...]
     env: dict[str, str] = field(default_factory=dict)
-    devices: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()  # device nodes to let through: the ones that exist on this host
+    absent_devices: tuple[str, ...] = ()  # nodes the slots map to that this host lacks (all, for declared GPUs)
     declared: bool = False  # slots on declared GPUs: the env names no real device
 
     @property
@@ -89,13 +91,14 @@ class Grant:
     def to_wire(self) -> dict[str, Any]:
         """JSON- and msgpack-safe; store it with the job and hand it back to restore()."""
         return {"job": self.job_id, "slots": [s.to_wire() for s in self.slots], "env": dict(self.env),
-                "devices": list(self.devices), "declared": self.declared}
+                "devices": list(self.devices), "absent": list(self.absent_devices), "declared": self.declared}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Grant:
         return cls(job_id=str(d["job"]), slots=tuple(SlotRef.from_wire(s) for s in d.get("slots", [])),
                    env={str(k): str(v) for k, v in dict(d.get("env", {})).items()},
-                   devices=tuple(str(x) for x in d.get("devices", [])), declared=bool(d.get("declared", False)))
+                   devices=tuple(str(x) for x in d.get("devices", [])),
+                   absent_devices=tuple(str(x) for x in d.get("absent", [])), declared=bool(d.get("declared", False)))
 
 
 # -- per-GPU pools ---------------------------------------------------------------
@@ -341,8 +344,9 @@ def _slices(geom: MigGeometry, name: str) -> int:
 class SlotAllocator:
     """Grants typed GPU slots to jobs; one per agent."""
 
-    def __init__(self, inventory: GpuInventory) -> None:
+    def __init__(self, inventory: GpuInventory, *, device_exists: Callable[[str], bool] = os.path.exists) -> None:
         self.inventory = inventory
+        self._device_exists = device_exists
         self._pools: list[_Pool] = [_pool_for(g) for g in inventory.gpus]
         self._by_uuid = {p.gpu.uuid: p for p in self._pools}
         self._grants: dict[str, Grant] = {}
@@ -427,7 +431,7 @@ class SlotAllocator:
             raise ValueError(f"job {job_id} already holds {len(held.slots)} GPU slot(s) of type {held.slot_type}; "
                              "release them before reserving others")
         if count == 0:
-            return Grant(job_id, (), no_gpu_env(), ())
+            return Grant(job_id, (), no_gpu_env())
         t = self.resolve_type(count, gpu_type)
         free = {id(p): p.free().get(t, 0) for p in self._pools}
         if sum(free.values()) < count:
@@ -547,7 +551,11 @@ class SlotAllocator:
         if shares:
             env.update(_share_env(uuids, mem_by_dev, slots))
         declared = any(self._by_uuid[s.gpu_uuid].gpu.declared for s in slots)
-        return Grant(job_id, tuple(slots), env, tuple(devices), declared)
+        # Only nodes that exist can be bound into the sandbox or put in a device cgroup;
+        # the rest are kept so the agent can say what a job lacks (doctor checks them too).
+        present = tuple(d for d in devices if self._device_exists(d))
+        absent = tuple(d for d in devices if d not in present)
+        return Grant(job_id, tuple(slots), env, present, absent, declared)
 
 
 def _share_env(uuids: list[str], mem_by_dev: dict[str, int], slots: list[SlotRef]) -> dict[str, str]:

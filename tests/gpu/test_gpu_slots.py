@@ -214,7 +214,9 @@ def test_whole_grant_env_and_devices() -> None:
     g = a.reserve("j", 1, "whole")
     assert g.env["CUDA_VISIBLE_DEVICES"] == "GPU-declared-1"
     assert g.env["NVIDIA_VISIBLE_DEVICES"] == "GPU-declared-1"
-    assert g.devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia1")
+    # Declared GPUs map to nodes like a real one would, but none exist, so none are let through.
+    assert g.absent_devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia1")
+    assert g.devices == ()
     assert g.declared
     assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in g.env  # a whole GPU has no cap to set
 
@@ -229,7 +231,7 @@ def test_share_grant_carries_memory_caps_and_lists_its_gpu_once() -> None:
     assert g.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
     assert g.env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.500"
     assert g.env["P2PSCHED_GPU_MEMORY_ENFORCED"] == "mps-only"
-    assert g.devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0")
+    assert g.devices + g.absent_devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0")
 
 
 def test_carved_mig_grant_names_the_instance() -> None:
@@ -239,7 +241,7 @@ def test_carved_mig_grant_names_the_instance() -> None:
     assert g.env["CUDA_VISIBLE_DEVICES"] == "MIG-declared-0-4-3g.40gb"
     assert a.can_fit(1, "4g.40gb")
     assert g.slots[0].memory_bytes == (80 << 30) // 2
-    assert g.devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0")
+    assert g.devices + g.absent_devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0")
 
 
 def test_existing_mig_instances_grant_their_uuid_and_capability_nodes() -> None:
@@ -252,10 +254,12 @@ def test_existing_mig_instances_grant_their_uuid_and_capability_nodes() -> None:
     gpu = GpuInfo(index=0, uuid="GPU-5e1f0000-0000-0000-0000-000000000000", model="NVIDIA H100 80GB HBM3",
                   memory_bytes=80 << 30, minor=3, declared=False, mig_enabled=True, mig_instances=mig,
                   profile="mig-existing")
-    a = SlotAllocator(GpuInventory(gpus=(gpu,), source="nvml"))
+    # This host has no such nodes; say they exist so the mapping itself is what is checked.
+    a = SlotAllocator(GpuInventory(gpus=(gpu,), source="nvml"), device_exists=lambda p: True)
     assert a.total_by_type() == {"3g.40gb": 2}
     g = a.reserve("j", 1, "3g.40gb")
     assert g.env["CUDA_VISIBLE_DEVICES"] == mig[0].uuid
+    assert g.absent_devices == ()
     assert g.devices == ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia3",
                          "/dev/nvidia-caps/nvidia-cap21", "/dev/nvidia-caps/nvidia-cap22")
     assert not g.declared
@@ -267,6 +271,14 @@ def test_a_job_without_gpus_sees_none() -> None:
     assert g.env == no_gpu_env() == {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
     assert g.devices == () and g.slots == ()
     assert a.free_by_type() == {"whole": 2} and a.grant("cpu-job") is None
+
+
+def test_only_nodes_present_on_the_host_are_let_through() -> None:
+    present = {"/dev/nvidiactl", "/dev/nvidia0"}
+    a = SlotAllocator(load_inventory("1xH100-80GB"), device_exists=present.__contains__)
+    g = a.reserve("j", 1, "whole")
+    assert g.devices == ("/dev/nvidiactl", "/dev/nvidia0")
+    assert g.absent_devices == ("/dev/nvidia-uvm",)
 
 
 def test_grant_wire_round_trip() -> None:
