@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -271,10 +271,17 @@ def _where(state: NodeState) -> str:
     return state.position or state.node_id
 
 
-def _score(req: JobRequest, origin: str, peer: NodeState, topology: Topology | None) -> _Scored:
-    cost = topology.cost(origin, _where(peer)) if topology is not None else 0.0
+def _flat(_: str) -> float:
+    return 0.0
+
+
+def _pricer(local: NodeState, topology: Topology | None) -> Callable[[str], float]:
+    return topology.pricer(_where(local)) if topology is not None else _flat
+
+
+def _score(req: JobRequest, price: Callable[[str], float], peer: NodeState) -> _Scored:
     left = _gpu_leftover(req, peer.vector.gpu_free)
-    return _Scored(cost, node_load(peer.vector), left if left is not None else 0, peer)
+    return _Scored(price(_where(peer)), node_load(peer.vector), left if left is not None else 0, peer)
 
 
 def _candidate(local: NodeState, s: _Scored, topology: Topology | None) -> Candidate:
@@ -369,9 +376,8 @@ def place(
             return RunHere(), state
         rest = [p for p in fitting if p is not pick]
         rest = rng.sample(rest, min(len(rest), settings.max_candidates - 1))
-        origin = _where(local)
-        return _forward(local, _score(req, origin, pick, topology),
-                        [_score(req, origin, p, topology) for p in rest], topology), state
+        price = _pricer(local, topology)
+        return _forward(local, _score(req, price, pick), [_score(req, price, p) for p in rest], topology), state
 
     if policy == "round-robin":
         ring = sorted([*(p.node_id for p in fitting), *([me] if here_now else [])])
@@ -383,16 +389,16 @@ def place(
             return RunHere(), new_state
         by_id = {p.node_id: p for p in fitting}
         after = [n for n in ring if n > nxt and n != me] + [n for n in ring if n < nxt and n != me]
-        origin = _where(local)
-        return _forward(local, _score(req, origin, by_id[nxt], topology),
-                        [_score(req, origin, by_id[n], topology) for n in after[: settings.max_candidates - 1]],
+        price = _pricer(local, topology)
+        return _forward(local, _score(req, price, by_id[nxt]),
+                        [_score(req, price, by_id[n]) for n in after[: settings.max_candidates - 1]],
                         topology), new_state
 
     if not fitting:
         return QueueHere(_queue_reason(req, local, peers, visited_could)), state
 
-    origin = _where(local)
-    scored = [_score(req, origin, p, topology) for p in fitting]
+    price = _pricer(local, topology)
+    scored = [_score(req, price, p) for p in fitting]
     if policy == "local-first":
         ranked = heapq.nsmallest(settings.max_candidates, scored, key=lambda s: (s.cost, s.state.node_id))
         return _forward(local, ranked[0], ranked[1:], topology), state

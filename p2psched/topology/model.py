@@ -46,6 +46,7 @@ import hashlib
 import os
 import statistics
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -434,6 +435,25 @@ class Topology:
         if tail is not None:
             route.append(tail)
         return cost, route
+
+    def pricer(self, a: str) -> Callable[[str], float]:
+        """A function ``b -> cost(a, b)``, for pricing many peers from one agent.
+
+        Placement prices every peer on every decision; this resolves ``a`` and its
+        Dijkstra tree once, so each peer costs a dict lookup.
+        """
+        anchor_a, wa, _ = self._attach(a)
+        dist = self._tree(anchor_a)[0]
+
+        def price(b: str) -> float:
+            if b == a:
+                return 0.0
+            d = dist.get(b)
+            if d is not None:
+                return wa + d
+            return self._query(a, b, False)[0]
+
+        return price
 
     def cost(self, a: str, b: str) -> float:
         """Weighted shortest-path length between two nodes (host, switch or agent id)."""

@@ -1,0 +1,618 @@
+"""Workload simulator for placement: the real ``place()`` in virtual time.
+
+``p2psched sim placement --topology FILE --load 0.8 --jobs N --policy P`` replays one
+Poisson job trace (random origins, exponential or fixed durations, sized to the
+target load) through four schedulers and reports job completion time (JCT = finish
+- submit, including network latency to the executor and back), hops per job and
+messages per placement:
+
+* ``p2p`` (or the ``--policy`` given): each host runs ``p2psched.placement.place``
+  on its own stale view. Every host publishes its vector every ``gossip_interval``
+  (random phase); a peer sees it after the topology's link latency. A forward costs
+  a round trip: the target checks its real state with ``check_fit`` and accepts, or
+  refuses and returns its fresh vector, and the origin tries the next candidate.
+  A job no one takes waits in its origin's queue, retried when the origin frees a
+  slot or refreshes its view (every ``gossip_interval``).
+* ``omniscient``: one central scheduler that sees every host exactly and instantly;
+  a job starts on the host with the most free CPUs, or waits in one global FIFO.
+  The ideal the others are measured against.
+* ``random``: each job goes to a uniformly random host and waits in its FIFO.
+* ``power-of-two``: probe two random hosts (Sparrow's per-task sampling), enqueue at
+  the one with the shorter queue (running + waiting).
+
+The first ``warmup`` fraction of jobs (by arrival) is left out of the figures, so
+the empty cluster at t=0 does not flatter anyone.
+
+Messages per placement count scheduling messages only: p2p 2 per forward attempt
+(the job and the accept/refuse), omniscient 2 (submit, dispatch), random 1,
+power-of-two 5 (2 probes, 2 replies, 1 job). Gossip runs regardless of load and is
+reported by the gossip model instead.
+
+The gossip model (``--gossip``) measures issue 4's topology-aware gossip: synchronous
+push rounds, each node sending to ``fanout`` peers picked by
+``p2psched.topology.pick_gossip_peers``; it reports the cross-spine messages a node
+sends per round, and the rounds a rumour takes to reach every node, for a list of
+same-leaf fractions (0.0 is plain uniform gossip).
+
+Deterministic for a given ``--seed``: all randomness comes from seeded
+``random.Random`` objects, and no set or dict order decides a choice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import random
+import statistics
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+
+from p2psched.placement import (
+    POLICIES, Forward, JobRequest, PlacementState, QueueHere, Reject, RunHere, check_fit, place,
+)
+from p2psched.resources import NodeState, ResourceVector
+from p2psched.topology import Topology, TopologyError, pick_gossip_peers
+
+#: SWIM-style agents piggyback vectors on a protocol period of ~200 ms (memberlist's
+#: LAN ProbeInterval is 1 s, its GossipInterval 200 ms); 200 ms is the staleness.
+GOSSIP_INTERVAL_S = 0.2
+#: 8 job slots per host: a GPU node with 8 devices, or a CPU node run at one job per
+#: 4-core slot. Fewer slots make each host's queue burstier and forwarding busier.
+CPUS_PER_HOST = 8
+MEAN_DURATION_S = 5.0
+MEM_PER_HOST_MB = 1 << 20
+
+
+@dataclass(slots=True)
+class SimJob:
+    idx: int
+    origin: int
+    arrival: float
+    duration: float
+    cpu: int
+    start: float = -1.0
+    finish: float = -1.0
+    executor: int = -1
+    hops: int = 0
+    messages: int = 0
+    tries: int = 0
+
+
+@dataclass(slots=True)
+class Trace:
+    jobs: list[SimJob]
+    rate: float  # arrivals per second
+
+
+def make_trace(n_hosts: int, cpus_per_host: int, load: float, n_jobs: int, mean_duration: float,
+               durations: str, seed: int, job_cpus: Sequence[int] = (1,)) -> Trace:
+    rng = random.Random(seed)
+    mean_cpu = statistics.fmean(job_cpus)
+    rate = load * n_hosts * cpus_per_host / (mean_cpu * mean_duration)
+    t = 0.0
+    jobs = []
+    for i in range(n_jobs):
+        t += rng.expovariate(rate)
+        d = rng.expovariate(1.0 / mean_duration) if durations == "exp" else mean_duration
+        jobs.append(SimJob(i, rng.randrange(n_hosts), t, d, job_cpus[rng.randrange(len(job_cpus))]))
+    return Trace(jobs, rate)
+
+
+def _fresh(trace: Trace) -> list[SimJob]:
+    return [SimJob(j.idx, j.origin, j.arrival, j.duration, j.cpu) for j in trace.jobs]
+
+
+class _EventLoop:
+    """A virtual clock and a heap of callbacks; ``seq`` keeps equal times in FIFO order."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = 0
+
+    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+
+    def run(self, until_done: Callable[[], bool]) -> None:
+        while self._heap and not until_done():
+            t, _, fn, args = heapq.heappop(self._heap)
+            self.now = t
+            fn(*args)
+
+
+class _IndexedSet:
+    """A set with O(1) add, remove and uniform random choice, iterated in a fixed order."""
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+        self.pos: dict[int, int] = {}
+
+    def add(self, x: int) -> None:
+        if x not in self.pos:
+            self.pos[x] = len(self.items)
+            self.items.append(x)
+
+    def discard(self, x: int) -> None:
+        i = self.pos.pop(x, None)
+        if i is None:
+            return
+        last = self.items.pop()
+        if i < len(self.items):
+            self.items[i] = last
+            self.pos[last] = i
+
+    def choice(self, rng: random.Random) -> int:
+        return self.items[rng.randrange(len(self.items))]
+
+
+class _Scheduler:
+    name = ""
+
+    def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int) -> None:
+        self.topo = topo
+        self.hosts = list(topo.hosts)
+        self.n = len(self.hosts)
+        self.cpus = cpus_per_host
+        self.free = [cpus_per_host] * self.n
+        self.jobs = jobs
+        self.rng = random.Random(seed)
+        self.loop = _EventLoop()
+        self.done = 0
+        self.messages = 0
+        self.placements = 0
+        self._lat: dict[int, list[float]] = {}
+
+    def lat(self, a: int, b: int) -> float:
+        """One-way latency in seconds from host a to host b (topology cost is in us)."""
+        row = self._lat.get(a)
+        if row is None:
+            price = self.topo.pricer(self.hosts[a])
+            row = [price(h) * 1e-6 for h in self.hosts]
+            self._lat[a] = row
+        return row[b]
+
+    def run(self) -> None:
+        for j in self.jobs:
+            self.loop.at(j.arrival, self.arrive, j)
+        self.setup()
+        self.loop.run(lambda: self.done == len(self.jobs))
+
+    def setup(self) -> None:
+        pass
+
+    def arrive(self, job: SimJob) -> None:
+        raise NotImplementedError
+
+    def take(self, host: int, cpu: int) -> None:
+        self.free[host] -= cpu
+        assert self.free[host] >= 0, "a scheduler started more than a host holds"
+
+    def give(self, host: int, cpu: int) -> None:
+        self.free[host] += cpu
+
+    def start(self, job: SimJob, host: int) -> None:
+        """Start ``job`` on ``host`` now; the caller has taken its CPUs."""
+        job.start = self.loop.now
+        job.executor = host
+        self.loop.at(self.loop.now + job.duration, self._end, job, host)
+
+    def _end(self, job: SimJob, host: int) -> None:
+        self.give(host, job.cpu)
+        job.finish = self.loop.now + self.lat(host, job.origin)  # the result travels back to the origin
+        self.done += 1
+        self.freed(host)
+
+    def freed(self, host: int) -> None:
+        pass
+
+
+class Omniscient(_Scheduler):
+    name = "omniscient"
+
+    def setup(self) -> None:
+        self.queue: deque[SimJob] = deque()
+        # Hosts bucketed by free CPUs: the scheduler takes the emptiest in O(slots).
+        self.by_free = [_IndexedSet() for _ in range(self.cpus + 1)]
+        for h in range(self.n):
+            self.by_free[self.free[h]].add(h)
+
+    def take(self, host: int, cpu: int) -> None:
+        self.by_free[self.free[host]].discard(host)
+        super().take(host, cpu)
+        self.by_free[self.free[host]].add(host)
+
+    def give(self, host: int, cpu: int) -> None:
+        self.by_free[self.free[host]].discard(host)
+        super().give(host, cpu)
+        self.by_free[self.free[host]].add(host)
+
+    def _pick(self, cpu: int) -> int | None:
+        for f in range(self.cpus, cpu - 1, -1):
+            if self.by_free[f].items:
+                return self.by_free[f].choice(self.rng)
+        return None
+
+    def arrive(self, job: SimJob) -> None:
+        self.placements += 1
+        self.messages += 2
+        h = None if self.queue else self._pick(job.cpu)  # FIFO: nobody overtakes the queue
+        if h is None:
+            self.queue.append(job)
+        else:
+            self._go(job, h)
+
+    def _go(self, job: SimJob, h: int) -> None:
+        self.take(h, job.cpu)  # reserved at dispatch; the job starts when its input lands
+        job.hops = 0 if h == job.origin else 1
+        self.loop.at(self.loop.now + self.lat(job.origin, h), self.start, job, h)
+
+    def freed(self, host: int) -> None:
+        while self.queue:
+            h = self._pick(self.queue[0].cpu)
+            if h is None:
+                return
+            self._go(self.queue.popleft(), h)
+
+
+class _QueuedHosts(_Scheduler):
+    """Hosts with their own FIFO queues: the random and power-of-two baselines."""
+
+    def setup(self) -> None:
+        self.queues: list[deque[SimJob]] = [deque() for _ in range(self.n)]
+        self.running = [0] * self.n
+
+    def enqueue(self, job: SimJob, h: int, delay: float) -> None:
+        job.hops = 0 if h == job.origin else 1
+        self.loop.at(self.loop.now + delay, self._land, job, h)
+
+    def _land(self, job: SimJob, h: int) -> None:
+        self.queues[h].append(job)
+        self._drain(h)
+
+    def _drain(self, h: int) -> None:
+        q = self.queues[h]
+        while q and self.free[h] >= q[0].cpu:
+            job = q.popleft()
+            self.running[h] += 1
+            self.take(h, job.cpu)
+            self.start(job, h)
+
+    def freed(self, host: int) -> None:
+        self.running[host] -= 1
+        self._drain(host)
+
+
+class RandomPlacement(_QueuedHosts):
+    name = "random"
+
+    def arrive(self, job: SimJob) -> None:
+        self.placements += 1
+        self.messages += 1
+        h = self.rng.randrange(self.n)
+        self.enqueue(job, h, self.lat(job.origin, h))
+
+
+class PowerOfTwo(_QueuedHosts):
+    name = "power-of-two"
+
+    def arrive(self, job: SimJob) -> None:
+        self.placements += 1
+        self.messages += 5
+        a, b = self.rng.sample(range(self.n), 2)
+        # The probes' answers are current when they leave the hosts; the job follows.
+        qa = len(self.queues[a]) + self.running[a]
+        qb = len(self.queues[b]) + self.running[b]
+        h = a if qa <= qb else b
+        rtt = 2 * max(self.lat(job.origin, a), self.lat(job.origin, b))
+        self.enqueue(job, h, rtt + self.lat(job.origin, h))
+
+
+class PeerToPeer(_Scheduler):
+    """Every host runs ``place()`` on its gossiped view; late binding on the target."""
+
+    def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int,
+                 policy: str, gossip_interval: float) -> None:
+        super().__init__(topo, cpus_per_host, jobs, seed)
+        self.policy = policy
+        self.name = policy
+        self.interval = gossip_interval
+        self.refusals = 0
+        self.index = {h: i for i, h in enumerate(self.hosts)}
+
+    def setup(self) -> None:
+        self.queues: list[deque[SimJob]] = [deque() for _ in range(self.n)]
+        self.running = [0] * self.n
+        self.states = [PlacementState() for _ in range(self.n)]
+        self.rngs = [random.Random(self.rng.getrandbits(64)) for _ in range(self.n)]
+        self.pub: list[NodeState] = [self._snapshot(h) for h in range(self.n)]
+        self.prev: list[NodeState] = list(self.pub)
+        self.pub_time = [0.0] * self.n
+        # What an origin learnt from a refusal, newer than gossip: origin -> host -> (time, state).
+        self.heard: list[dict[int, tuple[float, NodeState]]] = [{} for _ in range(self.n)]
+        self.recent: deque[tuple[float, int]] = deque()
+        self.max_lat = self.topo.max_host_cost() * 1e-6
+        for h in range(self.n):
+            self.loop.at(self.rng.uniform(0, self.interval), self._publish, h)
+
+    def _snapshot(self, h: int) -> NodeState:
+        v = ResourceVector(
+            cpu_total=float(self.cpus), cpu_free=float(self.free[h]), mem_total_mb=MEM_PER_HOST_MB,
+            mem_free_mb=MEM_PER_HOST_MB, queue_len=len(self.queues[h]), running=self.running[h],
+        )
+        return NodeState(self.hosts[h], vector=v, position=self.hosts[h])
+
+    def _publish(self, h: int) -> None:
+        self.prev[h] = self.pub[h]
+        self.pub[h] = self._snapshot(h)
+        self.pub_time[h] = self.loop.now
+        self.recent.append((self.loop.now, h))
+        if self.done < len(self.jobs):
+            self.loop.at(self.loop.now + self.interval, self._publish, h)
+        # The host's view refreshes on the same period: a good moment to retry its queue.
+        self._retry(h)
+
+    def _view(self, o: int) -> list[NodeState]:
+        """Origin ``o``'s gossiped view: every host's last vector that has reached it."""
+        now = self.loop.now
+        view = list(self.pub)
+        # A vector published less than a link latency ago is still on the wire to o.
+        recent = self.recent
+        while recent and recent[0][0] < now - self.max_lat:
+            recent.popleft()
+        for t, j in recent:
+            if now < t + self.lat(j, o):
+                view[j] = self.prev[j]
+        heard = self.heard[o]
+        for j, (t, st) in list(heard.items()):
+            if t > self.pub_time[j]:
+                view[j] = st
+            else:
+                del heard[j]
+        del view[o]
+        return view
+
+    def arrive(self, job: SimJob) -> None:
+        self._place(job, queued=False)
+
+    def _place(self, job: SimJob, queued: bool) -> bool:
+        """Place ``job`` at its origin; False if it (still) has to wait there."""
+        o = job.origin
+        self.placements += 1
+        req = JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1)
+        decision, self.states[o] = place(req, self._snapshot(o), self._view(o), self.topo,
+                                         rng=self.rngs[o], policy=self.policy,  # type: ignore[arg-type]
+                                         state=self.states[o])
+        if isinstance(decision, RunHere):
+            if queued:
+                self.queues[o].popleft()
+            self.running[o] += 1
+            self.take(o, job.cpu)
+            self.start(job, o)
+            return True
+        if isinstance(decision, Forward):
+            if queued:
+                self.queues[o].popleft()
+            self._try(job, [self.index[c.node_id] for c in decision.candidates], 0)
+            return True
+        if isinstance(decision, Reject):
+            raise RuntimeError(f"job {job.idx} rejected: {decision.reason}")
+        assert isinstance(decision, QueueHere)
+        if not queued:
+            self.queues[o].append(job)
+        return False
+
+    def _try(self, job: SimJob, cands: list[int], i: int) -> None:
+        target = cands[i]
+        job.tries += 1
+        self.messages += 2
+        self.loop.at(self.loop.now + self.lat(job.origin, target), self._offer, job, cands, i)
+
+    def _offer(self, job: SimJob, cands: list[int], i: int) -> None:
+        t = cands[i]
+        real = self._snapshot(t)
+        if check_fit(JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1), real) is None:
+            job.hops += 1
+            self.running[t] += 1
+            self.take(t, job.cpu)
+            self.start(job, t)
+            return
+        self.refusals += 1
+        self.loop.at(self.loop.now + self.lat(t, job.origin), self._refused, job, cands, i, real)
+
+    def _refused(self, job: SimJob, cands: list[int], i: int, fresh: NodeState) -> None:
+        o = job.origin
+        self.heard[o][cands[i]] = (self.loop.now, fresh)
+        if i + 1 < len(cands):
+            self._try(job, cands, i + 1)
+            return
+        # Every candidate refused: back to the head of the origin's queue, placed again
+        # when the origin's view or capacity changes.
+        self.queues[o].appendleft(job)
+
+    def _retry(self, h: int) -> None:
+        q = self.queues[h]
+        while q:
+            if not self._place(q[0], queued=True):
+                return
+
+    def freed(self, host: int) -> None:
+        self.running[host] -= 1
+        self._retry(host)
+
+
+@dataclass(slots=True)
+class Report:
+    scheduler: str
+    jobs: int
+    mean_jct: float
+    p50_jct: float
+    p99_jct: float
+    mean_wait: float
+    hops_per_job: float
+    messages_per_placement: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _report(s: _Scheduler, warmup: float) -> Report:
+    skip = int(len(s.jobs) * warmup)
+    measured = s.jobs[skip:]
+    jct = sorted(j.finish - j.arrival for j in measured)
+    waits = [j.start - j.arrival for j in measured]
+
+    def q(p: float) -> float:
+        return jct[min(len(jct) - 1, max(0, math.ceil(p * len(jct)) - 1))]
+
+    extra: dict[str, float] = {}
+    if isinstance(s, PeerToPeer):
+        extra["refusals_per_job"] = s.refusals / len(s.jobs)
+        extra["tries_per_forwarded_job"] = (
+            sum(j.tries for j in s.jobs) / max(1, sum(1 for j in s.jobs if j.tries))
+        )
+    return Report(
+        s.name, len(measured), statistics.fmean(jct), q(0.5), q(0.99), statistics.fmean(waits),
+        statistics.fmean(j.hops for j in measured), s.messages / max(1, len(s.jobs)), extra,
+    )
+
+
+def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", seed: int = 1,
+             cpus_per_host: int = CPUS_PER_HOST, mean_duration: float = MEAN_DURATION_S,
+             durations: str = "exp", gossip_interval: float = GOSSIP_INTERVAL_S, warmup: float = 0.1,
+             baselines: bool = True) -> list[Report]:
+    """Run the trace through ``policy`` and (if ``baselines``) the three comparison schedulers."""
+    trace = make_trace(len(topo.hosts), cpus_per_host, load, jobs, mean_duration, durations, seed)
+    runs: list[_Scheduler] = [PeerToPeer(topo, cpus_per_host, _fresh(trace), seed + 1, policy, gossip_interval)]
+    if baselines:
+        runs += [
+            Omniscient(topo, cpus_per_host, _fresh(trace), seed + 2),
+            RandomPlacement(topo, cpus_per_host, _fresh(trace), seed + 3),
+            PowerOfTwo(topo, cpus_per_host, _fresh(trace), seed + 4),
+        ]
+    out = []
+    for s in runs:
+        s.run()
+        out.append(_report(s, warmup))
+    return out
+
+
+# -- topology-aware gossip -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class GossipReport:
+    same_leaf_fraction: float
+    cross_spine_per_node_round: float
+    rounds_mean: float
+    rounds_max: int
+
+
+def gossip_model(topo: Topology, *, fractions: Sequence[float], fanout: int = 3, trials: int = 20,
+                 seed: int = 1) -> list[GossipReport]:
+    """Cross-spine messages per node per round, and push rounds until every node knows a rumour."""
+    hosts = list(topo.hosts)
+    leaf = {h: topo.leaf_of(h) for h in hosts}
+    by_leaf: dict[str, list[str]] = {}
+    for h in hosts:
+        by_leaf.setdefault(leaf[h], []).append(h)
+    same = {h: [o for o in by_leaf[leaf[h]] if o != h] for h in hosts}
+    others = {h: [o for o in hosts if o != h] for h in hosts}
+    out = []
+    for f in fractions:
+        rng = random.Random(seed)
+        rounds = []
+        cross = 0
+        for _ in range(trials):
+            informed = {hosts[rng.randrange(len(hosts))]}
+            r = 0
+            while len(informed) < len(hosts):
+                r += 1
+                new = set()
+                for h in sorted(informed):
+                    for peer in pick_gossip_peers(rng, same[h], others[h], fanout, f):
+                        new.add(peer)
+                informed |= new
+            rounds.append(r)
+            # Steady-state traffic: every node gossips every round, informed or not.
+            for h in hosts:
+                for peer in pick_gossip_peers(rng, same[h], others[h], fanout, f):
+                    cross += leaf[peer] != leaf[h]
+        out.append(GossipReport(f, cross / (trials * len(hosts)), statistics.fmean(rounds), max(rounds)))
+    return out
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+@click.command("placement")
+@click.option("--topology", "topology_file", type=click.Path(dir_okay=False), required=True,
+              help="Topology file; one simulated agent per host.")
+@click.option("--load", type=float, default=0.8, show_default=True, help="Offered load: busy CPU fraction (0-1).")
+@click.option("--jobs", type=int, default=20000, show_default=True, help="Jobs in the trace.")
+@click.option("--policy", type=click.Choice(POLICIES), default="p2p", show_default=True,
+              help="Placement policy every simulated agent runs.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--cpus-per-host", type=int, default=CPUS_PER_HOST, show_default=True, help="Job slots per host.")
+@click.option("--mean-duration", type=float, default=MEAN_DURATION_S, show_default=True, help="Mean job run time, s.")
+@click.option("--durations", type=click.Choice(["exp", "fixed"]), default="exp", show_default=True)
+@click.option("--gossip-interval", type=float, default=GOSSIP_INTERVAL_S, show_default=True,
+              help="How often each agent's vector is re-published (its staleness), s.")
+@click.option("--warmup", type=float, default=0.1, show_default=True, help="Fraction of first jobs left out.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Also run omniscient, random and power-of-two on the same trace.")
+@click.option("--gossip/--no-gossip", "gossip", default=False, show_default=True,
+              help="Also run the topology-aware gossip model.")
+@click.option("--same-leaf-fraction", "fractions", type=float, multiple=True,
+              help="Same-leaf fractions for the gossip model (repeatable; default 0, 0.5, 0.8).")
+@click.option("--fanout", type=int, default=3, show_default=True, help="Gossip targets per node per round.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus_per_host: int,
+        mean_duration: float, durations: str, gossip_interval: float, warmup: float, baselines: bool,
+        gossip: bool, fractions: tuple[float, ...], fanout: int, as_json: bool) -> None:
+    """Drive the placement core through virtual time and compare it with baselines."""
+    if not 0 < load < 1:
+        raise click.BadParameter(f"is {load}; it must lie strictly between 0 and 1 (above 1 queues grow forever)",
+                                 param_hint="--load")
+    if jobs < 10:
+        raise click.BadParameter(f"is {jobs}; use at least 10 jobs (thousands for stable percentiles)",
+                                 param_hint="--jobs")
+    if not 0 <= warmup < 1:
+        raise click.BadParameter(f"is {warmup}; it must lie in [0, 1)", param_hint="--warmup")
+    try:
+        topo = Topology.load(topology_file)
+    except TopologyError as e:
+        raise click.ClickException(str(e)) from None
+    reports = simulate(topo, load=load, jobs=jobs, policy=policy, seed=seed, cpus_per_host=cpus_per_host,
+                       mean_duration=mean_duration, durations=durations, gossip_interval=gossip_interval,
+                       warmup=warmup, baselines=baselines)
+    greports = gossip_model(topo, fractions=fractions or (0.0, 0.5, 0.8), fanout=fanout, seed=seed) if gossip else []
+    ideal = next((r.mean_jct for r in reports if r.scheduler == "omniscient"), None)
+    if as_json:
+        click.echo(json.dumps({
+            "topology": topo.name, "hosts": len(topo.hosts), "load": load, "jobs": jobs, "seed": seed,
+            "cpus_per_host": cpus_per_host, "mean_duration": mean_duration, "durations": durations,
+            "results": [{**asdict(r), **({"vs_omniscient": r.mean_jct / ideal} if ideal else {})} for r in reports],
+            "gossip": [asdict(g) for g in greports],
+        }, indent=2))
+        return
+    click.echo(f"topology {topo.name}: {len(topo.hosts)} hosts x {cpus_per_host} slots, load {load:g}, "
+               f"{jobs} jobs ({durations} durations, mean {mean_duration:g} s), seed {seed}, "
+               f"first {warmup:.0%} left out")
+    click.echo(f"{'scheduler':<14}{'mean JCT':>10}{'p50':>9}{'p99':>9}{'vs ideal':>10}{'mean wait':>11}"
+               f"{'hops/job':>10}{'msgs/placement':>16}")
+    for r in reports:
+        rel = f"{r.mean_jct / ideal:.3f}x" if ideal else "-"
+        click.echo(f"{r.scheduler:<14}{r.mean_jct:>9.3f}s{r.p50_jct:>8.3f}s{r.p99_jct:>8.3f}s{rel:>10}"
+                   f"{r.mean_wait * 1e3:>9.1f}ms{r.hops_per_job:>10.3f}{r.messages_per_placement:>16.2f}")
+        for k, v in r.extra.items():
+            click.echo(f"{'':<14}{k}: {v:.3f}")
+    if greports:
+        click.echo(f"gossip model: fanout {fanout}, push rounds from one node until all {len(topo.hosts)} know")
+        click.echo(f"{'same-leaf':>10}{'cross-spine msgs/node/round':>30}{'rounds mean':>13}{'max':>6}")
+        for g in greports:
+            click.echo(f"{g.same_leaf_fraction:>10.2f}{g.cross_spine_per_node_round:>30.3f}"
+                       f"{g.rounds_mean:>13.2f}{g.rounds_max:>6}")
