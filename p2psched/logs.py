@@ -35,8 +35,30 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each line at once but flushes the stream in batches.
+
+    A flush per line was a tenth of the agent's time per noop job. Lines at
+    WARNING and above flush at once; the rest when :func:`flush` is called (the
+    agent does so every 50 ms), so a kill -9 can lose at most that much info text.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING:
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def flush() -> None:
+    for h in logging.getLogger().handlers:
+        h.flush()
+
+
 def configure(fmt: str = "text", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchedStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -20,7 +20,8 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from p2psched import __version__
+from p2psched import __version__, logs
+from p2psched.agent.threads import WorkerThreads
 from p2psched.agent.errors import AgentError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue
@@ -81,7 +82,7 @@ class Agent:
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._wasm: Any = None
-        self._thread_limiter = trio.CapacityLimiter(max(1, int(self.cpu_total)))
+        self._workers: WorkerThreads | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -100,6 +101,8 @@ class Agent:
             await self._shutdown()
             nursery.cancel_scope.cancel()
         self.store.close()
+        if self._workers is not None:
+            self._workers.close()
         if self._wasm is not None:
             self._wasm.close()
         self.stopped.set()
@@ -157,7 +160,7 @@ class Agent:
 
     def _advance(self, rec: JobRecord, state: JobState, at: float, detail: str = "") -> None:
         rec.advance(state, at, self.node_id, detail)
-        self.metrics.jobs_total.labels(state.value, rec.runtime).inc()
+        self.metrics.job_state(state.value, rec.runtime).inc()
         jlog.info("job %s %s", rec.id, state.value, extra={"job": rec.id, "state": state.value, "detail": detail})
         self.store.stage(rec)
         if state.final:
@@ -352,6 +355,7 @@ class Agent:
     async def _flush_loop(self) -> None:
         while True:
             await trio.sleep(FLUSH_INTERVAL_S)
+            logs.flush()
             if self.store.dirty:
                 await self.store.sync()
 
@@ -414,9 +418,11 @@ class Agent:
                 from p2psched.sandbox.wasm import WasmEngine
 
                 self._wasm = WasmEngine(self.data_dir / "compiled")
+                self._workers = WorkerThreads(max(1, int(self.cpu_total)), "p2psched-wasm")
             from p2psched.sandbox.wasm import run_wasm
 
-            return await trio.to_thread.run_sync(run_wasm, req, self._wasm, limiter=self._thread_limiter)
+            assert self._workers is not None
+            return await self._workers.run(run_wasm, req, self._wasm)
         from p2psched.sandbox.process import run_process
 
         work = self.data_dir / "work" / req.job_id.replace(":", "_")

@@ -99,7 +99,9 @@ class Store:
         self._writer.executescript(SCHEMA)
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._pending: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
-        self._record_json_cache: dict[str, str] = {}
+        # Records are serialised at flush time, not at each stage: a job that moves
+        # through several states between two flushes is encoded once.
+        self._staged_records: dict[str, JobRecord] = {}
         self._inflight: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
         self._staged_gen = 0
         self._committed_gen = 0
@@ -151,7 +153,7 @@ class Store:
         self._pending[rec.id] = (
             rec.id, spec, rec.seq, rec.state.value, rec.tenant, rec.runtime, rec.created_at, out,
         )
-        self._record_json_cache[rec.id] = _record_row(rec)
+        self._staged_records[rec.id] = rec
         self._staged_gen += 1
         if rec.state in FINAL_STATES:
             self._finished[rec.id] = rec
@@ -172,7 +174,8 @@ class Store:
                 continue
             self._flushing = True
             batch, self._pending = self._pending, {}
-            records, self._record_json_cache = self._record_json_cache, {}
+            staged, self._staged_records = self._staged_records, {}
+            records = {job_id: _record_row(r) for job_id, r in staged.items()}
             gen = self._staged_gen
             self._inflight = batch
             try:
@@ -181,8 +184,8 @@ class Store:
                 # Put the batch back (without clobbering newer stagings) so nothing is lost.
                 for k, v in batch.items():
                     self._pending.setdefault(k, v)
-                for k, r in records.items():
-                    self._record_json_cache.setdefault(k, r)
+                for k, rec in staged.items():
+                    self._staged_records.setdefault(k, rec)
                 raise
             finally:
                 self._inflight = {}

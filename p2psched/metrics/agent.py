@@ -6,6 +6,8 @@ process in tests and keeps each agent's /metrics about itself alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Buckets from 1 ms to ~2 h: noop WebAssembly jobs finish in well under a
@@ -37,4 +39,12 @@ class AgentMetrics:
             "p2psched_admission_rejections_total", "Submissions refused at the door, by reason.", ["reason"],
             registry=registry,
         )
+        self._job_children: dict[tuple[str, str], Any] = {}
         self.running = Gauge("p2psched_jobs_running", "Jobs running here now.", registry=registry)
+
+    def job_state(self, state: str, runtime: str) -> Any:
+        """The jobs_total child for (state, runtime), cached: labels() is costly per job."""
+        child = self._job_children.get((state, runtime))
+        if child is None:
+            child = self._job_children[(state, runtime)] = self.jobs_total.labels(state, runtime)
+        return child

@@ -21,15 +21,16 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import trio
 
 #: Controllers the sandbox uses. Without memory and pids it falls back to rlimits.
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "devices", "freezer")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
+V1_JOB_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 
 #: 100 ms: the kernel's default CFS period. Shorter periods tighten the quota's
 #: granularity but cost scheduler work; Kubernetes and Docker keep 100 ms.
@@ -236,14 +237,22 @@ def prepare_parent(layout: CgroupLayout) -> list[Path]:
 class JobCgroup:
     """One job's cgroup(s). Create, add the first process, read, kill, remove."""
 
-    def __init__(self, layout: CgroupLayout, name: str) -> None:
+    def __init__(self, layout: CgroupLayout, name: str, *, devices: bool = False) -> None:
+        """``devices``: also join the v1 devices controller (jobs granted device nodes).
+
+        Each v1 hierarchy joined costs a migration that stalls every fork on the
+        host for a moment (the kernel's cgroup_threadgroup_rwsem), so a job joins
+        only what it uses: memory, pids, cpu and cpuacct, and devices for GPU jobs.
+        Freezer is not needed: killing the job's PID 1 ends every process in it.
+        """
         self.layout = layout
         self.name = name
         if layout.version == 2:
             assert layout.v2_dir is not None
             self.dirs = {"*": layout.v2_dir / PARENT_NAME / name}
         else:
-            self.dirs = {c: d / PARENT_NAME / name for c, d in layout.v1_dirs.items()}
+            used = V1_JOB_CONTROLLERS + (("devices",) if devices else ())
+            self.dirs = {c: d / PARENT_NAME / name for c, d in layout.v1_dirs.items() if c in used}
         self.created: list[Path] = []
         #: host pid of the job's first process, fixed after ``add``
         self.first_pid: int | None = None
@@ -253,6 +262,10 @@ class JobCgroup:
             return self.dirs["*"] if controller in self.layout.v2_controllers or controller == "*" else None
         return self.dirs.get(controller)
 
+    def unique_dirs(self) -> list[Path]:
+        """Each directory once: v1 hierarchies are often co-mounted (``cpu,cpuacct``)."""
+        return list(dict.fromkeys(self.dirs.values()))
+
     @property
     def procs_dir(self) -> Path:
         if self.layout.version == 2:
@@ -261,7 +274,7 @@ class JobCgroup:
 
     def create(self, *, mem_bytes: int, pids: int, cpu: float, devices: list[tuple[str, int, int]] | None) -> None:
         """Make the directories and write the limits. Raises OSError on a refusal."""
-        for d in self.dirs.values():
+        for d in self.unique_dirs():
             d.mkdir()
             self.created.append(d)
         quota = max(1000, int(cpu * CFS_PERIOD_US))
@@ -299,7 +312,7 @@ class JobCgroup:
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (not yet executing the job) into every hierarchy."""
-        for d in self.dirs.values():
+        for d in self.unique_dirs():
             _write(d / "cgroup.procs", str(pid))
         self.first_pid = pid
 
@@ -362,25 +375,45 @@ class JobCgroup:
             except OSError:
                 pass
 
-    async def remove(self, timeout_s: float = 5.0) -> bool:
-        """rmdir every directory; members that are still exiting get ``timeout_s``."""
+    def poll(self, *, cpu: bool) -> CgroupStats:
+        """The counters a running job is watched by: OOM kills, pids.max hits, CPU time if asked.
+        Fewer reads than :meth:`stats`, since a thousand jobs are polled every second."""
+        s = CgroupStats()
+        if self.layout.version == 2:
+            d = self.dirs["*"]
+            s.oom_kills = _keyed(_read(d / "memory.events")).get("oom_kill", 0)
+            s.pids_max_hits = _keyed(_read(d / "pids.events")).get("max", 0)
+            if cpu:
+                s.cpu_ns = _keyed(_read(d / "cpu.stat")).get("usage_usec", 0) * 1000
+            return s
+        if (m := self.dirs.get("memory")) is not None:
+            s.oom_kills = _keyed(_read(m / "memory.oom_control")).get("oom_kill", 0)
+        if (p := self.dirs.get("pids")) is not None:
+            s.pids_max_hits = _keyed(_read(p / "pids.events")).get("max", 0)
+        if cpu and (c := self.dirs.get("cpuacct")) is not None:
+            v = _read(c / "cpuacct.usage").strip()
+            s.cpu_ns = int(v) if v.isdigit() else 0
+        return s
+
+    def remove(self, timeout_s: float = 5.0) -> bool:
+        """rmdir every directory; members still exiting get ``timeout_s``. Blocking: call from a thread."""
+        deadline = time.monotonic() + timeout_s
         ok = True
-        with trio.move_on_after(timeout_s) as scope:
-            for d in reversed(self.created):
-                delay = 0.001
-                while True:
-                    try:
-                        d.rmdir()
+        for d in reversed(self.created):
+            delay = 0.001
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        ok = False
                         break
-                    except FileNotFoundError:
-                        break
-                    except OSError as e:
-                        if e.errno != errno.EBUSY:
-                            ok = False
-                            break
-                        await trio.sleep(delay)
-                        delay = min(delay * 2, 0.05)
-        return ok and not scope.cancelled_caught
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+        return ok
 
 
 def reap_stale(layout: CgroupLayout) -> int:
@@ -398,19 +431,9 @@ def reap_stale(layout: CgroupLayout) -> int:
         except OSError:
             continue
     for name in names:
-        cg = JobCgroup(layout, name)
-        cg.created = [d for d in cg.dirs.values() if d.exists()]
+        cg = JobCgroup(layout, name, devices=True)
+        cg.created = [d for d in cg.unique_dirs() if d.exists()]
         cg.kill()
-        for d in reversed(cg.created):
-            for _ in range(200):
-                try:
-                    d.rmdir()
-                    break
-                except OSError as e:
-                    if e.errno != errno.EBUSY:
-                        break
-                    import time
-
-                    time.sleep(0.005)
+        cg.remove()
         removed += 1
     return removed

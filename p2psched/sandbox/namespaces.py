@@ -140,19 +140,21 @@ def in_system_dirs(path: str) -> bool:
 class Tools:
     bwrap: str | None
     prlimit: str | None
+    setpriv: str | None
     bwrap_version: str = ""
 
 
 def find_tools() -> Tools:
     bwrap = shutil.which("bwrap")
     prlimit = shutil.which("prlimit")
+    setpriv = shutil.which("setpriv")
     version = ""
     if bwrap:
         try:
             version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=5).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             version = ""
-    return Tools(bwrap, prlimit, version)
+    return Tools(bwrap, prlimit, setpriv, version)
 
 
 def probe_user_namespace(bwrap: str, uid: int | None, gid: int | None) -> tuple[bool, str]:

@@ -47,11 +47,13 @@ import math
 import os
 import re
 import signal
+import queue
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -150,8 +152,12 @@ def _umount(path: Path) -> None:
     _libc().umount2(str(path).encode(), MNT_DETACH)
 
 
+def _host_key(cfg: ProcessSandboxConfig) -> tuple[Any, ...]:
+    return (cfg.uid, cfg.gid, cfg.user_namespace, cfg.cgroups)
+
+
 def _host(cfg: ProcessSandboxConfig) -> _Host:
-    key = (cfg.uid, cfg.gid, cfg.user_namespace, cfg.cgroups)
+    key = _host_key(cfg)
     if key in _HOSTS:
         return _HOSTS[key]
     tools = namespaces.find_tools()
@@ -196,6 +202,66 @@ def _host(cfg: ProcessSandboxConfig) -> _Host:
     )
     _HOSTS[key] = host
     return host
+
+
+# ---------------------------------------------------------------------------
+# Blocking work, kept off the trio thread
+
+T = TypeVar("T")
+
+
+class _Launcher:
+    """Long-lived threads that fork the sandboxes.
+
+    Forking (``Popen`` waits until the child has executed ``prlimit``) and cgroup
+    writes take milliseconds, tens under load, so they must not run on the trio
+    thread. But ``bwrap --die-with-parent`` arms PR_SET_PDEATHSIG, which fires when
+    the *thread* that forked it exits, so trio's worker threads (which retire when
+    idle) would kill healthy jobs. These threads live as long as the agent.
+    """
+
+    #: Forks in flight at once; more only queue behind the same kernel locks.
+    THREADS = 4
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.started = False
+        self.lock = threading.Lock()
+
+    def _loop(self) -> None:
+        while True:
+            self.queue.get()()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        with self.lock:
+            if not self.started:
+                for i in range(self.THREADS):
+                    threading.Thread(target=self._loop, name=f"p2psched-launcher-{i}", daemon=True).start()
+                self.started = True
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[tuple[bool, Any]] = []
+
+        def task() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed to the awaiting task
+                box.append((False, e))
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        self.queue.put(task)
+        # Once queued the fork happens; waiting it out (briefly) is what lets
+        # cleanup find and kill the process if we were cancelled meanwhile.
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+
+_LAUNCHER = _Launcher()
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +354,10 @@ class _Job:
             self.fds.remove(fd)
             os.close(fd)
 
+    def _prepare(self) -> None:
+        self._prepare_scratch()
+        self._prepare_cgroup()
+
     def _prepare_scratch(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.rundir.parent == self.cfg.runtime_dir:
@@ -307,9 +377,9 @@ class _Job:
     def _prepare_cgroup(self) -> None:
         if not self.host.cgroups_ok:
             return
-        cg = cgroups.JobCgroup(self.host.layout, self.name)
+        cg = cgroups.JobCgroup(self.host.layout, self.name, devices=bool(self.req.gpu_devices))
         devices = None
-        if self.host.layout.version == 1:
+        if self.host.layout.version == 1 and self.req.gpu_devices:
             devices = []
             for dev in self.req.gpu_devices:
                 st = os.stat(dev)
@@ -385,8 +455,7 @@ class _Job:
                         "give an absolute path or install it on every executor\n").encode(),
                 warnings=self.warnings, sandbox=self._sandbox_info(),
             )
-        self._prepare_scratch()
-        self._prepare_cgroup()
+        await trio.to_thread.run_sync(self._prepare)
 
         seccomp_fd = self._fd(seccomp_filter.bpf_fd())
         info_r, info_w = (self._fd(x) for x in os.pipe())
@@ -394,7 +463,7 @@ class _Job:
         out_r, out_w = (self._fd(x) for x in os.pipe())
         err_r, err_w = (self._fd(x) for x in os.pipe())
         stdin_r, stdin_w = (self._fd(x) for x in os.pipe())
-        args, command, pass_fds = self._plan([exe] + req.command[1:] + req.args, seccomp_fd, info_w, block_r)
+        args, command, pass_fds = await trio.to_thread.run_sync(self._plan, [exe] + req.command[1:] + req.args, seccomp_fd, info_w, block_r)
         # The arguments travel on a memfd, not argv: env values (tokens, keys) must
         # not show in the host's `ps`.
         args_fd = self._fd(os.memfd_create("p2psched-bwrap-args", 0))
@@ -403,14 +472,18 @@ class _Job:
         pass_fds.append(args_fd)
         assert self.host.tools.bwrap
         argv = self._prlimit_args() + [self.host.tools.bwrap, "--args", str(args_fd), "--", *command]
-        kw: dict[str, Any] = {}
         if self.userns and os.geteuid() == 0:
-            kw = {"user": self.cfg.uid, "group": self.cfg.gid, "extra_groups": []}
-        self.popen = subprocess.Popen(
+            # Switch to the sandbox uid with setpriv rather than Popen(user=...): a
+            # uid change makes CPython fork() the whole agent with the GIL held,
+            # while without one it uses vfork() and releases the GIL meanwhile.
+            assert self.host.tools.setpriv
+            argv = [self.host.tools.setpriv, f"--reuid={self.cfg.uid}", f"--regid={self.cfg.gid}",
+                    "--clear-groups", "--", *argv]
+        self.popen = popen = await _LAUNCHER.call(lambda: subprocess.Popen(
             argv, stdin=stdin_r, stdout=out_w, stderr=err_w, pass_fds=pass_fds, close_fds=True,
-            env={}, cwd="/", **kw,
-        )
-        self.monitor_pidfd = os.pidfd_open(self.popen.pid)
+            env={}, cwd="/",
+        ))
+        self.monitor_pidfd = os.pidfd_open(popen.pid)
         for fd in (stdin_r, out_w, err_w, info_w, block_r, args_fd, seccomp_fd, *pass_fds):
             self._close(fd)
 
@@ -446,7 +519,7 @@ class _Job:
                 "the sandbox launcher (bwrap) failed before the job started: "
                 + (bytes(err.buf).decode(errors="replace").strip() or f"wait status {status}")
             )
-        return self._result(status, rusage, out, err)
+        return await trio.to_thread.run_sync(self._result, status, rusage, out, err)
 
     async def _await_start(self, info_r: int) -> bool:
         """Read bwrap's info JSON; move its PID 1 into the cgroup. False if bwrap died first."""
@@ -472,7 +545,7 @@ class _Job:
         except ProcessLookupError:
             return False  # bwrap failed while building the sandbox; its stderr says why
         if self.cg is not None:
-            self.cg.add(pid)
+            await trio.to_thread.run_sync(self.cg.add, pid)
         return True
 
     async def _feed_stdin(self, fd: int) -> None:
@@ -552,7 +625,7 @@ class _Job:
                     return
                 wake = min(deadline, now + interval)
                 if self.cg is not None:
-                    s = self.cg.stats()
+                    s = self.cg.poll(cpu=self.limits.cpu_ms is not None)
                     if s.oom_kills:
                         await self._violate("memory_limit")
                         return
@@ -671,22 +744,25 @@ class _Job:
                 self.kill_all()
                 with trio.move_on_after(self.cfg.kill_wait_s):
                     await self._wait_monitor()
-            if self.cg is not None:
-                with contextlib.suppress(OSError):
-                    self.cg.kill()
-                if not await self.cg.remove(self.cfg.kill_wait_s):
-                    self.warnings.append(f"cgroup {self.cg.name} could not be removed")
             for fd in (self.monitor_pidfd, self.init_pidfd):
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             for fd in list(self.fds):
                 self._close(fd)
-            for m in reversed(self.mounts):
-                _umount(m)
-            self.mounts.clear()
+            await trio.to_thread.run_sync(self._teardown)
+
+    def _teardown(self) -> None:
+        if self.cg is not None:
             with contextlib.suppress(OSError):
-                _rmtree(self.rundir)
+                self.cg.kill()
+            if not self.cg.remove(self.cfg.kill_wait_s):
+                self.warnings.append(f"cgroup {self.cg.name} could not be removed")
+        for m in reversed(self.mounts):
+            _umount(m)
+        self.mounts.clear()
+        with contextlib.suppress(OSError):
+            _rmtree(self.rundir)
 
 
 def _rmtree(path: Path) -> None:
@@ -759,11 +835,13 @@ async def run_process(
 ) -> SandboxResult:
     """Run ``request`` in the process sandbox; see the module docstring for the contract."""
     cfg = config or ProcessSandboxConfig()
-    host = _host(cfg)
+    host = _HOSTS.get(_host_key(cfg))
+    if host is None:
+        host = await trio.to_thread.run_sync(_host, cfg)
     if host.tools.bwrap is None:
         raise SandboxError("process jobs need bubblewrap: install it with 'apt-get install bubblewrap'")
-    if host.tools.prlimit is None:
-        raise SandboxError("process jobs need util-linux's prlimit: install it with 'apt-get install util-linux'")
+    if host.tools.prlimit is None or host.tools.setpriv is None:
+        raise SandboxError("process jobs need util-linux's prlimit and setpriv: install them with 'apt-get install util-linux'")
     job = _Job(request, work_dir, cfg, host)
     try:
         return await job.run()
@@ -772,8 +850,13 @@ async def run_process(
 
 
 def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
-    """Remove job cgroups and scratch mounts left by a previous agent process. Returns how many."""
+    """Remove job cgroups and scratch mounts left by a previous agent process. Returns how many.
+
+    Blocking (tens of ms: it also probes the host once, which the first job
+    would otherwise pay for); call it before the agent starts serving.
+    """
     cfg = config or ProcessSandboxConfig()
+    _host(cfg)
     n = 0
     if cfg.cgroups == "auto":
         n += cgroups.reap_stale(cgroups.detect())
@@ -797,7 +880,8 @@ def doctor_checks(config: ProcessSandboxConfig | None = None) -> list[tuple[str,
     tools = namespaces.find_tools()
     checks.append(("bubblewrap", tools.bwrap is not None, tools.bwrap_version or "not found on PATH",
                    "install it: apt-get install bubblewrap"))
-    checks.append(("prlimit", tools.prlimit is not None, tools.prlimit or "not found on PATH",
+    checks.append(("prlimit and setpriv", tools.prlimit is not None and tools.setpriv is not None,
+                   f"{tools.prlimit or 'prlimit not found'}, {tools.setpriv or 'setpriv not found'}",
                    "install util-linux: apt-get install util-linux"))
     for kind in ("pid", "mount", "net", "ipc", "uts", "cgroup"):
         ok, detail = namespaces.probe_namespace(kind)

@@ -51,7 +51,7 @@ CLONE_NEWUSER = 0x10000000
 @functools.cache
 def filter_bpf() -> bytes:
     """The filter as classic BPF, ready for ``bwrap --seccomp``. Built once."""
-    import pyseccomp as seccomp  # libseccomp through ctypes; loaded only when a process job runs
+    import pyseccomp as seccomp  # type: ignore[import-untyped]  # libseccomp via ctypes, loaded on first use
 
     f = seccomp.SyscallFilter(seccomp.ALLOW)
     eperm = seccomp.ERRNO(errno.EPERM)

@@ -208,7 +208,7 @@ class RawStore:
 
     def call(self, func: Any, params: list[int | float]) -> Any:
         """Call any function through wasmtime-py, which converts the values."""
-        return wasmtime.Func._from_raw(func)(self, *params)
+        return wasmtime.Func._from_raw(func)(self, *params)  # type: ignore[arg-type]  # duck-typed: has _context()
 
     def memory_bytes(self, instance: Any, names: tuple[bytes, ...]) -> int:
         """Total size in bytes of the named exported memories."""

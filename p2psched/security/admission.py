@@ -2,7 +2,8 @@
 
 Public interface (one ``Admission`` per agent)::
 
-    adm = Admission(nonces=MemoryNonceStore(), rejections=agent.metrics.admission_rejections)
+    adm = Admission(nonces=SQLiteNonceStore(data_dir / "nonces.db"),   # or MemoryNonceStore()
+                    rejections=agent.metrics.admission_rejections)
     #   rejections: an existing prometheus Counter labelled by ``reason``; or pass
     #   metrics=CollectorRegistry to have Admission create p2psched_admission_rejections_total.
 

@@ -1,0 +1,142 @@
+"""Noop jobs per second: raw wasmtime against the agent's whole path, in one run.
+
+    .venv/bin/python benchmarks/noop_throughput.py [--jobs 20000] [--batch 1000]
+
+(a) raw: a plain in-process wasmtime loop that instantiates noop.wasm and calls
+    its ``noop`` export (benchmarks/wasm_raw.py), nothing of p2psched.
+(b) agent: noop jobs through one real agent subprocess via POST /v1/jobs:batch,
+    end to end: validated, written to SQLite, dispatched, run in the wasm sandbox,
+    result stored durably. Counted from the first submit until the last job's final
+    state is stored.
+
+Also printed: submit->result latency p50/p99 (from each job's timeline), and the
+agent's idle RSS and idle CPU (measured before any job, over 10 s).
+Targets on a 2-core machine: (b) >= 50% of (a), >= 5,000 jobs/s, RSS < 50 MB, CPU < 1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from agents import free_port  # noqa: E402
+from wasm_raw import NOOP, raw_noop_loop  # noqa: E402
+
+FINAL = {"succeeded", "failed", "cancelled", "timed_out", "rejected"}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=20_000)
+    ap.add_argument("--batch", type=int, default=1_000)
+    ap.add_argument("--idle-s", type=float, default=10.0)
+    args = ap.parse_args()
+
+    raw_n = 5_000
+    raw_n / raw_noop_loop(200)  # warm-up
+    raw_rate = raw_n / raw_noop_loop(raw_n)
+    print(f"(a) raw wasmtime loop:        {raw_rate:10.0f} noop calls/s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        log = open(Path(tmp) / "agent.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "p2psched", "agent", "--node-id", "bench", "--api", f"127.0.0.1:{port}",
+             "--gossip", f"127.0.0.1:{free_port()}", "--transfer", f"127.0.0.1:{free_port()}",
+             "--data-dir", f"{tmp}/data", "--insecure", "--no-mdns", "--queue-limit", str(args.jobs + 10)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with httpx.Client(base_url=url, timeout=120) as http:
+                for _ in range(200):
+                    try:
+                        if http.get("/healthz").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        time.sleep(0.05)
+                time.sleep(1.0)
+                c0 = cpu_seconds(proc.pid)
+                time.sleep(args.idle_s)
+                idle_cpu = (cpu_seconds(proc.pid) - c0) / args.idle_s * 100
+                idle_rss = rss_mb(proc.pid)
+
+                module = NOOP.read_bytes()
+                sha = hashlib.sha256(module).hexdigest()
+                first = http.post("/v1/jobs", json={"module": base64.b64encode(module).decode(), "entry": "noop"})
+                http.get(f"/v1/jobs/{first.json()['id']}", params={"wait": 10})
+                spec = {"module_sha256": sha, "entry": "noop"}
+                ids: list[str] = []
+                t0 = time.perf_counter()
+                for start in range(0, args.jobs, args.batch):
+                    n = min(args.batch, args.jobs - start)
+                    r = http.post("/v1/jobs:batch", json={"jobs": [spec] * n})
+                    results = r.json()["results"]
+                    bad = [x for x in results if "error" in x]
+                    if bad:
+                        raise SystemExit(f"batch refused jobs: {bad[0]}")
+                    ids.extend(x["job"]["id"] for x in results)
+                submitted = time.perf_counter() - t0
+                last = http.get(f"/v1/jobs/{ids[-1]}", params={"wait": 300}).json()
+                while True:
+                    listing = http.get("/v1/jobs", params={"state": "queued", "limit": 1}).json()["jobs"]
+                    running = http.get("/v1/jobs", params={"state": "running", "limit": 1}).json()["jobs"]
+                    placed = http.get("/v1/jobs", params={"state": "placed", "limit": 1}).json()["jobs"]
+                    if not listing and not running and not placed:
+                        break
+                    time.sleep(0.05)
+                elapsed = time.perf_counter() - t0
+                # Latencies from the timelines of a sample spread over the run.
+                sample = ids[:: max(1, len(ids) // 500)]
+                lat = []
+                states: dict[str, int] = {}
+                for i in sample:
+                    rec = http.get(f"/v1/jobs/{i}").json()
+                    states[rec["state"]] = states.get(rec["state"], 0) + 1
+                    tl = rec["timeline"]
+                    lat.append((tl[-1]["at"] - tl[0]["at"]) * 1000)
+                busy_rss = rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    rate = args.jobs / elapsed
+    print(f"(b) agent, batch API:         {rate:10.0f} noop jobs/s  ({args.jobs} jobs in {elapsed:.2f}s; "
+          f"submission alone {args.jobs / submitted:.0f}/s; last job {last['state']})")
+    print(f"    ratio (b)/(a):            {rate / raw_rate:10.1%}")
+    print(f"    submit->result latency:   p50 {statistics.median(lat):.1f} ms, p99 {pct(lat, 0.99):.1f} ms "
+          f"(sample of {len(sample)}; states {states})")
+    print(f"    idle agent:               RSS {idle_rss:.1f} MB, CPU {idle_cpu:.2f}% over {args.idle_s:.0f}s; "
+          f"RSS after the run {busy_rss:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
