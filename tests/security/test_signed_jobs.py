@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from p2psched.jobs.spec import JobSpec
@@ -267,3 +269,29 @@ def test_a_forwarded_job_tampered_in_transit_is_refused_by_the_next_hop(keys: Te
     # The untouched frame still verifies at that hop: the refusal is about the tampering.
     spec, auth, job_id = receive_frame(forward_frame(env.spec, env.auth, "a1:j1"))
     assert hop.admit(spec, auth, registry=reg, job_id=job_id, usage=None, now=NOW + 5, forwarded=True).tenant == "alice"
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cpu=st.floats(min_value=0.001, max_value=1024, allow_nan=False),
+    mem=st.integers(1, 4 * 1024 * 1024),
+    priority=st.integers(0, 50),
+    env=st.dictionaries(_text.filter(bool), _text, max_size=4),
+    args=st.lists(_text, max_size=4),
+    data=st.binary(max_size=64),
+    wire=st.sampled_from(["json", "msgpack"]),
+)
+def test_any_spec_verifies_after_travelling(keys: TenantKeys, cpu: float, mem: int, priority: int,
+                                            env: dict[str, str], args: list[str], data: bytes, wire: str) -> None:
+    """Floats, unicode and binary input survive JSON (API) and msgpack (transfer) unchanged in meaning."""
+    spec = JobSpec(tenant="alice", module=WASM, input=data, args=args, env=env, priority=priority,
+                   resources={"cpu": cpu, "mem_mb": mem})  # type: ignore[arg-type]
+    env_ = sign_spec(spec, "alice", keys.key("alice"), NOW)
+    if wire == "json":
+        got, auth = parse_submission(json.loads(json.dumps(env_.to_json())))
+    else:
+        got, auth, _ = receive_frame(forward_frame(env_.spec, env_.auth, "j"))
+    assert verify_request(got, auth, registry(keys), NOW).tenant.name == "alice"
