@@ -261,3 +261,13 @@ def test_close_cancels_runs_in_flight_and_refuses_new_ones():
     worker.join(timeout=30)
     assert results[0].reason == "cancelled"
     assert run_wasm(request("hello", job_id="late"), engine).reason == "cancelled"
+
+
+async def test_largest_allowed_stack_overflows_cleanly_in_a_worker_thread(engine):
+    # A guest stack larger than the worker thread's would crash the agent;
+    # the engine lowers the request to what the thread holds and says so.
+    limits = Limits(stack_bytes=256 << 20)
+    result = await trio.to_thread.run_sync(run_wasm, request("recurse", limits=limits), engine)
+    assert result.reason == "stack_overflow"
+    assert result.sandbox["stack_bytes"] == engine.max_stack_bytes < 256 << 20
+    assert result.warnings and "stack limit lowered" in result.warnings[0]
