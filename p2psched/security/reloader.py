@@ -5,9 +5,12 @@ Public interface: start it in the agent's nursery when ``--tenants`` is given::
     await nursery.start(watch_registry, holder, on_reload)
 
 ``on_reload(reload)`` is called for every reload attempt: ``reload.reloaded`` (log at
-info) or ``reload.error`` (log at error; the old registry stays active). SIGHUP is
-only deliverable to the main thread, where trio runs the agent; where signals cannot
-be received (another thread), the watcher polls the file only.
+info) or ``reload.error`` (log at error; the old registry stays active).
+
+SIGHUP: trio delivers a signal to one receiver only, so if the agent already handles
+SIGHUP itself (``Agent.reload``), start the watcher with ``handle_sighup=False`` and call
+``on_reload(holder.reload())`` from the agent's handler. Signals reach only the main
+thread; elsewhere the watcher polls the file only.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ POLL_INTERVAL_S = 2.0
 
 async def watch_registry(
     holder: RegistryHolder, on_reload: Callable[[Reload], None], *, poll_interval: float = POLL_INTERVAL_S,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    handle_sighup: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        if threading.current_thread() is threading.main_thread():
+        if handle_sighup and threading.current_thread() is threading.main_thread():
             with trio.open_signal_receiver(signal.SIGHUP) as signals:
                 nursery.start_soon(_poll, holder, on_reload, poll_interval)
                 task_status.started()

@@ -184,7 +184,7 @@ async def test_watcher_notices_a_changed_file_without_a_signal(tmp_path: Path) -
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: watch_registry(holder, lambda r: done.set(), poll_interval=0.01,
-                                                               task_status=task_status))
+                                                               handle_sighup=False, task_status=task_status))
         path.write_text(tenants_toml(keys) + f'\n[tenants.carol]\nkeys = ["{keys.pub("carol")}"]\n')
         os.utime(path, ns=(2, 2))
         with trio.fail_after(10):
