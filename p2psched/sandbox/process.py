@@ -730,7 +730,7 @@ class _Job:
             "root": "read-only binds of system dirs and a curated /etc",
             "scratch": {"tmpfs": self.scratch_mounted, "bytes": self.limits.scratch_mb * 1024 * 1024},
             "cgroup": f"v{layout.version}" if self.cg is not None else None,
-            "controllers": sorted(layout.controllers) if self.cg is not None else [],
+            "controllers": sorted(self.cg.dirs if layout.version == 1 else layout.controllers) if self.cg else [],
             "rlimits": dict(self.rlimits),
             "devices": list(self.req.gpu_devices),
         }

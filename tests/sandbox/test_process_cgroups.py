@@ -121,7 +121,7 @@ def test_limits_written_for_a_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         layout = CgroupLayout(1, v1_dirs={c: tmp_path / c for c in ("memory", "pids", "cpu", "devices")})
     for d in ([tmp_path] if version == 2 else list(layout.v1_dirs.values())):
         (d / cgroups.PARENT_NAME).mkdir(parents=True)
-    JobCgroup(layout, "job-z").create(mem_bytes=1 << 28, pids=50, cpu=1.5, devices=[("c", 195, 0)])
+    JobCgroup(layout, "job-z", devices=True).create(mem_bytes=1 << 28, pids=50, cpu=1.5, devices=[("c", 195, 0)])
     if version == 2:
         assert written == {"p2psched/memory.max": str(1 << 28), "p2psched/pids.max": "50",
                            "p2psched/cpu.max": "150000 100000", "p2psched/cpu.weight": "150"}
@@ -170,7 +170,7 @@ async def test_real_v2_cgroup_places_accounts_kills_and_removes() -> None:
                 await trio.sleep(0.01)
         for pid in members:
             assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        assert await cg.remove()
+        assert cg.remove()
         assert not (root / cgroups.PARENT_NAME / "job-real").exists()
     finally:
         for d in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
