@@ -90,10 +90,12 @@ def cuda_driver_view() -> dict[str, Any]:
 
 
 def nvml_view() -> dict[str, Any]:
+    """GPUs NVML lists. Through pynvml where installed, else libnvidia-ml via ctypes
+    (a sandboxed job often runs the system Python without pynvml)."""
     try:
         import pynvml  # type: ignore[import-untyped]
     except ImportError:
-        return {"available": False, "why": "nvidia-ml-py not installed", "devices": []}
+        return _nvml_ctypes()
     try:
         pynvml.nvmlInit()
     except Exception as e:
@@ -111,6 +113,33 @@ def nvml_view() -> dict[str, Any]:
         return {"available": True, "why": f"{len(out)} device(s)", "devices": out}
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvml_ctypes() -> dict[str, Any]:
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return {"available": False, "why": "neither nvidia-ml-py nor libnvidia-ml.so.1 is present", "devices": []}
+    rc = nvml.nvmlInit_v2()
+    if rc != 0:
+        return {"available": False, "why": f"NVML did not start (nvmlReturn {rc})", "devices": []}
+    try:
+        count = ctypes.c_uint(0)
+        nvml.nvmlDeviceGetCount_v2(ctypes.byref(count))
+        out: list[dict[str, Any]] = []
+        for i in range(count.value):
+            h = ctypes.c_void_p()
+            rc = nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(h))
+            if rc != 0:  # e.g. 4 (NO_PERMISSION) for a GPU whose node the sandbox did not let through
+                out.append({"index": i, "error": f"nvmlReturn {rc}"})
+                continue
+            uuid, name = ctypes.create_string_buffer(96), ctypes.create_string_buffer(96)
+            nvml.nvmlDeviceGetUUID(h, uuid, 96)
+            nvml.nvmlDeviceGetName(h, name, 96)
+            out.append({"index": i, "uuid": uuid.value.decode(), "name": name.value.decode()})
+        return {"available": True, "why": f"{len(out)} device(s)", "devices": out}
+    finally:
+        nvml.nvmlShutdown()
 
 
 def main() -> int:

@@ -28,3 +28,33 @@ def _run_example(gpu_env: dict[str, str], *args: str) -> tuple[int, dict[str, An
 @pytest.fixture
 def run_example() -> RunExample:
     return _run_example
+
+
+async def run_example_sandboxed(work_dir: Path, gpu_env: dict[str, str], gpu_devices: list[str],
+                                *args: str) -> tuple[int | None, dict[str, Any], str]:
+    """Run the example as a process job in the real process sandbox.
+
+    The system Python runs it (``-c`` with the example's source, so no host path
+    needs binding); the sandbox applies the grant's environment and lets only the
+    grant's device nodes through. Skips where this host cannot run process jobs.
+    """
+    from p2psched.jobs.spec import Limits, Resources
+    from p2psched.sandbox.base import SandboxRequest
+    from p2psched.sandbox.process import SandboxError, run_process
+
+    req = SandboxRequest(job_id="gpu-example", runtime="process", limits=Limits.model_validate({"wall_ms": 60_000}),
+                         resources=Resources.model_validate({}), command=["/usr/bin/python3", "-c", EXAMPLE.read_text(), *args],
+                         gpu_env=gpu_env, gpu_devices=gpu_devices)
+    try:
+        result = await run_process(req, work_dir)
+    except SandboxError as e:
+        pytest.skip(f"this host cannot run process jobs: {e}")
+    out = result.stdout.decode()
+    lines = out.strip().splitlines()
+    assert lines, f"the job printed nothing: {result.reason} {result.stderr.decode()[-500:]}"
+    return result.exit_code, json.loads(lines[-1]), out + "\n" + "\n".join(result.warnings)
+
+
+@pytest.fixture
+def run_in_sandbox() -> Callable[..., Any]:
+    return run_example_sandboxed

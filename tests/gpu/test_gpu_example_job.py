@@ -8,6 +8,7 @@ tests in test_gpu_real.py repeat this where a GPU exists and CUDA itself answers
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from p2psched.gpu.devices import no_gpu_env
@@ -45,3 +46,15 @@ def test_a_job_without_the_capability_sees_no_gpu(run_example: RunExample) -> No
     assert report["cuda"]["devices"] == []
     assert report["backend"] == "python" and "no GPU visible" in report["device"]
     assert rc == 3, out  # --require-gpu: no GPU is a failure the job reports itself
+
+
+async def test_in_the_process_sandbox_the_job_gets_its_grant_and_no_more(tmp_path: Path,
+                                                                       run_in_sandbox: Any) -> None:
+    g = SlotAllocator(load_inventory("1xL4-24GB/shared:4")).reserve("job", 1, "share-1/4")
+    rc, report, out = await run_in_sandbox(tmp_path / "a", g.env, list(g.devices))
+    assert rc == 0, out
+    assert report["granted"]["CUDA_VISIBLE_DEVICES"] == "GPU-declared-0"
+    assert report["granted"]["P2PSCHED_GPU_MEMORY_LIMIT_BYTES"] == str((24 << 30) // 4)
+    rc, report, out = await run_in_sandbox(tmp_path / "b", no_gpu_env(), [], "--require-gpu")
+    assert report["granted"]["CUDA_VISIBLE_DEVICES"] == "" and report["cuda"]["devices"] == []
+    assert rc == 3, out

@@ -82,3 +82,20 @@ def test_a_job_without_the_capability_sees_no_gpu(inventory: GpuInventory, run_e
     assert report["cuda"]["available"], "libcuda must load on a GPU host"
     assert report["cuda"]["devices"] == [], out
     assert rc == 3
+
+
+async def test_in_the_process_sandbox_one_slot_shows_one_device(inventory: GpuInventory, run_in_sandbox: Any,
+                                                                tmp_path: Any) -> None:
+    alloc = SlotAllocator(inventory)
+    free = alloc.free_by_type()
+    if not any(free.values()):
+        pytest.skip(f"the GPU offers no slots (MIG mode without instances?): {alloc.snapshot()}")
+    g = alloc.reserve("gpu-job", 1, max(free, key=lambda t: free[t]))
+    rc, report, out = await run_in_sandbox(tmp_path / "granted", g.env, list(g.devices), "--require-gpu")
+    print(out)
+    assert rc == 0, out
+    assert [d["uuid"] for d in report["cuda"]["devices"]] == [_bare(g.slots[0].device_uuid)], out
+    rc, report, out = await run_in_sandbox(tmp_path / "none", no_gpu_env(), [], "--require-gpu")
+    print(out)
+    assert report["cuda"]["devices"] == [], out
+    assert rc == 3, out
