@@ -20,8 +20,9 @@ now are candidates (for GPU jobs: enough free slots of the required type). They 
 by network cost (same leaf beats across the spine), then load, then GPU fit (fewest
 free slots of the type left over, which keeps whole devices free for big jobs).
 Gossip is ~200 ms stale, so always taking the single best node herds every origin
-onto it; instead the near-ties of the best (within ``cost_slack_us`` and
-``load_slack``) are sampled two at a time and the better of the two taken (the
+onto it. Instead, peers within ``cost_slack_us`` and ``load_slack`` of the best form
+a window of near-ties; in it the tightest GPU fit wins outright, and among the
+peers still tied two are drawn at random and the better one taken (the
 power-of-two-choices rule of Mitzenmacher, as Sparrow uses it).
 
 Other policies, for comparison: ``local-first`` (here if it fits, else the nearest
@@ -404,8 +405,12 @@ def place(
         return _forward(local, ranked[0], ranked[1:], topology), state
 
     best = min(scored, key=_Scored.order)
-    near = [s for s in scored
-            if s.cost <= best.cost + settings.cost_slack_us and s.load <= best.load + settings.load_slack]
+    window = [s for s in scored
+              if s.cost <= best.cost + settings.cost_slack_us and s.load <= best.load + settings.load_slack]
+    # Within the window, cost and load count as tied, so GPU fit decides: fragmentation
+    # is worth more than a sliver of load. What stays tied is sampled.
+    tightest = min(s.gpu_fit for s in window)
+    near = [s for s in window if s.gpu_fit == tightest]
     if len(near) >= 2:
         a, b = rng.sample(near, 2)
         chosen = b if b.key() < a.key() else a  # an exact tie keeps the first draw: random

@@ -1,0 +1,296 @@
+"""The placement core over generated leaf-spine topologies."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from p2psched.jobs.spec import JobSpec
+from p2psched.placement import (
+    Forward, JobRequest, PlacementSettings, PlacementState, QueueHere, Reject, RunHere, check_fit, place,
+)
+from p2psched.resources import NodeState, ResourceVector
+from p2psched.topology import FabricShape, Topology, generate
+
+SMALL = Topology.from_text(generate(FabricShape(2, 4, 2)))  # h0-0 h0-1 | h1-0 h1-1 | h2-* | h3-*
+MEDIUM = Topology.from_text(generate(FabricShape(4, 16, 8)))
+
+
+def node(node_id: str, cpu_free: float = 4, cpu_total: float = 4, *, mem_free: int = 8192, queue: int = 0,
+         gpu_free: dict[str, int] | None = None, gpu_total: dict[str, int] | None = None,
+         labels: dict[str, str] | None = None, position: str = "") -> NodeState:
+    v = ResourceVector(cpu_total=cpu_total, cpu_free=cpu_free, mem_total_mb=8192, mem_free_mb=mem_free,
+                       gpu_free=dict(gpu_free or {}), gpu_total=dict(gpu_total or gpu_free or {}), queue_len=queue)
+    return NodeState(node_id, vector=v, labels=dict(labels or {}), position=position)
+
+
+def cluster(topo: Topology, **kw: float) -> dict[str, NodeState]:
+    return {h: node(h, **kw) for h in topo.hosts}  # type: ignore[arg-type]
+
+
+def decide(req: JobRequest, local: NodeState, peers: list[NodeState], topo: Topology | None = SMALL,
+           seed: int = 0, **kw: object) -> object:
+    d, _ = place(req, local, peers, topo, rng=random.Random(seed), **kw)  # type: ignore[arg-type]
+    return d
+
+
+def others(nodes: dict[str, NodeState], me: str) -> list[NodeState]:
+    return [s for n, s in nodes.items() if n != me]
+
+
+def test_runs_here_when_it_fits() -> None:
+    nodes = cluster(SMALL)
+    assert decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0")) == RunHere()
+
+
+def test_nearest_fitting_peer_beats_an_idler_one_across_the_spine() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-1"] = node("h0-1", cpu_free=1)  # same leaf, 3 of 4 busy
+    for h in ("h2-0", "h2-1", "h3-0"):
+        nodes[h] = node(h, cpu_free=4)  # idle, but across the spine
+    for seed in range(50):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), seed=seed)
+        assert isinstance(d, Forward)
+        assert d.node_id == "h0-1" and d.route == ("h0-0", "leaf-0", "h0-1") and d.cost == 2.0
+        # The fallback list goes on to the cross-spine peers, least loaded first.
+        assert [c.node_id for c in d.candidates] == ["h0-1", "h2-0", "h2-1", "h3-0"]
+        assert all(c.cost == 6.0 and len(c.route) == 5 for c in d.candidates[1:])
+
+
+def test_nearest_fitting_peer_on_medium_fabric() -> None:
+    nodes = cluster(MEDIUM, cpu_free=0)
+    nodes["h9-3"] = node("h9-3", cpu_free=2)
+    nodes["h5-7"] = node("h5-7", cpu_free=2)  # same leaf as the origin h5-0
+    d = decide(JobRequest("j", cpu=2), nodes["h5-0"], others(nodes, "h5-0"), topo=MEDIUM)
+    assert isinstance(d, Forward) and d.node_id == "h5-7" and d.cost == 2.0
+    assert [c.node_id for c in d.candidates] == ["h5-7", "h9-3"]
+
+
+def test_only_peers_that_fit_are_candidates() -> None:
+    nodes = cluster(SMALL, cpu_free=1)
+    nodes["h0-0"] = node("h0-0", cpu_free=0)
+    nodes["h3-1"] = node("h3-1", cpu_free=3)
+    d = decide(JobRequest("j", cpu=3), nodes["h0-0"], others(nodes, "h0-0"))
+    assert isinstance(d, Forward) and [c.node_id for c in d.candidates] == ["h3-1"]
+
+
+def test_load_decides_between_peers_at_the_same_cost() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h1-0"] = node("h1-0", cpu_free=4)
+    nodes["h1-1"] = node("h1-1", cpu_free=1, queue=3)  # fits, but 1.5 load
+    for seed in range(30):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), seed=seed)
+        assert isinstance(d, Forward) and d.node_id == "h1-0"
+
+
+def test_best_gpu_fit_is_chosen() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-0"] = node("h0-0", gpu_free={"whole": 0}, gpu_total={"whole": 8})
+    nodes["h1-0"] = node("h1-0", gpu_free={"whole": 8})
+    nodes["h1-1"] = node("h1-1", gpu_free={"whole": 2}, gpu_total={"whole": 8})  # tightest fit for 2
+    nodes["h2-0"] = node("h2-0", gpu_free={"whole": 3}, gpu_total={"whole": 8})
+    nodes["h2-1"] = node("h2-1", gpu_free={"1g.10gb": 7})  # wrong type: not a candidate
+    req = JobRequest("j", gpu=2, gpu_type="whole")
+    for seed in range(30):
+        d = decide(req, nodes["h0-0"], others(nodes, "h0-0"), seed=seed)
+        assert isinstance(d, Forward) and d.node_id == "h1-1", seed
+        assert [c.node_id for c in d.candidates] == ["h1-1", "h2-0", "h1-0"]
+
+
+def test_untyped_gpu_request_fits_the_tightest_type() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-1"] = node("h0-1", gpu_free={"whole": 4, "1g.10gb": 1})
+    assert check_fit(JobRequest("j", gpu=1), nodes["h0-1"]) is None
+    nodes["h1-0"] = node("h1-0", gpu_free={"1g.10gb": 1})
+    nodes["h1-1"] = node("h1-1", gpu_free={"whole": 4})
+    d = decide(JobRequest("j", gpu=1), nodes["h0-0"], [nodes["h1-0"], nodes["h1-1"]], seed=3)
+    assert isinstance(d, Forward) and d.node_id == "h1-0"
+
+
+def test_exact_ties_are_broken_randomly_and_both_get_chosen() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h1-0"] = node("h1-0", cpu_free=2)
+    nodes["h1-1"] = node("h1-1", cpu_free=2)
+    seen = Counter()
+    for seed in range(200):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), seed=seed)
+        assert isinstance(d, Forward)
+        seen[d.node_id] += 1
+    assert set(seen) == {"h1-0", "h1-1"}
+    assert min(seen.values()) > 60  # roughly even, not a rare accident
+
+
+def test_near_ties_spread_over_many_origins() -> None:
+    # Stale gossip shows eight idle peers across the spine: taking "the best" every time
+    # would send every origin's job to the same node.
+    nodes = cluster(MEDIUM, cpu_free=0)
+    for i in range(8):
+        nodes[f"h7-{i}"] = node(f"h7-{i}", cpu_free=4 - (i % 2) * 0.5)
+    targets = Counter()
+    for seed in range(400):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), topo=MEDIUM, seed=seed)
+        assert isinstance(d, Forward)
+        targets[d.node_id] += 1
+    assert len(targets) == 8
+    strict = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), topo=MEDIUM,
+                    settings=PlacementSettings(load_slack=0.0))
+    assert isinstance(strict, Forward) and strict.node_id in {"h7-0", "h7-2", "h7-4", "h7-6"}
+
+
+def test_nothing_could_ever_fit_is_rejected_naming_the_constraint() -> None:
+    nodes = cluster(SMALL, cpu_free=8, cpu_total=8)
+    local, peers = nodes["h0-0"], others(nodes, "h0-0")
+    d = decide(JobRequest("j", cpu=64), local, peers)
+    assert d == Reject("needs 64 cpus; the largest node has 8")
+    d = decide(JobRequest("j", mem_mb=100_000), local, peers)
+    assert d == Reject("needs 100000 MiB of memory; the largest node has 8192 MiB")
+    d = decide(JobRequest("j", gpu=1, gpu_type="whole"), local, peers)
+    assert d == Reject("needs GPU slots of type 'whole'; no node has GPUs")
+    peers[3] = node("h2-0", gpu_free={"whole": 4})
+    d = decide(JobRequest("j", gpu=6, gpu_type="whole"), local, peers)
+    assert d == Reject("needs 6 'whole' GPU slots; the largest node has 4")
+    d = decide(JobRequest("j", gpu=1, gpu_type="3g.40gb"), local, peers)
+    assert d == Reject("needs GPU slots of type '3g.40gb'; GPU slot types seen: whole")
+    d = decide(JobRequest("j", labels={"zone": "b"}), local, peers)
+    assert isinstance(d, Reject) and d.reason == "needs a node labelled zone=b; none of the 8 known nodes carries that"
+    d = decide(JobRequest("j", cpu=8, gpu=1, gpu_type="whole"), local, peers)
+    assert isinstance(d, Reject) and "on one node" in d.reason  # the GPU node has only 4 cpus
+
+
+def test_full_cluster_queues_here_and_says_why() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"))
+    assert d == QueueHere("all 7 peers that could run it are full and so is this agent; waiting here for capacity")
+    d = decide(JobRequest("j"), nodes["h0-0"], [])
+    assert isinstance(d, QueueHere) and d.reason.startswith("no peers are known yet")
+    # Only a peer can ever hold it, and that peer is busy: wait for it.
+    big = node("h3-0", cpu_free=0, cpu_total=16)
+    d = decide(JobRequest("j", cpu=16), nodes["h0-0"], [big, nodes["h1-0"]])
+    assert d == QueueHere("the one peer that could run it is full; waiting here for capacity")
+
+
+def test_ttl_holds() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-1"] = node("h0-1", cpu_free=4)
+    req = JobRequest("j", hops=4, ttl=4)
+    d = decide(req, nodes["h0-0"], others(nodes, "h0-0"))
+    assert d == QueueHere("reached its hop limit (4 of 4 forwards), so it waits here until this agent has room")
+    assert isinstance(decide(JobRequest("j", hops=3, ttl=4), nodes["h0-0"], others(nodes, "h0-0")), Forward)
+    # At the TTL a job that fits runs where it is.
+    assert decide(req, node("h0-0", cpu_free=1), others(nodes, "h0-0")) == RunHere()
+    # A chain of forwards stops after ttl hops, whatever the gossip says.
+    r = JobRequest("chain")
+    for hop in range(10):
+        here = f"h{hop % 4}-{hop % 2}"
+        d = decide(r, node(here, cpu_free=0), [node(h, cpu_free=4) for h in SMALL.hosts if h != here], seed=hop)
+        if not isinstance(d, Forward):
+            break
+        r = r.forwarded(via=here)
+    assert hop == 4 and r.hops == 4 and isinstance(d, QueueHere)
+
+
+def test_ttl_on_an_agent_that_can_never_run_it_rejects() -> None:
+    d = decide(JobRequest("j", cpu=8, hops=4), node("h0-0", cpu_free=0), [node("h0-1", 8, 8)])
+    assert isinstance(d, Reject) and d.reason.startswith("reached its hop limit (4 of 4 forwards)")
+    assert "needs 8 cpus and has 4 free" in d.reason
+
+
+def test_visited_agents_are_never_candidates() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-1"] = node("h0-1", cpu_free=4)
+    nodes["h3-1"] = node("h3-1", cpu_free=4)
+    req = JobRequest("j").forwarded(via="h0-1")
+    assert req.hops == 1 and req.visited == {"h0-1"}
+    d = decide(req, nodes["h0-0"], others(nodes, "h0-0"))
+    assert isinstance(d, Forward) and [c.node_id for c in d.candidates] == ["h3-1"]
+    d = decide(req.forwarded(via="h3-1"), nodes["h0-0"], others(nodes, "h0-0"))
+    assert isinstance(d, QueueHere) and "2 more already held it (visited)" in d.reason
+
+
+def test_labels_constrain_the_executor() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-1"] = node("h0-1", cpu_free=4)
+    nodes["h2-0"] = node("h2-0", cpu_free=4, labels={"zone": "b"})
+    spec = JobSpec(runtime="process", command=["/bin/true"], labels={"node.zone": "b", "team": "vision"})
+    req = JobRequest.from_spec("j", spec)
+    assert dict(req.labels) == {"zone": "b"}
+    d = decide(req, nodes["h0-0"], others(nodes, "h0-0"))
+    assert isinstance(d, Forward) and d.node_id == "h2-0"
+    assert check_fit(req, nodes["h0-1"]) == "lacks the labels zone=b"
+
+
+def test_check_fit_explains_a_refusal() -> None:
+    me = node("h0-1", cpu_free=1, mem_free=100, gpu_free={"whole": 1})
+    assert check_fit(JobRequest("j", cpu=2), me) == "needs 2 cpus and has 1 free"
+    assert check_fit(JobRequest("j", mem_mb=512), me) == "needs 512 MiB and has 100 MiB free"
+    assert check_fit(JobRequest("j", gpu=2, gpu_type="whole", mem_mb=1), me) == "needs 2 free 'whole' GPU slots and has 1"
+    assert check_fit(JobRequest("j", mem_mb=1), me) is None
+
+
+def test_without_a_topology_load_decides() -> None:
+    a, b = node("a", cpu_free=4), node("b", cpu_free=1)
+    d = decide(JobRequest("j"), node("me", cpu_free=0), [b, a], topo=None)
+    assert isinstance(d, Forward) and d.node_id == "a" and d.route == ("me", "a") and d.cost == 0.0
+
+
+def test_peer_outside_the_file_is_priced_by_the_default_rule() -> None:
+    stranger = node("gpu-box", cpu_free=4)
+    d = decide(JobRequest("j"), node("h0-0", cpu_free=0), [stranger])
+    loc = SMALL.locate("gpu-box")
+    assert isinstance(d, Forward) and d.route[-2:] == (loc.leaf, "gpu-box")
+    assert d.cost == SMALL.cost("h0-0", "gpu-box")
+    # A gossiped position puts it where it says.
+    d = decide(JobRequest("j"), node("h0-0", cpu_free=0), [node("gpu-box", cpu_free=4, position="h0-1")])
+    assert isinstance(d, Forward) and d.route == ("h0-0", "leaf-0", "h0-1") and d.cost == 2.0
+
+
+def test_fallback_list_is_bounded() -> None:
+    nodes = cluster(MEDIUM, cpu_free=4)
+    nodes["h0-0"] = node("h0-0", cpu_free=0)
+    d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), topo=MEDIUM)
+    assert isinstance(d, Forward) and len(d.candidates) == 8
+    assert len({c.node_id for c in d.candidates}) == 8
+    assert all(c.cost == 2.0 for c in d.candidates[:7])  # the seven same-leaf peers come first
+
+
+# -- other policies --------------------------------------------------------------------
+
+
+def test_local_first_takes_the_single_nearest_peer() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h1-1"] = node("h1-1", cpu_free=1)
+    nodes["h1-0"] = node("h1-0", cpu_free=4)
+    for seed in range(20):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), seed=seed, policy="local-first")
+        assert isinstance(d, Forward) and d.node_id == "h1-0"  # by cost then id; load ignored
+    assert decide(JobRequest("j"), node("h0-0"), [], policy="local-first") == RunHere()
+
+
+def test_random_spreads_over_here_and_fitting_peers() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-0"] = node("h0-0", cpu_free=4)
+    nodes["h3-1"] = node("h3-1", cpu_free=4)
+    seen = Counter()
+    for seed in range(100):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), seed=seed, policy="random")
+        seen["here" if isinstance(d, RunHere) else d.node_id] += 1  # type: ignore[attr-defined]
+    assert set(seen) == {"here", "h3-1"}
+
+
+def test_round_robin_cycles_through_fitting_members() -> None:
+    nodes = cluster(SMALL, cpu_free=4)
+    state = PlacementState()
+    order = []
+    for _ in range(10):
+        d, state = place(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), SMALL,
+                         rng=random.Random(0), policy="round-robin", state=state)
+        order.append("h0-0" if isinstance(d, RunHere) else d.node_id)  # type: ignore[union-attr]
+    assert order == ["h0-0", "h0-1", "h1-0", "h1-1", "h2-0", "h2-1", "h3-0", "h3-1", "h0-0", "h0-1"]
+    assert state == PlacementState(rr_last="h0-1")
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown placement policy 'best'; use one of p2p, local-first"):
+        decide(JobRequest("j"), node("h0-0"), [], policy="best")
