@@ -46,7 +46,7 @@ RUN set -e; missing=""; \
     fi
 COPY --from=build /opt/p2psched /opt/p2psched
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
-COPY deploy/docker/replica.py /usr/local/lib/p2psched/replica.py
+COPY deploy/docker/helper.py /usr/local/lib/p2psched/helper.py
 ENV PATH=/opt/p2psched/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -56,8 +56,9 @@ RUN mkdir -p /var/lib/p2psched /shared
 VOLUME ["/var/lib/p2psched"]
 # API (HTTP), gossip (UDP), transfer (TCP)
 EXPOSE 7700/tcp 7701/udp 7702/tcp
-# The agent answers /healthz once its API is serving; start-period covers import time.
-HEALTHCHECK --interval=5s --timeout=3s --start-period=20s --retries=3 \
+# The agent answers /healthz once its API is serving. start-period and timeout are
+# generous because a loaded 2-core host can take tens of seconds to start N agents.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
   CMD ["/usr/local/bin/docker-entrypoint.sh", "healthcheck"]
 # tini is PID 1: it forwards SIGTERM to the agent (which then drains) and reaps zombies
 # left by process-sandbox jobs. The entrypoint execs the agent, so there is no shell in

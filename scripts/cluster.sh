@@ -86,7 +86,15 @@ build_image() {
   [[ $py == 3.11 ]] || die ".venv runs Python $py, but the image runs 3.11 (Debian bookworm); wheels with compiled parts would not load there. Build .venv with python3.11"
   say "building wheels into build/wheels"
   rm -f "$ROOT"/build/wheels/p2psched-*.whl
-  (cd "$ROOT" && "$pip" wheel -q . -w build/wheels) || die "pip wheel failed (see above); the host needs PyPI or a pip cache for the dependencies"
+  # Build from a copy of the sources: an in-tree build writes setuptools' build/lib in
+  # the checkout, where another build or editable install may be running at the time.
+  local src
+  src=$(mktemp -d /tmp/p2psched-src.XXXXXX)
+  (cd "$ROOT" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml p2psched \
+     $(ls README.md LICENSE 2>/dev/null)) | tar -C "$src" -xf -
+  "$pip" wheel -q "$src" -w "$ROOT/build/wheels" \
+    || { rm -rf "$src"; die "pip wheel failed (see above); the host needs PyPI or a pip cache for the dependencies"; }
+  rm -rf "$src"
   say "building $P2PSCHED_IMAGE on $base"
   DOCKER_BUILDKIT=0 docker build -q --build-arg BASE="$base" --label p2psched.source-hash="$hash" \
     -t "$P2PSCHED_IMAGE" "$ROOT" >/dev/null || die "docker build failed (see above)"

@@ -23,7 +23,7 @@ set -eu
 
 SHARED="${P2PSCHED_SHARED_DIR:-/shared}"
 CA_DIR="${P2PSCHED_CA_DIR:-/ca}"
-HELPER=/usr/local/lib/p2psched/replica.py
+HELPER=/usr/local/lib/p2psched/helper.py
 
 log() { echo "docker-entrypoint: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -36,11 +36,14 @@ init_material() {
   mkdir -p "$SHARED" "$SHARED/tls"
   rm -f "$SHARED/ready"
 
-  # Gossip key: one symmetric key for the whole cluster; readable by the agents only.
+  # Gossip key: one symmetric key for the whole cluster.
   if [ ! -s "$SHARED/gossip.key" ]; then
-    p2psched keygen --gossip -o "$SHARED/gossip.key"
-    chmod 0600 "$SHARED/gossip.key"
-    log "wrote the gossip key"
+    if have_cmd keygen; then
+      p2psched keygen --gossip -o "$SHARED/gossip.key"
+      log "wrote the gossip key"
+    else
+      log "this build has no 'p2psched keygen'; agents will gossip unencrypted (--insecure)"
+    fi
   fi
 
   # Topology: sized for the largest scale asked for; regenerated (agents reload it)
@@ -57,22 +60,10 @@ init_material() {
     log "wrote a ${spines}x${leaves}x${per_leaf} leaf-spine topology ($(hosts_in "$topo") hosts)"
   fi
 
-  # TLS: a cluster CA whose key stays in $CA_DIR, and one certificate per topology host,
-  # issued up front so that agents never need the CA key.
-  if [ ! -s "$CA_DIR/ca.crt" ]; then
-    mkdir -p "$CA_DIR"
-    p2psched ca init --dir "$CA_DIR"
-    log "created the cluster CA"
-  fi
-  cp "$CA_DIR/ca.crt" "$SHARED/tls/ca.crt"
-  issued=0
-  for host in $(python3 -c 'import sys, yaml; print(" ".join(map(str, yaml.safe_load(open(sys.argv[1]))["hosts"])))' "$topo"); do
-    if [ ! -s "$SHARED/tls/$host.crt" ]; then
-      p2psched cert issue "$host" --ca-dir "$CA_DIR" --out-dir "$SHARED/tls" >/dev/null
-      issued=$((issued + 1))
-    fi
-  done
-  [ "$issued" -eq 0 ] || log "issued $issued node certificates"
+  # TLS: a cluster CA whose key stays in $CA_DIR (a volume only init mounts), and one
+  # certificate per topology host, issued up front so that agents never hold the CA key.
+  python3 "$HELPER" tls "$CA_DIR" "$SHARED/tls" "$topo"
+  chmod 0700 "$SHARED/tls"
 
   touch "$SHARED/ready"
   log "cluster material ready in $SHARED"
@@ -82,7 +73,7 @@ wait_for_material() {
   limit="${P2PSCHED_WAIT_SHARED_S:-120}"
   waited=0
   while [ ! -e "$SHARED/ready" ]; do
-    [ "$waited" -lt "$limit" ] || die "no cluster material in $SHARED after ${limit}s; the init service writes it (docker compose logs init), or unset P2PSCHED_SHARED_DIR to run a standalone agent"
+    [ "$waited" -lt "$limit" ] || die "no cluster material in $SHARED after ${limit}s; the init service writes it (docker compose logs init), or unset P2PSCHED_CLUSTER to run a standalone agent"
     sleep 1
     waited=$((waited + 1))
   done
@@ -98,11 +89,13 @@ run_agent() {
       export P2PSCHED_NODE_ID
     fi
     export P2PSCHED_TOPOLOGY="${P2PSCHED_TOPOLOGY:-$topo}"
-    export P2PSCHED_GOSSIP_KEY="${P2PSCHED_GOSSIP_KEY:-$SHARED/gossip.key}"
-    if [ -s "$SHARED/tls/$P2PSCHED_NODE_ID.crt" ]; then
-      export P2PSCHED_TLS_CA="${P2PSCHED_TLS_CA:-$SHARED/tls/ca.crt}"
-      export P2PSCHED_TLS_CERT="${P2PSCHED_TLS_CERT:-$SHARED/tls/$P2PSCHED_NODE_ID.crt}"
-      export P2PSCHED_TLS_KEY="${P2PSCHED_TLS_KEY:-$SHARED/tls/$P2PSCHED_NODE_ID.key}"
+    if [ -s "$SHARED/gossip.key" ]; then
+      export P2PSCHED_GOSSIP_KEY="${P2PSCHED_GOSSIP_KEY:-$SHARED/gossip.key}"
+    else
+      export P2PSCHED_INSECURE="${P2PSCHED_INSECURE:-true}"
+    fi
+    if [ -s "$SHARED/tls/$P2PSCHED_NODE_ID.pem" ]; then
+      export P2PSCHED_TLS_DIR="${P2PSCHED_TLS_DIR:-$SHARED/tls}"
     fi
     # Each replica keeps its own data dir inside its container (or a volume mounted
     # at P2PSCHED_DATA_DIR); the node id keeps it apart if a volume is shared.

@@ -1,4 +1,4 @@
-"""Which host of the cluster's topology this container is, for the image's entrypoint.
+"""Helpers for the image's entrypoint: which topology host a replica is, and TLS material.
 
 Each compose replica must take a distinct host position in the generated leaf-spine
 topology, and keep it across restarts (its data dir, and its peers' view of it, are
@@ -11,9 +11,12 @@ renamed container), a replica claims the lowest free slot under the shared volum
 creating a file exclusively, and keeps it by writing its hostname (the container id)
 into it.
 
-Usage (stdlib only, so it runs before anything else is set up):
-    python3 replica.py index [--shared DIR]           prints the replica index
-    python3 replica.py host INDEX TOPOLOGY_FILE        prints the INDEX-th host of the file
+Usage (run with the agent's virtualenv python, which PATH puts first):
+    helper.py index [--shared DIR]             prints the replica index
+    helper.py host INDEX TOPOLOGY_FILE         prints the INDEX-th host of the file
+    helper.py tls CA_DIR OUT_DIR TOPOLOGY_FILE creates the CA in CA_DIR once, and a
+                                               certificate in OUT_DIR for every host of
+                                               the topology that has none yet
 """
 
 from __future__ import annotations
@@ -153,6 +156,26 @@ def host_at(index: int, topology_file: str) -> str:
     return str(entry if not isinstance(entry, dict) else entry.get("id") or entry.get("name"))
 
 
+def tls(ca_dir: Path, out: Path, topology_file: str) -> None:
+    """One process for every certificate: a CLI call each would pay the import time each."""
+    import yaml
+    from p2psched.security.tls import CA_CERT, init_ca, issue_node_cert
+
+    if not (ca_dir / CA_CERT).exists():
+        init_ca(ca_dir)
+        print("docker-entrypoint: created the cluster CA", file=sys.stderr)
+    with open(topology_file) as f:
+        hosts = [str(h) for h in (yaml.safe_load(f) or {}).get("hosts") or []]
+    issued = 0
+    for host in hosts:
+        if not (out / f"{host}.pem").exists():
+            # "peers" is the compose alias every agent answers to, so it goes in the SAN too
+            issue_node_cert(host, ca_dir, out, hosts=("peers",))
+            issued += 1
+    if issued:
+        print(f"docker-entrypoint: issued {issued} node certificates into {out}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["index"]:
         shared = Path(argv[2]) if argv[1:2] == ["--shared"] and len(argv) > 2 else Path("/shared")
@@ -165,6 +188,9 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["host"] and len(argv) == 3:
         print(host_at(int(argv[1]), argv[2]))
+        return 0
+    if argv[:1] == ["tls"] and len(argv) == 4:
+        tls(Path(argv[1]), Path(argv[2]), argv[3])
         return 0
     print(__doc__, file=sys.stderr)
     return 2
