@@ -416,6 +416,27 @@ class JobCgroup:
         return ok
 
 
+def owner_gone(name: str) -> bool:
+    """Whether ``job-<id>-<agent pid>-<n>`` belongs to an agent process that no longer runs.
+
+    Several agents may share a host (``p2psched up``); one starting must not reap
+    the live jobs of another.
+    """
+    parts = name.split("-")
+    if len(parts) < 4 or parts[0] != "job" or not parts[-2].isdigit():
+        return False
+    pid = int(parts[-2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def reap_stale(layout: CgroupLayout) -> int:
     """Kill and remove job cgroups a previous agent left behind (it was killed). Returns how many."""
     if layout.version is None:
@@ -427,7 +448,7 @@ def reap_stale(layout: CgroupLayout) -> int:
     names: set[str] = set()
     for r in roots:
         try:
-            names.update(p.name for p in r.iterdir() if p.is_dir() and p.name.startswith("job-"))
+            names.update(p.name for p in r.iterdir() if p.is_dir() and owner_gone(p.name))
         except OSError:
             continue
     for name in names:

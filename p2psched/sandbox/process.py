@@ -864,11 +864,11 @@ def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
     with contextlib.suppress(OSError):
         for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
             mountpoint = line.split()[4]
-            if mountpoint.startswith(prefix):
+            if mountpoint.startswith(prefix) and cgroups.owner_gone(mountpoint[len(prefix):].split("/")[0]):
                 _umount(Path(mountpoint))
                 n += 1
         for d in cfg.runtime_dir.iterdir():
-            if d.name.startswith("job-"):
+            if cgroups.owner_gone(d.name):
                 _rmtree(d)
     return n
 

@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import trio
 
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
-from p2psched.sandbox.process import run_process
+from p2psched.sandbox import cgroups
+from p2psched.sandbox.process import ProcessSandboxConfig, reap_stale, run_process
 
 pytestmark = pytest.mark.root
 GUESTS = Path(__file__).parent / "adversarial"
@@ -218,7 +218,8 @@ import sys, trio
 from pathlib import Path
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox.base import SandboxRequest
-from p2psched.sandbox.process import run_process
+from p2psched.sandbox import cgroups
+from p2psched.sandbox.process import ProcessSandboxConfig, reap_stale, run_process
 req = SandboxRequest(job_id="orphan", runtime="process", limits=Limits(wall_ms=600_000), resources=Resources(),
                      command=["/bin/sh", "-c", "sleep " + sys.argv[1] + " & exec sleep " + sys.argv[1]])
 trio.run(run_process, req, Path(sys.argv[2]))
@@ -242,7 +243,12 @@ async def test_14_killing_the_agent_kills_its_jobs(tmp_path: Path) -> None:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
-    from p2psched.sandbox.process import reap_stale
-
-    reap_stale()
-    time.sleep(0)
+    # What the dead agent left (its job's cgroups and scratch mount) is reaped by
+    # the next agent on the host, and only that: this process's jobs are not touched.
+    layout = cgroups.detect()
+    roots = list(layout.v1_dirs.values()) if layout.version == 1 else [layout.v2_dir] if layout.v2_dir else []
+    leftovers = [p for r in roots for p in (r / cgroups.PARENT_NAME).glob(f"job-orphan-{agent.pid}-*")]
+    leftovers += list(ProcessSandboxConfig().runtime_dir.glob(f"job-orphan-{agent.pid}-*"))
+    assert leftovers, "expected the killed agent to leave its job's cgroup and scratch behind"
+    assert reap_stale() >= 1
+    assert not [p for p in leftovers if p.exists()]
