@@ -416,8 +416,8 @@ def place(
         chosen = b if b.key() < a.key() else a  # an exact tie keeps the first draw: random
     else:
         chosen = best
-    rest = heapq.nsmallest(settings.max_candidates, (s for s in scored if s is not chosen), key=_Scored.order)
-    return _forward(local, chosen, rest[: settings.max_candidates - 1], topology), state
+    others = heapq.nsmallest(settings.max_candidates - 1, (s for s in scored if s is not chosen), key=_Scored.order)
+    return _forward(local, chosen, others, topology), state
 
 
 def _idle(v: ResourceVector) -> ResourceVector:
