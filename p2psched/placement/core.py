@@ -254,18 +254,10 @@ def _never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
 # -- ranking -----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Scored:
-    cost: float
-    load: float
-    gpu_fit: int
-    state: NodeState
-
-    def key(self) -> tuple[float, float, int]:
-        return (self.cost, self.load, self.gpu_fit)
-
-    def order(self) -> tuple[float, float, int, str]:
-        return (self.cost, self.load, self.gpu_fit, self.state.node_id)
+#: A fitting peer as ranked: (cost, load, gpu_fit, node_id, state). Plain tuples
+#: compare in C, which keeps a 1,000-member decision near a millisecond; node_id is
+#: unique, so the state itself is never compared.
+_Row = tuple[float, float, int, str, NodeState]
 
 
 def _where(state: NodeState) -> str:
@@ -280,19 +272,22 @@ def _pricer(local: NodeState, topology: Topology | None) -> Callable[[str], floa
     return topology.pricer(_where(local)) if topology is not None else _flat
 
 
-def _score(req: JobRequest, price: Callable[[str], float], peer: NodeState) -> _Scored:
-    left = _gpu_leftover(req, peer.vector.gpu_free)
-    return _Scored(price(_where(peer)), node_load(peer.vector), left if left is not None else 0, peer)
+def _score(req: JobRequest, price: Callable[[str], float], peer: NodeState) -> _Row:
+    fit = 0
+    if req.gpu > 0:
+        fit = _gpu_leftover(req, peer.vector.gpu_free) or 0
+    return (price(peer.position or peer.node_id), node_load(peer.vector), fit, peer.node_id, peer)
 
 
-def _candidate(local: NodeState, s: _Scored, topology: Topology | None) -> Candidate:
+def _candidate(local: NodeState, row: _Row, topology: Topology | None) -> Candidate:
+    peer = row[4]
     if topology is None:
-        return Candidate(s.state.node_id, (local.node_id, s.state.node_id), 0.0)
-    route, cost = topology.route(_where(local), _where(s.state))
-    return Candidate(s.state.node_id, tuple(route), cost)
+        return Candidate(peer.node_id, (local.node_id, peer.node_id), 0.0)
+    route, cost = topology.route(_where(local), _where(peer))
+    return Candidate(peer.node_id, tuple(route), cost)
 
 
-def _forward(local: NodeState, first: _Scored, rest: Sequence[_Scored], topology: Topology | None) -> Forward:
+def _forward(local: NodeState, first: _Row, rest: Sequence[_Row], topology: Topology | None) -> Forward:
     cands = tuple(_candidate(local, s, topology) for s in (first, *rest))
     head = cands[0]
     return Forward(head.node_id, head.route, head.cost, cands)
@@ -401,22 +396,22 @@ def place(
     price = _pricer(local, topology)
     scored = [_score(req, price, p) for p in fitting]
     if policy == "local-first":
-        ranked = heapq.nsmallest(settings.max_candidates, scored, key=lambda s: (s.cost, s.state.node_id))
+        ranked = heapq.nsmallest(settings.max_candidates, scored, key=lambda r: (r[0], r[3]))
         return _forward(local, ranked[0], ranked[1:], topology), state
 
-    best = min(scored, key=_Scored.order)
-    window = [s for s in scored
-              if s.cost <= best.cost + settings.cost_slack_us and s.load <= best.load + settings.load_slack]
+    best = min(scored)
+    cost_cap, load_cap = best[0] + settings.cost_slack_us, best[1] + settings.load_slack
+    window = [r for r in scored if r[0] <= cost_cap and r[1] <= load_cap]
     # Within the window, cost and load count as tied, so GPU fit decides: fragmentation
     # is worth more than a sliver of load. What stays tied is sampled.
-    tightest = min(s.gpu_fit for s in window)
-    near = [s for s in window if s.gpu_fit == tightest]
+    tightest = min(r[2] for r in window)
+    near = [r for r in window if r[2] == tightest]
     if len(near) >= 2:
         a, b = rng.sample(near, 2)
-        chosen = b if b.key() < a.key() else a  # an exact tie keeps the first draw: random
+        chosen = b if b[:3] < a[:3] else a  # an exact tie keeps the first draw: random
     else:
-        chosen = best
-    others = heapq.nsmallest(settings.max_candidates - 1, (s for s in scored if s is not chosen), key=_Scored.order)
+        chosen = near[0]
+    others = heapq.nsmallest(settings.max_candidates - 1, [r for r in scored if r is not chosen])
     return _forward(local, chosen, others, topology), state
 
 
