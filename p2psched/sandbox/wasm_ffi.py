@@ -39,6 +39,12 @@ _CALLBACK_TYPE = ctypes.CFUNCTYPE(
     ctypes.POINTER(ctypes.c_uint8),
 )
 _FINALIZER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+#: No finalizers: wasmtime may drop an output stream on one of its tokio
+#: threads after the store is gone, and a Python callback there while the
+#: interpreter exits makes CPython end that thread with a forced unwind through
+#: Rust frames, which aborts the process. Handles are freed by the clear_*
+#: functions instead.
+_NO_FINALIZER = ctypes.cast(0, _FINALIZER_TYPE)
 _UPDATE_DEADLINE_CONTINUE = 0
 
 #: Deciders by handle. The handle, not the Python object, crosses into C, so
@@ -60,13 +66,8 @@ def _on_deadline(_ctx: Any, data: int | None, delta: Any, kind: Any) -> int:
     return 0
 
 
-def _on_finalize(_data: int | None) -> None:
-    return None
-
-
-# Module-level so they live as long as any store that points at them.
+# Module-level so it lives as long as any store that points at it.
 _C_CALLBACK = _CALLBACK_TYPE(_on_deadline)
-_C_FINALIZER = _FINALIZER_TYPE(_on_finalize)
 
 
 def clear_epoch_decider(handle: int) -> None:
@@ -120,8 +121,8 @@ def set_outputs(config: wasmtime.WasiConfig, handle: int, stdout: OutputSink, st
     :func:`clear_outputs` with the same handle after the store is closed."""
     _sinks[2 * handle] = stdout
     _sinks[2 * handle + 1] = stderr
-    ffi.wasi_config_set_stdout_custom(config.ptr(), _C_OUTPUT, 2 * handle, _C_FINALIZER)
-    ffi.wasi_config_set_stderr_custom(config.ptr(), _C_OUTPUT, 2 * handle + 1, _C_FINALIZER)
+    ffi.wasi_config_set_stdout_custom(config.ptr(), _C_OUTPUT, 2 * handle, _NO_FINALIZER)
+    ffi.wasi_config_set_stderr_custom(config.ptr(), _C_OUTPUT, 2 * handle + 1, _NO_FINALIZER)
 
 
 def clear_outputs(handle: int) -> None:
@@ -171,7 +172,7 @@ class RawStore:
         ffi.wasmtime_store_limiter(self.ptr, memory_bytes, -1, -1, -1, -1)
         ffi.wasmtime_context_set_epoch_deadline(self.context, 1)
         _deciders[handle] = decide
-        ffi.wasmtime_store_epoch_deadline_callback(self.ptr, _C_CALLBACK, handle, _C_FINALIZER)
+        ffi.wasmtime_store_epoch_deadline_callback(self.ptr, _C_CALLBACK, handle, _NO_FINALIZER)
 
     def set_wasi(self, config: wasmtime.WasiConfig) -> None:
         err = ffi.wasmtime_context_set_wasi(self.context, config._consume())
@@ -227,6 +228,5 @@ def _raise(err: Any, trap: Any) -> None:
         raise wasmtime.Trap._from_ptr(trap)
 
 
-_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
