@@ -27,6 +27,8 @@ Public interface (all the agent needs):
 ``WasmEngine.close()``
     At shutdown, after the grace period: cancels what still runs, waits for
     those runs to return, stops the ticker; later runs return ``cancelled``.
+    Call it before the process exits: a guest still writing output while the
+    interpreter shuts down can abort the process from a wasmtime thread.
 
 ``WasmEngine.running() -> list[str]``, ``WasmEngine.stats``
     Job ids in flight; compiled / from_disk / from_memory counters (metrics).
