@@ -548,7 +548,7 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
             instance = store.instantiate(prepared.pre)
             func = store.export_func(instance, entry.name)
             if entry.params or entry.results:
-                stdout.data += _format_results(store.call(func, params), entry.results).encode()
+                stdout.add(_format_results(store.call(func, params), entry.results).encode())
             else:
                 store.call_nullary(func)
             exit_code, reason = 0, "exit 0"

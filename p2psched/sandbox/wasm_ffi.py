@@ -84,6 +84,13 @@ class OutputSink:
         self.data = bytearray()
         self.truncated = False
 
+    def add(self, data: bytes) -> None:
+        """Host-produced output (a function's printed result), under the same cap."""
+        room = max(self.cap - len(self.data), 0)
+        if len(data) > room:
+            self.truncated = True
+        self.data += data[:room]
+
     def take(self, ptr: Any, size: int) -> None:
         room = self.cap - len(self.data)
         if size > room:

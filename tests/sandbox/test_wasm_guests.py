@@ -131,6 +131,11 @@ def test_function_export_gets_converted_args_and_prints_its_result(engine):
     assert result.stdout == b"11\n"
 
 
+def test_printed_result_respects_the_stdout_cap(engine):
+    result = run(engine, "add", args=["123456", "0"], limits=Limits(stdout_bytes=3))
+    assert (result.stdout, result.stdout_truncated, result.reason) == (b"123", True, "exit 0")
+
+
 def test_function_export_with_wrong_arguments_says_what_it_takes(engine):
     result = run(engine, "add", args=["1"])
     assert result.reason == "trap: function 'add' takes 2 argument(s) (i64, i64) but the job gives 1"
