@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from p2psched import __version__, logs
 from p2psched.agent.threads import WorkerThreads
+from p2psched.agent.gate import Gate
 from p2psched.agent.errors import AgentError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue
@@ -32,6 +33,7 @@ from p2psched.jobs.store import Store
 from p2psched.metrics.agent import AgentMetrics
 from p2psched.resources import ResourceVector
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
+from p2psched.security.admission import TenantUsage
 
 log = logging.getLogger("p2psched.agent")
 jlog = logging.getLogger("p2psched.jobs")
@@ -65,6 +67,7 @@ class Agent:
         self.node_id = settings.node_id
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = AgentMetrics(self.registry)
+        self.gate = Gate(settings, self.metrics.admission_rejections)
         self.data_dir = settings.resolved_data_dir
         self.store = Store(self.data_dir)
         self.queue = DispatchQueue(settings.dispatch_policy)
@@ -112,7 +115,7 @@ class Agent:
 
     def reload(self) -> None:
         """SIGHUP: re-read files that may change while running (tenants, topology)."""
-        log.info("SIGHUP: nothing to reload yet")
+        self.gate.reload()
 
     async def _shutdown(self) -> None:
         self.accepting = False
@@ -196,14 +199,40 @@ class Agent:
     def _retry_after(self) -> float:
         return float(min(60, max(1, len(self.queue) // max(1, int(self.cpu_total) * 100))))
 
-    def _accept(self, spec: JobSpec, now: float) -> tuple[JobRecord, bool]:
-        """Create the record for ``spec`` (or find the existing one); stage it."""
-        if spec.id is not None:
-            existing = self.active.get(spec.id) or self.store.get(spec.id)
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        """The tenant's unfinished jobs held here, plus what peers gossip for it."""
+        jobs = queued = 0
+        cpu = 0.0
+        mem = gpu = 0
+        for rec in self.active.values():
+            if rec.tenant != tenant or rec.origin != self.node_id:
+                continue
+            jobs += 1
+            queued += rec.state is JobState.QUEUED
+            r = rec.spec.resources
+            cpu += r.cpu
+            mem += r.mem_mb
+            gpu += r.gpu
+        local = TenantUsage(jobs, queued, cpu, mem, gpu)
+        return TenantUsage.sum([local, *self.peer_tenant_usage(tenant)])
+
+    def peer_tenant_usage(self, tenant: str) -> list[TenantUsage]:
+        return []
+
+    def _accept(self, spec: JobSpec, now: float, auth: Any = None) -> tuple[JobRecord, bool]:
+        """Admit ``spec`` and create its record (or find the existing one); stage it."""
+        job_id = spec.id or new_job_id(self.node_id)
+        admitted = self.gate.admit(spec, auth, job_id=job_id, usage=self.tenant_usage(spec.tenant), now=now,
+                                   module=spec.module)
+        if spec.id is not None or admitted.duplicate:
+            existing = self.active.get(job_id) or self.store.get(job_id)
             if existing is not None:
                 return existing, False
-        job_id = spec.id or new_job_id(self.node_id)
         spec.id = job_id
+        if admitted.open:
+            spec.capabilities = list(spec.capabilities)
+        elif spec.tenant != admitted.tenant:
+            spec.tenant = admitted.tenant
         if spec.runtime == "wasm":
             assert spec.module_sha256 is not None
             if spec.module is not None:
@@ -215,7 +244,8 @@ class Agent:
                     f"module_sha256 {spec.module_sha256} names no module this agent holds; send 'module' with its bytes",
                     reason="unknown_module",
                 )
-        rec = JobRecord(id=job_id, spec=spec, origin=self.node_id, created_at=now, seq=self._next_seq())
+        rec = JobRecord(id=job_id, spec=spec, origin=self.node_id, created_at=now, seq=self._next_seq(),
+                        auth=admitted.auth.to_json() if admitted.auth is not None else None)
         rec.timeline.append({"state": JobState.SUBMITTED.value, "at": now, "node": self.node_id, "detail": ""})
         self.store.stage(rec, new=True)
         self.metrics.jobs_total.labels("submitted", rec.runtime).inc()
@@ -223,16 +253,18 @@ class Agent:
         self.active[rec.id] = rec
         return rec, True
 
-    async def submit(self, spec: JobSpec) -> tuple[JobRecord, bool]:
+    async def submit(self, spec: JobSpec, auth: Any = None) -> tuple[JobRecord, bool]:
         """Accept one job durably. Returns (record, created)."""
         self._admit_check()
-        rec, created = self._accept(spec, time.time())
+        rec, created = self._accept(spec, time.time(), auth)
         await self.store.sync()
         if created:
             self._enqueue(rec)
         return rec, created
 
-    async def submit_many(self, specs: Iterable[JobSpec | AgentError]) -> list[tuple[JobRecord, bool] | AgentError]:
+    async def submit_many(
+        self, specs: Iterable[JobSpec | AgentError | tuple[JobSpec, Any]],
+    ) -> list[tuple[JobRecord, bool] | AgentError]:
         """Accept many jobs with one durable write; each gets its own record or error."""
         out: list[tuple[JobRecord, bool] | AgentError] = []
         now = time.time()
@@ -240,9 +272,10 @@ class Agent:
             if isinstance(spec, AgentError):
                 out.append(spec)
                 continue
+            spec, auth = spec if isinstance(spec, tuple) else (spec, None)
             try:
                 self._admit_check()
-                out.append(self._accept(spec, now))
+                out.append(self._accept(spec, now, auth))
             except AgentError as e:
                 out.append(e)
         await self.store.sync()
@@ -469,6 +502,8 @@ class Agent:
             output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
             warnings=list(res.warnings),
         )
+        rec.result.attestation = self.gate.attest(node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=res,
+                                                  started_at=started, ended_at=ended)
         state = state_for_reason(res.reason, res.exit_code)
         self.store.stage(rec, output=out)
         self._advance(rec, state, ended, res.reason)
@@ -480,6 +515,7 @@ class Agent:
             "node_id": self.node_id, "address": self.settings.gossip, "api": self.settings.api,
             "state": "draining" if not self.accepting else "alive", "incarnation": 0, "age_s": 0.0,
             "vector": self.vector().as_dict(), "position": "", "self": True,
+            "node_pubkey": self.gate.node_pubkey, "measurement": self.gate.measurement,
         }
 
     def peers_view(self) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import trio
@@ -64,16 +65,35 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_spec(raw: Any, prefix: str = "") -> JobSpec | AgentError:
+def _parse_spec(raw: Any, prefix: str = "") -> tuple[JobSpec, Any] | AgentError:
+    """A spec, bare or signed as ``{"spec": ..., "auth": ...}``, with its auth block (or None)."""
     if not isinstance(raw, dict):
         return AgentError(f"{prefix or 'body'} must be a JSON object holding a job spec", reason="invalid_spec")
+    auth = None
+    if "spec" in raw:
+        extra = set(raw) - {"spec", "auth"}
+        if extra:
+            return AgentError(f"a signed submission holds only 'spec' and 'auth'; remove {sorted(extra)}",
+                              reason="invalid_spec")
+        if raw.get("auth") is not None:
+            from p2psched.security.errors import AdmissionError
+            from p2psched.security.signing import Auth
+
+            try:
+                auth = Auth.from_json(raw["auth"])
+            except AdmissionError as e:
+                return AgentError(e.message, reason=e.reason, status=e.status)
+        raw = raw["spec"]
+        prefix = prefix + "spec."
+        if not isinstance(raw, dict):
+            return AgentError("'spec' must be a JSON object holding a job spec", reason="invalid_spec")
     try:
         spec = JobSpec.model_validate(raw, strict=False)
     except ValidationError as e:
         details = field_errors(e, prefix=prefix)
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
         return AgentError(f"invalid job spec: {summary}", reason="invalid_spec", details=details)
-    return spec
+    return spec, auth
 
 
 def _wasm_check(agent: Any, spec: JobSpec, prefix: str = "") -> AgentError | None:
@@ -117,15 +137,16 @@ def create_app(agent: Any) -> Starlette:
 
     async def submit(request: Request) -> Response:
         raw = await load_json(request)
-        spec = _parse_spec(raw)
-        if isinstance(spec, AgentError):
-            agent.metrics.admission_rejections.labels(spec.reason).inc()
-            raise spec
+        parsed = _parse_spec(raw)
+        if isinstance(parsed, AgentError):
+            agent.metrics.admission_rejections.labels(parsed.reason).inc()
+            raise parsed
+        spec, auth = parsed
         err = _wasm_check(agent, spec)
         if err is not None:
             agent.metrics.admission_rejections.labels(err.reason).inc()
             raise err
-        rec, created = await agent.submit(spec)
+        rec, created = await agent.submit(spec, auth)
         return _json(rec.as_dict(), 202 if created else 200)
 
     async def submit_batch(request: Request) -> Response:
@@ -136,14 +157,14 @@ def create_app(agent: Any) -> Starlette:
         if len(jobs) > MAX_BATCH:
             raise AgentError(f"batch holds {len(jobs)} jobs; the limit is {MAX_BATCH}", reason="invalid_batch",
                              status=413)
-        specs: list[JobSpec | AgentError] = []
+        specs: list[tuple[JobSpec, Any] | AgentError] = []
         for i, item in enumerate(jobs):
-            spec = _parse_spec(item, prefix=f"jobs.{i}.")
-            if isinstance(spec, JobSpec):
-                spec = _wasm_check(agent, spec, prefix=f"jobs.{i}.") or spec
-            if isinstance(spec, AgentError):
-                agent.metrics.admission_rejections.labels(spec.reason).inc()
-            specs.append(spec)
+            parsed = _parse_spec(item, prefix=f"jobs.{i}.")
+            if not isinstance(parsed, AgentError):
+                parsed = _wasm_check(agent, parsed[0], prefix=f"jobs.{i}.") or parsed
+            if isinstance(parsed, AgentError):
+                agent.metrics.admission_rejections.labels(parsed.reason).inc()
+            specs.append(parsed)
         results = await agent.submit_many(specs)
         out = []
         for item in results:
@@ -153,14 +174,27 @@ def create_app(agent: Any) -> Starlette:
                 out.append({"status": 202 if item[1] else 200, "job": item[0].as_dict()})
         return _json({"results": out}, 207 if any("error" in o for o in out) else 202)
 
-    async def get_job(request: Request) -> Response:
+    async def principal(request: Request, body: bytes = b"") -> Any:
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        if request.scope.get("query_string"):
+            raw_path = raw_path + b"?" + request.scope["query_string"]
+        return agent.gate.authenticate(request.method, raw_path, body, request.headers.get("authorization"),
+                                       time.time())
+
+    async def readable(request: Request) -> Any:
+        who = await principal(request)
         job_id = request.path_params["job_id"]
+        agent.gate.check_access(who, agent.get(job_id).tenant, job_id)
+        return job_id
+
+    async def get_job(request: Request) -> Response:
+        job_id = await readable(request)
         wait = _wait_param(request)
         rec = await agent.wait_final(job_id, wait) if wait else agent.get(job_id)
         return _json(rec.as_dict(include_spec=request.query_params.get("spec") == "1"))
 
     async def get_result(request: Request) -> Response:
-        job_id = request.path_params["job_id"]
+        job_id = await readable(request)
         wait = _wait_param(request)
         rec = await agent.wait_final(job_id, wait) if wait else agent.get(job_id)
         data = agent.output(rec.id)
@@ -170,6 +204,7 @@ def create_app(agent: Any) -> Starlette:
         return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def list_jobs(request: Request) -> Response:
+        who = await principal(request)
         q = request.query_params
         unknown = set(q) - {"state", "tenant", "limit", "cursor"}
         if unknown:
@@ -186,12 +221,17 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError("limit and cursor must be integers", reason="invalid_query") from None
         if not 1 <= limit <= 1000 or cursor < 0:
             raise AgentError("limit must be 1-1000 and cursor >= 0", reason="invalid_query")
-        recs = await agent.list_jobs(state=state, tenant=q.get("tenant"), limit=limit, cursor=cursor)
+        tenant = q.get("tenant")
+        if not who.admin:
+            if tenant is not None and tenant != who.tenant:
+                agent.gate.check_access(who, tenant, "*")
+            tenant = who.tenant
+        recs = await agent.list_jobs(state=state, tenant=tenant, limit=limit, cursor=cursor)
         next_cursor = recs[-1].seq if len(recs) == limit else None
         return _json({"jobs": [r.as_dict() for r in recs], "next_cursor": next_cursor})
 
     async def cancel_job(request: Request) -> Response:
-        rec = await agent.cancel(request.path_params["job_id"])
+        rec = await agent.cancel(await readable(request))
         return _json(rec.as_dict())
 
     async def healthz(request: Request) -> Response:
@@ -208,12 +248,18 @@ def create_app(agent: Any) -> Starlette:
         return _json(openapi_document())
 
     async def peers(request: Request) -> Response:
+        await principal(request)
         return _json({"peers": agent.peers_view()})
 
     async def cluster(request: Request) -> Response:
+        await principal(request)
         return _json(agent.cluster_view())
 
     async def drain(request: Request) -> Response:
+        who = await principal(request, await request.body())
+        if not who.admin:
+            raise AgentError(f"draining an agent needs an admin tenant; {who.tenant!r} is not one",
+                             reason="forbidden", status=403)
         return _json(await agent.drain())
 
     async def on_agent_error(request: Request, exc: Exception) -> Response:

@@ -8,6 +8,7 @@ Exit status: 0 on success; 1 when the job did not succeed (reason on stderr);
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import sys
@@ -26,6 +27,20 @@ agent_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON record.")
 
 
+def api_options(f: Any) -> Any:
+    """--agent, plus --tenant/--key to sign the request where the agent has a tenant registry."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, agent_url: str, identity_tenant: str | None, identity_key: Path | None,
+                **kw: Any) -> Any:
+        return f(*args, api=Api(agent_url, tenant=identity_tenant, key=identity_key), **kw)
+
+    wrapper = click.option("--key", "identity_key", type=click.Path(path_type=Path),
+                           help="Tenant private key file; signs the request.")(wrapper)
+    wrapper = click.option("--tenant", "identity_tenant", help="Tenant name (with --key).")(wrapper)
+    return agent_option(wrapper)
+
+
 def fail(message: str, code: int = 3) -> NoReturn:
     click.echo(f"p2psched: {message}", err=True)
     sys.exit(code)
@@ -34,16 +49,19 @@ def fail(message: str, code: int = 3) -> NoReturn:
 class Api:
     def __init__(self, url: str, *, tenant: str | None = None, key: Path | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0))
-        self.signer = None
+        auth = None
         if tenant and key:
-            from p2psched.security.client import RequestSigner  # type: ignore[import-not-found]
+            from p2psched.security.client import RequestSigner
 
-            self.signer = RequestSigner(tenant, key)
+            try:
+                auth = RequestSigner(tenant, key).auth
+            except (OSError, ValueError) as e:
+                fail(f"cannot use --key {key}: {e}", 2)
+        elif tenant or key:
+            fail("--tenant and --key go together: name the tenant and its private key file", 2)
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0), auth=auth)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        if self.signer is not None:
-            kw.setdefault("headers", {}).update(self.signer.headers(method, path))
         try:
             resp = self.client.request(method, path, **kw)
         except httpx.HTTPError as e:
@@ -173,7 +191,7 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
     api = Api(agent_url, tenant=tenant, key=key)
     body: dict[str, Any] = spec
     if tenant and key:
-        from p2psched.security.client import sign_submission  # type: ignore[import-not-found]
+        from p2psched.security.client import sign_submission
 
         body = sign_submission(spec, tenant, key)
     rec = api.json("POST", "/v1/jobs", json=body)
@@ -215,12 +233,12 @@ def _report(api: Api, rec: dict[str, Any], as_json: bool) -> None:
 
 @click.command()
 @click.argument("job_id")
-@agent_option
+@api_options
 @click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
 @json_option
-def status(job_id: str, agent_url: str, wait_s: float, as_json: bool) -> None:
+def status(job_id: str, api: Api, wait_s: float, as_json: bool) -> None:
     """Show one job's record."""
-    rec = Api(agent_url).json("GET", f"/v1/jobs/{job_id}", params={"wait": wait_s})
+    rec = api.json("GET", f"/v1/jobs/{job_id}", params={"wait": wait_s})
     if as_json:
         _print_json(rec)
         return
@@ -231,19 +249,19 @@ def status(job_id: str, agent_url: str, wait_s: float, as_json: bool) -> None:
 
 
 @click.command()
-@agent_option
+@api_options
 @click.option("--state", help="Only jobs in this state.")
-@click.option("--tenant", help="Only this tenant's jobs.")
+@click.option("--of-tenant", "tenant", help="Only this tenant's jobs (an admin sees every tenant's).")
 @click.option("--limit", type=int, default=100, show_default=True)
 @json_option
-def jobs(agent_url: str, state: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
+def jobs(api: Api, state: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
     """List jobs known to an agent, oldest first."""
     params: dict[str, Any] = {"limit": min(limit, 1000)}
     if state:
         params["state"] = state
     if tenant:
         params["tenant"] = tenant
-    data = Api(agent_url).json("GET", "/v1/jobs", params=params)
+    data = api.json("GET", "/v1/jobs", params=params)
     if as_json:
         _print_json(data)
         return
@@ -253,30 +271,30 @@ def jobs(agent_url: str, state: str | None, tenant: str | None, limit: int, as_j
 
 @click.command()
 @click.argument("job_id")
-@agent_option
+@api_options
 @json_option
-def cancel(job_id: str, agent_url: str, as_json: bool) -> None:
+def cancel(job_id: str, api: Api, as_json: bool) -> None:
     """Cancel a job; a running one is stopped."""
-    rec = Api(agent_url).json("DELETE", f"/v1/jobs/{job_id}")
+    rec = api.json("DELETE", f"/v1/jobs/{job_id}")
     _print_json(rec) if as_json else click.echo(_summary(rec))
 
 
 @click.command()
 @click.argument("job_id")
-@agent_option
+@api_options
 @click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
-def result(job_id: str, agent_url: str, wait_s: float) -> None:
+def result(job_id: str, api: Api, wait_s: float) -> None:
     """Write a job's raw output bytes to stdout."""
-    resp = Api(agent_url).request("GET", f"/v1/jobs/{job_id}/result", params={"wait": wait_s})
+    resp = api.request("GET", f"/v1/jobs/{job_id}/result", params={"wait": wait_s})
     sys.stdout.buffer.write(resp.content)
 
 
 @click.command()
-@agent_option
+@api_options
 @json_option
-def peers(agent_url: str, as_json: bool) -> None:
+def peers(api: Api, as_json: bool) -> None:
     """List cluster members as the agent sees them."""
-    data = Api(agent_url).json("GET", "/v1/peers")
+    data = api.json("GET", "/v1/peers")
     if as_json:
         _print_json(data)
         return
@@ -296,14 +314,14 @@ def peers(agent_url: str, as_json: bool) -> None:
 
 
 @click.command()
-@agent_option
-def cluster(agent_url: str) -> None:
+@api_options
+def cluster(api: Api) -> None:
     """Members by state, and total and free resources."""
-    _print_json(Api(agent_url).json("GET", "/v1/cluster"))
+    _print_json(api.json("GET", "/v1/cluster"))
 
 
 @click.command()
-@agent_option
-def drain(agent_url: str) -> None:
+@api_options
+def drain(api: Api) -> None:
     """Drain an agent: stop admissions, hand queued jobs to peers, finish running ones, leave."""
-    _print_json(Api(agent_url).json("POST", "/v1/drain"))
+    _print_json(api.json("POST", "/v1/drain"))

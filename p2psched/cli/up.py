@@ -87,9 +87,9 @@ def up(nodes: int, base_port: int, data_root: Path, topology: Path | None, cpus:
     extra: list[str] = ["--no-mdns"]
     node_ids = None
     if topology is not None:
-        from p2psched.topology import load_topology  # type: ignore[attr-defined]
+        from p2psched.topology import Topology
 
-        topo = load_topology(topology)
+        topo = Topology.load(topology)
         node_ids = list(topo.hosts)[:nodes]
         extra += ["--topology", str(topology)]
     if cpus is not None:

@@ -63,6 +63,12 @@ class JobRecord:
     wait_reason: str | None = None
     created_at: float = 0.0
     seq: int = 0  # arrival order at this agent, for FIFO within a tenant
+    # Where an executor sends the result: the origin's transfer address. Empty at the origin.
+    origin_transfer: str = ""
+    # The tenant's signed envelope, kept so every hop can verify the job on its own.
+    auth: dict[str, Any] | None = None
+    # Results that arrived after the first final one: recorded, never applied.
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tenant(self) -> str:
@@ -86,6 +92,8 @@ class JobRecord:
             "result": self.result.as_dict() if self.result else None, "wait_reason": self.wait_reason,
             "priority": self.spec.priority, "created_at": self.created_at,
         }
+        if self.duplicates:
+            d["duplicate_attempts"] = list(self.duplicates)
         if include_spec:
             d["spec"] = self.spec.model_dump(mode="json", exclude={"module"})
         return d

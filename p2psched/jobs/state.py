@@ -2,6 +2,7 @@
 
     submitted -> queued -> placed -> running -> succeeded | failed | cancelled | timed_out
                     \\-> rejected            \\-> queued   (executor lost: placed again)
+               queued -> an ending          (an earlier attempt's result arrived)
 
 An illegal transition raises :class:`IllegalTransition`: it is a bug in the agent,
 not something a user can cause, so it must be loud rather than drift (h11 does the
@@ -36,7 +37,9 @@ _ENDINGS = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TI
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SUBMITTED: frozenset({JobState.QUEUED, JobState.REJECTED, JobState.CANCELLED}),
-    JobState.QUEUED: frozenset({JobState.PLACED, JobState.REJECTED, JobState.CANCELLED}),
+    # A queued job may also end at once: an earlier attempt's result can arrive
+    # while the job waits to be placed again (the first final result wins).
+    JobState.QUEUED: frozenset({JobState.PLACED, JobState.REJECTED} | _ENDINGS),
     # A placed job may be re-queued when its executor refuses or is lost, and the
     # origin may learn a forwarded job's ending without ever seeing it run.
     JobState.PLACED: frozenset({JobState.RUNNING, JobState.QUEUED} | _ENDINGS),

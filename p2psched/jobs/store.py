@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, seq);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Results this agent ran for another origin and has not yet had acknowledged.
+CREATE TABLE IF NOT EXISTS deliveries (id TEXT PRIMARY KEY);
 """
 
 
@@ -60,6 +62,13 @@ class StoreError(RuntimeError):
 def _record_row(rec: JobRecord) -> str:
     d = rec.as_dict()
     d.pop("id"), d.pop("tenant"), d.pop("runtime"), d.pop("priority")
+    d.pop("duplicate_attempts", None)
+    if rec.origin_transfer:
+        d["origin_transfer"] = rec.origin_transfer
+    if rec.auth is not None:
+        d["auth"] = rec.auth
+    if rec.duplicates:
+        d["duplicates"] = rec.duplicates
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -78,6 +87,7 @@ def _load(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
         route=d.get("route", []), cost=d.get("cost", 0.0), hops=d.get("hops", 0), attempts=d.get("attempts", 0),
         timeline=d.get("timeline", []), result=JobResult.from_dict(result) if result else None,
         wait_reason=d.get("wait_reason"), created_at=d.get("created_at", 0.0), seq=seq,
+        origin_transfer=d.get("origin_transfer", ""), auth=d.get("auth"), duplicates=d.get("duplicates", []),
     )
 
 
@@ -103,6 +113,7 @@ class Store:
         # through several states between two flushes is encoded once.
         self._staged_records: dict[str, JobRecord] = {}
         self._inflight: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
+        self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
         self._staged_gen = 0
         self._committed_gen = 0
         self._flushing = False
@@ -161,6 +172,14 @@ class Store:
             while len(self._finished) > FINISHED_CACHE:
                 self._finished.popitem(last=False)
 
+    def stage_delivery(self, job_id: str, owed: bool) -> None:
+        """Record that a result is owed to its origin (or no longer is), in the next flush."""
+        self._deliveries[job_id] = owed
+        self._staged_gen += 1
+
+    def owed_deliveries(self) -> list[str]:
+        return [r[0] for r in self._reader.execute("SELECT id FROM deliveries")]
+
     @property
     def dirty(self) -> bool:
         return self._committed_gen < self._staged_gen
@@ -176,16 +195,19 @@ class Store:
             batch, self._pending = self._pending, {}
             staged, self._staged_records = self._staged_records, {}
             records = {job_id: _record_row(r) for job_id, r in staged.items()}
+            deliveries, self._deliveries = self._deliveries, {}
             gen = self._staged_gen
             self._inflight = batch
             try:
-                await trio.to_thread.run_sync(self._write, batch, records)
+                await trio.to_thread.run_sync(self._write, batch, records, deliveries)
             except BaseException:
                 # Put the batch back (without clobbering newer stagings) so nothing is lost.
                 for k, v in batch.items():
                     self._pending.setdefault(k, v)
                 for k, rec in staged.items():
                     self._staged_records.setdefault(k, rec)
+                for k, owed in deliveries.items():
+                    self._deliveries.setdefault(k, owed)
                 raise
             finally:
                 self._inflight = {}
@@ -194,7 +216,8 @@ class Store:
                 done.set()
             self._committed_gen = gen
 
-    def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str]) -> None:
+    def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str],
+               deliveries: dict[str, bool] | None = None) -> None:
         rows_new = []
         rows_upd = []
         for job_id, (jid, spec, seq, state, tenant, runtime, created, out) in batch.items():
@@ -224,6 +247,11 @@ class Store:
                     " output_file=COALESCE(?, output_file) WHERE id=?",
                     rows_upd,
                 )
+            for job_id, owed in (deliveries or {}).items():
+                if owed:
+                    self._writer.execute("INSERT OR IGNORE INTO deliveries (id) VALUES (?)", (job_id,))
+                else:
+                    self._writer.execute("DELETE FROM deliveries WHERE id = ?", (job_id,))
             self._writer.execute("COMMIT")
         except sqlite3.Error as e:
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None

@@ -1,0 +1,45 @@
+"""Every transfer message, in one place. Each is a msgpack map; ``t`` names it.
+
+    offer       origin -> executor   {id, job, module?}            reply: accept | refuse
+    accept      executor -> origin   {id}
+    refuse      executor -> origin   {id, reason, vector}          late binding said no
+    status      executor -> origin   {id, entry}                   best effort (e.g. running)
+    result      executor -> origin   {id, executor, attempt, result, output, timeline}   reply: ack
+    ack         origin -> executor   {id, duplicate}               delivered; executor may forget
+    cancel      origin -> executor   {id}                          reply: cancel_ack
+    cancel_ack  executor -> origin   {id, state}                   "cancelling", "unknown" or a final state
+    error       either               {message}                     the request was not understood
+
+``job`` is the job as the origin knows it: ``spec`` (JobSpec in JSON mode, module
+left out), ``origin``, ``origin_transfer`` (where results go), ``route``, ``cost``,
+``hops``, ``attempts``, ``timeline`` and, for tenant-signed jobs, ``auth`` (the
+tenant's original envelope, verified again by every hop).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OFFER = "offer"
+ACCEPT = "accept"
+REFUSE = "refuse"
+STATUS = "status"
+RESULT = "result"
+ACK = "ack"
+CANCEL = "cancel"
+CANCEL_ACK = "cancel_ack"
+ERROR = "error"
+
+REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL})
+
+
+def error(message: str) -> dict[str, Any]:
+    return {"t": ERROR, "message": message}
+
+
+def require(msg: dict[str, Any], *fields: str) -> None:
+    missing = [f for f in fields if f not in msg]
+    if missing:
+        raise ValueError(f"{msg.get('t')} message lacks field(s) {missing}")
+    if "id" in fields and not isinstance(msg["id"], str):
+        raise ValueError(f"{msg.get('t')} message: 'id' must be a string")

@@ -1,0 +1,172 @@
+"""The transfer service: job offers, results and cancels between agents over TCP.
+
+A thin trio adapter: it frames messages (``frames.py``), does mutual TLS when the
+agent has cluster certificates (``security/tls.py``), pools outgoing connections
+per peer, and hands each request to a handler the agent supplies. One request is
+in flight per connection; the pool opens more connections when requests overlap.
+
+    service = TransferService(bind, handler, tls=NodeTLS or None, node_id=...)
+    await nursery.start(service.serve)
+    reply = await service.request(peer_id, "10.0.0.2:7702", {"t": "offer", ...})
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from p2psched.transfer import messages as m
+from p2psched.transfer.frames import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode
+
+log = logging.getLogger("p2psched.transfer")
+
+Handler = Callable[[str | None, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+#: A request that gets no reply in this long fails, and the caller treats the peer
+#: as unreachable for this attempt. Offers carry up to 128 MiB, ~1 s at 1 Gb/s.
+REQUEST_TIMEOUT_S = 30.0
+#: Idle pooled connections kept per peer. Requests beyond this open short-lived ones.
+POOL_PER_PEER = 4
+
+
+class TransferError(ConnectionError):
+    pass
+
+
+class _Conn:
+    def __init__(self, stream: trio.abc.Stream, max_frame: int) -> None:
+        self.stream = stream
+        self.reader = FrameReader(max_frame)
+        self.pending: list[dict[str, Any]] = []
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.stream.send_all(encode(msg))
+
+    async def receive(self) -> dict[str, Any] | None:
+        while not self.pending:
+            data = await self.stream.receive_some(256 * 1024)
+            if not data:
+                return None
+            self.pending.extend(self.reader.feed(data))
+        return self.pending.pop(0)
+
+
+class TransferService:
+    def __init__(self, bind: tuple[str, int], handler: Handler, *, node_id: str, tls: Any = None,
+                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.bind = bind
+        self.handler = handler
+        self.node_id = node_id
+        self.max_frame = max_frame
+        self._server_ctx: ssl.SSLContext | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        if tls is not None:
+            from p2psched.security.tls import client_context, server_context
+
+            self._server_ctx = server_context(tls)
+            self._client_ctx = client_context(tls)
+        self._idle: dict[str, list[_Conn]] = defaultdict(list)
+        self.refused_handshakes = 0
+
+    # ------------------------------------------------------------------ server
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.bind
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(trio.serve_listeners, self._handle_connection, [listener])
+                task_status.started()
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+
+    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
+        peer: str | None = None
+        stream: trio.abc.Stream = tcp
+        try:
+            if self._server_ctx is not None:
+                from p2psched.security.tls import accept_peer
+
+                try:
+                    with trio.fail_after(10):
+                        stream, peer = await accept_peer(tcp, self._server_ctx)
+                except (ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
+                    self.refused_handshakes += 1
+                    log.warning("transfer: refused a connection without a valid cluster certificate: %s", e)
+                    return
+            conn = _Conn(stream, self.max_frame)
+            while True:
+                try:
+                    msg = await conn.receive()
+                except FrameError as e:
+                    log.warning("transfer: dropping connection from %s: %s", peer or "peer", e)
+                    await conn.send(m.error(str(e)))
+                    return
+                if msg is None:
+                    return
+                try:
+                    reply = await self.handler(peer, msg)
+                except ValueError as e:
+                    reply = m.error(str(e))
+                await conn.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    # ------------------------------------------------------------------ client
+
+    async def _connect(self, node_id: str, address: str) -> _Conn:
+        host, _, port = address.rpartition(":")
+        if self._client_ctx is not None:
+            from p2psched.security.tls import connect_peer
+
+            stream: trio.abc.Stream = await connect_peer(host, int(port), node_id, self._client_ctx)
+        else:
+            stream = await trio.open_tcp_stream(host, int(port))
+        return _Conn(stream, self.max_frame)
+
+    async def request(self, node_id: str, address: str, msg: dict[str, Any],
+                      timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """Send one request and return the reply; raises TransferError when the peer can't be reached."""
+        idle = self._idle[node_id]
+        for fresh in (False, True):
+            conn = None
+            try:
+                with trio.fail_after(timeout):
+                    conn = idle.pop() if (idle and not fresh) else await self._connect(node_id, address)
+                    await conn.send(msg)
+                    reply = await conn.receive()
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    ssl.SSLError, FrameError) as e:
+                if conn is not None:
+                    await trio.aclose_forcefully(conn.stream)
+                if fresh:
+                    raise TransferError(f"cannot reach {node_id} at {address}: {e or type(e).__name__}") from e
+                continue
+            if reply is None:
+                await trio.aclose_forcefully(conn.stream)
+                if fresh:
+                    raise TransferError(f"{node_id} at {address} closed the connection without replying")
+                continue
+            if len(idle) < POOL_PER_PEER:
+                idle.append(conn)
+            else:
+                await trio.aclose_forcefully(conn.stream)
+            if reply.get("t") == m.ERROR:
+                raise TransferError(f"{node_id} refused the request: {reply.get('message')}")
+            return reply
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                await trio.aclose_forcefully(conn.stream)
+        self._idle.clear()

@@ -1,0 +1,101 @@
+"""Tenants, signatures and attestation through a real agent subprocess and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from agents import ROOT, new_agent, wasm_spec
+
+pytestmark = pytest.mark.cluster
+
+
+def cli(*args, agent=None, check=True):
+    env = {**os.environ}
+    if agent is not None:
+        env["P2PSCHED_URL"] = agent.url
+    p = subprocess.run([sys.executable, "-m", "p2psched", *args], capture_output=True, env=env, cwd=ROOT, timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"p2psched {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode()}")
+    return p
+
+
+@pytest.fixture
+def tenants(tmp_path):
+    keys = tmp_path / "keys"
+    reg = tmp_path / "tenants.toml"
+    for name, extra in (("alice", ["--cap", "wasm"]), ("bob", ["--cap", "wasm"]), ("ops", ["--cap", "wasm", "--admin"])):
+        cli("tenant", "keygen", name, "--out", str(keys))
+        cli("tenant", "add", name, "--pubkey", str(keys / f"{name}.pub"), "--tenants", str(reg), *extra)
+    return reg, keys
+
+
+def test_signed_jobs_unsigned_refused_tenants_see_only_their_own(tmp_path, tenants):
+    reg, keys = tenants
+    agent = new_agent(tmp_path, "secure", "--tenants", str(reg)).start()
+    try:
+        r = httpx.post(agent.url + "/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert r.status_code == 401, r.text
+        assert agent.url and "p2psched_admission_rejections_total" in httpx.get(agent.url + "/metrics").text
+
+        alice = ["--tenant", "alice", "--key", str(keys / "alice.key")]
+        p = cli("submit", "examples/wasm/hello.wasm", "--wait", "--json", *alice, agent=agent)
+        rec = json.loads(p.stdout)
+        assert rec["state"] == "succeeded" and rec["tenant"] == "alice"
+        report = rec["result"]["attestation"]
+        assert report["job_id"] == rec["id"] and report["node_id"] == "secure"
+
+        p = cli("status", rec["id"], "--json", *alice, agent=agent)
+        assert json.loads(p.stdout)["id"] == rec["id"]
+        p = cli("status", rec["id"], "--tenant", "bob", "--key", str(keys / "bob.key"), agent=agent, check=False)
+        assert p.returncode == 3 and b"403" in p.stderr and b"another tenant" in p.stderr
+        p = cli("status", rec["id"], "--tenant", "ops", "--key", str(keys / "ops.key"), agent=agent)
+        assert rec["id"].encode() in p.stdout
+        p = cli("status", rec["id"], agent=agent, check=False)
+        assert p.returncode == 3 and b"401" in p.stderr
+
+        listing = json.loads(cli("jobs", "--json", "--tenant", "bob", "--key", str(keys / "bob.key"),
+                                 agent=agent).stdout)
+        assert listing["jobs"] == []
+
+        saved = tmp_path / "report.json"
+        saved.write_text(json.dumps(report))
+        assert cli("verify", str(saved), "--node-pubkey", report["node_pubkey"]).returncode == 0
+        report["output_sha256"] = "0" * 64
+        saved.write_text(json.dumps(report))
+        p = cli("verify", str(saved), "--node-pubkey", report["node_pubkey"], check=False)
+        assert p.returncode != 0
+    finally:
+        agent.stop()
+
+
+def test_sighup_reloads_a_good_registry_and_keeps_the_old_on_a_bad_one(tmp_path, tenants):
+    reg, keys = tenants
+    agent = new_agent(tmp_path, "reloader", "--tenants", str(reg)).start()
+    try:
+        carol = ["--tenant", "carol", "--key", str(keys / "carol.key")]
+        cli("tenant", "keygen", "carol", "--out", str(keys))
+        p = cli("submit", "examples/wasm/hello.wasm", *carol, agent=agent, check=False)
+        assert p.returncode == 3 and b"401" in p.stderr
+        cli("tenant", "add", "carol", "--pubkey", str(keys / "carol.pub"), "--tenants", str(reg), "--cap", "wasm")
+        agent.kill(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while cli("submit", "examples/wasm/hello.wasm", *carol, agent=agent, check=False).returncode != 0:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        good = reg.read_text()
+        reg.write_text(good + "\n[tenants.broken\n")
+        agent.kill(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "not reloaded" not in agent.log():
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+        assert "line" in agent.log().split("not reloaded", 1)[1].splitlines()[0]
+        assert cli("submit", "examples/wasm/hello.wasm", *carol, agent=agent, check=False).returncode == 0
+    finally:
+        agent.stop()
