@@ -16,6 +16,12 @@ Public interface (all the agent needs):
     ``reason``. It reads ``request.module_path`` only when the module is in
     neither cache.
 
+``run_wasm_many(requests, engine) -> list[SandboxResult]``
+    The same for several jobs in one worker thread, one after another. A
+    ``trio.to_thread.run_sync`` round trip costs several times a noop job, so
+    an agent with a deep queue of short jobs should hand a thread a batch;
+    each job keeps its own limits, deadline and cancellation.
+
 ``WasmEngine.cancel(job_id) -> bool``
     From any thread (the trio thread included; it does not block). Stops that
     job's guest within one tick with reason ``cancelled``. True if the job was
@@ -78,7 +84,7 @@ import wasmtime
 from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 
-__all__ = ["FUEL_PER_CPU_MS", "WasmEngine", "run_wasm", "validate_module"]
+__all__ = ["FUEL_PER_CPU_MS", "WasmEngine", "run_wasm", "run_wasm_many", "validate_module"]
 
 #: Fuel is about one unit per executed wasm instruction. A tight loop here burns
 #: 0.44 M fuel per CPU millisecond (wasmtime 50, x86-64, fuel metering on) and
@@ -465,6 +471,11 @@ def _kind(ty: wasmtime.ValType) -> str:
 
 # ---------------------------------------------------------------------------
 # One run
+
+
+def run_wasm_many(requests: list[SandboxRequest], engine: WasmEngine) -> list[SandboxResult]:
+    """Run several jobs one after another in this thread (see the module docstring)."""
+    return [run_wasm(request, engine) for request in requests]
 
 
 def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:

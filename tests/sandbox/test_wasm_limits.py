@@ -271,3 +271,18 @@ async def test_largest_allowed_stack_overflows_cleanly_in_a_worker_thread(engine
     assert result.reason == "stack_overflow"
     assert result.sandbox["stack_bytes"] == engine.max_stack_bytes < 256 << 20
     assert result.warnings and "stack limit lowered" in result.warnings[0]
+
+
+async def test_a_batch_in_one_thread_keeps_each_jobs_limits_and_cancellation(engine):
+    from p2psched.sandbox.wasm import run_wasm_many
+
+    engine.cancel("b2")  # not started yet: only this one is refused
+    batch = [
+        request("hello", job_id="b1"),
+        request("hello", job_id="b2"),
+        request("loop", job_id="b3", limits=Limits(wall_ms=50)),
+        request("exit3", job_id="b4"),
+    ]
+    results = await trio.to_thread.run_sync(run_wasm_many, batch, engine)
+    assert [r.reason for r in results] == ["exit 0", "cancelled", "wall_timeout", "exit 3"]
+    assert results[0].stdout == b"hello from p2psched\n"
