@@ -82,6 +82,42 @@ def main() -> None:
     for name, (wall, cpu) in best.items():
         print(f"{name:22}: {n / wall:7.0f} runs/s  {wall / n * 1e6:6.1f} us ({cpu / n * 1e6:5.1f} us CPU)"
               f"  {raw_wall / wall:4.0%} of raw by wall, {raw_cpu / cpu:4.0%} by CPU")
+    print(thread_dispatch(n))
+
+
+def thread_dispatch(n: int, batch: int = 64) -> str:
+    """noop jobs/s through trio.to_thread: one job per round trip, and batches."""
+    import hashlib
+
+    import trio
+
+    from p2psched.jobs.spec import Limits, Resources
+    from p2psched.sandbox.base import SandboxRequest
+    from p2psched.sandbox.wasm import WasmEngine, run_wasm, run_wasm_many
+
+    sha = hashlib.sha256(NOOP.read_bytes()).hexdigest()
+    limits, resources = Limits(), Resources()
+    requests = [
+        SandboxRequest(job_id=f"j{i}", runtime="wasm", limits=limits, resources=resources,
+                       module_sha256=sha, module_path=NOOP)
+        for i in range(n)
+    ]
+
+    async def measure(engine: WasmEngine) -> tuple[float, float]:
+        run_wasm(requests[0], engine)
+        start = time.perf_counter()
+        for request in requests:
+            await trio.to_thread.run_sync(run_wasm, request, engine)
+        single = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            await trio.to_thread.run_sync(run_wasm_many, requests[i : i + batch], engine)
+        return single, time.perf_counter() - start
+
+    with WasmEngine(None) as engine:
+        single, batched = trio.run(measure, engine)
+    return (f"trio.to_thread, one job per call : {n / single:7.0f} jobs/s\n"
+            f"trio.to_thread, {batch} jobs per call: {n / batched:7.0f} jobs/s")
 
 
 if __name__ == "__main__":
