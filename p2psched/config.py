@@ -77,6 +77,9 @@ class AgentSettings(BaseSettings):
     cluster_name: str = Field("p2psched", min_length=1, max_length=64, description="Bound into gossip encryption.")
     placement_policy: Literal["p2p", "local-first", "random", "round-robin"] = "p2p"
     gpus: str | None = Field(None, description="Declared GPUs for hosts without NVML (see docs/gpu.md).")
+    gpu_profile: str = Field(
+        "whole", description="How each GPU is offered: whole, shared:N (time-sliced shares), or mig profiles.",
+    )
     allow_measurements: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Only forward to peers whose measurement is listed (empty: any)."
     )

@@ -8,6 +8,7 @@ reads the clock, talks to the store and the sandboxes, and wakes waiters.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from p2psched import __version__, logs
 from p2psched.agent.threads import WorkerThreads
 from p2psched.agent.gate import Gate
-from p2psched.agent.errors import AgentError, Conflict, NotFound, QueueFull, Unavailable
+from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue
 from p2psched.jobs.record import RECORD_TEXT_BYTES, JobRecord, JobResult
@@ -49,6 +50,22 @@ class Running:
     started: float
     cancel_reason: str | None = None
     scope: trio.CancelScope | None = None
+    gpu_grant: Any = None
+
+
+def _reap_stale_sandboxes() -> None:
+    """Kill and remove what a kill -9'd agent left of its process jobs (cgroups, mounts)."""
+    try:
+        from p2psched.sandbox.process import reap_stale
+    except ImportError:  # the sandbox's system tools are missing: doctor says so
+        return
+    try:
+        n = reap_stale()
+    except OSError as e:
+        log.warning("could not clean up stale process sandboxes: %s", e)
+        return
+    if n:
+        log.info("removed %d stale process sandboxes left by an earlier run", n)
 
 
 def new_job_id(node_id: str) -> str:
@@ -86,14 +103,40 @@ class Agent:
         self._nursery: trio.Nursery | None = None
         self._wasm: Any = None
         self._workers: WorkerThreads | None = None
+        self.gpus: Any = None  # SlotAllocator, once started
+        self.gpu_inventory: Any = None
+        self.gpu_metrics: Any = None
 
     # ---------------------------------------------------------------- lifecycle
+
+    async def _start_gpus(self) -> None:
+        from p2psched.gpu.discovery import load_inventory
+        from p2psched.gpu.metrics import GpuMetrics
+        from p2psched.gpu.slots import SlotAllocator
+
+        try:
+            inv = await trio.to_thread.run_sync(
+                functools.partial(load_inventory, self.settings.gpus, profile=self.settings.gpu_profile))
+        except ValueError as e:
+            raise StartupError(f"--gpus / --gpu-profile: {e}") from None
+        self.gpu_inventory = inv
+        # After a restart no job holds a slot: running jobs were queued again and
+        # queued jobs reserve only when they start, so every slot is free.
+        self.gpus = SlotAllocator(inv)
+        self.gpu_metrics = GpuMetrics(self.registry)
+        self.gpu_metrics.update(self.gpus, inv, usage={})
+        if inv.gpus:
+            log.info("GPUs (%s): %s", inv.source, self.gpus.total_by_type())
+        elif self.settings.gpus:
+            log.warning("no GPU slots offered: %s", inv.reason)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from p2psched.api.server import serve_api
 
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._start_gpus()
+            await trio.to_thread.run_sync(_reap_stale_sandboxes)
             self.recover()
             nursery.start_soon(self._dispatch_loop)
             nursery.start_soon(self._flush_loop)
@@ -367,10 +410,14 @@ class Agent:
             cpu_total=self.cpu_total, cpu_free=max(0.0, self.cpu_total - self.cpu_used),
             mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
             queue_len=len(self.queue), running=len(self.running), load=load, draining=not self.accepting,
+            gpu_free=self.gpus.free_by_type() if self.gpus is not None else {},
+            gpu_total=self.gpus.total_by_type() if self.gpus is not None else {},
         )
 
     def _fits_now(self, spec: JobSpec) -> bool:
         r = spec.resources
+        if r.gpu > 0 and (self.gpus is None or not self.gpus.can_fit(r.gpu, r.gpu_type)):
+            return False
         return self.cpu_used + r.cpu <= self.cpu_total + 1e-9 and self.mem_used_mb + r.mem_mb <= self.mem_total_mb
 
     def _never_fits(self, spec: JobSpec) -> str | None:
@@ -380,7 +427,12 @@ class Agent:
         if r.mem_mb > self.mem_total_mb:
             return f"needs {r.mem_mb} MiB of memory; this agent has {self.mem_total_mb} MiB and no peer can take it"
         if r.gpu > 0:
-            return f"needs {r.gpu} GPU slots; this agent has none and no peer can take it"
+            total = self.gpus.total_by_type() if self.gpus is not None else {}
+            have = total.get(r.gpu_type, 0) if r.gpu_type else max(total.values(), default=0)
+            if have < r.gpu:
+                kind = f"{r.gpu_type} " if r.gpu_type else ""
+                return (f"needs {r.gpu} {kind}GPU slots; this agent offers {total or 'none'} "
+                        "and no peer can take it")
         return None
 
     # ---------------------------------------------------------------- dispatch
@@ -425,8 +477,10 @@ class Agent:
         r = rec.spec.resources
         self.cpu_used += r.cpu
         self.mem_used_mb += r.mem_mb
-        self._update_slot_metrics()
         run = Running(rec, now)
+        if r.gpu > 0 and self.gpus is not None:
+            run.gpu_grant = self.gpus.reserve(rec.id, r.gpu, r.gpu_type)
+        self._update_slot_metrics()
         self.running[rec.id] = run
         self._nursery.start_soon(self._run_job, run)
 
@@ -434,8 +488,13 @@ class Agent:
         self.metrics.slots_in_use.labels("cpu").set(self.cpu_used)
         self.metrics.slots_in_use.labels("mem_mb").set(self.mem_used_mb)
         self.metrics.running.set(len(self.running))
+        if self.gpus is not None:
+            self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
+            self.gpu_metrics.update(self.gpus, self.gpu_inventory, usage={})
 
-    def _sandbox_request(self, rec: JobRecord) -> SandboxRequest:
+    def _sandbox_request(self, rec: JobRecord, grant: Any = None) -> SandboxRequest:
+        from p2psched.gpu.devices import no_gpu_env
+
         s = rec.spec
         return SandboxRequest(
             job_id=rec.id, runtime=s.runtime, limits=s.limits, resources=s.resources,
@@ -443,6 +502,9 @@ class Agent:
             module_path=self.store.module_path(s.module_sha256) if s.module_sha256 else None,
             entry=s.entry, command=list(s.command), args=list(s.args), env=dict(s.env), stdin=s.input,
             network="network" in s.capabilities, mask_patterns=list(s.mask_patterns), artifacts=list(s.artifacts),
+            # A job without granted slots sees no GPU at all, whatever the host has.
+            gpu_env=dict(grant.env) if grant is not None else no_gpu_env(),
+            gpu_devices=list(grant.devices) if grant is not None else [],
         )
 
     async def _execute(self, run: Running, req: SandboxRequest) -> SandboxResult:
@@ -470,7 +532,10 @@ class Agent:
         self.metrics.queue_seconds.labels(rec.runtime).observe(max(0.0, started - rec.created_at))
         self._advance(rec, JobState.RUNNING, started, f"attempt {rec.attempts}")
         try:
-            result = await self._execute(run, self._sandbox_request(rec))
+            # The attempt is durable before the job runs, so that after a crash its
+            # record says it ran (at least once) and counts the attempt.
+            await self.store.sync()
+            result = await self._execute(run, self._sandbox_request(rec, run.gpu_grant))
         except Exception as e:  # a sandbox bug must not take the agent down
             log.exception("job %s: sandbox error", rec.id)
             result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")
@@ -479,6 +544,8 @@ class Agent:
             self.cpu_used -= r.cpu
             self.mem_used_mb -= r.mem_mb
             self.running.pop(rec.id, None)
+            if self.gpus is not None:
+                self.gpus.release(rec.id)
             self._update_slot_metrics()
             self._wake.set()
         ended = time.time()

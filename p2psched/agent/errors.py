@@ -37,3 +37,7 @@ class QueueFull(AgentError):
 class Unavailable(AgentError):
     status = 503
     reason = "shutting_down"
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start as configured; the message says which setting and why."""

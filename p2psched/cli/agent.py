@@ -11,6 +11,12 @@ import click
 from p2psched.config import ConfigError, load_settings
 
 
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--node-id", help="This agent's id (default: hostname).")
@@ -36,6 +42,7 @@ from p2psched.config import ConfigError, load_settings
 @click.option("--cluster-name", help="Cluster name bound into gossip encryption.")
 @click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]))
 @click.option("--gpus", help="Declared GPUs (see docs/gpu.md).")
+@click.option("--gpu-profile", help="How GPUs are offered: whole, shared:N, mig [whole].")
 @click.option("--log-format", type=click.Choice(["text", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(config_file: Path | None, **flags: object) -> None:
@@ -76,8 +83,16 @@ def agent(config_file: Path | None, **flags: object) -> None:
                 await agent.stopped.wait()
                 nursery.cancel_scope.cancel()
 
+    from p2psched.agent.errors import StartupError
+
     try:
         trio.run(main)
-    except OSError as e:
-        click.echo(f"p2psched agent: {e}; is another agent using the same ports? (`p2psched doctor` checks)", err=True)
+    except* StartupError as group:
+        for e in _leaves(group):
+            click.echo(f"p2psched agent: {e}", err=True)
+        sys.exit(2)
+    except* OSError as group:
+        for e in _leaves(group):
+            click.echo(f"p2psched agent: {e}; is another agent using the same ports? (`p2psched doctor` checks)",
+                       err=True)
         sys.exit(1)

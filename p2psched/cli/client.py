@@ -301,16 +301,21 @@ def peers(api: Api, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("node", "state", "inc", "age", "address", "api", "position", "cpu free/total", "mem free/total MiB",
-                  "gpu slots free", "queue", "running")
+    from p2psched.gpu.slots import describe_slots
+
+    table = Table("node", "state", "inc", "age", "gossip", "api", "position", "cpu free", "mem free MiB",
+                  "GPU slots free", "queue", "run")
     for p in data["peers"]:
         v = p["vector"]
-        gpus = ", ".join(f"{t}:{n}/{v['gpu_total'].get(t, n)}" for t, n in v["gpu_free"].items()) or "-"
         table.add_row(p["node_id"] + (" *" if p.get("self") else ""), p["state"], str(p["incarnation"]),
                       f"{p['age_s']:.1f}s", p["address"], p.get("api", ""), p.get("position") or "-",
-                      f"{v['cpu_free']:g}/{v['cpu_total']:g}", f"{v['mem_free_mb']}/{v['mem_total_mb']}", gpus,
+                      f"{v['cpu_free']:g}/{v['cpu_total']:g}", f"{v['mem_free_mb']}/{v['mem_total_mb']}",
+                      describe_slots(v["gpu_free"], v["gpu_total"], p.get("labels", {})) or "-",
                       str(v["queue_len"]), str(v["running"]))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
 
 
 @click.command()

@@ -1,0 +1,75 @@
+"""Declared GPUs through a real agent: grants, isolation by environment, release.
+
+Declared, not discovered: CI has no GPU. tests/gpu holds the NVML test that runs
+where a real one exists.
+"""
+
+import signal
+
+import trio
+
+from agents import new_agent, running_agent
+
+ENV = {"runtime": "process", "command": ["/usr/bin/env"], "limits": {"wall_ms": 20000}}
+
+
+def env_of(rec):
+    return dict(line.split("=", 1) for line in rec["result"]["stdout"].splitlines() if "=" in line)
+
+
+async def test_granted_job_sees_only_its_gpu_and_others_see_none(tmp_path):
+    async with running_agent(tmp_path, gpus="2xH100-80GB") as (agent, http):
+        with_gpu = (await http.post("/v1/jobs", json={**ENV, "resources": {"gpu": 1}})).json()
+        without = (await http.post("/v1/jobs", json=ENV)).json()
+        a = (await http.get(f"/v1/jobs/{with_gpu['id']}", params={"wait": 30})).json()
+        b = (await http.get(f"/v1/jobs/{without['id']}", params={"wait": 30})).json()
+        assert a["state"] == b["state"] == "succeeded", (a, b)
+        assert env_of(a)["CUDA_VISIBLE_DEVICES"].startswith("GPU-declared-")
+        assert env_of(a)["NVIDIA_VISIBLE_DEVICES"] == env_of(a)["CUDA_VISIBLE_DEVICES"]
+        assert env_of(b)["CUDA_VISIBLE_DEVICES"] == "" and env_of(b)["NVIDIA_VISIBLE_DEVICES"] == "void"
+        assert agent.gpus.free_by_type() == {"whole": 2}
+
+
+async def test_a_third_gpu_job_waits_for_a_slot_and_slots_are_freed(tmp_path):
+    async with running_agent(tmp_path, gpus="2xH100-80GB") as (agent, http):
+        sleep = {"runtime": "process", "command": ["/bin/sleep", "30"], "resources": {"gpu": 1}}
+        ids = [(await http.post("/v1/jobs", json=sleep)).json()["id"] for _ in range(3)]
+        while sum(agent.get(i).state.value == "running" for i in ids) < 2:
+            await trio.sleep(0.02)
+        await trio.sleep(0.2)
+        waiting = [i for i in ids if agent.get(i).state.value == "queued"]
+        assert len(waiting) == 1
+        assert "capacity" in agent.get(waiting[0]).wait_reason
+        assert agent.gpus.free_by_type() == {"whole": 0}
+        grants = {agent.gpus.grant(i).env["CUDA_VISIBLE_DEVICES"] for i in ids if i not in waiting}
+        assert len(grants) == 2  # two different GPUs
+        metrics = (await http.get("/metrics")).text
+        assert 'p2psched_gpu_slots_in_use{type="whole"} 2.0' in metrics
+        for i in ids:
+            await http.delete(f"/v1/jobs/{i}")
+        assert agent.gpus.free_by_type() == {"whole": 2}
+
+
+async def test_job_needing_more_gpus_than_exist_is_rejected_with_the_reason(tmp_path):
+    async with running_agent(tmp_path, gpus="1xL4-24GB") as (agent, http):
+        job = (await http.post("/v1/jobs", json={**ENV, "resources": {"gpu": 2}})).json()
+        rec = (await http.get(f"/v1/jobs/{job['id']}", params={"wait": 10})).json()
+        assert rec["state"] == "rejected"
+        assert "needs 2 GPU slots" in rec["result"]["reason"]
+
+
+def test_slots_are_free_after_the_agent_is_killed_and_restarted(tmp_path):
+    agent = new_agent(tmp_path, "gpu-crash", "--gpus", "1xH100-80GB").start()
+    with agent.client() as http:
+        job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "2"],
+                                          "resources": {"gpu": 1}}).json()["id"]
+        while http.get(f"/v1/jobs/{job}").json()["state"] != "running":
+            trio.run(trio.sleep, 0.02)
+        assert http.get("/v1/peers").json()["peers"][0]["vector"]["gpu_free"] == {"whole": 0}
+    agent.kill(signal.SIGKILL)
+    agent.start()
+    with agent.client() as http:
+        rec = http.get(f"/v1/jobs/{job}", params={"wait": 30}).json()
+        assert rec["state"] == "succeeded" and rec["attempts"] == 2
+        assert http.get("/v1/peers").json()["peers"][0]["vector"]["gpu_free"] == {"whole": 1}
+    agent.stop()
