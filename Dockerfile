@@ -35,7 +35,7 @@ FROM ${BASE}
 # already has them, so this step does nothing and needs no network there; on
 # python:3.11-slim it installs them from Debian.
 RUN set -e; missing=""; \
-    for t in tini:tini tc:iproute2 iptables:iptables unshare:util-linux; do \
+    for t in tini:tini bwrap:bubblewrap tc:iproute2 iptables:iptables prlimit:util-linux; do \
       command -v "${t%%:*}" >/dev/null 2>&1 || missing="$missing ${t#*:}"; \
     done; \
     [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] \

@@ -36,8 +36,21 @@ command -v docker >/dev/null 2>&1 \
 docker info >/dev/null 2>&1 \
   || die "cannot reach the Docker engine (is dockerd running, and may this user use /var/run/docker.sock?)"
 
-if [[ $FORCE -eq 0 ]] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
-  echo "base-image.sh: $IMAGE already exists (pass --force to rebuild)"
+# What the agent needs at run time, and why:
+#   python3, python3-venv  the agent itself (bookworm ships 3.11) and its virtualenv
+#   libseccomp2            the process sandbox's seccomp filter (pyseccomp loads it)
+#   iproute2               `tc netem` for loss/delay faults in chaos runs, `ip` for debugging
+#   iptables               partition faults that drop traffic from chosen peers
+#   bubblewrap             the process sandbox's namespace launcher (bwrap)
+#   util-linux             prlimit, which sets a process job's rlimits before bwrap
+#   ca-certificates        TLS to anything outside the cluster
+#   tini                   PID 1 that forwards SIGTERM so the agent drains, and reaps zombies
+PACKAGES=python3,python3-venv,libseccomp2,bubblewrap,iproute2,iptables,util-linux,ca-certificates,tini
+
+# The package list is stored as a label: an image built from an older list is rebuilt.
+have=$(docker image inspect -f '{{index .Config.Labels "p2psched.base-packages"}}' "$IMAGE" 2>/dev/null || true)
+if [[ $FORCE -eq 0 && $have == "$SUITE:$PACKAGES" ]]; then
+  echo "base-image.sh: $IMAGE is up to date (pass --force to rebuild)"
   exit 0
 fi
 
@@ -70,16 +83,6 @@ mirror_from_apt() {
 }
 MIRROR="${P2PSCHED_DEBIAN_MIRROR:-$(mirror_from_apt)}"
 
-# What the agent needs at run time, and why:
-#   python3, python3-venv  the agent itself (bookworm ships 3.11) and its virtualenv
-#   libseccomp2            the process sandbox's seccomp filter (pyseccomp loads it)
-#   iproute2               `tc netem` for loss/delay faults in chaos runs, `ip` for debugging
-#   iptables               partition faults that drop traffic from chosen peers
-#   util-linux             unshare/nsenter/mount used by the process sandbox
-#   ca-certificates        TLS to anything outside the cluster
-#   tini                   PID 1 that forwards SIGTERM so the agent drains, and reaps zombies
-PACKAGES=python3,python3-venv,libseccomp2,iproute2,iptables,util-linux,ca-certificates,tini
-
 ROOTFS=$(mktemp -d /tmp/p2psched-rootfs.XXXXXX)
 cleanup() { rm -rf --one-file-system "$ROOTFS"; }
 trap cleanup EXIT
@@ -104,6 +107,7 @@ tar --numeric-owner -C "$ROOTFS" -c . \
   | docker import \
       --change 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       --change 'CMD ["/bin/bash"]' \
+      --change "LABEL p2psched.base-packages=$SUITE:$PACKAGES" \
       --message "p2psched base: debootstrap $SUITE minbase + $PACKAGES" \
       - "$IMAGE" >/dev/null
 

@@ -19,6 +19,9 @@
 #   P2PSCHED_PROJECT        compose project name      (default p2psched)
 #   P2PSCHED_UP_TIMEOUT     seconds `up`/`scale` wait for the agents (default 180)
 #   P2PSCHED_ENTRY_PORT     host port of the entry API (default 7700)
+#   P2PSCHED_SUBNET         the cluster network (default 172.30.77.0/24)
+#   P2PSCHED_PROCESS_SANDBOX=1  also apply deploy/compose.process-sandbox.yaml, so
+#                           process jobs run in containers (docs/operations.md)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +36,7 @@ REGISTRY_BASE=python:3.11-slim-bookworm
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 say() { echo "cluster.sh: $*" >&2; }
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 need_docker() {
   command -v docker >/dev/null 2>&1 \
@@ -48,6 +51,9 @@ need_docker() {
     die "neither 'docker compose' nor 'docker-compose' is installed; install the compose plugin (Debian: apt-get install docker-compose)"
   fi
   COMPOSE+=(-p "$PROJECT" -f "$ROOT/compose.yaml")
+  if [[ ${P2PSCHED_PROCESS_SANDBOX:-0} == 1 ]]; then
+    COMPOSE+=(-f "$ROOT/deploy/compose.process-sandbox.yaml")
+  fi
 }
 
 # A hash of everything that goes into the image, stored as a label, so that a changed
@@ -64,9 +70,11 @@ source_hash() {
 pick_base() {
   if [[ -n ${P2PSCHED_BASE:-} ]]; then echo "$P2PSCHED_BASE"; return; fi
   if docker image inspect "$REGISTRY_BASE" >/dev/null 2>&1; then echo "$REGISTRY_BASE"; return; fi
-  if docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then echo "$LOCAL_BASE"; return; fi
-  if timeout 120 docker pull -q "$REGISTRY_BASE" >/dev/null 2>&1; then echo "$REGISTRY_BASE"; return; fi
-  say "no registry reachable for $REGISTRY_BASE; building the local Debian base instead"
+  if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+    if timeout 120 docker pull -q "$REGISTRY_BASE" >/dev/null 2>&1; then echo "$REGISTRY_BASE"; return; fi
+    say "no registry reachable for $REGISTRY_BASE; building the local Debian base instead"
+  fi
+  # a no-op when the local base is up to date with the package list base-image.sh wants
   "$ROOT/scripts/base-image.sh" >&2 || die "could not build the local base image (see above)"
   echo "$LOCAL_BASE"
 }
