@@ -26,7 +26,7 @@ DATAGRAM_LIMITS: dict[str, int] = dict(
 def frame_limits(max_message: int) -> dict[str, int]:
     """Limits for one TCP frame: a full state has one array entry per member."""
     return dict(max_str_len=65536, max_bin_len=0, max_array_len=100_000, max_map_len=256,
-                max_ext_len=0, max_buffer_size=max_message)
+                max_ext_len=0)
 
 
 class DecodeError(Exception):

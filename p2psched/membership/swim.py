@@ -635,7 +635,7 @@ class Membership:
 
     def _tick_reap(self, now: float, out: list[Action]) -> None:
         for node_id, since in list(self._gone.items()):
-            if now - since >= self.s.dead_retention:
+            if now >= since + self.s.dead_retention:  # the same sum next_deadline uses
                 m = self.members[node_id]
                 if m.status == DEAD:
                     self._graveyard.append((m.addr, now))
@@ -896,10 +896,11 @@ class Membership:
 
     def _on_state(self, now: float, msg: State, out: list[Action]) -> None:
         if msg.node_id == self.id:
-            if msg.version >= self._state_version:
+            me = self.members[self.id]
+            stale_twin = msg.version == self._state_version and me.state is not None and msg.state != me.state.to_wire()
+            if msg.version > self._state_version or stale_twin:
                 # An older life of ours published higher versions: jump past them.
                 self._state_version = msg.version
-                me = self.members[self.id]
                 if self._pending_state is None and me.state is not None:
                     self._pending_state = me.state
                 self._next_state_at = now
