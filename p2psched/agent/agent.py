@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from p2psched import __version__, logs
 from p2psched.agent.threads import WorkerThreads
 from p2psched.agent.gate import Gate
+from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue
@@ -32,7 +34,8 @@ from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState, state_for_reason
 from p2psched.jobs.store import Store
 from p2psched.metrics.agent import AgentMetrics
-from p2psched.resources import ResourceVector
+from p2psched.config import parse_hostport
+from p2psched.resources import NodeState, ResourceVector
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 from p2psched.security.admission import TenantUsage
 
@@ -68,6 +71,20 @@ def _reap_stale_sandboxes() -> None:
         log.info("removed %d stale process sandboxes left by an earlier run", n)
 
 
+def _primary_ip() -> str:
+    """The address other hosts most likely reach us on (no packet is sent)."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("10.255.255.255", 1))
+        return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        s.close()
+
+
 def new_job_id(node_id: str) -> str:
     """``<origin>:<time><random>``: sortable by time, and any agent can tell the origin."""
     return f"{node_id}:{time.time_ns() // 1000:x}{secrets.token_hex(4)}"
@@ -78,7 +95,7 @@ def origin_of(job_id: str) -> str | None:
     return head if sep else None
 
 
-class Agent:
+class Agent(RemoteJobs):
     def __init__(self, settings: AgentSettings, *, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -104,6 +121,25 @@ class Agent:
         self._wasm: Any = None
         self._workers: WorkerThreads | None = None
         self.gpus: Any = None  # SlotAllocator, once started
+        from p2psched.placement.core import PlacementState
+        from p2psched.placement.metrics import PlacementMetrics
+
+        self.placement_metrics = PlacementMetrics(self.registry)
+        self.placement_state = PlacementState()
+        self.rng = random.Random()
+        self.cluster: Any = None  # ClusterView over membership, once started
+        self.transfer: Any = None  # TransferService, once started
+        self.topology: Any = None
+        if settings.topology is not None:
+            from p2psched.topology import Topology, TopologyError
+
+            try:
+                self.topology = Topology.load(settings.topology)
+            except (TopologyError, OSError) as e:
+                raise StartupError(f"--topology {settings.topology}: {e}") from None
+            where = self.topology.locate(self.node_id)
+            if not where.known:
+                log.warning("node %s is not a host in %s: %s", self.node_id, settings.topology, where)
         self.gpu_inventory: Any = None
         self.gpu_metrics: Any = None
 
@@ -139,7 +175,9 @@ class Agent:
             await trio.to_thread.run_sync(_reap_stale_sandboxes)
             self.recover()
             nursery.start_soon(self._dispatch_loop)
+            nursery.start_soon(self._replace_loop)
             nursery.start_soon(self._flush_loop)
+            await self._start_cluster(nursery)
             await nursery.start(serve_api, self)
             log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
             task_status.started()
@@ -182,6 +220,9 @@ class Agent:
         for rec in self.store.unfinished():
             n += 1
             self._seq_seen(rec.seq)
+            if rec.state in (JobState.RUNNING, JobState.PLACED) and rec.executor not in (None, self.node_id):
+                self.active[rec.id] = rec  # it runs elsewhere; its executor delivers the result
+                continue
             if rec.state in (JobState.RUNNING, JobState.PLACED):
                 self._advance(rec, JobState.QUEUED, now, "agent restarted while the job was in flight; running it again")
             elif rec.state == JobState.SUBMITTED:
@@ -191,6 +232,9 @@ class Agent:
         if n:
             log.info("recovered %d unfinished jobs from %s", n, self.store.path)
             self._wake.set()
+        assert self._nursery is not None
+        for job_id in self.store.owed_deliveries():
+            self._nursery.start_soon(self._deliver, job_id)
         self.metrics.queue_length.set(len(self.queue))
 
     _seq = 0
@@ -383,10 +427,14 @@ class Agent:
         if run is not None:
             self._cancel_running(run, "cancelled")
             return await self.wait_final(job_id, 30)
+        if rec.state in (JobState.PLACED, JobState.RUNNING) and rec.executor not in (None, self.node_id):
+            return await self.cancel_remote(rec)
         self.queue.remove(job_id)
         self.metrics.queue_length.set(len(self.queue))
         rec.result = JobResult(exit_code=None, reason="cancelled")
         self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")
+        if rec.origin != self.node_id:
+            self._owe_result(rec)
         await self.store.sync()
         return rec
 
@@ -420,20 +468,35 @@ class Agent:
             return False
         return self.cpu_used + r.cpu <= self.cpu_total + 1e-9 and self.mem_used_mb + r.mem_mb <= self.mem_total_mb
 
-    def _never_fits(self, spec: JobSpec) -> str | None:
-        r = spec.resources
-        if r.cpu > self.cpu_total:
-            return f"needs {r.cpu:g} cpus; this agent has {self.cpu_total:g} and no peer can take it"
-        if r.mem_mb > self.mem_total_mb:
-            return f"needs {r.mem_mb} MiB of memory; this agent has {self.mem_total_mb} MiB and no peer can take it"
-        if r.gpu > 0:
-            total = self.gpus.total_by_type() if self.gpus is not None else {}
-            have = total.get(r.gpu_type, 0) if r.gpu_type else max(total.values(), default=0)
-            if have < r.gpu:
-                kind = f"{r.gpu_type} " if r.gpu_type else ""
-                return (f"needs {r.gpu} {kind}GPU slots; this agent offers {total or 'none'} "
-                        "and no peer can take it")
-        return None
+    # ---------------------------------------------------------------- cluster
+
+    async def _start_cluster(self, nursery: trio.Nursery) -> None:
+        """Start the transfer service, then membership (which gossips our transfer address)."""
+        tls = None
+        if self.settings.tls_dir is not None:
+            from p2psched.security.tls import NodeTLS, TLSSetupError
+
+            try:
+                tls = NodeTLS.from_dir(self.settings.tls_dir, self.node_id)
+            except (TLSSetupError, OSError) as e:
+                raise StartupError(f"--tls-dir {self.settings.tls_dir}: {e}") from None
+        if tls is None and not self.settings.insecure:
+            log.warning("no --tls-dir: this agent neither forwards jobs nor accepts forwarded ones. Create a "
+                        "cluster CA (p2psched ca init) and node certificates (p2psched cert issue), or pass "
+                        "--insecure on a trusted network")
+        else:
+            if tls is None:
+                log.warning("INSECURE: jobs travel between agents over plain TCP without authentication "
+                            "(--insecure); use --tls-dir outside a trusted test network")
+            from p2psched.transfer.service import TransferService
+
+            self.transfer = TransferService(parse_hostport(self.settings.transfer), self.handle_transfer,
+                                            node_id=self.node_id, tls=tls)
+            await nursery.start(self.transfer.serve)
+        await self._start_membership(nursery)
+
+    async def _start_membership(self, nursery: trio.Nursery) -> None:
+        pass
 
     # ---------------------------------------------------------------- dispatch
 
@@ -444,7 +507,52 @@ class Agent:
             if self.store.dirty:
                 await self.store.sync()
 
+    def local_state(self) -> NodeState:
+        return NodeState(
+            node_id=self.node_id, vector=self.vector(), agent_version=__version__, api=self.advertised_api(),
+            transfer=self.advertised_transfer(), labels=self.node_labels(), position=self.position(),
+            node_pubkey=self.gate.node_pubkey, measurement=self.gate.measurement,
+        )
+
+    def node_labels(self) -> dict[str, str]:
+        labels = dict(self.gpu_inventory.labels()) if self.gpu_inventory is not None else {}
+        return labels
+
+    def position(self) -> str:
+        if self.topology is None:
+            return ""
+        return self.topology.locate(self.node_id).host or ""
+
+    def _advertise_host(self, bind: str) -> str:
+        host, port = parse_hostport(bind)
+        if self.settings.advertise:
+            host = self.settings.advertise
+        elif host in ("0.0.0.0", "::", ""):
+            host = _primary_ip()
+        return f"{host}:{port}"
+
+    def advertised_api(self) -> str:
+        return self._advertise_host(self.settings.api)
+
+    def advertised_transfer(self) -> str:
+        return self._advertise_host(self.settings.transfer)
+
+    def _place(self, rec: JobRecord) -> Any:
+        from p2psched.placement.core import JobRequest, place
+
+        req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
+        peers = self.cluster.alive_states() if self.cluster is not None else []
+        t0 = time.perf_counter()
+        decision, self.placement_state = place(
+            req, self.local_state(), peers, self.topology, rng=self.rng, policy=self.settings.placement_policy,
+            state=self.placement_state,
+        )
+        self.placement_metrics.observe(decision, time.perf_counter() - t0)
+        return decision
+
     async def _dispatch_loop(self) -> None:
+        from p2psched.placement.core import Forward, Reject, RunHere
+
         assert self._nursery is not None
         while True:
             await self._wake.wait()
@@ -453,27 +561,44 @@ class Agent:
                 rec = self.queue.peek()
                 if rec is None:
                     break
-                reason = self._never_fits(rec.spec)
-                if reason is not None:
+                decision = self._place(rec)
+                if isinstance(decision, RunHere):
                     self.queue.pop()
-                    rec.result = JobResult(exit_code=None, reason=f"rejected: {reason}")
-                    self._advance(rec, JobState.REJECTED, time.time(), reason)
-                    continue
-                if not self._fits_now(rec.spec):
-                    rec.wait_reason = "waiting for local capacity: all cpu/memory slots are in use"
+                    rec.wait_reason = None
+                    self._reserve_and_start(rec)
+                elif isinstance(decision, Forward):
+                    if self.transfer is None:
+                        rec.wait_reason = ("a peer could run it but forwarding is off: give --tls-dir with cluster "
+                                           "certificates, or --insecure")
+                        break
+                    self.queue.pop()
+                    rec.wait_reason = f"offering to {decision.node_id}"
+                    self._nursery.start_soon(self._forward, rec, decision)
+                elif isinstance(decision, Reject):
+                    self.queue.pop()
+                    rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")
+                    self._advance(rec, JobState.REJECTED, time.time(), decision.reason)
+                else:
+                    rec.wait_reason = decision.reason
                     break
-                self.queue.pop()
-                rec.wait_reason = None
-                self._start_local(rec)
             self.metrics.queue_length.set(len(self.queue))
 
-    def _start_local(self, rec: JobRecord) -> None:
+    async def _replace_loop(self) -> None:
+        """Look at the queue again now and then: gossip may show free peers."""
+        while True:
+            await trio.sleep(0.5)
+            if len(self.queue):
+                self._wake.set()
+
+    def _reserve_and_start(self, rec: JobRecord, *, already_placed: bool = False) -> None:
         assert self._nursery is not None
         now = time.time()
-        rec.executor = self.node_id
-        rec.route = rec.route or [self.node_id]
-        rec.attempts += 1
-        self._advance(rec, JobState.PLACED, now, "runs here")
+        if not already_placed:
+            rec.executor = self.node_id
+            rec.route = [self.node_id]
+            rec.cost = 0.0
+            rec.attempts += 1
+            self._advance(rec, JobState.PLACED, now, "runs here")
         r = rec.spec.resources
         self.cpu_used += r.cpu
         self.mem_used_mb += r.mem_mb
@@ -531,6 +656,7 @@ class Agent:
         started = time.time()
         self.metrics.queue_seconds.labels(rec.runtime).observe(max(0.0, started - rec.created_at))
         self._advance(rec, JobState.RUNNING, started, f"attempt {rec.attempts}")
+        self._report_status(rec, rec.timeline[-1])
         try:
             # The attempt is durable before the job runs, so that after a crash its
             # record says it ran (at least once) and counts the attempt.
@@ -574,6 +700,8 @@ class Agent:
         state = state_for_reason(res.reason, res.exit_code)
         self.store.stage(rec, output=out)
         self._advance(rec, state, ended, res.reason)
+        if rec.origin != self.node_id:
+            self._owe_result(rec)
 
     # ---------------------------------------------------------------- cluster views
 

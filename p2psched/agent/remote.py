@@ -1,0 +1,380 @@
+"""Jobs that cross agents: forwarding, late binding, results flowing home, cancels.
+
+The origin (the agent a client submitted to) owns each job until its final state
+is durable there. It places the job; when placement says "forward", it offers the
+job to the chosen peer over the transfer service. The peer checks its real capacity
+again (late binding) and accepts, or refuses with its fresh vector, and the origin
+tries the next candidate. The executor runs the job and delivers the result to the
+origin, keeping it durably and retrying until the origin acknowledges. The first
+final result wins at the origin; any later one is recorded as a duplicate attempt.
+
+Loops are impossible: only the origin forwards, each forward counts a hop, and at
+the TTL the job stays queued at the origin until it can run there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2psched.jobs.record import JobRecord, JobResult
+from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.state import JobState
+from p2psched.resources import NodeState, ResourceVector
+from p2psched.transfer import messages as m
+from p2psched.transfer.service import TransferError
+
+if TYPE_CHECKING:
+    from p2psched.agent.agent import Agent
+
+log = logging.getLogger("p2psched.remote")
+
+#: Attempts a job may take (placements that lost their executor) before it fails.
+#: Each attempt after the first waits longer (RETRY_BASE_S * 2**n, at most RETRY_MAX_S),
+#: so a job that kills every executor it lands on cannot take the cluster down.
+MAX_ATTEMPTS = 5
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 30.0
+#: Result delivery retries back off to this; an origin that is down for an hour
+#: still gets its results within a minute of coming back.
+DELIVERY_MAX_BACKOFF_S = 60.0
+
+
+def _job_wire(rec: JobRecord, origin_transfer: str) -> dict[str, Any]:
+    return {
+        "id": rec.id, "spec": rec.spec.model_dump(mode="json", exclude={"module"}), "origin": rec.origin,
+        "origin_transfer": origin_transfer, "route": list(rec.route), "cost": rec.cost, "hops": rec.hops,
+        "attempts": rec.attempts, "timeline": list(rec.timeline), "auth": rec.auth,
+    }
+
+
+class RemoteJobs:
+    """Mixed into Agent: the cross-agent half of the job lifecycle."""
+
+    # -------------------------------------------------------------- origin: forward
+
+    async def _forward(self: Agent, rec: JobRecord, decision: Any) -> None:
+        """Offer ``rec`` to each candidate in turn; requeue it if none accepts."""
+        assert self.transfer is not None
+        module = self.store.module_path(rec.spec.module_sha256).read_bytes() if rec.spec.module_sha256 else None
+        refusals = []
+        for cand in decision.candidates:
+            state = self.cluster.state_of(cand.node_id) if self.cluster else None
+            if state is None or not state.transfer:
+                refusals.append(f"{cand.node_id}: gone from membership")
+                continue
+            if not self._peer_trusted(state):
+                refusals.append(f"{cand.node_id}: measurement not on the allow-list")
+                continue
+            rec.attempts += 1
+            rec.hops += 1
+            rec.executor = cand.node_id
+            rec.route = list(cand.route)
+            rec.cost = cand.cost
+            offer = {"t": m.OFFER, "id": rec.id, "job": _job_wire(rec, self.advertised_transfer()),
+                     "module": module}
+            try:
+                reply = await self.transfer.request(cand.node_id, state.transfer, offer)
+            except TransferError as e:
+                refusals.append(f"{cand.node_id}: {e}")
+                rec.attempts -= 1
+                rec.hops -= 1
+                self.placement_metrics.refused()
+                continue
+            if reply.get("t") == m.ACCEPT:
+                if rec.state.final:  # cancelled while the offer was in flight
+                    return
+                self._advance(rec, JobState.PLACED, time.time(),
+                              f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
+                self.placement_metrics.started(rec.hops)
+                await self.store.sync()
+                return
+            rec.attempts -= 1
+            rec.hops -= 1
+            self.placement_metrics.refused()
+            refusals.append(f"{cand.node_id}: {reply.get('reason', 'refused')}")
+            if isinstance(reply.get("vector"), dict) and self.cluster is not None:
+                self.cluster.note_fresh_vector(cand.node_id, ResourceVector.from_wire(reply["vector"]))
+        if rec.state.final:
+            return
+        rec.executor = None
+        rec.wait_reason = "every candidate refused; waiting for capacity (" + "; ".join(refusals[:4]) + ")"
+        log.info("job %s: no candidate accepted: %s", rec.id, "; ".join(refusals))
+        self._requeue_later(rec, RETRY_BASE_S)
+
+    def _requeue_later(self: Agent, rec: JobRecord, delay: float) -> None:
+        assert self._nursery is not None
+
+        async def later() -> None:
+            await trio.sleep(delay)
+            if not rec.state.final and rec.id in self.active and rec.id not in self.queue:
+                self._enqueue(rec)
+
+        self._nursery.start_soon(later)
+
+    def _peer_trusted(self: Agent, state: NodeState) -> bool:
+        allow = self.settings.allow_measurements
+        return not allow or state.measurement in allow
+
+    # -------------------------------------------------------------- executor: handlers
+
+    async def handle_transfer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+        kind = msg.get("t")
+        if kind == m.OFFER:
+            m.require(msg, "id", "job")
+            return await self._on_offer(peer, msg)
+        if kind == m.RESULT:
+            m.require(msg, "id", "executor", "result")
+            return await self._on_result(msg)
+        if kind == m.STATUS:
+            m.require(msg, "id", "entry")
+            self._on_status(msg)
+            return {"t": m.ACK, "id": msg["id"]}
+        if kind == m.CANCEL:
+            m.require(msg, "id")
+            return await self._on_cancel(msg)
+        raise ValueError(f"unknown transfer message type {kind!r}")
+
+    async def _on_offer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+        job = msg["job"]
+        job_id = msg["id"]
+        existing = self.active.get(job_id) or self.store.get(job_id)
+        if existing is not None:
+            return {"t": m.ACCEPT, "id": job_id}  # a retried offer: idempotent by job id
+        try:
+            spec = JobSpec.model_validate(job["spec"])
+        except Exception as e:
+            raise ValueError(f"offer for {job_id}: invalid spec: {e}") from None
+        module = msg.get("module")
+        if spec.runtime == "wasm":
+            if module is None and not (spec.module_sha256 and self.store.has_module(spec.module_sha256)):
+                raise ValueError(f"offer for {job_id} carries no module and this agent holds none")
+            if module is not None:
+                import hashlib
+
+                if hashlib.sha256(module).hexdigest() != spec.module_sha256:
+                    raise ValueError(f"offer for {job_id}: module bytes do not match module_sha256")
+        if not self.accepting:
+            return {"t": m.REFUSE, "id": job_id, "reason": "draining", "vector": self.vector().to_wire()}
+        if not self._fits_now(spec):
+            return {"t": m.REFUSE, "id": job_id, "reason": "full: its capacity was taken since the last gossip",
+                    "vector": self.vector().to_wire()}
+        # Every hop verifies the tenant's original signature on its own.
+        from p2psched.agent.errors import AgentError
+
+        try:
+            self.gate.admit(spec, job.get("auth"), job_id=job_id, usage=None, now=time.time(), forwarded=True,
+                            module=module)
+        except AgentError as e:
+            log.warning("refused forwarded job %s from %s: %s", job_id, peer or "peer", e.message)
+            return {"t": m.REFUSE, "id": job_id, "reason": f"{e.reason}: {e.message}",
+                    "vector": self.vector().to_wire()}
+        if module is not None and spec.module_sha256:
+            self.store.put_module(spec.module_sha256, module)
+        now = time.time()
+        rec = JobRecord(
+            id=job_id, spec=spec, origin=str(job["origin"]), created_at=now, seq=self._next_seq(),
+            route=list(job.get("route", [])), cost=float(job.get("cost", 0.0)), hops=int(job.get("hops", 0)),
+            attempts=int(job.get("attempts", 1)), origin_transfer=str(job.get("origin_transfer", "")),
+            auth=job.get("auth"),
+        )
+        rec.timeline = list(job.get("timeline", []))
+        rec.state = JobState.QUEUED
+        rec.timeline.append({"state": "queued", "at": now, "node": self.node_id,
+                             "detail": f"accepted from {rec.origin}"})
+        self.store.stage(rec, new=True)
+        self.active[rec.id] = rec
+        # Reserve now, before awaiting the store, so that two offers cannot both take
+        # the last slot that late binding just checked.
+        rec.executor = self.node_id
+        self._advance(rec, JobState.PLACED, now, f"runs here for {rec.origin}")
+        self._reserve_and_start(rec, already_placed=True)
+        await self.store.sync()
+        return {"t": m.ACCEPT, "id": job_id}
+
+    def _report_status(self: Agent, rec: JobRecord, entry: dict[str, Any]) -> None:
+        """Tell the origin how its job is doing (best effort: the result is what counts)."""
+        if rec.origin == self.node_id or not rec.origin_transfer or self.transfer is None:
+            return
+        assert self._nursery is not None
+        transfer = self.transfer
+
+        async def send() -> None:
+            try:
+                await transfer.request(rec.origin, rec.origin_transfer, {"t": m.STATUS, "id": rec.id, "entry": entry},
+                                       timeout=5)
+            except TransferError:
+                pass
+
+        self._nursery.start_soon(send)
+
+    def _on_status(self: Agent, msg: dict[str, Any]) -> None:
+        rec = self.active.get(msg["id"])
+        entry = msg["entry"]
+        if rec is None or rec.state.final or not isinstance(entry, dict):
+            return
+        if entry.get("state") == "running" and rec.state is JobState.PLACED and rec.executor == entry.get("node"):
+            rec.advance(JobState.RUNNING, float(entry.get("at", time.time())), str(entry.get("node")),
+                        str(entry.get("detail", "")))
+            self.metrics.job_state("running", rec.runtime).inc()
+            self.store.stage(rec)
+
+    # -------------------------------------------------------------- results home
+
+    def _owe_result(self: Agent, rec: JobRecord) -> None:
+        """Executor side: the result must reach the origin; keep it until acknowledged."""
+        self.store.stage_delivery(rec.id, True)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._deliver, rec.id)
+
+    async def _deliver(self: Agent, job_id: str) -> None:
+        backoff = 0.2
+        while True:
+            await self.store.sync()
+            rec = self.store.get(job_id)
+            if rec is None or rec.result is None:
+                self.store.stage_delivery(job_id, False)
+                return
+            output = self.store.output(job_id) or b""
+            msg = {"t": m.RESULT, "id": job_id, "executor": self.node_id, "attempt": rec.attempts,
+                   "state": rec.state.value, "result": rec.result.as_dict(), "output": output,
+                   "timeline": [t for t in rec.timeline if t["node"] == self.node_id]}
+            address = rec.origin_transfer
+            state = self.cluster.state_of(rec.origin) if self.cluster else None
+            if state is not None and state.transfer:
+                address = state.transfer  # the origin may have moved (restart on a new address)
+            try:
+                assert self.transfer is not None
+                reply = await self.transfer.request(rec.origin, address, msg)
+                if reply.get("t") == m.ACK:
+                    self.store.stage_delivery(job_id, False)
+                    await self.store.sync()
+                    return
+            except TransferError as e:
+                log.info("result of %s not delivered to %s yet: %s; retrying in %.1fs", job_id, rec.origin, e,
+                         backoff)
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(DELIVERY_MAX_BACKOFF_S, backoff * 2)
+
+    async def _on_result(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
+        job_id = msg["id"]
+        rec = self.active.get(job_id) or self.store.get(job_id)
+        if rec is None:
+            return {"t": m.ACK, "id": job_id, "duplicate": True, "unknown": True}
+        executor = str(msg["executor"])
+        if rec.state.final:
+            if not (rec.result is not None and rec.executor == executor and rec.result.reason == msg["result"].get("reason")
+                    and rec.result.exit_code == msg["result"].get("exit_code")) or rec.duplicates:
+                rec.duplicates.append({"executor": executor, "attempt": msg.get("attempt"),
+                                       "reason": msg["result"].get("reason"), "at": time.time()})
+                self.store.stage(rec)
+                await self.store.sync()
+            return {"t": m.ACK, "id": job_id, "duplicate": True}
+        res = JobResult.from_dict(msg["result"])
+        for entry in msg.get("timeline", []):
+            if isinstance(entry, dict) and entry not in rec.timeline and entry.get("state") not in (
+                    "succeeded", "failed", "cancelled", "timed_out"):
+                rec.timeline.append(entry)
+        rec.timeline.sort(key=lambda t: t["at"])
+        self.queue.remove(job_id)
+        previous = rec.executor
+        rec.executor = executor
+        rec.result = res
+        state = JobState(msg.get("state") or "failed")
+        if rec.state is JobState.QUEUED and previous != executor:
+            detail = f"result from an earlier attempt on {executor}"
+        else:
+            detail = res.reason
+        self.store.stage(rec, output=bytes(msg.get("output") or b""))
+        if rec.state is JobState.PLACED and state is not JobState.CANCELLED:
+            rec.advance(JobState.RUNNING, time.time(), executor, "(learned from the result)")
+        self._advance(rec, state, time.time(), detail)
+        self.metrics.run_seconds.labels(rec.runtime)
+        await self.store.sync()
+        if previous and previous != executor:
+            self._send_cancel(previous, rec)  # a newer attempt is still out there: stop it
+        return {"t": m.ACK, "id": job_id, "duplicate": False}
+
+    # -------------------------------------------------------------- cancel
+
+    async def _on_cancel(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
+        rec = self.active.get(msg["id"]) or self.store.get(msg["id"])
+        if rec is None:
+            return {"t": m.CANCEL_ACK, "id": msg["id"], "state": "unknown"}
+        if rec.state.final:
+            return {"t": m.CANCEL_ACK, "id": rec.id, "state": rec.state.value}
+        run = self.running.get(rec.id)
+        if run is not None:
+            self._cancel_running(run, "cancelled")
+        elif rec.id in self.queue:
+            self.queue.remove(rec.id)
+            rec.result = JobResult(exit_code=None, reason="cancelled")
+            self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")
+            if rec.origin != self.node_id:
+                self._owe_result(rec)
+        return {"t": m.CANCEL_ACK, "id": rec.id, "state": "cancelling"}
+
+    def _send_cancel(self: Agent, node_id: str, rec: JobRecord) -> None:
+        state = self.cluster.state_of(node_id) if self.cluster else None
+        if state is None or not state.transfer or self.transfer is None:
+            return
+        assert self._nursery is not None
+        transfer = self.transfer
+
+        async def send() -> None:
+            try:
+                await transfer.request(node_id, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
+            except TransferError:
+                pass
+
+        self._nursery.start_soon(send)
+
+    async def cancel_remote(self: Agent, rec: JobRecord) -> JobRecord:
+        """Origin side: follow the job to its executor and stop it there."""
+        executor = rec.executor
+        state = self.cluster.state_of(executor) if (self.cluster and executor) else None
+        reply = None
+        if state is not None and state.transfer and self.transfer is not None:
+            try:
+                reply = await self.transfer.request(executor, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
+            except TransferError as e:
+                log.info("cancel of %s could not reach %s: %s; cancelling at the origin", rec.id, executor, e)
+        if reply is not None and reply.get("state") in ("cancelling",) or (
+                reply is not None and reply.get("state") in ("succeeded", "failed", "timed_out", "cancelled")):
+            done = await self.wait_final(rec.id, 30)
+            if done.state.final:
+                return done
+        if not rec.state.final:
+            # Unreachable executor (or it never heard of the job): the origin decides.
+            # If the executor's result still arrives it is recorded as a duplicate.
+            rec.result = JobResult(exit_code=None, reason="cancelled")
+            self._advance(rec, JobState.CANCELLED, time.time(),
+                          f"cancelled at the origin; executor {executor} did not confirm")
+            await self.store.sync()
+        return rec
+
+    # -------------------------------------------------------------- executor lost
+
+    def on_member_down(self: Agent, node_id: str, why: str) -> None:
+        """Membership says ``node_id`` is dead or left: place its jobs again."""
+        now = time.time()
+        for rec in list(self.active.values()):
+            if rec.origin != self.node_id or rec.executor != node_id:
+                continue
+            if rec.state not in (JobState.PLACED, JobState.RUNNING):
+                continue
+            if rec.attempts >= MAX_ATTEMPTS:
+                rec.result = JobResult(exit_code=None, reason=f"retry budget spent: {rec.attempts} attempts; "
+                                                              f"the last executor {node_id} {why}")
+                self._advance(rec, JobState.FAILED, now, rec.result.reason)
+                continue
+            self._advance(rec, JobState.QUEUED, now, f"executor {node_id} {why}; placing it again")
+            rec.executor = None
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, rec.attempts - 1))
+            rec.wait_reason = f"executor {node_id} {why}; placing again in {delay:.1f}s (attempt {rec.attempts + 1})"
+            self._requeue_later(rec, delay)
+
