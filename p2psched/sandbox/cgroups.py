@@ -277,6 +277,15 @@ class JobCgroup:
         for d in self.unique_dirs():
             d.mkdir()
             self.created.append(d)
+        self.set_limits(mem_bytes=mem_bytes, pids=pids, cpu=cpu)
+        if devices is not None and (dv := self.dirs.get("devices")) is not None:
+            _write(dv / "devices.deny", "a")
+            for kind, major, minor in list(DEFAULT_DEVICES) + devices:
+                mi = "*" if minor < 0 else str(minor)
+                _write(dv / "devices.allow", f"{kind} {major}:{mi} rwm")
+
+    def set_limits(self, *, mem_bytes: int, pids: int, cpu: float) -> None:
+        """Write the memory, pids and CPU limits (also to re-limit a warm sandbox)."""
         quota = max(1000, int(cpu * CFS_PERIOD_US))
         if self.layout.version == 2:
             d = self.dirs["*"]
@@ -294,9 +303,15 @@ class JobCgroup:
                 _write(d / "cpu.weight", str(min(10000, max(1, round(100 * cpu)))))
             return
         if (m := self.dirs.get("memory")) is not None:
-            _write(m / "memory.limit_in_bytes", str(mem_bytes))
             if (m / "memory.memsw.limit_in_bytes").exists():
-                _write(m / "memory.memsw.limit_in_bytes", str(mem_bytes))
+                # memsw must stay >= the memory limit: order the writes by direction
+                old = int(_read(m / "memory.limit_in_bytes").strip() or 0)
+                order = ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes") if mem_bytes > old else (
+                    "memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+                for name in order:
+                    _write(m / name, str(mem_bytes))
+            else:
+                _write(m / "memory.limit_in_bytes", str(mem_bytes))
         if (p := self.dirs.get("pids")) is not None:
             _write(p / "pids.max", str(pids))
         if (c := self.dirs.get("cpu")) is not None:
@@ -304,11 +319,17 @@ class JobCgroup:
             _write(c / "cpu.cfs_quota_us", str(quota))
             # 1024 shares is one core's fair share in v1
             _write(c / "cpu.shares", str(max(2, round(1024 * cpu))))
-        if devices is not None and (dv := self.dirs.get("devices")) is not None:
-            _write(dv / "devices.deny", "a")
-            for kind, major, minor in list(DEFAULT_DEVICES) + devices:
-                mi = "*" if minor < 0 else str(minor)
-                _write(dv / "devices.allow", f"{kind} {major}:{mi} rwm")
+
+    def reset_peak(self) -> None:
+        """Restart peak-memory tracking (v1: max_usage_in_bytes; v2: memory.peak, kernel >= 6.12)."""
+        with_file = self.dirs.get("memory") if self.layout.version == 1 else self.dirs["*"]
+        if with_file is None:
+            return
+        name = "memory.max_usage_in_bytes" if self.layout.version == 1 else "memory.peak"
+        try:
+            _write(with_file / name, "0")
+        except OSError:
+            pass
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (not yet executing the job) into every hierarchy."""
@@ -341,7 +362,9 @@ class JobCgroup:
         return s
 
     def kill(self) -> None:
-        """SIGKILL every member. v2 has ``cgroup.kill``; v1 freezes first so no member forks meanwhile."""
+        """SIGKILL every member: ``cgroup.kill`` on v2; on v1 one pass over ``cgroup.procs``
+        (the sandbox kills the job's PID 1 first, which takes the rest of its PID
+        namespace with it, so this pass is only a second line)."""
         if self.layout.version == 2:
             k = self.dirs["*"] / "cgroup.kill"
             if k.exists():
@@ -350,29 +373,10 @@ class JobCgroup:
                     return
                 except OSError:
                     pass
-        freezer = self.dirs.get("freezer")
-        if freezer is not None:
+        for pid in self.pids():
             try:
-                _write(freezer / "freezer.state", "FROZEN")
-            except OSError:
-                freezer = None
-        for _ in range(100):
-            pids = self.pids()
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if freezer is None:
-                continue
-            break
-        if freezer is not None:
-            try:
-                # killed tasks only die once thawed
-                _write(freezer / "freezer.state", "THAWED")
-            except OSError:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
 
     def poll(self, *, cpu: bool) -> CgroupStats:

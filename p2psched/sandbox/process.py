@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox import cgroups, namespaces, seccomp_filter
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 
@@ -146,6 +147,14 @@ def _bind(src: str, dest: Path) -> None:
     if _libc().mount(src.encode(), str(dest).encode(), None, MS_BIND, None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), src)
+
+
+def _remount_size(path: Path, size: int) -> None:
+    MS_REMOUNT = 32
+    opts = f"size={size}".encode()
+    if _libc().mount(b"", str(path).encode(), None, MS_REMOUNT | MS_NOSUID | MS_NODEV, opts) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(path))
 
 
 def _umount(path: Path) -> None:
@@ -341,7 +350,13 @@ class _Job:
         self.stopping = False
         self.userns = host.user_namespace
         self.rlimits: dict[str, int] = {}
+        #: set when bwrap exits: it does as soon as the job's program has (its
+        #: PID 1 reports that over an eventfd), before the namespaces are gone
         self.exited = trio.Event()
+        self.started = False
+        self.warm = False
+        self.cpu_base_ns = 0
+        self.out_r = self.err_r = self.stdin_w = self.ctl_w = -1
 
     # -- set-up ------------------------------------------------------------
 
@@ -393,7 +408,8 @@ class _Job:
         if self.req.gpu_devices and self.host.layout.version == 2:
             self.warnings.append("cgroup v2: GPU device access is limited by the mount namespace only (no device BPF program)")
 
-    def _prlimit_args(self) -> list[str]:
+    def _rlimits(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(soft, hard) rlimits for the job."""
         lim = self.limits
         nofile = max(lim.nofile, self.cfg.min_nofile)
         if nofile != lim.nofile:
@@ -406,11 +422,15 @@ class _Job:
             if lim.cpu_ms is not None:
                 r["cpu"] = max(1, math.ceil(lim.cpu_ms / 1000))
         self.rlimits = r
-        assert self.host.tools.prlimit
         # RLIMIT_CPU: the soft limit sends SIGXCPU (reported as cpu_limit); the hard
         # one, a second later, SIGKILL for a job that ignores it
         hard = {**r, "cpu": r["cpu"] + 1} if "cpu" in r else r
-        return [self.host.tools.prlimit] + [f"--{k}={v}:{hard[k]}" for k, v in r.items()] + ["--"]
+        return r, hard
+
+    def _prlimit_args(self) -> list[str]:
+        soft, hard = self._rlimits()
+        assert self.host.tools.prlimit
+        return [self.host.tools.prlimit] + [f"--{k}={v}:{hard[k]}" for k, v in soft.items()] + ["--"]
 
     def _plan(self, command: list[str], seccomp_fd: int, info_w: int, block_r: int) -> tuple[list[str], list[str], list[int]]:
         binds: list[namespaces.Bind] = []
@@ -442,7 +462,8 @@ class _Job:
 
     # -- the run -------------------------------------------------------------
 
-    async def run(self) -> SandboxResult:
+    def resolve(self) -> str | SandboxResult:
+        """The program's host path, or the result of a job whose program does not exist."""
         req = self.req
         if not req.command:
             raise SandboxError("a process job needs a command, e.g. ['/usr/bin/python3', '-c', 'print(1)']")
@@ -455,15 +476,35 @@ class _Job:
                         "give an absolute path or install it on every executor\n").encode(),
                 warnings=self.warnings, sandbox=self._sandbox_info(),
             )
-        await trio.to_thread.run_sync(self._prepare)
+        return exe
 
+    async def run(self) -> SandboxResult:
+        exe = self.resolve()
+        if isinstance(exe, SandboxResult):
+            return exe
+        if not await self.launch([exe] + self.req.command[1:] + self.req.args):
+            await self.launch_failed()
+        return await self.supervise()
+
+    async def launch(self, command: list[str], *, warm: bool = False) -> bool:
+        """Build the sandbox and start ``command`` in it, inside the job's cgroup.
+
+        ``warm``: ``command`` is the warm-pool shim; no rlimits yet (the shim sets
+        the job's own once it is handed one) and a control pipe for that hand-over.
+        Returns False if bwrap failed before the command started.
+        """
+        await trio.to_thread.run_sync(self._prepare)
         seccomp_fd = self._fd(seccomp_filter.bpf_fd())
         info_r, info_w = (self._fd(x) for x in os.pipe())
         block_r, block_w = (self._fd(x) for x in os.pipe())
-        out_r, out_w = (self._fd(x) for x in os.pipe())
-        err_r, err_w = (self._fd(x) for x in os.pipe())
-        stdin_r, stdin_w = (self._fd(x) for x in os.pipe())
-        args, command, pass_fds = await trio.to_thread.run_sync(self._plan, [exe] + req.command[1:] + req.args, seccomp_fd, info_w, block_r)
+        self.out_r, out_w = (self._fd(x) for x in os.pipe())
+        self.err_r, err_w = (self._fd(x) for x in os.pipe())
+        stdin_r, self.stdin_w = (self._fd(x) for x in os.pipe())
+        args, command, pass_fds = await trio.to_thread.run_sync(self._plan, command, seccomp_fd, info_w, block_r)
+        if warm:
+            ctl_r, self.ctl_w = (self._fd(x) for x in os.pipe())
+            pass_fds.append(ctl_r)
+            command = command + [str(ctl_r)]
         # The arguments travel on a memfd, not argv: env values (tokens, keys) must
         # not show in the host's `ps`.
         args_fd = self._fd(os.memfd_create("p2psched-bwrap-args", 0))
@@ -471,7 +512,9 @@ class _Job:
         os.lseek(args_fd, 0, os.SEEK_SET)
         pass_fds.append(args_fd)
         assert self.host.tools.bwrap
-        argv = self._prlimit_args() + [self.host.tools.bwrap, "--args", str(args_fd), "--", *command]
+        argv = [self.host.tools.bwrap, "--args", str(args_fd), "--", *command]
+        if not warm:
+            argv = self._prlimit_args() + argv
         if self.userns and os.geteuid() == 0:
             # Switch to the sandbox uid with setpriv rather than Popen(user=...): a
             # uid change makes CPython fork() the whole agent with the GIL held,
@@ -486,40 +529,87 @@ class _Job:
         self.monitor_pidfd = os.pidfd_open(popen.pid)
         for fd in (stdin_r, out_w, err_w, info_w, block_r, args_fd, seccomp_fd, *pass_fds):
             self._close(fd)
+        started = await self._await_start(info_r)
+        self._close(info_r)
+        if started:
+            os.write(block_w, b"1")
+        self._close(block_w)
+        self.started = started
+        return started
 
-        out = _Capture(out_r, self.limits.stdout_bytes)
-        err = _Capture(err_r, self.limits.stderr_bytes)
-        self.fds.remove(out_r)
-        self.fds.remove(err_r)
+    async def launch_failed(self) -> None:
+        """Reap bwrap and raise with what it said."""
+        status, _ = await self._wait_monitor()
+        msg = b""
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.err_r, False)
+            msg = os.read(self.err_r, 65536)
+        raise SandboxError(
+            "the sandbox launcher (bwrap) failed before the job started: "
+            + (msg.decode(errors="replace").strip() or f"wait status {status}")
+        )
+
+    async def supervise(self) -> SandboxResult:
+        """Capture output, feed stdin, enforce limits, and wait for the job to end."""
+        out = _Capture(self.out_r, self.limits.stdout_bytes)
+        err = _Capture(self.err_r, self.limits.stderr_bytes)
+        self.fds.remove(self.out_r)
+        self.fds.remove(self.err_r)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(out.run)
             nursery.start_soon(err.run)
             nursery.start_soon(self._reaper)
-            started = await self._await_start(info_r)
-            self._close(info_r)
-            if started:
-                os.write(block_w, b"1")
-            self._close(block_w)
-            if started and req.stdin:
-                nursery.start_soon(self._feed_stdin, stdin_w)
+            if self.req.stdin:
+                nursery.start_soon(self._feed_stdin, self.stdin_w)
             else:
-                self._close(stdin_w)
+                self._close(self.stdin_w)
             watchdog = trio.CancelScope()
-            if started:
-                nursery.start_soon(self._watchdog, watchdog)
+            nursery.start_soon(self._watchdog, watchdog)
             await self.exited.wait()
             watchdog.cancel()
+            # The program is done. Whatever it left running (a daemon that closed
+            # its stdio) dies with its PID 1, which bwrap's exit is killing already;
+            # make sure, and wait until they are gone (not for the namespace teardown).
+            self.kill_all()
+            with trio.move_on_after(self.cfg.kill_wait_s):
+                while self._members():
+                    await trio.sleep(0.002)
             # Every job process is gone (its PID namespace died with bwrap's init), so
             # the pipes reach EOF at once; the deadline only covers a stray holder.
             nursery.cancel_scope.deadline = trio.current_time() + self.cfg.kill_wait_s
         assert self.reaped is not None
         status, rusage = self.reaped
-        if not started:
-            raise SandboxError(
-                "the sandbox launcher (bwrap) failed before the job started: "
-                + (bytes(err.buf).decode(errors="replace").strip() or f"wait status {status}")
-            )
         return await trio.to_thread.run_sync(self._result, status, rusage, out, err)
+
+    # -- the warm pool's hand-over -------------------------------------------
+
+    def adopt(self, request: SandboxRequest, work_dir: Path) -> None:
+        """Make this pre-started sandbox ``request``'s: its limits, its name in warnings."""
+        self.req = request
+        self.limits = request.limits
+        self.work_dir = work_dir
+        self.warm = True
+        if self.scratch_mounted:
+            _remount_size(self.scratch, self.limits.scratch_mb * 1024 * 1024)
+        if self.cg is not None:
+            self.cg.set_limits(mem_bytes=self.limits.mem_bytes, pids=self.limits.pids, cpu=request.resources.cpu)
+            # what the shim used before the job existed is not the job's
+            self.cg.reset_peak()
+            self.cpu_base_ns = self.cg.poll(cpu=True).cpu_ns
+
+    def hand_over(self, exe: str) -> None:
+        """Tell the shim what to execute: argv, env and rlimits, on its control pipe."""
+        r = self._rlimits()
+        env = dict(self.req.env)
+        env.update(self.req.gpu_env)
+        spec = {"argv": [exe] + self.req.command[1:] + self.req.args, "env": env,
+                "rlimits": {k: [v, r[1][k]] for k, v in r[0].items()}}
+        data = json.dumps(spec).encode()
+        # small enough for the pipe buffer in all but absurd cases; a blocking
+        # write is bounded by the shim reading it
+        os.set_blocking(self.ctl_w, True)
+        os.write(self.ctl_w, data)
+        self._close(self.ctl_w)
 
     async def _await_start(self, info_r: int) -> bool:
         """Read bwrap's info JSON; move its PID 1 into the cgroup. False if bwrap died first."""
@@ -579,11 +669,9 @@ class _Job:
                 signal.pidfd_send_signal(self.init_pidfd, sig)
 
     def kill_all(self) -> None:
-        """SIGKILL the job's PID 1 (the kernel then kills every process in the namespace) and its cgroup."""
+        """SIGKILL the job's PID 1: the kernel then kills every process in its namespace.
+        (Teardown also kills the cgroup's members, from a worker thread.)"""
         self._signal_init(signal.SIGKILL)
-        if self.cg is not None:
-            with contextlib.suppress(OSError):
-                self.cg.kill()
         if self.init_pidfd is None and self.popen is not None and self.reaped is None:
             # bwrap has not reported its PID 1 yet: killing bwrap itself makes its
             # child die too (--die-with-parent)
@@ -649,19 +737,21 @@ class _Job:
     def _result(self, status: int, rusage: Any, out: _Capture, err: _Capture) -> SandboxResult:
         stats = self.cg.stats() if self.cg is not None else None
         if stats is not None:
-            cpu_ms = stats.cpu_ns / 1e6
+            cpu_ms = max(0, stats.cpu_ns - self.cpu_base_ns) / 1e6
             peak = stats.peak_mem_bytes
-        else:
+        elif rusage is not None:
             cpu_ms = (rusage.ru_utime + rusage.ru_stime) * 1000
             peak = rusage.ru_maxrss * 1024
-        # bwrap exits with the command's status, or 128+N when it died of signal N
-        # (the shell convention); its own death by a signal means we killed it.
+        else:
+            cpu_ms, peak = 0.0, 0
         code = os.waitstatus_to_exitcode(status)
         exit_code: int | None
         sig: int | None = None
         if code < 0:
             exit_code, sig = None, -code
         elif 128 < code <= 128 + 64:
+            # bwrap exits with the command's status, or 128+N when it died of
+            # signal N (the shell convention)
             exit_code, sig = None, code - 128
         else:
             exit_code = code
@@ -719,6 +809,8 @@ class _Job:
         return {
             "runtime": "process",
             "launcher": self.host.tools.bwrap_version,
+            # warm: built ahead of the job by the pool, used for this job only
+            "started": "warm" if self.warm else "cold",
             "namespaces": sorted(ns),
             "user_namespace": self.userns,
             "uid": self.cfg.uid if self.userns else os.geteuid(),
@@ -737,6 +829,15 @@ class _Job:
 
     # -- tear-down ---------------------------------------------------------
 
+    def close_fds(self) -> None:
+        for fd in (self.monitor_pidfd, self.init_pidfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.monitor_pidfd = self.init_pidfd = None
+        for fd in list(self.fds):
+            self._close(fd)
+
     async def cleanup(self) -> None:
         """Kill whatever is left, reap bwrap, remove cgroup and scratch. Runs shielded."""
         with trio.CancelScope(shield=True):
@@ -744,12 +845,7 @@ class _Job:
                 self.kill_all()
                 with trio.move_on_after(self.cfg.kill_wait_s):
                     await self._wait_monitor()
-            for fd in (self.monitor_pidfd, self.init_pidfd):
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            for fd in list(self.fds):
-                self._close(fd)
+            self.close_fds()
             await trio.to_thread.run_sync(self._teardown)
 
     def _teardown(self) -> None:
@@ -830,23 +926,178 @@ def _pids_in_namespace_of(init_pid: int) -> list[int]:
 # Public entry points
 
 
+def _shim_python() -> str | None:
+    """A python3 under the system directories (bound into every sandbox) to run the shim."""
+    import shutil
+
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""):
+        if candidate and namespaces.in_system_dirs(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class ProcessSandbox:
+    """Runs process jobs; optionally keeps a few sandboxes pre-started (the warm pool).
+
+    Building a sandbox (namespaces, mounts, cgroup migration) costs several
+    milliseconds of kernel work, tens on a loaded host. The pool does that work
+    ahead of time: each entry is a complete, unused sandbox whose first program
+    (``_shim.py``) waits to be told which program to become. Taking one costs a
+    few cgroup writes and one ``execve``. An entry is used for one job only, so
+    warm jobs are as isolated as cold ones. Jobs the pool cannot serve (network
+    jobs, GPU jobs, programs outside the system directories, memory limits under
+    ``warm_min_mem_bytes``) and jobs arriving when it is empty start cold.
+
+    The agent runs :meth:`serve` in its nursery to keep the pool filled; without
+    it every job starts cold.
+    """
+
+    #: The shim's interpreter uses ~10 MiB before it executes the job; a smaller
+    #: memory limit could not be applied to a warm sandbox, so such jobs start cold.
+    warm_min_mem_bytes = 48 * 1024 * 1024
+
+    def __init__(self, config: ProcessSandboxConfig | None = None, *, warm: int = 0) -> None:
+        self.cfg = config or ProcessSandboxConfig()
+        #: How many pre-started sandboxes to keep. Each holds a python process
+        #: (~3 MiB PSS, shared pages aside), a cgroup and a tmpfs.
+        self.warm = warm
+        self._pool: list[_Job] = []
+        self._taken = trio.Event()
+        self._python = _shim_python()
+        self._shim = (Path(__file__).parent / "_shim.py").read_text()
+        self._discard: list[_Job] = []
+        self._serving = False
+
+    async def _host(self) -> _Host:
+        host = _HOSTS.get(_host_key(self.cfg))
+        if host is None:
+            host = await trio.to_thread.run_sync(_host, self.cfg)
+        if host.tools.bwrap is None:
+            raise SandboxError("process jobs need bubblewrap: install it with 'apt-get install bubblewrap'")
+        if host.tools.prlimit is None or host.tools.setpriv is None:
+            raise SandboxError(
+                "process jobs need util-linux's prlimit and setpriv: install them with 'apt-get install util-linux'"
+            )
+        return host
+
+    async def run(self, request: SandboxRequest, work_dir: Path) -> SandboxResult:
+        """Run one job; see the module docstring for the contract."""
+        host = await self._host()
+        taken = self._take(request)
+        if taken is not None:
+            job, exe = taken
+            try:
+                await trio.to_thread.run_sync(job.adopt, request, work_dir)
+                job.hand_over(exe)
+                return await job.supervise()
+            finally:
+                await self._finish(job)
+        job = _Job(request, work_dir, self.cfg, host)
+        try:
+            return await job.run()
+        finally:
+            await self._finish(job)
+
+    async def _finish(self, job: _Job) -> None:
+        """Clean up after a job. While :meth:`serve` runs, removing a finished job's
+        cgroup and mounts (milliseconds of kernel work) is left to it, off the job's
+        critical path; its processes are already gone, bwrap having been reaped."""
+        if self._serving and job.reaped is not None:
+            for fd in list(job.fds):  # the pipes; the pidfds stay for the reaping
+                job._close(fd)
+            self._discard.append(job)
+            self._taken.set()
+        else:
+            await job.cleanup()
+
+    def _take(self, request: SandboxRequest) -> tuple[_Job, str] | None:
+        if not self._pool or request.network or request.gpu_devices:
+            return None
+        if request.limits.mem_bytes < self.warm_min_mem_bytes or not request.command:
+            return None
+        exe = namespaces.resolve_command(request.command[0], request.env)
+        if exe is None or not namespaces.in_system_dirs(exe):
+            return None
+        while self._pool:
+            job = self._pool.pop()
+            if job.reaped is None and not _exited(job.monitor_pidfd):
+                self._taken.set()
+                return job, exe
+            self._discard.append(job)
+        self._taken.set()
+        return None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep ``warm`` sandboxes pre-started until cancelled; then tear them down."""
+        host = await self._host()
+        self._serving = True
+        if self.warm <= 0 or self._python is None or not (host.can_mount and os.geteuid() == 0):
+            # nothing to keep warm: every job starts cold; still clean up behind them
+            self.warm = 0
+        python = self._python or "/usr/bin/python3"
+        template = SandboxRequest(job_id="warm", runtime="process", limits=_warm_limits(), resources=_warm_resources(),
+                                  command=[python])
+        started = False
+        try:
+            while True:
+                # a fresh event before the work, so a wake-up during it is not lost
+                self._taken = trio.Event()
+                if self._discard:
+                    done, self._discard = self._discard, []
+                    async with trio.open_nursery() as n:
+                        limiter = trio.CapacityLimiter(8)
+                        for job in done:
+                            n.start_soon(_cleanup_limited, job, limiter)
+                while len(self._pool) < self.warm:
+                    job = _Job(template, self.cfg.runtime_dir, self.cfg, host)
+                    try:
+                        ok = await job.launch([python, "-I", "-S", "-c", self._shim], warm=True)
+                    except BaseException:
+                        await job.cleanup()
+                        raise
+                    if not ok:
+                        await job.cleanup()
+                        raise SandboxError("the warm pool could not start a sandbox; run 'p2psched doctor'")
+                    self._pool.append(job)
+                if not started:
+                    task_status.started()
+                    started = True
+                await self._taken.wait()
+        finally:
+            self._serving = False
+            with trio.CancelScope(shield=True):
+                pool, self._pool = self._pool, []
+                for job in pool + self._discard:
+                    await job.cleanup()
+
+
+async def _cleanup_limited(job: _Job, limiter: trio.CapacityLimiter) -> None:
+    async with limiter:
+        await job.cleanup()
+
+
+def _exited(pidfd: int | None) -> bool:
+    if pidfd is None:
+        return True
+    import select
+
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _warm_limits() -> Limits:
+    # generous until the job's own limits are written at hand-over
+    return Limits.model_validate({"mem_bytes": 1 << 30, "pids": 64, "wall_ms": 7 * 24 * 3600 * 1000})
+
+
+def _warm_resources() -> Resources:
+    return Resources.model_validate({"cpu": 1.0})
+
+
 async def run_process(
     request: SandboxRequest, work_dir: Path, config: ProcessSandboxConfig | None = None
 ) -> SandboxResult:
-    """Run ``request`` in the process sandbox; see the module docstring for the contract."""
-    cfg = config or ProcessSandboxConfig()
-    host = _HOSTS.get(_host_key(cfg))
-    if host is None:
-        host = await trio.to_thread.run_sync(_host, cfg)
-    if host.tools.bwrap is None:
-        raise SandboxError("process jobs need bubblewrap: install it with 'apt-get install bubblewrap'")
-    if host.tools.prlimit is None or host.tools.setpriv is None:
-        raise SandboxError("process jobs need util-linux's prlimit and setpriv: install them with 'apt-get install util-linux'")
-    job = _Job(request, work_dir, cfg, host)
-    try:
-        return await job.run()
-    finally:
-        await job.cleanup()
+    """Run ``request`` in a freshly built (cold) sandbox; see the module docstring."""
+    return await ProcessSandbox(config).run(request, work_dir)
 
 
 def reap_stale(config: ProcessSandboxConfig | None = None) -> int:

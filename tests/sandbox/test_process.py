@@ -13,7 +13,7 @@ import trio
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox import cgroups
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
-from p2psched.sandbox.process import ProcessSandboxConfig, doctor_checks, run_process
+from p2psched.sandbox.process import ProcessSandbox, ProcessSandboxConfig, doctor_checks, run_process
 
 pytestmark = pytest.mark.root
 PY = "/usr/bin/python3"
@@ -28,49 +28,67 @@ def request(command: list[str], **kw: object) -> SandboxRequest:
     )
 
 
-async def run(req: SandboxRequest, tmp_path: Path, config: ProcessSandboxConfig | None = None) -> SandboxResult:
-    return await run_process(req, tmp_path / f"w-{uuid.uuid4().hex[:6]}", config)
+async def run(sandbox: ProcessSandbox | None, req: SandboxRequest, tmp_path: Path,
+              config: ProcessSandboxConfig | None = None) -> SandboxResult:
+    work = tmp_path / f"w-{uuid.uuid4().hex[:6]}"
+    if sandbox is None:
+        return await run_process(req, work, config)
+    return await sandbox.run(req, work)
 
 
-async def test_exit_code_and_reason(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", "exit 3"]), tmp_path)
+@pytest.fixture(params=["cold", "warm"])
+async def sandbox(request: pytest.FixtureRequest, nursery: trio.Nursery) -> ProcessSandbox:
+    """Every ordinary test runs twice: in a sandbox built for the job, and in one
+    taken from the warm pool (jobs it cannot serve still start cold)."""
+    sb = ProcessSandbox(warm=2 if request.param == "warm" else 0)
+    await nursery.start(sb.serve)
+    return sb
+
+
+async def test_exit_code_and_reason(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", "exit 3"]), tmp_path)
     assert (r.exit_code, r.reason, r.signal, r.limit_hit) == (3, "exit 3", None, None)
+    assert r.sandbox["started"] == ("warm" if sandbox.warm else "cold")
     assert not r.succeeded
-    r = await run(request(["/bin/true"]), tmp_path)
+    r = await run(sandbox, request(["/bin/true"]), tmp_path)
     assert r.succeeded and r.reason == "exit 0"
 
 
-async def test_death_by_signal_is_reported(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", "kill -SEGV $$"]), tmp_path)
+async def test_death_by_signal_is_reported(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", "kill -SEGV $$"]), tmp_path)
     assert (r.exit_code, r.signal, r.reason) == (None, signal.SIGSEGV, "signal 11")
 
 
-async def test_stdin_to_stdout_and_args(tmp_path: Path) -> None:
+async def test_stdin_to_stdout_and_args(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     data = os.urandom(300_000)  # more than a pipe buffer, in both directions
-    r = await run(request(["/bin/cat"], stdin=data), tmp_path)
+    r = await run(sandbox, request(["/bin/cat"], stdin=data), tmp_path)
     assert r.stdout == data and r.reason == "exit 0"
-    r = await run(request(["/bin/echo", "a"], args=["b", "c d"]), tmp_path)
+    r = await run(sandbox, request(["/bin/echo", "a"], args=["b", "c d"]), tmp_path)
     assert r.stdout == b"a b c d\n"
 
 
-async def test_command_is_looked_up_in_the_jobs_path(tmp_path: Path) -> None:
-    r = await run(request(["echo", "hi"], env={"PATH": "/usr/bin:/bin"}), tmp_path)
+async def test_command_is_looked_up_in_the_jobs_path(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["echo", "hi"], env={"PATH": "/usr/bin:/bin"}), tmp_path)
     assert r.stdout == b"hi\n"
-    r = await run(request(["no-such-program-xyz"]), tmp_path)
+    r = await run(sandbox, request(["no-such-program-xyz"]), tmp_path)
     assert r.exit_code == 127 and b"was not found" in r.stderr
 
 
-async def test_environment_is_exactly_what_the_job_declares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_environment_is_exactly_what_the_job_declares(sandbox: ProcessSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENT_ONLY", "leak")
-    r = await run(request(["/usr/bin/env"], env={"A": "1", "B": "two words"}, gpu_env={"CUDA_VISIBLE_DEVICES": "0"}),
+    r = await run(sandbox, request(["/usr/bin/env"], env={"A": "1", "B": "two words"}, gpu_env={"CUDA_VISIBLE_DEVICES": "0"}),
                   tmp_path)
     lines = set(r.stdout.decode().splitlines())
-    # PWD is the one variable bwrap always sets (to the working directory)
-    assert lines == {"A=1", "B=two words", "CUDA_VISIBLE_DEVICES=0", "PWD=/scratch"}
+    declared = {"A=1", "B=two words", "CUDA_VISIBLE_DEVICES=0"}
+    if r.sandbox["started"] == "warm":
+        assert lines == declared
+    else:
+        # PWD is the one variable bwrap always sets (to the working directory)
+        assert lines == declared | {"PWD=/scratch"}
 
 
-async def test_runs_as_an_unprivileged_user_with_no_capabilities(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status"]), tmp_path)
+async def test_runs_as_an_unprivileged_user_with_no_capabilities(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", "id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status"]), tmp_path)
     out = r.stdout.decode().split()
     assert out[0] != "0"
     assert out[1:] == ["CapEff:", "0000000000000000", "NoNewPrivs:", "1", "Seccomp:", "2"]
@@ -78,31 +96,32 @@ async def test_runs_as_an_unprivileged_user_with_no_capabilities(tmp_path: Path)
     assert {"pid", "mount", "net", "ipc", "uts"} <= set(r.sandbox["namespaces"])  # type: ignore[arg-type]
 
 
-async def test_scratch_is_the_working_dir_and_is_size_capped(tmp_path: Path) -> None:
+async def test_scratch_is_the_working_dir_and_is_size_capped(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     script = "pwd; dd if=/dev/zero of=big bs=1M count=8 2>&1; stat -c %s /tmp/big"
-    r = await run(request(["/bin/sh", "-c", script], limits={"scratch_mb": 2}), tmp_path)
+    r = await run(sandbox, request(["/bin/sh", "-c", script], limits={"scratch_mb": 2}), tmp_path)
     lines = r.stdout.decode().splitlines()
     assert lines[0] == "/scratch"
     assert "No space left on device" in r.stdout.decode()
     assert int(lines[-1]) <= 2 * 1024 * 1024  # /tmp is the same 2 MiB tmpfs
 
 
-async def test_file_size_limit(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", "head -c 100000 /dev/zero > f"], limits={"fsize_bytes": 4096}), tmp_path)
+async def test_file_size_limit(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/dd", "if=/dev/zero", "of=f", "bs=1k", "count=100"], limits={"fsize_bytes": 4096}),
+                  tmp_path)
     assert r.reason == "output_limit"  # SIGXFSZ
     assert r.limit_hit == "output_limit"
 
 
-async def test_nofile_limit(tmp_path: Path) -> None:
+async def test_nofile_limit(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     src = "import os\nn=0\ntry:\n    while True: os.open('/dev/null', 0); n+=1\nexcept OSError as e: print(n, e.strerror)"
-    r = await run(request([PY, "-c", src], limits={"nofile": 40}), tmp_path)
+    r = await run(sandbox, request([PY, "-c", src], limits={"nofile": 40}), tmp_path)
     count, *msg = r.stdout.decode().split(" ", 1)
     assert int(count) <= 40 - 3 and msg == ["Too many open files\n"]
 
 
-async def test_artifacts_are_collected_capped_and_never_followed(tmp_path: Path) -> None:
+async def test_artifacts_are_collected_capped_and_never_followed(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     script = "echo result > out.txt; mkdir d; echo nested > d/x; ln -s /etc/passwd leak; mkfifo pipe"
-    r = await run(request(["/bin/sh", "-c", script], artifacts=["out.txt", "d/x", "leak", "pipe", "../escape", "missing"]),
+    r = await run(sandbox, request(["/bin/sh", "-c", script], artifacts=["out.txt", "d/x", "leak", "pipe", "../escape", "missing"]),
                   tmp_path)
     assert r.artifacts == {"out.txt": b"result\n", "d/x": b"nested\n"}
     warned = " ".join(r.warnings)
@@ -110,14 +129,14 @@ async def test_artifacts_are_collected_capped_and_never_followed(tmp_path: Path)
         assert repr(name) in warned
 
 
-async def test_output_is_masked(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", "echo token=abc123 ok; echo key-999 >&2"],
+async def test_output_is_masked(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", "echo token=abc123 ok; echo key-999 >&2"],
                           mask_patterns=[r"token=\w+", "key-[0-9]+"]), tmp_path)
     assert r.stdout == b"[masked] ok\n" and r.stderr == b"[masked]\n"
 
 
-async def test_stderr_cap(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", "head -c 5000 /dev/zero >&2; echo done"], limits={"stderr_bytes": 100}),
+async def test_stderr_cap(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", "head -c 5000 /dev/zero >&2; echo done"], limits={"stderr_bytes": 100}),
                   tmp_path)
     assert len(r.stderr) == 100 and r.stderr_truncated and not r.stdout_truncated
 
@@ -125,41 +144,41 @@ async def test_stderr_cap(tmp_path: Path) -> None:
 TRAP = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done"
 
 
-async def test_graceful_policy_sends_sigterm_first(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", TRAP], limits={"wall_ms": 500, "violation": "graceful", "grace_ms": 5000}),
+async def test_graceful_policy_sends_sigterm_first(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", TRAP], limits={"wall_ms": 500, "violation": "graceful", "grace_ms": 5000}),
                   tmp_path)
     assert r.reason == "wall_timeout"
     assert b"got-term" in r.stdout
     assert r.exit_code == 7
 
 
-async def test_graceful_policy_kills_after_the_grace_period(tmp_path: Path) -> None:
+async def test_graceful_policy_kills_after_the_grace_period(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     stubborn = "trap '' TERM; echo ready; while :; do sleep 0.05; done"
-    r = await run(request(["/bin/sh", "-c", stubborn], limits={"wall_ms": 300, "violation": "graceful", "grace_ms": 300}),
+    r = await run(sandbox, request(["/bin/sh", "-c", stubborn], limits={"wall_ms": 300, "violation": "graceful", "grace_ms": 300}),
                   tmp_path)
-    assert r.reason == "wall_timeout" and r.signal == signal.SIGKILL
+    assert r.reason == "wall_timeout" and r.signal == signal.SIGKILL, (r.exit_code, r.signal)
 
 
-async def test_kill_policy_gives_no_grace(tmp_path: Path) -> None:
-    r = await run(request(["/bin/sh", "-c", TRAP], limits={"wall_ms": 500, "violation": "kill"}), tmp_path)
+async def test_kill_policy_gives_no_grace(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, request(["/bin/sh", "-c", TRAP], limits={"wall_ms": 500, "violation": "kill"}), tmp_path)
     assert r.reason == "wall_timeout"
     assert b"got-term" not in r.stdout
     assert r.signal == signal.SIGKILL
 
 
-async def test_accounting_reports_cpu_and_memory(tmp_path: Path) -> None:
+async def test_accounting_reports_cpu_and_memory(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     src = "x = bytearray(48 * 1024 * 1024)\nn = 0\nfor i in range(3_000_000): n += i\nprint(n)"
-    r = await run(request([PY, "-c", src], limits={"mem_bytes": 256 * 1024 * 1024}), tmp_path)
+    r = await run(sandbox, request([PY, "-c", src], limits={"mem_bytes": 256 * 1024 * 1024}), tmp_path)
     assert r.reason == "exit 0"
     assert r.cpu_ms > 50
     assert r.peak_mem_bytes > 48 * 1024 * 1024
 
 
-async def test_cancelling_the_scope_kills_the_job_and_cleans_up(tmp_path: Path) -> None:
+async def test_cancelling_the_scope_kills_the_job_and_cleans_up(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     marker = f"{uuid.uuid4().int % 100000}.5"
     req = request(["/bin/sh", "-c", f"sleep {marker} & sleep {marker}"], job_id="cancel-me")
     with trio.move_on_after(1.0) as scope:
-        await run(req, tmp_path)
+        await run(sandbox, req, tmp_path)
     assert scope.cancelled_caught
     alive = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, f"sleep\0{marker}")]
     assert alive == []
@@ -176,11 +195,11 @@ def _cmdline_has(pid: str, needle: str) -> bool:
         return False
 
 
-async def test_many_jobs_at_once(tmp_path: Path) -> None:
+async def test_many_jobs_at_once(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     results: list[SandboxResult] = []
 
     async def one(i: int) -> None:
-        results.append(await run(request(["/bin/sh", "-c", f"sleep 0.2; echo {i}"], job_id=f"m{i}"), tmp_path))
+        results.append(await run(sandbox, request(["/bin/sh", "-c", f"sleep 0.2; echo {i}"], job_id=f"m{i}"), tmp_path))
 
     async with trio.open_nursery() as n:
         for i in range(20):
@@ -191,34 +210,34 @@ async def test_many_jobs_at_once(tmp_path: Path) -> None:
 async def test_rlimits_fallback_warns_and_still_contains(tmp_path: Path) -> None:
     cfg = ProcessSandboxConfig(cgroups="off")
     src = "b = []\nwhile True: b.append(bytearray(16 << 20))"
-    r = await run(request([PY, "-c", src], limits={"mem_bytes": 128 << 20}), tmp_path, cfg)
+    r = await run(None, request([PY, "-c", src], limits={"mem_bytes": 128 << 20}), tmp_path, cfg)
     assert r.sandbox["cgroup"] is None
     assert any("rlimits only" in w for w in r.warnings)
     assert r.reason == "exit 1" and b"MemoryError" in r.stderr  # RLIMIT_AS refuses the allocation
-    r = await run(request(["/bin/sleep", "60"], limits={"wall_ms": 300}), tmp_path, cfg)
+    r = await run(None, request(["/bin/sleep", "60"], limits={"wall_ms": 300}), tmp_path, cfg)
     assert r.reason == "wall_timeout"
-    r = await run(request([PY, "-c", "while True: pass"], limits={"cpu_ms": 1000}), tmp_path, cfg)
+    r = await run(None, request([PY, "-c", "while True: pass"], limits={"cpu_ms": 1000}), tmp_path, cfg)
     assert r.reason == "cpu_limit"  # SIGXCPU from RLIMIT_CPU
 
 
 async def test_without_a_user_namespace_capabilities_are_still_dropped(tmp_path: Path) -> None:
     cfg = ProcessSandboxConfig(user_namespace="off")
-    r = await run(request(["/bin/sh", "-c", "grep -E '^CapEff:' /proc/self/status; cat /etc/shadow"]), tmp_path, cfg)
+    r = await run(None, request(["/bin/sh", "-c", "grep -E '^CapEff:' /proc/self/status; cat /etc/shadow"]), tmp_path, cfg)
     assert r.stdout.split() == [b"CapEff:", b"0000000000000000"]
     assert r.sandbox["user_namespace"] is False
     assert b"No such file" in r.stderr
 
 
-async def test_devices_listed_for_the_job_are_the_only_extra_ones(tmp_path: Path) -> None:
+async def test_devices_listed_for_the_job_are_the_only_extra_ones(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     # No GPU here: /dev/fuse (a character device no job gets by default) stands in
     # for /dev/nvidia0 to show the bind and the device-cgroup rule work together.
     dev = "/dev/fuse"
     if not Path(dev).exists():
         pytest.skip("needs /dev/fuse as a stand-in GPU device node")
     cmd = ["/bin/sh", "-c", f"ls /dev; test -c {dev} && echo present"]
-    r = await run(request(cmd), tmp_path)
+    r = await run(sandbox, request(cmd), tmp_path)
     assert b"present" not in r.stdout and b"fuse" not in r.stdout
-    r = await run(request(cmd, gpu_devices=[dev]), tmp_path)
+    r = await run(sandbox, request(cmd, gpu_devices=[dev]), tmp_path)
     assert b"present" in r.stdout
     assert r.sandbox["devices"] == [dev]
 

@@ -24,7 +24,7 @@ import trio
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 from p2psched.sandbox import cgroups
-from p2psched.sandbox.process import ProcessSandboxConfig, reap_stale, run_process
+from p2psched.sandbox.process import ProcessSandbox, ProcessSandboxConfig, reap_stale
 
 pytestmark = pytest.mark.root
 GUESTS = Path(__file__).parent / "adversarial"
@@ -35,14 +35,22 @@ def guest(name: str, *args: str) -> list[str]:
     return [PY, "-c", (GUESTS / f"{name}.py").read_text(), *args]
 
 
-async def run(command: list[str], tmp_path: Path, *, cpu: float = 1.0, network: bool = False,
+@pytest.fixture(params=["cold", "warm"])
+async def sandbox(request: pytest.FixtureRequest, nursery: trio.Nursery) -> ProcessSandbox:
+    """Each attempt runs in a sandbox built for it and in one from the warm pool."""
+    sb = ProcessSandbox(warm=2 if request.param == "warm" else 0)
+    await nursery.start(sb.serve)
+    return sb
+
+
+async def run(sandbox: ProcessSandbox, command: list[str], tmp_path: Path, *, cpu: float = 1.0, network: bool = False,
               stdin: bytes = b"", **limits: object) -> SandboxResult:
     lim = {"wall_ms": 20_000, **limits}
     req = SandboxRequest(
         job_id="adv", runtime="process", limits=Limits(**lim), resources=Resources(cpu=cpu),
         command=command, env={"PATH": "/usr/bin:/bin"}, network=network, stdin=stdin,
     )
-    return await run_process(req, tmp_path / f"work-{uuid.uuid4().hex[:6]}")
+    return await sandbox.run(req, tmp_path / f"work-{uuid.uuid4().hex[:6]}")
 
 
 def host_procs_with(marker: str) -> list[int]:
@@ -62,10 +70,10 @@ def report(r: SandboxResult) -> dict:
     return json.loads(r.stdout.decode().splitlines()[0])
 
 
-async def test_1_writes_outside_scratch_fail(tmp_path: Path) -> None:
+async def test_1_writes_outside_scratch_fail(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     target = tmp_path / "host-file.txt"
     target.write_text("original")
-    r = await run(guest("escape_fs", str(target)), tmp_path)
+    r = await run(sandbox, guest("escape_fs", str(target)), tmp_path)
     out = report(r)
     assert out.pop("scratch") == "wrote"
     assert all(v != "wrote" for v in out.values()), out
@@ -74,10 +82,10 @@ async def test_1_writes_outside_scratch_fail(tmp_path: Path) -> None:
     assert r.reason == "exit 0"
 
 
-async def test_2_host_secrets_are_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_2_host_secrets_are_unreadable(sandbox: ProcessSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = f"agent-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("P2PSCHED_TEST_SECRET", secret)
-    r = await run(guest("read_secrets", str(os.getpid())), tmp_path)
+    r = await run(sandbox, guest("read_secrets", str(os.getpid())), tmp_path)
     out = report(r)
     assert out["/etc/shadow"] == "No such file or directory"
     assert out["/etc/gshadow"] == "No such file or directory"
@@ -87,10 +95,10 @@ async def test_2_host_secrets_are_unreadable(tmp_path: Path, monkeypatch: pytest
     assert out["pids"] == [1, 2]
 
 
-async def test_3_other_processes_cannot_be_signalled_or_traced(tmp_path: Path) -> None:
+async def test_3_other_processes_cannot_be_signalled_or_traced(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        r = await run(guest("signal_ptrace", str(bystander.pid)), tmp_path)
+        r = await run(sandbox, guest("signal_ptrace", str(bystander.pid)), tmp_path)
         out = report(r)
         assert out["kill_host_pid"] == "No such process"
         assert out["ptrace_init"] == "Operation not permitted"
@@ -104,80 +112,80 @@ async def test_3_other_processes_cannot_be_signalled_or_traced(tmp_path: Path) -
         bystander.wait()
 
 
-async def test_4_no_network_but_its_own_loopback(tmp_path: Path) -> None:
+async def test_4_no_network_but_its_own_loopback(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
     try:
-        r = await run(guest("network", str(port)), tmp_path)
+        r = await run(sandbox, guest("network", str(port)), tmp_path)
         out = report(r)
         assert out["agent_port"] == "Connection refused"  # the job's own, empty loopback
         assert out["outside"] == "Network is unreachable"
         assert out["outside6"] in ("Network is unreachable", "Cannot assign requested address")
         assert out["interfaces"] == ["lo"]
         # The network capability keeps the host network: the same connect succeeds.
-        r = await run(guest("network", str(port)), tmp_path, network=True)
+        r = await run(sandbox, guest("network", str(port)), tmp_path, network=True)
         assert report(r)["agent_port"] == "connected"
     finally:
         listener.close()
 
 
-async def test_5_fork_bomb_is_contained(tmp_path: Path) -> None:
-    r = await run(guest("fork_bomb"), tmp_path, pids=32, wall_ms=15_000)
+async def test_5_fork_bomb_is_contained(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, guest("fork_bomb"), tmp_path, pids=32, wall_ms=15_000)
     assert r.reason == "pids_limit"
     assert r.limit_hit == "pids_limit"
 
 
-async def test_6_memory_bomb_is_contained(tmp_path: Path) -> None:
-    r = await run(guest("memory_bomb"), tmp_path, mem_bytes=64 * 1024 * 1024)
+async def test_6_memory_bomb_is_contained(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, guest("memory_bomb"), tmp_path, mem_bytes=64 * 1024 * 1024)
     assert r.reason == "memory_limit"
     assert r.peak_mem_bytes <= 64 * 1024 * 1024 + 4096
     assert r.peak_mem_bytes > 16 * 1024 * 1024
 
 
-async def test_7_cpu_spin_hits_the_cpu_limit(tmp_path: Path) -> None:
-    r = await run(guest("cpu_spin"), tmp_path, cpu_ms=300, wall_ms=20_000, cpu=0.5)
+async def test_7_cpu_spin_hits_the_cpu_limit(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, guest("cpu_spin"), tmp_path, cpu_ms=300, wall_ms=20_000, cpu=0.5)
     assert r.reason == "cpu_limit"
     assert r.cpu_ms >= 300
 
 
-async def test_8_sleeping_forever_hits_the_wall_clock(tmp_path: Path) -> None:
-    r = await run(["/bin/sleep", "infinity"], tmp_path, wall_ms=300)
+async def test_8_sleeping_forever_hits_the_wall_clock(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, ["/bin/sleep", "infinity"], tmp_path, wall_ms=300)
     assert r.reason == "wall_timeout"
     assert r.limit_hit == "wall_timeout"
 
 
 @pytest.mark.parametrize("lingers", [False, True], ids=["job-exits", "job-killed"])
-async def test_9_double_forked_daemon_dies_with_its_job(tmp_path: Path, lingers: bool) -> None:
+async def test_9_double_forked_daemon_dies_with_its_job(sandbox: ProcessSandbox, tmp_path: Path, lingers: bool) -> None:
     marker = f"{uuid.uuid4().int % 100000}.{uuid.uuid4().int % 1000}"
     args = [marker, "60"] if lingers else [marker]
-    r = await run(guest("daemon", *args), tmp_path, wall_ms=1000 if lingers else 20_000)
+    r = await run(sandbox, guest("daemon", *args), tmp_path, wall_ms=1000 if lingers else 20_000)
     assert b"daemon started" in r.stdout
     assert r.reason == ("wall_timeout" if lingers else "exit 0")
     assert host_procs_with(f"sleep\0{marker}") == []
 
 
-async def test_10_stdout_flood_is_cut_and_flagged(tmp_path: Path) -> None:
-    r = await run(["/usr/bin/yes", "flood"], tmp_path, stdout_bytes=10_000)
+async def test_10_stdout_flood_is_cut_and_flagged(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    r = await run(sandbox, ["/usr/bin/yes", "flood"], tmp_path, stdout_bytes=10_000)
     assert r.stdout_truncated
     assert len(r.stdout) == 10_000
     assert r.reason == "output_limit"  # yes died of SIGPIPE once the pipe was closed
 
 
-async def test_11_only_stdio_is_inherited(tmp_path: Path) -> None:
+async def test_11_only_stdio_is_inherited(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     leaked_r, leaked_w = os.pipe()
     os.set_inheritable(leaked_r, True)
     os.set_inheritable(leaked_w, True)
     try:
-        r = await run(guest("fd_leak"), tmp_path)
+        r = await run(sandbox, guest("fd_leak"), tmp_path)
     finally:
         os.close(leaked_r)
         os.close(leaked_w)
     assert report(r)["fds"] == [0, 1, 2]
 
 
-async def test_12_setuid_binary_grants_nothing(tmp_path: Path) -> None:
+async def test_12_setuid_binary_grants_nothing(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     suid = bindir / "id"
@@ -185,22 +193,22 @@ async def test_12_setuid_binary_grants_nothing(tmp_path: Path) -> None:
     os.chown(suid, 0, 0)
     suid.chmod(0o4755)
     assert suid.stat().st_mode & stat.S_ISUID
-    r = await run([str(suid), "-u"], tmp_path)
+    r = await run(sandbox, [str(suid), "-u"], tmp_path)
     assert r.reason == "exit 0", r.stderr
     assert r.stdout.strip() != b"0"
 
 
-async def test_12_mount_unshare_keyctl_are_refused(tmp_path: Path) -> None:
-    out = report(await run(guest("privileged_calls"), tmp_path))
+async def test_12_mount_unshare_keyctl_are_refused(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    out = report(await run(sandbox, guest("privileged_calls"), tmp_path))
     assert out == {k: "Operation not permitted" for k in out}, out
     assert len(out) == 14
 
 
-async def test_13_sysv_shared_memory_is_private_to_a_job(tmp_path: Path) -> None:
+async def test_13_sysv_shared_memory_is_private_to_a_job(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     results: dict[str, SandboxResult] = {}
 
     async def one(role: str, *args: str) -> None:
-        results[role] = await run(guest("sysv_shm", role, *args), tmp_path)
+        results[role] = await run(sandbox, guest("sysv_shm", role, *args), tmp_path)
 
     async with trio.open_nursery() as n:
         n.start_soon(one, "create", "1.5")
@@ -218,17 +226,22 @@ import sys, trio
 from pathlib import Path
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox.base import SandboxRequest
-from p2psched.sandbox import cgroups
-from p2psched.sandbox.process import ProcessSandboxConfig, reap_stale, run_process
+from p2psched.sandbox.process import ProcessSandbox
 req = SandboxRequest(job_id="orphan", runtime="process", limits=Limits(wall_ms=600_000), resources=Resources(),
                      command=["/bin/sh", "-c", "sleep " + sys.argv[1] + " & exec sleep " + sys.argv[1]])
-trio.run(run_process, req, Path(sys.argv[2]))
+async def main():
+    sb = ProcessSandbox(warm=int(sys.argv[3]))
+    async with trio.open_nursery() as n:
+        await n.start(sb.serve)
+        await sb.run(req, Path(sys.argv[2]))
+trio.run(main)
 """
 
 
-async def test_14_killing_the_agent_kills_its_jobs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm", [0, 2], ids=["cold", "warm"])
+async def test_14_killing_the_agent_kills_its_jobs(tmp_path: Path, warm: int) -> None:
     marker = f"{uuid.uuid4().int % 100000}.{uuid.uuid4().int % 1000}"
-    agent = subprocess.Popen([sys.executable, "-c", HELPER, marker, str(tmp_path / "w")])
+    agent = subprocess.Popen([sys.executable, "-c", HELPER, marker, str(tmp_path / "w"), str(warm)])
     try:
         with trio.fail_after(15):
             while len(host_procs_with(f"sleep\0{marker}")) < 2:
@@ -247,8 +260,8 @@ async def test_14_killing_the_agent_kills_its_jobs(tmp_path: Path) -> None:
     # the next agent on the host, and only that: this process's jobs are not touched.
     layout = cgroups.detect()
     roots = list(layout.v1_dirs.values()) if layout.version == 1 else [layout.v2_dir] if layout.v2_dir else []
-    leftovers = [p for r in roots for p in (r / cgroups.PARENT_NAME).glob(f"job-orphan-{agent.pid}-*")]
-    leftovers += list(ProcessSandboxConfig().runtime_dir.glob(f"job-orphan-{agent.pid}-*"))
+    leftovers = [p for r in roots for p in (r / cgroups.PARENT_NAME).glob(f"job-*-{agent.pid}-*")]
+    leftovers += list(ProcessSandboxConfig().runtime_dir.glob(f"job-*-{agent.pid}-*"))
     assert leftovers, "expected the killed agent to leave its job's cgroup and scratch behind"
     assert reap_stale() >= 1
     assert not [p for p in leftovers if p.exists()]
