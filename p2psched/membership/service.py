@@ -1,0 +1,391 @@
+"""The trio adapter around the membership core: sockets, timers, keyring, metrics.
+
+Public interface (what the agent uses)::
+
+    svc = MembershipService(settings, node_id, ("0.0.0.0", 7946), local_state, registry, log)
+    addr = await nursery.start(svc.run)     # bound and joining; returns the advertised addr
+    svc.update_local_state(new_state)       # or a function NodeState -> NodeState
+    svc.members() -> list[MemberView]       # everyone we know, us included
+    rx = svc.subscribe()                    # trio.MemoryReceiveChannel[swim.Event]
+    await svc.leave()                       # peers mark us `left`; run() then returns
+
+One UDP socket and one TCP listener share host:port; TCP carries push-pull and the
+TCP probe fallback, one sealed length-prefixed frame per connection. The adapter
+holds no protocol logic: it only feeds the core (``swim.Membership``) with time and
+bytes and carries out the actions it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from p2psched.membership import discovery
+from p2psched.membership.keyring import OpenError, Sealer, sealer_for
+from p2psched.membership.messages import Addr
+from p2psched.membership.settings import MembershipSettings
+from p2psched.membership.swim import Action, Event, Membership, Send, SendTcp, TcpProbe
+from p2psched.resources import NodeState
+
+_FRAME_HEADER = struct.Struct(">I")
+_LAG_PERIOD = 0.1
+
+
+@dataclass(frozen=True)
+class MemberView:
+    node_id: str
+    addr: Addr
+    state: str  # alive | suspect | dead | left
+    incarnation: int
+    age_s: float  # seconds since we last learned something about it
+    node_state: NodeState | None
+
+    def as_dict(self) -> dict[str, Any]:
+        ns = self.node_state
+        return {
+            "id": self.node_id, "addr": f"{self.addr[0]}:{self.addr[1]}", "state": self.state,
+            "incarnation": self.incarnation, "age_s": round(self.age_s, 3),
+            "version": ns.version if ns else 0,
+            "resources": ns.vector.as_dict() if ns else None,
+            "position": ns.position if ns else "",
+            "api": ns.api if ns else "", "transfer": ns.transfer if ns else "",
+            "agent_version": ns.agent_version if ns else "", "labels": dict(ns.labels) if ns else {},
+        }
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = "p2psched_membership_"
+        r = registry
+        self.members = Gauge(p + "members", "Members by state, as this agent sees them", ["state"], registry=r)
+        self.probes_sent = Counter(p + "probes_sent", "Probes sent", registry=r)
+        self.probes_failed = Counter(p + "probes_failed", "Probes with no ack, direct, indirect or TCP", registry=r)
+        self.suspicions_raised = Counter(p + "suspicions_raised", "Peers this agent started suspecting", registry=r)
+        self.suspicions_refuted = Counter(p + "suspicions_refuted", "Suspected peers that proved alive", registry=r)
+        self.self_refutations = Counter(p + "self_refutations", "Times this agent refuted its own suspicion or death", registry=r)
+        self.packets_in = Counter(p + "packets_in", "Datagrams received", registry=r)
+        self.packets_out = Counter(p + "packets_out", "Datagrams sent", registry=r)
+        self.dropped = Counter(p + "packets_dropped", "Packets dropped, by reason", ["reason"], registry=r)
+        self.bytes_in = Counter(p + "bytes_in", "Bytes received (UDP and TCP)", registry=r)
+        self.bytes_out = Counter(p + "bytes_out", "Bytes sent (UDP and TCP)", registry=r)
+        self.rtt = Histogram(p + "probe_rtt_seconds", "Direct probe round trip", registry=r,
+                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
+        self.health = Gauge(p + "health_score", "Lifeguard local health: 0 is healthy; timeouts scale by score+1", registry=r)
+        self.lag = Gauge(p + "loop_lag_seconds", "Last measured trio scheduling lag", registry=r)
+
+
+class MembershipService:
+    def __init__(
+        self,
+        settings: MembershipSettings,
+        node_id: str,
+        bind: tuple[str, int],
+        local_state: NodeState,
+        registry: CollectorRegistry | None,
+        log: logging.Logger | None = None,
+        *,
+        group_of: Callable[[str], str | None] | None = None,
+        sealer: Sealer | None = None,
+    ) -> None:
+        """Raises ``keyring.KeyringError`` at once if the key file is missing or bad."""
+        self.settings = settings
+        self.node_id = node_id
+        self.bind = bind
+        self.log = log or logging.getLogger("p2psched.membership")
+        self.sealer = sealer or sealer_for(settings.key_file, settings.insecure, settings.cluster_name,
+                                           settings.replay_window)
+        self.metrics = _Metrics(registry if registry is not None else CollectorRegistry())
+        self._initial_state = local_state
+        self._group_of = group_of
+        self.core: Membership | None = None
+        self.addr: Addr | None = None
+        self._subscribers: list[trio.MemorySendChannel[Event]] = []
+        self._wake = trio.Event()
+        self._out_send, self._out_recv = trio.open_memory_channel[tuple[Addr, bytes]](1024)
+        self._tcp_limit = trio.CapacityLimiter(32)
+        self._nursery: trio.Nursery | None = None
+        self._synced: dict[str, int] = {}
+        self._done = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+
+    # --- public -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Addr] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        host, port = self.bind
+        udp = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await udp.bind((host, port))
+        port = udp.getsockname()[1]
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.addr = discovery.advertise_address(s.advertise, host, port)
+        if s.insecure:
+            self.log.warning("membership: --insecure: gossip is NOT encrypted or authenticated; anyone on this "
+                             "network can read it and forge members. Use a key file outside tests.")
+        now = trio.current_time()
+        self.core = Membership(s, self.node_id, self.addr, random.Random(), now,
+                               packet_budget=s.max_datagram - self.sealer.overhead,
+                               local_state=self._initial_state, group_of=self._group_of)
+        self.log.info("membership: %s listening on %s:%d (UDP and TCP), advertising %s:%d",
+                      self.node_id, host, port, *self.addr)
+        try:
+            with trio.CancelScope() as self._cancel:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._recv_loop, udp)
+                    nursery.start_soon(self._send_loop, udp)
+                    nursery.start_soon(trio.serve_listeners, self._serve_tcp, listeners)
+                    nursery.start_soon(self._tick_loop)
+                    nursery.start_soon(self._lag_loop)
+                    await nursery.start(discovery.run, s, self.node_id, self.addr, self._on_seeds, self.log)
+                    task_status.started(self.addr)
+        finally:
+            udp.close()
+            for ch in self._subscribers:
+                ch.close()
+            self._done.set()
+
+    def update_local_state(self, state: NodeState | Callable[[NodeState], NodeState]) -> None:
+        """Publish a new node state (coalesced and rate limited by the core)."""
+        core = self._need_core()
+        if callable(state):
+            current = core.local_state or self._initial_state
+            state = state(current)
+        self._execute(core.set_local_state(trio.current_time(), state))
+        self._wake.set()
+
+    def members(self) -> list[MemberView]:
+        core = self._need_core()
+        now = trio.current_time()
+        return [MemberView(m.node_id, m.addr, m.status_name, m.incarnation, now - m.last_update, m.state)
+                for m in core.member_list()]
+
+    def subscribe(self, max_buffer: int = 1024) -> trio.MemoryReceiveChannel[Event]:
+        """Membership events from now on. A subscriber that falls max_buffer behind
+        loses events (counted as dropped{reason="slow_subscriber"}), never stalls gossip."""
+        send, recv = trio.open_memory_channel[Event](max_buffer)
+        self._subscribers.append(send)
+        return recv
+
+    async def leave(self, linger: float | None = None) -> None:
+        """Tell every peer we leave, give the news ``linger`` seconds to spread (default:
+        two gossip intervals), then stop ``run``."""
+        core = self._need_core()
+        self._execute(core.leave(trio.current_time()))
+        self._wake.set()
+        await trio.sleep(linger if linger is not None else 2 * self.settings.gossip_interval + 0.05)
+        if self._cancel is not None:
+            self._cancel.cancel()
+        await self._done.wait()
+
+    @property
+    def health_score(self) -> int:
+        return self._need_core().health
+
+    # --- internals -------------------------------------------------------------------
+
+    def _need_core(self) -> Membership:
+        if self.core is None:
+            raise RuntimeError("MembershipService is not running yet: start it with `await nursery.start(svc.run)` first")
+        return self.core
+
+    def _on_seeds(self, seeds: list[Addr]) -> None:
+        core = self._need_core()
+        core.set_seeds(seeds)
+        self._wake.set()
+
+    def _drop(self, reason: str) -> None:
+        self.metrics.dropped.labels(reason).inc()
+
+    def _execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                try:
+                    self._out_send.send_nowait((a.addr, a.data))
+                except trio.WouldBlock:
+                    self._drop("send_queue_full")
+            elif isinstance(a, Event):
+                self._on_event(a)
+            elif isinstance(a, (SendTcp, TcpProbe)):
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._tcp_exchange, a)
+        self._wake.set()
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.kind == "conflict":
+            self.log.error("membership: %s", ev.detail)
+        elif ev.kind in ("dead", "suspect", "left", "joined", "alive"):
+            self.log.info("membership: %s is %s %s", ev.node_id, ev.kind, ev.detail)
+        for ch in list(self._subscribers):
+            try:
+                ch.send_nowait(ev)
+            except trio.WouldBlock:
+                self._drop("slow_subscriber")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(ch)
+
+    def _sync_metrics(self) -> None:
+        core = self._need_core()
+        m = self.metrics
+        for state, n in core.counts().items():
+            m.members.labels(state).set(n)
+        pairs = [("probes_sent", m.probes_sent), ("probes_failed", m.probes_failed),
+                 ("suspicions_raised", m.suspicions_raised), ("suspicions_refuted", m.suspicions_refuted),
+                 ("self_refutations", m.self_refutations)]
+        for key, counter in pairs:
+            d = core.stats[key] - self._synced.get(key, 0)
+            if d:
+                counter.inc(d)
+                self._synced[key] = core.stats[key]
+        for reason, n in core.dropped.items():
+            d = n - self._synced.get("drop:" + reason, 0)
+            if d:
+                m.dropped.labels(reason).inc(d)
+                self._synced["drop:" + reason] = n
+        while core.rtt_samples:
+            m.rtt.observe(core.rtt_samples.popleft())
+        m.health.set(core.health)
+
+    async def _tick_loop(self) -> None:
+        core = self._need_core()
+        last_sync = -math.inf
+        while True:
+            deadline = core.next_deadline()
+            if deadline > trio.current_time():
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+            now = trio.current_time()
+            if now >= core.next_deadline():
+                self._execute(core.tick(now))
+                self._wake = trio.Event()
+            if now - last_sync >= 0.5:
+                last_sync = now
+                self._sync_metrics()
+            await trio.lowlevel.checkpoint()
+
+    async def _lag_loop(self) -> None:
+        core = self._need_core()
+        while True:
+            t0 = trio.current_time()
+            await trio.sleep(_LAG_PERIOD)
+            now = trio.current_time()
+            lag = max(0.0, now - t0 - _LAG_PERIOD)
+            self.metrics.lag.set(lag)
+            core.report_lag(now, lag)
+
+    async def _recv_loop(self, udp: trio.socket.SocketType) -> None:
+        core = self._need_core()
+        limit = self.settings.max_datagram
+        while True:
+            try:
+                data, src = await udp.recvfrom(65536)
+            except OSError:  # e.g. ICMP port unreachable surfaced on Linux; not fatal
+                continue
+            self.metrics.packets_in.inc()
+            self.metrics.bytes_in.inc(len(data))
+            if len(data) > limit:
+                self._drop("too_large")
+                continue
+            try:
+                plain = self.sealer.open(time.time(), data)
+            except OpenError as e:
+                self._drop(e.reason)
+                continue
+            self._execute(core.handle_packet(trio.current_time(), (src[0], src[1]), plain))
+
+    async def _send_loop(self, udp: trio.socket.SocketType) -> None:
+        async for addr, data in self._out_recv:
+            sealed = self.sealer.seal(time.time(), data)
+            try:
+                await udp.sendto(sealed, addr)
+            except OSError as e:
+                self._drop("send_error")
+                self.log.debug("membership: sending to %s:%d failed: %s", addr[0], addr[1], e)
+                continue
+            self.metrics.packets_out.inc()
+            self.metrics.bytes_out.inc(len(sealed))
+
+    # --- TCP ---------------------------------------------------------------------------
+
+    async def _read_frame(self, stream: trio.abc.ReceiveStream) -> bytes | None:
+        header = await _read_exact(stream, _FRAME_HEADER.size)
+        if header is None:
+            return None
+        (n,) = _FRAME_HEADER.unpack(header)
+        if n > self.settings.max_tcp_message + self.sealer.overhead:
+            self._drop("too_large")
+            return None
+        body = await _read_exact(stream, n)
+        if body is not None:
+            self.metrics.bytes_in.inc(n + _FRAME_HEADER.size)
+        return body
+
+    async def _write_frame(self, stream: trio.abc.SendStream, plain: bytes) -> None:
+        sealed = self.sealer.seal(time.time(), plain)
+        await stream.send_all(_FRAME_HEADER.pack(len(sealed)) + sealed)
+        self.metrics.bytes_out.inc(len(sealed) + _FRAME_HEADER.size)
+
+    def _open(self, sealed: bytes | None) -> bytes | None:
+        if sealed is None:
+            return None
+        try:
+            return self.sealer.open(time.time(), sealed)
+        except OpenError as e:
+            self._drop(e.reason)
+            return None
+
+    async def _serve_tcp(self, stream: trio.SocketStream) -> None:
+        core = self._need_core()
+        try:
+            src = stream.socket.getpeername()
+            with trio.move_on_after(max(5.0, self.settings.probe_interval * 5)):
+                plain = self._open(await self._read_frame(stream))
+                if plain is None:
+                    return
+                reply, actions = core.handle_stream(trio.current_time(), (src[0], src[1]), plain)
+                self._execute(actions)
+                if reply is not None:
+                    await self._write_frame(stream, reply)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _tcp_exchange(self, a: SendTcp | TcpProbe) -> None:
+        core = self._need_core()
+        reply: bytes | None = None
+        timeout = self.settings.probe_interval if isinstance(a, TcpProbe) else max(5.0, self.settings.probe_interval * 5)
+        async with self._tcp_limit:
+            with trio.move_on_after(timeout):
+                try:
+                    stream = await trio.open_tcp_stream(a.addr[0], a.addr[1])
+                    async with stream:
+                        await self._write_frame(stream, a.data)
+                        if isinstance(a, TcpProbe) or a.expect_reply:
+                            reply = self._open(await self._read_frame(stream))
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    reply = None
+        now = trio.current_time()
+        if isinstance(a, TcpProbe):
+            self._execute(core.tcp_probe_result(now, a.seq, reply))
+        elif a.expect_reply:
+            self._execute(core.handle_stream_reply(now, a.addr, reply))
+
+
+async def _read_exact(stream: trio.abc.ReceiveStream, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(min(65536, n - len(buf)))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
