@@ -65,7 +65,8 @@ NODE_LABEL_PREFIX = "node."
 
 @dataclass(frozen=True, slots=True)
 class PlacementSettings:
-    ttl: int = DEFAULT_TTL
+    # The TTL is not here: it travels with the job (JobRequest.ttl), so every agent on
+    # its way applies the origin's bound.
     #: Peers within this many cost units (us of latency with the default weight) of
     #: the cheapest fitting peer are near-ties. 1 us is half a host link: it merges
     #: equal paths but keeps a same-leaf peer (2 us) ahead of a cross-spine one (6 us).

@@ -12,7 +12,8 @@ messages per placement:
   a round trip: the target checks its real state with ``check_fit`` and accepts, or
   refuses and returns its fresh vector, and the origin tries the next candidate.
   A job no one takes waits in its origin's queue, retried when the origin frees a
-  slot or refreshes its view (every ``gossip_interval``).
+  slot or refreshes its view (every ``gossip_interval``); new arrivals are placed at
+  once and may overtake it, as they would on a real agent with room elsewhere.
 * ``omniscient``: one central scheduler that sees every host exactly and instantly;
   a job starts on the host with the most free CPUs, or waits in one global FIFO.
   The ideal the others are measured against.
@@ -23,7 +24,8 @@ messages per placement:
 The first ``warmup`` fraction of jobs (by arrival) is left out of the figures, so
 the empty cluster at t=0 does not flatter anyone.
 
-Messages per placement count scheduling messages only: p2p 2 per forward attempt
+Messages per placement are the scheduling messages one job needed until it started,
+retries included: p2p 2 per forward attempt
 (the job and the accept/refuse), omniscient 2 (submit, dispatch), random 1,
 power-of-two 5 (2 probes, 2 replies, 1 job). Gossip runs regardless of load and is
 reported by the gossip model instead.
