@@ -2,38 +2,48 @@
 
 Public interface (what the agent calls)::
 
-    async def run_process(request: SandboxRequest, work_dir: Path,
-                          config: ProcessSandboxConfig | None = None) -> SandboxResult
-    def doctor_checks() -> list[tuple[str, bool, str, str]]     # (check, ok, detail, fix)
-    def reap_stale(config: ProcessSandboxConfig | None = None) -> int   # call once at agent start
+    sandbox = ProcessSandbox(config: ProcessSandboxConfig | None = None, *, warm: int = 4)
+    await nursery.start(sandbox.serve)       # once, in the agent's nursery (keeps the warm
+                                             # pool filled, cleans up behind finished jobs)
+    result = await sandbox.run(request: SandboxRequest, work_dir: Path) -> SandboxResult
 
-``run_process`` must be awaited from the trio thread (never from a worker
-thread): the parent-death signal that kills a job when its agent dies is tied to
-the thread that started it. ``work_dir`` is a directory the agent owns for this
-job (created if missing; its ``scratch`` subdirectory is mounted and removed
-again). The result's ``reason`` is ``exit N``, ``signal N`` or one of
-``memory_limit``, ``pids_limit``, ``cpu_limit``, ``wall_timeout``,
-``output_limit``; ``sandbox`` lists the isolation actually applied and
-``warnings`` every fallback taken.
+    async def run_process(request, work_dir, config=None) -> SandboxResult
+                                             # the same, cold, with no pool (tests, one-offs)
+    def doctor_checks(config=None) -> list[tuple[str, bool, str, str]]  # (check, ok, detail, fix)
+    def reap_stale(config=None) -> int       # once at agent start, before serving: removes
+                                             # what a SIGKILLed agent left, probes the host
+
+``run``/``run_process`` must be awaited from the trio thread. ``work_dir`` is a
+directory the agent owns for the job (created if missing; a non-root agent keeps
+the job's scratch there). The result's ``reason`` is ``exit N``, ``signal N``
+(bwrap reports death by signal N as 128+N, like a shell, so a program that
+exits 128+N reads as ``signal N``) or one of ``memory_limit``, ``pids_limit``,
+``cpu_limit``, ``wall_timeout``, ``output_limit``; ``sandbox`` lists the
+isolation actually applied (for attestation) and ``warnings`` every fallback.
+When ``run`` returns, every process of the job is gone.
 
 Cancellation: when the surrounding trio scope is cancelled, every process of the
-job is SIGKILLed (its PID namespace is torn down by killing its init, and its
-cgroup is killed), the cgroup and scratch are removed, and ``trio.Cancelled``
+job is SIGKILLed (its PID 1 is killed, which ends its PID namespace; the cgroup
+is killed too), the cgroup and scratch are removed, and ``trio.Cancelled``
 propagates. Nothing is returned for a cancelled job.
 
-``reap_stale`` kills and removes what an agent killed with SIGKILL left behind:
-job cgroups and scratch mounts (the jobs themselves died with the agent).
+Errors: :class:`SandboxError` (a sentence with the fix) when the host cannot run
+process jobs at all (bubblewrap missing, cgroup refused, bwrap failing to build
+the sandbox). A job's own failures are results, never exceptions; a program that
+does not exist is ``exit 127`` with the reason on stderr.
 
 How a job runs (see docs/sandbox.md)::
 
-    agent --fork/exec--> prlimit --exec--> bwrap (monitor) --clone(new namespaces)--> bwrap init (PID 1)
-                                                                                        `--> the job's command
+    agent --vfork/exec--> setpriv --exec--> prlimit --exec--> bwrap (monitor) --clone(new namespaces)-->
+          bwrap init (PID 1) --> the job's program
 
-``prlimit`` (util-linux) sets RLIMIT_NOFILE/FSIZE/CORE and, without cgroups, the
-fallback limits; ``bwrap`` builds the private root, applies ``no_new_privs`` and
-the seccomp filter and executes the command. bwrap reports its PID-1 over
-``--info-fd`` and then waits on ``--block-fd``: in that window the agent moves it
-into the job's cgroup, so the command starts inside its limits.
+``setpriv`` switches to the sandbox uid; ``prlimit`` sets RLIMIT_NOFILE/FSIZE/CORE
+and, without cgroups, the fallback limits; ``bwrap`` builds the private root,
+applies ``no_new_privs`` and the seccomp filter and executes the program. bwrap
+reports its PID 1 over ``--info-fd`` and then waits on ``--block-fd``: in that
+window the agent moves it into the job's cgroup, so the program starts inside
+its limits. A warm sandbox is the same, built ahead of time around a shim
+(``_shim.py``) that sets the rlimits and executes the program when handed a job.
 """
 
 from __future__ import annotations
@@ -579,6 +589,9 @@ class _Job:
             nursery.cancel_scope.deadline = trio.current_time() + self.cfg.kill_wait_s
         assert self.reaped is not None
         status, rusage = self.reaped
+        if not self.req.artifacts and not self.req.mask_patterns:
+            return self._result(status, rusage, out, err)  # a few small reads
+        # artifacts (up to tens of MiB) and regexes over the output: off the loop
         return await trio.to_thread.run_sync(self._result, status, rusage, out, err)
 
     # -- the warm pool's hand-over -------------------------------------------
@@ -987,7 +1000,8 @@ class ProcessSandbox:
         if taken is not None:
             job, exe = taken
             try:
-                await trio.to_thread.run_sync(job.adopt, request, work_dir)
+                # a handful of small cgroupfs writes: cheaper inline than a thread hop
+                job.adopt(request, work_dir)
                 job.hand_over(exe)
                 return await job.supervise()
             finally:
