@@ -852,6 +852,11 @@ class Membership:
         self._broadcast(msg)
         if prev == SUSPECT:
             self.stats["suspicions_refuted"] += 1
+        if prev == DEAD and self._gone:
+            # A member we held dead is back: likely a healed partition, so the other
+            # members we hold dead may be alive too. Try one of them soon instead of
+            # waiting out the re-join interval; each success triggers the next.
+            self._next_rejoin_at = min(self._next_rejoin_at, now + self.s.gossip_interval)
         if prev != ALIVE:
             out.append(Event("alive", msg.node_id, f"was {STATUS_NAMES[prev]}, incarnation {msg.incarnation}"))
 

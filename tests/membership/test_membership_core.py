@@ -1,0 +1,251 @@
+"""The SWIM core driven directly and through the simulator, in virtual time."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from p2psched.membership import codec
+from p2psched.membership.keyring import SEALED_OVERHEAD
+from p2psched.membership.messages import (
+    ALIVE, DEAD, LEFT, SUSPECT, Ack, Alive, Dead, Ping, PushPullReq, PushPullResp, State, Suspect,
+)
+from p2psched.membership.settings import MembershipSettings
+from p2psched.membership.swim import Event, Membership, Send, SendTcp, TcpProbe
+from p2psched.resources import NodeState, ResourceVector
+from p2psched.sim.membership import SimCluster
+
+S = MembershipSettings(insecure=True, mdns=False)
+A, B, C = ("10.0.0.1", 7946), ("10.0.0.2", 7946), ("10.0.0.3", 7946)
+
+
+def core(node_id: str = "a", addr=A, settings: MembershipSettings = S) -> Membership:
+    return Membership(settings, node_id, addr, random.Random(1), 0.0, packet_budget=1200 - SEALED_OVERHEAD)
+
+
+def pkt(*msgs, sender: str = "x") -> bytes:
+    return codec.assemble(sender, [codec.pack_part(m) for m in msgs])
+
+
+def events(actions, kind=None):
+    return [a for a in actions if isinstance(a, Event) and (kind is None or a.kind == kind)]
+
+
+def test_ping_is_acked_only_for_our_id():
+    m = core()
+    out = m.handle_packet(1.0, B, pkt(Ping(7, "a")))
+    assert len(out) == 1 and isinstance(out[0], Send) and out[0].addr == B
+    _, msgs = codec.decode_datagram(out[0].data)
+    assert msgs[0] == Ack(7)
+    assert m.handle_packet(1.0, B, pkt(Ping(8, "someone-else"))) == []
+    assert m.dropped["wrong_target"] == 1
+
+
+def test_unanswered_probe_goes_indirect_then_tcp_then_suspect_then_dead():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B), Alive(0, "c", C)))
+    t, sent = 0.0, []
+    while t < 3.0:
+        sent += m.tick(t)
+        t += 0.01
+    kinds = {type(a).__name__ for a in sent}
+    assert {"Send", "TcpProbe"} <= kinds
+    assert any(isinstance(a, Send) and any(type(x).__name__ == "PingReq" for x in codec.decode_datagram(a.data)[1])
+               for a in sent)
+    assert m.get("b").status == SUSPECT or m.get("c").status == SUSPECT
+    suspect = "b" if m.get("b").status == SUSPECT else "c"
+    min_t, max_t = m.suspicion_bounds()
+    # N=3 is below the confirmations Lifeguard expects (k = 0), so the minimum applies.
+    out = []
+    while t < 3.0 + max_t + 1:
+        out += m.tick(t)
+        t += 0.05
+    assert m.get(suspect).status == DEAD
+    assert events(out, "dead")[0].node_id == suspect
+
+
+def test_tcp_fallback_prevents_suspicion():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    t, probe = 0.0, None
+    while probe is None:
+        for a in m.tick(t):
+            if isinstance(a, TcpProbe):
+                probe = a
+        t += 0.01
+    m.tcp_probe_result(t, probe.seq, codec.encode_frame("b", Ack(probe.seq)))
+    end = t + S.probe_interval - S.probe_timeout + 0.02  # past the probe's deadline
+    while t < end:
+        m.tick(t)
+        t += 0.01
+    assert m.get("b").status == ALIVE
+    assert m.stats["probes_tcp_rescued"] == 1
+
+
+def test_suspicion_shrinks_with_confirmations():
+    m = core()
+    m.bootstrap(0.0, [(f"n{i}", ("10.1.0.%d" % i, 7946), None) for i in range(100)])
+    m.handle_packet(1.0, B, pkt(Suspect(0, "n5", "n1")))
+    s = m._suspicions["n5"]
+    first = s.deadline
+    m.handle_packet(1.1, B, pkt(Suspect(0, "n5", "n2")))
+    m.handle_packet(1.2, B, pkt(Suspect(0, "n5", "n3")))
+    min_t, max_t = m.suspicion_bounds()
+    assert first == pytest.approx(1.0 + max_t)
+    assert s.deadline == pytest.approx(1.0 + min_t)  # k = suspicion_mult - 2 = 2 confirmations reach the minimum
+    assert min_t == pytest.approx(4 * math.log10(101) * 0.5)  # mult * log10(N) * probe_timeout, N = 101 with us
+    assert max_t == pytest.approx(6 * min_t)
+
+
+def test_refutes_suspicion_and_death_with_higher_incarnation():
+    m = core()
+    out = m.handle_packet(1.0, B, pkt(Suspect(0, "a", "b")))
+    assert m.incarnation == 1
+    out = m.handle_packet(2.0, B, pkt(Dead(5, "a", "b")))
+    assert m.incarnation == 6
+    # the refutation is queued: it leaves with the next packet
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    sent = [a for t in range(0, 30) for a in m.tick(t / 10) if isinstance(a, Send)]
+    parts = [x for a in sent for x in codec.decode_datagram(a.data)[1]]
+    assert Alive(6, "a", A) in parts
+
+
+def test_stale_alive_does_not_resurrect_the_dead():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(3, "b", B)))
+    m.handle_packet(1.0, C, pkt(Dead(3, "b", "c")))
+    assert m.get("b").status == DEAD
+    m.handle_packet(2.0, C, pkt(Alive(3, "b", B), Alive(2, "b", B)))
+    assert m.get("b").status == DEAD
+    out = m.handle_packet(3.0, B, pkt(Alive(4, "b", B)))
+    assert m.get("b").status == ALIVE and events(out, "alive")
+
+
+def test_leave_goes_to_every_peer_and_they_mark_left():
+    a, b = core("a", A), core("b", B)
+    a.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    b.handle_packet(0.0, A, pkt(Alive(0, "a", A)))
+    out = a.leave(1.0)
+    assert [s.addr for s in out if isinstance(s, Send)] == [B]
+    got = b.handle_packet(1.0, A, out[0].data)
+    assert b.get("a").status == LEFT and events(got, "left")
+
+
+def test_second_agent_with_a_live_id_is_refused():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    out = m.handle_packet(1.0, C, pkt(Alive(9, "b", C)))
+    assert m.get("b").addr == B and m.get("b").incarnation == 0
+    (ev,) = events(out, "conflict")
+    assert "10.0.0.3:7946" in ev.detail and "--node-id" in ev.detail
+    # and the newcomer hears that its id is taken
+    newcomer = core("b", C)
+    out = newcomer.handle_packet(1.0, A, pkt(Alive(0, "b", B)))
+    assert events(out, "conflict") and newcomer.incarnation == 0
+
+
+def test_restarted_node_refutes_its_death_through_push_pull():
+    old = core("b", B)
+    a = core("a", A)
+    a.handle_packet(0.0, B, pkt(Alive(4, "b", B)))
+    a.handle_packet(1.0, C, pkt(Dead(4, "b", "c")))
+    fresh = core("b", B)  # same id and address, incarnation 0
+    (req,) = [x for x in fresh.join(2.0, [A]) if isinstance(x, SendTcp)]
+    reply, _ = a.handle_stream(2.0, B, req.data)
+    out = fresh.handle_stream_reply(2.0, A, reply)
+    assert fresh.incarnation == 5
+    (push,) = [x for x in out if isinstance(x, SendTcp)]
+    _, evs = a.handle_stream(2.1, B, push.data)
+    assert a.get("b").status == ALIVE and a.get("b").incarnation == 5
+    assert old.incarnation == 0
+
+
+def test_push_pull_sends_only_differences():
+    a, b = core("a", A), core("b", B)
+    a.handle_packet(0.0, B, pkt(Alive(0, "b", B), Alive(0, "c", C)))
+    b.handle_packet(0.0, A, pkt(Alive(0, "a", A), Alive(0, "c", C)))
+    req = a._push_pull_to(B, join=False)
+    reply, _ = b.handle_stream(1.0, A, req.data)
+    _, resp = codec.decode_frame(reply, 1 << 20)
+    assert isinstance(resp, PushPullResp)
+    # only the two members' own states differ (each side knows its own, not the other's)
+    assert {e.node_id for e in resp.entries} <= {"a", "b"}
+    assert all(e.node_id != "c" for e in resp.entries)
+
+
+def test_state_versions_newer_replaces_older_and_coalesces():
+    a = core("a", A)
+    a.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    v = ResourceVector(cpu_total=8, cpu_free=8)
+    a.handle_packet(0.1, B, pkt(State("b", 3, False, NodeState("b", 3, v).to_wire())))
+    assert a.get("b").state.vector.cpu_free == 8
+    a.handle_packet(0.2, B, pkt(State("b", 2, False, NodeState("b", 2, ResourceVector(cpu_free=1)).to_wire())))
+    assert a.get("b").state.version == 3 and a.get("b").state.vector.cpu_free == 8
+    # our own state: two changes inside state_min_interval publish once
+    v0 = a.local_state.version
+    a.set_local_state(1.0, NodeState("a", vector=ResourceVector(cpu_free=1)))
+    a.set_local_state(1.1, NodeState("a", vector=ResourceVector(cpu_free=2)))
+    assert a.local_state.version == v0 + 1
+    a.tick(1.0 + S.state_min_interval)
+    assert a.local_state.version == v0 + 2 and a.local_state.vector.cpu_free == 2
+
+
+def test_oversized_state_travels_as_vector_only_and_push_pull_repairs_it():
+    a, b = core("a", A), core("b", B)
+    b.set_local_state(0.0, NodeState("b", labels={f"k{i}": "x" * 40 for i in range(40)}))
+    b.tick(1.0)
+    a.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    b.handle_packet(0.0, A, pkt(Alive(0, "a", A)))
+    sends = [x for t in range(10, 40) for x in b.tick(t / 10) if isinstance(x, Send)]
+    assert all(len(s.data) <= 1200 - SEALED_OVERHEAD for s in sends)
+    for s in sends:
+        if s.addr == A:
+            a.handle_packet(4.0, B, s.data)
+    assert a.get("b").partial and a.get("b").state.labels == {}
+    reply, _ = b.handle_stream(5.0, A, a._push_pull_to(B, join=False).data)
+    a.handle_stream_reply(5.0, B, reply)
+    assert not a.get("b").partial and len(a.get("b").state.labels) == 40
+
+
+def test_every_datagram_fits_the_budget_under_heavy_gossip():
+    c = SimCluster(40, S, seed=3)
+    sizes = []
+    orig = c.net.send
+    c.net.send = lambda s, d, data: (sizes.append(len(data)), orig(s, d, data))[1]
+    for node in list(c.nodes.values())[:20]:
+        node.core.set_local_state(0.5, NodeState(node.node_id, labels={"rack": "r" * 60}))
+    c.run_until(5.0)
+    assert sizes and max(sizes) <= 1200 - SEALED_OVERHEAD
+
+
+def test_group_preference_keeps_gossip_in_the_group():
+    s = S.model_copy(update={"gossip_same_group_fraction": 1.0})
+    group = lambda node_id: "left" if int(node_id[1:]) < 50 else "right"  # noqa: E731
+    m = Membership(s, "n0", A, random.Random(2), 0.0, group_of=group)
+    m.bootstrap(0.0, [(f"n{i}", ("10.2.0.%d" % i, 7946), None) for i in range(100)])
+    picks = [p.node_id for _ in range(200) for p in m._random_peers(3, set(), live_only=False)]
+    same = sum(group(p) == "left" for p in picks)
+    assert same / len(picks) > 0.9
+    plain = Membership(S, "n0", A, random.Random(2), 0.0, group_of=group)
+    plain.bootstrap(0.0, [(f"n{i}", ("10.2.0.%d" % i, 7946), None) for i in range(100)])
+    picks = [p.node_id for _ in range(200) for p in plain._random_peers(3, set(), live_only=False)]
+    assert 0.3 < sum(group(p) == "left" for p in picks) / len(picks) < 0.7
+
+
+def test_local_health_rises_with_missed_nacks_and_lag_and_stretches_probing():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B), Alive(0, "c", C)))
+    m.report_lag(0.0, 0.5)
+    assert m.health == 1
+    m.report_lag(0.1, 0.5)  # at most once per probe interval
+    assert m.health == 1
+    t = 0.0
+    while t < 4.0:
+        m.tick(t)
+        t += 0.01
+    assert m.health >= 2
+    start = m._next_probe_at
+    m.tick(start)
+    assert m._next_probe_at - start == S.probe_interval * (m.health + 1)
