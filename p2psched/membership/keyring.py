@@ -139,10 +139,12 @@ class Keyring(Sealer):
         return bytes([_SEALED]) + nonce + self._aeads[0].encrypt(nonce, body, self._aad)
 
     def open(self, now: float, data: bytes) -> bytes:
-        if len(data) < SEALED_OVERHEAD:
+        if not data:
             raise OpenError("short")
         if data[0] != _SEALED:
             raise OpenError("unencrypted" if data[0] == _PLAIN else "version")
+        if len(data) < SEALED_OVERHEAD:
+            raise OpenError("short")
         nonce, ct = data[1:13], data[13:]
         for aead in self._aeads:
             try:

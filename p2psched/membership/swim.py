@@ -881,6 +881,11 @@ class Membership:
         if self.num_live() - 2 < k:
             k = 0
         self._suspicions[m.node_id] = _Suspicion(now, k, min_t, max_t, {msg.from_id})
+        if msg.from_id != self.id:
+            # Probe the suspect next: our own probe either confirms the suspicion (an
+            # independent confirmation, which shortens everyone's timer) or, through
+            # the buddy message it carries, prompts the suspect to refute at once.
+            self._probe_order.append(m.node_id)
         self._broadcast(msg)
         out.append(Event("suspect", m.node_id, f"accused by {msg.from_id}"))
 
