@@ -26,12 +26,14 @@ from p2psched.membership.settings import MembershipSettings
 MDNS_SERVICE = "_p2psched._udp.local."
 
 
-def parse_hostport(text: str, what: str = "--join") -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``; the error says what a valid value looks like."""
+def parse_hostport(text: str, what: str = "--join", allow_any_port: bool = False) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; the error says what a valid value looks like.
+    ``allow_any_port`` accepts port 0 (bind: let the kernel choose)."""
     host, sep, port = text.strip().rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    low = 0 if allow_any_port else 1
+    if not sep or not host or not port.isdigit() or not low <= int(port) < 65536:
         raise ValueError(f"{what} {text!r} is not HOST:PORT; write it like 10.0.0.5:7946, node-3:7946 or [fe80::1]:7946")
     return host, int(port)
 

@@ -56,7 +56,7 @@ async def _main(args: argparse.Namespace) -> int:
     state = NodeState(node_id=args.node_id, agent_version="standalone",
                       vector=ResourceVector(cpu_total=os.cpu_count() or 1, cpu_free=os.cpu_count() or 1))
     try:
-        svc = MembershipService(settings, args.node_id, parse_hostport(args.bind, "--bind"), state, registry, log)
+        svc = MembershipService(settings, args.node_id, parse_hostport(args.bind, "--bind", allow_any_port=True), state, registry, log)
     except (KeyringError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
