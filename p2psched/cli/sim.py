@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from typing import Any
 
 import click
 
@@ -73,7 +74,7 @@ def membership(nodes: int, loss: float, crash: int, seed: int, partition: tuple[
     from p2psched.membership.settings import MembershipSettings
     from p2psched.sim.membership import run_experiment
 
-    over: dict[str, float] = {}
+    over: dict[str, Any] = {}
     if probe_interval is not None:
         over["probe_interval"] = probe_interval
     if suspicion_mult is not None:

@@ -9,10 +9,11 @@ is then checked against its layout (``messages.from_wire``). Anything off raises
 
 from __future__ import annotations
 
+import functools
 import struct
-from typing import Any
+from typing import Any, cast
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from p2psched.membership.messages import PROTOCOL, Message, SchemaError, from_wire, to_wire
 
@@ -37,7 +38,7 @@ class DecodeError(Exception):
 
 
 def pack_part(m: Message) -> bytes:
-    return msgpack.packb(to_wire(m), use_bin_type=True)
+    return cast(bytes, msgpack.packb(to_wire(m), use_bin_type=True))
 
 
 def _array_header(n: int) -> bytes:
@@ -53,9 +54,14 @@ def datagram_overhead(sender_id: str) -> int:
     return 1 + len(msgpack.packb(PROTOCOL)) + len(msgpack.packb(sender_id)) + 3
 
 
+@functools.lru_cache(maxsize=4096)
+def _envelope_head(sender_id: str) -> bytes:
+    return b"\x93" + cast(bytes, msgpack.packb(PROTOCOL)) + cast(bytes, msgpack.packb(sender_id))
+
+
 def assemble(sender_id: str, parts: list[bytes]) -> bytes:
     """``[PROTOCOL, sender_id, [parts...]]`` from parts already packed (no re-encoding)."""
-    return b"\x93" + msgpack.packb(PROTOCOL) + msgpack.packb(sender_id) + _array_header(len(parts)) + b"".join(parts)
+    return _envelope_head(sender_id) + _array_header(len(parts)) + b"".join(parts)
 
 
 def _unpack(data: bytes, limits: dict[str, int]) -> Any:
@@ -87,7 +93,7 @@ def decode_datagram(data: bytes) -> tuple[str, list[Message]]:
 
 
 def encode_frame(sender_id: str, m: Message) -> bytes:
-    return msgpack.packb([PROTOCOL, sender_id, to_wire(m)], use_bin_type=True)
+    return cast(bytes, msgpack.packb([PROTOCOL, sender_id, to_wire(m)], use_bin_type=True))
 
 
 def decode_frame(data: bytes, max_message: int) -> tuple[str, Message]:

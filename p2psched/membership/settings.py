@@ -17,7 +17,7 @@ class MembershipSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cluster_name: str = Field(
-        "p2psched",
+        default="p2psched",
         min_length=1,
         max_length=64,
         description=(
@@ -29,7 +29,7 @@ class MembershipSettings(BaseModel):
 
     # --- failure detection -------------------------------------------------------
     probe_interval: float = Field(
-        1.0,
+        default=1.0,
         gt=0,
         description=(
             "Seconds between probes of one peer (shuffled round-robin). memberlist LAN: 1 s, "
@@ -38,7 +38,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     probe_timeout: float = Field(
-        0.5,
+        default=0.5,
         gt=0,
         description=(
             "Seconds to wait for a direct ack before asking k peers to probe indirectly and "
@@ -47,7 +47,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     indirect_checks: int = Field(
-        3,
+        default=3,
         ge=0,
         description=(
             "Peers asked to ping a target that missed its direct ack (SWIM's k). memberlist "
@@ -56,14 +56,14 @@ class MembershipSettings(BaseModel):
         ),
     )
     tcp_fallback: bool = Field(
-        True,
+        default=True,
         description=(
             "Also try a TCP ping when the direct UDP probe fails, as memberlist does: a peer "
             "reachable over TCP but not UDP (a firewall, a full socket buffer) is not suspected."
         ),
     )
     suspicion_mult: float = Field(
-        4.0,
+        default=4.0,
         gt=0,
         description=(
             "Suspicion timeout multiplier. memberlist LAN: 4 (WAN 6, local 3). The minimum "
@@ -76,7 +76,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     suspicion_max_timeout_mult: float = Field(
-        6.0,
+        default=6.0,
         ge=1,
         description=(
             "A fresh suspicion starts at this many times the minimum timeout and shrinks "
@@ -84,7 +84,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     awareness_max_multiplier: int = Field(
-        8,
+        default=8,
         ge=1,
         description=(
             "Upper bound of the local health multiplier: a node that misses acks, misses "
@@ -93,7 +93,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     lag_threshold: float = Field(
-        0.1,
+        default=0.1,
         gt=0,
         description=(
             "Seconds of event-loop scheduling lag above which the agent counts itself as "
@@ -104,7 +104,7 @@ class MembershipSettings(BaseModel):
 
     # --- dissemination -----------------------------------------------------------
     gossip_interval: float = Field(
-        0.2,
+        default=0.2,
         gt=0,
         description=(
             "Seconds between gossip rounds that push queued updates to gossip_nodes random "
@@ -113,12 +113,12 @@ class MembershipSettings(BaseModel):
         ),
     )
     gossip_nodes: int = Field(
-        3,
+        default=3,
         ge=1,
         description="Peers per gossip round. memberlist LAN: 3 (WAN 4). Higher spreads faster, costs more.",
     )
     gossip_same_group_fraction: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=1,
         description=(
@@ -128,7 +128,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     retransmit_mult: int = Field(
-        4,
+        default=4,
         ge=1,
         description=(
             "Each update is piggybacked up to retransmit_mult * ceil(log10(N + 1)) times. "
@@ -137,7 +137,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     push_pull_interval: float = Field(
-        30.0,
+        default=30.0,
         ge=0,
         description=(
             "Seconds between full-state (digest) exchanges with one random peer over TCP, "
@@ -147,7 +147,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     state_min_interval: float = Field(
-        0.5,
+        default=0.5,
         ge=0,
         description=(
             "Minimum seconds between two published versions of our node state: vector "
@@ -156,7 +156,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     max_datagram: int = Field(
-        1200,
+        default=1200,
         ge=256,
         le=65000,
         description=(
@@ -166,14 +166,14 @@ class MembershipSettings(BaseModel):
         ),
     )
     max_tcp_message: int = Field(
-        8 * 1024 * 1024,
+        default=8 * 1024 * 1024,
         ge=65536,
         description="Largest push-pull message accepted over TCP (a full state of 10,000 members fits).",
     )
 
     # --- dead members and rejoining ------------------------------------------------
     dead_retention: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         description=(
             "Seconds a dead or left member stays listed (and is gossiped to, so that it can "
@@ -181,7 +181,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     rejoin_interval: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description=(
             "Seconds between attempts to reach peers we are not connected to: dead members, "
@@ -191,7 +191,7 @@ class MembershipSettings(BaseModel):
         ),
     )
     join_retry_interval: float = Field(
-        1.0,
+        default=1.0,
         gt=0,
         description="Seconds between join attempts while we know no live peer at all.",
     )
@@ -209,16 +209,16 @@ class MembershipSettings(BaseModel):
         ),
     )
     dns_interval: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="Seconds between re-resolutions of dns_names, so that new replicas are found.",
     )
     mdns: bool = Field(
-        True,
+        default=True,
         description="Advertise and browse _p2psched._udp.local. with zeroconf (--no-mdns turns it off).",
     )
     advertise: str | None = Field(
-        None,
+        default=None,
         description=(
             "HOST:PORT peers should use to reach us, when the bind address is a wildcard or "
             "NATed. Default: the bind address, or this host's primary address for 0.0.0.0."
@@ -227,15 +227,15 @@ class MembershipSettings(BaseModel):
 
     # --- transport security ----------------------------------------------------------
     key_file: Path | None = Field(
-        None,
+        default=None,
         description="Gossip keyring file written by `p2psched keygen --gossip` (see membership/keyring.py).",
     )
     insecure: bool = Field(
-        False,
+        default=False,
         description="Send and accept unencrypted packets. Only for tests and demos: the agent warns at start-up.",
     )
     replay_window: float = Field(
-        60.0,
+        default=60.0,
         gt=0,
         description=(
             "Seconds of clock difference tolerated between agents; packets older than this, "

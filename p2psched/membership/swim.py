@@ -44,7 +44,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 from p2psched.membership import codec
 from p2psched.membership.messages import (
@@ -399,7 +399,7 @@ class Membership:
 
     # --- local operations ------------------------------------------------------------
 
-    def bootstrap(self, now: float, peers: list[tuple[str, Addr, NodeState | None]]) -> None:
+    def bootstrap(self, now: float, peers: Sequence[tuple[str, Addr, NodeState | None]]) -> None:
         """Start with ``peers`` known alive at incarnation 0 (with their node state), as if
         a join had completed and its gossip had died down: nothing stays queued. For
         simulators and tests of a settled cluster."""

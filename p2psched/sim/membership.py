@@ -10,6 +10,7 @@ partition that heals (how fast the cluster converges again).
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import random
@@ -68,7 +69,7 @@ class SimCluster:
         states = {node_id: self._initial_state(node_id) for node_id, _ in ids}
         for s in states.values():
             s.version = 1  # what each core publishes first
-        peers = [(node_id, addr, states[node_id]) for node_id, addr in ids]
+        peers: list[tuple[str, Addr, NodeState | None]] = [(node_id, addr, states[node_id]) for node_id, addr in ids]
         for node_id, addr in ids:
             core = Membership(settings, node_id, addr, random.Random(self.rng.random()), 0.0,
                               packet_budget=budget, local_state=self._initial_state(node_id), group_of=group_of)
@@ -77,9 +78,9 @@ class SimCluster:
             self.nodes[addr] = node
             self.by_id[node_id] = node
             self.net.attach(addr, Endpoint(
-                on_datagram=lambda src, data, node=node: self._on_datagram(node, src, data),
-                on_stream=lambda src, data, node=node: self._on_stream(node, src, data),
-                on_resume=lambda node=node: self._schedule(node),
+                on_datagram=functools.partial(self._on_datagram, node),
+                on_stream=functools.partial(self._on_stream, node),
+                on_resume=functools.partial(self._schedule, node),
             ))
         for node in self.nodes.values():
             node.core.tick(0.0)  # publish the first state and settle timers quietly
@@ -130,11 +131,10 @@ class SimCluster:
                 for listener in self.listeners:
                     listener(now, node, a)
             elif isinstance(a, SendTcp):
-                on_reply = (lambda r, node=node, addr=a.addr: self._after_stream(node, addr, r)) if a.expect_reply else None
+                on_reply = functools.partial(self._after_stream, node, a.addr) if a.expect_reply else None
                 self.net.stream(node.addr, a.addr, a.data, on_reply)
             elif isinstance(a, TcpProbe):
-                self.net.stream(node.addr, a.addr, a.data,
-                                lambda r, node=node, seq=a.seq: self._after_probe(node, seq, r))
+                self.net.stream(node.addr, a.addr, a.data, functools.partial(self._after_probe, node, a.seq))
 
     def _after_stream(self, node: SimNode, addr: Addr, reply: bytes | None) -> None:
         if self.net.is_up(node.addr):
@@ -271,7 +271,7 @@ def run_experiment(
     assert st is not None
     vec = ResourceVector(**{**st.vector.as_dict(), "cpu_free": st.vector.cpu_free - 8, "running": st.vector.running + 1})
     target_version[0] = st.version + 1
-    who.core.set_local_state(now, NodeState(**{**{f: getattr(st, f) for f in st.__slots__}, "vector": vec}))  # type: ignore[attr-defined]
+    who.core.set_local_state(now, NodeState(**{**{f: getattr(st, f) for f in st.__slots__}, "vector": vec}))
     cluster._schedule(who)
     t_update = now
     cluster.run_until(now + 10.0)

@@ -18,10 +18,10 @@ import itertools
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
-Address = Hashable
-LatencyFn = Callable[[Address, Address], float]
+Address = Any  # any hashable
+LatencyFn = Callable[[Any, Any], float]
 
 
 @dataclass
