@@ -75,6 +75,11 @@ class AgentSettings(BaseSettings):
     gossip_key: Path | None = Field(None, description="Gossip keyring file from `p2psched keygen --gossip`.")
     tls_dir: Path | None = Field(None, description="Directory with ca.pem, <node-id>.pem and <node-id>.key.")
     cluster_name: str = Field("p2psched", min_length=1, max_length=64, description="Bound into gossip encryption.")
+    membership: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Membership tuning, e.g. probe_interval (see docs/membership.md); a [membership] table in "
+        "the config file, or JSON in P2PSCHED_MEMBERSHIP.",
+    )
     placement_policy: Literal["p2p", "local-first", "random", "round-robin"] = "p2p"
     gpus: str | None = Field(None, description="Declared GPUs for hosts without NVML (see docs/gpu.md).")
     gpu_profile: str = Field(

@@ -70,12 +70,15 @@ class NodeState:
     position: str = ""  # host id in the topology, e.g. "h0-1"
     node_pubkey: str = ""  # Ed25519 public key, hex (attestation)
     measurement: str = ""  # sha256 of code and config (attestation)
+    # Unfinished jobs each tenant holds at this agent as origin: [jobs, queued, cpu,
+    # mem_mb, gpu]. Quotas are cluster-wide sums of these, as gossip reports them.
+    tenants: dict[str, list[float]] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "n": self.node_id, "v": self.version, "rv": self.vector.to_wire(), "av": self.agent_version,
             "api": self.api, "tr": self.transfer, "lb": self.labels, "pos": self.position,
-            "pk": self.node_pubkey, "ms": self.measurement,
+            "pk": self.node_pubkey, "ms": self.measurement, "tu": self.tenants,
         }
 
     @classmethod
@@ -85,4 +88,5 @@ class NodeState:
             agent_version=str(d.get("av", "")), api=str(d.get("api", "")), transfer=str(d.get("tr", "")),
             labels={str(k): str(v) for k, v in dict(d.get("lb", {})).items()}, position=str(d.get("pos", "")),
             node_pubkey=str(d.get("pk", "")), measurement=str(d.get("ms", "")),
+            tenants={str(k): [float(x) for x in list(v)[:5]] for k, v in dict(d.get("tu", {})).items()},
         )

@@ -73,6 +73,7 @@ class AgentProcess:
     gossip_port: int
     transfer_port: int
     extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
@@ -93,7 +94,7 @@ class AgentProcess:
         self.log_path = self.data_dir.parent / f"{self.node_id}.log"
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         if wait:
@@ -139,3 +140,56 @@ class AgentProcess:
 def new_agent(tmp_path: Path, node_id: str, *extra: str) -> AgentProcess:
     return AgentProcess(node_id, tmp_path / "agents" / node_id, free_port(), free_port(), free_port(),
                         ["--insecure", "--no-mdns", *extra])
+
+
+#: Compressed membership timings for tests (memberlist's tests do the same): a
+#: crashed agent is known dead within a couple of seconds instead of ~10.
+FAST_MEMBERSHIP = {"probe_interval": 0.2, "probe_timeout": 0.1, "gossip_interval": 0.05,
+                   "push_pull_interval": 2.0, "suspicion_mult": 3}
+
+
+def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: bool = True,
+                  timeout: float = 60) -> list[AgentProcess]:
+    """Start real agents that join the first one, and wait until each sees all alive."""
+    import json
+
+    agents = []
+    for i, node_id in enumerate(node_ids):
+        a = new_agent(tmp_path, node_id, *extra)
+        a.env["P2PSCHED_MEMBERSHIP"] = json.dumps(FAST_MEMBERSHIP)
+        if agents:
+            a.extra += ["--join", agents[0].gossip]
+        agents.append(a.start(wait=False))
+    for a in agents:
+        a.wait_healthy(timeout)
+    if wait_alive:
+        wait_converged(agents, timeout)
+    return agents
+
+
+def alive_view(agent: AgentProcess) -> dict[str, str]:
+    try:
+        peers = httpx.get(agent.url + "/v1/peers", timeout=5).json()["peers"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}
+    return {p["node_id"]: p["state"] for p in peers}
+
+
+def wait_converged(agents: list[AgentProcess], timeout: float = 60, expect: dict[str, str] | None = None) -> None:
+    want = expect or {a.node_id: "alive" for a in agents}
+    deadline = time.monotonic() + timeout
+    while True:
+        views = {a.node_id: alive_view(a) for a in agents if a.proc and a.proc.poll() is None}
+        if all(all(v.get(k) == s for k, s in want.items()) for v in views.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"membership did not converge to {want} in {timeout}s: {views}")
+        time.sleep(0.2)
+
+
+def stop_all(agents: list[AgentProcess]) -> None:
+    for a in agents:
+        try:
+            a.stop()
+        except Exception:  # keep stopping the others
+            a.kill()

@@ -45,6 +45,13 @@ jlog = logging.getLogger("p2psched.jobs")
 #: Staged transitions that nobody awaits (placed, running) are flushed at least this
 #: often, so a crash loses at most this much timeline detail and never a job.
 FLUSH_INTERVAL_S = 0.05
+#: How often a changed resource vector is handed to membership. Gossip runs every
+#: 200 ms, so publishing faster would only be coalesced away.
+PUBLISH_INTERVAL_S = 0.1
+#: Re-placement of jobs whose executor vanished from membership while we were not
+#: looking. The grace lets membership converge after our own restart first.
+ORPHAN_CHECK_S = 2.0
+ORPHAN_GRACE_S = 15.0
 
 
 @dataclass(slots=True)
@@ -128,6 +135,7 @@ class Agent(RemoteJobs):
         self.placement_state = PlacementState()
         self.rng = random.Random()
         self.cluster: Any = None  # ClusterView over membership, once started
+        self.membership: Any = None  # MembershipService, once started
         self.transfer: Any = None  # TransferService, once started
         self.topology: Any = None
         if settings.topology is not None:
@@ -304,7 +312,10 @@ class Agent(RemoteJobs):
         return TenantUsage.sum([local, *self.peer_tenant_usage(tenant)])
 
     def peer_tenant_usage(self, tenant: str) -> list[TenantUsage]:
-        return []
+        if self.cluster is None:
+            return []
+        return [TenantUsage(int(u[0]), int(u[1]), float(u[2]), int(u[3]), int(u[4]))
+                for u in self.cluster.tenant_usage(tenant)]
 
     def _accept(self, spec: JobSpec, now: float, auth: Any = None) -> tuple[JobRecord, bool]:
         """Admit ``spec`` and create its record (or find the existing one); stage it."""
@@ -496,7 +507,72 @@ class Agent(RemoteJobs):
         await self._start_membership(nursery)
 
     async def _start_membership(self, nursery: trio.Nursery) -> None:
-        pass
+        from p2psched.agent.cluster import ClusterView
+        from p2psched.membership.keyring import KeyringError
+        from p2psched.membership.service import MembershipService
+        from p2psched.membership.settings import MembershipSettings
+
+        st = self.settings
+        if st.gossip_key is None and not st.insecure:
+            log.warning("no --gossip-key: running standalone, outside any cluster. To form one, create a key with "
+                        "`p2psched keygen --gossip -o gossip.key` and pass --gossip-key gossip.key to every agent "
+                        "(or --insecure on a trusted test network)")
+            return
+        gossip_host, gossip_port = parse_hostport(st.gossip)
+        try:
+            ms = MembershipSettings(**{
+                **st.membership, "cluster_name": st.cluster_name, "join": list(st.join),
+                "dns_names": list(st.join_dns), "mdns": not st.no_mdns,
+                "advertise": f"{st.advertise}:{gossip_port}" if st.advertise else None,
+                "key_file": st.gossip_key, "insecure": st.insecure,
+            })
+        except ValueError as e:
+            raise StartupError(f"membership settings: {e}") from None
+        topo = self.topology
+        group_of = (lambda node_id: topo.locate(node_id).leaf) if topo is not None else None
+        try:
+            self.membership = MembershipService(ms, self.node_id, (gossip_host, gossip_port), self.local_state(),
+                                                self.registry, group_of=group_of)
+        except KeyringError as e:
+            raise StartupError(f"--gossip-key: {e}") from None
+        await nursery.start(self.membership.run)
+        self.cluster = ClusterView(self.membership, self.node_id, time.monotonic)
+        events = self.membership.subscribe()
+        nursery.start_soon(self._membership_events, events)
+        nursery.start_soon(self._publish_loop)
+        nursery.start_soon(self._orphan_loop)
+
+    async def _membership_events(self, events: Any) -> None:
+        async for ev in events:
+            if ev.kind in ("dead", "left"):
+                self.on_member_down(ev.node_id, "was declared dead" if ev.kind == "dead" else "left the cluster")
+            if ev.kind in ("joined", "alive", "updated") and len(self.queue):
+                self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        """Gossip our vector when it changed; the membership core coalesces and rate-limits."""
+        last = None
+        while True:
+            await trio.sleep(PUBLISH_INTERVAL_S)
+            state = self.local_state()
+            key = (state.vector.to_wire(), state.tenants)
+            if key != last and self.membership is not None:
+                last = key
+                self.membership.update_local_state(state)
+
+    async def _orphan_loop(self) -> None:
+        """Jobs placed on a peer that membership no longer knows (it died while we were
+        down, say) would wait forever for a result: place them again."""
+        started = trio.current_time()
+        while True:
+            await trio.sleep(ORPHAN_CHECK_S)
+            if trio.current_time() - started < ORPHAN_GRACE_S or self.cluster is None:
+                continue
+            for rec in list(self.active.values()):
+                if (rec.origin == self.node_id and rec.executor not in (None, self.node_id)
+                        and rec.state in (JobState.PLACED, JobState.RUNNING)
+                        and not self.cluster.is_member(rec.executor)):
+                    self.on_member_down(rec.executor, "is not in the cluster")
 
     # ---------------------------------------------------------------- dispatch
 
@@ -511,8 +587,22 @@ class Agent(RemoteJobs):
         return NodeState(
             node_id=self.node_id, vector=self.vector(), agent_version=__version__, api=self.advertised_api(),
             transfer=self.advertised_transfer(), labels=self.node_labels(), position=self.position(),
-            node_pubkey=self.gate.node_pubkey, measurement=self.gate.measurement,
+            node_pubkey=self.gate.node_pubkey, measurement=self.gate.measurement, tenants=self._tenant_usage_wire(),
         )
+
+    def _tenant_usage_wire(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for rec in self.active.values():
+            if rec.origin != self.node_id:
+                continue
+            u = out.setdefault(rec.tenant, [0, 0, 0.0, 0, 0])
+            r = rec.spec.resources
+            u[0] += 1
+            u[1] += rec.state is JobState.QUEUED
+            u[2] += r.cpu
+            u[3] += r.mem_mb
+            u[4] += r.gpu
+        return out
 
     def node_labels(self) -> dict[str, str]:
         labels = dict(self.gpu_inventory.labels()) if self.gpu_inventory is not None else {}
@@ -707,14 +797,18 @@ class Agent(RemoteJobs):
 
     def self_view(self) -> dict[str, Any]:
         return {
-            "node_id": self.node_id, "address": self.settings.gossip, "api": self.settings.api,
+            "node_id": self.node_id, "address": self._advertise_host(self.settings.gossip),
+            "api": self.advertised_api(), "transfer": self.advertised_transfer(),
             "state": "draining" if not self.accepting else "alive", "incarnation": 0, "age_s": 0.0,
-            "vector": self.vector().as_dict(), "position": "", "self": True,
+            "vector": self.vector().as_dict(), "position": self.position(), "labels": self.node_labels(),
+            "self": True,
             "node_pubkey": self.gate.node_pubkey, "measurement": self.gate.measurement,
         }
 
     def peers_view(self) -> list[dict[str, Any]]:
-        return [self.self_view()]
+        if self.cluster is None:
+            return [self.self_view()]
+        return self.cluster.members_view(self.self_view())
 
     def cluster_view(self) -> dict[str, Any]:
         members = self.peers_view()

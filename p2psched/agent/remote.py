@@ -103,7 +103,7 @@ class RemoteJobs:
             return
         rec.executor = None
         rec.wait_reason = "every candidate refused; waiting for capacity (" + "; ".join(refusals[:4]) + ")"
-        log.info("job %s: no candidate accepted: %s", rec.id, "; ".join(refusals))
+        log.debug("job %s: no candidate accepted: %s", rec.id, "; ".join(refusals))
         self._requeue_later(rec, RETRY_BASE_S)
 
     def _requeue_later(self: Agent, rec: JobRecord, delay: float) -> None:

@@ -37,7 +37,7 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode_body(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
     try:
         msg = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, max_buffer_size=max_frame, max_bin_len=max_frame,
+            body, raw=False, strict_map_key=True, max_bin_len=max_frame,
             max_str_len=16 * 1024 * 1024, max_array_len=100_000, max_map_len=10_000, max_ext_len=0,
         )
     except Exception as e:  # msgpack raises several types; all mean the same to us

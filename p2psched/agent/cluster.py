@@ -1,0 +1,90 @@
+"""The agent's view of the cluster, over the membership service.
+
+Placement wants the gossiped states of alive, non-draining peers; forwarding wants a
+peer's transfer address; the API wants a member table. This adapter gives each of
+those from ``MembershipService.members()``, plus a short-lived override: when a
+peer refuses an offer it sends its fresh vector, which beats the gossiped one until
+gossip catches up (late binding would otherwise keep choosing the same full peer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from p2psched.resources import NodeState, ResourceVector
+
+#: A refusal's fresh vector is trusted this long; gossip (every 200 ms) replaces it.
+FRESH_VECTOR_S = 2.0
+
+
+class ClusterView:
+    def __init__(self, service: Any, self_id: str, clock: Any) -> None:
+        self.service = service
+        self.self_id = self_id
+        self._clock = clock
+        self._fresh: dict[str, tuple[float, ResourceVector]] = {}
+
+    def _states(self, *, include_suspect: bool) -> dict[str, tuple[str, NodeState]]:
+        out = {}
+        for m in self.service.members():
+            if m.node_id == self.self_id or m.node_state is None:
+                continue
+            if m.state == "alive" or (include_suspect and m.state == "suspect"):
+                out[m.node_id] = (m.state, m.node_state)
+        return out
+
+    def alive_states(self) -> list[NodeState]:
+        """Alive, non-draining peers with their latest known vectors (for placement)."""
+        now = self._clock()
+        out = []
+        for node_id, (_, state) in self._states(include_suspect=False).items():
+            fresh = self._fresh.get(node_id)
+            if fresh is not None:
+                if now - fresh[0] < FRESH_VECTOR_S:
+                    state = NodeState(**{**{f: getattr(state, f) for f in state.__slots__}, "vector": fresh[1]})
+                else:
+                    del self._fresh[node_id]
+            if not state.vector.draining:
+                out.append(state)
+        return out
+
+    def state_of(self, node_id: str) -> NodeState | None:
+        """A reachable peer's state (alive or suspect), else None."""
+        entry = self._states(include_suspect=True).get(node_id)
+        return entry[1] if entry else None
+
+    def is_member(self, node_id: str) -> bool:
+        return any(m.node_id == node_id and m.state in ("alive", "suspect") for m in self.service.members())
+
+    def note_fresh_vector(self, node_id: str, vector: ResourceVector) -> None:
+        self._fresh[node_id] = (self._clock(), vector)
+
+    def members_view(self, self_view: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = []
+        for m in self.service.members():
+            if m.node_id == self.self_id:
+                rows.append({**self_view, "incarnation": m.incarnation})
+                continue
+            ns = m.node_state
+            vector = ns.vector if ns else ResourceVector()
+            state = m.state
+            if state == "alive" and vector.draining:
+                state = "draining"
+            rows.append({
+                "node_id": m.node_id, "address": f"{m.addr[0]}:{m.addr[1]}", "api": ns.api if ns else "",
+                "transfer": ns.transfer if ns else "", "state": state, "incarnation": m.incarnation,
+                "age_s": round(m.age_s, 3), "vector": vector.as_dict(), "position": ns.position if ns else "",
+                "labels": dict(ns.labels) if ns else {}, "node_pubkey": ns.node_pubkey if ns else "",
+                "measurement": ns.measurement if ns else "", "agent_version": ns.agent_version if ns else "",
+                "self": False,
+            })
+        return sorted(rows, key=lambda r: r["node_id"])
+
+    def tenant_usage(self, tenant: str) -> list[list[float]]:
+        """What alive peers gossip for ``tenant``: [jobs, queued, cpu, mem_mb, gpu] each."""
+        out = []
+        for _, state in self._states(include_suspect=True).values():
+            usage = state.tenants.get(tenant)
+            if usage:
+                out.append(usage)
+        return out
