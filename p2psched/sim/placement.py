@@ -458,6 +458,7 @@ class Report:
     mean_wait: float
     hops_per_job: float
     messages_per_placement: float
+    mean_cost_us: float  # network cost from origin to executor, the topology's weight
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -478,7 +479,8 @@ def _report(s: _Scheduler, warmup: float) -> Report:
         )
     return Report(
         s.name, len(measured), statistics.fmean(jct), q(0.5), q(0.99), statistics.fmean(waits),
-        statistics.fmean(j.hops for j in measured), s.messages / max(1, len(s.jobs)), extra,
+        statistics.fmean(j.hops for j in measured), s.messages / max(1, len(s.jobs)),
+        statistics.fmean(s.lat(j.origin, j.executor) * 1e6 for j in measured), extra,
     )
 
 
@@ -605,11 +607,12 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
                f"{jobs} jobs ({durations} durations, mean {mean_duration:g} s), seed {seed}, "
                f"first {warmup:.0%} left out")
     click.echo(f"{'scheduler':<14}{'mean JCT':>10}{'p50':>9}{'p99':>9}{'vs ideal':>10}{'mean wait':>11}"
-               f"{'hops/job':>10}{'msgs/placement':>16}")
+               f"{'hops/job':>10}{'msgs/placement':>16}{'cost us':>9}")
     for r in reports:
         rel = f"{r.mean_jct / ideal:.3f}x" if ideal else "-"
         click.echo(f"{r.scheduler:<14}{r.mean_jct:>9.3f}s{r.p50_jct:>8.3f}s{r.p99_jct:>8.3f}s{rel:>10}"
-                   f"{r.mean_wait * 1e3:>9.1f}ms{r.hops_per_job:>10.3f}{r.messages_per_placement:>16.2f}")
+                   f"{r.mean_wait * 1e3:>9.1f}ms{r.hops_per_job:>10.3f}{r.messages_per_placement:>16.2f}"
+                   f"{r.mean_cost_us:>9.2f}")
         for k, v in r.extra.items():
             click.echo(f"{'':<14}{k}: {v:.3f}")
     if greports:
