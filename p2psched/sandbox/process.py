@@ -104,6 +104,11 @@ class ProcessSandboxConfig:
     #: outputs belong in the data plane (transfer), not in a job record.
     artifact_max_bytes: int = 8 * 1024 * 1024
     artifacts_total_bytes: int = 32 * 1024 * 1024
+    #: Sandboxes being built at once. Building one takes kernel locks every other
+    #: build needs (the mount namespace lock, cgroup migration); past a few in
+    #: parallel, 2-16 cores only queue in the kernel, in uninterruptible sleep.
+    #: Running jobs are not limited by this, only their start.
+    launch_concurrency: int = 4
     #: Where a root agent mounts each job's scratch tmpfs and binds its program's
     #: directory (mode 0711, so the sandbox uid can reach them by path, which bwrap
     #: needs, without listing other jobs). A non-root agent uses ``work_dir``.
@@ -488,11 +493,13 @@ class _Job:
             )
         return exe
 
-    async def run(self) -> SandboxResult:
+    async def run(self, limiter: trio.CapacityLimiter | None = None) -> SandboxResult:
         exe = self.resolve()
         if isinstance(exe, SandboxResult):
             return exe
-        if not await self.launch([exe] + self.req.command[1:] + self.req.args):
+        async with limiter if limiter is not None else contextlib.nullcontext():
+            started = await self.launch([exe] + self.req.command[1:] + self.req.args)
+        if not started:
             await self.launch_failed()
         return await self.supervise()
 
@@ -980,6 +987,7 @@ class ProcessSandbox:
         self._shim = (Path(__file__).parent / "_shim.py").read_text()
         self._discard: list[_Job] = []
         self._serving = False
+        self._launching = trio.CapacityLimiter(self.cfg.launch_concurrency)
 
     async def _host(self) -> _Host:
         host = _HOSTS.get(_host_key(self.cfg))
@@ -1008,7 +1016,7 @@ class ProcessSandbox:
                 await self._finish(job)
         job = _Job(request, work_dir, self.cfg, host)
         try:
-            return await job.run()
+            return await job.run(self._launching)
         finally:
             await self._finish(job)
 
@@ -1065,7 +1073,8 @@ class ProcessSandbox:
                 while len(self._pool) < self.warm:
                     job = _Job(template, self.cfg.runtime_dir, self.cfg, host)
                     try:
-                        ok = await job.launch([python, "-I", "-S", "-c", self._shim], warm=True)
+                        async with self._launching:
+                            ok = await job.launch([python, "-I", "-S", "-c", self._shim], warm=True)
                     except BaseException:
                         await job.cleanup()
                         raise
