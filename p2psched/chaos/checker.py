@@ -27,7 +27,9 @@ Invariants (each failure is a :class:`Violation`):
 * ``over_budget``: a job took more attempts than the retry budget allows;
 * ``cancelled_succeeded``: a job a cancel confirmed as ``cancelled`` ended
   ``succeeded`` (or its timeline shows both);
-* ``not_converged``: after healing, some agent does not see every agent alive.
+* ``not_converged``: after healing, some agent does not see every agent alive;
+* ``agent_crashed``: an agent process exited although no fault stopped it (the
+  harness starts it again, as a supervisor would, and logs a ``crash``).
 
 Figures (for the issue's table): jobs lost, duplicate results (records carrying
 ``duplicate_attempts``: a late attempt recorded, not applied), second final states,
@@ -164,6 +166,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
     told_final: dict[str, list[tuple[str, str]]] = defaultdict(list)  # job -> [(state, source)]
     converge: Op | None = None
     faults: Counter[str] = Counter()
+    crashes: list[Op] = []
     polls: list[tuple[float, bool]] = []  # the monitor's membership polls: (time, converged)
     faulty: set[str] = set()
     calm_heals: list[float] = []  # heals after which no fault was in force
@@ -198,6 +201,8 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
             faults[str(value.get("kind", "?"))] += 1
         elif f == "converge":
             converge = op
+        elif f == "crash":
+            crashes.append(op)
         elif f == "membership" and typ == "ok":
             polls.append((float(op["time"]), bool(value.get("converged"))))
         if f in ("fault", "heal") and typ == "ok" and op.get("agent") is not None:
@@ -300,6 +305,12 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
         base = statistics.median(baseline[kind]) if baseline.get(kind) else 0.0
         died_extra.append(max(0.0, took - base))
 
+    # --- agents that died by themselves
+    for op in crashes:
+        value = op.get("value") or {}
+        bad.append(Violation("agent_crashed", None, f"{op.get('agent')} exited with {value.get('exit_code')} "
+                             f"without a fault: {value.get('cause', '?')}"))
+
     # --- membership
     converged = True
     peers: dict[str, list[dict[str, Any]]] = final.get("peers") or {}
@@ -328,6 +339,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
         "cancels_too_late_409": len(cancel_too_late),
         "cancels_indeterminate": len(cancel_unknown - set(cancel_confirmed) - cancel_too_late),
         "faults": dict(sorted(faults.items())),
+        "agent_crashes": len(crashes),
         "max_attempts_seen": max_seen_attempts,
         "retry_budget": max_attempts,
         "jobs_whose_executor_died": len(died_jobs),

@@ -50,15 +50,18 @@ class RunConfig:
     duration: float = 40.0
     seed: int = 1
     jobs: int = 300
-    clients: int = 8
+    #: Concurrent clients. A client waiting out a dead agent stops submitting, so
+    #: there are several per agent to keep the load up through faults.
+    clients: int = 12
     #: Network namespaces (partitions possible) or loopback (``--no-netns``).
     netns: bool = True
     #: ``local``: agents this harness starts; ``docker``: the compose cluster's containers.
     backend: str = "local"
     out: Path | None = None
-    #: CPU slots each agent advertises. Jobs are mostly sleeps and tiny hashes, so
-    #: more slots than cores keeps several jobs per agent in flight for faults to hit.
-    cpus: float = 4.0
+    #: CPU slots each agent advertises. Two slots fill up with sleep jobs now and
+    #: then, so agents also forward jobs to peers, and faults hit executors that are
+    #: not the origin; a sleep costs no CPU, so slots may exceed the machine's cores.
+    cpus: float = 2.0
     kinds: tuple[str, ...] = KINDS
     switch_after: int | None = None
     cancel_share: float = 0.1
@@ -147,9 +150,34 @@ async def membership(http: httpx.AsyncClient, urls: dict[str, str], node_ids: li
     return not wrong, wrong
 
 
-async def monitor(run: Run, http: httpx.AsyncClient) -> None:
+def restart_crashed(run: Run, nemesis: Nemesis | None) -> list[str]:
+    """Agents that exited although no fault stopped them: log each as a crash (an
+    agent bug; the checker reports it) and start it again, as a supervisor would."""
+    if run.agents is None:
+        return []
+    crashed = []
+    for name in run.nodes:
+        if name not in run.agents.procs or run.agents.running(name):
+            continue
+        if nemesis is not None and nemesis.active.get(name) in ("kill", "restart"):
+            continue
+        proc = run.agents.procs[name]
+        tail = run.agents.log_tail(name, 4000)
+        lines = [ln for ln in tail.splitlines() if ln.strip() and not ln.startswith("===")]
+        cause = next((ln.strip(" |") for ln in reversed(lines) if "Error" in ln or "Exception" in ln),
+                     lines[-1] if lines else "")
+        run.history.log("info", "crash", "harness", agent=name,
+                        value={"exit_code": proc.returncode, "cause": cause[-400:]})
+        log.error("agent %s exited with %s without a fault: %s; starting it again", name, proc.returncode, cause)
+        run.agents.start(name)
+        crashed.append(name)
+    return crashed
+
+
+async def monitor(run: Run, http: httpx.AsyncClient, nemesis: Nemesis | None = None) -> None:
     ids = sorted(run.node_ids.values())
     while True:
+        restart_crashed(run, nemesis)
         converged, wrong = await membership(http, run.urls, ids)
         run.history.log("ok", "membership", "monitor", value={"converged": converged, "off": wrong} if wrong
                         else {"converged": converged})
@@ -243,7 +271,7 @@ async def drive(run: Run) -> Verdict:
         clients = Clients(ccfg, run.history, urls_by_id, http, modules)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(monitor, run, http)
+                nursery.start_soon(monitor, run, http, nemesis)
                 async with trio.open_nursery() as work:
                     work.start_soon(nemesis.run, start)
                     work.start_soon(clients.run, start)
@@ -253,18 +281,11 @@ async def drive(run: Run) -> Verdict:
         finally:
             await nemesis.heal_all()
         heal_at = time.time()
-        crashed = _crashed(run)
-        for name in crashed:
-            run.history.log("info", "crash", "harness", agent=name,
-                            value={"log_tail": run.agents.log_tail(name, 1500) if run.agents else ""})
-            if run.agents is not None:
-                run.agents.start(name)
-        if crashed:
-            log.error("agents %s exited without a fault; restarted them (see the history and their logs)",
-                      ", ".join(crashed))
+        restart_crashed(run, nemesis)
         await wait_healthy(http, run.urls, 60.0, run.agents)
         await _wait_converged(run, http, cfg.converge_timeout_s, heal_at)
         left = await _settle(run, http, clients.acked, cfg.settle_s)
+        restart_crashed(run, nemesis)
         if left:
             log.warning("%d acknowledged jobs still not final after %.0fs", left, cfg.settle_s)
         final = await fetch_final(run, http)
@@ -272,12 +293,6 @@ async def drive(run: Run) -> Verdict:
     verdict = check(run.history.ops, final, max_attempts=cfg.max_attempts or _max_attempts())
     (run.run_dir / "verdict.json").write_text(json.dumps(verdict.as_dict(), indent=1))
     return verdict
-
-
-def _crashed(run: Run) -> list[str]:
-    if run.agents is None:
-        return []
-    return [n for n in run.nodes if n in run.agents.procs and not run.agents.running(n)]
 
 
 def vars_(f: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Two kinds, both WebAssembly guests from ``examples/wasm``:
   SHA-256 in hex and a newline, so a succeeded job's output is checked exactly.
   These are short (milliseconds), so most of them are queued or in flight when a
   fault hits.
-* ``sleep``: ``sleep.wasm`` under a wall-clock limit of 0.5-3 s; it ends
+* ``sleep``: ``sleep.wasm`` under a wall-clock limit of 1-4 s; it ends
   ``timed_out`` with reason ``wall_timeout``, never ``succeeded``. These hold an
   executor's slot long enough that kills and partitions catch them running, which
   is what re-placement is about. A sleep costs no CPU, which matters on a small
@@ -28,8 +28,8 @@ WASM_DIR = Path(__file__).resolve().parent.parent.parent / "examples" / "wasm"
 
 #: Share of ``sleep`` jobs: enough that every kill finds something running, few
 #: enough that most outcomes are checked byte for byte.
-SLEEP_SHARE = 0.2
-SLEEP_WALL_MS = (500, 3000)
+SLEEP_SHARE = 0.3
+SLEEP_WALL_MS = (1000, 4000)
 #: Inputs up to 512 bytes: several SHA-256 blocks, so padding bugs would show.
 MAX_INPUT = 512
 

@@ -348,3 +348,13 @@ def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
     path.write_text('{"type": "ok"}\nnot json\n' + json.dumps({"type": "ok"}) + "\n")
     with pytest.raises(ValueError, match="line 2"):
         load_history(path)
+
+
+def test_an_agent_that_exited_without_a_fault_is_a_crash() -> None:
+    run = clean_run()
+    run.op("info", "crash", process="harness", agent="n2",
+           value={"exit_code": 1, "cause": "IllegalTransition: job j1: illegal transition timed_out -> timed_out"})
+    v = run.check()
+    assert kinds(v) == {"agent_crashed"}
+    assert "n2 exited with 1" in str(v.violations[0]) and "IllegalTransition" in str(v.violations[0])
+    assert v.counts["agent_crashes"] == 1
