@@ -219,6 +219,10 @@ class Agent(RemoteJobs):
             while self.running:
                 await trio.sleep(0.01)
         await self.store.sync()
+        if self.membership is not None:
+            # Peers mark us `left` at once rather than suspecting and killing us.
+            with trio.move_on_after(3):
+                await self.membership.leave()
         log.info("stopped; state flushed to %s", self.store.path)
 
     def recover(self) -> None:
@@ -351,20 +355,26 @@ class Agent(RemoteJobs):
         self.active[rec.id] = rec
         return rec, True
 
-    async def submit(self, spec: JobSpec, auth: Any = None) -> tuple[JobRecord, bool]:
-        """Accept one job durably. Returns (record, created)."""
+    async def submit(self, spec: JobSpec, auth: Any = None) -> tuple[dict[str, Any], bool]:
+        """Accept one job durably. Returns (record as JSON data, created)."""
         self._admit_check()
+        home = self.home_of(spec.id)
+        if home is not None:
+            proxied = await self.submit_at_home(home, spec, auth)
+            if proxied is not None:
+                return proxied
         rec, created = self._accept(spec, time.time(), auth)
         await self.store.sync()
         if created:
             self._enqueue(rec)
-        return rec, created
+        return rec.as_dict(), created
 
     async def submit_many(
         self, specs: Iterable[JobSpec | AgentError | tuple[JobSpec, Any]],
-    ) -> list[tuple[JobRecord, bool] | AgentError]:
+    ) -> list[tuple[dict[str, Any], bool] | AgentError]:
         """Accept many jobs with one durable write; each gets its own record or error."""
-        out: list[tuple[JobRecord, bool] | AgentError] = []
+        out: list[tuple[dict[str, Any], bool] | AgentError] = []
+        created: list[JobRecord] = []
         now = time.time()
         for spec in specs:
             if isinstance(spec, AgentError):
@@ -373,13 +383,21 @@ class Agent(RemoteJobs):
             spec, auth = spec if isinstance(spec, tuple) else (spec, None)
             try:
                 self._admit_check()
-                out.append(self._accept(spec, now, auth))
+                home = self.home_of(spec.id)
+                proxied = await self.submit_at_home(home, spec, auth) if home is not None else None
+                if proxied is not None:
+                    out.append(proxied)
+                    continue
+                rec, new = self._accept(spec, now, auth)
             except AgentError as e:
                 out.append(e)
+                continue
+            if new:
+                created.append(rec)
+            out.append((rec.as_dict(), new))
         await self.store.sync()
-        for item in out:
-            if isinstance(item, tuple) and item[1]:
-                self._enqueue(item[0])
+        for rec in created:
+            self._enqueue(rec)
         return out
 
     def _enqueue(self, rec: JobRecord) -> None:

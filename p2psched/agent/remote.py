@@ -14,6 +14,7 @@ the TTL the job stays queued at the origin until it can run there.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -46,7 +47,7 @@ DELIVERY_MAX_BACKOFF_S = 60.0
 
 def _job_wire(rec: JobRecord, origin_transfer: str) -> dict[str, Any]:
     return {
-        "id": rec.id, "spec": rec.spec.model_dump(mode="json", exclude={"module"}), "origin": rec.origin,
+        "id": rec.id, "spec": rec.spec.model_dump(exclude={"module"}), "origin": rec.origin,
         "origin_transfer": origin_transfer, "route": list(rec.route), "cost": rec.cost, "hops": rec.hops,
         "attempts": rec.attempts, "timeline": list(rec.timeline), "auth": rec.auth,
     }
@@ -120,6 +121,61 @@ class RemoteJobs:
         allow = self.settings.allow_measurements
         return not allow or state.measurement in allow
 
+    # -------------------------------------------------------------- client-chosen ids
+
+    def home_of(self: Agent, job_id: str | None) -> str | None:
+        """The agent that owns a client-chosen id, when that is not this one.
+
+        Rendezvous hashing over the alive members: every agent computes the same home
+        for an id while their views agree, so the same id submitted to two agents
+        becomes one job at one origin. Generated ids carry their origin and need none.
+        """
+        if job_id is None or self.cluster is None:
+            return None
+        members = [s.node_id for s in self.cluster.alive_states()] + [self.node_id]
+        home = max(members, key=lambda n: hashlib.sha256(f"{n}\x00{job_id}".encode()).digest())
+        return None if home == self.node_id else home
+
+    async def submit_at_home(self: Agent, home: str, spec: JobSpec, auth: Any) -> tuple[dict[str, Any], bool] | None:
+        """Hand a submission to its home agent; None when it cannot be reached (accept here)."""
+        state = self.cluster.state_of(home) if self.cluster else None
+        if state is None or not state.transfer or self.transfer is None:
+            return None
+        msg = {"t": m.SUBMIT, "spec": spec.model_dump(),
+               "auth": auth.to_json() if hasattr(auth, "to_json") else auth}
+        try:
+            reply = await self.transfer.request(home, state.transfer, msg)
+        except TransferError as e:
+            log.info("job %s: its home agent %s is unreachable (%s); accepting it here", spec.id, home, e)
+            return None
+        if reply.get("t") == m.SUBMITTED:
+            return dict(reply["job"]), bool(reply["created"])
+        from p2psched.agent.errors import AgentError
+
+        raise AgentError(str(reply.get("message", "refused")), reason=str(reply.get("reason", "refused")),
+                         status=int(reply.get("status", 400)), retry_after=reply.get("retry_after"))
+
+    async def _on_submit(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
+        from p2psched.agent.errors import AgentError
+        from p2psched.security.errors import AdmissionError
+        from p2psched.security.signing import Auth
+
+        try:
+            spec = JobSpec.model_validate(msg["spec"])
+            auth = Auth.from_json(msg["auth"]) if msg.get("auth") else None
+        except (ValueError, AdmissionError) as e:
+            raise ValueError(f"submit: {e}") from None
+        try:
+            self._admit_check()
+            rec, created = self._accept(spec, time.time(), auth)
+        except AgentError as e:
+            return {"t": m.SUBMITTED_ERROR, "status": e.status, "reason": e.reason, "message": e.message,
+                    "retry_after": e.retry_after}
+        await self.store.sync()
+        if created:
+            self._enqueue(rec)
+        return {"t": m.SUBMITTED, "job": rec.as_dict(), "created": created}
+
     # -------------------------------------------------------------- executor: handlers
 
     async def handle_transfer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +193,9 @@ class RemoteJobs:
         if kind == m.CANCEL:
             m.require(msg, "id")
             return await self._on_cancel(msg)
+        if kind == m.SUBMIT:
+            m.require(msg, "spec")
+            return await self._on_submit(msg)
         raise ValueError(f"unknown transfer message type {kind!r}")
 
     async def _on_offer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
@@ -154,8 +213,6 @@ class RemoteJobs:
             if module is None and not (spec.module_sha256 and self.store.has_module(spec.module_sha256)):
                 raise ValueError(f"offer for {job_id} carries no module and this agent holds none")
             if module is not None:
-                import hashlib
-
                 if hashlib.sha256(module).hexdigest() != spec.module_sha256:
                     raise ValueError(f"offer for {job_id}: module bytes do not match module_sha256")
         if not self.accepting:

@@ -147,7 +147,7 @@ def create_app(agent: Any) -> Starlette:
             agent.metrics.admission_rejections.labels(err.reason).inc()
             raise err
         rec, created = await agent.submit(spec, auth)
-        return _json(rec.as_dict(), 202 if created else 200)
+        return _json(rec, 202 if created else 200)
 
     async def submit_batch(request: Request) -> Response:
         raw = await load_json(request)
@@ -171,7 +171,7 @@ def create_app(agent: Any) -> Starlette:
             if isinstance(item, AgentError):
                 out.append(error_body(item.status, item.reason, item.message, item.details))
             else:
-                out.append({"status": 202 if item[1] else 200, "job": item[0].as_dict()})
+                out.append({"status": 202 if item[1] else 200, "job": item[0]})
         return _json({"results": out}, 207 if any("error" in o for o in out) else 202)
 
     async def principal(request: Request, body: bytes = b"") -> Any:

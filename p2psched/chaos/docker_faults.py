@@ -29,6 +29,8 @@ Public interface:
   (e.g. a majority and a minority) with iptables inside each container; unlike
   ``partition`` each group keeps talking within itself.
 * ``start(name)``, ``address(name)``: restart a killed agent; its current IPv4 address.
+* ``restart(name, grace_s=30)``: a graceful restart (``docker restart``): SIGTERM, so
+  the agent drains, then SIGKILL after ``grace_s`` if it has not exited.
 
 Faults are idempotent where Docker allows: healing a connected container, clearing
 netem where none is set, or unpausing a running container does nothing.
@@ -108,6 +110,10 @@ def start(name: str) -> None:
         _docker("unpause", name)
     elif not state["Running"]:
         _docker("start", name)
+
+
+def restart(name: str, grace_s: float = 30.0) -> None:
+    _docker("restart", "--time", str(int(grace_s)), name)
 
 
 def pause(name: str) -> None:

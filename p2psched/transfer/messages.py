@@ -8,6 +8,8 @@
     ack         origin -> executor   {id, duplicate}               delivered; executor may forget
     cancel      origin -> executor   {id}                          reply: cancel_ack
     cancel_ack  executor -> origin   {id, state}                   "cancelling", "unknown" or a final state
+    submit      any -> home agent    {spec, auth}                  a client-chosen id's home takes the job
+    submitted   home -> any          {job, created}                or submit_error {status, reason, message}
     error       either               {message}                     the request was not understood
 
 ``job`` is the job as the origin knows it: ``spec`` (JobSpec in JSON mode, module
@@ -29,8 +31,11 @@ ACK = "ack"
 CANCEL = "cancel"
 CANCEL_ACK = "cancel_ack"
 ERROR = "error"
+SUBMIT = "submit"
+SUBMITTED = "submitted"
+SUBMITTED_ERROR = "submit_error"
 
-REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL})
+REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL, SUBMIT})
 
 
 def error(message: str) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""No accepted job is lost: executors die, origins restart, ids are submitted twice."""
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from agents import start_cluster, stop_all, wait_converged, wasm_spec
+
+pytestmark = pytest.mark.cluster
+
+
+def wait_state(http: httpx.Client, job_id: str, state: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = http.get(f"/v1/jobs/{job_id}").json()
+        if rec["state"] == state:
+            return rec
+        assert time.monotonic() < deadline, rec
+        time.sleep(0.05)
+
+
+def test_job_of_a_killed_executor_is_placed_again_and_succeeds(tmp_path):
+    agents = start_cluster(tmp_path, ["o", "e1", "e2"], "--cpus", "1")
+    origin = agents[0]
+    try:
+        with origin.client() as http:
+            busy = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000})).json()["id"]
+            wait_state(http, busy, "running")
+            time.sleep(0.5)
+            job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 4000})).json()["id"]
+            first = wait_state(http, job, "running")
+            victim = next(a for a in agents if a.node_id == first["executor"])
+            victim.kill(signal.SIGKILL)
+            http.delete(f"/v1/jobs/{busy}")
+            rec = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+        # The loop guest ends by its wall limit: timed_out is its deterministic end.
+        assert rec["state"] == "timed_out", rec
+        assert rec["attempts"] == 2
+        assert rec["executor"] != victim.node_id
+        assert any(f"executor {victim.node_id} was declared dead" in t["detail"] for t in rec["timeline"])
+    finally:
+        stop_all(agents)
+
+
+def test_result_waits_on_the_executor_until_its_origin_is_back(tmp_path):
+    agents = start_cluster(tmp_path, ["home", "worker"], "--cpus", "1")
+    origin, worker = agents
+    try:
+        with origin.client() as http:
+            busy = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000})).json()["id"]
+            wait_state(http, busy, "running")
+            time.sleep(0.5)
+            job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 2500})).json()["id"]
+            assert wait_state(http, job, "running")["executor"] == "worker"
+        origin.kill(signal.SIGKILL)
+        with worker.client() as http:  # the worker finishes while the origin is down
+            assert http.get(f"/v1/jobs/{job}", params={"wait": 30}).json()["state"] == "timed_out"
+        time.sleep(1.0)
+        origin.start()
+        with origin.client() as http:
+            rec = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+            assert rec["state"] == "timed_out", rec
+            assert rec["executor"] == "worker" and rec["attempts"] == 1
+            assert "duplicate_attempts" not in rec
+            http.delete(f"/v1/jobs/{busy}")
+    finally:
+        stop_all(agents)
+
+
+def test_same_id_submitted_to_two_agents_is_one_job(tmp_path):
+    agents = start_cluster(tmp_path, ["a", "b", "c"])
+    try:
+        for n in range(6):
+            job_id = f"twice-{n}"
+            replies = [httpx.post(a.url + "/v1/jobs", json=wasm_spec("hello.wasm", id=job_id), timeout=30)
+                       for a in agents]
+            assert sorted(r.status_code for r in replies) == [200, 200, 202], [r.text for r in replies]
+            origins = {r.json()["origin"] for r in replies}
+            assert len(origins) == 1
+            home = next(a for a in agents if a.node_id in origins)
+            rec = httpx.get(f"{home.url}/v1/jobs/{job_id}", params={"wait": 30}, timeout=40).json()
+            assert rec["state"] == "succeeded" and rec["attempts"] == 1
+            holders = [a.node_id for a in agents if a.node_id != home.node_id
+                       and httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+                       and httpx.get(f"{a.url}/v1/jobs/{job_id}", timeout=10).json()["origin"] != home.node_id]
+            assert holders == []
+    finally:
+        stop_all(agents)
+
+
+def test_graceful_leave_is_seen_as_left_not_dead(tmp_path):
+    agents = start_cluster(tmp_path, ["s0", "s1", "s2"])
+    try:
+        assert agents[2].stop() == 0
+        wait_converged(agents[:2], expect={"s0": "alive", "s1": "alive", "s2": "left"})
+    finally:
+        stop_all(agents)
