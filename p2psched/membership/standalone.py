@@ -5,12 +5,14 @@
 
 It prints ``READY host:port`` once bound, rewrites ``--status-file`` (atomically, as
 JSON) every 100 ms with the member list, counters and drop reasons, and leaves the
-cluster gracefully on SIGTERM or SIGINT. SIGKILL and SIGSTOP do what they do.
+cluster gracefully on SIGTERM or SIGINT. SIGUSR1 adds one to the advertised queue
+length (a node-state change to watch spread). SIGKILL and SIGSTOP do what they do.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +40,10 @@ def _status(svc: MembershipService, registry: CollectorRegistry) -> dict[str, An
             for s in metric.samples:
                 if s.name.endswith("_total"):
                     dropped[s.labels["reason"]] = s.value
+    totals = {name: registry.get_sample_value(f"p2psched_membership_{name}_total") or 0.0
+              for name in ("bytes_out", "bytes_in", "packets_out", "packets_in")}
     return {
+        **totals,
         "node_id": svc.node_id, "addr": list(svc.addr or ()), "incarnation": core.incarnation,
         "health": core.health, "stats": core.stats, "dropped": dropped,
         "members": [m.as_dict() for m in svc.members()],
@@ -70,13 +75,19 @@ async def _main(args: argparse.Namespace) -> int:
             tmp.replace(status_file)
             await trio.sleep(0.1)
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    def bump(st: NodeState) -> NodeState:
+        return dataclasses.replace(st, vector=dataclasses.replace(st.vector, queue_len=st.vector.queue_len + 1))
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             addr = await nursery.start(svc.run)
             print(f"READY {addr[0]}:{addr[1]}", flush=True)
             if status_file is not None:
                 nursery.start_soon(write_status)
-            async for _ in signals:
+            async for signum in signals:
+                if signum == signal.SIGUSR1:  # a state change to watch spread: queue_len += 1
+                    svc.update_local_state(bump)
+                    continue
                 await svc.leave()
                 if status_file is not None:
                     status_file.write_text(json.dumps(_status(svc, registry) | {"left": True}))

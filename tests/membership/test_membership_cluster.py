@@ -48,9 +48,10 @@ def test_join_through_one_seed_converges(cluster):
         return True
 
     wait_for(all_see_all, f"all {N} agents see {N} alive members")
-    # node state travels too: every agent knows every other agent's cpu count
-    for a in cluster.running():
-        assert all(m["resources"] and m["resources"]["cpu_total"] >= 1 for m in a.view().values())
+    # node state travels too: every agent learns every other agent's cpu count
+    wait_for(lambda: all(m["resources"] and m["resources"]["cpu_total"] >= 1
+                         for a in cluster.running() for m in a.view().values()),
+             "every agent knows every agent's resource vector")
 
 
 def test_kill_9_is_marked_dead_by_every_other_agent(cluster):
@@ -106,3 +107,11 @@ def test_packet_under_wrong_cluster_key_is_ignored_and_counted(cluster):
     wait_for(lambda: target.status()["dropped"].get("auth", 0) >= before + 3, "m1 counts 3 auth drops", 10)
     assert "intruder" not in target.view()
     assert "intruder" not in cluster.agents["m0"].view()
+
+
+def test_node_state_change_reaches_every_agent(cluster):
+    source = cluster.agents["m2"]
+    source.signal(signal.SIGUSR1)
+    wait_for(lambda: source.view()["m2"]["resources"]["queue_len"] == 1, "m2 publishes queue_len 1", 10)
+    wait_for(lambda: all(a.view()["m2"]["resources"]["queue_len"] == 1 for a in cluster.running()),
+             "every agent sees m2's queue_len 1", 10)
