@@ -31,9 +31,13 @@ Invariants (each failure is a :class:`Violation`):
 * ``agent_crashed``: an agent process exited although no fault stopped it (the
   harness starts it again, as a supervisor would, and logs a ``crash``).
 
-Figures (for the issue's table): jobs lost, duplicate results (records carrying
-``duplicate_attempts``: a late attempt recorded, not applied), second final states,
-p99 extra completion time of jobs whose executor died, time to converge.
+Figures (for the issue's table): jobs lost (missing or unfinished); duplicate
+results (a second final state, or a second origin); duplicate attempts recorded
+(``duplicate_attempts``: a late result kept, not applied; fine); the extra
+completion time of jobs whose executor died: their submission-to-end time minus the
+median of jobs of the same kind that lost no executor, p99 over all of them and
+apart for a peer executor and for an origin that ran the job itself; and the time
+to converge after healing.
 """
 
 from __future__ import annotations
@@ -122,9 +126,11 @@ def _finals(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [t for t in timeline if t.get("state") in FINAL_STATES]
 
 
-def _executor_died(rec: dict[str, Any]) -> bool:
-    """The job went back to the queue after it had been placed: its executor (or
-    the origin running it) died, restarted or was cut off, and it was run again.
+def _executor_died(rec: dict[str, Any]) -> str | None:
+    """Whether the job went back to the queue after it had been placed, because its
+    executor died, restarted or was cut off: ``"peer"`` when the executor was another
+    agent (the origin placed it again), ``"origin"`` when the origin itself was
+    running it and restarted; None when the job never lost its executor.
 
     An executor's own "accepted from <origin>" queued entry is the forward
     arriving, not a loss, so it does not count.
@@ -135,8 +141,9 @@ def _executor_died(rec: dict[str, Any]) -> bool:
         if state in ("placed", "running"):
             placed = True
         elif state == "queued" and placed and not str(t.get("detail", "")).startswith("accepted from"):
-            return True
-    return False
+            return "peer" if t.get("node") == rec.get("origin") and str(t.get("detail", "")).startswith(
+                "executor ") else "origin"
+    return None
 
 
 def _completion_s(rec: dict[str, Any]) -> float | None:
@@ -232,7 +239,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
     max_seen_attempts = 0
     died_extra: list[float] = []
     baseline: dict[str, list[float]] = defaultdict(list)
-    died_jobs: list[tuple[str, float]] = []
+    died_jobs: list[tuple[str, float, str]] = []
 
     jobs_to_judge = sorted(set(acked) | (set(at_origin) & submitted))
     for job in jobs_to_judge:
@@ -296,14 +303,17 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
                 bad.append(Violation("cancelled_succeeded", job, "timeline holds both cancelled and succeeded"))
             took = _completion_s(rec)
             if took is not None and state != "cancelled" and exp is not None:
-                if _executor_died(rec):
-                    died_jobs.append((str(exp.get("kind")), took))
+                died = _executor_died(rec)
+                if died:
+                    died_jobs.append((str(exp.get("kind")), took, died))
                 else:
                     baseline[str(exp.get("kind"))].append(took)
 
-    for kind, took in died_jobs:
+    died_extra_by: dict[str, list[float]] = defaultdict(list)
+    for kind, took, died in died_jobs:
         base = statistics.median(baseline[kind]) if baseline.get(kind) else 0.0
         died_extra.append(max(0.0, took - base))
+        died_extra_by[died].append(max(0.0, took - base))
 
     # --- agents that died by themselves
     for op in crashes:
@@ -343,6 +353,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
         "max_attempts_seen": max_seen_attempts,
         "retry_budget": max_attempts,
         "jobs_whose_executor_died": len(died_jobs),
+        "of_which_a_peer_executor": sum(1 for _, _, d in died_jobs if d == "peer"),
     }
     conv_s = None
     if converge is not None:
@@ -356,6 +367,9 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
         "duplicate_attempts_recorded": duplicates_seen,
         "records_with_duplicate_attempts": duplicate_records,
         "p99_extra_completion_s_executor_died": percentile(died_extra, 99),
+        "p99_extra_completion_s_peer_executor_died": percentile(died_extra_by["peer"], 99),
+        "p99_extra_completion_s_origin_restarted": percentile(died_extra_by["origin"], 99),
+        "median_extra_completion_s_executor_died": statistics.median(died_extra) if died_extra else None,
         "converge_after_heal_s": conv_s,
         "converge_after_each_heal_s": heal_converge,
         "membership_converged": converged,

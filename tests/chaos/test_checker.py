@@ -288,7 +288,29 @@ def test_extra_completion_time_of_jobs_whose_executor_died() -> None:
     v = run.check()
     assert v.ok, v.render()
     assert v.counts["jobs_whose_executor_died"] == 1
+    assert v.counts["of_which_a_peer_executor"] == 1
     assert v.figures["p99_extra_completion_s_executor_died"] == pytest.approx(4.5, abs=0.01)
+    assert v.figures["p99_extra_completion_s_peer_executor_died"] == pytest.approx(4.5, abs=0.01)
+    assert v.figures["p99_extra_completion_s_origin_restarted"] is None
+
+
+def test_a_job_rerun_by_its_restarted_origin_counts_apart() -> None:
+    run = clean_run()
+    run.submit("r1", "n2", expect_sha(b"r"))
+    t = run.t
+    run.record("r1", "n2", "succeeded", output=b"r", attempts=2, timeline=[
+        {"state": "submitted", "at": t, "node": "n2", "detail": ""},
+        {"state": "queued", "at": t, "node": "n2", "detail": "accepted"},
+        {"state": "placed", "at": t + 0.1, "node": "n2", "detail": "runs here"},
+        {"state": "running", "at": t + 0.1, "node": "n2", "detail": "attempt 1"},
+        {"state": "queued", "at": t + 6.0, "node": "n2", "detail": "agent restarted while the job was in flight"},
+        {"state": "placed", "at": t + 6.1, "node": "n2", "detail": "runs here"},
+        {"state": "running", "at": t + 6.1, "node": "n2", "detail": "attempt 2"},
+        {"state": "succeeded", "at": t + 6.3, "node": "n2", "detail": "exit 0"},
+    ])
+    v = run.check()
+    assert v.counts["jobs_whose_executor_died"] == 1 and v.counts["of_which_a_peer_executor"] == 0
+    assert v.figures["p99_extra_completion_s_origin_restarted"] == pytest.approx(6.0, abs=0.01)
 
 
 def test_convergence_is_timed_from_each_heal_that_leaves_no_fault() -> None:
