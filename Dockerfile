@@ -58,7 +58,7 @@ VOLUME ["/var/lib/p2psched"]
 EXPOSE 7700/tcp 7701/udp 7702/tcp
 # The agent answers /healthz once its API is serving. start-period and timeout are
 # generous because a loaded 2-core host can take tens of seconds to start N agents.
-HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
   CMD ["/usr/local/bin/docker-entrypoint.sh", "healthcheck"]
 # tini is PID 1: it forwards SIGTERM to the agent (which then drains) and reaps zombies
 # left by process-sandbox jobs. The entrypoint execs the agent, so there is no shell in

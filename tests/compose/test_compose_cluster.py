@@ -40,7 +40,7 @@ def test_image_runs_the_agent_under_tini_with_a_healthcheck(compose_cluster: Com
     for name in compose_cluster.containers():
         wait_for(f"{name} reporting healthy",
                  lambda n=name: docker("inspect", "-f", "{{.State.Health.Status}}", n).stdout.strip() == "healthy",
-                 timeout=120)
+                 timeout=180)
 
 
 def test_replicas_take_distinct_hosts_of_the_shared_topology(compose_cluster: ComposeCluster) -> None:
