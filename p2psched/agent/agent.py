@@ -845,8 +845,31 @@ class Agent(RemoteJobs):
                 free["gpu"] += sum(v["gpu_free"].values())
         return {"members": len(members), "by_state": by_state, "total": total, "free": free}
 
-    async def drain(self) -> dict[str, Any]:
-        """Stop admissions; queued jobs run here (or go to peers once placement forwards)."""
+    async def drain(self, *, stop: bool = True) -> dict[str, Any]:
+        """Stop admissions, hand queued jobs to peers, let running ones finish, then leave.
+
+        Peers see the node as draining at once (the flag rides in the gossiped
+        vector), so nobody places work here. Placement never runs a job on a
+        draining agent, so the dispatcher offers every queued job to peers. Once
+        nothing runs and nothing can be handed off, or after ``grace_s``, the agent
+        leaves the cluster and stops. Queued jobs that no peer could take stay
+        durably queued here and run when the agent comes back.
+        """
+        first = self.accepting
         self.accepting = False
-        log.warning("draining: no new admissions")
+        if first:
+            log.warning("draining: no new admissions; handing %d queued jobs to peers", len(self.queue))
+            self._wake.set()
+            if stop and self._nursery is not None:
+                self._nursery.start_soon(self._finish_drain)
         return {"node_id": self.node_id, "draining": True, "queued": len(self.queue), "running": len(self.running)}
+
+    async def _finish_drain(self) -> None:
+        def waiting() -> int:  # queued, being offered, or backing off before another offer
+            return sum(rec.state is JobState.QUEUED for rec in self.active.values())
+
+        with trio.move_on_after(self.settings.grace_s):
+            while self.running or (waiting() and self.cluster is not None and self.cluster.alive_states()):
+                await trio.sleep(0.1)
+        log.info("drained: %d running, %d still queued here; leaving the cluster", len(self.running), waiting())
+        self.request_stop()

@@ -97,3 +97,31 @@ def test_graceful_leave_is_seen_as_left_not_dead(tmp_path):
         wait_converged(agents[:2], expect={"s0": "alive", "s1": "alive", "s2": "left"})
     finally:
         stop_all(agents)
+
+
+def test_drain_hands_queued_jobs_to_peers_and_leaves(tmp_path):
+    agents = start_cluster(tmp_path, ["d0", "d1"], "--cpus", "1", "--grace-s", "30")
+    d0, d1 = agents
+    try:
+        with d0.client() as http:
+            running = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 8000})).json()["id"]
+            wait_state(http, running, "running")
+            # d1 is full too, so these wait in d0's queue until the drain hands them over.
+            with d1.client() as h1:
+                blocker = h1.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 8000})).json()["id"]
+                wait_state(h1, blocker, "running")
+            queued = [http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"] for _ in range(3)]
+            assert http.post("/v1/drain").json()["draining"] is True
+            r = http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+            assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+            states = {p["node_id"]: p["state"] for p in d1.client().get("/v1/peers").json()["peers"]}
+            assert states["d0"] in ("draining", "alive")  # gossip may not have carried it yet
+        assert d0.proc.wait(60) == 0
+        wait_converged([d1], expect={"d0": "left", "d1": "alive"})
+        d0.start()
+        with d0.client() as http:
+            recs = [http.get(f"/v1/jobs/{j}", params={"wait": 30}).json() for j in queued]
+            assert [(r["state"], r["executor"]) for r in recs] == [("succeeded", "d1")] * 3, [r["timeline"] for r in recs]
+            assert http.get(f"/v1/jobs/{running}").json()["state"] == "timed_out"
+    finally:
+        stop_all(agents)
