@@ -75,8 +75,9 @@ def agent(config_file: Path | None, **flags: object) -> None:
                         if sig == signal.SIGHUP:
                             agent.reload()
                             continue
-                        if sig == signal.SIGTERM and settings.drain_on_sigterm:
-                            await agent.drain()
+                        if sig == signal.SIGTERM and settings.drain_on_sigterm and agent.accepting:
+                            await agent.drain()  # it stops the agent once drained; a second signal stops now
+                            continue
                         agent.request_stop()
 
                 nursery.start_soon(on_signals)
