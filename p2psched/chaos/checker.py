@@ -177,6 +177,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
     polls: list[tuple[float, bool]] = []  # the monitor's membership polls: (time, converged)
     faulty: set[str] = set()
     calm_heals: list[float] = []  # heals after which no fault was in force
+    fault_starts: list[float] = []
     for op in ops:
         f, typ, job = op.get("f"), op.get("type"), op.get("job")
         value = op.get("value") or {}
@@ -212,6 +213,8 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
             crashes.append(op)
         elif f == "membership" and typ == "ok":
             polls.append((float(op["time"]), bool(value.get("converged"))))
+        if f == "fault" and typ == "invoke":
+            fault_starts.append(float(op["time"]))
         if f in ("fault", "heal") and typ == "ok" and op.get("agent") is not None:
             node = str(op["agent"])
             if f == "fault" and value.get("kind") != "restart":
@@ -360,7 +363,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
         conv_s = (converge.get("value") or {}).get("seconds")
         if converge.get("type") != "ok":
             converged = False
-    heal_converge = _converge_after_heals(calm_heals, polls)
+    heal_converge = _converge_after_heals(calm_heals, polls, fault_starts)
     verdict.figures = {
         "jobs_lost": lost + unfinished,
         "duplicate_results": second_finals,
@@ -370,25 +373,31 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
         "p99_extra_completion_s_peer_executor_died": percentile(died_extra_by["peer"], 99),
         "p99_extra_completion_s_origin_restarted": percentile(died_extra_by["origin"], 99),
         "median_extra_completion_s_executor_died": statistics.median(died_extra) if died_extra else None,
-        "converge_after_heal_s": conv_s,
+        "converge_after_final_heal_s": conv_s,
         "converge_after_each_heal_s": heal_converge,
         "membership_converged": converged,
     }
     return verdict
 
 
-def _converge_after_heals(heals: list[float], polls: list[tuple[float, bool]]) -> dict[str, Any]:
+def _converge_after_heals(heals: list[float], polls: list[tuple[float, bool]],
+                          fault_starts: list[float]) -> dict[str, Any]:
     """For each heal that left no fault in force: seconds until the monitor first saw
-    every agent see every agent alive. Median and max over those heals; heals the
-    monitor never saw converge (the run ended first) are counted apart."""
+    every agent see every agent alive. Median and max over those heals. A heal whose
+    convergence the next fault interrupted says nothing about healing, so it is only
+    counted (``interrupted``), as is one the run ended before (``not_seen_converging``)."""
     polls = sorted(polls)
+    starts = sorted(fault_starts)
     took: list[float] = []
-    never = 0
+    never = interrupted = 0
     for t in heals:
         after = next((p for p, ok in polls if p >= t and ok), None)
+        next_fault = next((s for s in starts if s > t), None)
         if after is None:
             never += 1
+        elif next_fault is not None and next_fault < after:
+            interrupted += 1
         else:
             took.append(after - t)
-    return {"heals": len(heals), "median": statistics.median(took) if took else None,
-            "max": max(took) if took else None, "not_seen_converging": never}
+    return {"heals": len(heals), "measured": len(took), "median": statistics.median(took) if took else None,
+            "max": max(took) if took else None, "interrupted": interrupted, "not_seen_converging": never}
