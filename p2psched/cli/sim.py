@@ -67,8 +67,13 @@ def _partition(ctx: click.Context, param: click.Parameter, value: str | None) ->
               help="Seconds of steady state measured for bytes per node per second.")
 @click.option("--probe-interval", default=None, type=float, help="Override the 1 s probe interval.")
 @click.option("--suspicion-mult", default=None, type=float, help="Override the suspicion multiplier (4).")
+@click.option("--topology", "topology_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Leaf-spine topology file: nodes sit on its hosts and links take its latencies.")
+@click.option("--same-leaf", default=None, type=click.FloatRange(0, 1),
+              help="With --topology: probability that a gossip peer is drawn from the same leaf.")
 def membership(nodes: int, loss: float, crash: int, seed: int, partition: tuple[float, float, float] | None,
-               duration: float, probe_interval: float | None, suspicion_mult: float | None) -> None:
+               duration: float, probe_interval: float | None, suspicion_mult: float | None,
+               topology_file: str | None, same_leaf: float | None) -> None:
     """SWIM + Lifeguard on N simulated nodes (2 +- 1 ms links): failure detection time,
     false positives, update spread, bytes per node, partition healing."""
     from p2psched.membership.settings import MembershipSettings
@@ -79,9 +84,23 @@ def membership(nodes: int, loss: float, crash: int, seed: int, partition: tuple[
         over["probe_interval"] = probe_interval
     if suspicion_mult is not None:
         over["suspicion_mult"] = suspicion_mult
+    if same_leaf is not None:
+        over["gossip_same_group_fraction"] = same_leaf
     settings = MembershipSettings(insecure=True, mdns=False, **over)
+    topology = None
+    if topology_file is not None:
+        from p2psched.topology.model import Topology, TopologyError
+
+        try:
+            topology = Topology.load(topology_file)
+        except TopologyError as e:
+            raise click.ClickException(str(e)) from None
+        if nodes > len(topology.hosts):
+            raise click.ClickException(f"{topology_file} has {len(topology.hosts)} hosts; pass --nodes "
+                                       f"{len(topology.hosts)} or fewer")
     t0 = time.process_time()
-    report = run_experiment(nodes, loss, crash, seed, settings=settings, steady=duration, partition=partition)
+    report = run_experiment(nodes, loss, crash, seed, settings=settings, steady=duration, partition=partition,
+                            topology=topology)
     for line in report.lines():
         click.echo(line)
     click.echo(f"(simulated in {time.process_time() - t0:.1f} s of CPU)")

@@ -122,9 +122,10 @@ class MembershipSettings(BaseModel):
         ge=0,
         le=1,
         description=(
-            "Fraction of each gossip round's peers taken from our own topology group (e.g. "
-            "the same leaf switch) when a group function is given, so that gossip stays "
-            "mostly under one switch. 0 means no preference (plain SWIM)."
+            "Probability that each gossip peer is drawn from our own topology group (e.g. "
+            "the same leaf switch) rather than from everyone, when a group function is "
+            "given: gossip then crosses spines less often. 0 means no preference (plain "
+            "SWIM); p2psched.topology.gossip explains why 0.5 suits a leaf-spine fabric."
         ),
     )
     retransmit_mult: int = Field(

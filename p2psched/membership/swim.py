@@ -263,6 +263,7 @@ class Membership:
         self._seq = rng.randrange(1 << 20)
         self._queue = _BroadcastQueue()
         self._seeds: set[Addr] = set()
+        self._group_cache: list[str] | None = None
 
         self._state_version = 0
         self._pending_state: NodeState | None = None
@@ -294,6 +295,7 @@ class Membership:
     # --- bookkeeping -----------------------------------------------------------------
 
     def _insert(self, m: Member) -> None:
+        self._group_cache = None
         self.members[m.node_id] = m
         self._counts[m.status] += 1
         self._addr_index[m.addr] = m.node_id
@@ -306,6 +308,7 @@ class Membership:
             self._gone[m.node_id] = m.status_since
 
     def _remove(self, node_id: str) -> None:
+        self._group_cache = None
         m = self.members.pop(node_id)
         self._counts[m.status] -= 1
         if self._addr_index.get(m.addr) == node_id:
@@ -649,26 +652,32 @@ class Membership:
         if n == 0 or k <= 0:
             return []
         chosen: dict[str, Member] = {}
-        want_same = 0
-        my_group = None
-        if self.group_of is not None and self.s.gossip_same_group_fraction > 0:
-            my_group = self.group_of(self.id)
-            want_same = round(k * self.s.gossip_same_group_fraction) if my_group is not None else 0
+        frac = self.s.gossip_same_group_fraction
+        same = self._same_group() if self.group_of is not None and frac > 0 else []
         tries = 0
-        while len(chosen) < k and tries < 4 * k + 8:
+        # Each pick comes from our own group with probability frac, otherwise from
+        # everyone (the rule of p2psched.topology.gossip): the uniform picks keep the
+        # long links that make dissemination take O(log N) rounds.
+        while len(chosen) < k and tries < 8 * k + 8:
             tries += 1
-            m = self.members[self._peer_ids[self.rng.randrange(n)]]
+            pool = same if same and self.rng.random() < frac else self._peer_ids
+            m = self.members[pool[self.rng.randrange(len(pool))]]
             if m.node_id in chosen or m.node_id in exclude:
                 continue
             if live_only and m.status not in (ALIVE, SUSPECT):
                 continue
             if m.status == LEFT:
                 continue
-            if want_same and self.group_of is not None and len(chosen) < want_same and tries < 2 * k + 4:
-                if self.group_of(m.node_id) != my_group:
-                    continue
             chosen[m.node_id] = m
         return list(chosen.values())
+
+    def _same_group(self) -> list[str]:
+        """Peers in our topology group, recomputed after membership or state changes."""
+        if self._group_cache is None:
+            assert self.group_of is not None
+            mine = self.group_of(self.id)
+            self._group_cache = [] if mine is None else [i for i in self._peer_ids if self.group_of(i) == mine]
+        return self._group_cache
 
     def _gossip(self, out: list[Action]) -> None:
         for m in self._random_peers(self.s.gossip_nodes, exclude=set(), live_only=False):
@@ -934,6 +943,8 @@ class Membership:
         if state.node_id != m.node_id:
             self._drop("bad_state")
             return
+        if m.state is None or m.state.position != state.position:
+            self._group_cache = None  # group_of may read positions from member states
         m.state, m.version, m.partial, m.last_update = state, msg.version, msg.partial, now
         self._broadcast(msg)
         out.append(Event("updated", m.node_id, f"state version {msg.version}"))

@@ -24,6 +24,7 @@ from p2psched.membership.settings import MembershipSettings
 from p2psched.membership.swim import Action, Event, Membership, Send, SendTcp, TcpProbe
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.sim.network import Endpoint, SimNetwork
+from p2psched.topology.model import Topology
 
 # IPv4 + UDP headers, counted so that bytes per node per second is what a NIC sees.
 UDP_IP_HEADERS = 28
@@ -50,7 +51,10 @@ class SimCluster:
         latency: Callable[[Addr, Addr], float] | None = None,
         duplicate: float = 0.0,
         group_of: Callable[[str], str | None] | None = None,
+        ids: list[str] | None = None,
     ) -> None:
+        """``ids``: node ids (default n0000, n0001, ...); a topology simulation passes
+        its host ids so that ``latency`` and ``group_of`` can look them up."""
         # A thousand nodes each knowing a thousand members is a million long-lived
         # objects; the cyclic GC would rescan them all, again and again, for nothing.
         gc.disable()
@@ -65,12 +69,14 @@ class SimCluster:
         self.nodes: dict[Addr, SimNode] = {}
         self.by_id: dict[str, SimNode] = {}
         budget = settings.max_datagram - SEALED_OVERHEAD
-        ids = [(f"n{i:04d}", (f"10.{i // 250}.{i % 250}.1", 7946)) for i in range(n)]
-        states = {node_id: self._initial_state(node_id) for node_id, _ in ids}
+        names = ids if ids is not None else [f"n{i:04d}" for i in range(n)]
+        pairs = [(names[i], (f"10.{i // 250}.{i % 250}.1", 7946)) for i in range(n)]
+        states = {node_id: self._initial_state(node_id) for node_id, _ in pairs}
         for s in states.values():
             s.version = 1  # what each core publishes first
-        peers: list[tuple[str, Addr, NodeState | None]] = [(node_id, addr, states[node_id]) for node_id, addr in ids]
-        for node_id, addr in ids:
+        peers: list[tuple[str, Addr, NodeState | None]] = [(node_id, addr, states[node_id]) for node_id, addr in pairs]
+        self.addr_of = dict(pairs)
+        for node_id, addr in pairs:
             core = Membership(settings, node_id, addr, random.Random(self.rng.random()), 0.0,
                               packet_budget=budget, local_state=self._initial_state(node_id), group_of=group_of)
             core.bootstrap(0.0, peers)
@@ -225,10 +231,29 @@ def run_experiment(
     settings: MembershipSettings | None = None,
     steady: float = 30.0,
     partition: tuple[float, float, float] | None = None,
+    topology: Topology | None = None,
 ) -> Report:
-    """``partition``: (fraction of nodes cut off, start after the crash phase, duration)."""
+    """``partition``: (fraction of nodes cut off, start after the crash phase, duration).
+    ``topology``: nodes sit on its first n hosts; link latency is the fabric path's
+    latency plus 0.5-1.5 ms of host network stack, and gossip prefers the same leaf
+    with probability settings.gossip_same_group_fraction."""
     settings = settings or MembershipSettings(insecure=True, mdns=False)
-    cluster = SimCluster(n, settings, seed, loss=loss)
+    if topology is None:
+        cluster = SimCluster(n, settings, seed, loss=loss)
+        rng_names = [f"n{i:04d}" for i in range(n)]
+    else:
+        if n > len(topology.hosts):
+            raise ValueError(f"the topology has {len(topology.hosts)} hosts; ask for at most that many --nodes")
+        rng_names = list(topology.hosts[:n])
+        host_at: dict[Addr, str] = {}
+        jitter = random.Random(seed + 1)
+
+        def latency(a: Addr, b: Addr) -> float:
+            return topology.cost(host_at[a], host_at[b]) * 1e-6 + 0.0005 + 0.001 * jitter.random()
+
+        cluster = SimCluster(n, settings, seed, loss=loss, latency=latency, ids=rng_names,
+                             group_of=topology.leaf_of)
+        host_at.update({addr: node_id for node_id, addr in cluster.addr_of.items()})
     rep = Report(n, loss, seed)
     rng = random.Random(seed + 7)
     crashed: dict[str, float] = {}
@@ -265,7 +290,7 @@ def run_experiment(
 
     # 2. one node's state changes; how fast does every node learn it?
     now = cluster.net.now
-    who = cluster.by_id[f"n{rng.randrange(n):04d}"]
+    who = cluster.by_id[rng_names[rng.randrange(n)]]
     updater[0] = who.node_id
     st = who.core.local_state
     assert st is not None

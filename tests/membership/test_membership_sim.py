@@ -85,3 +85,19 @@ def test_cli_prints_every_figure():
     for needle in ("B/node/s", "crash known to all live nodes: p50", "false positives", "99.99%",
                    "after the partition healed: converged"):
         assert needle in r.output
+
+
+def test_topology_latency_and_same_leaf_gossip(tmp_path):
+    from p2psched.topology.model import Topology
+
+    topo = Topology.load("topologies/small.yaml")
+    n = min(32, len(topo.hosts))
+    s = MembershipSettings(insecure=True, mdns=False, gossip_same_group_fraction=1.0)
+    r = run_experiment(n, 0.0, crashes=1, seed=1, settings=s, steady=5.0, topology=topo)
+    assert r.undetected == 0 and r.false_positives == 0
+    assert r.update_9999_s == r.update_9999_s  # not NaN: the update reached everyone
+    # with the group function, gossip peers really come from the same leaf
+    c = SimCluster(n, s, seed=2, ids=list(topo.hosts[:n]), group_of=topo.leaf_of)
+    me = c.by_id[topo.hosts[0]].core
+    picks = [p.node_id for _ in range(100) for p in me._random_peers(3, set(), live_only=False)]
+    assert all(topo.leaf_of(p) == topo.leaf_of(topo.hosts[0]) for p in picks)
