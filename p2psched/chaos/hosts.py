@@ -229,7 +229,7 @@ def _teardown(bridge: str, namespaces: list[str], forward_rule: list[str] | None
 
 def sweep_stale() -> list[str]:
     """Remove what runs whose harness has died left behind; returns their tags."""
-    swept = []
+    swept: list[str] = []
     if not STATE_DIR.is_dir():
         return swept
     for path in STATE_DIR.glob("*.json"):

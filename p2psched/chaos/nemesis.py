@@ -143,7 +143,7 @@ class LocalFaults:
 class DockerFaults:
     """Container faults for the compose cluster; ``node`` is a container name."""
 
-    kinds = ("kill", "pause", "partition")
+    kinds: tuple[str, ...] = ("kill", "pause", "partition")
 
     def __init__(self) -> None:
         from p2psched.chaos import docker_faults
