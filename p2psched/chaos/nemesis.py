@@ -143,12 +143,13 @@ class LocalFaults:
 class DockerFaults:
     """Container faults for the compose cluster; ``node`` is a container name."""
 
-    kinds: tuple[str, ...] = ("kill", "pause", "partition")
-
     def __init__(self) -> None:
         from p2psched.chaos import docker_faults
 
         self.docker = docker_faults
+        # Graceful restarts need docker_faults.restart (docker restart: SIGTERM, then start).
+        self.kinds: tuple[str, ...] = KINDS if hasattr(docker_faults, "restart") else (
+            "kill", "pause", "partition")
 
     async def kill(self, node: str) -> None:
         await trio.to_thread.run_sync(self.docker.kill, node)
@@ -163,7 +164,7 @@ class DockerFaults:
         await trio.to_thread.run_sync(self.docker.unpause, node)
 
     async def restart(self, node: str) -> None:
-        raise NotImplementedError("graceful restarts of containers are not offered by docker_faults")
+        await trio.to_thread.run_sync(self.docker.restart, node, STOP_TIMEOUT_S)
 
     async def partition(self, node: str) -> None:
         await trio.to_thread.run_sync(self.docker.partition, node)
