@@ -40,7 +40,8 @@ if [ "$compose" = 1 ]; then
     echo "chaos: --compose needs a running Docker engine; run without --compose for network-namespace chaos" >&2
     exit 2
   fi
-  if [ -z "$(docker ps -q --filter label=p2psched.role=agent)" ]; then
+  project=${P2PSCHED_PROJECT:-p2psched}  # as scripts/cluster.sh names it
+  if [ -z "$(docker ps -q --filter label=p2psched.role=agent --filter "label=com.docker.compose.project=$project")" ]; then
     echo "chaos: no agent containers running; starting $agents with scripts/cluster.sh up $agents"
     ./scripts/cluster.sh up "$agents"
   fi
