@@ -149,7 +149,7 @@ FAST_MEMBERSHIP = {"probe_interval": 0.2, "probe_timeout": 0.1, "gossip_interval
 
 
 def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: bool = True,
-                  timeout: float = 60) -> list[AgentProcess]:
+                  timeout: float = 60, auth: Any = None) -> list[AgentProcess]:
     """Start real agents that join the first one, and wait until each sees all alive."""
     import json
 
@@ -163,23 +163,24 @@ def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: 
     for a in agents:
         a.wait_healthy(timeout)
     if wait_alive:
-        wait_converged(agents, timeout)
+        wait_converged(agents, timeout, auth=auth)
     return agents
 
 
-def alive_view(agent: AgentProcess) -> dict[str, str]:
+def alive_view(agent: AgentProcess, auth: Any = None) -> dict[str, str]:
     try:
-        peers = httpx.get(agent.url + "/v1/peers", timeout=5).json()["peers"]
+        peers = httpx.get(agent.url + "/v1/peers", timeout=5, auth=auth).json()["peers"]
     except (httpx.HTTPError, ValueError, KeyError):
         return {}
     return {p["node_id"]: p["state"] for p in peers}
 
 
-def wait_converged(agents: list[AgentProcess], timeout: float = 60, expect: dict[str, str] | None = None) -> None:
+def wait_converged(agents: list[AgentProcess], timeout: float = 60, expect: dict[str, str] | None = None,
+                   auth: Any = None) -> None:
     want = expect or {a.node_id: "alive" for a in agents}
     deadline = time.monotonic() + timeout
     while True:
-        views = {a.node_id: alive_view(a) for a in agents if a.proc and a.proc.poll() is None}
+        views = {a.node_id: alive_view(a, auth) for a in agents if a.proc and a.proc.poll() is None}
         if all(all(v.get(k) == s for k, s in want.items()) for v in views.values()):
             return
         if time.monotonic() > deadline:

@@ -249,3 +249,12 @@ def test_local_health_rises_with_missed_nacks_and_lag_and_stretches_probing():
     start = m._next_probe_at
     m.tick(start)
     assert m._next_probe_at - start == S.probe_interval * (m.health + 1)
+
+
+def test_mutations_inside_the_coalescing_window_build_on_each_other():
+    a = core("a", A)
+    a.tick(0.0)
+    a.set_local_state(1.0, NodeState("a", vector=ResourceVector(queue_len=1)))  # published at once
+    a.set_local_state(1.1, NodeState("a", vector=ResourceVector(queue_len=2)))  # pending until 1.5
+    assert a.local_state.vector.queue_len == 1
+    assert a.latest_local_state.vector.queue_len == 2

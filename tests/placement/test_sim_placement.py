@@ -61,6 +61,6 @@ def test_cli_prints_table_and_json() -> None:
     r = CliRunner().invoke(cli, args + ["--json", "--policy", "round-robin", "--no-baselines"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert [x["scheduler"] for x in out["results"]] == ["round-robin"]
+    assert [x["scheduler"] for x in out["results"]] == ["p2p/round-robin"]
     r = CliRunner().invoke(cli, args + ["--load", "1.2"])
     assert r.exit_code == 2 and "it must lie strictly between 0 and 1" in r.output

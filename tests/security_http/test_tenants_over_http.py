@@ -99,3 +99,34 @@ def test_sighup_reloads_a_good_registry_and_keeps_the_old_on_a_bad_one(tmp_path,
         assert cli("submit", "examples/wasm/hello.wasm", *carol, agent=agent, check=False).returncode == 0
     finally:
         agent.stop()
+
+
+def test_quota_counts_jobs_held_at_other_agents(tmp_path, tenants):
+    from agents import start_cluster, stop_all
+    from p2psched.security.client import RequestSigner, sign_submission
+
+    reg, keys = tenants
+    cli("tenant", "add", "alice", "--pubkey", str(keys / "alice.pub"), "--tenants", str(reg), "--cap", "wasm",
+        "--max-jobs", "2")
+    agents = start_cluster(tmp_path, ["qa", "qb"], "--tenants", str(reg),
+                           auth=RequestSigner("ops", keys / "ops.key").auth)
+    try:
+        long_job = {"runtime": "wasm", "module": wasm_spec("loop.wasm")["module"], "limits": {"wall_ms": 20000}}
+        for a in agents:
+            r = httpx.post(a.url + "/v1/jobs", json=sign_submission(long_job, "alice", keys / "alice.key"), timeout=30)
+            assert r.status_code == 202, r.text
+        # qa learns of the job held at qb through gossip, then refuses a third.
+        deadline = time.monotonic() + 20
+        while True:
+            r = httpx.post(agents[0].url + "/v1/jobs", json=sign_submission(long_job, "alice", keys / "alice.key"),
+                           timeout=30)
+            if r.status_code == 429:
+                break
+            assert r.status_code == 202 and time.monotonic() < deadline, r.text
+            httpx.delete(agents[0].url + f"/v1/jobs/{r.json()['id']}", timeout=30,
+                         auth=RequestSigner("alice", keys / "alice.key").auth)
+            time.sleep(0.3)
+        body = r.json()["error"]
+        assert body["reason"].startswith("quota") and "2" in body["message"]
+    finally:
+        stop_all(agents)
