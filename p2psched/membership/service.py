@@ -156,7 +156,7 @@ class MembershipService:
         """Publish a new node state (coalesced and rate limited by the core)."""
         core = self._need_core()
         if callable(state):
-            current = core.local_state or self._initial_state
+            current = core.latest_local_state or self._initial_state
             state = state(current)
         self._execute(core.set_local_state(trio.current_time(), state))
         self._wake.set()

@@ -398,7 +398,13 @@ class Membership:
 
     @property
     def local_state(self) -> NodeState | None:
+        """The last published version of our node state."""
         return self.members[self.id].state
+
+    @property
+    def latest_local_state(self) -> NodeState | None:
+        """Our node state including a change not yet published (coalescing)."""
+        return self._pending_state if self._pending_state is not None else self.local_state
 
     # --- local operations ------------------------------------------------------------
 
