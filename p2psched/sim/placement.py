@@ -322,7 +322,8 @@ class PeerToPeer(_Scheduler):
                  policy: str, gossip_interval: float) -> None:
         super().__init__(topo, cpus_per_host, jobs, seed)
         self.policy = policy
-        self.name = policy
+        # "p2p/random" (random over peers gossip says fit) is not the blind "random" baseline.
+        self.name = "p2p" if policy == "p2p" else f"p2p/{policy}"
         self.interval = gossip_interval
         self.refusals = 0
         self.index = {h: i for i, h in enumerate(self.hosts)}
@@ -606,15 +607,15 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
     click.echo(f"topology {topo.name}: {len(topo.hosts)} hosts x {cpus_per_host} slots, load {load:g}, "
                f"{jobs} jobs ({durations} durations, mean {mean_duration:g} s), seed {seed}, "
                f"first {warmup:.0%} left out")
-    click.echo(f"{'scheduler':<14}{'mean JCT':>10}{'p50':>9}{'p99':>9}{'vs ideal':>10}{'mean wait':>11}"
+    click.echo(f"{'scheduler':<16}{'mean JCT':>10}{'p50':>9}{'p99':>9}{'vs ideal':>10}{'mean wait':>11}"
                f"{'hops/job':>10}{'msgs/placement':>16}{'cost us':>9}")
     for r in reports:
         rel = f"{r.mean_jct / ideal:.3f}x" if ideal else "-"
-        click.echo(f"{r.scheduler:<14}{r.mean_jct:>9.3f}s{r.p50_jct:>8.3f}s{r.p99_jct:>8.3f}s{rel:>10}"
+        click.echo(f"{r.scheduler:<16}{r.mean_jct:>9.3f}s{r.p50_jct:>8.3f}s{r.p99_jct:>8.3f}s{rel:>10}"
                    f"{r.mean_wait * 1e3:>9.1f}ms{r.hops_per_job:>10.3f}{r.messages_per_placement:>16.2f}"
                    f"{r.mean_cost_us:>9.2f}")
         for k, v in r.extra.items():
-            click.echo(f"{'':<14}{k}: {v:.3f}")
+            click.echo(f"{'':<16}{k}: {v:.3f}")
     if greports:
         click.echo(f"gossip model: fanout {fanout}, push rounds from one node until all {len(topo.hosts)} know")
         click.echo(f"{'same-leaf':>10}{'cross-spine msgs/node/round':>30}{'rounds mean':>13}{'max':>6}")
