@@ -34,7 +34,7 @@ def cli() -> None:
 def run(agents: int, duration: float, seed: int, jobs: int, clients: int, cpus: float, faults: str, no_netns: bool,
         compose: bool, switch_after: int | None, settle: float, out: Path | None, as_json: bool) -> None:
     """Start agents, break them on a seeded plan while clients work, then check."""
-    from p2psched.chaos.harness import RunConfig, run_chaos
+    from p2psched.chaos.harness import Interrupted, RunConfig, run_chaos
     from p2psched.chaos.hosts import HostSetupError
     from p2psched.chaos.nemesis import KINDS
 
@@ -58,6 +58,9 @@ def run(agents: int, duration: float, seed: int, jobs: int, clients: int, cpus: 
     except HostSetupError as e:
         click.echo(f"chaos: {e}", err=True)
         sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        click.echo(f"chaos: {e or 'interrupted'}; agents, namespaces and the bridge are removed", err=True)
+        sys.exit(130)
     click.echo(json.dumps(verdict.as_dict(), indent=1) if as_json else verdict.render())
     click.echo(f"run directory: {run_dir}")
     sys.exit(0 if verdict.ok else 1)

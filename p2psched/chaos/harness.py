@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -299,6 +300,34 @@ def vars_(f: Any) -> dict[str, Any]:
     return {"at": f.at, "kind": f.kind, "node": f.node, "hold": f.hold}
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal; everything it built has been torn down."""
+
+
+async def _until_signalled(run: Run) -> Verdict:
+    """drive(run), unless SIGTERM or SIGHUP comes first: then cancel it cleanly (the
+    nemesis still heals) and raise Interrupted, so teardown runs as on any exit."""
+    got: list[int] = []
+    result: list[Verdict] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            async def body() -> None:
+                result.append(await drive(run))
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                async for sig in signals:
+                    got.append(sig)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(body)
+            nursery.start_soon(watch)
+    if got or not result:
+        raise Interrupted(f"stopped by signal {got[0] if got else '?'}")
+    return result[0]
+
+
 def run_chaos(cfg: RunConfig) -> tuple[Verdict, Path]:
     """Run a chaos test to its verdict (blocking; call outside trio). Cleans up everything."""
     tag = secrets.token_hex(3)[:5]
@@ -327,7 +356,7 @@ def run_chaos(cfg: RunConfig) -> tuple[Verdict, Path]:
                 agents.start(h.node_id)
             run = Run(cfg, run_dir, history, {h.node_id: h.api_url for h in network.hosts},
                       LocalFaults(agents, network), [h.node_id for h in network.hosts], agents=agents, tag=tag)
-        verdict = trio.run(drive, run)
+        verdict = trio.run(_until_signalled, run)
         return verdict, run_dir
     finally:
         history.close()
