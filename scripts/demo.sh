@@ -13,6 +13,7 @@ export P2PSCHED_URL="http://127.0.0.1:${BASE}"
 
 echo "== starting ${NODES} agents (logs in ${run_dir}/logs)"
 p2psched up --nodes "$NODES" --base-port "$BASE" --data-root "$run_dir/data" --log-dir "$run_dir/logs" \
+  --topology topologies/small.yaml --cpus 1 --secure \
   >"$run_dir/up.out" 2>"$run_dir/up.err" &
 up_pid=$!
 cleanup() {
@@ -45,6 +46,14 @@ printf 'p2psched' | sha256sum | cut -d' ' -f1
 echo "== tiny MLP inference"
 p2psched submit examples/wasm/mlp.wasm --input examples/wasm/mlp.in.bin --wait \
   | python3 -c 'import struct,sys; d=sys.stdin.buffer.read(); print("logits:", [round(x,4) for x in struct.unpack(f"<{len(d)//4}f", d)])'
+
+echo "== placement: agent 0 is busy, so the next job runs on its same-leaf neighbour"
+busy=$(p2psched submit examples/wasm/loop.wasm --wall-ms 120000)
+until p2psched status "$busy" --json | grep -q '"state": "running"'; do sleep 0.1; done
+sleep 1  # one gossip round carries agent 0's full vector
+fwd=$(p2psched submit examples/wasm/hello.wasm)
+p2psched status "$fwd" --wait 30
+p2psched cancel "$busy" >/dev/null || true
 
 echo "== adversarial guests, each stopped by its limit"
 for guest in loop membomb recurse; do

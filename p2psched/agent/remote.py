@@ -89,6 +89,7 @@ class RemoteJobs:
             if reply.get("t") == m.ACCEPT:
                 if rec.state.final:  # cancelled while the offer was in flight
                     return
+                rec.wait_reason = None
                 self._advance(rec, JobState.PLACED, time.time(),
                               f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
                 self.placement_metrics.started(rec.hops)

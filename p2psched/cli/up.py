@@ -31,7 +31,7 @@ def start_agents(n: int, base: int, data_root: Path, extra: list[str], node_ids:
         api, gossip, transfer = agent_ports(base, i)
         cmd = [sys.executable, "-m", "p2psched", "agent", "--node-id", node_id,
                "--api", f"127.0.0.1:{api}", "--gossip", f"127.0.0.1:{gossip}", "--transfer", f"127.0.0.1:{transfer}",
-               "--data-dir", str(data_root / node_id), *extra]
+               "--data-dir", str(data_root / node_id), *(x.replace("{node_id}", node_id) for x in extra)]
         if seed is not None:
             cmd += ["--join", seed]
         seed = seed or f"127.0.0.1:{gossip}"
@@ -72,6 +72,24 @@ def stop_agents(procs: list[tuple[str, str, subprocess.Popen[bytes]]], timeout: 
             p.wait()
 
 
+def _secure_material(data_root: Path, node_ids: list[str]) -> list[str]:
+    """A gossip key, a cluster CA and one certificate per agent, made once under DATA_ROOT."""
+    from p2psched.membership.keyring import new_key_file_text
+    from p2psched.security.tls import init_ca, issue_node_cert
+
+    key = data_root / "gossip.key"
+    if not key.exists():
+        key.write_text(new_key_file_text())
+        key.chmod(0o600)
+    ca = data_root / "ca"
+    if not (ca / "ca.pem").exists():
+        init_ca(ca)
+    for node_id in node_ids:
+        if not (data_root / "tls" / node_id / f"{node_id}.pem").exists():
+            issue_node_cert(node_id, ca, data_root / "tls" / node_id)
+    return ["--gossip-key", str(key), "--tls-dir", str(data_root / "tls" / "{node_id}")]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--nodes", type=click.IntRange(1, 64), default=3, show_default=True)
 @click.option("--base-port", type=click.IntRange(1024, 60000), default=7700, show_default=True)
@@ -94,7 +112,10 @@ def up(nodes: int, base_port: int, data_root: Path, topology: Path | None, cpus:
         extra += ["--topology", str(topology)]
     if cpus is not None:
         extra += ["--cpus", str(cpus)]
-    if not secure:
+    data_root.mkdir(parents=True, exist_ok=True)
+    if secure:
+        extra += _secure_material(data_root, node_ids or [f"n{i}" for i in range(nodes)])
+    else:
         extra.append("--insecure")
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
