@@ -153,9 +153,14 @@ async def concurrent(n: int, sleep_s: float, work: Path, sandbox: ProcessSandbox
             import psutil
 
             kids = psutil.Process().children(recursive=True)
-            sample = kids[: min(len(kids), 300)]
-            pss = sum(p.memory_full_info().pss for p in sample)
-            mem_at_peak["pss"] = pss / max(len(sample), 1) * len(kids) / n
+            pss, sampled = 0, 0
+            for p in kids[:300]:
+                try:
+                    pss += p.memory_full_info().pss
+                    sampled += 1
+                except psutil.Error:
+                    continue  # exited meanwhile
+            mem_at_peak["pss"] = pss / max(sampled, 1) * len(kids) / n
             mem_at_peak["procs"] = len(kids) / n
         except Exception as e:
             print("  (PSS not measured:", e, ")")
