@@ -293,6 +293,8 @@ class Topology:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise TopologyError(f"cannot read topology file {p}: {e.strerror}; check the path") from None
+        except UnicodeDecodeError:
+            raise TopologyError(f"topology file {p} is not UTF-8 text; write it as YAML in UTF-8") from None
         topo = cls(text, source_name=str(p), path=p, weight=weight)
         topo._stamp = (st.st_mtime_ns, st.st_size)
         return topo
@@ -348,7 +350,12 @@ class Topology:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return False
-        text = self.path_on_disk.read_text(encoding="utf-8")
+        try:
+            text = self.path_on_disk.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TopologyError(
+                f"cannot read topology file {self.path_on_disk} ({e}); keeping the topology loaded before"
+            ) from None
         self._install(_parse(text, str(self.path_on_disk)))
         self._stamp = stamp
         return True

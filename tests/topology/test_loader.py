@@ -215,3 +215,10 @@ def test_empty_file_and_missing_file() -> None:
     assert "is empty" in _refused("")
     with pytest.raises(TopologyError, match="cannot read topology file .*nope.yaml: No such file"):
         Topology.load("/nonexistent/nope.yaml")
+
+
+def test_binary_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "t.yaml"
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TopologyError, match="is not UTF-8 text"):
+        Topology.load(f)
