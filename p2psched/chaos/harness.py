@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import signal
 import tempfile
@@ -151,6 +152,21 @@ async def membership(http: httpx.AsyncClient, urls: dict[str, str], node_ids: li
     return not wrong, wrong
 
 
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
+
+
+def crash_cause(log_tail: str) -> str:
+    """The innermost exception an agent's log ends with (``Module.Error: message``),
+    skipping the exception groups trio wraps it in; else the log's last line."""
+    lines = [ln.strip().lstrip("|+- ").strip() for ln in log_tail.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("===")]
+    for ln in reversed(lines):
+        m = _EXC_LINE.match(ln)
+        if m and not m.group(1).endswith("ExceptionGroup") and not m.group(1).startswith("File"):
+            return ln
+    return lines[-1] if lines else ""
+
+
 def restart_crashed(run: Run, nemesis: Nemesis | None) -> list[str]:
     """Agents that exited although no fault stopped them: log each as a crash (an
     agent bug; the checker reports it) and start it again, as a supervisor would."""
@@ -164,9 +180,7 @@ def restart_crashed(run: Run, nemesis: Nemesis | None) -> list[str]:
             continue
         proc = run.agents.procs[name]
         tail = run.agents.log_tail(name, 4000)
-        lines = [ln for ln in tail.splitlines() if ln.strip() and not ln.startswith("===")]
-        cause = next((ln.strip(" |") for ln in reversed(lines) if "Error" in ln or "Exception" in ln),
-                     lines[-1] if lines else "")
+        cause = crash_cause(tail)
         run.history.log("info", "crash", "harness", agent=name,
                         value={"exit_code": proc.returncode, "cause": cause[-400:]})
         log.error("agent %s exited with %s without a fault: %s; starting it again", name, proc.returncode, cause)

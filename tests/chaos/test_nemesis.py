@@ -64,3 +64,22 @@ def test_jobs_are_seeded_and_know_their_output() -> None:
             assert expect.state == "timed_out" and expect.output_sha256 is None
             assert 1000 <= spec["limits"]["wall_ms"] <= 4000
     assert seen == {"sha256", "sleep"}
+
+
+def test_a_crash_is_named_by_its_innermost_exception() -> None:
+    from p2psched.chaos.harness import crash_cause
+
+    tail = """09:11:37.308 I p2psched.jobs: job j1 timed_out job=j1 state=timed_out detail=wall_timeout
+  + Exception Group Traceback (most recent call last):
+  | ExceptionGroup: Exceptions from Trio nursery (1 sub-exception)
+  +-+---------------- 1 ----------------
+    | ExceptionGroup: Exceptions from Trio nursery (1 sub-exception)
+    +-+---------------- 1 ----------------
+      |   File "/work/main/p2psched/jobs/state.py", line 63, in check_transition
+      |     raise IllegalTransition(job_id, current, target)
+      | p2psched.jobs.state.IllegalTransition: job j1: illegal transition timed_out -> timed_out
+      +------------------------------------
+"""
+    assert crash_cause(tail) == "p2psched.jobs.state.IllegalTransition: job j1: illegal transition timed_out -> timed_out"
+    assert crash_cause("09:00:00.000 I p2psched.agent: bye\n") == "09:00:00.000 I p2psched.agent: bye"
+    assert crash_cause("") == ""
