@@ -180,6 +180,8 @@ def check_fit(req: JobRequest, state: NodeState) -> str | None:
     The receiving agent calls this on its *real* state before accepting a forward.
     """
     v = state.vector
+    if v.draining:
+        return "is draining and takes no new jobs"
     if not _labels_ok(req, state.labels):
         want = ", ".join(f"{k}={val}" for k, val in req.labels.items())
         return f"lacks the labels {want}"

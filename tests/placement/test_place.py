@@ -227,6 +227,8 @@ def test_check_fit_explains_a_refusal() -> None:
     assert check_fit(JobRequest("j", mem_mb=512), me) == "needs 512 MiB and has 100 MiB free"
     assert check_fit(JobRequest("j", gpu=2, gpu_type="whole", mem_mb=1), me) == "needs 2 free 'whole' GPU slots and has 1"
     assert check_fit(JobRequest("j", mem_mb=1), me) is None
+    me.vector.draining = True
+    assert check_fit(JobRequest("j", mem_mb=1), me) == "is draining and takes no new jobs"
 
 
 def test_without_a_topology_load_decides() -> None:
