@@ -89,6 +89,24 @@ class Run:
     agents: AgentProcesses | None = None
     #: Unique per run: job ids start with it, so runs never share an id.
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])
+    #: node id -> API URL, the dict clients use; refreshed in place.
+    urls_by_id: dict[str, str] = field(default_factory=dict)
+
+    async def refresh_urls(self) -> None:
+        """Containers may come back from a kill on another address: look them up again
+        (a backend without ``url_of`` has fixed addresses)."""
+        url_of = getattr(self.backend, "url_of", None)
+        if url_of is None:
+            return
+        for name in self.nodes:
+            try:
+                url = await trio.to_thread.run_sync(url_of, name)
+            except Exception as e:  # partitioned or stopped: keep the last address
+                log.info("no address for %s yet: %s", name, e)
+                continue
+            self.urls[name] = url
+            if name in self.node_ids:
+                self.urls_by_id[self.node_ids[name]] = url
 
 
 def _max_attempts() -> int:
@@ -246,7 +264,9 @@ async def fetch_final(run: Run, http: httpx.AsyncClient) -> dict[str, Any]:
     records: dict[str, list[dict[str, Any]]] = {}
     peers: dict[str, list[dict[str, Any]]] = {}
     for name, url in run.urls.items():
-        node = run.node_ids.get(name, name)
+        # Ask the agent who it is: an address may have moved to another agent.
+        health = await _get_json(http, url + "/healthz", 5.0)
+        node = str(health["node_id"]) if health and "node_id" in health else run.node_ids.get(name, name)
         recs: list[dict[str, Any]] = []
         cursor = 0
         while True:
@@ -271,19 +291,19 @@ async def drive(run: Run) -> Verdict:
     async with httpx.AsyncClient(limits=limits) as http:
         run.node_ids = await wait_healthy(http, run.urls, 60.0, run.agents)
         # Job records and peers name agents by node id; clients address them by it too.
-        urls_by_id = {run.node_ids[n]: u for n, u in run.urls.items()}
+        run.urls_by_id.update({run.node_ids[n]: u for n, u in run.urls.items()})
         formed = await _wait_converged(run, http, cfg.form_timeout_s, time.time())
         if formed is None:
             log.warning("the agents did not all see each other within %.0fs; running anyway (the checker will "
                         "judge membership after healing)", cfg.form_timeout_s)
         plan = plan_faults(cfg.seed, run.nodes, cfg.duration, tuple(k for k in cfg.kinds if k in run.backend.kinds))
         run.history.log("ok", "plan", "nemesis", value={"faults": [vars_(f) for f in plan], "seed": cfg.seed})
-        nemesis = Nemesis(run.backend, run.history, plan)
+        nemesis = Nemesis(run.backend, run.history, plan, on_heal=run.refresh_urls)
         start = trio.current_time()
         ccfg = ClientConfig(clients=cfg.clients, jobs=cfg.jobs, duration=cfg.duration, seed=cfg.seed,
                             run_tag=f"j{run.tag}", cancel_share=cfg.cancel_share, switch_after=cfg.switch_after,
                             give_up_at=start + cfg.duration + cfg.settle_s)
-        clients = Clients(ccfg, run.history, urls_by_id, http, modules)
+        clients = Clients(ccfg, run.history, run.urls_by_id, http, modules)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(monitor, run, http, nemesis)
@@ -297,6 +317,7 @@ async def drive(run: Run) -> Verdict:
             await nemesis.heal_all()
         heal_at = time.time()
         restart_crashed(run, nemesis)
+        await run.refresh_urls()
         await wait_healthy(http, run.urls, 60.0, run.agents)
         await _wait_converged(run, http, cfg.converge_timeout_s, heal_at)
         left = await _settle(run, http, clients.acked, cfg.settle_s)

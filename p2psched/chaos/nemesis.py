@@ -24,12 +24,13 @@ import logging
 import random
 import signal
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 
 from p2psched.chaos.history import History
-from p2psched.chaos.hosts import AgentProcesses, Network
+from p2psched.chaos.hosts import API_PORT, AgentProcesses, Network
 
 log = logging.getLogger("p2psched.chaos")
 
@@ -172,12 +173,19 @@ class DockerFaults:
     async def heal(self, node: str) -> None:
         await trio.to_thread.run_sync(self.docker.heal, node)
 
+    def url_of(self, node: str) -> str:
+        """The container's API URL now: a container started again may get another address."""
+        return f"http://{self.docker.address(node)}:{API_PORT}"
+
 
 class Nemesis:
     """Runs a plan against a backend, logging each fault and heal to the history."""
 
-    def __init__(self, backend: FaultBackend, history: History, plan: list[Fault]) -> None:
+    def __init__(self, backend: FaultBackend, history: History, plan: list[Fault],
+                 on_heal: Callable[[], Awaitable[None]] | None = None) -> None:
         self.backend = backend
+        #: Called after each heal (the harness looks up addresses that may have moved).
+        self.on_heal = on_heal
         self.history = history
         self.plan = plan
         #: Faults applied and not yet healed: node -> kind.
@@ -206,9 +214,14 @@ class Nemesis:
         if fault.kind == "restart":
             self.active.pop(fault.node, None)
             self.last_heal = trio.current_time()
+            if self.on_heal is not None:
+                await self.on_heal()
             return
         await trio.sleep(fault.hold)
-        await self.heal(fault.node)
+        try:
+            await self.heal(fault.node)
+        except Exception as e:  # logged; heal_all tries again at the end
+            log.warning("heal of %s on %s failed: %s", fault.kind, fault.node, e)
 
     async def _apply(self, kind: str, node: str) -> None:
         if kind == "kill":
@@ -242,9 +255,18 @@ class Nemesis:
         self.active.pop(node, None)
         self.last_heal = trio.current_time()
         self.history.log("ok", "heal", "nemesis", agent=node, value={"kind": kind})
+        if self.on_heal is not None:
+            await self.on_heal()
 
     async def heal_all(self) -> None:
-        """Undo every fault still in force (cancellation-proof: it shields itself)."""
+        """Undo every fault still in force (cancellation-proof: it shields itself).
+
+        A heal that fails is logged and the others still run; the agent it left
+        broken then shows in the checker's membership verdict.
+        """
         with trio.CancelScope(shield=True):
             for node in list(self.active):
-                await self.heal(node)
+                try:
+                    await self.heal(node)
+                except Exception as e:
+                    log.error("could not heal %s on %s: %s", self.active.get(node), node, e)

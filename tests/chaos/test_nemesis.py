@@ -83,3 +83,92 @@ def test_a_crash_is_named_by_its_innermost_exception() -> None:
     assert crash_cause(tail) == "p2psched.jobs.state.IllegalTransition: job j1: illegal transition timed_out -> timed_out"
     assert crash_cause("09:00:00.000 I p2psched.agent: bye\n") == "09:00:00.000 I p2psched.agent: bye"
     assert crash_cause("") == ""
+
+
+class RecordingBackend:
+    """The I/O edge of the nemesis: records what it was asked to do, at what time.
+
+    The real backends are exercised by tests/chaos/test_run.py and test_hosts.py;
+    this one lets the runner's ordering be checked in virtual time.
+    """
+
+    kinds = ("kill", "pause", "restart", "partition")
+
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.calls: list[tuple[float, str, str]] = []
+        self.fail = fail or set()
+
+    async def _call(self, what: str, node: str) -> None:
+        import trio
+
+        self.calls.append((trio.current_time(), what, node))
+        if what in self.fail:
+            raise RuntimeError(f"{what} refused")
+
+    async def kill(self, node: str) -> None: await self._call("kill", node)
+    async def revive(self, node: str) -> None: await self._call("revive", node)
+    async def pause(self, node: str) -> None: await self._call("pause", node)
+    async def resume(self, node: str) -> None: await self._call("resume", node)
+    async def restart(self, node: str) -> None: await self._call("restart", node)
+    async def partition(self, node: str) -> None: await self._call("partition", node)
+    async def heal(self, node: str) -> None: await self._call("heal", node)
+
+
+async def test_the_nemesis_applies_and_heals_each_fault_on_time(autojump_clock: object) -> None:
+    import trio
+
+    from p2psched.chaos.history import History
+    from p2psched.chaos.nemesis import Fault, Nemesis
+
+    backend = RecordingBackend()
+    history = History(None)
+    healed: list[float] = []
+
+    async def on_heal() -> None:
+        healed.append(trio.current_time())
+
+    plan = [Fault(1.0, "kill", "n1", 2.0), Fault(1.5, "pause", "n2", 1.0), Fault(5.0, "restart", "n3", 0.0),
+            Fault(6.0, "partition", "n1", 3.0)]
+    nemesis = Nemesis(backend, history, plan, on_heal=on_heal)
+    start = trio.current_time()
+    await nemesis.run(start)
+    calls = [(round(t - start, 3), what, node) for t, what, node in backend.calls]
+    assert calls == [(1.0, "kill", "n1"), (1.5, "pause", "n2"), (2.5, "resume", "n2"), (3.0, "revive", "n1"),
+                     (5.0, "restart", "n3"), (6.0, "partition", "n1"), (9.0, "heal", "n1")]
+    assert nemesis.active == {}
+    assert len(healed) == 4
+    oks = [(o["f"], o["agent"]) for o in history.ops if o["type"] == "ok"]
+    assert oks.count(("fault", "n1")) == 2 and oks.count(("heal", "n1")) == 2
+
+
+async def test_a_cancelled_run_still_heals_what_is_in_force(autojump_clock: object) -> None:
+    import trio
+
+    from p2psched.chaos.history import History
+    from p2psched.chaos.nemesis import Fault, Nemesis
+
+    backend = RecordingBackend()
+    nemesis = Nemesis(backend, History(None), [Fault(1.0, "partition", "n1", 60.0), Fault(2.0, "kill", "n2", 60.0)])
+    with trio.move_on_after(5):
+        await nemesis.run(trio.current_time())
+    assert nemesis.active == {"n1": "partition", "n2": "kill"}
+    await nemesis.heal_all()
+    assert [c[1:] for c in backend.calls[-2:]] == [("heal", "n1"), ("revive", "n2")]
+    assert nemesis.active == {}
+
+
+async def test_a_heal_that_fails_does_not_stop_the_others(autojump_clock: object) -> None:
+    import trio
+
+    from p2psched.chaos.history import History
+    from p2psched.chaos.nemesis import Fault, Nemesis
+
+    backend = RecordingBackend(fail={"resume"})
+    history = History(None)
+    nemesis = Nemesis(backend, history, [Fault(1.0, "pause", "n1", 60.0), Fault(2.0, "kill", "n2", 60.0)])
+    with trio.move_on_after(5):
+        await nemesis.run(trio.current_time())
+    await nemesis.heal_all()
+    assert ("revive", "n2") in [c[1:] for c in backend.calls]
+    assert nemesis.active == {"n1": "pause"}  # still broken, and the history says so
+    assert any(o["f"] == "heal" and o["type"] == "fail" and o["agent"] == "n1" for o in history.ops)
