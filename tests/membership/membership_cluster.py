@@ -24,11 +24,12 @@ FAST = {
 
 
 class Agent:
-    def __init__(self, cluster: "Cluster", node_id: str, port: int = 0, join: list[str] | None = None) -> None:
+    def __init__(self, cluster: "Cluster", node_id: str, port: int = 0, join: list[str] | None = None,
+                 files: str | None = None) -> None:
         self.cluster = cluster
         self.node_id = node_id
-        self.status_file = cluster.dir / f"{node_id}.json"
-        self.log_file = cluster.dir / f"{node_id}.log"
+        self.status_file = cluster.dir / f"{files or node_id}.json"
+        self.log_file = cluster.dir / f"{files or node_id}.log"
         self.status_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "p2psched.membership.standalone", "--node-id", node_id,
                "--bind", f"127.0.0.1:{port}", "--no-mdns", "--key-file", str(cluster.key_file),

@@ -115,3 +115,20 @@ def test_node_state_change_reaches_every_agent(cluster):
     wait_for(lambda: source.view()["m2"]["resources"]["queue_len"] == 1, "m2 publishes queue_len 1", 10)
     wait_for(lambda: all(a.view()["m2"]["resources"]["queue_len"] == 1 for a in cluster.running()),
              "every agent sees m2's queue_len 1", 10)
+
+
+def test_second_agent_claiming_a_live_id_is_refused_and_logged(cluster):
+    from membership_cluster import Agent
+
+    owner = cluster.agents["m7"]
+    wait_for(lambda: all(states(a, "m7") == "alive" for a in cluster.running(exclude={"m7"})), "m7 alive")
+    impostor = Agent(cluster, "m7", join=[cluster.agents["m0"].addr], files="m7-impostor")
+    try:
+        wait_for(lambda: "uses our node id 'm7'" in impostor.log_file.read_text()
+                 and "claiming node id 'm7'" in cluster.agents["m0"].log_file.read_text(),
+                 "the seed refuses the impostor and the impostor hears its id is taken", 20)
+        time.sleep(1.0)
+        for a in cluster.running(exclude={"m7"}):
+            assert a.view()["m7"]["addr"] == owner.addr and a.view()["m7"]["state"] == "alive"
+    finally:
+        impostor.stop()

@@ -116,3 +116,14 @@ async def test_key_file_problems_fail_at_construction(tmp_path):
     bad.write_text("not base64!\n")
     with pytest.raises(KeyringError, match="line 1"):
         MembershipService(MembershipSettings(mdns=False, key_file=bad), "a", ("127.0.0.1", 0), NodeState("a"), None)
+
+
+async def test_dns_name_seeds_are_resolved_and_joined():
+    s = fast()
+    a = service(s, "d-a")
+    async with trio.open_nursery() as nursery:
+        addr = await nursery.start(a.run)
+        b = service(s.model_copy(update={"dns_names": [f"localhost:{addr[1]}"], "dns_interval": 0.2}), "d-b")
+        await nursery.start(b.run)
+        await wait_until(lambda: {m.node_id for m in a.members()} == {"d-a", "d-b"})
+        nursery.cancel_scope.cancel()
