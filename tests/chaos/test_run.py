@@ -8,6 +8,8 @@ half on a two-core machine.
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ def test_no_acknowledged_job_is_lost_under_faults(tmp_path: Path) -> None:
     verdict, run_dir = run_chaos(cfg)
 
     report = verdict.render() + f"\n(run directory {run_dir})"
+    print(report)  # shown with -rP or -s: the counts and figures of this run
     assert verdict.ok, report
     # The run did what it claims: jobs went in, and every kind of fault happened.
     assert verdict.counts["acknowledged"] >= 0.95 * cfg.jobs, report
@@ -33,6 +36,7 @@ def test_no_acknowledged_job_is_lost_under_faults(tmp_path: Path) -> None:
     assert verdict.figures["jobs_lost"] == 0
     assert verdict.figures["duplicate_results"] == 0
     assert (run_dir / "history.jsonl").stat().st_size > 0
-    # Teardown left nothing behind.
-    assert not list(STATE_DIR.glob("*.json")) or all(
-        p.stem not in (run_dir / "hosts.json").read_text() for p in STATE_DIR.glob("*.json"))
+    # Teardown left nothing behind: no record of this run's namespaces, no bridge.
+    bridge = json.loads((run_dir / "hosts.json").read_text())["bridge"]
+    assert not (STATE_DIR / f"{bridge.removeprefix('pcb')}.json").exists()
+    assert subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode != 0
