@@ -264,6 +264,7 @@ class Membership:
         self._queue = _BroadcastQueue()
         self._seeds: set[Addr] = set()
         self._group_cache: list[str] | None = None
+        self._seed_ids: dict[Addr, str] = {}  # seed address -> node id that answered there
 
         self._state_version = 0
         self._pending_state: NodeState | None = None
@@ -636,11 +637,18 @@ class Membership:
         self._next_rejoin_at = now + self.s.rejoin_interval
         candidates = {self.members[i].addr for i, _ in self._gone.items() if self.members[i].status == DEAD}
         candidates |= {a for a, t in self._graveyard if now - t < GRAVEYARD_SECONDS}
-        candidates |= {a for a in self._seeds if a not in self._addr_index
-                       or self.members[self._addr_index[a]].status not in (ALIVE, SUSPECT)}
+        candidates |= self._seeds
+        # Only peers we are not already connected to: a seed may be a live member known
+        # under another address (a name that resolves to loopback, a NATed address).
+        candidates = {a for a in candidates if not self._is_live(self._addr_index.get(a))
+                      and not self._is_live(self._seed_ids.get(a))}
         candidates.discard(self.addr)
         if candidates:
             out.append(self._push_pull_to(self.rng.choice(sorted(candidates)), join=False))
+
+    def _is_live(self, node_id: str | None) -> bool:
+        m = self.members.get(node_id) if node_id is not None else None
+        return m is not None and m.status in (ALIVE, SUSPECT)
 
     def _tick_reap(self, now: float, out: list[Action]) -> None:
         for node_id, since in list(self._gone.items()):
@@ -752,13 +760,15 @@ class Membership:
         if data is None:
             return []
         try:
-            _, msg = codec.decode_frame(data, self.s.max_tcp_message)
+            sender, msg = codec.decode_frame(data, self.s.max_tcp_message)
         except codec.DecodeError as e:
             self._drop(e.reason)
             return []
         if not isinstance(msg, PushPullResp):
             self._drop("unexpected_tcp")
             return []
+        if addr in self._seeds:
+            self._seed_ids[addr] = sender
         out: list[Action] = []
         self._merge(now, msg.entries, out)
         pushed = [self._entry(self.members[i]) for i in msg.wants if i in self.members]

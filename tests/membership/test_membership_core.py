@@ -258,3 +258,26 @@ def test_mutations_inside_the_coalescing_window_build_on_each_other():
     a.set_local_state(1.1, NodeState("a", vector=ResourceVector(queue_len=2)))  # pending until 1.5
     assert a.local_state.vector.queue_len == 1
     assert a.latest_local_state.vector.queue_len == 2
+
+
+def test_rejoin_skips_seeds_that_are_live_members_under_another_address():
+    a, b = core("a", A), core("b", B)
+    b.handle_packet(0.0, A, pkt(Alive(0, "a", A)))
+    loop_alias = ("127.0.0.1", 7946)  # the seed as written, b as it advertises itself
+    a.set_seeds([loop_alias])
+    (req,) = [x for x in a.tick(0.0) if isinstance(x, SendTcp)]  # alone: join through the seed
+    reply, _ = b.handle_stream(0.0, A, req.data)
+    a.handle_stream_reply(0.0, loop_alias, reply)
+    assert a.get("b").status == ALIVE
+    tcp = []
+    for step in range(1, 400):  # 40 s, several rejoin intervals; b answers every packet
+        now = step / 10
+        for x in a.tick(now):
+            if isinstance(x, SendTcp):
+                tcp.append(x)
+            elif isinstance(x, Send) and x.addr == B:
+                for y in b.handle_packet(now, A, x.data):
+                    if isinstance(y, Send) and y.addr == A:
+                        a.handle_packet(now, B, y.data)
+    assert a.get("b").status == ALIVE
+    assert all(x.addr != loop_alias for x in tcp)
