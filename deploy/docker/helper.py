@@ -27,11 +27,14 @@ import re
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 #: Docker's embedded resolver; /etc/resolv.conf names it on user-defined networks.
 DOCKER_DNS = "127.0.0.11"
 NAME_NUMBER = re.compile(r"[-_](\d+)$")
+#: Seconds (one query each) to wait for Docker's DNS before claiming a slot instead.
+DNS_TRIES = 15
 
 
 def _resolver() -> str:
@@ -119,6 +122,17 @@ def index_from_dns() -> int | None:
     return None
 
 
+def record_claim(shared: Path, index: int) -> None:
+    """Mark ``index`` as held by this container, so that no replica falling back to
+    claims takes it too."""
+    slots = shared / "replicas"
+    try:
+        slots.mkdir(parents=True, exist_ok=True)
+        (slots / str(index)).write_text(socket.gethostname() + "\n")
+    except OSError:
+        pass  # a read-only shared volume: claims are then not used by anyone
+
+
 def index_from_claim(shared: Path) -> int:
     """Claim the lowest free slot under ``shared``/replicas, or the one this container holds."""
     me = socket.gethostname()
@@ -182,9 +196,20 @@ def main(argv: list[str]) -> int:
         explicit = os.environ.get("P2PSCHED_REPLICA_INDEX", "").strip()
         if explicit:
             print(int(explicit))
-        else:
+            return 0
+        # Docker's resolver can lag a container's start by a moment; a replica that
+        # gave up at once would take a claimed slot, and might duplicate a DNS index.
+        found = None
+        for _ in range(DNS_TRIES):
             found = index_from_dns()
-            print(found if found is not None else index_from_claim(shared))
+            if found is not None:
+                break
+            time.sleep(1)
+        if found is not None:
+            record_claim(shared, found)
+            print(found)
+        else:
+            print(index_from_claim(shared))
         return 0
     if argv[:1] == ["host"] and len(argv) == 3:
         print(host_at(int(argv[1]), argv[2]))

@@ -43,6 +43,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ DOCKER_TIMEOUT_S = 60.0
 #: The compose label that marks agent containers (compose.yaml sets it).
 ROLE_LABEL = "p2psched.role=agent"
 STATE_DIR = Path(tempfile.gettempdir()) / "p2psched-chaos"
+#: Attempts at `docker pause` before giving up (see :func:`pause`).
+PAUSE_TRIES = 5
 
 
 class DockerFaultError(RuntimeError):
@@ -120,8 +123,18 @@ def pause(name: str) -> None:
     state = _inspect(name)["State"]
     if not state["Running"]:
         raise DockerFaultError(f"cannot pause {name}: it is not running (start it first)")
-    if not state["Paused"]:
-        _docker("pause", name)
+    if state["Paused"]:
+        return
+    # The cgroup v1 freezer gives up ("unable to freeze") when a task is mid-fork or
+    # in an uninterruptible sleep at that instant; a later try usually succeeds.
+    for attempt in range(PAUSE_TRIES):
+        try:
+            _docker("pause", name)
+            return
+        except DockerFaultError as e:
+            if "unable to freeze" not in str(e) or attempt == PAUSE_TRIES - 1:
+                raise
+            time.sleep(0.2)
 
 
 def unpause(name: str) -> None:
