@@ -615,10 +615,6 @@ class _Job:
 
     async def supervise(self) -> SandboxResult:
         """Capture output, feed stdin, enforce limits, and wait for the job to end."""
-        if self.mounts:
-            # the job's namespace exists (bwrap reported its PID 1): off the loop,
-            # since an unmount may wait for an RCU grace period
-            await trio.to_thread.run_sync(self.detach_mounts)
         out = _Capture(self.out_r, self.limits.stdout_bytes)
         err = _Capture(self.err_r, self.limits.stderr_bytes)
         self.fds.remove(self.out_r)
@@ -627,6 +623,11 @@ class _Job:
             nursery.start_soon(out.run)
             nursery.start_soon(err.run)
             nursery.start_soon(self._reaper)
+            if self.mounts:
+                # the job's namespace exists (bwrap reported its PID 1); off the
+                # loop and beside the job, since an unmount may wait for an RCU
+                # grace period
+                nursery.start_soon(trio.to_thread.run_sync, self.detach_mounts)
             if self.req.stdin:
                 nursery.start_soon(self._feed_stdin, self.stdin_w)
             else:
@@ -668,7 +669,7 @@ class _Job:
             self.cg.reset_peak()
             self.cpu_base_ns = self.cg.poll(cpu=True).cpu_ns
 
-    def hand_over(self, exe: str) -> None:
+    async def hand_over(self, exe: str) -> None:
         """Tell the shim what to execute: argv, env and rlimits, on its control pipe."""
         r = self._rlimits()
         env = dict(self.req.env)
@@ -676,11 +677,14 @@ class _Job:
         spec = {"argv": [exe] + self.req.command[1:] + self.req.args, "env": env,
                 "rlimits": {k: [v, r[1][k]] for k, v in r[0].items()}}
         data = json.dumps(spec).encode()
-        # small enough for the pipe buffer in all but absurd cases; a blocking
-        # write is bounded by the shim reading it
-        os.set_blocking(self.ctl_w, True)
-        os.write(self.ctl_w, data)
-        self._close(self.ctl_w)
+        fd = self.ctl_w
+        self.fds.remove(fd)
+        stream = trio.lowlevel.FdStream(fd)  # a large env may exceed the pipe buffer
+        try:
+            await stream.send_all(data)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _await_start(self, info_r: int) -> bool:
         """Read bwrap's info JSON; move its PID 1 into the cgroup. False if bwrap died first."""
@@ -1065,7 +1069,7 @@ class ProcessSandbox:
             try:
                 # a handful of small cgroupfs writes: cheaper inline than a thread hop
                 job.adopt(request, work_dir)
-                job.hand_over(exe)
+                await job.hand_over(exe)
                 return await job.supervise()
             finally:
                 await self._finish(job)

@@ -252,3 +252,12 @@ def test_doctor_reports_every_feature() -> None:
         assert detail and fix
     # this machine has all of them
     assert all(ok for ok, _, _ in checks.values()), {k: v for k, v in checks.items() if not v[0]}
+
+
+async def test_a_large_environment_arrives_whole(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    # ~200 KiB: more than a pipe buffer, so the warm hand-over must not block the loop on it
+    env = {f"V{i}": "x" * 200 for i in range(1000)}
+    r = await run(sandbox, request(["/usr/bin/env"], env=env), tmp_path)
+    got = dict(line.split("=", 1) for line in r.stdout.decode().splitlines())
+    got.pop("PWD", None)
+    assert got == env
