@@ -324,8 +324,9 @@ class Agent(RemoteJobs):
     def _accept(self, spec: JobSpec, now: float, auth: Any = None) -> tuple[JobRecord, bool]:
         """Admit ``spec`` and create its record (or find the existing one); stage it."""
         job_id = spec.id or new_job_id(self.node_id)
-        admitted = self.gate.admit(spec, auth, job_id=job_id, usage=self.tenant_usage(spec.tenant), now=now,
-                                   module=spec.module)
+        # Usage is summed only where quotas exist: open mode has none to enforce.
+        usage = self.tenant_usage(spec.tenant) if self.gate.registry is not None else None
+        admitted = self.gate.admit(spec, auth, job_id=job_id, usage=usage, now=now, module=spec.module)
         if spec.id is not None or admitted.duplicate:
             existing = self.active.get(job_id) or self.store.get(job_id)
             if existing is not None:
@@ -477,12 +478,22 @@ class Agent(RemoteJobs):
 
     # ---------------------------------------------------------------- resources
 
+    def _load(self) -> float:
+        # The 1-minute load average moves slowly; reading it once a second is plenty.
+        now = time.monotonic()
+        if now - self._load_at > 1.0:
+            self._load_at = now
+            try:
+                self._load_value = os.getloadavg()[0] / max(self.cpu_total, 1.0)
+            except OSError:
+                self._load_value = 0.0
+        return self._load_value
+
+    _load_at = 0.0
+    _load_value = 0.0
+
     def vector(self) -> ResourceVector:
-        load = 0.0
-        try:
-            load = os.getloadavg()[0] / max(self.cpu_total, 1.0)
-        except OSError:
-            pass
+        load = self._load()
         return ResourceVector(
             cpu_total=self.cpu_total, cpu_free=max(0.0, self.cpu_total - self.cpu_used),
             mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
@@ -538,8 +549,13 @@ class Agent(RemoteJobs):
             return
         gossip_host, gossip_port = parse_hostport(st.gossip)
         try:
+            defaults: dict[str, Any] = {}
+            if self.topology is not None:
+                # Half of each gossip round stays on our leaf: cross-spine gossip halves
+                # for ~0.3 extra rounds of dissemination (docs/scheduling.md measures it).
+                defaults["gossip_same_group_fraction"] = 0.5
             ms = MembershipSettings(**{
-                **st.membership, "cluster_name": st.cluster_name, "join": list(st.join),
+                **defaults, **st.membership, "cluster_name": st.cluster_name, "join": list(st.join),
                 "dns_names": list(st.join_dns), "mdns": not st.no_mdns,
                 "advertise": f"{st.advertise}:{gossip_port}" if st.advertise else None,
                 "key_file": st.gossip_key, "insecure": st.insecure,
@@ -601,11 +617,14 @@ class Agent(RemoteJobs):
             if self.store.dirty:
                 await self.store.sync()
 
-    def local_state(self) -> NodeState:
+    def local_state(self, *, with_tenants: bool = True) -> NodeState:
+        """This agent as peers see it. Placement skips the per-tenant usage: it is O(jobs)."""
         return NodeState(
             node_id=self.node_id, vector=self.vector(), agent_version=__version__, api=self.advertised_api(),
             transfer=self.advertised_transfer(), labels=self.node_labels(), position=self.position(),
-            node_pubkey=self.gate.node_pubkey, measurement=self.gate.measurement, tenants=self._tenant_usage_wire(),
+            node_pubkey=self.gate.node_pubkey, measurement=self.gate.measurement,
+            # Only quotas read tenant usage, and only a tenant registry has quotas.
+            tenants=self._tenant_usage_wire() if with_tenants and self.gate.registry is not None else {},
         )
 
     def _tenant_usage_wire(self) -> dict[str, list[float]]:
@@ -639,11 +658,15 @@ class Agent(RemoteJobs):
             host = _primary_ip()
         return f"{host}:{port}"
 
+    @functools.cached_property
+    def _advertised(self) -> tuple[str, str]:
+        return self._advertise_host(self.settings.api), self._advertise_host(self.settings.transfer)
+
     def advertised_api(self) -> str:
-        return self._advertise_host(self.settings.api)
+        return self._advertised[0]
 
     def advertised_transfer(self) -> str:
-        return self._advertise_host(self.settings.transfer)
+        return self._advertised[1]
 
     def _place(self, rec: JobRecord) -> Any:
         from p2psched.placement.core import JobRequest, place
@@ -652,7 +675,8 @@ class Agent(RemoteJobs):
         peers = self.cluster.alive_states() if self.cluster is not None else []
         t0 = time.perf_counter()
         decision, self.placement_state = place(
-            req, self.local_state(), peers, self.topology, rng=self.rng, policy=self.settings.placement_policy,
+            req, self.local_state(with_tenants=False), peers, self.topology, rng=self.rng,
+            policy=self.settings.placement_policy,
             state=self.placement_state,
         )
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
@@ -721,7 +745,7 @@ class Agent(RemoteJobs):
         self.metrics.slots_in_use.labels("cpu").set(self.cpu_used)
         self.metrics.slots_in_use.labels("mem_mb").set(self.mem_used_mb)
         self.metrics.running.set(len(self.running))
-        if self.gpus is not None:
+        if self.gpus is not None and self.gpu_inventory.gpus:
             self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
             self.gpu_metrics.update(self.gpus, self.gpu_inventory, usage={})
 
@@ -750,7 +774,18 @@ class Agent(RemoteJobs):
             from p2psched.sandbox.wasm import run_wasm
 
             assert self._workers is not None
-            return await self._workers.run(run_wasm, req, self._wasm)
+            wasm, gate, spec, node_id = self._wasm, self.gate, run.record.spec, self.node_id
+
+            def run_and_attest() -> SandboxResult:
+                # The report is signed on the worker thread too: the signature and its
+                # canonical JSON cost more than a noop job and need nothing from trio.
+                started = time.time()
+                result: SandboxResult = run_wasm(req, wasm)
+                result.sandbox["attestation"] = gate.attest(node_id=node_id, job_id=req.job_id, spec=spec,
+                                                            result=result, started_at=started, ended_at=time.time())
+                return result
+
+            return await self._workers.run(run_and_attest)
         from p2psched.sandbox.process import run_process
 
         work = self.data_dir / "work" / req.job_id.replace(":", "_")
@@ -766,9 +801,13 @@ class Agent(RemoteJobs):
         self._advance(rec, JobState.RUNNING, started, f"attempt {rec.attempts}")
         self._report_status(rec, rec.timeline[-1])
         try:
-            # The attempt is durable before the job runs, so that after a crash its
-            # record says it ran (at least once) and counts the attempt.
-            await self.store.sync()
+            if rec.runtime == "process":
+                # A process job can act on the world (files, network), so its attempt is
+                # durable before it starts: after a crash the record says it may have run.
+                # A wasm job has no effect outside its result, so it starts at once and
+                # its running state reaches disk with the next flush, before its result;
+                # waiting here would cap wasm throughput at one flush per CPU slot.
+                await self.store.sync()
             result = await self._execute(run, self._sandbox_request(rec, run.gpu_grant))
         except Exception as e:  # a sandbox bug must not take the agent down
             log.exception("job %s: sandbox error", rec.id)
@@ -803,8 +842,11 @@ class Agent(RemoteJobs):
             output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
             warnings=list(res.warnings),
         )
-        rec.result.attestation = self.gate.attest(node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=res,
-                                                  started_at=started, ended_at=ended)
+        report = res.sandbox.pop("attestation", None)
+        if report is None:
+            report = self.gate.attest(node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=res,
+                                      started_at=started, ended_at=ended)
+        rec.result.attestation = report
         state = state_for_reason(res.reason, res.exit_code)
         self.store.stage(rec, output=out)
         self._advance(rec, state, ended, res.reason)
