@@ -20,6 +20,8 @@ Invariants (each failure is a :class:`Violation`):
 
 * ``lost``: an acknowledged job has no record at any origin;
 * ``unfinished``: an acknowledged job's record is not final after healing and waiting;
+* ``unverified``: an acknowledged job's origin never answered the final fetch
+  (listed in ``final["unreachable"]``), so whether it was lost is unknown;
 * ``two_origins``: two agents each hold the job as its origin (one job, two records);
 * ``second_final``: a record's timeline holds two final states, or a final state a
   client was told differs from the final record;
@@ -237,7 +239,8 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
     states: Counter[str] = Counter()
     fail_reasons: Counter[str] = Counter()
     off_expectation: Counter[str] = Counter()
-    lost = unfinished = 0
+    lost = unfinished = unverified = 0
+    unreachable = set(final.get("unreachable") or [])
     second_finals = 0
     max_seen_attempts = 0
     died_extra: list[float] = []
@@ -248,7 +251,11 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
     for job in jobs_to_judge:
         holders = at_origin.get(job, [])
         if not holders:
-            if job in acked:
+            if job in acked and acked[job] in unreachable:
+                unverified += 1
+                bad.append(Violation("unverified", job, f"acknowledged by {acked[job]}, which did not answer "
+                                     "after healing; whether it kept the job is unknown"))
+            elif job in acked:
                 lost += 1
                 bad.append(Violation("lost", job, f"acknowledged by {acked[job]} but no agent holds it as origin"))
             continue
@@ -366,6 +373,7 @@ def check(ops: list[Op], final: dict[str, Any], *, max_attempts: int = DEFAULT_M
     heal_converge = _converge_after_heals(calm_heals, polls, fault_starts)
     verdict.figures = {
         "jobs_lost": lost + unfinished,
+        "jobs_unverified": unverified,
         "duplicate_results": second_finals,
         "duplicate_attempts_recorded": duplicates_seen,
         "records_with_duplicate_attempts": duplicate_records,

@@ -260,28 +260,53 @@ async def _settle(run: Run, http: httpx.AsyncClient, acked: dict[str, str], time
     return len(open_jobs)
 
 
+#: Tries to fetch one agent's records before it counts as unreachable: an agent
+#: that crashed and was restarted a moment ago needs a few seconds to answer.
+FETCH_TRIES = 20
+
+
+async def _fetch_records(http: httpx.AsyncClient, url: str) -> list[dict[str, Any]] | None:
+    recs: list[dict[str, Any]] = []
+    cursor = 0
+    while True:
+        body = await _get_json(http, f"{url}/v1/jobs?limit=1000&cursor={cursor}", 60.0)
+        if body is None:
+            return None
+        recs.extend(body.get("jobs", []))
+        if body.get("next_cursor") is None:
+            return recs
+        cursor = int(body["next_cursor"])
+
+
 async def fetch_final(run: Run, http: httpx.AsyncClient) -> dict[str, Any]:
+    """Every agent's records and peers. An agent that never answers is listed in
+    ``unreachable``: the checker cannot tell its jobs lost from kept, and says so."""
     records: dict[str, list[dict[str, Any]]] = {}
     peers: dict[str, list[dict[str, Any]]] = {}
-    for name, url in run.urls.items():
-        # Ask the agent who it is: an address may have moved to another agent.
-        health = await _get_json(http, url + "/healthz", 5.0)
-        node = str(health["node_id"]) if health and "node_id" in health else run.node_ids.get(name, name)
-        recs: list[dict[str, Any]] = []
-        cursor = 0
-        while True:
-            body = await _get_json(http, f"{url}/v1/jobs?limit=1000&cursor={cursor}", 60.0)
-            if body is None:
-                break
-            recs.extend(body.get("jobs", []))
-            if body.get("next_cursor") is None:
-                break
-            cursor = int(body["next_cursor"])
+    unreachable: list[str] = []
+    for name in run.nodes:
+        recs = None
+        node = run.node_ids.get(name, name)
+        for _ in range(FETCH_TRIES):
+            url = run.urls[name]
+            # Ask the agent who it is: an address may have moved to another agent.
+            health = await _get_json(http, url + "/healthz", 5.0)
+            if health is not None and "node_id" in health:
+                node = str(health["node_id"])
+                recs = await _fetch_records(http, url)
+                if recs is not None:
+                    break
+            restart_crashed(run, None)
+            await trio.sleep(1.0)
+            await run.refresh_urls()
+        if recs is None:
+            unreachable.append(node)
+            continue
         records[node] = recs
-        view = await _get_json(http, url + "/v1/peers", 5.0)
+        view = await _get_json(http, run.urls[name] + "/v1/peers", 5.0)
         if view is not None:
             peers[node] = view.get("peers", [])
-    return {"nodes": sorted(run.node_ids.values()), "records": records, "peers": peers}
+    return {"nodes": sorted(run.node_ids.values()), "records": records, "peers": peers, "unreachable": unreachable}
 
 
 async def drive(run: Run) -> Verdict:
@@ -322,6 +347,7 @@ async def drive(run: Run) -> Verdict:
         await _wait_converged(run, http, cfg.converge_timeout_s, heal_at)
         left = await _settle(run, http, clients.acked, cfg.settle_s)
         restart_crashed(run, nemesis)
+        await wait_healthy(http, run.urls, 60.0, run.agents)
         if left:
             log.warning("%d acknowledged jobs still not final after %.0fs", left, cfg.settle_s)
         final = await fetch_final(run, http)

@@ -398,3 +398,14 @@ def test_a_heal_whose_convergence_the_next_fault_interrupted_is_not_timed() -> N
     fig = run.check().figures["converge_after_each_heal_s"]
     assert fig["heals"] == 2 and fig["interrupted"] == 1 and fig["measured"] == 1
     assert fig["max"] == pytest.approx(3.01, abs=0.001)
+
+
+def test_jobs_of_an_origin_that_never_answered_are_unverified_not_lost() -> None:
+    run = clean_run()
+    run.submit("quiet", "n3", expect_sha(b"q"))
+    run.records["n3"] = []
+    final = run.final()
+    final["unreachable"] = ["n3"]
+    v = check(run.ops, final, max_attempts=5)
+    assert "unverified" in kinds(v) and "lost" not in kinds(v)
+    assert v.figures["jobs_lost"] == 0 and v.figures["jobs_unverified"] == 3
