@@ -1091,6 +1091,14 @@ class ProcessSandbox:
         else:
             await job.cleanup()
 
+    async def _cleanup_one(self, job: _Job, limiter: trio.CapacityLimiter) -> None:
+        # shielded, limiter included: a job leaves the list only once cleaned, so
+        # serve's own exit cleans whatever a cancellation interrupted
+        with trio.CancelScope(shield=True):
+            async with limiter:
+                await job.cleanup()
+            self._discard.remove(job)
+
     def _take(self, request: SandboxRequest) -> tuple[_Job, str] | None:
         if not self._pool or request.network or request.gpu_devices:
             return None
@@ -1124,11 +1132,10 @@ class ProcessSandbox:
                 # a fresh event before the work, so a wake-up during it is not lost
                 self._taken = trio.Event()
                 if self._discard:
-                    done, self._discard = self._discard, []
                     async with trio.open_nursery() as n:
                         limiter = trio.CapacityLimiter(8)
-                        for job in done:
-                            n.start_soon(_cleanup_limited, job, limiter)
+                        for job in list(self._discard):
+                            n.start_soon(self._cleanup_one, job, limiter)
                 while len(self._pool) < self.warm:
                     job = _Job(template, self.cfg.runtime_dir, self.cfg, host)
                     try:
@@ -1151,11 +1158,6 @@ class ProcessSandbox:
                 pool, self._pool = self._pool, []
                 for job in pool + self._discard:
                     await job.cleanup()
-
-
-async def _cleanup_limited(job: _Job, limiter: trio.CapacityLimiter) -> None:
-    async with limiter:
-        await job.cleanup()
 
 
 def _exited(pidfd: int | None) -> bool:
