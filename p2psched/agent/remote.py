@@ -86,6 +86,7 @@ class RemoteJobs:
                 rec.hops -= 1
                 self.placement_metrics.refused()
                 continue
+            self._note_vector(cand.node_id, reply)
             if reply.get("t") == m.ACCEPT:
                 if rec.state.final:  # cancelled while the offer was in flight
                     return
@@ -99,14 +100,22 @@ class RemoteJobs:
             rec.hops -= 1
             self.placement_metrics.refused()
             refusals.append(f"{cand.node_id}: {reply.get('reason', 'refused')}")
-            if isinstance(reply.get("vector"), dict) and self.cluster is not None:
-                self.cluster.note_fresh_vector(cand.node_id, ResourceVector.from_wire(reply["vector"]))
         if rec.state.final:
             return
         rec.executor = None
         rec.wait_reason = "every candidate refused; waiting for capacity (" + "; ".join(refusals[:4]) + ")"
         log.debug("job %s: no candidate accepted: %s", rec.id, "; ".join(refusals))
         self._requeue_later(rec, RETRY_BASE_S)
+
+    def _note_vector(self: Agent, node_id: str, msg: dict[str, Any]) -> None:
+        """Replies and results carry the peer's vector: fresher than gossip, so use it."""
+        if isinstance(msg.get("vector"), dict) and self.cluster is not None:
+            try:
+                self.cluster.note_fresh_vector(node_id, ResourceVector.from_wire(msg["vector"]))
+            except (TypeError, ValueError):
+                return
+            if len(self.queue):
+                self._wake.set()
 
     def _requeue_later(self: Agent, rec: JobRecord, delay: float) -> None:
         assert self._nursery is not None
@@ -252,7 +261,7 @@ class RemoteJobs:
         self._advance(rec, JobState.PLACED, now, f"runs here for {rec.origin}")
         self._reserve_and_start(rec, already_placed=True)
         await self.store.sync()
-        return {"t": m.ACCEPT, "id": job_id}
+        return {"t": m.ACCEPT, "id": job_id, "vector": self.vector().to_wire()}
 
     def _report_status(self: Agent, rec: JobRecord, entry: dict[str, Any]) -> None:
         """Tell the origin how its job is doing (best effort: the result is what counts)."""
@@ -299,6 +308,7 @@ class RemoteJobs:
                 return
             output = self.store.output(job_id) or b""
             msg = {"t": m.RESULT, "id": job_id, "executor": self.node_id, "attempt": rec.attempts,
+                   "vector": self.vector().to_wire(),
                    "state": rec.state.value, "result": rec.result.as_dict(), "output": output,
                    "timeline": [t for t in rec.timeline if t["node"] == self.node_id]}
             address = rec.origin_transfer
@@ -324,6 +334,7 @@ class RemoteJobs:
         if rec is None:
             return {"t": m.ACK, "id": job_id, "duplicate": True, "unknown": True}
         executor = str(msg["executor"])
+        self._note_vector(executor, msg)
         if rec.state.final:
             if not (rec.result is not None and rec.executor == executor and rec.result.reason == msg["result"].get("reason")
                     and rec.result.exit_code == msg["result"].get("exit_code")) or rec.duplicates:
