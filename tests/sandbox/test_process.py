@@ -261,3 +261,21 @@ async def test_a_large_environment_arrives_whole(sandbox: ProcessSandbox, tmp_pa
     got = dict(line.split("=", 1) for line in r.stdout.decode().splitlines())
     got.pop("PWD", None)
     assert got == env
+
+
+async def test_stopping_serve_leaves_nothing_behind(tmp_path: Path) -> None:
+    sb = ProcessSandbox(warm=2)
+    async with trio.open_nursery() as n:
+        await n.start(sb.serve)
+        async with trio.open_nursery() as jobs:
+            for i in range(6):
+                jobs.start_soon(run, sb, request(["/bin/true"], job_id=f"leak-check-{i}"), tmp_path)
+        n.cancel_scope.cancel()  # with finished jobs' cleanups and the pool still pending
+    pid = os.getpid()
+    runtime = ProcessSandboxConfig().runtime_dir
+    assert not list(runtime.glob("job-leak-check-*")) and not list(runtime.glob(f"job-warm-{pid}-*"))
+    layout = cgroups.detect()
+    roots = list(layout.v1_dirs.values()) if layout.version == 1 else [layout.v2_dir] if layout.v2_dir else []
+    for r in roots:
+        assert not list((r / cgroups.PARENT_NAME).glob("job-leak-check-*"))
+        assert not list((r / cgroups.PARENT_NAME).glob(f"job-warm-{pid}-*"))
