@@ -7,14 +7,16 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 
-# Debian packages: libseccomp for the process sandbox's filter, iproute2/iptables
-# for network-namespace chaos tests, util-linux for unshare/nsenter.
+# Debian packages: bubblewrap builds the process sandbox's namespaces and private
+# root, libseccomp its syscall filter, util-linux its rlimits (prlimit);
+# iproute2/iptables give the chaos harness its network namespaces and partitions.
 need=()
 [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] \
   || ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || need+=(libseccomp2)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
-command -v unshare >/dev/null || need+=(util-linux)
+command -v prlimit >/dev/null || need+=(util-linux)
+command -v bwrap >/dev/null || need+=(bubblewrap)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing Debian packages: ${need[*]}"
