@@ -3,15 +3,18 @@
 #
 #   agent [FLAGS...]   run `p2psched agent` (the default). Configuration comes from
 #                      P2PSCHED_<NAME> environment variables, flags override them.
-#                      When the shared volume holds cluster material (written by
-#                      `init`), this picks the replica's topology host as its node id
-#                      and points the agent at the gossip key, TLS files and topology.
+#                      With P2PSCHED_CLUSTER set (compose.yaml sets it), this waits
+#                      for the cluster material `init` writes, takes the replica's
+#                      topology host as its node id and points the agent at the
+#                      gossip key, TLS files and topology.
 #   init               generate the cluster material once into $P2PSCHED_SHARED_DIR:
 #                      gossip key, CA and node certificates, leaf-spine topology.
 #   healthcheck        exit 0 iff the local agent answers GET /healthz
 #   anything else      exec'd as is (e.g. `p2psched submit ...`, `sh`)
 #
-# Environment read here (besides the agent's own P2PSCHED_* settings):
+# Environment read here (besides the agent's own P2PSCHED_* settings, which ignore
+# these names):
+#   P2PSCHED_CLUSTER           non-empty: run as a member of the compose cluster
 #   P2PSCHED_SHARED_DIR        the shared volume (default /shared)
 #   P2PSCHED_CA_DIR            where init keeps the CA key (default /ca, a volume that
 #                              only the init service mounts, so agents never hold it)
