@@ -63,8 +63,18 @@ class Running:
     gpu_grant: Any = None
 
 
+def _raise_nofile() -> None:
+    """Each running process job holds about 5 descriptors here: use the whole hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _reap_stale_sandboxes() -> None:
     """Kill and remove what a kill -9'd agent left of its process jobs (cgroups, mounts)."""
+    _raise_nofile()
     try:
         from p2psched.sandbox.process import reap_stale
     except ImportError:  # the sandbox's system tools are missing: doctor says so
@@ -127,6 +137,7 @@ class Agent(RemoteJobs):
         self._nursery: trio.Nursery | None = None
         self._wasm: Any = None
         self._workers: WorkerThreads | None = None
+        self._processes: Any = None  # ProcessSandbox, made on the first process job
         self.gpus: Any = None  # SlotAllocator, once started
         from p2psched.placement.core import PlacementState
         from p2psched.placement.metrics import PlacementMetrics
@@ -786,12 +797,18 @@ class Agent(RemoteJobs):
                 return result
 
             return await self._workers.run(run_and_attest)
-        from p2psched.sandbox.process import run_process
+        if self._processes is None:
+            from p2psched.sandbox.process import ProcessSandbox
 
+            # Made on the first process job, so agents that only run wasm pay nothing;
+            # from then on a small pool of pre-built sandboxes serves jobs warm.
+            assert self._nursery is not None
+            self._processes = ProcessSandbox(warm=self.settings.process_warm_pool)
+            await self._nursery.start(self._processes.serve)
         work = self.data_dir / "work" / req.job_id.replace(":", "_")
         run.scope = trio.CancelScope()
         with run.scope:
-            return await run_process(req, work)
+            return await self._processes.run(req, work)
         return SandboxResult(exit_code=None, reason="cancelled")
 
     async def _run_job(self, run: Running) -> None:
