@@ -709,6 +709,11 @@ class Agent(RemoteJobs):
                     self.queue.pop()
                     rec.wait_reason = None
                     self._reserve_and_start(rec)
+                elif isinstance(decision, Forward) and rec.origin != self.node_id:
+                    # Only the origin forwards: a job taken for another origin runs here
+                    # (or goes back to its origin's control if this agent is lost).
+                    rec.wait_reason = f"waiting for capacity here; it was accepted for its origin {rec.origin}"
+                    break
                 elif isinstance(decision, Forward):
                     if self.transfer is None:
                         rec.wait_reason = ("a peer could run it but forwarding is off: give --tls-dir with cluster "
@@ -840,6 +845,14 @@ class Agent(RemoteJobs):
             self._wake.set()
         ended = time.time()
         self.metrics.run_seconds.labels(rec.runtime).observe(ended - started)
+        if rec.state.final:
+            # An earlier attempt's result arrived while this one ran: the first final
+            # result stands, this one is recorded as a duplicate attempt.
+            rec.duplicates.append({"executor": self.node_id, "attempt": rec.attempts, "reason": result.reason,
+                                   "at": ended})
+            self.store.stage(rec)
+            await self.store.sync()
+            return
         if run.cancel_reason == "shutdown":
             self._advance(rec, JobState.QUEUED, ended, "agent stopping: run interrupted; it will run again")
             return

@@ -156,8 +156,13 @@ class RemoteJobs:
         try:
             reply = await self.transfer.request(home, state.transfer, msg)
         except TransferError as e:
-            log.info("job %s: its home agent %s is unreachable (%s); accepting it here", spec.id, home, e)
-            return None
+            # Accepting here could make a second origin for the id (the home may have
+            # taken it already): refuse, and let the client retry the same id.
+            from p2psched.agent.errors import Unavailable
+
+            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which cannot be reached now ({e}); "
+                              "retry with the same id in a moment", reason="home_unreachable",
+                              retry_after=1.0) from None
         if reply.get("t") == m.SUBMITTED:
             return dict(reply["job"]), bool(reply["created"])
         from p2psched.agent.errors import AgentError
@@ -213,7 +218,10 @@ class RemoteJobs:
         job_id = msg["id"]
         existing = self.active.get(job_id) or self.store.get(job_id)
         if existing is not None:
-            return {"t": m.ACCEPT, "id": job_id}  # a retried offer: idempotent by job id
+            if existing.origin == str(job.get("origin")) and existing.origin != self.node_id:
+                return {"t": m.ACCEPT, "id": job_id}  # a retried offer: idempotent by job id
+            return {"t": m.REFUSE, "id": job_id, "vector": self.vector().to_wire(),
+                    "reason": f"this agent already holds a job {job_id} from origin {existing.origin}"}
         try:
             spec = JobSpec.model_validate(job["spec"])
         except Exception as e:

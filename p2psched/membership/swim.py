@@ -728,7 +728,7 @@ class Membership:
     def handle_stream(self, now: float, src: Addr, data: bytes) -> tuple[bytes | None, list[Action]]:
         """A frame received over TCP: a TCP probe or a push-pull. Returns the reply frame."""
         try:
-            _, msg = codec.decode_frame(data, self.s.max_tcp_message)
+            sender, msg = codec.decode_frame(data, self.s.max_tcp_message)
         except codec.DecodeError as e:
             self._drop(e.reason)
             return None, []
@@ -743,7 +743,10 @@ class Membership:
             entries, wants = [], []
             for m in self.members.values():
                 d = theirs.get(m.node_id)
-                if d is None or (d.incarnation, d.status, d.version) != (m.incarnation, m.status, 0 if m.partial else m.version):
+                # The requester's own record always travels both ways: digests carry no
+                # address, so only the full entries reveal a second agent using a live id.
+                if d is None or m.node_id == sender or (d.incarnation, d.status, d.version) != (
+                        m.incarnation, m.status, 0 if m.partial else m.version):
                     entries.append(self._entry(m))
                     if d is not None:
                         wants.append(m.node_id)

@@ -70,7 +70,8 @@ def test_sigstop_beyond_suspicion_then_sigcont_refutes(cluster):
     finally:
         victim.signal(signal.SIGCONT)
     wait_for(lambda: all(states(a, "m4") == "alive" for a in others), "m4 refutes its death and is alive again")
-    assert victim.status()["incarnation"] >= 1
+    # The victim writes its status file periodically: wait for the write after it resumed.
+    wait_for(lambda: victim.status()["incarnation"] >= 1, "m4's own status shows the refuting incarnation", 10)
     assert all(a.view()["m4"]["incarnation"] == victim.status()["incarnation"] for a in others)
 
 
@@ -91,9 +92,10 @@ def test_restart_with_same_id_comes_back_with_higher_incarnation(cluster):
     fresh = cluster.restart("m6")
     wait_for(lambda: all(states(a, "m6") == "alive" for a in cluster.running(exclude={"m6"})),
              "the restarted m6 is alive everywhere")
-    inc = fresh.status()["incarnation"]
-    assert inc > before
-    assert all(a.view()["m6"]["incarnation"] == inc for a in cluster.running(exclude={"m6"}))
+    # The status file is written periodically: wait for the one after the refutation.
+    wait_for(lambda: fresh.status()["incarnation"] > before, "m6's own status shows a higher incarnation", 10)
+    wait_for(lambda: all(a.view()["m6"]["incarnation"] == fresh.status()["incarnation"]
+                         for a in cluster.running(exclude={"m6"})), "every view has m6's new incarnation", 10)
 
 
 def test_packet_under_wrong_cluster_key_is_ignored_and_counted(cluster):
