@@ -53,6 +53,11 @@ class ClusterView:
         entry = self._states(include_suspect=True).get(node_id)
         return entry[1] if entry else None
 
+    def known_ids(self) -> list[str]:
+        """Every member not known to have left: alive, suspect or dead. Views agree on this
+        set far sooner than on who is alive, so it is what client-chosen ids hash over."""
+        return [m.node_id for m in self.service.members() if m.state != "left"]
+
     def is_member(self, node_id: str) -> bool:
         return any(m.node_id == node_id and m.state in ("alive", "suspect") for m in self.service.members())
 

@@ -142,15 +142,22 @@ class RemoteJobs:
         """
         if job_id is None or self.cluster is None:
             return None
-        members = [s.node_id for s in self.cluster.alive_states()] + [self.node_id]
+        # Hash over every member not known to have left, dead ones included: during a
+        # partition the two sides disagree on who is alive, but not on who exists, so
+        # both compute the same home (and refuse while it is unreachable).
+        members = set(self.cluster.known_ids()) | {self.node_id}
         home = max(members, key=lambda n: hashlib.sha256(f"{n}\x00{job_id}".encode()).digest())
         return None if home == self.node_id else home
 
     async def submit_at_home(self: Agent, home: str, spec: JobSpec, auth: Any) -> tuple[dict[str, Any], bool] | None:
         """Hand a submission to its home agent; None when it cannot be reached (accept here)."""
+        from p2psched.agent.errors import Unavailable
+
         state = self.cluster.state_of(home) if self.cluster else None
         if state is None or not state.transfer or self.transfer is None:
-            return None
+            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which is not reachable now; retry with "
+                              "the same id in a moment (or let the id be generated)", reason="home_unreachable",
+                              retry_after=1.0)
         msg = {"t": m.SUBMIT, "spec": spec.model_dump(),
                "auth": auth.to_json() if hasattr(auth, "to_json") else auth}
         try:
@@ -158,8 +165,6 @@ class RemoteJobs:
         except TransferError as e:
             # Accepting here could make a second origin for the id (the home may have
             # taken it already): refuse, and let the client retry the same id.
-            from p2psched.agent.errors import Unavailable
-
             raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which cannot be reached now ({e}); "
                               "retry with the same id in a moment", reason="home_unreachable",
                               retry_after=1.0) from None
