@@ -123,6 +123,8 @@ class Agent(RemoteJobs):
         self.store = Store(self.data_dir)
         self.queue = DispatchQueue(settings.dispatch_policy)
         self.active: dict[str, JobRecord] = {}
+        #: Status reports that arrived before the offer's acceptance (see _on_status).
+        self.early_status: dict[str, dict[str, Any]] = {}
         self.running: dict[str, Running] = {}
         self.cpu_total = settings.detected_cpus()
         self.mem_total_mb = settings.detected_mem_mb()
@@ -278,6 +280,7 @@ class Agent(RemoteJobs):
         self.store.stage(rec)
         if state.final:
             self.active.pop(rec.id, None)
+            self.early_status.pop(rec.id, None)
             ev = self._waiters.pop(rec.id, None)
             if ev is not None:
                 # Waiters learn of the ending only once it is durable.

@@ -90,22 +90,29 @@ class RemoteJobs:
             if reply.get("t") == m.ACCEPT:
                 if rec.state.final:  # cancelled while the offer was in flight
                     return
-                rec.wait_reason = None
-                self._advance(rec, JobState.PLACED, time.time(),
-                              f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
-                self.placement_metrics.started(rec.hops)
+                self._accepted(rec, f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
                 await self.store.sync()
                 return
             rec.attempts -= 1
             rec.hops -= 1
             self.placement_metrics.refused()
             refusals.append(f"{cand.node_id}: {reply.get('reason', 'refused')}")
+        self.early_status.pop(rec.id, None)
         if rec.state.final:
             return
         rec.executor = None
         rec.wait_reason = "every candidate refused; waiting for capacity (" + "; ".join(refusals[:4]) + ")"
         log.debug("job %s: no candidate accepted: %s", rec.id, "; ".join(refusals))
         self._requeue_later(rec, RETRY_BASE_S)
+
+    def _accepted(self: Agent, rec: JobRecord, detail: str) -> None:
+        """The executor took the job: it is placed, and maybe already running there."""
+        rec.wait_reason = None
+        self._advance(rec, JobState.PLACED, time.time(), detail)
+        self.placement_metrics.started(rec.hops)
+        early = self.early_status.pop(rec.id, None)
+        if early is not None:
+            self._on_status({"id": rec.id, "entry": early})
 
     def _note_vector(self: Agent, node_id: str, msg: dict[str, Any]) -> None:
         """Replies and results carry the peer's vector: fresher than gossip, so use it."""
@@ -284,11 +291,16 @@ class RemoteJobs:
         transfer = self.transfer
 
         async def send() -> None:
-            try:
-                await transfer.request(rec.origin, rec.origin_transfer, {"t": m.STATUS, "id": rec.id, "entry": entry},
-                                       timeout=5)
-            except TransferError:
-                pass
+            # A few tries: a busy origin may miss one, and its status page should
+            # not say "placed" for the whole run. The result still settles it.
+            for delay in (0.0, 0.5, 2.0):
+                await trio.sleep(delay)
+                try:
+                    await transfer.request(rec.origin, rec.origin_transfer,
+                                           {"t": m.STATUS, "id": rec.id, "entry": entry}, timeout=5)
+                    return
+                except TransferError:
+                    continue
 
         self._nursery.start_soon(send)
 
@@ -297,7 +309,15 @@ class RemoteJobs:
         entry = msg["entry"]
         if rec is None or rec.state.final or not isinstance(entry, dict):
             return
-        if entry.get("state") == "running" and rec.state is JobState.PLACED and rec.executor == entry.get("node"):
+        if rec.executor != entry.get("node"):
+            return
+        if rec.state is not JobState.PLACED and rec.state is not JobState.RUNNING:
+            # The executor starts the job before its acceptance reaches us, so its
+            # "running" can overtake the reply to the offer: keep it for then.
+            if len(self.early_status) < 10_000:
+                self.early_status[rec.id] = entry
+            return
+        if entry.get("state") == "running" and rec.state is JobState.PLACED:
             rec.advance(JobState.RUNNING, float(entry.get("at", time.time())), str(entry.get("node")),
                         str(entry.get("detail", "")))
             self.metrics.job_state("running", rec.runtime).inc()
