@@ -1185,7 +1185,11 @@ def _exited(pidfd: int | None) -> bool:
         return True
     import select
 
-    return bool(select.select([pidfd], [], [], 0)[0])
+    # poll, not select: an agent running hundreds of jobs holds descriptors past
+    # select's limit of 1024
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _warm_limits() -> Limits:

@@ -208,6 +208,27 @@ async def test_many_jobs_at_once(sandbox: ProcessSandbox, tmp_path: Path) -> Non
     assert sorted(int(r.stdout) for r in results) == list(range(20))
 
 
+async def test_the_pool_serves_an_agent_holding_more_than_1024_descriptors(tmp_path: Path) -> None:
+    """An agent running hundreds of jobs holds descriptors past select()'s limit; the
+    pool's sandboxes (their pidfds numbered beyond it) must still be handed out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        sb = ProcessSandbox(warm=1)
+        async with trio.open_nursery() as n:
+            await n.start(sb.serve)
+            r = await run(sb, request(["/bin/true"]), tmp_path)
+            n.cancel_scope.cancel()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (r.reason, r.sandbox["started"]) == ("exit 0", "warm")
+
+
 async def test_rlimits_fallback_warns_and_still_contains(tmp_path: Path) -> None:
     cfg = ProcessSandboxConfig(cgroups="off")
     src = "b = []\nwhile True: b.append(bytearray(16 << 20))"
