@@ -12,8 +12,10 @@ confines its jobs too: that is the delegation model systemd documents.
 
 A :class:`JobCgroup` is what the process sandbox uses: ``create`` with limits,
 ``add`` the job's first process before it executes anything, read ``stats``,
-``kill`` every member, ``remove``. Reads are plain synchronous file reads: each is
-a few microseconds on cgroupfs and never blocks on I/O.
+``kill`` every member, ``remove``. Device nodes are restricted by the v1
+``devices`` controller or, on v2, by a BPF program (:mod:`device_filter`).
+Reads are plain synchronous file reads: each is a few microseconds on cgroupfs
+and never blocks on I/O.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from p2psched.sandbox import device_filter
 
 
 #: Controllers the sandbox uses. Without memory and pids it falls back to rlimits.
@@ -234,6 +238,32 @@ def prepare_parent(layout: CgroupLayout) -> list[Path]:
     raise CgroupSetupError(layout.note)
 
 
+NO_DEVICE_CONTROL = "device access is not enforced by the cgroup, only by the mount namespace"
+
+
+def device_control_fix(layout: CgroupLayout) -> str:
+    """How to get device control on this layout, for warnings and doctor."""
+    if layout.version == 2:
+        return ("to enforce it, run the agent as root with CAP_SYS_ADMIN (or CAP_BPF and CAP_NET_ADMIN) on a kernel "
+                "with CONFIG_CGROUP_BPF; in a container, allow the bpf system call (docker run --privileged)")
+    return "to enforce it, mount the v1 devices controller: mount -t cgroup -o devices devices /sys/fs/cgroup/devices"
+
+
+def probe_device_control(layout: CgroupLayout) -> tuple[bool, str]:
+    """Create and remove a job cgroup restricted to the default devices: (applied, detail)."""
+    probe = JobCgroup(layout, f"job-doctor-devices-{os.getpid()}", devices=True)
+    try:
+        probe.create(mem_bytes=64 << 20, pids=8, cpu=1.0, devices=[])
+    except OSError as e:  # a refused cgroup, or a program the verifier rejects: jobs would fail too
+        return False, f"could not restrict a job cgroup's devices: {e}"
+    finally:
+        probe.remove(0)
+    if probe.device_control is None:
+        return False, f"fallback: {probe.device_warning}"
+    how = "a BPF device program attached" if probe.device_control == "devices-bpf" else "v1 devices.deny/allow written"
+    return True, f"{probe.device_control}: {how} to a job cgroup"
+
+
 class JobCgroup:
     """One job's cgroup(s). Create, add the first process, read, kill, remove."""
 
@@ -256,6 +286,10 @@ class JobCgroup:
         self.created: list[Path] = []
         #: host pid of the job's first process, fixed after ``add``
         self.first_pid: int | None = None
+        #: after ``create`` with devices: "devices-v1" or "devices-bpf"; None when
+        #: no device control applies, and then ``device_warning`` says why and the fix
+        self.device_control: str | None = None
+        self.device_warning: str | None = None
 
     def _dir(self, controller: str) -> Path | None:
         if self.layout.version == 2:
@@ -273,16 +307,47 @@ class JobCgroup:
         return self.dirs.get("pids") or next(iter(self.dirs.values()))
 
     def create(self, *, mem_bytes: int, pids: int, cpu: float, devices: list[tuple[str, int, int]] | None) -> None:
-        """Make the directories and write the limits. Raises OSError on a refusal."""
+        """Make the directories and write the limits. Raises OSError on a refusal.
+
+        ``devices``: restrict device nodes to :data:`DEFAULT_DEVICES` and these
+        (None: no restriction). Where the host offers no device control this is
+        not an error: ``device_warning`` says so (see :meth:`_restrict_devices`).
+        """
         for d in self.unique_dirs():
             d.mkdir()
             self.created.append(d)
         self.set_limits(mem_bytes=mem_bytes, pids=pids, cpu=cpu)
-        if devices is not None and (dv := self.dirs.get("devices")) is not None:
-            _write(dv / "devices.deny", "a")
-            for kind, major, minor in list(DEFAULT_DEVICES) + devices:
-                mi = "*" if minor < 0 else str(minor)
-                _write(dv / "devices.allow", f"{kind} {major}:{mi} rwm")
+        if devices is not None:
+            self._restrict_devices(list(DEFAULT_DEVICES) + devices)
+
+    def _restrict_devices(self, allowed: list[tuple[str, int, int]]) -> None:
+        """Allow only ``allowed`` (read, write, mknod): v1 devices.allow, or a v2 BPF program.
+
+        Runs before the job's first process joins, so its program never sees more.
+        A host that refuses BPF (no CAP_SYS_ADMIN, a container's seccomp filter) or
+        lacks the v1 controller falls back to the mount namespace (only the granted
+        nodes exist inside the sandbox, and a job cannot ``mknod``), with a warning.
+        A program the kernel's verifier rejects is a bug, not a host limit: it raises.
+        """
+        if self.layout.version == 2:
+            try:
+                device_filter.attach(self.dirs["*"], [device_filter.Rule(k, ma, mi) for k, ma, mi in allowed])
+            except device_filter.DeviceFilterError as e:
+                if not e.not_permitted:
+                    raise
+                self.device_warning = f"{NO_DEVICE_CONTROL} ({e}); {device_control_fix(self.layout)}"
+                return
+            self.device_control = "devices-bpf"
+            return
+        dv = self.dirs.get("devices")
+        if dv is None:
+            self.device_warning = f"{NO_DEVICE_CONTROL} (no v1 devices controller); {device_control_fix(self.layout)}"
+            return
+        _write(dv / "devices.deny", "a")
+        for kind, major, minor in allowed:
+            mi = "*" if minor < 0 else str(minor)
+            _write(dv / "devices.allow", f"{kind} {major}:{mi} rwm")
+        self.device_control = "devices-v1"
 
     def set_limits(self, *, mem_bytes: int, pids: int, cpu: float) -> None:
         """Write the memory, pids and CPU limits (also to re-limit a warm sandbox)."""

@@ -259,15 +259,20 @@ async def test_devices_listed_for_the_job_are_the_only_extra_ones(sandbox: Proce
     cmd = ["/bin/sh", "-c", f"ls /dev; test -c {dev} && echo present"]
     r = await run(sandbox, request(cmd), tmp_path)
     assert b"present" not in r.stdout and b"fuse" not in r.stdout
+    assert r.sandbox["device_control"] == "mount-namespace"
     r = await run(sandbox, request(cmd, gpu_devices=[dev]), tmp_path)
     assert b"present" in r.stdout
     assert r.sandbox["devices"] == [dev]
+    # this machine's hierarchy is v1; v2's BPF program is tested in test_process_cgroups.py
+    assert r.sandbox["device_control"] == "devices-v1"
+    assert not any("device" in w for w in r.warnings)
 
 
 def test_doctor_reports_every_feature() -> None:
     checks = {name: (ok, detail, fix) for name, ok, detail, fix in doctor_checks()}
     for name in ("bubblewrap", "pid namespace", "mount namespace", "net namespace", "ipc namespace",
-                 "uts namespace", "user namespace", "cgroup layout", "cgroup writable", "seccomp", "limits fallback"):
+                 "uts namespace", "user namespace", "cgroup layout", "cgroup writable", "device control", "seccomp",
+                 "limits fallback"):
         assert name in checks
         ok, detail, fix = checks[name]
         assert detail and fix

@@ -3,23 +3,36 @@
 This machine mounts cgroup v1 controllers beside an empty v2 hierarchy, so the
 v1 path is exercised end to end by the other process-sandbox tests. Here the v2
 code runs for real on that empty v2 hierarchy (placement, accounting,
-``cgroup.kill``, removal: none needs a controller), and the parsing and limit
-arithmetic of both run against recorded text and temporary directories.
+``cgroup.kill``, removal, and device control by a BPF program: none needs a
+controller), and the parsing and limit arithmetic of both run against recorded
+text and temporary directories.
+
+The device tests move a small probe process into a real v2 cgroup with a
+device program attached and have it open device nodes: the kernel's answer
+(EPERM from the program, or the driver's own answer once allowed) is the check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import json
 import os
 import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from p2psched.sandbox import cgroups, namespaces
+from p2psched.jobs.spec import Limits, Resources
+from p2psched.sandbox import cgroups, device_filter, namespaces, process
+from p2psched.sandbox.base import SandboxRequest
 from p2psched.sandbox.cgroups import CgroupLayout, JobCgroup, parse_layout
+from p2psched.sandbox.device_filter import Rule
 
 HYBRID_MOUNTINFO = """\
 25 1 0:22 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -177,6 +190,206 @@ async def test_real_v2_cgroup_places_accounts_kills_and_removes() -> None:
             if d.is_dir():
                 d.rmdir()
         root.rmdir()
+
+
+@contextlib.contextmanager
+def _v2_cgroup() -> Iterator[Path]:
+    """A fresh directory under the real v2 hierarchy, removed (with any children) after."""
+    root = _real_v2_hierarchy() / f"p2psched-test-{uuid.uuid4().hex[:8]}"
+    root.mkdir()
+    try:
+        yield root
+    finally:
+        for d in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir():
+                d.rmdir()
+        root.rmdir()
+
+
+#: Runs in the cgroup under test: waits to be moved there, then tries each action.
+PROBE = """
+import json, os, sys
+sys.stdin.readline()
+out = {}
+for action in json.loads(sys.argv[1]):
+    kind, path = action[0], action[1]
+    try:
+        if kind == "mknod":
+            os.mknod(path, 0o600 | 0o020000, os.makedev(action[2], action[3]))
+        else:
+            os.close(os.open(path, {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}[kind]))
+        out[kind + " " + path] = "ok"
+    except OSError as e:
+        out[kind + " " + path] = e.errno
+print(json.dumps(out))
+"""
+
+
+def _probe_in(cgroup_dir: Path, actions: list[list[object]]) -> dict[str, object]:
+    """Start a probe, move it into ``cgroup_dir``, then let it act: {"r /dev/null": "ok" or errno}."""
+    child = subprocess.Popen([sys.executable, "-c", PROBE, json.dumps(actions)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        (cgroup_dir / "cgroup.procs").write_text(str(child.pid))
+        out, _ = child.communicate("go\n", timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, out
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+@pytest.mark.root
+def test_bpf_filter_allows_listed_nodes_and_refuses_the_rest() -> None:
+    with _v2_cgroup() as cg:
+        device_filter.attach(cg, [Rule("c", 1, 3)])  # /dev/null only
+        got = _probe_in(cg, [["rw", "/dev/null"], ["r", "/dev/zero"], ["r", "/dev/urandom"]])
+    assert got == {"rw /dev/null": "ok", "r /dev/zero": errno.EPERM, "r /dev/urandom": errno.EPERM}
+
+
+@pytest.mark.root
+def test_bpf_filter_wildcard_minor_and_access_bits() -> None:
+    with _v2_cgroup() as cg:
+        # every minor of major 1 for reading; /dev/null (1:3) for writing as well
+        device_filter.attach(cg, [Rule("c", 1, -1, "r"), Rule("c", 1, 3, "rw")])
+        got = _probe_in(cg, [["r", "/dev/zero"], ["r", "/dev/urandom"], ["w", "/dev/urandom"],
+                             ["w", "/dev/null"], ["r", "/dev/fuse"]])
+    assert got == {"r /dev/zero": "ok", "r /dev/urandom": "ok", "w /dev/urandom": errno.EPERM,
+                   "w /dev/null": "ok", "r /dev/fuse": errno.EPERM}  # fuse is 10:229
+
+
+@pytest.mark.root
+def test_bpf_filter_allows_only_the_granted_gpu_minor(tmp_path: Path) -> None:
+    # NVIDIA's major is 195; no driver is loaded here, so an allowed open reaches
+    # the kernel's lookup of a driver and fails there (ENXIO), a refused one stops
+    # at the program (EPERM)
+    granted, other = tmp_path / "nvidia0", tmp_path / "nvidia1"
+    os.mknod(granted, 0o666 | 0o020000, os.makedev(195, 0))
+    os.mknod(other, 0o666 | 0o020000, os.makedev(195, 1))
+    allowed = [Rule(k, ma, mi) for k, ma, mi in cgroups.DEFAULT_DEVICES] + [Rule("c", 195, 0)]
+    with _v2_cgroup() as cg:
+        device_filter.attach(cg, allowed)
+        got = _probe_in(cg, [["rw", str(granted)], ["rw", str(other)], ["r", "/dev/null"],
+                             ["mknod", str(tmp_path / "again0"), 195, 0],
+                             ["mknod", str(tmp_path / "again1"), 195, 1]])
+    assert got == {f"rw {granted}": errno.ENXIO, f"rw {other}": errno.EPERM, "r /dev/null": "ok",
+                   f"mknod {tmp_path / 'again0'}": "ok", f"mknod {tmp_path / 'again1'}": errno.EPERM}
+    # outside the cgroup both nodes reach the (missing) driver
+    for node in (granted, other):
+        with pytest.raises(OSError) as e:
+            os.open(node, os.O_RDWR)
+        assert e.value.errno == errno.ENXIO
+
+
+@pytest.mark.root
+def test_a_program_below_cannot_widen_one_above() -> None:
+    # BPF_F_ALLOW_MULTI: every program from the root down must allow the access
+    with _v2_cgroup() as parent:
+        (parent / "cgroup.subtree_control").write_text("")
+        child = parent / "job"
+        child.mkdir()
+        device_filter.attach(parent, [Rule("c", 1, 3)])
+        device_filter.attach(child, [Rule("c", 1, 3), Rule("c", 1, 5)])
+        got = _probe_in(child, [["r", "/dev/null"], ["r", "/dev/zero"]])
+    assert got == {"r /dev/null": "ok", "r /dev/zero": errno.EPERM}
+
+
+@pytest.mark.root
+def test_the_verifiers_log_is_in_the_error() -> None:
+    # a program that does not end in an exit
+    with pytest.raises(device_filter.DeviceFilterError) as e:
+        device_filter.load(device_filter.assemble([Rule("c", 1, 3)])[:-8])
+    assert not e.value.not_permitted
+    assert "verifier rejected" in str(e.value) and "last insn is not an exit or jmp" in str(e.value)
+
+
+def test_rules_are_checked_before_assembly() -> None:
+    with pytest.raises(ValueError, match="kind must be"):
+        device_filter.assemble([Rule("x", 1, 3)])
+    with pytest.raises(ValueError, match="subset of 'rwm'"):
+        device_filter.assemble([Rule("c", 1, 3, "rx")])
+
+
+@pytest.mark.root
+def test_without_bpf_rights_the_job_cgroup_falls_back_and_says_how_to_fix_it() -> None:
+    # root without CAP_SYS_ADMIN and CAP_BPF (as in a container whose runtime drops
+    # them): the cgroup is still made, the device program is refused
+    script = """
+import json, sys
+from pathlib import Path
+from p2psched.sandbox import cgroups
+layout = cgroups.CgroupLayout(2, v2_dir=Path(sys.argv[1]), v2_controllers=frozenset())
+cgroups.prepare_parent(layout)
+cg = cgroups.JobCgroup(layout, "job-nobpf", devices=True)
+cg.create(mem_bytes=1 << 26, pids=16, cpu=1.0, devices=[("c", 195, 0)])
+print(json.dumps([cg.device_control, cg.device_warning, cgroups.probe_device_control(layout)]))
+cg.remove()
+"""
+    with _v2_cgroup() as root:
+        drop = "-sys_admin,-bpf"
+        out = subprocess.run(["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", "--",
+                              sys.executable, "-c", script, str(root)],
+                             capture_output=True, text=True, check=True).stdout
+    control, warning, (probe_ok, probe_detail) = json.loads(out)
+    assert control is None
+    assert "not enforced by the cgroup, only by the mount namespace" in warning
+    assert "BPF_PROG_LOAD" in warning and "Operation not permitted" in warning
+    assert "CAP_SYS_ADMIN" in warning  # the fix
+    assert not probe_ok and probe_detail.startswith("fallback:")  # doctor: a warning, not a failure
+
+
+@pytest.mark.root
+async def test_gpu_job_in_the_process_sandbox_on_v2_gets_a_device_program(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process sandbox pointed at the v2 hierarchy: a job granted a device node
+    runs in a cgroup whose program allows that node and the defaults, nothing else."""
+    granted = "/dev/fuse"  # a stand-in for /dev/nvidia0: no GPU here
+    if not Path(granted).exists():
+        pytest.skip("needs /dev/fuse as a stand-in GPU device node")
+    gpu = tmp_path / "nvidia0"
+    os.mknod(gpu, 0o666 | 0o020000, os.makedev(195, 0))
+    with _v2_cgroup() as root:
+        cfg = process.ProcessSandboxConfig()
+        layout = CgroupLayout(2, v2_dir=root, v2_controllers=frozenset(), note=f"cgroup v2 at {root}")
+        cgroups.prepare_parent(layout)
+        host = dataclasses.replace(process._host(cfg), layout=layout, cgroups_ok=True)
+        monkeypatch.setitem(process._HOSTS, process._host_key(cfg), host)
+        req = SandboxRequest(
+            job_id="gpu-v2", runtime="process", limits=Limits.model_validate({"wall_ms": 60_000}),
+            resources=Resources.model_validate({"cpu": 1.0}),
+            command=["/bin/sh", "-c", f"test -c {granted} && echo present; cat /dev/null && echo null; exec sleep 60"],
+            gpu_devices=[granted],
+        )
+        results = []
+
+        async def job() -> None:
+            results.append(await process.run_process(req, tmp_path / "work", cfg))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(job)
+            jobs = root / cgroups.PARENT_NAME
+            with trio.fail_after(30):
+                while True:
+                    sleeps = [(d, int(pid)) for d in jobs.glob("job-gpu-v2-*")
+                              for pid in (d / "cgroup.procs").read_text().split()
+                              if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"]
+                    if sleeps:
+                        break
+                    await trio.sleep(0.02)
+            job_dir, sleep_pid = sleeps[0]
+            actions: list[list[object]] = [
+                ["r", granted], ["r", "/dev/null"], ["r", "/dev/urandom"], ["r", "/dev/kmsg"], ["rw", str(gpu)]]
+            got = await trio.to_thread.run_sync(_probe_in, job_dir, actions)
+            os.kill(sleep_pid, 9)
+        assert not list(jobs.glob("job-*"))  # the job's cgroup is gone with it
+    assert got == {f"r {granted}": "ok", "r /dev/null": "ok", "r /dev/urandom": "ok",
+                   "r /dev/kmsg": errno.EPERM, f"rw {gpu}": errno.EPERM}
+    r = results[0]
+    assert r.stdout.split() == [b"present", b"null"]
+    assert r.sandbox["cgroup"] == "v2" and r.sandbox["device_control"] == "devices-bpf"
+    assert r.sandbox["devices"] == [granted]
+    assert not any("device" in w for w in r.warnings)
 
 
 def test_bwrap_arguments_isolate_by_default() -> None:
