@@ -58,6 +58,10 @@ class ClusterView:
         set far sooner than on who is alive, so it is what client-chosen ids hash over."""
         return [m.node_id for m in self.service.members() if m.state != "left"]
 
+    def synced(self) -> bool:
+        """Whether this agent has exchanged full member lists with a peer yet."""
+        return bool(self.service.synced)
+
     def is_member(self, node_id: str) -> bool:
         return any(m.node_id == node_id and m.state in ("alive", "suspect") for m in self.service.members())
 

@@ -43,6 +43,10 @@ RETRY_MAX_S = 30.0
 #: Result delivery retries back off to this; an origin that is down for an hour
 #: still gets its results within a minute of coming back.
 DELIVERY_MAX_BACKOFF_S = 60.0
+#: A newly started agent refuses client-chosen ids until it has synced members with
+#: a seed, for at most this long (then it goes on with the members it knows, so an
+#: agent whose seeds are all down still serves).
+JOIN_SYNC_WAIT_S = 15.0
 
 
 def _job_wire(rec: JobRecord, origin_transfer: str) -> dict[str, Any]:
@@ -149,6 +153,15 @@ class RemoteJobs:
         """
         if job_id is None or self.cluster is None:
             return None
+        if (not self.cluster.synced() and (self.settings.join or self.settings.join_dns)
+                and time.time() - self.started_at < JOIN_SYNC_WAIT_S):
+            # Until it has the cluster's member list, this agent could pick another
+            # home for the id than its peers do, and the id would get two origins.
+            from p2psched.agent.errors import Unavailable
+
+            raise Unavailable(f"job id {job_id!r} cannot be placed yet: this agent has just started and has not "
+                              "learned the cluster's members from its seeds; retry with the same id in a moment",
+                              reason="joining", retry_after=1.0)
         # Hash over every member not known to have left, dead ones included: during a
         # partition the two sides disagree on who is alive, but not on who exists, so
         # both compute the same home (and refuse while it is unreachable).

@@ -167,6 +167,11 @@ class MembershipService:
         return [MemberView(m.node_id, m.addr, m.status_name, m.incarnation, now - m.last_update, m.state)
                 for m in core.member_list()]
 
+    @property
+    def synced(self) -> bool:
+        """Whether a full state exchange with a peer has completed (see Membership.synced)."""
+        return self.core is not None and self.core.synced
+
     def subscribe(self, max_buffer: int = 1024) -> trio.MemoryReceiveChannel[Event]:
         """Membership events from now on. A subscriber that falls max_buffer behind
         loses events (counted as dropped{reason="slow_subscriber"}), never stalls gossip."""

@@ -255,6 +255,9 @@ class Membership:
         self._peer_index: dict[str, int] = {}
         self._addr_index: dict[Addr, str] = {}
         self._gone: dict[str, float] = {}  # dead/left member -> since
+        #: True once a full state exchange with a peer has been merged: until then
+        #: this agent's member list may lack members the rest of the cluster knows.
+        self.synced = False
         self._graveyard: deque[tuple[Addr, float]] = deque(maxlen=GRAVEYARD_SIZE)
         self._suspicions: dict[str, _Suspicion] = {}
         self._probe_order: list[str] = []
@@ -712,8 +715,18 @@ class Membership:
         self.stats["push_pulls"] += 1
         return SendTcp(addr, codec.encode_frame(self.id, PushPullReq(join, self._digest())), expect_reply=True)
 
-    def _merge(self, now: float, entries: list[Entry], out: list[Action]) -> None:
+    def _merge(self, now: float, entries: list[Entry], out: list[Action], *, learn_down: bool = False) -> None:
         for e in entries:
+            if learn_down and e.status in (SUSPECT, DEAD) and e.node_id != self.id and e.node_id not in self.members:
+                # A joiner learns of members that are down too, not only the live ones:
+                # the cluster's set of members must look the same from every agent (ids
+                # chosen by clients are homed by hashing over it). Only on the first
+                # exchange, so peers do not keep handing a dead member back and forth
+                # and it is still forgotten after dead_retention.
+                self._insert(Member(e.node_id, e.addr, e.incarnation, ALIVE if e.status == SUSPECT else DEAD, now, now))
+                out.append(Event("joined", e.node_id, f"{e.addr[0]}:{e.addr[1]}"))
+                if e.status == DEAD:
+                    out.append(Event("dead", e.node_id, "already dead when this agent joined"))
             if e.status == ALIVE:
                 self._on_alive(now, Alive(e.incarnation, e.node_id, e.addr), out)
             elif e.status == LEFT:
@@ -754,6 +767,7 @@ class Membership:
             return codec.encode_frame(self.id, PushPullResp(entries, wants)), out
         if isinstance(msg, PushPullPush):
             self._merge(now, msg.entries, out)
+            self.synced = True
             return None, out
         self._drop("unexpected_tcp")
         return None, []
@@ -773,7 +787,8 @@ class Membership:
         if addr in self._seeds:
             self._seed_ids[addr] = sender
         out: list[Action] = []
-        self._merge(now, msg.entries, out)
+        self._merge(now, msg.entries, out, learn_down=not self.synced)
+        self.synced = True
         pushed = [self._entry(self.members[i]) for i in msg.wants if i in self.members]
         if pushed:
             out.append(SendTcp(addr, codec.encode_frame(self.id, PushPullPush(pushed)), expect_reply=False))

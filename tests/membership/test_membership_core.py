@@ -281,3 +281,26 @@ def test_rejoin_skips_seeds_that_are_live_members_under_another_address():
                         a.handle_packet(now, B, y.data)
     assert a.get("b").status == ALIVE
     assert all(x.addr != loop_alias for x in tcp)
+
+
+def test_a_joiner_learns_the_dead_and_suspect_members_too_but_only_on_its_first_exchange():
+    a = core("a", A)
+    a.handle_packet(0.0, B, pkt(Alive(2, "b", B), Alive(0, "c", C)))
+    a.handle_packet(1.0, C, pkt(Dead(0, "c", "b")))
+    a.handle_packet(1.0, B, pkt(Suspect(2, "b", "x")))
+    joiner = core("j", ("10.0.0.9", 7946))
+    assert not joiner.synced
+    (req,) = [x for x in joiner.join(2.0, [A]) if isinstance(x, SendTcp)]
+    reply, _ = a.handle_stream(2.0, joiner.addr, req.data)
+    out = joiner.handle_stream_reply(2.0, A, reply)
+    assert joiner.synced
+    assert joiner.get("c").status == DEAD and joiner.get("c").addr == C
+    assert joiner.get("b").status == SUSPECT
+    assert ("dead", "c") in [(e.kind, e.node_id) for e in events(out)]
+    # After the first exchange a down member it does not know is not taken from peers:
+    # otherwise agents would hand a dead member back and forth and never forget it.
+    a.handle_packet(3.0, ("10.0.0.4", 7946), pkt(Alive(0, "d", ("10.0.0.4", 7946))))
+    a.handle_packet(3.0, C, pkt(Dead(0, "d", "a")))
+    reply, _ = a.handle_stream(4.0, joiner.addr, joiner._push_pull_to(A, join=False).data)
+    joiner.handle_stream_reply(4.0, A, reply)
+    assert joiner.get("d") is None
