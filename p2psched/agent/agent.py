@@ -345,7 +345,8 @@ class Agent(RemoteJobs):
             existing = self.active.get(job_id) or self.store.get(job_id)
             if existing is not None:
                 return existing, False
-        spec.id = job_id
+        # spec.id stays as the client sent it (None when the agent chose the id): a
+        # signed spec is forwarded as signed, and each hop verifies that signature.
         if admitted.open:
             spec.capabilities = list(spec.capabilities)
         elif spec.tenant != admitted.tenant:
