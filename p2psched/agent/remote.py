@@ -47,6 +47,9 @@ DELIVERY_MAX_BACKOFF_S = 60.0
 #: a seed, for at most this long (then it goes on with the members it knows, so an
 #: agent whose seeds are all down still serves).
 JOIN_SYNC_WAIT_S = 15.0
+#: Tries to cancel a duplicate attempt, 0.2 s apart doubling to 10 s: about a minute,
+#: long enough for a crashed executor to restart and rejoin.
+CANCEL_TRIES = 10
 
 
 def _job_wire(rec: JobRecord, origin_transfer: str) -> dict[str, Any]:
@@ -320,9 +323,10 @@ class RemoteJobs:
     def _on_status(self: Agent, msg: dict[str, Any]) -> None:
         rec = self.active.get(msg["id"])
         entry = msg["entry"]
-        if rec is None or rec.state.final or not isinstance(entry, dict):
+        if not isinstance(entry, dict):
             return
-        if rec.executor != entry.get("node"):
+        if rec is None or rec.state.final or rec.executor != entry.get("node"):
+            self._stop_stale_attempt(rec or self.store.get(msg["id"]), entry)
             return
         if rec.state is not JobState.PLACED and rec.state is not JobState.RUNNING:
             # The executor starts the job before its acceptance reaches us, so its
@@ -335,6 +339,24 @@ class RemoteJobs:
                         str(entry.get("detail", "")))
             self.metrics.job_state("running", rec.runtime).inc()
             self.store.stage(rec)
+
+    def _stop_stale_attempt(self: Agent, rec: JobRecord | None, entry: dict[str, Any]) -> None:
+        """Cancel an attempt that runs where this origin no longer placed the job.
+
+        An executor that restarts runs the jobs it held again; if this origin already
+        declared it dead and placed the job elsewhere, or the job has ended, that run
+        is a duplicate holding CPUs and GPU slots for nothing. A job queued here for
+        another placement (no executor yet) keeps it: its result will count.
+        """
+        node = entry.get("node")
+        if (rec is None or rec.origin != self.node_id or entry.get("state") != "running"
+                or not isinstance(node, str) or node in (self.node_id, rec.executor)):
+            return
+        if not rec.state.final and rec.executor is None:
+            return
+        where = f"it ended {rec.state.value}" if rec.state.final else f"it was placed again on {rec.executor}"
+        log.info("job %s: cancelling the stale attempt on %s: %s", rec.id, node, where)
+        self._send_cancel(node, rec)
 
     # -------------------------------------------------------------- results home
 
@@ -381,7 +403,9 @@ class RemoteJobs:
             return {"t": m.ACK, "id": job_id, "duplicate": True, "unknown": True}
         executor = str(msg["executor"])
         self._note_vector(executor, msg)
-        if rec.state.final:
+        stale = msg.get("state") == JobState.CANCELLED.value and executor != rec.executor
+        if rec.state.final or stale:
+            # A stale attempt cancelled by _stop_stale_attempt does not end the job.
             if not (rec.result is not None and rec.executor == executor and rec.result.reason == msg["result"].get("reason")
                     and rec.result.exit_code == msg["result"].get("exit_code")) or rec.duplicates:
                 rec.duplicates.append({"executor": executor, "attempt": msg.get("attempt"),
@@ -434,17 +458,28 @@ class RemoteJobs:
         return {"t": m.CANCEL_ACK, "id": rec.id, "state": "cancelling"}
 
     def _send_cancel(self: Agent, node_id: str, rec: JobRecord) -> None:
-        state = self.cluster.state_of(node_id) if self.cluster else None
-        if state is None or not state.transfer or self.transfer is None:
+        """Stop a duplicate attempt on ``node_id``, retrying for about a minute.
+
+        The node may be restarting, and so not yet back in this agent's view, when
+        its duplicate is noticed; a cancel that reaches nobody leaves it running.
+        """
+        if self.transfer is None or self.cluster is None:
             return
         assert self._nursery is not None
-        transfer = self.transfer
+        transfer, cluster = self.transfer, self.cluster
 
         async def send() -> None:
-            try:
-                await transfer.request(node_id, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
-            except TransferError:
-                pass
+            delay = 0.2
+            for _ in range(CANCEL_TRIES):
+                state = cluster.state_of(node_id)
+                if state is not None and state.transfer:
+                    try:
+                        await transfer.request(node_id, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
+                        return
+                    except TransferError:
+                        pass
+                await trio.sleep(delay)
+                delay = min(10.0, delay * 2)
 
         self._nursery.start_soon(send)
 
