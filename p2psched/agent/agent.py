@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -59,7 +59,9 @@ class Running:
     record: JobRecord
     started: float
     cancel_reason: str | None = None
-    scope: trio.CancelScope | None = None
+    # Made with the run, not when the sandbox starts: a cancel that arrives while the
+    # first process job waits for the sandbox pool must still stop it.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     gpu_grant: Any = None
 
 
@@ -488,7 +490,7 @@ class Agent(RemoteJobs):
             run.cancel_reason = why
         if run.record.runtime == "wasm" and self._wasm is not None:
             self._wasm.cancel(run.record.id)
-        elif run.scope is not None:
+        else:
             run.scope.cancel()
 
     # ---------------------------------------------------------------- resources
@@ -815,7 +817,6 @@ class Agent(RemoteJobs):
             self._processes = ProcessSandbox(warm=self.settings.process_warm_pool)
             await self._nursery.start(self._processes.serve)
         work = self.data_dir / "work" / req.job_id.replace(":", "_")
-        run.scope = trio.CancelScope()
         with run.scope:
             return await self._processes.run(req, work)
         return SandboxResult(exit_code=None, reason="cancelled")
