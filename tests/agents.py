@@ -149,13 +149,18 @@ FAST_MEMBERSHIP = {"probe_interval": 0.2, "probe_timeout": 0.1, "gossip_interval
 
 
 def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: bool = True,
-                  timeout: float = 60, auth: Any = None) -> list[AgentProcess]:
-    """Start real agents that join the first one, and wait until each sees all alive."""
+                  timeout: float = 60, auth: Any = None,
+                  per_agent: dict[str, list[str]] | None = None) -> list[AgentProcess]:
+    """Start real agents that join the first one, and wait until each sees all alive.
+
+    ``extra`` flags go to every agent, ``per_agent[node_id]`` to that one only
+    (e.g. ``--gpus`` for the agents that have GPUs).
+    """
     import json
 
     agents = []
     for i, node_id in enumerate(node_ids):
-        a = new_agent(tmp_path, node_id, *extra)
+        a = new_agent(tmp_path, node_id, *extra, *(per_agent or {}).get(node_id, []))
         a.env["P2PSCHED_MEMBERSHIP"] = json.dumps(FAST_MEMBERSHIP)
         if agents:
             a.extra += ["--join", agents[0].gossip]
