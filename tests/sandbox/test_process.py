@@ -229,6 +229,18 @@ async def test_the_pool_serves_an_agent_holding_more_than_1024_descriptors(tmp_p
     assert (r.reason, r.sandbox["started"]) == ("exit 0", "warm")
 
 
+async def test_the_sandbox_runs_below_the_agents_priority(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    """With a cgroup, bwrap and the job run at niceness 10, so building sandboxes cannot
+    starve the agent's event loop; the job cannot lower it again. Without one the
+    job keeps the agent's niceness: host load would starve it."""
+    r = await run(sandbox, request(["/bin/sh", "-c", "nice; nice -n -5 nice"]), tmp_path)
+    assert r.stdout.split() == [b"10", b"10"]
+    # pids: RLIMIT_NPROC counts every process of the sandbox uid on the host
+    r = await run(None, request(["/bin/sh", "-c", "nice"], limits={"pids": 4096}), tmp_path,
+                  ProcessSandboxConfig(cgroups="off"))
+    assert r.stdout.split() == [str(os.getpriority(os.PRIO_PROCESS, 0)).encode()]
+
+
 async def test_rlimits_fallback_warns_and_still_contains(tmp_path: Path) -> None:
     cfg = ProcessSandboxConfig(cgroups="off")
     src = "b = []\nwhile True: b.append(bytearray(16 << 20))"
