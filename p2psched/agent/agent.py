@@ -908,8 +908,10 @@ class Agent(RemoteJobs):
     def cluster_view(self) -> dict[str, Any]:
         members = self.peers_view()
         by_state: dict[str, int] = {}
-        total = {"cpu": 0.0, "mem_mb": 0, "gpu": 0}
-        free = {"cpu": 0.0, "mem_mb": 0, "gpu": 0}
+        # GPU slots by type: slots of different types share hardware (a MIG-carved
+        # GPU offers 1g and 3g slots from the same memory), so one sum would overcount.
+        total: dict[str, Any] = {"cpu": 0.0, "mem_mb": 0, "gpu": {}}
+        free: dict[str, Any] = {"cpu": 0.0, "mem_mb": 0, "gpu": {}}
         for m in members:
             by_state[m["state"]] = by_state.get(m["state"], 0) + 1
             if m["state"] in ("alive", "draining"):
@@ -918,8 +920,9 @@ class Agent(RemoteJobs):
                 free["cpu"] += v["cpu_free"]
                 total["mem_mb"] += v["mem_total_mb"]
                 free["mem_mb"] += v["mem_free_mb"]
-                total["gpu"] += sum(v["gpu_total"].values())
-                free["gpu"] += sum(v["gpu_free"].values())
+                for kind, n in v["gpu_total"].items():
+                    total["gpu"][kind] = total["gpu"].get(kind, 0) + n
+                    free["gpu"][kind] = free["gpu"].get(kind, 0) + v["gpu_free"].get(kind, 0)
         return {"members": len(members), "by_state": by_state, "total": total, "free": free}
 
     async def drain(self, *, stop: bool = True) -> dict[str, Any]:

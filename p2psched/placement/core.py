@@ -237,13 +237,18 @@ def _never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
             if not any(typed):
                 kinds = sorted({t for s in states for t in s.vector.gpu_total})
                 have = ("GPU slot types seen: " + ", ".join(kinds)) if kinds else "no node has GPUs"
-                return f"needs GPU slots of type '{req.gpu_type}'; {have}"
+                fix = (f"ask for one of those with --gpu-type, or add an agent that offers '{req.gpu_type}' slots"
+                       if kinds else "add an agent with GPUs (discovered through NVML, or declared with --gpus)")
+                return f"needs GPU slots of type '{req.gpu_type}'; {have}: {fix}"
             if max(typed) < req.gpu:
-                return f"needs {req.gpu} '{req.gpu_type}' GPU slots; the largest node has {max(typed)}"
+                return (f"needs {req.gpu} '{req.gpu_type}' GPU slots; the largest node has {max(typed)}: "
+                        f"ask for at most {max(typed)}, or split the job")
         else:
             most = max((max(s.vector.gpu_total.values(), default=0) for s in states), default=0)
             if most < req.gpu:
-                return f"needs {req.gpu} GPU slots of one type; the largest node has {most}"
+                fix = (f"ask for at most {most}, or split the job" if most
+                       else "add an agent with GPUs (discovered through NVML, or declared with --gpus)")
+                return f"needs {req.gpu} GPU slots of one type; the largest node has {most}: {fix}"
     most_cpu = max(s.vector.cpu_total for s in states)
     if most_cpu < req.cpu:
         return f"needs {req.cpu:g} cpus; the largest node has {most_cpu:g}"

@@ -103,10 +103,19 @@ def test_a_gpu_type_nobody_has_is_rejected_naming_the_shortfall(mixed_cluster):
         reason = rec["result"]["reason"]
         assert "needs GPU slots of type 'share-1/8'" in reason
         assert "whole" in reason and "share-1/4" in reason and "3g.40gb" in reason  # the types that do exist
+        assert "ask for one of those with --gpu-type" in reason  # and what to do about it
         too_many = http.post("/v1/jobs", json={**ENV_JOB, "resources": {"gpu": 3, "gpu_type": "whole"}}).json()["id"]
         rec = http.get(f"/v1/jobs/{too_many}", params={"wait": 30}).json()
         assert rec["state"] == "rejected", rec
-        assert "needs 3 'whole' GPU slots; the largest node has 2" in rec["result"]["reason"]
+        assert "needs 3 'whole' GPU slots; the largest node has 2: ask for at most 2" in rec["result"]["reason"]
+
+
+def test_the_cluster_totals_count_gpu_slots_by_type(mixed_cluster):
+    # Slot types share hardware (one MIG-carved H100 offers all of MIG_H100), so a
+    # single sum across types would claim far more GPUs than exist.
+    totals = httpx.get(mixed_cluster[0].url + "/v1/cluster", timeout=10).json()
+    assert totals["total"]["gpu"] == {**MIG_H100, "whole": 2, "share-1/4": 4}
+    assert set(totals["free"]["gpu"]) == set(totals["total"]["gpu"])
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

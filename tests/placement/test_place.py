@@ -147,12 +147,14 @@ def test_nothing_could_ever_fit_is_rejected_naming_the_constraint() -> None:
     d = decide(JobRequest("j", mem_mb=100_000), local, peers)
     assert d == Reject("needs 100000 MiB of memory; the largest node has 8192 MiB")
     d = decide(JobRequest("j", gpu=1, gpu_type="whole"), local, peers)
-    assert d == Reject("needs GPU slots of type 'whole'; no node has GPUs")
+    assert d == Reject("needs GPU slots of type 'whole'; no node has GPUs: add an agent with GPUs "
+                       "(discovered through NVML, or declared with --gpus)")
     peers[3] = node("h2-0", gpu_free={"whole": 4})
     d = decide(JobRequest("j", gpu=6, gpu_type="whole"), local, peers)
-    assert d == Reject("needs 6 'whole' GPU slots; the largest node has 4")
+    assert d == Reject("needs 6 'whole' GPU slots; the largest node has 4: ask for at most 4, or split the job")
     d = decide(JobRequest("j", gpu=1, gpu_type="3g.40gb"), local, peers)
-    assert d == Reject("needs GPU slots of type '3g.40gb'; GPU slot types seen: whole")
+    assert d == Reject("needs GPU slots of type '3g.40gb'; GPU slot types seen: whole: ask for one of those "
+                       "with --gpu-type, or add an agent that offers '3g.40gb' slots")
     d = decide(JobRequest("j", labels={"zone": "b"}), local, peers)
     assert isinstance(d, Reject) and d.reason == "needs a node labelled zone=b; none of the 8 known nodes carries that"
     d = decide(JobRequest("j", cpu=8, gpu=1, gpu_type="whole"), local, peers)
