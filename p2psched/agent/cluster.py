@@ -5,6 +5,9 @@ peer's transfer address; the API wants a member table. This adapter gives each o
 those from ``MembershipService.members()``, plus a short-lived override: when a
 peer refuses an offer it sends its fresh vector, which beats the gossiped one until
 gossip catches up (late binding would otherwise keep choosing the same full peer).
+Replies and results can cross on the wire (an offer's acceptance, computed while the
+job ran, may arrive after the job's result), so each fresh vector carries the
+sender's stamp and an older one never replaces a newer one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ class ClusterView:
         self.service = service
         self.self_id = self_id
         self._clock = clock
-        self._fresh: dict[str, tuple[float, ResourceVector]] = {}
+        self._fresh: dict[str, tuple[float, ResourceVector, int | None]] = {}
 
     def _states(self, *, include_suspect: bool) -> dict[str, tuple[str, NodeState]]:
         out = {}
@@ -65,8 +68,14 @@ class ClusterView:
     def is_member(self, node_id: str) -> bool:
         return any(m.node_id == node_id and m.state in ("alive", "suspect") for m in self.service.members())
 
-    def note_fresh_vector(self, node_id: str, vector: ResourceVector) -> None:
-        self._fresh[node_id] = (self._clock(), vector)
+    def note_fresh_vector(self, node_id: str, vector: ResourceVector, stamp: int | None = None) -> None:
+        """Use ``vector`` for ``node_id`` unless a newer one (by the sender's ``stamp``) is held."""
+        now = self._clock()
+        held = self._fresh.get(node_id)
+        if (held is not None and stamp is not None and held[2] is not None and stamp <= held[2]
+                and now - held[0] < FRESH_VECTOR_S):
+            return
+        self._fresh[node_id] = (now, vector, stamp)
 
     def members_view(self, self_view: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []

@@ -124,12 +124,19 @@ class RemoteJobs:
     def _note_vector(self: Agent, node_id: str, msg: dict[str, Any]) -> None:
         """Replies and results carry the peer's vector: fresher than gossip, so use it."""
         if isinstance(msg.get("vector"), dict) and self.cluster is not None:
+            stamp = msg.get("vector_at")
             try:
-                self.cluster.note_fresh_vector(node_id, ResourceVector.from_wire(msg["vector"]))
+                self.cluster.note_fresh_vector(node_id, ResourceVector.from_wire(msg["vector"]),
+                                               stamp if isinstance(stamp, int) else None)
             except (TypeError, ValueError):
                 return
             if len(self.queue):
                 self._wake.set()
+
+    def _vector_wire(self: Agent) -> dict[str, Any]:
+        """This agent's vector for a reply or result, stamped with when it was taken:
+        the receiver keeps the newest when messages cross (see ClusterView)."""
+        return {"vector": self.vector().to_wire(), "vector_at": time.monotonic_ns()}
 
     def _requeue_later(self: Agent, rec: JobRecord, delay: float) -> None:
         assert self._nursery is not None
@@ -248,7 +255,7 @@ class RemoteJobs:
         if existing is not None:
             if existing.origin == str(job.get("origin")) and existing.origin != self.node_id:
                 return {"t": m.ACCEPT, "id": job_id}  # a retried offer: idempotent by job id
-            return {"t": m.REFUSE, "id": job_id, "vector": self.vector().to_wire(),
+            return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
                     "reason": f"this agent already holds a job {job_id} from origin {existing.origin}"}
         try:
             spec = JobSpec.model_validate(job["spec"])
@@ -262,10 +269,10 @@ class RemoteJobs:
                 if hashlib.sha256(module).hexdigest() != spec.module_sha256:
                     raise ValueError(f"offer for {job_id}: module bytes do not match module_sha256")
         if not self.accepting:
-            return {"t": m.REFUSE, "id": job_id, "reason": "draining", "vector": self.vector().to_wire()}
+            return {"t": m.REFUSE, "id": job_id, "reason": "draining", **self._vector_wire()}
         if not self._fits_now(spec):
             return {"t": m.REFUSE, "id": job_id, "reason": "full: its capacity was taken since the last gossip",
-                    "vector": self.vector().to_wire()}
+                    **self._vector_wire()}
         # Every hop verifies the tenant's original signature on its own.
         from p2psched.agent.errors import AgentError
 
@@ -275,7 +282,7 @@ class RemoteJobs:
         except AgentError as e:
             log.warning("refused forwarded job %s from %s: %s", job_id, peer or "peer", e.message)
             return {"t": m.REFUSE, "id": job_id, "reason": f"{e.reason}: {e.message}",
-                    "vector": self.vector().to_wire()}
+                    **self._vector_wire()}
         if module is not None and spec.module_sha256:
             self.store.put_module(spec.module_sha256, module)
         now = time.time()
@@ -297,7 +304,7 @@ class RemoteJobs:
         self._advance(rec, JobState.PLACED, now, f"runs here for {rec.origin}")
         self._reserve_and_start(rec, already_placed=True)
         await self.store.sync()
-        return {"t": m.ACCEPT, "id": job_id, "vector": self.vector().to_wire()}
+        return {"t": m.ACCEPT, "id": job_id, **self._vector_wire()}
 
     def _report_status(self: Agent, rec: JobRecord, entry: dict[str, Any]) -> None:
         """Tell the origin how its job is doing (best effort: the result is what counts)."""
@@ -376,7 +383,7 @@ class RemoteJobs:
                 return
             output = self.store.output(job_id) or b""
             msg = {"t": m.RESULT, "id": job_id, "executor": self.node_id, "attempt": rec.attempts,
-                   "vector": self.vector().to_wire(),
+                   **self._vector_wire(),
                    "state": rec.state.value, "result": rec.result.as_dict(), "output": output,
                    "timeline": [t for t in rec.timeline if t["node"] == self.node_id]}
             address = rec.origin_transfer
