@@ -700,9 +700,13 @@ class Agent(RemoteJobs):
     def _place(self, rec: JobRecord) -> Any:
         from p2psched.placement.core import JobRequest, place
 
+        t0 = time.perf_counter()
+        decision = self._plain_decision(rec)
+        if decision is not None:
+            self.placement_metrics.observe(decision, time.perf_counter() - t0)
+            return decision
         req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
         peers = self.cluster.alive_states() if self.cluster is not None else []
-        t0 = time.perf_counter()
         decision, self.placement_state = place(
             req, self.local_state(with_tenants=False), peers, self.topology, rng=self.rng,
             policy=self.settings.placement_policy,
@@ -710,6 +714,32 @@ class Agent(RemoteJobs):
         )
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
         return decision
+
+    def _plain_decision(self, rec: JobRecord) -> Any:
+        """The decision ``place()`` would make, when it is plain without the cluster's view.
+
+        A CPU job (no GPU, no node labels) that fits here now runs here under ``p2p``
+        and ``local-first`` whatever the peers say; one that would fit this agent idle
+        but not now, with no peer known, waits here. Both are the common cases under
+        load, and building the node and peer states for them cost more than a noop job.
+        None: ask ``place()``.
+        """
+        from p2psched.placement.core import DEFAULT_TTL, NODE_LABEL_PREFIX, NO_PEERS_FULL, QueueHere, RunHere
+
+        spec = rec.spec
+        r = spec.resources
+        if r.gpu > 0 or any(k.startswith(NODE_LABEL_PREFIX) for k in spec.labels):
+            return None
+        fits_now = (max(0.0, self.cpu_total - self.cpu_used) >= r.cpu
+                    and max(0, self.mem_total_mb - self.mem_used_mb) >= r.mem_mb)
+        if fits_now:
+            if self.accepting and self.settings.placement_policy in ("p2p", "local-first"):
+                return RunHere()
+            return None
+        fits_idle = self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb
+        if fits_idle and rec.hops < DEFAULT_TTL and (self.cluster is None or not self.cluster.alive_states()):
+            return QueueHere(NO_PEERS_FULL)
+        return None
 
     async def _dispatch_loop(self) -> None:
         from p2psched.placement.core import Forward, Reject, RunHere

@@ -62,6 +62,10 @@ DEFAULT_TTL = 4
 #: labels are the tenant's own metadata and do not affect placement.
 NODE_LABEL_PREFIX = "node."
 
+#: Why a job waits on a full agent that knows no peer (the agent decides this case
+#: itself too, without building the states place() reads).
+NO_PEERS_FULL = "no peers are known yet and this agent is full; waiting here for capacity"
+
 
 @dataclass(frozen=True, slots=True)
 class PlacementSettings:
@@ -305,7 +309,7 @@ def _queue_reason(req: JobRequest, local: NodeState, peers: Sequence[NodeState],
     could = sum(1 for p in peers if p.node_id not in req.visited and fits_ever(req, p))
     here = fits_ever(req, local)
     if not peers:
-        return "no peers are known yet and this agent is full; waiting here for capacity"
+        return NO_PEERS_FULL
     parts = []
     if could:
         noun = "peer" if could == 1 else "peers"
