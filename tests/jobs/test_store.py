@@ -5,7 +5,7 @@ import trio
 from p2psched.jobs.record import JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
-from p2psched.jobs.store import INLINE_OUTPUT_BYTES, Store
+from p2psched.jobs.store import CHECKPOINT_ROWS, INLINE_OUTPUT_BYTES, Store
 
 
 def rec(i: int) -> JobRecord:
@@ -72,3 +72,20 @@ async def test_wal_mode_is_on(tmp_path):
     Store(tmp_path)
     mode = sqlite3.connect(tmp_path / "jobs.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+async def test_the_wal_is_checkpointed_once_enough_rows_are_written_and_not_on_each_commit(tmp_path):
+    # Small flushes commit on the trio thread; the checkpoint (which fsyncs) must not
+    # run there, yet the WAL must not grow without bound either.
+    store = Store(tmp_path)
+    db = tmp_path / "jobs.db"
+    before = db.stat().st_size
+    for i in range(1, CHECKPOINT_ROWS):
+        store.stage(rec(i), new=True)
+        await store.sync()
+    assert db.stat().st_size == before  # every commit so far is still only in the WAL
+    store.stage(rec(CHECKPOINT_ROWS), new=True)
+    await store.sync()
+    assert db.stat().st_size > before
+    store.close()
+    assert len(list(Store(tmp_path).unfinished())) == CHECKPOINT_ROWS
