@@ -450,14 +450,23 @@ class Agent(RemoteJobs):
     def _api_hint(self, node_id: str) -> str:
         return ""
 
+    async def read(self, job_id: str) -> JobRecord:
+        """``job_id``'s record once its state is on disk: no state is reported before it
+        is durable, so a crash never takes back what a client was told."""
+        rec = self.get(job_id)
+        while not self.store.durable(rec.id):
+            await self.store.sync()
+            rec = self.get(job_id)
+        return rec
+
     async def wait_final(self, job_id: str, timeout: float) -> JobRecord:
         rec = self.get(job_id)
         if rec.state.final or timeout <= 0:
-            return rec
+            return await self.read(job_id)
         ev = self._waiters.setdefault(job_id, trio.Event())
         with trio.move_on_after(timeout):
             await ev.wait()
-        return self.get(job_id)
+        return await self.read(job_id)
 
     def output(self, job_id: str) -> bytes:
         rec = self.get(job_id)
@@ -905,8 +914,9 @@ class Agent(RemoteJobs):
             return
         if run.cancel_reason == "cancelled":
             result.reason = "cancelled"
+        # Its ending reaches disk with the next flush (FLUSH_INTERVAL_S), shared with the
+        # endings around it; whoever asks first (a waiter, a read, a delivery) syncs.
         self._finish(rec, result, started, ended)
-        await self.store.sync()
 
     def _finish(self, rec: JobRecord, res: SandboxResult, started: float, ended: float) -> None:
         out = res.stdout

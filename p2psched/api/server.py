@@ -190,13 +190,13 @@ def create_app(agent: Any) -> Starlette:
     async def get_job(request: Request) -> Response:
         job_id = await readable(request)
         wait = _wait_param(request)
-        rec = await agent.wait_final(job_id, wait) if wait else agent.get(job_id)
+        rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
         return _json(rec.as_dict(include_spec=request.query_params.get("spec") == "1"))
 
     async def get_result(request: Request) -> Response:
         job_id = await readable(request)
         wait = _wait_param(request)
-        rec = await agent.wait_final(job_id, wait) if wait else agent.get(job_id)
+        rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
         data = agent.output(rec.id)
         headers = {"X-Job-State": rec.state.value}
         if rec.result is not None:

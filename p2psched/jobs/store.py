@@ -197,6 +197,10 @@ class Store:
     def dirty(self) -> bool:
         return self._committed_gen < self._staged_gen
 
+    def durable(self, job_id: str) -> bool:
+        """Whether the state last staged for ``job_id`` is on disk (no flush holds it yet)."""
+        return job_id not in self._pending and job_id not in self._inflight
+
     async def sync(self) -> None:
         """Return once everything staged before this call is durable."""
         target = self._staged_gen

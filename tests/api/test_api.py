@@ -179,3 +179,30 @@ async def test_openapi_and_metrics_describe_the_agent(tmp_path):
             assert name in text
         r = await http.get("/v2/nothing")
         assert r.status_code == 404 and "openapi.json" in r.json()["error"]["message"]
+
+
+async def test_a_reported_state_is_already_on_disk(tmp_path):
+    import hashlib
+    import sqlite3
+
+    from agents import WASM
+
+    module = (WASM / "noop.wasm").read_bytes()
+    async with running_agent(tmp_path) as (agent, http):
+        first = (await http.post("/v1/jobs", json=wasm_spec("noop.wasm", entry="noop"))).json()
+        await http.get(f"/v1/jobs/{first['id']}", params={"wait": 10})
+        spec = {"module_sha256": hashlib.sha256(module).hexdigest(), "entry": "noop"}
+        batch = (await http.post("/v1/jobs:batch", json={"jobs": [spec] * 200})).json()["results"]
+        pending = {r["job"]["id"] for r in batch}
+        order = ["submitted", "queued", "placed", "running", "succeeded"]
+        db = sqlite3.connect(agent.store.path)
+        with trio.fail_after(30):
+            while pending:
+                for job_id in list(pending):
+                    reported = (await http.get(f"/v1/jobs/{job_id}")).json()["state"]
+                    (on_disk,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    # The disk may be ahead of what was reported, never behind it.
+                    assert order.index(on_disk) >= order.index(reported), (job_id, reported, on_disk)
+                    if reported == "succeeded":
+                        pending.discard(job_id)
+        db.close()
