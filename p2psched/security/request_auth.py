@@ -6,8 +6,9 @@ tenant sees and cancels only its own jobs and an admin tenant sees all.
 
 Public interface:
 
-* Client: ``httpx.Client(auth=TenantAuth("alice", key))`` (or ``AsyncClient``), or
-  ``build_auth_header(method, raw_path, body, tenant, key, now)`` for other clients.
+* Client: ``httpx.Client(auth=TenantAuth("alice", key))`` (or ``AsyncClient``), with
+  ``TenantAuth`` from ``security/client.py`` (kept there so that the agent never imports
+  httpx), or ``build_auth_header(method, raw_path, body, tenant, key, now)`` for other clients.
 * Agent: ``principal = verify_http_request(method, raw_path, body, authorization,
   registry, nonces, now)``, usually through ``Admission.authenticate`` which counts
   rejections. ``raw_path`` is the path and query exactly as sent, percent-encoding
@@ -31,10 +32,8 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Generator
 from dataclasses import dataclass
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2psched.security.errors import AdmissionError
@@ -80,22 +79,6 @@ def build_auth_header(
     nonce = nonce or secrets.token_hex(16)
     sig = key.sign(request_message(method, raw_path, body, ts, nonce, tenant, kid)).hex()
     return f"{SCHEME} tenant={tenant},key={kid},ts={ts},nonce={nonce},sig={sig}"
-
-
-class TenantAuth(httpx.Auth):
-    """httpx authentication that signs each request as ``tenant``."""
-
-    requires_request_body = True
-
-    def __init__(self, tenant: str, key: Ed25519PrivateKey) -> None:
-        self.tenant = tenant
-        self.key = key
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = build_auth_header(
-            request.method, request.url.raw_path, request.content, self.tenant, self.key, time.time()
-        )
-        yield request
 
 
 def parse_auth_header(value: str) -> dict[str, str]:

@@ -16,7 +16,8 @@ from starlette.routing import Route
 from p2psched.security.admission import Admission
 from p2psched.security.errors import AdmissionError
 from p2psched.security.nonces import MemoryNonceStore
-from p2psched.security.request_auth import OPEN_PRINCIPAL, TenantAuth, build_auth_header, verify_http_request
+from p2psched.security.client import TenantAuth
+from p2psched.security.request_auth import OPEN_PRINCIPAL, build_auth_header, verify_http_request
 from security_helpers import NOW, TenantKeys, registry
 
 
