@@ -128,6 +128,8 @@ class Agent(RemoteJobs):
         self.active: dict[str, JobRecord] = {}
         #: Status reports that arrived before the offer's acceptance (see _on_status).
         self.early_status: dict[str, dict[str, Any]] = {}
+        #: Module hashes each peer accepted an offer with: later offers leave the bytes out.
+        self.peer_modules: dict[str, set[str]] = {}
         self.running: dict[str, Running] = {}
         self.cpu_total = settings.detected_cpus()
         self.mem_total_mb = settings.detected_mem_mb()

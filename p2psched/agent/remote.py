@@ -10,6 +10,11 @@ final result wins at the origin; any later one is recorded as a duplicate attemp
 
 Loops are impossible: only the origin forwards, each forward counts a hop, and at
 the TTL the job stays queued at the origin until it can run there.
+
+A wasm module travels with an offer only while the origin does not know the peer to
+hold it: modules are stored by hash, and after a peer accepted a module once, later
+offers name it by hash alone. A peer that no longer holds it (its data was wiped)
+refuses with ``need_module`` and the origin offers again, bytes included.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ JOIN_SYNC_WAIT_S = 15.0
 #: Tries to cancel a duplicate attempt, 0.2 s apart doubling to 10 s: about a minute,
 #: long enough for a crashed executor to restart and rejoin.
 CANCEL_TRIES = 10
+#: Module hashes remembered per peer as held there (offers then leave the bytes out).
+PEER_MODULES_KNOWN = 4096
 
 
 def _job_wire(rec: JobRecord, origin_transfer: str) -> dict[str, Any]:
@@ -68,7 +75,8 @@ class RemoteJobs:
     async def _forward(self: Agent, rec: JobRecord, decision: Any) -> None:
         """Offer ``rec`` to each candidate in turn; requeue it if none accepts."""
         assert self.transfer is not None
-        module = self.store.module_path(rec.spec.module_sha256).read_bytes() if rec.spec.module_sha256 else None
+        sha = rec.spec.module_sha256
+        module: bytes | None = None
         refusals = []
         for cand in decision.candidates:
             state = self.cluster.state_of(cand.node_id) if self.cluster else None
@@ -83,10 +91,17 @@ class RemoteJobs:
             rec.executor = cand.node_id
             rec.route = list(cand.route)
             rec.cost = cand.cost
-            offer = {"t": m.OFFER, "id": rec.id, "job": _job_wire(rec, self.advertised_transfer()),
-                     "module": module}
+            job = _job_wire(rec, self.advertised_transfer())
             try:
+                held = sha is None or sha in self.peer_modules.get(cand.node_id, ())
+                if not held and module is None:
+                    module = self.store.module_path(sha).read_bytes()
+                offer = {"t": m.OFFER, "id": rec.id, "job": job, "module": None if held else module}
                 reply = await self.transfer.request(cand.node_id, state.transfer, offer)
+                if reply.get("need_module") and held:
+                    self.peer_modules.get(cand.node_id, set()).discard(sha)
+                    module = module if module is not None else self.store.module_path(sha).read_bytes()
+                    reply = await self.transfer.request(cand.node_id, state.transfer, {**offer, "module": module})
             except TransferError as e:
                 refusals.append(f"{cand.node_id}: {e}")
                 rec.attempts -= 1
@@ -95,6 +110,11 @@ class RemoteJobs:
                 continue
             self._note_vector(cand.node_id, reply)
             if reply.get("t") == m.ACCEPT:
+                if sha is not None:
+                    known = self.peer_modules.setdefault(cand.node_id, set())
+                    if len(known) >= PEER_MODULES_KNOWN:
+                        known.clear()  # forgetting only costs sending the bytes again
+                    known.add(sha)
                 if rec.state.final:  # cancelled while the offer was in flight
                     return
                 self._accepted(rec, f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
@@ -264,7 +284,8 @@ class RemoteJobs:
         module = msg.get("module")
         if spec.runtime == "wasm":
             if module is None and not (spec.module_sha256 and self.store.has_module(spec.module_sha256)):
-                raise ValueError(f"offer for {job_id} carries no module and this agent holds none")
+                return {"t": m.REFUSE, "id": job_id, "need_module": True, **self._vector_wire(),
+                        "reason": f"holds no module {spec.module_sha256}; offer it again with the module's bytes"}
             if module is not None:
                 if hashlib.sha256(module).hexdigest() != spec.module_sha256:
                     raise ValueError(f"offer for {job_id}: module bytes do not match module_sha256")

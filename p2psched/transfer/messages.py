@@ -1,8 +1,9 @@
 """Every transfer message, in one place. Each is a msgpack map; ``t`` names it.
 
     offer       origin -> executor   {id, job, module?}            reply: accept | refuse
-    accept      executor -> origin   {id}
-    refuse      executor -> origin   {id, reason, vector}          late binding said no
+    accept      executor -> origin   {id, vector}
+    refuse      executor -> origin   {id, reason, vector, need_module?}   late binding said no, or the
+                                                                   offer named a module it lacks
     status      executor -> origin   {id, entry}                   best effort (e.g. running)
     result      executor -> origin   {id, executor, attempt, result, output, timeline}   reply: ack
     ack         origin -> executor   {id, duplicate}               delivered; executor may forget
@@ -12,6 +13,9 @@
     submitted   home -> any          {job, created}                or submit_error {status, reason, message}
     error       either               {message}                     the request was not understood
 
+``module`` (the wasm bytes) is left out once the executor is known to hold them.
+``vector`` in refuse, accept and result comes with ``vector_at``, the sender's
+monotonic clock in ns when it was taken, so the newest wins when messages cross.
 ``job`` is the job as the origin knows it: ``spec`` (JobSpec in JSON mode, module
 left out), ``origin``, ``origin_transfer`` (where results go), ``route``, ``cost``,
 ``hops``, ``attempts``, ``timeline`` and, for tenant-signed jobs, ``auth`` (the
