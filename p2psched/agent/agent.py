@@ -382,7 +382,7 @@ class Agent(RemoteJobs):
                         auth=admitted.auth.to_json() if admitted.auth is not None else None)
         rec.timeline.append({"state": JobState.SUBMITTED.value, "at": now, "node": self.node_id, "detail": ""})
         self.store.stage(rec, new=True)
-        self.metrics.jobs_total.labels("submitted", rec.runtime).inc()
+        self.metrics.job_state("submitted", rec.runtime).inc()
         self._advance(rec, JobState.QUEUED, now, "accepted")
         self.active[rec.id] = rec
         return rec, True
@@ -817,8 +817,8 @@ class Agent(RemoteJobs):
         self._nursery.start_soon(self._run_job, run)
 
     def _update_slot_metrics(self) -> None:
-        self.metrics.slots_in_use.labels("cpu").set(self.cpu_used)
-        self.metrics.slots_in_use.labels("mem_mb").set(self.mem_used_mb)
+        self.metrics.child(self.metrics.slots_in_use, "cpu").set(self.cpu_used)
+        self.metrics.child(self.metrics.slots_in_use, "mem_mb").set(self.mem_used_mb)
         self.metrics.running.set(len(self.running))
         if self.gpus is not None and self.gpu_inventory.gpus:
             self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
@@ -877,7 +877,7 @@ class Agent(RemoteJobs):
     async def _run_job(self, run: Running) -> None:
         rec = run.record
         started = time.time()
-        self.metrics.queue_seconds.labels(rec.runtime).observe(max(0.0, started - rec.created_at))
+        self.metrics.child(self.metrics.queue_seconds, rec.runtime).observe(max(0.0, started - rec.created_at))
         self._advance(rec, JobState.RUNNING, started, f"attempt {rec.attempts}")
         self._report_status(rec, rec.timeline[-1])
         try:
@@ -902,7 +902,7 @@ class Agent(RemoteJobs):
             self._update_slot_metrics()
             self._wake.set()
         ended = time.time()
-        self.metrics.run_seconds.labels(rec.runtime).observe(ended - started)
+        self.metrics.child(self.metrics.run_seconds, rec.runtime).observe(ended - started)
         if rec.state.final:
             # An earlier attempt's result arrived while this one ran: the first final
             # result stands, this one is recorded as a duplicate attempt.

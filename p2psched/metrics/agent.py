@@ -39,12 +39,17 @@ class AgentMetrics:
             "p2psched_admission_rejections_total", "Submissions refused at the door, by reason.", ["reason"],
             registry=registry,
         )
-        self._job_children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.running = Gauge("p2psched_jobs_running", "Jobs running here now.", registry=registry)
 
     def job_state(self, state: str, runtime: str) -> Any:
         """The jobs_total child for (state, runtime), cached: labels() is costly per job."""
-        child = self._job_children.get((state, runtime))
+        return self.child(self.jobs_total, state, runtime)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the per-job metrics would pay a lookup each."""
+        key = (metric, labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._job_children[(state, runtime)] = self.jobs_total.labels(state, runtime)
+            child = self._children[key] = metric.labels(*labels)
         return child
