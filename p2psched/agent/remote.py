@@ -77,6 +77,13 @@ class RemoteJobs:
         assert self.transfer is not None
         sha = rec.spec.module_sha256
         module: bytes | None = None
+
+        def module_bytes() -> bytes | None:  # read once, and only for a peer that needs them
+            nonlocal module
+            if module is None and sha is not None:
+                module = self.store.module_path(sha).read_bytes()
+            return module
+
         refusals = []
         for cand in decision.candidates:
             state = self.cluster.state_of(cand.node_id) if self.cluster else None
@@ -94,14 +101,12 @@ class RemoteJobs:
             job = _job_wire(rec, self.advertised_transfer())
             try:
                 held = sha is None or sha in self.peer_modules.get(cand.node_id, ())
-                if not held and module is None:
-                    module = self.store.module_path(sha).read_bytes()
-                offer = {"t": m.OFFER, "id": rec.id, "job": job, "module": None if held else module}
+                offer = {"t": m.OFFER, "id": rec.id, "job": job, "module": None if held else module_bytes()}
                 reply = await self.transfer.request(cand.node_id, state.transfer, offer)
-                if reply.get("need_module") and held:
+                if reply.get("need_module") and sha is not None:
                     self.peer_modules.get(cand.node_id, set()).discard(sha)
-                    module = module if module is not None else self.store.module_path(sha).read_bytes()
-                    reply = await self.transfer.request(cand.node_id, state.transfer, {**offer, "module": module})
+                    reply = await self.transfer.request(cand.node_id, state.transfer,
+                                                        {**offer, "module": module_bytes()})
             except TransferError as e:
                 refusals.append(f"{cand.node_id}: {e}")
                 rec.attempts -= 1
