@@ -40,7 +40,8 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     A flush per line was a tenth of the agent's time per noop job. Lines at
     WARNING and above flush at once; the rest when :func:`flush` is called (the
-    agent does so every 50 ms), so a kill -9 can lose at most that much info text.
+    agent does so within 50 ms of job activity, and at least once a second), so a
+    kill -9 can lose at most that much info text.
     """
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -46,6 +46,8 @@ jlog = logging.getLogger("p2psched.jobs")
 #: Staged transitions that nobody awaits (placed, running) are flushed at least this
 #: often, so a crash loses at most this much timeline detail and never a job.
 FLUSH_INTERVAL_S = 0.05
+#: Info log lines are flushed at least this often when no job activity flushes them.
+LOG_FLUSH_IDLE_S = 1.0
 #: How often a changed resource vector is handed to membership. Gossip runs every
 #: 200 ms, so publishing faster would only be coalesced away.
 PUBLISH_INTERVAL_S = 0.1
@@ -651,8 +653,12 @@ class Agent(RemoteJobs):
     # ---------------------------------------------------------------- dispatch
 
     async def _flush_loop(self) -> None:
+        # Woken by staging, not by a timer: an idle agent then wakes once a second
+        # (for buffered log lines) instead of twenty times.
         while True:
-            await trio.sleep(FLUSH_INTERVAL_S)
+            with trio.move_on_after(LOG_FLUSH_IDLE_S):
+                await self.store.wait_dirty()
+                await trio.sleep(FLUSH_INTERVAL_S)  # let a group commit's worth gather
             logs.flush()
             if self.store.dirty:
                 await self.store.sync()

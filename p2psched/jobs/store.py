@@ -130,6 +130,7 @@ class Store:
         self._inflight: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
         self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
         self._staged_gen = 0
+        self._staged_event = trio.Event()
         self._committed_gen = 0
         self._flushing = False
         self._flushed = trio.Event()
@@ -182,6 +183,7 @@ class Store:
         )
         self._staged_records[rec.id] = rec
         self._staged_gen += 1
+        self._staged_event.set()
         if rec.state in FINAL_STATES:
             self._finished[rec.id] = rec
             self._finished.move_to_end(rec.id)
@@ -192,6 +194,7 @@ class Store:
         """Record that a result is owed to its origin (or no longer is), in the next flush."""
         self._deliveries[job_id] = owed
         self._staged_gen += 1
+        self._staged_event.set()
 
     def owed_deliveries(self) -> list[str]:
         return [r[0] for r in self._reader.execute("SELECT id FROM deliveries")]
@@ -199,6 +202,12 @@ class Store:
     @property
     def dirty(self) -> bool:
         return self._committed_gen < self._staged_gen
+
+    async def wait_dirty(self) -> None:
+        """Return once something staged is not yet durable (at once if it already is)."""
+        while not self.dirty:
+            self._staged_event = trio.Event()
+            await self._staged_event.wait()
 
     def durable(self, job_id: str) -> bool:
         """Whether the state last staged for ``job_id`` is on disk (no flush holds it yet)."""

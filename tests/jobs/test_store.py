@@ -89,3 +89,27 @@ async def test_the_wal_is_checkpointed_once_enough_rows_are_written_and_not_on_e
     assert db.stat().st_size > before
     store.close()
     assert len(list(Store(tmp_path).unfinished())) == CHECKPOINT_ROWS
+
+
+async def test_wait_dirty_sleeps_while_everything_is_durable_and_wakes_on_staging(tmp_path):
+    store = Store(tmp_path)
+    woke = []
+
+    async def waiter():
+        await store.wait_dirty()
+        woke.append(trio.current_time())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter)
+        await trio.sleep(0.2)
+        assert woke == []  # nothing staged: the flusher stays asleep
+        store.stage(rec(1), new=True)
+        await trio.sleep(0.05)
+        assert len(woke) == 1
+    await store.sync()
+    with trio.move_on_after(0.2) as scope:
+        await store.wait_dirty()
+    assert scope.cancelled_caught  # durable again: it sleeps
+    store.stage_delivery("n1:1", True)
+    with trio.fail_after(5):
+        await store.wait_dirty()
