@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=1_000)
     ap.add_argument("--idle-s", type=float, default=10.0)
+    ap.add_argument("--agent-arg", action="append", default=[], help="extra agent flag (repeatable)")
     args = ap.parse_args()
 
     raw_n = 5_000
@@ -76,7 +77,7 @@ def main() -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "p2psched", "agent", "--node-id", "bench", "--api", f"127.0.0.1:{port}",
              "--gossip", f"127.0.0.1:{free_port()}", "--transfer", f"127.0.0.1:{free_port()}",
-             "--data-dir", f"{tmp}/data", "--insecure", "--no-mdns", "--queue-limit", str(args.jobs + 10)],
+             "--data-dir", f"{tmp}/data", "--insecure", "--no-mdns", "--queue-limit", str(args.jobs + 10), *args.agent_arg],
             stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"

@@ -820,7 +820,10 @@ class Agent(RemoteJobs):
             run.gpu_grant = self.gpus.reserve(rec.id, r.gpu, r.gpu_type)
         self._update_slot_metrics()
         self.running[rec.id] = run
-        self._nursery.start_soon(self._run_job, run)
+        if rec.runtime == "wasm":
+            self._start_wasm(run)
+        else:
+            self._nursery.start_soon(self._run_job, run)
 
     def _update_slot_metrics(self) -> None:
         self.metrics.child(self.metrics.slots_in_use, "cpu").set(self.cpu_used)
@@ -845,28 +848,49 @@ class Agent(RemoteJobs):
             gpu_devices=list(grant.devices) if grant is not None else [],
         )
 
-    async def _execute(self, run: Running, req: SandboxRequest) -> SandboxResult:
-        if req.runtime == "wasm":
-            if self._wasm is None:
-                from p2psched.sandbox.wasm import WasmEngine
+    def _start_wasm(self, run: Running) -> None:
+        """Start a wasm job on a worker thread; it ends in ``_end_run`` on the trio thread.
 
-                self._wasm = WasmEngine(self.data_dir / "compiled")
-                self._workers = WorkerThreads(max(1, int(self.cpu_total)), "p2psched-wasm")
-            from p2psched.sandbox.wasm import run_wasm
+        No task per job: a task, its cancel scope and an Event cost more than a noop
+        job. The worker pool is owned by the agent and drained by its shutdown, which
+        waits for ``self.running`` to empty.
+        """
+        if self._wasm is None:
+            from p2psched.sandbox.wasm import WasmEngine
 
-            assert self._workers is not None
-            wasm, gate, spec, node_id = self._wasm, self.gate, run.record.spec, self.node_id
+            self._wasm = WasmEngine(self.data_dir / "compiled")
+            self._workers = WorkerThreads(max(1, int(self.cpu_total)), "p2psched-wasm")
+        from p2psched.sandbox.wasm import run_wasm
 
-            def run_and_attest() -> SandboxResult:
-                # The report is signed on the worker thread too: the signature and its
-                # canonical JSON cost more than a noop job and need nothing from trio.
-                started = time.time()
-                result: SandboxResult = run_wasm(req, wasm)
-                result.sandbox["attestation"] = gate.attest(node_id=node_id, job_id=req.job_id, spec=spec,
-                                                            result=result, started_at=started, ended_at=time.time())
-                return result
+        assert self._workers is not None
+        rec = run.record
+        started = self._begin_run(run)
+        try:
+            req = self._sandbox_request(rec, run.gpu_grant)
+        except Exception as e:  # a bug here must not leave the job running forever
+            log.exception("job %s: sandbox error", rec.id)
+            self._end_run(run, SandboxResult(exit_code=None, reason=f"sandbox_error: {e}"), started)
+            return
+        wasm, gate, spec, node_id = self._wasm, self.gate, rec.spec, self.node_id
 
-            return await self._workers.run(run_and_attest)
+        def run_and_attest() -> SandboxResult:
+            # The report is signed on the worker thread too: the signature and its
+            # canonical JSON cost more than a noop job and need nothing from trio.
+            t0 = time.time()
+            result: SandboxResult = run_wasm(req, wasm)
+            result.sandbox["attestation"] = gate.attest(node_id=node_id, job_id=req.job_id, spec=spec,
+                                                        result=result, started_at=t0, ended_at=time.time())
+            return result
+
+        def done(result: SandboxResult | None, error: BaseException | None) -> None:
+            if error is not None or result is None:
+                log.error("job %s: sandbox error", rec.id, exc_info=error)
+                result = SandboxResult(exit_code=None, reason=f"sandbox_error: {error}")
+            self._end_run(run, result, started)
+
+        self._workers.submit(run_and_attest, done=done)
+
+    async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
         if self._processes is None:
             from p2psched.sandbox.process import ProcessSandbox
 
@@ -881,32 +905,48 @@ class Agent(RemoteJobs):
         return SandboxResult(exit_code=None, reason="cancelled")
 
     async def _run_job(self, run: Running) -> None:
+        """A process job, from start to its end in ``_end_run``."""
+        rec = run.record
+        started = self._begin_run(run)
+        try:
+            # A process job can act on the world (files, network), so its attempt is
+            # durable before it starts: after a crash the record says it may have run.
+            # A wasm job has no effect outside its result, so it starts at once and
+            # its running state reaches disk with the next flush, before its result.
+            await self.store.sync()
+            result = await self._execute_process(run, self._sandbox_request(rec, run.gpu_grant))
+        except Exception as e:  # a sandbox bug must not take the agent down
+            log.exception("job %s: sandbox error", rec.id)
+            result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")
+        except BaseException:  # the agent's nursery is closing: give back what the job held
+            self._release(run)
+            raise
+        self._end_run(run, result, started)
+
+    def _begin_run(self, run: Running) -> float:
         rec = run.record
         started = time.time()
         self.metrics.child(self.metrics.queue_seconds, rec.runtime).observe(max(0.0, started - rec.created_at))
         self._advance(rec, JobState.RUNNING, started, f"attempt {rec.attempts}")
         self._report_status(rec, rec.timeline[-1])
-        try:
-            if rec.runtime == "process":
-                # A process job can act on the world (files, network), so its attempt is
-                # durable before it starts: after a crash the record says it may have run.
-                # A wasm job has no effect outside its result, so it starts at once and
-                # its running state reaches disk with the next flush, before its result;
-                # waiting here would cap wasm throughput at one flush per CPU slot.
-                await self.store.sync()
-            result = await self._execute(run, self._sandbox_request(rec, run.gpu_grant))
-        except Exception as e:  # a sandbox bug must not take the agent down
-            log.exception("job %s: sandbox error", rec.id)
-            result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")
-        finally:
-            r = rec.spec.resources
-            self.cpu_used -= r.cpu
-            self.mem_used_mb -= r.mem_mb
-            self.running.pop(rec.id, None)
-            if self.gpus is not None:
-                self.gpus.release(rec.id)
-            self._update_slot_metrics()
-            self._wake.set()
+        return started
+
+    def _release(self, run: Running) -> None:
+        """Give back what ``_reserve_and_start`` took for ``run`` (once)."""
+        rec = run.record
+        if self.running.pop(rec.id, None) is None:
+            return
+        r = rec.spec.resources
+        self.cpu_used -= r.cpu
+        self.mem_used_mb -= r.mem_mb
+        if self.gpus is not None:
+            self.gpus.release(rec.id)
+        self._update_slot_metrics()
+        self._wake.set()
+
+    def _end_run(self, run: Running, result: SandboxResult, started: float) -> None:
+        rec = run.record
+        self._release(run)
         ended = time.time()
         self.metrics.child(self.metrics.run_seconds, rec.runtime).observe(ended - started)
         if rec.state.final:
@@ -915,7 +955,6 @@ class Agent(RemoteJobs):
             rec.duplicates.append({"executor": self.node_id, "attempt": rec.attempts, "reason": result.reason,
                                    "at": ended})
             self.store.stage(rec)
-            await self.store.sync()
             return
         if run.cancel_reason == "shutdown":
             self._advance(rec, JobState.QUEUED, ended, "agent stopping: run interrupted; it will run again")

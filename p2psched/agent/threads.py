@@ -6,10 +6,16 @@ per CPU slot) takes calls from a queue, and finished calls are handed back to tr
 in batches: a worker schedules one ``run_sync_soon`` callback, and that callback
 wakes every caller whose call finished since. Under load one trio wake-up serves
 many jobs; idle, the threads block on the queue and cost nothing.
+
+Two ways in: ``await run(fn, ...)`` for a caller that waits, and ``submit(fn, ...,
+done=callback)`` for one that does not: the callback runs on the trio thread when
+the call ends, without a task or an Event per call. The agent starts its
+WebAssembly jobs that way; under load the per-job task cost more than the job.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -19,13 +25,20 @@ from typing import Any
 import trio
 
 
-class _Call:
-    __slots__ = ("fn", "args", "event", "value", "error")
+log = logging.getLogger("p2psched.agent")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+#: ``done(value, error)``: exactly one of them is meaningful (error is None on success).
+Done = Callable[[Any, "BaseException | None"], None]
+
+
+class _Call:
+    __slots__ = ("fn", "args", "event", "done", "value", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done | None = None) -> None:
         self.fn = fn
         self.args = args
-        self.event = trio.Event()
+        self.event = trio.Event() if done is None else None
+        self.done = done
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -49,11 +62,18 @@ class WorkerThreads:
         """
         call = _Call(fn, args)
         self._calls.put(call)
+        assert call.event is not None
         with trio.CancelScope(shield=True):
             await call.event.wait()
         if call.error is not None:
             raise call.error
         return call.value
+
+    def submit(self, fn: Callable[..., Any], *args: Any, done: Done) -> None:
+        """Run ``fn(*args)`` on a worker thread; call ``done(value, error)`` on the trio
+        thread once it ends. ``done`` must not raise: an error in it is logged, and the
+        other calls that ended with it are still delivered."""
+        self._calls.put(_Call(fn, args, done))
 
     def close(self) -> None:
         for _ in self._threads:
@@ -84,4 +104,11 @@ class WorkerThreads:
             done = list(self._done)
             self._done.clear()
         for call in done:
-            call.event.set()
+            if call.event is not None:
+                call.event.set()
+                continue
+            assert call.done is not None
+            try:
+                call.done(call.value, call.error)
+            except Exception:  # a bug in one callback must not lose the others' results
+                log.exception("a worker-thread completion callback failed")
