@@ -38,3 +38,34 @@ def test_missing_and_broken_config_files(tmp_path):
     bad.write_text("queue_limit = = 3\n")
     with pytest.raises(ConfigError, match="line 1"):
         load_settings(bad)
+
+
+def test_membership_table_merges_file_and_env_json(tmp_path, monkeypatch):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[membership]\nprobe_interval = 2.0\ngossip_interval = 0.5\n')
+    monkeypatch.setenv("P2PSCHED_MEMBERSHIP", '{"gossip_interval": 0.3}')
+    s = load_settings(cfg, node_id="x")
+    assert s.membership == {"probe_interval": 2.0, "gossip_interval": 0.3}
+
+
+def test_env_json_that_does_not_parse_names_the_variable(monkeypatch):
+    monkeypatch.setenv("P2PSCHED_MEMBERSHIP", "probe_interval=2")
+    with pytest.raises(ConfigError, match="P2PSCHED_MEMBERSHIP: not JSON"):
+        load_settings(node_id="x")
+
+
+def test_env_values_are_validated_and_typed(monkeypatch):
+    monkeypatch.setenv("P2PSCHED_NO_MDNS", "true")
+    monkeypatch.setenv("P2PSCHED_CPUS", "2.5")
+    s = load_settings(node_id="x")
+    assert s.no_mdns is True and s.cpus == 2.5
+    monkeypatch.setenv("P2PSCHED_QUEUE_LIMIT", "lots")
+    with pytest.raises(ConfigError, match="queue_limit"):
+        load_settings(node_id="x")
+
+
+def test_unknown_file_key_is_refused_by_name(tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("queue_limt = 3\n")
+    with pytest.raises(ConfigError, match="queue_limt: unknown key"):
+        load_settings(cfg, node_id="x")
