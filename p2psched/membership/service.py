@@ -36,7 +36,12 @@ from p2psched.membership.swim import Action, Event, Membership, Send, SendTcp, T
 from p2psched.resources import NodeState
 
 _FRAME_HEADER = struct.Struct(">I")
+#: The event-loop lag probe's period while there are live peers: a stall longer than
+#: lag_threshold then makes our acks late, and Lifeguard counts it against our health.
 _LAG_PERIOD = 0.1
+#: Without a live peer there is no ack to make late; the probe only keeps the
+#: loop_lag_seconds gauge fresh, so an agent alone wakes for it once a second.
+_LAG_PERIOD_ALONE = 1.0
 
 
 @dataclass(frozen=True)
@@ -279,10 +284,11 @@ class MembershipService:
     async def _lag_loop(self) -> None:
         core = self._need_core()
         while True:
+            period = _LAG_PERIOD if core.num_live() > 1 else _LAG_PERIOD_ALONE
             t0 = trio.current_time()
-            await trio.sleep(_LAG_PERIOD)
+            await trio.sleep(period)
             now = trio.current_time()
-            lag = max(0.0, now - t0 - _LAG_PERIOD)
+            lag = max(0.0, now - t0 - period)
             self.metrics.lag.set(lag)
             core.report_lag(now, lag)
 

@@ -495,11 +495,28 @@ class Membership:
 
     # --- timers --------------------------------------------------------------------------
 
+    def _has_probe_target(self) -> bool:
+        return self.num_live() - (self.members[self.id].status in (ALIVE, SUSPECT)) > 0
+
+    def _has_gossip_target(self) -> bool:
+        """Gossip also goes to the dead (so a wrongly declared one refutes), never to the left."""
+        c = self._counts
+        return c[ALIVE] + c[SUSPECT] + c[DEAD] - (self.members[self.id].status != LEFT) > 0
+
     def next_deadline(self) -> float:
-        """The earliest time ``tick`` has something to do."""
+        """The earliest time ``tick`` has something to do.
+
+        An agent without peers has no protocol period: no probe is due while no live
+        peer exists and no gossip round while no peer can take it, so it ticks only
+        for the rare push-pull, re-join and reaping timers. A due probe or gossip round
+        that was skipped runs on the first tick after a peer appears, which every
+        packet or stream that brings one is followed by.
+        """
         t = math.inf
         if not self.left:
-            t = min(self._next_probe_at, self._next_push_pull_at, self._next_rejoin_at, self._next_join_at)
+            t = min(self._next_push_pull_at, self._next_rejoin_at, self._next_join_at)
+            if self._has_probe_target():
+                t = min(t, self._next_probe_at)
             p = self._probe
             if p is not None and not p.acked:
                 t = min(t, p.deadline if p.indirect_sent else p.direct_deadline)
@@ -507,7 +524,7 @@ class Membership:
                 t = min(t, s.deadline)
             for r in self._relays.values():
                 t = min(t, r.expires if r.nack_at is None else r.nack_at)
-        if len(self._queue):
+        if len(self._queue) and self._has_gossip_target():
             t = min(t, self._next_gossip_at)
         if self._pending_state is not None:
             t = min(t, self._next_state_at)

@@ -304,3 +304,59 @@ def test_a_joiner_learns_the_dead_and_suspect_members_too_but_only_on_its_first_
     reply, _ = a.handle_stream(4.0, joiner.addr, joiner._push_pull_to(A, join=False).data)
     joiner.handle_stream_reply(4.0, A, reply)
     assert joiner.get("d") is None
+
+
+def drive(m: Membership, until: float, now: float = 0.0) -> tuple[list[float], list]:
+    """Tick ``m`` exactly at each deadline it asks for, as the trio adapter does."""
+    ticks, out = [], []
+    while (t := max(now, m.next_deadline())) <= until:
+        now = t
+        ticks.append(now)
+        out += m.tick(now)
+    return ticks, out
+
+
+def test_an_agent_without_peers_has_no_protocol_period():
+    m = core()
+    ticks, out = drive(m, 120.0)
+    # Only the re-join and push-pull timers remain: nothing at the probe or gossip rate.
+    assert len(ticks) <= 120.0 / S.rejoin_interval + 2 * 120.0 / S.push_pull_interval + 2
+    assert len(ticks) < 120.0 / S.probe_interval / 4
+    assert not [a for a in out if isinstance(a, (Send, SendTcp, TcpProbe))]
+
+
+def test_a_peer_that_appears_is_probed_on_the_next_tick():
+    m = core()
+    drive(m, 30.0)
+    now = 30.0
+    m.handle_packet(now, B, pkt(Alive(0, "b", B)))
+    assert m.next_deadline() <= now  # the probe skipped while alone is due at once
+    out = m.tick(now)
+    pings = [a for a in out if isinstance(a, Send) and any(isinstance(x, Ping) for x in codec.decode_datagram(a.data)[1])]
+    assert [p.addr for p in pings] == [B]
+
+
+def test_with_a_live_peer_probing_keeps_its_period():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    now, probes = 0.0, 0
+    while (now := max(now, m.next_deadline())) <= 20.0:
+        for a in m.tick(now):
+            for msg in codec.decode_datagram(a.data)[1] if isinstance(a, Send) else []:
+                if isinstance(msg, Ping):  # b answers every probe at once
+                    probes += 1
+                    m.handle_packet(now, B, pkt(Ack(msg.seq), sender="b"))
+    assert probes >= 20.0 / S.probe_interval - 1
+    assert m.get("b").status == ALIVE
+
+
+def test_gossip_waits_for_a_peer_that_can_take_it():
+    m = core()
+    m.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    m.handle_packet(0.1, B, pkt(Dead(1, "b", "b")))  # b left: no gossip or probe goes to it
+    assert m.get("b").status == LEFT
+    m.set_local_state(1.0, NodeState(node_id="a", vector=ResourceVector(cpu_total=4, cpu_free=4)))
+    assert len(m._queue)  # something to spread, nobody to spread it to
+    ticks, out = drive(m, 1.0 + S.dead_retention - 1, now=1.0)
+    assert len(ticks) < S.dead_retention / S.gossip_interval / 4
+    assert not [a for a in out if isinstance(a, Send)]
