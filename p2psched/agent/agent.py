@@ -48,9 +48,12 @@ jlog = logging.getLogger("p2psched.jobs")
 FLUSH_INTERVAL_S = 0.05
 #: Info log lines are flushed at least this often when no job activity flushes them.
 LOG_FLUSH_IDLE_S = 1.0
-#: How often a changed resource vector is handed to membership. Gossip runs every
-#: 200 ms, so publishing faster would only be coalesced away.
+#: How often a changed resource vector is handed to membership while the agent holds
+#: jobs. Gossip runs every 200 ms, so publishing faster would only be coalesced away.
 PUBLISH_INTERVAL_S = 0.1
+#: With no job here the vector changes only when work arrives (which wakes the
+#: publisher) or with the load average, which the kernel recomputes every 5 s.
+IDLE_PUBLISH_S = 5.0
 #: Re-placement of jobs whose executor vanished from membership while we were not
 #: looking. The grace lets membership converge after our own restart first.
 ORPHAN_CHECK_S = 2.0
@@ -140,6 +143,7 @@ class Agent(RemoteJobs):
         self.accepting = True
         self.started_at = time.time()
         self._wake = trio.Event()
+        self._vector_changed = trio.Event()  # slots taken or given back, or a job queued
         self._waiters: dict[str, trio.Event] = {}
         self._stop = trio.Event()
         self.stopped = trio.Event()
@@ -438,6 +442,7 @@ class Agent(RemoteJobs):
         self.queue.push(rec)
         self.metrics.queue_length.set(len(self.queue))
         self._wake.set()
+        self._vector_changed.set()
 
     # ---------------------------------------------------------------- queries
 
@@ -626,9 +631,17 @@ class Agent(RemoteJobs):
                 self._wake.set()
 
     async def _publish_loop(self) -> None:
-        """Gossip our vector when it changed; the membership core coalesces and rate-limits."""
+        """Gossip our vector when it changed; the membership core coalesces and rate-limits.
+
+        While jobs are here the vector is sampled every PUBLISH_INTERVAL_S; an agent
+        without jobs sleeps until a job is queued or starts (``_vector_changed``), or
+        for IDLE_PUBLISH_S to pass on a new load average."""
         last = None
         while True:
+            if not (self.active or self.running or len(self.queue)):
+                with trio.move_on_after(IDLE_PUBLISH_S):
+                    await self._vector_changed.wait()
+            self._vector_changed = trio.Event()
             await trio.sleep(PUBLISH_INTERVAL_S)
             state = self.local_state()
             key = (state.vector.to_wire(), state.tenants)
@@ -641,6 +654,8 @@ class Agent(RemoteJobs):
         down, say) would wait forever for a result: place them again."""
         started = trio.current_time()
         while True:
+            if not self.active:
+                await self._wake.wait()  # set, with the dispatcher's, whenever a job is queued
             await trio.sleep(ORPHAN_CHECK_S)
             if trio.current_time() - started < ORPHAN_GRACE_S or self.cluster is None:
                 continue
@@ -799,6 +814,8 @@ class Agent(RemoteJobs):
     async def _replace_loop(self) -> None:
         """Look at the queue again now and then: gossip may show free peers."""
         while True:
+            if not len(self.queue):
+                await self._wake.wait()  # set, with the dispatcher's, whenever a job is queued
             await trio.sleep(0.5)
             if len(self.queue):
                 self._wake.set()
@@ -826,6 +843,7 @@ class Agent(RemoteJobs):
             self._nursery.start_soon(self._run_job, run)
 
     def _update_slot_metrics(self) -> None:
+        self._vector_changed.set()
         self.metrics.child(self.metrics.slots_in_use, "cpu").set(self.cpu_used)
         self.metrics.child(self.metrics.slots_in_use, "mem_mb").set(self.mem_used_mb)
         self.metrics.running.set(len(self.running))
@@ -1039,6 +1057,7 @@ class Agent(RemoteJobs):
         if first:
             log.warning("draining: no new admissions; handing %d queued jobs to peers", len(self.queue))
             self._wake.set()
+            self._vector_changed.set()  # peers must see the draining flag at once
             if stop and self._nursery is not None:
                 self._nursery.start_soon(self._finish_drain)
         return {"node_id": self.node_id, "draining": True, "queued": len(self.queue), "running": len(self.running)}
