@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -124,7 +125,18 @@ def _s(v: Any) -> str:
 
 
 def discover(*, profile: str = "whole", proc_caps: Path = PROC_CAPS) -> GpuInventory:
-    """Ask NVML. Never raises: problems come back as an empty inventory and a reason."""
+    """Ask NVML. Never raises: problems come back as an empty inventory and a reason.
+
+    When NVML finds no GPU, pynvml (~1 MB of bindings and constants) is forgotten
+    again: an agent without GPUs does not keep it for the rest of its life."""
+    loaded_before = "pynvml" in sys.modules
+    inv = _discover(profile, proc_caps)
+    if not inv.gpus and not loaded_before:
+        sys.modules.pop("pynvml", None)
+    return inv
+
+
+def _discover(profile: str, proc_caps: Path) -> GpuInventory:
     try:
         nv = _nvml()
     except ImportError:

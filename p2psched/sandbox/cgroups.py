@@ -506,11 +506,10 @@ def owner_gone(name: str) -> bool:
     return False
 
 
-def reap_stale(layout: CgroupLayout) -> int:
-    """Kill and remove job cgroups a previous agent left behind (it was killed). Returns how many."""
+def stale_names(layout: CgroupLayout) -> set[str]:
+    """Job cgroups whose agent process no longer runs."""
     if layout.version is None:
-        return 0
-    removed = 0
+        return set()
     roots = [layout.v2_dir / PARENT_NAME] if layout.version == 2 and layout.v2_dir else [
         d / PARENT_NAME for d in layout.v1_dirs.values()
     ]
@@ -520,7 +519,13 @@ def reap_stale(layout: CgroupLayout) -> int:
             names.update(p.name for p in r.iterdir() if p.is_dir() and owner_gone(p.name))
         except OSError:
             continue
-    for name in names:
+    return names
+
+
+def reap_stale(layout: CgroupLayout) -> int:
+    """Kill and remove job cgroups a previous agent left behind (it was killed). Returns how many."""
+    removed = 0
+    for name in stale_names(layout):
         cg = JobCgroup(layout, name, devices=True)
         cg.created = [d for d in cg.unique_dirs() if d.exists()]
         cg.kill()

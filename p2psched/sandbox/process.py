@@ -68,7 +68,7 @@ from typing import Any, TypeVar
 import trio
 
 from p2psched.jobs.spec import Limits, Resources
-from p2psched.sandbox import cgroups, namespaces, seccomp_filter
+from p2psched.sandbox import cgroups, leftovers, namespaces, seccomp_filter
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 
 __all__ = ["ProcessSandboxConfig", "SandboxError", "doctor_checks", "reap_stale", "run_process"]
@@ -112,7 +112,7 @@ class ProcessSandboxConfig:
     #: Where a root agent mounts each job's scratch tmpfs and binds its program's
     #: directory (mode 0711, so the sandbox uid can reach them by path, which bwrap
     #: needs, without listing other jobs). A non-root agent uses ``work_dir``.
-    runtime_dir: Path = Path("/run/p2psched")
+    runtime_dir: Path = leftovers.RUNTIME_DIR
     #: The fewest open files bwrap needs while it sets the sandbox up (its own fds
     #: plus the job's three). A lower ``nofile`` limit is raised to this, with a warning.
     min_nofile: int = 16
@@ -1235,16 +1235,13 @@ def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
     n = 0
     if cfg.cgroups == "auto":
         n += cgroups.reap_stale(cgroups.detect())
-    prefix = str(cfg.runtime_dir) + "/"
-    with contextlib.suppress(OSError):
-        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-            mountpoint = line.split()[4]
-            if mountpoint.startswith(prefix) and cgroups.owner_gone(mountpoint[len(prefix):].split("/")[0]):
-                _umount(Path(mountpoint))
-                n += 1
-        for d in cfg.runtime_dir.iterdir():
-            if cgroups.owner_gone(d.name):
-                _rmtree(d)
+    for mountpoint in leftovers.stale_mounts(cfg.runtime_dir):
+        with contextlib.suppress(OSError):
+            _umount(mountpoint)
+            n += 1
+    for d in leftovers.stale_dirs(cfg.runtime_dir):
+        with contextlib.suppress(OSError):
+            _rmtree(d)
     return n
 
 

@@ -4,11 +4,15 @@ Each test forbids the idle timer's fallback (IDLE_PUBLISH_S) so that only the wa
 under test can make peers see the change.
 """
 
+import sys
+import time
+from pathlib import Path
+
 import trio
 
 from p2psched.agent import agent as agent_module
 
-from agents import FAST_MEMBERSHIP, running_agent
+from agents import FAST_MEMBERSHIP, new_agent, running_agent, wasm_spec
 
 SLEEP_JOB = {"runtime": "process", "command": ["/bin/sleep", "30"]}
 
@@ -44,3 +48,58 @@ async def test_an_idle_agent_publishes_that_it_drains(tmp_path, monkeypatch):
             with trio.fail_after(20):
                 while not watcher.cluster.state_of("exec").vector.draining:
                     await trio.sleep(0.05)
+
+
+#: Runs `p2psched agent` exactly as the command line does, plus a thread that writes
+#: the names of the imported modules to argv[1] each time argv[1] + ".ask" appears.
+MODULE_REPORTER = r"""
+import os, sys, threading, time
+out = sys.argv.pop(1)
+def report():
+    while True:
+        if os.path.exists(out + ".ask"):
+            names = list(sys.modules)
+            with open(out + ".tmp", "w") as f:
+                f.write("\n".join(names))
+            os.replace(out + ".tmp", out)
+            os.unlink(out + ".ask")
+        time.sleep(0.05)
+threading.Thread(target=report, daemon=True).start()
+sys.argv[0] = "p2psched"
+from p2psched.cli.main import main
+main()
+"""
+
+NOT_AT_START = {"wasmtime", "networkx", "zeroconf", "pynvml", "pydantic_settings", "p2psched.sandbox.process",
+                "yaml", "rich", "httpx"}
+
+
+def imported_modules(report: Path) -> set[str]:
+    report.unlink(missing_ok=True)
+    Path(str(report) + ".ask").touch()
+    deadline = time.monotonic() + 30
+    while not report.exists():
+        assert time.monotonic() < deadline, "the agent never reported its modules"
+        time.sleep(0.05)
+    return set(report.read_text().split())
+
+
+def test_an_idle_agent_has_not_loaded_what_only_jobs_need_and_still_runs_the_first_wasm_job(tmp_path):
+    agent = new_agent(tmp_path, "idle")
+    report = tmp_path / "modules.txt"
+    agent.command = lambda: [sys.executable, "-c", MODULE_REPORTER, str(report), "agent", "--node-id", "idle",
+                             "--api", agent.url.removeprefix("http://"), "--gossip", agent.gossip,
+                             "--transfer", f"127.0.0.1:{agent.transfer_port}", "--data-dir", str(agent.data_dir),
+                             *agent.extra]
+    agent.start()
+    try:
+        at_start = imported_modules(report)
+        assert "p2psched.agent.agent" in at_start  # the report comes from the running agent
+        assert not NOT_AT_START & at_start, sorted(NOT_AT_START & at_start)
+        with agent.client() as http:
+            job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()
+            done = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
+        assert done["state"] == "succeeded", done
+        assert "wasmtime" in imported_modules(report)
+    finally:
+        agent.stop()
