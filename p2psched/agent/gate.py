@@ -106,5 +106,6 @@ class Gate:
     def attest(self, *, node_id: str, job_id: str, spec: JobSpec, result: SandboxResult, started_at: float,
                ended_at: float) -> dict[str, Any]:
         return report_from_result(self.node_key, node_id=node_id, measurement=self.measurement, job_id=job_id,
+                                  node_pubkey=self.node_pubkey,
                                   spec=spec, result=result, sandbox_kind=spec.runtime, started_at=started_at,
                                   ended_at=ended_at)

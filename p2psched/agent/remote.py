@@ -288,7 +288,7 @@ class RemoteJobs:
             raise ValueError(f"offer for {job_id}: invalid spec: {e}") from None
         module = msg.get("module")
         if spec.runtime == "wasm":
-            if module is None and not (spec.module_sha256 and self.store.has_module(spec.module_sha256)):
+            if module is None and not (spec.module_sha256 and self.store.has_module(spec.module_sha256, check_disk=True)):
                 return {"t": m.REFUSE, "id": job_id, "need_module": True, **self._vector_wire(),
                         "reason": f"holds no module {spec.module_sha256}; offer it again with the module's bytes"}
             if module is not None:

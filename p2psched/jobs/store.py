@@ -109,6 +109,7 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.modules_dir = data_dir / "modules"
+        self._modules: dict[str, Path] = {}  # sha256 -> file, for modules known to be on disk
         self.outputs_dir = data_dir / "outputs"
         for d in (data_dir, self.modules_dir, self.outputs_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -146,17 +147,29 @@ class Store:
     # -- modules and outputs -------------------------------------------------
 
     def module_path(self, sha256: str) -> Path:
-        return self.modules_dir / f"{sha256}.wasm"
+        path = self._modules.get(sha256)
+        return path if path is not None else self.modules_dir / f"{sha256}.wasm"
 
-    def has_module(self, sha256: str) -> bool:
-        return self.module_path(sha256).exists()
+    def has_module(self, sha256: str, *, check_disk: bool = False) -> bool:
+        """Whether the module is stored here. A module seen once is remembered: a stat
+        and a Path per job cost more than a noop job. ``check_disk`` looks again (for
+        offers from peers, which trust the answer to leave the bytes out)."""
+        if sha256 in self._modules and not check_disk:
+            return True
+        path = self.modules_dir / f"{sha256}.wasm"
+        if path.exists():
+            self._modules[sha256] = path
+            return True
+        self._modules.pop(sha256, None)
+        return False
 
     def put_module(self, sha256: str, data: bytes) -> Path:
-        path = self.module_path(sha256)
+        path = self.modules_dir / f"{sha256}.wasm"
         if not path.exists():
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(data)
             os.replace(tmp, path)
+        self._modules[sha256] = path
         return path
 
     def output(self, job_id: str) -> bytes | None:

@@ -149,14 +149,17 @@ def issue_report(
     module_sha256: str | None, input_sha256: str, output_sha256: str, stderr_sha256: str | None = None,
     artifacts_sha256: Mapping[str, str] | None = None, spec_digest: str | None = None,
     sandbox: Mapping[str, Any], limits: Mapping[str, Any], started_at: float, ended_at: float,
-    exit_code: int | None, reason: str,
+    exit_code: int | None, reason: str, node_pubkey: str | None = None,
 ) -> dict[str, Any]:
-    """Build and sign a report. All values must be JSON data (str, int, float, bool, None, list, dict)."""
+    """Build and sign a report. All values must be JSON data (str, int, float, bool, None, list, dict).
+
+    ``node_pubkey``: ``public_hex(node_key)``, for callers that keep it (it costs a few
+    microseconds to derive, per report)."""
     body: dict[str, Any] = {
         "type": REPORT_TYPE, "job_id": job_id, "tenant": tenant, "runtime": runtime,
         "module_sha256": module_sha256, "input_sha256": input_sha256, "output_sha256": output_sha256,
         "stderr_sha256": stderr_sha256, "artifacts_sha256": dict(artifacts_sha256 or {}),
-        "spec_sha256": spec_digest, "node_id": node_id, "node_pubkey": public_hex(node_key),
+        "spec_sha256": spec_digest, "node_id": node_id, "node_pubkey": node_pubkey or public_hex(node_key),
         "measurement": measurement, "sandbox": dict(sandbox), "limits": dict(limits),
         # Integer Unix milliseconds: exact in every JSON implementation, so no re-encoding
         # of the report (e.g. 1.0 written back as 1) can break its signature.
@@ -169,7 +172,7 @@ def issue_report(
 
 def report_from_result(
     node_key: Ed25519PrivateKey, *, node_id: str, measurement: str, job_id: str, spec: JobSpec,
-    result: SandboxResult, sandbox_kind: str, started_at: float, ended_at: float,
+    result: SandboxResult, sandbox_kind: str, started_at: float, ended_at: float, node_pubkey: str | None = None,
 ) -> dict[str, Any]:
     """The executor's one call: a signed report for ``spec`` that ended with ``result``."""
     def sha(b: bytes) -> str:
@@ -182,11 +185,17 @@ def report_from_result(
         artifacts_sha256={k: sha(v) for k, v in sorted(result.artifacts.items())},
         spec_digest=spec_sha256(spec), sandbox={"kind": sandbox_kind, **_jsonable(result.sandbox)},
         limits=spec.limits.model_dump(mode="json"), started_at=started_at, ended_at=ended_at,
-        exit_code=result.exit_code, reason=result.reason,
+        exit_code=result.exit_code, reason=result.reason, node_pubkey=node_pubkey,
     )
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` as JSON data: values JSON cannot hold become strings, tuples lists."""
+    if all(isinstance(v, _PLAIN) for v in d.values()):  # the common case: a copy will do
+        return dict(d)
     import json
 
     return dict(json.loads(json.dumps(dict(d), default=str)))

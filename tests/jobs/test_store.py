@@ -113,3 +113,20 @@ async def test_wait_dirty_sleeps_while_everything_is_durable_and_wakes_on_stagin
     store.stage_delivery("n1:1", True)
     with trio.fail_after(5):
         await store.wait_dirty()
+
+
+def test_a_stored_module_is_remembered_and_a_disk_check_sees_it_removed(tmp_path):
+    store = Store(tmp_path)
+    sha = "ab" * 32
+    assert not store.has_module(sha)
+    path = store.put_module(sha, b"\0asm\1\0\0\0")
+    assert path.read_bytes() == b"\0asm\1\0\0\0" and store.module_path(sha) == path
+    path.unlink()
+    assert store.has_module(sha)  # remembered: no stat per job
+    assert not store.has_module(sha, check_disk=True)
+    assert not store.has_module(sha)  # and forgotten once seen gone
+    store.put_module(sha, b"\0asm\1\0\0\0")
+    store.close()
+    reopened = Store(tmp_path)
+    assert reopened.has_module(sha)  # a new store finds it on disk
+    reopened.close()

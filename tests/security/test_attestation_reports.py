@@ -180,3 +180,20 @@ def test_malformed_reports(bad: Any) -> None:
         bad = {**report, "started_at_ms": "yesterday"}
     with pytest.raises(AttestationError):
         verify_report(bad)
+
+
+def test_a_report_holds_sandbox_details_as_json_data_whatever_their_python_types() -> None:
+    key = generate()
+    spec = wasm_spec()
+    plain = SandboxResult(exit_code=0, reason="exit 0", sandbox={"fuel": 12, "engine": "wasmtime", "gpu": None})
+    odd = SandboxResult(exit_code=0, reason="exit 0", sandbox={"cgroup": Path("/sys/fs/cgroup/x"), "ns": ("pid", "net")})
+    reports = [
+        report_from_result(key, node_id="n1", measurement="m" * 64, job_id="n1:j", spec=spec, result=r,
+                           sandbox_kind="wasm", started_at=1.0, ended_at=2.0, node_pubkey=public_hex(key))
+        for r in (plain, odd)
+    ]
+    for report in reports:
+        verify_report(report, public_hex(key))
+        assert report["node_pubkey"] == public_hex(key)
+    assert reports[0]["sandbox"] == {"kind": "wasm", "fuel": 12, "engine": "wasmtime", "gpu": None}
+    assert reports[1]["sandbox"] == {"kind": "wasm", "cgroup": "/sys/fs/cgroup/x", "ns": ["pid", "net"]}
