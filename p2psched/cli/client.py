@@ -313,8 +313,10 @@ def peers(api: Api, as_json: bool) -> None:
                       describe_slots(v["gpu_free"], v["gpu_total"], p.get("labels", {})) or "-",
                       str(v["queue_len"]), str(v["running"]))
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped or redirected: print the table at its natural width rather than
+        # wrapping cells at an arbitrary one (COLUMNS still sets a width).
+        console = Console(width=100_000)
     console.print(table)
 
 

@@ -61,6 +61,19 @@ def test_readme_commands(tmp_path):
 
         p = cli("submit", "examples/wasm/hello.wasm", "--wall-ms", "-5", agent=agent)
         assert p.returncode == 3 and b"limits.wall_ms" in p.stderr
+
+        # Piped, the peers table keeps one line per row, however wide it is.
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+        p = subprocess.run([sys.executable, "-m", "p2psched", "peers", "--agent", agent.url], capture_output=True,
+                           env=env, cwd=ROOT, timeout=120, check=True)
+        lines = p.stdout.decode().splitlines()
+        assert len(lines) == 5, p.stdout.decode()  # top border, header, rule, one member, bottom border
+        assert "n1 *" in lines[3] and "GPU slots free" in lines[1]
+        # ... unless COLUMNS asks for a width.
+        p = subprocess.run([sys.executable, "-m", "p2psched", "peers", "--agent", agent.url], capture_output=True,
+                           env={**env, "COLUMNS": "60"}, cwd=ROOT, timeout=120, check=True)
+        narrow = p.stdout.decode().splitlines()
+        assert len(narrow) > 5 and max(len(line) for line in narrow) <= 60, p.stdout.decode()
     finally:
         assert agent.stop() == 0
 
