@@ -18,9 +18,8 @@ from p2psched.config import AgentSettings
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.base import SandboxResult
 from p2psched.security.admission import Admission, Admitted, TenantUsage
-from p2psched.security.attestation import load_or_create_node_key, measure, report_from_result
+from p2psched.security.attestation import NodeKey, measure, open_node_key, report_from_result
 from p2psched.security.errors import AdmissionError
-from p2psched.security.keys import public_hex
 from p2psched.security.nonces import SQLiteNonceStore
 from p2psched.security.request_auth import OPEN_PRINCIPAL, Principal
 from p2psched.security.tenants import RegistryHolder, Reload
@@ -45,8 +44,9 @@ class Gate:
     def __post_init__(self) -> None:
         data_dir = self.settings.resolved_data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.node_key = load_or_create_node_key(data_dir)
-        self.node_pubkey = public_hex(self.node_key)
+        # The public key now (gossiped), the private key at the first report (node_key.py).
+        self.node_key = open_node_key(data_dir)
+        self.node_pubkey = self.node_key.public_hex
         cluster_cfg = {k: v for k, v in self.settings.model_dump(mode="json").items() if k not in NODE_LOCAL}
         self.measurement = measure(cluster_cfg).value
         self.holder = RegistryHolder(self.settings.tenants) if self.settings.tenants else None
@@ -58,7 +58,7 @@ class Gate:
 
     holder: RegistryHolder | None = None
     admission: Admission | None = None
-    node_key: Any = None
+    node_key: NodeKey | None = None
     node_pubkey: str = ""
     measurement: str = ""
 
@@ -105,7 +105,10 @@ class Gate:
 
     def attest(self, *, node_id: str, job_id: str, spec: JobSpec, result: SandboxResult, started_at: float,
                ended_at: float) -> dict[str, Any]:
-        return report_from_result(self.node_key, node_id=node_id, measurement=self.measurement, job_id=job_id,
+        assert self.node_key is not None
+        private = self.node_key.private()
+        self.node_pubkey = self.node_key.public_hex  # corrected if node.pub did not match the key
+        return report_from_result(private, node_id=node_id, measurement=self.measurement, job_id=job_id,
                                   node_pubkey=self.node_pubkey,
                                   spec=spec, result=result, sandbox_kind=spec.runtime, started_at=started_at,
                                   ended_at=ended_at)

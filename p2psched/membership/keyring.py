@@ -33,9 +33,6 @@ import struct
 from collections import OrderedDict
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 SEALED_OVERHEAD = 1 + 12 + 8 + 16
 _AAD_PREFIX = b"p2psched-gossip\0"
 _SEALED, _PLAIN = 0x01, 0x00
@@ -73,6 +70,8 @@ def parse_keys(text: str, source: str = "key file") -> list[bytes]:
 
 
 def new_key_file_text() -> str:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     key = base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
     return ("# p2psched gossip keyring: one base64 AES key per line, the primary (sealing) key first.\n"
             "# Rotate: add a new key on every agent, move it first everywhere, then remove the old one.\n"
@@ -119,6 +118,12 @@ class Keyring(Sealer):
     def __init__(self, keys: list[bytes], cluster_name: str, replay_window: float = 60.0) -> None:
         if not keys:
             raise KeyringError("a keyring needs at least one key")
+        # Imported here: an agent running --insecure, or standalone, never loads
+        # cryptography's bindings (~6.5 MB) for gossip.
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._invalid_tag = InvalidTag
         self._aeads = [AESGCM(k) for k in keys]
         self._aad = _AAD_PREFIX + cluster_name.encode()
         self.window = replay_window
@@ -150,7 +155,7 @@ class Keyring(Sealer):
             try:
                 body = aead.decrypt(nonce, ct, self._aad)
                 break
-            except InvalidTag:
+            except self._invalid_tag:
                 continue
         else:
             raise OpenError("auth")  # wrong key, or another cluster's name

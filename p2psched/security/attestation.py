@@ -2,9 +2,9 @@
 
 Public interface:
 
-* Start-up: ``key = load_or_create_node_key(data_dir)`` (``data_dir/node.key``, 0600;
-  an existing key readable by others is refused, as ssh does). Gossip
-  ``public_hex(key)`` as ``NodeState.node_pubkey`` and ``measure(cfg).value`` as
+* Start-up: ``key = open_node_key(data_dir)`` (``data_dir/node.key``, 0600, and its
+  public key in ``node.pub``; an existing key readable by others is refused, as ssh
+  does; node_key.py). Gossip ``key.public_hex`` as ``NodeState.node_pubkey`` and ``measure(cfg).value`` as
   ``NodeState.measurement``, where ``cfg`` is the effective configuration as plain
   JSON data (``settings.model_dump(mode="json")``) *without* node-local fields (node id,
   addresses, ports, data dir): otherwise no two agents would share a measurement and an
@@ -12,7 +12,7 @@ Public interface:
 * Peers: ``peer_allowed(state.measurement, allow_list)`` before forwarding to (or
   accepting a job from) a peer; ``allow_list=None`` means no allow-list was configured.
   ``load_allow_list(path)`` reads one measurement per line (``#`` comments).
-* After a job ends, the executor calls ``report_from_result(...)`` (or the lower-level
+* After a job ends, the executor calls ``report_from_result(key.private(), ...)`` (or the lower-level
   ``issue_report(...)``) and stores the dict as ``result.attestation``.
 * Anyone: ``verify_report(report, expected_pubkey=..., module=..., input=..., output=...)``
   raises :class:`AttestationError` naming what does not hold. Without
@@ -31,61 +31,28 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import TYPE_CHECKING, Any
 
 from p2psched.jobs.spec import SHA256_RE, JobSpec
 from p2psched.sandbox.base import SandboxResult
-from p2psched.security.keys import (
-    KeyFormatError,
-    canonical_json,
-    load_private_key,
-    public_hex,
-    verify_sig,
-    write_private_key,
-)
+from p2psched.security.keys import canonical_json, public_hex, verify_sig
+# The node key's files are node_key.py's; these names stay importable from here.
+from p2psched.security.node_key import NODE_KEY_FILE, NODE_PUB_FILE, NodeKey, NodeKeyError, open_node_key  # noqa: F401
+from p2psched.security.node_key import load_or_create_private_key as load_or_create_node_key  # noqa: F401
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 REPORT_TYPE = "p2psched.attestation/v1"
 REPORT_DOMAIN = b"p2psched/attestation/v1\n"
 MEASUREMENT_DOMAIN = b"p2psched/measurement/v1\n"
-NODE_KEY_FILE = "node.key"
 
 
 class AttestationError(ValueError):
     """A report that does not verify; the message says which check failed."""
-
-
-class NodeKeyError(RuntimeError):
-    """The node key exists but cannot be used."""
-
-
-def load_or_create_node_key(data_dir: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    d = Path(data_dir)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = d / NODE_KEY_FILE
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        key = Ed25519PrivateKey.generate()
-        try:
-            write_private_key(path, key)
-        except FileExistsError:  # another process created it between stat and open
-            return load_or_create_node_key(d)
-        return key
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise NodeKeyError(
-            f"node key {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):o}); anyone who reads it "
-            f"can sign attestation reports as this node. Run 'chmod 600 {path}' (or delete it to create a new identity)"
-        )
-    try:
-        return load_private_key(path)
-    except KeyFormatError as e:
-        raise NodeKeyError(f"node key {path} is unusable: {e}; delete it to create a new node identity") from None
 
 
 @functools.cache

@@ -20,11 +20,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+# cryptography (~6.5 MB resident) is imported where a key is used, not here: an idle
+# agent reads its public key from node.pub and verifies nothing until a request comes.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 
 class KeyFormatError(ValueError):
@@ -36,6 +37,9 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def public_hex(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
@@ -48,6 +52,9 @@ def parse_public_key(text: str) -> str:
     """Return the 64-hex form of a public key given as hex or PEM; raise KeyFormatError."""
     text = text.strip()
     if text.startswith("-----BEGIN"):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             pub = serialization.load_pem_public_key(text.encode())
         except ValueError as e:
@@ -64,10 +71,14 @@ def parse_public_key(text: str) -> str:
 
 
 def load_public_hex(pub_hex: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(bytes.fromhex(pub_hex))
 
 
 def verify_sig(pub_hex: str, signature_hex: str, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         sig = bytes.fromhex(signature_hex)
         load_public_hex(pub_hex).verify(sig, message)
@@ -77,10 +88,14 @@ def verify_sig(pub_hex: str, signature_hex: str, message: bytes) -> bool:
 
 
 def generate() -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
 def private_pem(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -104,6 +119,9 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
         data = path.read_bytes()
     except FileNotFoundError:
         raise KeyFormatError(f"{path} does not exist; create a key with 'p2psched tenant keygen NAME --out DIR'") from None
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     text = data.strip()
     try:
         if text.startswith(b"-----BEGIN"):

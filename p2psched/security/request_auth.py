@@ -33,14 +33,16 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import TYPE_CHECKING
 
 from p2psched.security.errors import AdmissionError
 from p2psched.security.keys import key_id, public_hex, verify_sig
 from p2psched.security.nonces import NonceStore
 from p2psched.security.signing import CLOCK_SKEW_S
 from p2psched.security.tenants import TenantRegistry
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SCHEME = "P2P-Ed25519"
 REQUEST_DOMAIN = b"p2psched/request/v1\n"

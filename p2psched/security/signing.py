@@ -35,15 +35,17 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from p2psched.jobs.spec import SHA256_RE, JobSpec
 from p2psched.security.errors import AdmissionError
 from p2psched.security.keys import canonical_json, key_id, public_hex, verify_sig
 from p2psched.security.tenants import Tenant, TenantRegistry
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ENVELOPE_VERSION = 1
 JOB_DOMAIN = b"p2psched/job/v1\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from p2psched.agent import agent as agent_module
+from p2psched.security.attestation import verify_report
 
 from agents import FAST_MEMBERSHIP, new_agent, running_agent, wasm_spec
 
@@ -71,7 +72,7 @@ main()
 """
 
 NOT_AT_START = {"wasmtime", "networkx", "zeroconf", "pynvml", "pydantic_settings", "p2psched.sandbox.process",
-                "yaml", "rich", "httpx"}
+                "yaml", "rich", "httpx", "cryptography"}
 
 
 def imported_modules(report: Path) -> set[str]:
@@ -97,9 +98,15 @@ def test_an_idle_agent_has_not_loaded_what_only_jobs_need_and_still_runs_the_fir
         assert "p2psched.agent.agent" in at_start  # the report comes from the running agent
         assert not NOT_AT_START & at_start, sorted(NOT_AT_START & at_start)
         with agent.client() as http:
+            gossiped = http.get("/v1/peers").json()
             job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()
             done = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
         assert done["state"] == "succeeded", done
-        assert "wasmtime" in imported_modules(report)
+        # The node key, not loaded at start, signs the first report as the key peers were told.
+        node_pubkey = (agent.data_dir / "node.pub").read_text().strip()
+        assert [p["node_pubkey"] for p in gossiped["peers"] if p["node_id"] == "idle"] == [node_pubkey]
+        verify_report(done["result"]["attestation"], node_pubkey)
+        after_job = imported_modules(report)
+        assert {"wasmtime", "cryptography"} <= after_job
     finally:
         agent.stop()

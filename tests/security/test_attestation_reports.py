@@ -19,6 +19,7 @@ from p2psched.security.attestation import (
     load_allow_list,
     load_or_create_node_key,
     measure,
+    open_node_key,
     measure_code,
     peer_allowed,
     report_from_result,
@@ -51,6 +52,62 @@ def test_a_corrupt_node_key_says_what_to_do(tmp_path: Path) -> None:
     os.chmod(p, 0o600)
     with pytest.raises(NodeKeyError, match="delete it"):
         load_or_create_node_key(tmp_path)
+
+
+def test_the_public_key_is_kept_in_node_pub_next_to_the_key(tmp_path: Path) -> None:
+    key = open_node_key(tmp_path / "data")  # created in a child process
+    assert (tmp_path / "data" / "node.pub").read_text() == key.public_hex + "\n"
+    assert not key.loaded
+    assert public_hex(key.private()) == key.public_hex
+    assert open_node_key(tmp_path / "data").public_hex == key.public_hex  # the same identity on restart
+    assert stat.S_IMODE((tmp_path / "data" / "node.key").stat().st_mode) == 0o600
+
+
+def test_an_existing_key_without_node_pub_gets_one(tmp_path: Path) -> None:
+    key = load_or_create_node_key(tmp_path)
+    (tmp_path / "node.pub").unlink()
+    assert open_node_key(tmp_path).public_hex == public_hex(key)
+    assert (tmp_path / "node.pub").read_text().strip() == public_hex(key)
+
+
+def test_a_node_pub_older_than_the_key_is_derived_again(tmp_path: Path) -> None:
+    key = load_or_create_node_key(tmp_path)
+    (tmp_path / "node.pub").write_text("ab" * 32 + "\n")
+    os.utime(tmp_path / "node.pub", ns=(0, 0))
+    assert open_node_key(tmp_path).public_hex == public_hex(key)
+
+
+def test_a_node_pub_that_does_not_match_is_corrected_at_the_first_signature(tmp_path: Path) -> None:
+    key = load_or_create_node_key(tmp_path)
+    (tmp_path / "node.pub").write_text("ab" * 32 + "\n")  # newer than the key, yet wrong
+    node_key = open_node_key(tmp_path)
+    assert node_key.public_hex == "ab" * 32
+    report, _ = make_report(node_key.private())
+    assert node_key.public_hex == public_hex(key) == report["node_pubkey"]
+    assert (tmp_path / "node.pub").read_text().strip() == public_hex(key)
+    verify_report(report, node_key.public_hex)
+
+
+def test_the_agent_refuses_an_unusable_node_key_at_start(tmp_path: Path) -> None:
+    p = tmp_path / "node.key"
+    p.write_text("garbage")
+    os.chmod(p, 0o600)
+    with pytest.raises(NodeKeyError, match="delete it"):
+        open_node_key(tmp_path)
+    load_or_create_node_key(tmp_path / "other")
+    os.chmod(tmp_path / "other" / "node.key", 0o644)
+    with pytest.raises(NodeKeyError, match="chmod 600"):
+        open_node_key(tmp_path / "other")
+
+
+def test_a_node_key_in_hex_form_is_read_and_given_a_node_pub(tmp_path: Path) -> None:
+    key = generate()
+    raw = key.private_bytes_raw().hex()
+    p = tmp_path / "node.key"
+    p.write_text(raw)
+    os.chmod(p, 0o600)
+    node_key = open_node_key(tmp_path)
+    assert node_key.public_hex == public_hex(key) == (tmp_path / "node.pub").read_text().strip()
 
 
 def test_measurement_covers_code_and_config(tmp_path: Path) -> None:
