@@ -114,7 +114,28 @@ def load_inventory(gpus: str | Path | None = None, *, profile: str = "whole") ->
     return discover(profile=str(prof))
 
 
+class _NoNvmlLibrary(Exception):
+    """The NVIDIA driver's libnvidia-ml.so.1 cannot be loaded: NVML could only fail."""
+
+
 def _nvml() -> Any:
+    # pynvml is ~1.5 MB of bindings and constants, and forgetting it afterwards does not
+    # give all of that back: look for the driver's library first, as pynvml would.
+    import importlib.util
+
+    if importlib.util.find_spec("pynvml") is None:
+        raise ImportError("No module named 'pynvml'")
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libnvidia-ml.so.1")
+        except OSError:
+            raise _NoNvmlLibrary from None
+    return _import_pynvml()
+
+
+def _import_pynvml() -> Any:
     import pynvml  # type: ignore[import-untyped,unused-ignore]
 
     return pynvml
@@ -141,6 +162,9 @@ def _discover(profile: str, proc_caps: Path) -> GpuInventory:
         nv = _nvml()
     except ImportError:
         return GpuInventory(reason="nvidia-ml-py is not installed; install it with: pip install 'p2psched[gpu]'")
+    except _NoNvmlLibrary:  # worded as NVML's own NVMLError_LibraryNotFound
+        return GpuInventory(reason="NVML did not start (NVML Shared Library Not Found): no NVIDIA driver is loaded "
+                            "on this host")
     try:
         nv.nvmlInit()
     except Exception as e:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
@@ -305,7 +329,7 @@ def doctor_checks(gpus: str | Path | None = None) -> list[Check]:
                        ""))
         return checks
     try:
-        _nvml()
+        _import_pynvml()
         checks.append(("gpu: nvidia-ml-py", True, "pynvml imports", ""))
     except ImportError:
         checks.append(("gpu: nvidia-ml-py", True, "not installed: this agent offers no GPU slots",

@@ -29,6 +29,22 @@ def test_no_driver_gives_an_empty_inventory_and_the_reason() -> None:
     assert SlotAllocator(inv).free_by_type() == {}
 
 
+def test_without_the_driver_library_pynvml_is_not_even_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import sys
+
+    def no_library(name: str, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    inv = discover()
+    assert inv.gpus == () and inv.source == "none"
+    assert inv.reason == ("NVML did not start (NVML Shared Library Not Found): no NVIDIA driver is loaded on this "
+                          "host")
+    assert "pynvml" not in sys.modules
+
+
 @pytest.mark.skipif(HAS_NVIDIA, reason="this host has an NVIDIA driver; the gpu-marked tests cover it")
 def test_doctor_calls_no_gpu_fine_and_says_why() -> None:
     rows = doctor_checks()
