@@ -312,15 +312,12 @@ class Agent(RemoteJobs):
     # ---------------------------------------------------------------- state changes
 
     def _advance(self, rec: JobRecord, state: JobState, at: float, detail: str = "") -> None:
-        previous = rec.state
         rec.advance(state, at, self.node_id, detail)
         self.metrics.job_state(state.value, rec.runtime).inc()
-        # One info line per job, at its end, plus one for each re-queue (an attempt
-        # lost); the routine steps are debug. Four lines per job cost more than the job.
-        if state.final or (state is JobState.QUEUED and previous is not JobState.SUBMITTED):
-            jlog.info("job %s %s", rec.id, state.value, extra={"job": rec.id, "state": state.value, "detail": detail})
-        elif jlog.isEnabledFor(logging.DEBUG):
-            jlog.debug("job %s %s", rec.id, state.value, extra={"job": rec.id, "state": state.value, "detail": detail})
+        # One structured line per transition, with the job id (a job is created
+        # submitted and its first line is submitted -> queued); --log-level warning
+        # turns them off.
+        jlog.info("job %s %s", rec.id, state.value, extra={"job": rec.id, "state": state.value, "detail": detail})
         self.store.stage(rec)
         if state.final:
             self.active.pop(rec.id, None)
