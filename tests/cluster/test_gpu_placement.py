@@ -6,6 +6,7 @@ job to a peer that gossips free slots of its type, prefer the tightest fit, and 
 crashed executor's slots must be free again after its restart.
 """
 
+import os
 import re
 import signal
 import subprocess
@@ -136,8 +137,11 @@ def table_rows(text: str) -> dict[str, list[str]]:
 def test_peers_cli_shows_the_gpu_slots_of_each_peer(mixed_cluster):
     origin = mixed_cluster[0]
     wait_gpu_view(origin, {"h0-1": MIG_H100, "h1-0": {"whole": 2, "share-1/4": 4}})
+    # os.environ, not the C-level environment a subprocess would otherwise inherit: a
+    # library in this test process may have set COLUMNS there, which `peers` honours.
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     p = subprocess.run([sys.executable, "-m", "p2psched", "peers", "--agent", origin.url], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+                       text=True, cwd=ROOT, timeout=120, env=env)
     assert p.returncode == 0, p.stderr
     rows = table_rows(p.stdout)
     assert set(rows) == {"node", "h0-0", "h0-1", "h1-0"}, p.stdout
