@@ -6,6 +6,7 @@ under test can make peers see the change.
 
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -27,28 +28,31 @@ async def cpu_free_seen(observer, node_id: str, expect: float) -> None:
             await trio.sleep(0.05)
 
 
-async def test_an_idle_agent_publishes_a_job_start_and_its_end(tmp_path, monkeypatch):
+@asynccontextmanager
+async def idle_executor_and_watcher(tmp_path, monkeypatch):
+    """An idle agent ``exec`` (its timer fallback off) and a peer that watches its vector."""
     monkeypatch.setattr(agent_module, "IDLE_PUBLISH_S", 3600.0)
     async with running_agent(tmp_path / "e", node_id="exec", cpus=1, membership=FAST_MEMBERSHIP) as (executor, http):
         async with running_agent(tmp_path / "o", node_id="watcher", cpus=1, join=[executor.settings.gossip],
                                  membership=FAST_MEMBERSHIP) as (watcher, _):
             await cpu_free_seen(watcher, "exec", 1.0)
-            job = (await http.post("/v1/jobs", json=SLEEP_JOB)).json()
-            await cpu_free_seen(watcher, "exec", 0.0)
-            await http.delete(f"/v1/jobs/{job['id']}")
-            await cpu_free_seen(watcher, "exec", 1.0)
+            yield executor, http, watcher
+
+
+async def test_an_idle_agent_publishes_a_job_start_and_its_end(tmp_path, monkeypatch):
+    async with idle_executor_and_watcher(tmp_path, monkeypatch) as (_, http, watcher):
+        job = (await http.post("/v1/jobs", json=SLEEP_JOB)).json()
+        await cpu_free_seen(watcher, "exec", 0.0)
+        await http.delete(f"/v1/jobs/{job['id']}")
+        await cpu_free_seen(watcher, "exec", 1.0)
 
 
 async def test_an_idle_agent_publishes_that_it_drains(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent_module, "IDLE_PUBLISH_S", 3600.0)
-    async with running_agent(tmp_path / "e", node_id="exec", cpus=1, membership=FAST_MEMBERSHIP) as (executor, _):
-        async with running_agent(tmp_path / "o", node_id="watcher", cpus=1, join=[executor.settings.gossip],
-                                 membership=FAST_MEMBERSHIP) as (watcher, _):
-            await cpu_free_seen(watcher, "exec", 1.0)
-            await executor.drain(stop=False)
-            with trio.fail_after(20):
-                while not watcher.cluster.state_of("exec").vector.draining:
-                    await trio.sleep(0.05)
+    async with idle_executor_and_watcher(tmp_path, monkeypatch) as (executor, _, watcher):
+        await executor.drain(stop=False)
+        with trio.fail_after(20):
+            while not watcher.cluster.state_of("exec").vector.draining:
+                await trio.sleep(0.05)
 
 
 #: Runs `p2psched agent` exactly as the command line does, plus a thread that writes

@@ -39,19 +39,27 @@ def test_node_key_is_created_once_private_and_kept(tmp_path: Path) -> None:
     assert public_hex(load_or_create_node_key(data)) == public_hex(key)  # the same identity on restart
 
 
-def test_a_node_key_others_can_read_is_refused(tmp_path: Path) -> None:
+# Both ways in: loading the key to sign, and the agent opening it at start (which
+# reads only node.pub when it can, yet must still refuse an unusable key there).
+KEY_OPENERS = pytest.mark.parametrize("open_key", [load_or_create_node_key, open_node_key],
+                                      ids=["load", "open-at-start"])
+
+
+@KEY_OPENERS
+def test_a_node_key_others_can_read_is_refused(tmp_path: Path, open_key: Any) -> None:
     load_or_create_node_key(tmp_path)
     os.chmod(tmp_path / "node.key", 0o644)
     with pytest.raises(NodeKeyError, match="chmod 600"):
-        load_or_create_node_key(tmp_path)
+        open_key(tmp_path)
 
 
-def test_a_corrupt_node_key_says_what_to_do(tmp_path: Path) -> None:
+@KEY_OPENERS
+def test_a_corrupt_node_key_says_what_to_do(tmp_path: Path, open_key: Any) -> None:
     p = tmp_path / "node.key"
     p.write_text("garbage")
     os.chmod(p, 0o600)
     with pytest.raises(NodeKeyError, match="delete it"):
-        load_or_create_node_key(tmp_path)
+        open_key(tmp_path)
 
 
 def test_the_public_key_is_kept_in_node_pub_next_to_the_key(tmp_path: Path) -> None:
@@ -86,18 +94,6 @@ def test_a_node_pub_that_does_not_match_is_corrected_at_the_first_signature(tmp_
     assert node_key.public_hex == public_hex(key) == report["node_pubkey"]
     assert (tmp_path / "node.pub").read_text().strip() == public_hex(key)
     verify_report(report, node_key.public_hex)
-
-
-def test_the_agent_refuses_an_unusable_node_key_at_start(tmp_path: Path) -> None:
-    p = tmp_path / "node.key"
-    p.write_text("garbage")
-    os.chmod(p, 0o600)
-    with pytest.raises(NodeKeyError, match="delete it"):
-        open_node_key(tmp_path)
-    load_or_create_node_key(tmp_path / "other")
-    os.chmod(tmp_path / "other" / "node.key", 0o644)
-    with pytest.raises(NodeKeyError, match="chmod 600"):
-        open_node_key(tmp_path / "other")
 
 
 def test_a_node_key_in_hex_form_is_read_and_given_a_node_pub(tmp_path: Path) -> None:
