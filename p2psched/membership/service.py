@@ -17,6 +17,7 @@ bytes and carries out the actions it returns.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
@@ -123,13 +124,27 @@ class MembershipService:
 
     # --- public -----------------------------------------------------------------------
 
+    @staticmethod
+    async def _bind_udp_and_tcp(host: str, port: int) -> tuple[Any, list[trio.SocketListener]]:
+        """The gossip port, bound for UDP and TCP. With port 0 the kernel picks a free UDP
+        port, which another process may hold for TCP: then pick again (a few times)."""
+        family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+        for attempt in range(20):
+            udp = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+            try:
+                await udp.bind((host, port))
+                return udp, await trio.open_tcp_listeners(udp.getsockname()[1], host=host)
+            except OSError as e:
+                udp.close()
+                if port != 0 or e.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+        raise AssertionError("unreachable")
+
     async def run(self, *, task_status: trio.TaskStatus[Addr] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         host, port = self.bind
-        udp = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-        await udp.bind((host, port))
+        udp, listeners = await self._bind_udp_and_tcp(host, port)
         port = udp.getsockname()[1]
-        listeners = await trio.open_tcp_listeners(port, host=host)
         self.addr = discovery.advertise_address(s.advertise, host, port)
         if s.insecure:
             self.log.warning("membership: --insecure: gossip is NOT encrypted or authenticated; anyone on this "

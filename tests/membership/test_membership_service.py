@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import uuid
 
+import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -127,3 +129,31 @@ async def test_dns_name_seeds_are_resolved_and_joined():
         await nursery.start(b.run)
         await wait_until(lambda: {m.node_id for m in a.members()} == {"d-a", "d-b"})
         nursery.cancel_scope.cancel()
+
+
+async def test_port_0_picks_again_when_the_udp_port_it_got_is_taken_for_tcp(monkeypatch):
+    real = trio.open_tcp_listeners
+    tried: list[int] = []
+
+    async def taken_once(port, host=None, **kw):  # the first port the kernel hands out is held for TCP
+        tried.append(port)
+        if len(tried) == 1:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return await real(port, host=host, **kw)
+
+    monkeypatch.setattr(trio, "open_tcp_listeners", taken_once)
+    udp, listeners = await MembershipService._bind_udp_and_tcp("127.0.0.1", 0)
+    port = udp.getsockname()[1]
+    try:
+        assert len(tried) == 2
+        assert port == tried[1] == listeners[0].socket.getsockname()[1]
+    finally:
+        udp.close()
+        for listener in listeners:
+            await listener.aclose()
+
+    # A port the operator chose is not swapped for another: the error stands.
+    tried.clear()
+    with pytest.raises(OSError, match="in use"):
+        await MembershipService._bind_udp_and_tcp("127.0.0.1", port)
+    assert tried == [port]
