@@ -49,7 +49,7 @@ p2psched submit examples/wasm/mlp.wasm --input examples/wasm/mlp.in.bin --wait \
 
 echo "== placement: agent 0 is busy, so the next job runs on its same-leaf neighbour"
 busy=$(p2psched submit examples/wasm/loop.wasm --wall-ms 120000)
-until p2psched status "$busy" --json | grep -q '"state": "running"'; do sleep 0.1; done
+until [[ $(p2psched status "$busy" --json) == *'"state": "running"'* ]]; do sleep 0.1; done
 sleep 1  # one gossip round carries agent 0's full vector
 fwd=$(p2psched submit examples/wasm/hello.wasm)
 p2psched status "$fwd" --wait 30
@@ -58,7 +58,10 @@ p2psched cancel "$busy" >/dev/null || true
 echo "== adversarial guests, each stopped by its limit"
 for guest in loop membomb recurse; do
   id=$(p2psched submit "examples/wasm/${guest}.wasm" --wall-ms 1000)
-  p2psched status "$id" --wait 30 | head -1
+  # The first line only, without a pipe: under pipefail, head closing the pipe
+  # early could fail the script with p2psched's broken-pipe exit.
+  record=$(p2psched status "$id" --wait 30)
+  echo "${record%%$'\n'*}"
 done
 
 echo "== a batch of 200 noop jobs through the batch API"
