@@ -83,6 +83,8 @@ class JobRecord:
         check_transition(self.id, self.state, state)
         self.state = state
         self.timeline.append({"state": state.value, "at": at, "node": node, "detail": detail})
+        if state.final:
+            self.wait_reason = None  # an ended job waits for nothing (an offer's reason could linger)
 
     def as_dict(self, *, include_spec: bool = False) -> dict[str, Any]:
         d: dict[str, Any] = {

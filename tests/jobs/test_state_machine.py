@@ -17,6 +17,18 @@ def test_happy_path_stamps_every_transition():
     assert rec.timeline[-1] == {"state": "succeeded", "at": 3.0, "node": "n1", "detail": "succeeded"}
 
 
+def test_an_ended_job_keeps_no_wait_reason():
+    # A forwarded job's result can arrive before the offer's acceptance: the origin
+    # then never clears its "offering to ..." reason, and listings showed it as waiting.
+    rec = record()
+    rec.advance(JobState.QUEUED, at=0.0, node="n1")
+    rec.wait_reason = "offering to n2"
+    rec.advance(JobState.PLACED, at=1.0, node="n1")
+    assert rec.wait_reason == "offering to n2"  # only an ending clears it
+    rec.advance(JobState.SUCCEEDED, at=2.0, node="n1")
+    assert rec.wait_reason is None and rec.as_dict()["wait_reason"] is None
+
+
 def test_running_job_can_be_queued_again_after_losing_its_executor():
     rec = record()
     for s in (JobState.QUEUED, JobState.PLACED, JobState.RUNNING, JobState.QUEUED, JobState.PLACED):
