@@ -146,18 +146,7 @@ def _s(v: Any) -> str:
 
 
 def discover(*, profile: str = "whole", proc_caps: Path = PROC_CAPS) -> GpuInventory:
-    """Ask NVML. Never raises: problems come back as an empty inventory and a reason.
-
-    When NVML finds no GPU, pynvml (~1 MB of bindings and constants) is forgotten
-    again: an agent without GPUs does not keep it for the rest of its life."""
-    loaded_before = "pynvml" in sys.modules
-    inv = _discover(profile, proc_caps)
-    if not inv.gpus and not loaded_before:
-        sys.modules.pop("pynvml", None)
-    return inv
-
-
-def _discover(profile: str, proc_caps: Path) -> GpuInventory:
+    """Ask NVML. Never raises: problems come back as an empty inventory and a reason."""
     try:
         nv = _nvml()
     except ImportError:

@@ -129,16 +129,17 @@ class MembershipService:
         """The gossip port, bound for UDP and TCP. With port 0 the kernel picks a free UDP
         port, which another process may hold for TCP: then pick again (a few times)."""
         family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-        for attempt in range(20):
+        attempts = 0
+        while True:
+            attempts += 1
             udp = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
             try:
                 await udp.bind((host, port))
                 return udp, await trio.open_tcp_listeners(udp.getsockname()[1], host=host)
             except OSError as e:
                 udp.close()
-                if port != 0 or e.errno != errno.EADDRINUSE or attempt == 19:
+                if port != 0 or e.errno != errno.EADDRINUSE or attempts == 20:
                     raise
-        raise AssertionError("unreachable")
 
     async def run(self, *, task_status: trio.TaskStatus[Addr] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings

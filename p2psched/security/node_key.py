@@ -143,13 +143,14 @@ def open_node_key(data_dir: str | os.PathLike[str]) -> NodeKey:
         # it here, as always, so that an unusable key stops the agent at start.
         key = load_or_create_private_key(d)
         return NodeKey(d, write_public_file(d, key), key)
+    from p2psched.security.keys import KeyFormatError, parse_public_key
+
     try:
         pub_st = pub_path.stat()
-        pub = pub_path.read_text().strip().lower()
-    except (FileNotFoundError, UnicodeDecodeError):
+        pub = parse_public_key(pub_path.read_text())
+    except (FileNotFoundError, UnicodeDecodeError, KeyFormatError):
         pub, pub_st = "", None
-    valid = len(pub) == 64 and all(c in "0123456789abcdef" for c in pub)
-    if not valid or pub_st is None or pub_st.st_mtime_ns < key_st.st_mtime_ns:
+    if not pub or pub_st is None or pub_st.st_mtime_ns < key_st.st_mtime_ns:
         pub = _derive_in_child(d)
     return NodeKey(d, pub)
 
