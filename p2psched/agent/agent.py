@@ -18,13 +18,12 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from prometheus_client import CollectorRegistry
 
 from p2psched import __version__, logs
-from p2psched.agent.threads import WorkerThreads
 from p2psched.agent.gate import Gate
 from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
@@ -39,6 +38,9 @@ from p2psched.config import parse_hostport
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 from p2psched.security.admission import TenantUsage
+
+if TYPE_CHECKING:
+    from p2psched.sandbox.wasm_workers import WasmWorkers
 
 log = logging.getLogger("p2psched.agent")
 jlog = logging.getLogger("p2psched.jobs")
@@ -169,8 +171,7 @@ class Agent(RemoteJobs):
         self._stop = trio.Event()
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._wasm: Any = None
-        self._workers: WorkerThreads | None = None
+        self._wasm: WasmWorkers | None = None
         self._processes: Any = None  # ProcessSandbox, made on the first process job
         self.gpus: Any = None  # SlotAllocator, once started
         from p2psched.placement.core import PlacementState
@@ -244,10 +245,6 @@ class Agent(RemoteJobs):
             await self._shutdown()
             nursery.cancel_scope.cancel()
         self.store.close()
-        if self._workers is not None:
-            self._workers.close()
-        if self._wasm is not None:
-            self._wasm.close()
         self.stopped.set()
 
     def request_stop(self) -> None:
@@ -793,42 +790,50 @@ class Agent(RemoteJobs):
         return None
 
     async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start, forward or hold queued jobs while the queue's head can go somewhere.
+
+        The dispatch loop calls it when woken; the wasm workers call it after each
+        batch of results, so a freed slot takes its next job without a task switch."""
         from p2psched.placement.core import Forward, Reject, RunHere
 
         assert self._nursery is not None
-        while True:
-            await self._wake.wait()
+        if self._wake.is_set():  # this pass serves the wake-up
             self._wake = trio.Event()
-            while True:
-                rec = self.queue.peek()
-                if rec is None:
+        while True:
+            rec = self.queue.peek()
+            if rec is None:
+                break
+            decision = self._place(rec)
+            if isinstance(decision, RunHere):
+                self.queue.pop()
+                rec.wait_reason = None
+                self._reserve_and_start(rec)
+            elif isinstance(decision, Forward) and rec.origin != self.node_id:
+                # Only the origin forwards: a job taken for another origin runs here
+                # (or goes back to its origin's control if this agent is lost).
+                rec.wait_reason = f"waiting for capacity here; it was accepted for its origin {rec.origin}"
+                break
+            elif isinstance(decision, Forward):
+                if self.transfer is None:
+                    rec.wait_reason = ("a peer could run it but forwarding is off: give --tls-dir with cluster "
+                                       "certificates, or --insecure")
                     break
-                decision = self._place(rec)
-                if isinstance(decision, RunHere):
-                    self.queue.pop()
-                    rec.wait_reason = None
-                    self._reserve_and_start(rec)
-                elif isinstance(decision, Forward) and rec.origin != self.node_id:
-                    # Only the origin forwards: a job taken for another origin runs here
-                    # (or goes back to its origin's control if this agent is lost).
-                    rec.wait_reason = f"waiting for capacity here; it was accepted for its origin {rec.origin}"
-                    break
-                elif isinstance(decision, Forward):
-                    if self.transfer is None:
-                        rec.wait_reason = ("a peer could run it but forwarding is off: give --tls-dir with cluster "
-                                           "certificates, or --insecure")
-                        break
-                    self.queue.pop()
-                    rec.wait_reason = f"offering to {decision.node_id}"
-                    self._nursery.start_soon(self._forward, rec, decision)
-                elif isinstance(decision, Reject):
-                    self.queue.pop()
-                    rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")
-                    self._advance(rec, JobState.REJECTED, time.time(), decision.reason)
-                else:
-                    rec.wait_reason = decision.reason
-                    break
-            self.metrics.queue_length.set(len(self.queue))
+                self.queue.pop()
+                rec.wait_reason = f"offering to {decision.node_id}"
+                self._nursery.start_soon(self._forward, rec, decision)
+            elif isinstance(decision, Reject):
+                self.queue.pop()
+                rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")
+                self._advance(rec, JobState.REJECTED, time.time(), decision.reason)
+            else:
+                rec.wait_reason = decision.reason
+                break
+        self.metrics.queue_length.set(len(self.queue))
 
     async def _replace_loop(self) -> None:
         """Look at the queue again now and then: gossip may show free peers."""
@@ -886,20 +891,22 @@ class Agent(RemoteJobs):
         )
 
     def _start_wasm(self, run: Running) -> None:
-        """Start a wasm job on a worker thread; it ends in ``_end_run`` on the trio thread.
+        """Hand a wasm job to a worker process; it ends in ``_end_run`` on the trio thread.
 
         No task per job: a task, its cancel scope and an Event cost more than a noop
-        job. The worker pool is owned by the agent and drained by its shutdown, which
-        waits for ``self.running`` to empty.
+        job. The workers are served in the agent's nursery; shutdown waits for
+        ``self.running`` to empty before it stops them.
         """
+        assert self._nursery is not None
         if self._wasm is None:
-            from p2psched.sandbox.wasm import WasmEngine
+            from p2psched.sandbox.wasm_workers import WasmWorkers
 
-            self._wasm = WasmEngine(self.data_dir / "compiled")
-            self._workers = WorkerThreads(max(1, int(self.cpu_total)), "p2psched-wasm")
-        from p2psched.sandbox.wasm import run_wasm
-
-        assert self._workers is not None
+            assert self.gate.node_key is not None
+            self._wasm = WasmWorkers(
+                self._nursery, max(1, int(self.cpu_total)), cache_dir=self.data_dir / "compiled", key_dir=self.gate.node_key.data_dir,
+                node_pubkey=self.gate.node_pubkey, node_id=self.node_id, measurement=self.gate.measurement,
+                after_results=self._dispatch,
+            )
         rec = run.record
         started = self._begin_run(run)
         try:
@@ -908,24 +915,17 @@ class Agent(RemoteJobs):
             log.exception("job %s: sandbox error", rec.id)
             self._end_run(run, SandboxResult(exit_code=None, reason=f"sandbox_error: {e}"), started)
             return
-        wasm, gate, spec, node_id = self._wasm, self.gate, rec.spec, self.node_id
+        workers = self._wasm
 
-        def run_and_attest() -> SandboxResult:
-            # The report is signed on the worker thread too: the signature and its
-            # canonical JSON cost more than a noop job and need nothing from trio.
-            t0 = time.time()
-            result: SandboxResult = run_wasm(req, wasm)
-            result.sandbox["attestation"] = gate.attest(node_id=node_id, job_id=req.job_id, spec=spec,
-                                                        result=result, started_at=t0, ended_at=time.time())
-            return result
-
-        def done(result: SandboxResult | None, error: BaseException | None) -> None:
-            if error is not None or result is None:
-                log.error("job %s: sandbox error", rec.id, exc_info=error)
+        def done(result: SandboxResult | None, error: str | None) -> None:
+            if result is None:
+                log.error("job %s: sandbox error: %s", rec.id, error)
                 result = SandboxResult(exit_code=None, reason=f"sandbox_error: {error}")
+            elif workers.signing_pubkey not in (None, self.gate.node_pubkey):
+                self.gate.node_pubkey = workers.signing_pubkey  # node.pub did not match the key
             self._end_run(run, result, started)
 
-        self._workers.submit(run_and_attest, done=done)
+        workers.submit(rec.id, req, rec.spec, done)
 
     async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
         if self._processes is None:
@@ -1013,7 +1013,7 @@ class Agent(RemoteJobs):
             output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
             warnings=list(res.warnings),
         )
-        report = res.sandbox.pop("attestation", None)
+        report = cast("dict[str, Any] | None", res.sandbox.pop("attestation", None))
         if report is None:
             report = self.gate.attest(node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=res,
                                       started_at=started, ended_at=ended)

@@ -1,6 +1,7 @@
 """The WebAssembly sandbox: run one job's module under wasmtime, within its limits.
 
-Public interface (all the agent needs):
+Public interface (all the agent needs; the agent calls it in its wasm worker
+processes, see ``wasm_workers.py``):
 
 ``WasmEngine(cache_dir, *, tick_ms=10.0, modules_in_memory=256, max_stack_bytes=None)``
     One per agent, made at start-up and closed at shutdown (or used as a context

@@ -110,7 +110,11 @@ def test_an_idle_agent_has_not_loaded_what_only_jobs_need_and_still_runs_the_fir
         node_pubkey = (agent.data_dir / "node.pub").read_text().strip()
         assert [p["node_pubkey"] for p in gossiped["peers"] if p["node_id"] == "idle"] == [node_pubkey]
         verify_report(done["result"]["attestation"], node_pubkey)
+        # The agent loaded wasmtime to check the module at submission; the run and its
+        # signature happened in a wasm worker process, so the agent has no use for
+        # the private key and has not loaded cryptography.
         after_job = imported_modules(report)
-        assert {"wasmtime", "cryptography"} <= after_job
+        assert "wasmtime" in after_job
+        assert "cryptography" not in after_job
     finally:
         agent.stop()

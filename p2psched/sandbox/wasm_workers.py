@@ -1,0 +1,340 @@
+"""WebAssembly jobs in worker processes: each runs guests and signs their reports under its own GIL.
+
+Why processes: a wasm job on a thread of the agent shares the agent's GIL. A noop
+guest costs about 25 us and its report about 60 us on their own, but running them
+beside the event loop, every hand-off of the GIL between the loop and the workers
+costs a context switch and cold caches: in the agent each noop job cost three
+times its own CPU on the workers and slowed the loop as much. In a worker process
+the guest and the report pay only for themselves, and the agent's loop keeps its
+core.
+
+The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
+(the agent's) owns the worker processes.
+  - ``submit(job_id, request, spec, done)`` hands a job to the least busy worker;
+    ``done(result, error)`` is called on the trio thread when it ends.
+  - ``cancel(job_id)`` stops its guest within one epoch tick (reason ``cancelled``).
+  - Workers start with the first job that needs them (one per CPU slot at most) and
+    stop when the nursery is cancelled. A worker that dies ends its jobs with an
+    error and is started again for the next job.
+
+The worker's side: ``python -m p2psched.sandbox.wasm_workers``. It reads frames
+from stdin and writes results to its original stdout; its stderr is the agent's.
+  - Agent -> worker: frames of a 4-byte big-endian length and a pickle:
+    ``("init", settings)``, ``("run", job_id, SandboxRequest, JobSpec)``,
+    ``("cancel", job_id)``. Pickle goes this way only: the agent trusts itself.
+  - Worker -> agent: a msgpack stream of ``{"id", "result"}`` or ``{"id", "error"}``
+    maps. The agent never unpickles what a worker sends (a worker runs untrusted
+    guests), and decodes it under size limits.
+  - End of stdin (the agent stopped or died: the kernel closes its pipes) cancels
+    the guests within a tick and ends the worker. (Not PR_SET_PDEATHSIG: it fires
+    when the thread that started the worker exits, and trio starts processes from
+    its thread cache.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import msgpack  # type: ignore[import-untyped]
+import trio
+
+from p2psched.sandbox.base import SandboxResult
+
+if TYPE_CHECKING:
+    from p2psched.jobs.spec import JobSpec
+    from p2psched.sandbox.base import SandboxRequest
+
+__all__ = ["WasmWorkers", "Done"]
+
+log = logging.getLogger("p2psched.agent")
+
+#: ``done(result, error)``: exactly one of them is not None.
+Done = Callable[["SandboxResult | None", "str | None"], None]
+
+_LEN = struct.Struct(">I")
+_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(SandboxResult))
+
+#: The largest result a worker may send: the largest stdout and stderr a job may
+#: keep (limits allow 1 GiB each) with room for artifacts and the report. A
+#: worker that sends more, or anything that is not a result, is stopped.
+MAX_RESULT_BYTES = 3 << 30
+
+#: How long a stopping worker gets to end its guests and exit before it is killed.
+STOP_GRACE_S = 5.0
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: trio.Process | None = None
+        self.started = False
+        self.jobs: dict[str, Done] = {}  # in the order given, which is the order they run in
+        self.skipped: set[str] = set()  # cancelled before they started: their results are dropped
+        self.outbox: list[bytes] = []
+        self.wake = trio.Event()
+        self.fd: int | None = None  # the worker's stdin, non-blocking, while the writer is idle
+
+
+class WasmWorkers:
+    """The agent's wasm worker processes; see the module docstring."""
+
+    def __init__(self, nursery: trio.Nursery, n: int, *, cache_dir: Path, key_dir: Path, node_pubkey: str,
+                 node_id: str, measurement: str, tick_ms: float | None = None,
+                 after_results: Callable[[], None] | None = None, command: list[str] | None = None) -> None:
+        """``nursery`` owns the worker processes: its cancellation stops them. At most
+        ``n`` run, each one job at a time. ``after_results`` is called on the trio
+        thread after each batch of ``done`` calls (the agent dispatches from it).
+        ``command`` starts a worker (tests give their own)."""
+        self._init = {"cache_dir": str(cache_dir), "key_dir": str(key_dir), "node_pubkey": node_pubkey,
+                      "node_id": node_id, "measurement": measurement, "tick_ms": tick_ms}
+        self._workers = [_Worker(i) for i in range(max(1, n))]
+        self._where: dict[str, _Worker] = {}
+        self._nursery = nursery
+        self._after_results = after_results
+        self._command = command or [sys.executable, "-m", "p2psched.sandbox.wasm_workers"]
+        #: The public key the workers signed with, once one has signed (it differs
+        #: from ``node_pubkey`` only if node.pub did not match the key).
+        self.signing_pubkey: str | None = None
+
+    def submit(self, job_id: str, request: SandboxRequest, spec: JobSpec, done: Done) -> None:
+        worker = min(self._workers, key=lambda w: (len(w.jobs), not w.started))
+        worker.jobs[job_id] = done
+        self._where[job_id] = worker
+        self._send(worker, ("run", job_id, request, spec))
+        if not worker.started:
+            worker.started = True
+            self._nursery.start_soon(self._run_worker, worker)
+
+    def cancel(self, job_id: str) -> None:
+        worker = self._where.get(job_id)
+        if worker is None:
+            return
+        self._send(worker, ("cancel", job_id))
+        if next(iter(worker.jobs)) != job_id:
+            # A worker runs its jobs in the order given, so this one has not started:
+            # it ends now rather than after the guests before it; the worker skips it.
+            done = worker.jobs.pop(job_id)
+            del self._where[job_id]
+            worker.skipped.add(job_id)
+            self._call(done, job_id, SandboxResult(exit_code=None, reason="cancelled"), None)
+
+    def pids(self) -> list[int]:
+        """The worker processes running now."""
+        return [w.process.pid for w in self._workers if w.process is not None and w.process.returncode is None]
+
+    # -- one worker process ----------------------------------------------------
+
+    def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _LEN.pack(len(body)) + body
+        if worker.fd is not None and not worker.outbox:
+            # Straight into the pipe when nothing waits before it: no task switch.
+            try:
+                written = os.write(worker.fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the worker is gone; its reader ends its jobs
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        worker.outbox.append(frame)
+        worker.wake.set()
+
+    async def _run_worker(self, worker: _Worker) -> None:
+        init = pickle.dumps(("init", self._init), protocol=pickle.HIGHEST_PROTOCOL)
+        worker.outbox[:0] = [_LEN.pack(len(init)), init]
+        why = "it exited"
+        try:
+            worker.process = await trio.lowlevel.open_process(
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, worker)
+                why = await self._read_loop(worker)
+                nursery.cancel_scope.cancel()
+        except OSError as e:
+            why = f"it could not start: {e}"
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_process(worker)
+            code = worker.process.returncode if worker.process is not None else None
+            jobs, worker.jobs = worker.jobs, {}
+            worker.skipped.clear()
+            worker.started, worker.process, worker.outbox, worker.wake = False, None, [], trio.Event()
+            self._fail_all(jobs, f"wasm worker process {worker.index} ended ({why}; exit status {code})")
+
+    async def _write_loop(self, worker: _Worker) -> None:
+        """Writes what ``_send`` could not write at once, in order."""
+        assert worker.process is not None and worker.process.stdin is not None
+        stdin = worker.process.stdin
+        try:
+            while True:
+                if not worker.outbox:
+                    worker.fd = cast("trio.lowlevel.FdStream", stdin).fileno()
+                    await worker.wake.wait()
+                    worker.wake = trio.Event()
+                worker.fd = None
+                data, worker.outbox = b"".join(worker.outbox), []
+                await stdin.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the reader sees the end and says why
+        finally:
+            worker.fd = None
+
+    async def _read_loop(self, worker: _Worker) -> str:
+        assert worker.process is not None and worker.process.stdout is not None
+        stdout = worker.process.stdout
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_RESULT_BYTES)
+        while True:
+            data = await stdout.receive_some(1 << 16)
+            if not data:
+                return "it exited"
+            try:
+                unpacker.feed(data)
+                for message in unpacker:
+                    self._deliver(worker, message)
+            except Exception as e:  # noqa: BLE001 - anything unreadable ends this worker
+                log.error("wasm worker process %d sent something that is not a result: %s", worker.index, e)
+                return f"it sent something that is not a result: {e}"
+            finally:
+                if self._after_results is not None:
+                    self._after_results()
+
+    def _deliver(self, worker: _Worker, message: Any) -> None:
+        job_id = message.get("id") if isinstance(message, dict) else None
+        if job_id in worker.skipped:
+            worker.skipped.discard(job_id)
+            return
+        if job_id not in worker.jobs:
+            raise ValueError(f"not a result of a job it runs: {message!r:.100}")
+        done = worker.jobs.pop(job_id)
+        self._where.pop(job_id, None)
+        if "error" in message:
+            error = message["error"]
+            self._call(done, job_id, None, error if isinstance(error, str) else repr(error))
+            return
+        fields = message["result"]
+        if not isinstance(fields, dict) or not set(fields) <= _RESULT_FIELDS:
+            raise ValueError(f"result of {job_id} has unknown fields")
+        result = SandboxResult(**fields)
+        report = result.sandbox.get("attestation")
+        if isinstance(report, dict):
+            self.signing_pubkey = report.get("node_pubkey")
+        self._call(done, job_id, result, None)
+
+    def _fail_all(self, jobs: dict[str, Done], why: str) -> None:
+        for job_id, done in jobs.items():
+            self._where.pop(job_id, None)
+            self._call(done, job_id, None, why)
+
+    @staticmethod
+    def _call(done: Done, job_id: str, result: SandboxResult | None, error: str | None) -> None:
+        try:
+            done(result, error)
+        except Exception:
+            log.exception("job %s: handling the end of its wasm run failed", job_id)
+
+    async def _stop_process(self, worker: _Worker) -> None:
+        proc = worker.process
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            await proc.stdin.aclose()  # end of input: the worker cancels its guests and exits
+        with trio.move_on_after(STOP_GRACE_S):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int) -> Any:
+    head = _read_exactly(fd, _LEN.size)
+    if head is None:
+        return None
+    body = _read_exactly(fd, _LEN.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def worker_main() -> None:
+    import queue
+    import threading
+    import time
+
+    from p2psched.security.attestation import report_from_result
+    from p2psched.security.node_key import NodeKey
+    from p2psched.sandbox.wasm import WasmEngine, run_wasm
+
+    # Results go to the original stdout only; a stray print goes to stderr (the agent's log).
+    out = os.dup(1)
+    os.dup2(2, 1)
+    first = _read_frame(0)
+    if not first or first[0] != "init":
+        sys.exit("p2psched wasm worker: expected an init frame from the agent on stdin")
+    cfg = first[1]
+    engine = WasmEngine(cfg["cache_dir"], **({"tick_ms": cfg["tick_ms"]} if cfg["tick_ms"] else {}))
+    key = NodeKey(Path(cfg["key_dir"]), cfg["node_pubkey"])
+    jobs: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
+
+    def read_commands() -> None:
+        try:
+            while (frame := _read_frame(0)) is not None:
+                if frame[0] == "run":
+                    jobs.put(frame[1:])
+                elif frame[0] == "cancel":
+                    engine.cancel(frame[1])
+        finally:
+            engine.close()  # cancels what runs; later runs return at once
+            jobs.put(None)
+
+    threading.Thread(target=read_commands, name="p2psched-wasm-commands", daemon=True).start()
+    packer = msgpack.Packer(use_bin_type=True)
+    while (job := jobs.get()) is not None:
+        job_id, request, spec = job
+        try:
+            started = time.time()
+            result = run_wasm(request, engine)
+            result.sandbox["attestation"] = report_from_result(
+                key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,
+                result=result, sandbox_kind=spec.runtime, started_at=started, ended_at=time.time(),
+                node_pubkey=key.public_hex,
+            )
+            message: dict[str, Any] = {"id": job_id, "result": {
+                name: getattr(result, name) for name in _RESULT_FIELDS}}
+        except Exception as e:  # noqa: BLE001 - the agent records it as the job's sandbox error
+            message = {"id": job_id, "error": f"{type(e).__name__}: {e}"}
+        _write_all(out, packer.pack(message))
+
+
+if __name__ == "__main__":
+    worker_main()
