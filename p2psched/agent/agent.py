@@ -45,6 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2psched.agent")
 jlog = logging.getLogger("p2psched.jobs")
 
+#: The wait reason of a job placed in a wasm worker behind another, before "<job id> ends".
+PREFETCHED_WAIT = "runs next in a wasm worker here, when"
+
+#: How long a job may wait in a wasm worker behind another while a slot that it
+#: fits is free and jobs queued behind it take that slot instead.
+PREFETCH_PATIENCE_S = 0.02
+
 #: Staged transitions that nobody awaits (placed, running) are flushed at least this
 #: often, so a crash loses at most this much timeline detail and never a job.
 FLUSH_INTERVAL_S = 0.05
@@ -172,6 +179,9 @@ class Agent(RemoteJobs):
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._wasm: WasmWorkers | None = None
+        self._wasm_ended: list[tuple[Running, SandboxResult, float]] = []  # freed, not yet recorded
+        self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
+        self._dispatching = False
         self._processes: Any = None  # ProcessSandbox, made on the first process job
         self.gpus: Any = None  # SlotAllocator, once started
         from p2psched.placement.core import PlacementState
@@ -256,6 +266,7 @@ class Agent(RemoteJobs):
 
     async def _shutdown(self) -> None:
         self.accepting = False
+        self._take_back_prefetched("the agent is stopping")
         deadline = trio.current_time() + self.settings.grace_s
         log.info("stopping: no new jobs; %d running may finish within %.1fs", len(self.running), self.settings.grace_s)
         with trio.move_on_at(deadline):
@@ -295,7 +306,7 @@ class Agent(RemoteJobs):
         assert self._nursery is not None
         for job_id in self.store.owed_deliveries():
             self._nursery.start_soon(self._deliver, job_id)
-        self.metrics.queue_length.set(len(self.queue))
+        self.metrics.queue_length.set(self.waiting())
 
     _seq = 0
 
@@ -333,22 +344,26 @@ class Agent(RemoteJobs):
 
     # ---------------------------------------------------------------- submission
 
+    def waiting(self) -> int:
+        """Jobs waiting to run here: queued, or placed in a wasm worker behind another job."""
+        return len(self.queue) + len(self._prefetched)
+
     def _admit_check(self, extra: int = 1) -> None:
         if not self.accepting:
             raise Unavailable(
                 f"agent {self.node_id} is shutting down and accepts no new jobs; submit to another agent",
                 reason="shutting_down",
             )
-        if len(self.queue) + extra > self.settings.queue_limit:
+        if self.waiting() + extra > self.settings.queue_limit:
             self.metrics.admission_rejections.labels("queue_full").inc()
             raise QueueFull(
-                f"the queue at {self.node_id} holds {len(self.queue)} jobs (limit {self.settings.queue_limit}); "
+                f"the queue at {self.node_id} holds {self.waiting()} jobs (limit {self.settings.queue_limit}); "
                 "retry after the time in Retry-After or submit to another agent",
                 retry_after=self._retry_after(),
             )
 
     def _retry_after(self) -> float:
-        return float(min(60, max(1, len(self.queue) // max(1, int(self.cpu_total) * 100))))
+        return float(min(60, max(1, self.waiting() // max(1, int(self.cpu_total) * 100))))
 
     def tenant_usage(self, tenant: str) -> TenantUsage:
         """The tenant's unfinished jobs held here, plus what peers gossip for it."""
@@ -456,7 +471,7 @@ class Agent(RemoteJobs):
 
     def _enqueue(self, rec: JobRecord) -> None:
         self.queue.push(rec)
-        self.metrics.queue_length.set(len(self.queue))
+        self.metrics.queue_length.set(self.waiting())
         self._wake.set()
         self._vector_changed.set()
 
@@ -516,14 +531,14 @@ class Agent(RemoteJobs):
                 f"job {job_id} already ended ({rec.state.value}); there is nothing to cancel",
                 reason="already_final",
             )
-        run = self.running.get(job_id)
+        run = self.running.get(job_id) or self._prefetched.get(job_id)
         if run is not None:
             self._cancel_running(run, "cancelled")
             return await self.wait_final(job_id, 30)
         if rec.state in (JobState.PLACED, JobState.RUNNING) and rec.executor not in (None, self.node_id):
             return await self.cancel_remote(rec)
         self.queue.remove(job_id)
-        self.metrics.queue_length.set(len(self.queue))
+        self.metrics.queue_length.set(self.waiting())
         rec.result = JobResult(exit_code=None, reason="cancelled")
         self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")
         if rec.origin != self.node_id:
@@ -560,7 +575,7 @@ class Agent(RemoteJobs):
         return ResourceVector(
             cpu_total=self.cpu_total, cpu_free=max(0.0, self.cpu_total - self.cpu_used),
             mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
-            queue_len=len(self.queue), running=len(self.running), load=load, draining=not self.accepting,
+            queue_len=self.waiting(), running=len(self.running), load=load, draining=not self.accepting,
             gpu_free=self.gpus.free_by_type() if self.gpus is not None else {},
             gpu_total=self.gpus.total_by_type() if self.gpus is not None else {},
         )
@@ -799,11 +814,23 @@ class Agent(RemoteJobs):
 
         The dispatch loop calls it when woken; the wasm workers call it after each
         batch of results, so a freed slot takes its next job without a task switch."""
+        assert self._nursery is not None
+        if self._dispatching:
+            return  # called back from within a pass (a wasm job taken back); that pass goes on
+        self._dispatching = True
+        try:
+            self._dispatch_pass()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_pass(self) -> None:
         from p2psched.placement.core import Forward, Reject, RunHere
 
         assert self._nursery is not None
         if self._wake.is_set():  # this pass serves the wake-up
             self._wake = trio.Event()
+        if self._prefetched:
+            self._review_prefetched()
         while True:
             rec = self.queue.peek()
             if rec is None:
@@ -830,10 +857,12 @@ class Agent(RemoteJobs):
                 self.queue.pop()
                 rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")
                 self._advance(rec, JobState.REJECTED, time.time(), decision.reason)
+            elif self._prefetch_wasm(rec):
+                self.queue.pop()
             else:
                 rec.wait_reason = decision.reason
                 break
-        self.metrics.queue_length.set(len(self.queue))
+        self.metrics.queue_length.set(self.waiting())
 
     async def _replace_loop(self) -> None:
         """Look at the queue again now and then: gossip may show free peers."""
@@ -879,53 +908,154 @@ class Agent(RemoteJobs):
         from p2psched.gpu.devices import no_gpu_env
 
         s = rec.spec
-        return SandboxRequest(
-            job_id=rec.id, runtime=s.runtime, limits=s.limits, resources=s.resources,
-            module_sha256=s.module_sha256,
-            module_path=self.store.module_path(s.module_sha256) if s.module_sha256 else None,
-            entry=s.entry, command=list(s.command), args=list(s.args), env=dict(s.env), stdin=s.input,
-            network="network" in s.capabilities, mask_patterns=list(s.mask_patterns), artifacts=list(s.artifacts),
+        return SandboxRequest.for_job(
+            rec.id, s, self.store.module_path(s.module_sha256) if s.module_sha256 else None,
             # A job without granted slots sees no GPU at all, whatever the host has.
             gpu_env=dict(grant.env) if grant is not None else no_gpu_env(),
             gpu_devices=list(grant.devices) if grant is not None else [],
         )
 
-    def _start_wasm(self, run: Running) -> None:
+    def _wasm_workers(self) -> WasmWorkers:
+        if self._wasm is None:
+            from p2psched.sandbox.wasm_workers import WasmWorkers
+
+            assert self._nursery is not None and self.gate.node_key is not None
+            self._wasm = WasmWorkers(
+                self._nursery, max(1, int(self.cpu_total)), cache_dir=self.data_dir / "compiled",
+                key_dir=self.gate.node_key.data_dir, node_pubkey=self.gate.node_pubkey, node_id=self.node_id,
+                measurement=self.gate.measurement, after_results=self._after_wasm_results,
+                on_start=self._on_wasm_start,
+            )
+        return self._wasm
+
+    def _start_wasm(self, run: Running, *, behind: str | None = None) -> None:
         """Hand a wasm job to a worker process; it ends in ``_end_run`` on the trio thread.
 
+        ``behind``: the job goes next on the worker running that job (see
+        ``_prefetch_wasm``) and starts, in ``_on_wasm_start``, when that one ends.
         No task per job: a task, its cancel scope and an Event cost more than a noop
         job. The workers are served in the agent's nursery; shutdown waits for
         ``self.running`` to empty before it stops them.
         """
-        assert self._nursery is not None
-        if self._wasm is None:
-            from p2psched.sandbox.wasm_workers import WasmWorkers
-
-            assert self.gate.node_key is not None
-            self._wasm = WasmWorkers(
-                self._nursery, max(1, int(self.cpu_total)), cache_dir=self.data_dir / "compiled", key_dir=self.gate.node_key.data_dir,
-                node_pubkey=self.gate.node_pubkey, node_id=self.node_id, measurement=self.gate.measurement,
-                after_results=self._dispatch,
-            )
+        workers = self._wasm_workers()
         rec = run.record
-        started = self._begin_run(run)
-        try:
-            req = self._sandbox_request(rec, run.gpu_grant)
-        except Exception as e:  # a bug here must not leave the job running forever
-            log.exception("job %s: sandbox error", rec.id)
-            self._end_run(run, SandboxResult(exit_code=None, reason=f"sandbox_error: {e}"), started)
-            return
-        workers = self._wasm
+        if behind is None:
+            run.started = self._begin_run(run)
+        sha = rec.spec.module_sha256
 
         def done(result: SandboxResult | None, error: str | None) -> None:
+            if self._prefetched.pop(rec.id, None) is not None and run.cancel_reason != "cancelled":
+                # It never started: its worker ended first, or the agent took it back.
+                self._advance(rec, JobState.QUEUED, time.time(),
+                              f"taken back before it started ({error or run.cancel_reason}); it will run again")
+                self.queue.push_front(rec)
+                self._wake.set()
+                return
             if result is None:
                 log.error("job %s: sandbox error: %s", rec.id, error)
                 result = SandboxResult(exit_code=None, reason=f"sandbox_error: {error}")
             elif workers.signing_pubkey not in (None, self.gate.node_pubkey):
                 self.gate.node_pubkey = workers.signing_pubkey  # node.pub did not match the key
-            self._end_run(run, result, started)
+            self._release(run)
+            self._wasm_ended.append((run, result, run.started))
 
-        workers.submit(rec.id, req, rec.spec, done)
+        # A wasm job sees no GPU (wasm has no way to reach one), so the worker makes
+        # its request from the spec: a pickled spec is half the size of spec and request.
+        workers.submit(rec.id, rec.spec, self.store.module_path(sha) if sha else None, done, behind=behind)
+
+    def _prefetch_wasm(self, rec: JobRecord) -> bool:
+        """Give a wasm job that must wait for a slot to a worker, to run next there.
+
+        Between a job's end in a worker and the next job's arrival there, the agent
+        records the result and dispatches: for short jobs the workers would wait on
+        that most of the time. So a job that would wait here anyway, and asks for no
+        more than a job a worker runs alone now, is placed behind that job: it
+        starts (and takes that job's slot) when that job ends, without a round trip.
+        One job at most waits in each worker, so priority and fair share hold but
+        for that one job. False: no worker can take it.
+        """
+        if self._wasm is None or rec.runtime != "wasm" or not self.accepting:
+            return False
+        r = rec.spec.resources
+        if r.gpu > 0:
+            return False
+        for job_id in self._wasm.lone_jobs():
+            ahead = self.running.get(job_id)
+            if ahead is None:
+                continue
+            a = ahead.record.spec.resources
+            if a.gpu == 0 and a.cpu >= r.cpu and a.mem_mb >= r.mem_mb:
+                break
+        else:
+            return False
+        now = time.time()
+        rec.executor = self.node_id
+        rec.route = [self.node_id]
+        rec.cost = 0.0
+        rec.attempts += 1
+        self._advance(rec, JobState.PLACED, now, f"runs here next, after {job_id}")
+        rec.wait_reason = f"{PREFETCHED_WAIT} {job_id} ends"
+        run = Running(rec, now)
+        self._prefetched[rec.id] = run
+        self._start_wasm(run, behind=job_id)
+        return True
+
+    def _on_wasm_start(self, job_id: str) -> None:
+        """A worker started a job given to it behind another: it takes its slot now."""
+        run = self._prefetched.pop(job_id, None)
+        if run is None:
+            return  # it was running already (jobs under one CPU share a worker)
+        run.record.wait_reason = None
+        r = run.record.spec.resources
+        self.cpu_used += r.cpu
+        self.mem_used_mb += r.mem_mb
+        self.running[job_id] = run
+        self._update_slot_metrics()
+        run.started = self._begin_run(run)
+
+    def _take_back_prefetched(self, why: str) -> None:
+        """Jobs waiting in workers go back to the queue, in the order they had there.
+
+        Each is cancelled in its worker, which skips it; its ``done`` puts it back at
+        the queue's head. Taken back last first, they stand as they stood before."""
+        for run in reversed(list(self._prefetched.values())):
+            self._cancel_running(run, f"taken back: {why}")
+
+    def _review_prefetched(self) -> None:
+        """Take back the jobs waiting in workers that should not wait there any more.
+
+        - A job of higher priority than one waiting has arrived: it goes first.
+        - A slot is free that a waiting job fits, and nothing queued would take it, or
+          the job has waited PREFETCH_PATIENCE_S (the job ahead of it may run long).
+          Under a stream of short jobs a slot that frees is refilled from the queue
+          in the same pass, and the waiting job starts within a job's length anyway.
+        Either way the queue decides again.
+        """
+        free_cpu, free_mem = self.cpu_total - self.cpu_used, self.mem_total_mb - self.mem_used_mb
+        head = self.queue.peek()
+        now = time.time()
+        for run in self._prefetched.values():
+            spec = run.record.spec
+            if head is not None and head.spec.priority > spec.priority:
+                self._take_back_prefetched(f"job {head.id} comes first")
+                return
+            if (free_cpu >= spec.resources.cpu and free_mem >= spec.resources.mem_mb
+                    and (head is None or now - run.started >= PREFETCH_PATIENCE_S)):
+                self._take_back_prefetched("a slot is free")
+                return
+
+    def _after_wasm_results(self) -> None:
+        """After a batch of wasm results: start the next jobs, then record the ended ones.
+
+        In this order a worker runs its next job while the agent does the ended
+        jobs' bookkeeping (result, transitions, log lines, store), instead of
+        waiting for it."""
+        try:
+            self._dispatch()
+        finally:
+            ended, self._wasm_ended = self._wasm_ended, []
+            for run, result, started in ended:
+                self._end_run(run, result, started)
 
     async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
         if self._processes is None:
@@ -1073,6 +1203,7 @@ class Agent(RemoteJobs):
         """
         first = self.accepting
         self.accepting = False
+        self._take_back_prefetched("the agent is draining")
         if first:
             log.warning("draining: no new admissions; handing %d queued jobs to peers", len(self.queue))
             self._wake.set()

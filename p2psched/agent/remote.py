@@ -479,7 +479,7 @@ class RemoteJobs:
             return {"t": m.CANCEL_ACK, "id": msg["id"], "state": "unknown"}
         if rec.state.final:
             return {"t": m.CANCEL_ACK, "id": rec.id, "state": rec.state.value}
-        run = self.running.get(rec.id)
+        run = self.running.get(rec.id) or self._prefetched.get(rec.id)
         if run is not None:
             self._cancel_running(run, "cancelled")
         elif rec.id in self.queue:

@@ -55,6 +55,27 @@ class DispatchQueue:
             heapq.heappush(self._prios, -p)
         level.setdefault(rec.tenant, deque()).append((token, rec))
 
+    def push_front(self, rec: JobRecord) -> None:
+        """Put back a job just taken from the head (it could not stay where it went).
+
+        Pushing back, in reverse order, the jobs popped since some moment restores
+        the queue's order as it was then: each goes first in its tenant's line, and
+        its tenant first in its priority's turn."""
+        if rec.id in self._ids:
+            return
+        self._tokens += 1
+        token = self._ids[rec.id] = self._tokens
+        p = rec.spec.priority
+        if self.policy == "fifo":
+            heapq.heappush(self._heap, (-p, rec.seq, token, rec))  # its seq keeps its place
+            return
+        level = self._levels.get(p)
+        if level is None:
+            level = self._levels[p] = OrderedDict()
+            heapq.heappush(self._prios, -p)
+        level.setdefault(rec.tenant, deque()).appendleft((token, rec))
+        level.move_to_end(rec.tenant, last=False)
+
     def peek(self) -> JobRecord | None:
         self._drop_cancelled()
         if self.policy == "fifo":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2psched.jobs.spec import Limits, Resources
+from p2psched.jobs.spec import JobSpec, Limits, Resources
 
 #: Reasons a job can end with. ``exit N`` and ``trap: MSG`` and ``signal N`` carry detail.
 LIMIT_REASONS = (
@@ -46,6 +46,18 @@ class SandboxRequest:
     artifacts: list[str] = field(default_factory=list)
     gpu_env: dict[str, str] = field(default_factory=dict)  # CUDA_VISIBLE_DEVICES etc. of granted slots
     gpu_devices: list[str] = field(default_factory=list)  # /dev/nvidia* nodes the job may open
+
+    @classmethod
+    def for_job(cls, job_id: str, spec: JobSpec, module_path: Path | None, *, gpu_env: dict[str, str] | None = None,
+                gpu_devices: list[str] | None = None) -> SandboxRequest:
+        """What the sandbox runs for job ``job_id`` of ``spec``, its module stored at ``module_path``."""
+        return cls(
+            job_id=job_id, runtime=spec.runtime, limits=spec.limits, resources=spec.resources,
+            module_sha256=spec.module_sha256, module_path=module_path, entry=spec.entry, command=list(spec.command),
+            args=list(spec.args), env=dict(spec.env), stdin=spec.input, network="network" in spec.capabilities,
+            mask_patterns=list(spec.mask_patterns), artifacts=list(spec.artifacts), gpu_env=gpu_env or {},
+            gpu_devices=gpu_devices or [],
+        )
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
 The worker's side: ``python -m p2psched.sandbox.wasm_workers``. It reads frames
 from stdin and writes results to its original stdout; its stderr is the agent's.
   - Agent -> worker: frames of a 4-byte big-endian length and a pickle:
-    ``("init", settings)``, ``("run", job_id, SandboxRequest, JobSpec)``,
+    ``("init", settings)``, ``("run", job_id, JobSpec, module_path)``,
     ``("cancel", job_id)``. Pickle goes this way only: the agent trusts itself.
   - Worker -> agent: a msgpack stream of ``{"id", "result"}`` or ``{"id", "error"}``
     maps. The agent never unpickles what a worker sends (a worker runs untrusted
@@ -51,7 +51,6 @@ from p2psched.sandbox.base import SandboxResult
 
 if TYPE_CHECKING:
     from p2psched.jobs.spec import JobSpec
-    from p2psched.sandbox.base import SandboxRequest
 
 __all__ = ["WasmWorkers", "Done"]
 
@@ -89,10 +88,14 @@ class WasmWorkers:
 
     def __init__(self, nursery: trio.Nursery, n: int, *, cache_dir: Path, key_dir: Path, node_pubkey: str,
                  node_id: str, measurement: str, tick_ms: float | None = None,
-                 after_results: Callable[[], None] | None = None, command: list[str] | None = None) -> None:
+                 after_results: Callable[[], None] | None = None, on_start: Callable[[str], None] | None = None,
+                 command: list[str] | None = None) -> None:
         """``nursery`` owns the worker processes: its cancellation stops them. At most
         ``n`` run, each one job at a time. ``after_results`` is called on the trio
-        thread after each batch of ``done`` calls (the agent dispatches from it).
+        thread after each batch of ``done`` calls, including those of a cancel and
+        of a worker's end (the agent dispatches and records from it).
+        ``on_start(job_id)`` is called when a job that waited behind another in its
+        worker starts, right after that one's ``done``.
         ``command`` starts a worker (tests give their own)."""
         self._init = {"cache_dir": str(cache_dir), "key_dir": str(key_dir), "node_pubkey": node_pubkey,
                       "node_id": node_id, "measurement": measurement, "tick_ms": tick_ms}
@@ -100,16 +103,24 @@ class WasmWorkers:
         self._where: dict[str, _Worker] = {}
         self._nursery = nursery
         self._after_results = after_results
+        self._on_start = on_start
         self._command = command or [sys.executable, "-m", "p2psched.sandbox.wasm_workers"]
         #: The public key the workers signed with, once one has signed (it differs
         #: from ``node_pubkey`` only if node.pub did not match the key).
         self.signing_pubkey: str | None = None
 
-    def submit(self, job_id: str, request: SandboxRequest, spec: JobSpec, done: Done) -> None:
-        worker = min(self._workers, key=lambda w: (len(w.jobs), not w.started))
+    def submit(self, job_id: str, spec: JobSpec, module_path: Path | None, done: Done, *,
+               behind: str | None = None) -> None:
+        """Run job ``job_id`` of ``spec`` (its module stored at ``module_path``) on the
+        least busy worker, or next on the worker running job ``behind`` (one of
+        :meth:`lone_jobs`)."""
+        if behind is not None:
+            worker = self._where[behind]
+        else:
+            worker = min(self._workers, key=lambda w: (len(w.jobs), not w.started))
         worker.jobs[job_id] = done
         self._where[job_id] = worker
-        self._send(worker, ("run", job_id, request, spec))
+        self._send(worker, ("run", job_id, spec, module_path))
         if not worker.started:
             worker.started = True
             self._nursery.start_soon(self._run_worker, worker)
@@ -126,6 +137,11 @@ class WasmWorkers:
             del self._where[job_id]
             worker.skipped.add(job_id)
             self._call(done, job_id, SandboxResult(exit_code=None, reason="cancelled"), None)
+            self._after_batch()
+
+    def lone_jobs(self) -> list[str]:
+        """Jobs that run alone on their worker, with nothing waiting behind them."""
+        return [next(iter(w.jobs)) for w in self._workers if len(w.jobs) == 1]
 
     def pids(self) -> list[int]:
         """The worker processes running now."""
@@ -206,8 +222,7 @@ class WasmWorkers:
                 log.error("wasm worker process %d sent something that is not a result: %s", worker.index, e)
                 return f"it sent something that is not a result: {e}"
             finally:
-                if self._after_results is not None:
-                    self._after_results()
+                self._after_batch()
 
     def _deliver(self, worker: _Worker, message: Any) -> None:
         job_id = message.get("id") if isinstance(message, dict) else None
@@ -216,25 +231,41 @@ class WasmWorkers:
             return
         if job_id not in worker.jobs:
             raise ValueError(f"not a result of a job it runs: {message!r:.100}")
+        result: SandboxResult | None = None
+        error = message.get("error")
+        if error is not None:
+            error = error if isinstance(error, str) else repr(error)
+        else:
+            fields = message.get("result")
+            if not isinstance(fields, dict) or not set(fields) <= _RESULT_FIELDS:
+                raise ValueError(f"result of {job_id} is not a sandbox result: {fields!r:.100}")
+            result = SandboxResult(**fields)
+            report = result.sandbox.get("attestation") if isinstance(result.sandbox, dict) else None
+            if isinstance(report, dict):
+                self.signing_pubkey = report.get("node_pubkey")
         done = worker.jobs.pop(job_id)
         self._where.pop(job_id, None)
-        if "error" in message:
-            error = message["error"]
-            self._call(done, job_id, None, error if isinstance(error, str) else repr(error))
-            return
-        fields = message["result"]
-        if not isinstance(fields, dict) or not set(fields) <= _RESULT_FIELDS:
-            raise ValueError(f"result of {job_id} has unknown fields")
-        result = SandboxResult(**fields)
-        report = result.sandbox.get("attestation")
-        if isinstance(report, dict):
-            self.signing_pubkey = report.get("node_pubkey")
-        self._call(done, job_id, result, None)
+        self._call(done, job_id, result, error)
+        if worker.jobs and self._on_start is not None:
+            following = next(iter(worker.jobs))  # the worker starts it now
+            try:
+                self._on_start(following)
+            except Exception:
+                log.exception("job %s: starting it after %s failed", following, job_id)
 
     def _fail_all(self, jobs: dict[str, Done], why: str) -> None:
         for job_id, done in jobs.items():
             self._where.pop(job_id, None)
             self._call(done, job_id, None, why)
+        if jobs:
+            self._after_batch()
+
+    def _after_batch(self) -> None:
+        if self._after_results is not None:
+            try:
+                self._after_results()
+            except Exception:
+                log.exception("handling a batch of wasm results failed")
 
     @staticmethod
     def _call(done: Done, job_id: str, result: SandboxResult | None, error: str | None) -> None:
@@ -291,6 +322,7 @@ def worker_main() -> None:
     import threading
     import time
 
+    from p2psched.sandbox.base import SandboxRequest
     from p2psched.security.attestation import report_from_result
     from p2psched.security.node_key import NodeKey
     from p2psched.sandbox.wasm import WasmEngine, run_wasm
@@ -299,7 +331,9 @@ def worker_main() -> None:
     out = os.dup(1)
     os.dup2(2, 1)
     first = _read_frame(0)
-    if not first or first[0] != "init":
+    if first is None:
+        return  # the agent stopped before it needed this worker
+    if first[0] != "init":
         sys.exit("p2psched wasm worker: expected an init frame from the agent on stdin")
     cfg = first[1]
     engine = WasmEngine(cfg["cache_dir"], **({"tick_ms": cfg["tick_ms"]} if cfg["tick_ms"] else {}))
@@ -320,10 +354,10 @@ def worker_main() -> None:
     threading.Thread(target=read_commands, name="p2psched-wasm-commands", daemon=True).start()
     packer = msgpack.Packer(use_bin_type=True)
     while (job := jobs.get()) is not None:
-        job_id, request, spec = job
+        job_id, spec, module_path = job
         try:
             started = time.time()
-            result = run_wasm(request, engine)
+            result = run_wasm(SandboxRequest.for_job(job_id, spec, module_path), engine)
             result.sandbox["attestation"] = report_from_result(
                 key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,
                 result=result, sandbox_kind=spec.runtime, started_at=started, ended_at=time.time(),

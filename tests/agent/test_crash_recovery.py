@@ -19,7 +19,9 @@ def test_kill_9_then_restart_finishes_every_job(tmp_path):
         while http.get(f"/v1/jobs/{slow}").json()["state"] != "running":
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert all(http.get(f"/v1/jobs/{j}").json()["state"] == "queued" for j in queued)
+        # The first may already wait in the wasm worker, placed behind the slow job.
+        states = [http.get(f"/v1/jobs/{j}").json()["state"] for j in queued]
+        assert states[1:] == ["queued"] * 4 and states[0] in ("queued", "placed"), states
     agent.kill(signal.SIGKILL)
 
     agent.start()

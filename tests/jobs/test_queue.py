@@ -68,3 +68,29 @@ def test_every_pushed_job_pops_exactly_once_in_priority_order(items, policy):
     assert sorted(popped) == sorted(r.id for r in jobs)
     prios = {r.id: r.spec.priority for r in jobs}
     assert [prios[i] for i in popped] == sorted((prios[i] for i in popped), reverse=True)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 3)), max_size=40),
+       st.integers(0, 40), st.sampled_from(["fair", "fifo"]))
+def test_pushing_back_popped_jobs_in_reverse_restores_the_order(items, taken, policy):
+    """The agent takes back jobs it had placed in wasm workers: they must stand where they stood."""
+    jobs = [job(t, p) for t, p in items]
+    untouched, q = DispatchQueue(policy), DispatchQueue(policy)
+    for r in jobs:
+        untouched.push(r)
+        q.push(r)
+    popped = [r for r in (q.pop() for _ in range(min(taken, len(jobs)))) if r is not None]
+    for r in reversed(popped):
+        q.push_front(r)
+    assert drain(q) == drain(untouched)
+
+
+def test_a_job_pushed_back_goes_before_its_tenants_later_jobs_and_after_higher_priority():
+    q = DispatchQueue("fair")
+    a1, a2, b1, urgent = job("a"), job("a"), job("b"), job("c", 9)
+    for r in (a1, a2, b1):
+        q.push(r)
+    assert q.pop() is a1
+    q.push(urgent)
+    q.push_front(a1)
+    assert drain(q) == [urgent.id, a1.id, b1.id, a2.id]

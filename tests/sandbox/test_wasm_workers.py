@@ -10,8 +10,8 @@ from pathlib import Path
 
 import trio
 
+from p2psched.agent.agent import PREFETCHED_WAIT
 from p2psched.jobs.spec import JobSpec
-from p2psched.sandbox.base import SandboxRequest
 from p2psched.sandbox.wasm_workers import WasmWorkers
 
 from agents import new_agent, running_agent, wasm_spec
@@ -62,15 +62,6 @@ async def test_cancelling_a_job_queued_behind_a_busy_worker_never_runs_it(tmp_pa
         await http.delete(f"/v1/jobs/{first['id']}")
 
 
-def _request(job_id: str) -> tuple[SandboxRequest, JobSpec]:
-    spec = JobSpec.model_validate({"module_sha256": "0" * 64, "entry": "noop"})
-    req = SandboxRequest(job_id=job_id, runtime="wasm", limits=spec.limits, resources=spec.resources,
-                         module_sha256=spec.module_sha256, module_path=None, entry="noop", command=[], args=[],
-                         env={}, stdin=b"", network=False, mask_patterns=[], artifacts=[], gpu_env={},
-                         gpu_devices=[])
-    return req, spec
-
-
 #: A worker that answers its first frames with bytes that are not msgpack, then
 #: waits for the end of its input as a real worker does.
 LIAR = "import os, sys\nos.read(0, 1 << 16)\nos.write(1, b'\\xc1\\xc1')\nwhile os.read(0, 1 << 16): pass\n"
@@ -85,8 +76,8 @@ async def _run_one_against(tmp_path: Path, script: str) -> tuple[object, str | N
     async with trio.open_nursery() as nursery:
         workers = WasmWorkers(nursery, 1, cache_dir=tmp_path / "c", key_dir=tmp_path / "k", node_pubkey="",
                               node_id="t", measurement="m", command=[sys.executable, "-c", script])
-        req, spec = _request("j1")
-        workers.submit("j1", req, spec, lambda result, error: ended.append((result, error)))
+        spec = JobSpec.model_validate({"module_sha256": "0" * 64, "entry": "noop"})
+        workers.submit("j1", spec, None, lambda result, error: ended.append((result, error)))
         with trio.fail_after(20):
             while not ended:
                 await trio.sleep(0.01)
@@ -149,3 +140,97 @@ def _wasm_workers_of(pid: int) -> list[int]:
         except FileNotFoundError:
             continue
     return [int(c) for c in children if b"wasm_workers" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+# ---------------------------------------------------------------- a job waiting in a worker
+#
+# A wasm job that must wait for a slot is placed in a worker behind a job running
+# alone there, and starts when that job ends. These check that it still waits
+# like a queued job in every other way.
+
+
+async def _one_running_one_waiting(agent, http) -> tuple[str, str]:
+    long = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"]
+    await wait_state(agent, long, "running")
+    waiting = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
+    await wait_state(agent, waiting, "placed")
+    rec = agent.get(waiting)
+    assert rec.wait_reason == f"{PREFETCHED_WAIT} {long} ends"
+    assert agent.waiting() == 1 and agent.cpu_used == 1  # it waits, and holds no slot
+    return long, waiting
+
+
+async def test_a_waiting_job_starts_when_the_job_ahead_of_it_ends(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long, waiting = await _one_running_one_waiting(agent, http)
+        await http.delete(f"/v1/jobs/{long}")
+        done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
+        assert done["state"] == "succeeded"
+        assert [t["state"] for t in done["timeline"]] == ["submitted", "queued", "placed", "running", "succeeded"]
+        assert done["timeline"][2]["detail"] == f"runs here next, after {long}"
+        assert agent.get(waiting).wait_reason is None
+
+
+async def test_a_waiting_job_is_taken_back_to_run_in_a_slot_that_frees_first(tmp_path):
+    async with running_agent(tmp_path, cpus=2) as (agent, http):
+        ahead = [(await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"] for _ in range(2)]
+        for j in ahead:
+            await wait_state(agent, j, "running")
+        waiting = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
+        await wait_state(agent, waiting, "placed")
+        behind = agent.get(waiting).wait_reason.rsplit(" ", 2)[-2]
+        other = next(j for j in ahead if j != behind)
+        await http.delete(f"/v1/jobs/{other}")  # the slot that frees is not the one it waits on
+        done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
+        assert done["state"] == "succeeded"
+        assert agent.get(behind).state.value == "running"  # it did not wait for that one
+        details = [t["detail"] for t in done["timeline"]]
+        assert any(d.startswith("taken back before it started (taken back: a slot is free)") for d in details)
+        await http.delete(f"/v1/jobs/{behind}")
+
+
+async def test_a_job_of_higher_priority_goes_before_a_waiting_one(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long, waiting = await _one_running_one_waiting(agent, http)
+        urgent = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", priority=5))).json()["id"]
+        await wait_state(agent, urgent, "placed")
+        assert agent.get(waiting).state.value == "queued"
+        await http.delete(f"/v1/jobs/{long}")
+        for j in (urgent, waiting):
+            assert (await http.get(f"/v1/jobs/{j}", params={"wait": 30})).json()["state"] == "succeeded"
+        started = {j: next(t["at"] for t in agent.get(j).timeline if t["state"] == "running") for j in (urgent, waiting)}
+        assert started[urgent] < started[waiting]
+
+
+async def test_cancelling_a_waiting_job_ends_it_at_once(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long, waiting = await _one_running_one_waiting(agent, http)
+        r = (await http.delete(f"/v1/jobs/{waiting}")).json()
+        assert r["state"] == "cancelled" and r["result"]["reason"] == "cancelled"
+        assert agent.get(long).state.value == "running" and agent.waiting() == 0
+        await http.delete(f"/v1/jobs/{long}")
+
+
+async def test_a_waiting_job_whose_worker_dies_runs_again_on_a_new_one(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long, waiting = await _one_running_one_waiting(agent, http)
+        with trio.fail_after(30):
+            while not agent._wasm.pids():
+                await trio.sleep(0.01)
+        os.kill(agent._wasm.pids()[0], signal.SIGKILL)
+        assert (await http.get(f"/v1/jobs/{long}", params={"wait": 30})).json()["state"] == "failed"
+        done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
+        assert done["state"] == "succeeded", done  # it never ran, so it is not failed with the other
+        assert done["attempts"] == 2
+        assert any("taken back before it started (wasm worker process 0 ended" in t["detail"]
+                   for t in done["timeline"])
+
+
+async def test_draining_takes_a_waiting_job_back_to_the_queue(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long, waiting = await _one_running_one_waiting(agent, http)
+        await agent.drain(stop=False)
+        await wait_state(agent, waiting, "queued")
+        assert agent.get(waiting).timeline[-1]["detail"].startswith(
+            "taken back before it started (taken back: the agent is draining)")
+        await http.delete(f"/v1/jobs/{long}")
