@@ -48,6 +48,11 @@ jlog = logging.getLogger("p2psched.jobs")
 #: The wait reason of a job placed in a wasm worker behind another, before "<job id> ends".
 PREFETCHED_WAIT = "runs next in a wasm worker here, when"
 
+#: Jobs that may wait in a wasm worker behind the one it runs. With two, a worker
+#: still has a job to start while the agent records a result and sends the next
+#: one (noop_throughput: about 2,800 jobs/s with one, 3,000 with two).
+WAITING_PER_WORKER = 2
+
 #: How long a job may wait in a wasm worker behind another while a slot that it
 #: fits is free and jobs queued behind it take that slot instead.
 PREFETCH_PATIENCE_S = 0.02
@@ -969,18 +974,20 @@ class Agent(RemoteJobs):
         Between a job's end in a worker and the next job's arrival there, the agent
         records the result and dispatches: for short jobs the workers would wait on
         that most of the time. So a job that would wait here anyway, and asks for no
-        more than a job a worker runs alone now, is placed behind that job: it
-        starts (and takes that job's slot) when that job ends, without a round trip.
-        One job at most waits in each worker, so priority and fair share hold but
-        for that one job. False: no worker can take it.
+        more than the last job given to a worker, is placed behind that job: it
+        starts, taking the slot of the job before it, when the jobs before it end,
+        without a round trip. At most WAITING_PER_WORKER wait in a worker. They are
+        taken back to where they stood in the queue when they should not wait there
+        (``_review_prefetched``), so priority, fair share and arrival order hold.
+        False: no worker can take it.
         """
         if self._wasm is None or rec.runtime != "wasm" or not self.accepting:
             return False
         r = rec.spec.resources
         if r.gpu > 0:
             return False
-        for job_id in self._wasm.lone_jobs():
-            ahead = self.running.get(job_id)
+        for job_id in self._wasm.tails(WAITING_PER_WORKER):
+            ahead = self.running.get(job_id) or self._prefetched.get(job_id)
             if ahead is None:
                 continue
             a = ahead.record.spec.resources

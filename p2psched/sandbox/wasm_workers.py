@@ -112,8 +112,8 @@ class WasmWorkers:
     def submit(self, job_id: str, spec: JobSpec, module_path: Path | None, done: Done, *,
                behind: str | None = None) -> None:
         """Run job ``job_id`` of ``spec`` (its module stored at ``module_path``) on the
-        least busy worker, or next on the worker running job ``behind`` (one of
-        :meth:`lone_jobs`)."""
+        least busy worker, or after job ``behind`` on its worker (one of
+        :meth:`tails`)."""
         if behind is not None:
             worker = self._where[behind]
         else:
@@ -139,9 +139,11 @@ class WasmWorkers:
             self._call(done, job_id, SandboxResult(exit_code=None, reason="cancelled"), None)
             self._after_batch()
 
-    def lone_jobs(self) -> list[str]:
-        """Jobs that run alone on their worker, with nothing waiting behind them."""
-        return [next(iter(w.jobs)) for w in self._workers if len(w.jobs) == 1]
+    def tails(self, waiting: int) -> list[str]:
+        """The last job of each busy worker with fewer than ``waiting`` jobs waiting
+        behind the one it runs: a job given ``behind=`` one of these starts when the
+        jobs before it have ended."""
+        return [next(reversed(w.jobs)) for w in self._workers if 1 <= len(w.jobs) <= waiting]
 
     def pids(self) -> list[int]:
         """The worker processes running now."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from p2psched.agent.agent import PREFETCHED_WAIT
+from p2psched.agent.agent import PREFETCHED_WAIT, WAITING_PER_WORKER
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.wasm_workers import WasmWorkers
 
@@ -194,7 +194,9 @@ async def test_a_job_of_higher_priority_goes_before_a_waiting_one(tmp_path):
         long, waiting = await _one_running_one_waiting(agent, http)
         urgent = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", priority=5))).json()["id"]
         await wait_state(agent, urgent, "placed")
-        assert agent.get(waiting).state.value == "queued"
+        # Taken back, then given to the worker again, now behind the urgent job.
+        assert agent.get(waiting).wait_reason == f"{PREFETCHED_WAIT} {urgent} ends"
+        assert any("job " + urgent + " comes first" in t["detail"] for t in agent.get(waiting).timeline)
         await http.delete(f"/v1/jobs/{long}")
         for j in (urgent, waiting):
             assert (await http.get(f"/v1/jobs/{j}", params={"wait": 30})).json()["state"] == "succeeded"
@@ -234,3 +236,19 @@ async def test_draining_takes_a_waiting_job_back_to_the_queue(tmp_path):
         assert agent.get(waiting).timeline[-1]["detail"].startswith(
             "taken back before it started (taken back: the agent is draining)")
         await http.delete(f"/v1/jobs/{long}")
+
+
+async def test_jobs_waiting_in_a_worker_start_in_order_and_no_more_wait_than_allowed(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"]
+        await wait_state(agent, long, "running")
+        ids = [(await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
+               for _ in range(WAITING_PER_WORKER + 1)]
+        await wait_state(agent, ids[WAITING_PER_WORKER - 1], "placed")
+        assert [agent.get(i).state.value for i in ids] == ["placed"] * WAITING_PER_WORKER + ["queued"]
+        assert agent.get(ids[1]).wait_reason == f"{PREFETCHED_WAIT} {ids[0]} ends"
+        await http.delete(f"/v1/jobs/{long}")
+        for i in ids:
+            assert (await http.get(f"/v1/jobs/{i}", params={"wait": 30})).json()["state"] == "succeeded"
+        started = [next(t["at"] for t in agent.get(i).timeline if t["state"] == "running") for i in ids]
+        assert started == sorted(started)
