@@ -17,18 +17,21 @@ The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
     stop when the nursery is cancelled. A worker that dies ends its jobs with an
     error and is started again for the next job.
 
-The worker's side: ``python -m p2psched.sandbox.wasm_workers``. It reads frames
-from stdin and writes results to its original stdout; its stderr is the agent's.
-  - Agent -> worker: frames of a 4-byte big-endian length and a pickle:
-    ``("init", settings)``, ``("run", job_id, JobSpec, module_path)``,
-    ``("cancel", job_id)``. Pickle goes this way only: the agent trusts itself.
+The worker's side: ``python -m p2psched.sandbox.wasm_workers``. Its main thread
+reads jobs from stdin, one after another, and writes results to its original
+stdout; a second thread waits for cancels on a pipe of their own, so that a job's
+arrival wakes no other thread. Its stderr is the agent's.
+  - Agent -> worker: frames of a 4-byte big-endian length and a pickle. On stdin
+    ``("init", settings)`` then ``("run", job_id, JobSpec, module_path)``; on the
+    cancel pipe ``("cancel", job_id)``. Pickle goes this way only: the agent
+    trusts itself.
   - Worker -> agent: a msgpack stream of ``{"id", "result"}`` or ``{"id", "error"}``
     maps. The agent never unpickles what a worker sends (a worker runs untrusted
     guests), and decodes it under size limits.
-  - End of stdin (the agent stopped or died: the kernel closes its pipes) cancels
-    the guests within a tick and ends the worker. (Not PR_SET_PDEATHSIG: it fires
-    when the thread that started the worker exits, and trio starts processes from
-    its thread cache.)
+  - The end of the cancel pipe (the agent stopped or died: the kernel closes its
+    pipes) cancels the guests within a tick; the end of stdin ends the worker.
+    (Not PR_SET_PDEATHSIG: it fires when the thread that started the worker
+    exits, and trio starts processes from its thread cache.)
 """
 
 from __future__ import annotations
@@ -71,6 +74,50 @@ MAX_RESULT_BYTES = 3 << 30
 STOP_GRACE_S = 5.0
 
 
+class _Pipe:
+    """Frames to one pipe into a worker: written at once when they fit, else in order by a task."""
+
+    def __init__(self) -> None:
+        self.stream: trio.lowlevel.FdStream | None = None
+        self.outbox: list[bytes] = []
+        self.wake = trio.Event()
+        self.fd: int | None = None  # non-blocking, set while the writer task is idle
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _LEN.pack(len(body)) + body
+        if self.fd is not None and not self.outbox:
+            # Straight into the pipe when nothing waits before it: no task switch.
+            try:
+                written = os.write(self.fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the worker is gone; its reader ends its jobs
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self.outbox.append(frame)
+        self.wake.set()
+
+    async def write_loop(self) -> None:
+        """Writes what ``send`` could not write at once, in order."""
+        assert self.stream is not None
+        try:
+            while True:
+                if not self.outbox:
+                    self.fd = self.stream.fileno()
+                    await self.wake.wait()
+                    self.wake = trio.Event()
+                self.fd = None
+                data, self.outbox = b"".join(self.outbox), []
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the reader sees the end and says why
+        finally:
+            self.fd = None
+
+
 class _Worker:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -78,9 +125,8 @@ class _Worker:
         self.started = False
         self.jobs: dict[str, Done] = {}  # in the order given, which is the order they run in
         self.skipped: set[str] = set()  # cancelled before they started: their results are dropped
-        self.outbox: list[bytes] = []
-        self.wake = trio.Event()
-        self.fd: int | None = None  # the worker's stdin, non-blocking, while the writer is idle
+        self.runs = _Pipe()  # run frames, to the worker's stdin
+        self.cancels = _Pipe()  # cancel frames, to a pipe a thread of the worker waits on
 
 
 class WasmWorkers:
@@ -120,7 +166,7 @@ class WasmWorkers:
             worker = min(self._workers, key=lambda w: (len(w.jobs), not w.started))
         worker.jobs[job_id] = done
         self._where[job_id] = worker
-        self._send(worker, ("run", job_id, spec, module_path))
+        worker.runs.send(("run", job_id, spec, module_path))
         if not worker.started:
             worker.started = True
             self._nursery.start_soon(self._run_worker, worker)
@@ -129,7 +175,7 @@ class WasmWorkers:
         worker = self._where.get(job_id)
         if worker is None:
             return
-        self._send(worker, ("cancel", job_id))
+        worker.cancels.send(("cancel", job_id))
         if next(iter(worker.jobs)) != job_id:
             # A worker runs its jobs in the order given, so this one has not started:
             # it ends now rather than after the guests before it; the worker skips it.
@@ -151,62 +197,37 @@ class WasmWorkers:
 
     # -- one worker process ----------------------------------------------------
 
-    def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = _LEN.pack(len(body)) + body
-        if worker.fd is not None and not worker.outbox:
-            # Straight into the pipe when nothing waits before it: no task switch.
-            try:
-                written = os.write(worker.fd, frame)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # the worker is gone; its reader ends its jobs
-            if written == len(frame):
-                return
-            frame = frame[written:]
-        worker.outbox.append(frame)
-        worker.wake.set()
-
     async def _run_worker(self, worker: _Worker) -> None:
-        init = pickle.dumps(("init", self._init), protocol=pickle.HIGHEST_PROTOCOL)
-        worker.outbox[:0] = [_LEN.pack(len(init)), init]
         why = "it exited"
+        cancel_r, cancel_w = os.pipe()
         try:
+            init = pickle.dumps(("init", {**self._init, "cancel_fd": cancel_r}), protocol=pickle.HIGHEST_PROTOCOL)
+            worker.runs.outbox[:0] = [_LEN.pack(len(init)) + init]
             worker.process = await trio.lowlevel.open_process(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(cancel_r,))
+            os.close(cancel_r)
+            cancel_r = -1
+            worker.runs.stream = cast("trio.lowlevel.FdStream", worker.process.stdin)
+            worker.cancels.stream = trio.lowlevel.FdStream(cancel_w)  # it owns cancel_w now
+            cancel_w = -1
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop, worker)
+                nursery.start_soon(worker.runs.write_loop)
+                nursery.start_soon(worker.cancels.write_loop)
                 why = await self._read_loop(worker)
                 nursery.cancel_scope.cancel()
         except OSError as e:
             why = f"it could not start: {e}"
         finally:
+            for fd in (cancel_r, cancel_w):
+                if fd >= 0:
+                    os.close(fd)
             with trio.CancelScope(shield=True):
                 await self._stop_process(worker)
             code = worker.process.returncode if worker.process is not None else None
             jobs, worker.jobs = worker.jobs, {}
             worker.skipped.clear()
-            worker.started, worker.process, worker.outbox, worker.wake = False, None, [], trio.Event()
+            worker.started, worker.process, worker.runs, worker.cancels = False, None, _Pipe(), _Pipe()
             self._fail_all(jobs, f"wasm worker process {worker.index} ended ({why}; exit status {code})")
-
-    async def _write_loop(self, worker: _Worker) -> None:
-        """Writes what ``_send`` could not write at once, in order."""
-        assert worker.process is not None and worker.process.stdin is not None
-        stdin = worker.process.stdin
-        try:
-            while True:
-                if not worker.outbox:
-                    worker.fd = cast("trio.lowlevel.FdStream", stdin).fileno()
-                    await worker.wake.wait()
-                    worker.wake = trio.Event()
-                worker.fd = None
-                data, worker.outbox = b"".join(worker.outbox), []
-                await stdin.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the reader sees the end and says why
-        finally:
-            worker.fd = None
 
     async def _read_loop(self, worker: _Worker) -> str:
         assert worker.process is not None and worker.process.stdout is not None
@@ -277,11 +298,13 @@ class WasmWorkers:
             log.exception("job %s: handling the end of its wasm run failed", job_id)
 
     async def _stop_process(self, worker: _Worker) -> None:
+        if worker.cancels.stream is not None:
+            await worker.cancels.stream.aclose()  # the worker cancels its guests
         proc = worker.process
         if proc is None:
             return
         if proc.stdin is not None:
-            await proc.stdin.aclose()  # end of input: the worker cancels its guests and exits
+            await proc.stdin.aclose()  # end of input: the worker exits
         with trio.move_on_after(STOP_GRACE_S):
             await proc.wait()
         if proc.returncode is None:
@@ -320,7 +343,6 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def worker_main() -> None:
-    import queue
     import threading
     import time
 
@@ -340,23 +362,21 @@ def worker_main() -> None:
     cfg = first[1]
     engine = WasmEngine(cfg["cache_dir"], **({"tick_ms": cfg["tick_ms"]} if cfg["tick_ms"] else {}))
     key = NodeKey(Path(cfg["key_dir"]), cfg["node_pubkey"])
-    jobs: queue.SimpleQueue[tuple[str, Any, Any] | None] = queue.SimpleQueue()
 
-    def read_commands() -> None:
+    def read_cancels(fd: int) -> None:
         try:
-            while (frame := _read_frame(0)) is not None:
-                if frame[0] == "run":
-                    jobs.put(frame[1:])
-                elif frame[0] == "cancel":
-                    engine.cancel(frame[1])
+            while (frame := _read_frame(fd)) is not None:
+                engine.cancel(frame[1])
         finally:
-            engine.close()  # cancels what runs; later runs return at once
-            jobs.put(None)
+            engine.close()  # the agent stopped or died: stop what runs; later runs return at once
 
-    threading.Thread(target=read_commands, name="p2psched-wasm-commands", daemon=True).start()
+    # Runs come on stdin, read by this thread between jobs; cancels on their own
+    # pipe, to a thread that waits on it, so that a job's arrival wakes no thread.
+    threading.Thread(target=read_cancels, args=(cfg["cancel_fd"],), name="p2psched-wasm-cancels",
+                     daemon=True).start()
     packer = msgpack.Packer(use_bin_type=True)
-    while (job := jobs.get()) is not None:
-        job_id, spec, module_path = job
+    while (job := _read_frame(0)) is not None:
+        _, job_id, spec, module_path = job
         try:
             started = time.time()
             result = run_wasm(SandboxRequest.for_job(job_id, spec, module_path), engine)
