@@ -805,7 +805,7 @@ class Agent(RemoteJobs):
                 return RunHere()
             return None
         fits_idle = self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb
-        if fits_idle and rec.hops < DEFAULT_TTL and (self.cluster is None or not self.cluster.alive_states()):
+        if fits_idle and rec.hops < DEFAULT_TTL and (self.cluster is None or not self.cluster.has_alive_peer()):
             return QueueHere(NO_PEERS_FULL)
         return None
 

@@ -51,6 +51,11 @@ class ClusterView:
                 out.append(state)
         return out
 
+    def has_alive_peer(self) -> bool:
+        """``bool(alive_states())``, at no cost while this agent knows no one else
+        (the dispatcher asks for each job it holds back)."""
+        return self.service.member_count() > 1 and bool(self.alive_states())
+
     def state_of(self, node_id: str) -> NodeState | None:
         """A reachable peer's state (alive or suspect), else None."""
         entry = self._states(include_suspect=True).get(node_id)

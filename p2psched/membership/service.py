@@ -182,6 +182,10 @@ class MembershipService:
         self._execute(core.set_local_state(trio.current_time(), state))
         self._wake.set()
 
+    def member_count(self) -> int:
+        """How many members this agent knows, itself included, whatever their state."""
+        return len(self._need_core().members)
+
     def members(self) -> list[MemberView]:
         core = self._need_core()
         now = trio.current_time()
