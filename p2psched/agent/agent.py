@@ -663,7 +663,7 @@ class Agent(RemoteJobs):
         async for ev in events:
             if ev.kind in ("dead", "left"):
                 self.on_member_down(ev.node_id, "was declared dead" if ev.kind == "dead" else "left the cluster")
-            if ev.kind in ("joined", "alive", "updated") and len(self.queue):
+            if ev.kind in ("joined", "alive", "updated") and (len(self.queue) or self._prefetched):
                 self._wake.set()
 
     async def _publish_loop(self) -> None:
@@ -976,13 +976,17 @@ class Agent(RemoteJobs):
         that most of the time. So a job that would wait here anyway, and asks for no
         more than the last job given to a worker, is placed behind that job: it
         starts, taking the slot of the job before it, when the jobs before it end,
-        without a round trip. At most WAITING_PER_WORKER wait in a worker. They are
+        without a round trip. Only an agent with no live peer does this: with peers a
+        waiting job stays queued, where placement looks at it again as peers free up.
+        At most WAITING_PER_WORKER wait in a worker. They are
         taken back to where they stood in the queue when they should not wait there
         (``_review_prefetched``), so priority, fair share and arrival order hold.
         False: no worker can take it.
         """
         if self._wasm is None or rec.runtime != "wasm" or not self.accepting:
             return False
+        if self.cluster is not None and self.cluster.has_alive_peer():
+            return False  # a job held here may yet go to a peer that frees first: it stays queued
         r = rec.spec.resources
         if r.gpu > 0:
             return False
@@ -1032,12 +1036,16 @@ class Agent(RemoteJobs):
         """Take back the jobs waiting in workers that should not wait there any more.
 
         - A job of higher priority than one waiting has arrived: it goes first.
+        - A peer is up (one joined): placement may send it there.
         - A slot is free that a waiting job fits, and nothing queued would take it, or
           the job has waited PREFETCH_PATIENCE_S (the job ahead of it may run long).
           Under a stream of short jobs a slot that frees is refilled from the queue
           in the same pass, and the waiting job starts within a job's length anyway.
         Either way the queue decides again.
         """
+        if self.cluster is not None and self.cluster.has_alive_peer():
+            self._take_back_prefetched("a peer is up and may take it")
+            return
         free_cpu, free_mem = self.cpu_total - self.cpu_used, self.mem_total_mb - self.mem_used_mb
         head = self.queue.peek()
         now = time.time()

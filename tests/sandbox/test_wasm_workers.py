@@ -14,7 +14,7 @@ from p2psched.agent.agent import PREFETCHED_WAIT, WAITING_PER_WORKER
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.wasm_workers import WasmWorkers
 
-from agents import new_agent, running_agent, wasm_spec
+from agents import FAST_MEMBERSHIP, new_agent, running_agent, wasm_spec
 
 LOOP = {"limits": {"wall_ms": 60_000}}
 
@@ -252,3 +252,18 @@ async def test_jobs_waiting_in_a_worker_start_in_order_and_no_more_wait_than_all
             assert (await http.get(f"/v1/jobs/{i}", params={"wait": 30})).json()["state"] == "succeeded"
         started = [next(t["at"] for t in agent.get(i).timeline if t["state"] == "running") for i in ids]
         assert started == sorted(started)
+
+
+async def test_a_peer_that_joins_takes_a_job_waiting_in_a_worker(tmp_path):
+    """Only an agent alone lets jobs wait in its workers: once a peer is up, the job
+    goes back to the queue and placement sends it to the free peer."""
+    async with running_agent(tmp_path / "a", node_id="busy", cpus=1, membership=FAST_MEMBERSHIP) as (agent, http):
+        long, waiting = await _one_running_one_waiting(agent, http)
+        async with running_agent(tmp_path / "b", node_id="free", cpus=1, join=[agent.settings.gossip],
+                                 membership=FAST_MEMBERSHIP):
+            done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
+            assert done["state"] == "succeeded", done
+            assert done["executor"] == "free"
+            assert any("a peer is up and may take it" in t["detail"] for t in done["timeline"])
+            assert agent.get(long).state.value == "running"
+            await http.delete(f"/v1/jobs/{long}")
