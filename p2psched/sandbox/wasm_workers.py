@@ -14,8 +14,8 @@ The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
     ``done(result, error)`` is called on the trio thread when it ends.
   - ``cancel(job_id)`` stops its guest within one epoch tick (reason ``cancelled``).
   - Workers start with the first job that needs them (one per CPU slot at most) and
-    stop when the nursery is cancelled. A worker that dies ends its jobs with an
-    error and is started again for the next job.
+    stop after WORKER_IDLE_S without a job, or when the nursery is cancelled. A
+    worker that dies ends its jobs with an error; the next job starts a new one.
 
 The worker's side: ``python -m p2psched.sandbox.wasm_workers``. Its main thread
 reads jobs from stdin, one after another, and writes results to its original
@@ -69,6 +69,9 @@ _RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(SandboxResult))
 #: keep (limits allow 1 GiB each) with room for artifacts and the report. A
 #: worker that sends more, or anything that is not a result, is stopped.
 MAX_RESULT_BYTES = 3 << 30
+
+#: A worker with no job for this long stops; the next job starts a new one (0.3 s).
+WORKER_IDLE_S = 60.0
 
 #: How long a stopping worker gets to end its guests and exit before it is killed.
 STOP_GRACE_S = 5.0
@@ -127,6 +130,7 @@ class _Worker:
         self.skipped: set[str] = set()  # cancelled before they started: their results are dropped
         self.runs = _Pipe()  # run frames, to the worker's stdin
         self.cancels = _Pipe()  # cancel frames, to a pipe a thread of the worker waits on
+        self.last_busy = 0.0  # trio time it last had a job
 
 
 class WasmWorkers:
@@ -135,14 +139,15 @@ class WasmWorkers:
     def __init__(self, nursery: trio.Nursery, n: int, *, cache_dir: Path, key_dir: Path, node_pubkey: str,
                  node_id: str, measurement: str, tick_ms: float | None = None,
                  after_results: Callable[[], None] | None = None, on_start: Callable[[str], None] | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, idle_s: float = WORKER_IDLE_S) -> None:
         """``nursery`` owns the worker processes: its cancellation stops them. At most
         ``n`` run, each one job at a time. ``after_results`` is called on the trio
         thread after each batch of ``done`` calls, including those of a cancel and
         of a worker's end (the agent dispatches and records from it).
         ``on_start(job_id)`` is called when a job that waited behind another in its
         worker starts, right after that one's ``done``.
-        ``command`` starts a worker (tests give their own)."""
+        ``command`` starts a worker (tests give their own). A worker with no job for
+        ``idle_s`` stops."""
         self._init = {"cache_dir": str(cache_dir), "key_dir": str(key_dir), "node_pubkey": node_pubkey,
                       "node_id": node_id, "measurement": measurement, "tick_ms": tick_ms}
         self._workers = [_Worker(i) for i in range(max(1, n))]
@@ -150,6 +155,7 @@ class WasmWorkers:
         self._nursery = nursery
         self._after_results = after_results
         self._on_start = on_start
+        self._idle_s = idle_s
         self._command = command or [sys.executable, "-m", "p2psched.sandbox.wasm_workers"]
         #: The public key the workers signed with, once one has signed (it differs
         #: from ``node_pubkey`` only if node.pub did not match the key).
@@ -166,6 +172,7 @@ class WasmWorkers:
             worker = min(self._workers, key=lambda w: (len(w.jobs), not w.started))
         worker.jobs[job_id] = done
         self._where[job_id] = worker
+        worker.last_busy = trio.current_time()
         worker.runs.send(("run", job_id, spec, module_path))
         if not worker.started:
             worker.started = True
@@ -213,8 +220,11 @@ class WasmWorkers:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(worker.runs.write_loop)
                 nursery.start_soon(worker.cancels.write_loop)
+                nursery.start_soon(self._retire_when_idle, worker, nursery.cancel_scope)
                 why = await self._read_loop(worker)
                 nursery.cancel_scope.cancel()
+            if not worker.jobs and self._workers[worker.index] is not worker:
+                why = f"idle for {self._idle_s:g}s"
         except OSError as e:
             why = f"it could not start: {e}"
         finally:
@@ -228,6 +238,20 @@ class WasmWorkers:
             worker.skipped.clear()
             worker.started, worker.process, worker.runs, worker.cancels = False, None, _Pipe(), _Pipe()
             self._fail_all(jobs, f"wasm worker process {worker.index} ended ({why}; exit status {code})")
+
+    async def _retire_when_idle(self, worker: _Worker, scope: trio.CancelScope) -> None:
+        """Stop a worker that has had no job for ``idle_s``: an agent that ran wasm jobs
+        once does not keep their processes (about 60 MB each) for good. A new worker
+        takes its place at once and starts with the next job."""
+        worker.last_busy = trio.current_time()
+        while True:
+            await trio.sleep_until(worker.last_busy + self._idle_s)
+            if worker.jobs:
+                worker.last_busy = trio.current_time()
+            elif trio.current_time() >= worker.last_busy + self._idle_s:
+                self._workers[worker.index] = _Worker(worker.index)
+                scope.cancel()
+                return
 
     async def _read_loop(self, worker: _Worker) -> str:
         assert worker.process is not None and worker.process.stdout is not None
@@ -268,6 +292,7 @@ class WasmWorkers:
                 self.signing_pubkey = report.get("node_pubkey")
         done = worker.jobs.pop(job_id)
         self._where.pop(job_id, None)
+        worker.last_busy = trio.current_time()
         self._call(done, job_id, result, error)
         if worker.jobs and self._on_start is not None:
             following = next(iter(worker.jobs))  # the worker starts it now

@@ -267,3 +267,35 @@ async def test_a_peer_that_joins_takes_a_job_waiting_in_a_worker(tmp_path):
             assert any("a peer is up and may take it" in t["detail"] for t in done["timeline"])
             assert agent.get(long).state.value == "running"
             await http.delete(f"/v1/jobs/{long}")
+
+
+async def test_an_idle_worker_stops_and_the_next_job_starts_a_new_one(tmp_path):
+    import hashlib
+
+    from agents import WASM
+
+    module = WASM / "noop.wasm"
+    spec = JobSpec.model_validate({"module_sha256": hashlib.sha256(module.read_bytes()).hexdigest(), "entry": "noop"})
+
+    async def run_one(workers: WasmWorkers, job_id: str) -> object:
+        ended: list[tuple[object, str | None]] = []
+        workers.submit(job_id, spec, module, lambda result, error: ended.append((result, error)))
+        with trio.fail_after(30):
+            while not ended:
+                await trio.sleep(0.01)
+        result, error = ended[0]
+        assert error is None and result.reason == "exit 0", ended
+        return result
+
+    async with trio.open_nursery() as nursery:
+        workers = WasmWorkers(nursery, 1, cache_dir=tmp_path / "c", key_dir=tmp_path / "k", node_pubkey="",
+                              node_id="t", measurement="m", idle_s=0.3)
+        await run_one(workers, "first")
+        [pid] = workers.pids()
+        with trio.fail_after(10):
+            while Path(f"/proc/{pid}").exists():  # reaped by trio once it exits
+                await trio.sleep(0.05)
+        assert workers.pids() == []
+        await run_one(workers, "second")
+        assert len(workers.pids()) == 1 and workers.pids() != [pid]
+        nursery.cancel_scope.cancel()
