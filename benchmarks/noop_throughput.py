@@ -9,10 +9,11 @@
     result stored durably. Counted from the first submit until the last job's final
     state is stored.
 
-Also printed: the agent's CPU time per job over (b), its main (trio) thread's and the
-whole process's (less noisy than wall time on a shared host), submit->result latency
-p50/p99 (from each job's timeline), and the agent's idle RSS and idle CPU (measured
-before any job, over 10 s).
+Also printed: the agent's CPU time per job over (b), its main (trio) thread's, the
+whole process's and its wasm worker processes' (less noisy than wall time on a
+shared host), submit->result latency p50/p99 (from each job's timeline), and the
+agent's idle RSS and idle CPU (measured before any job, over 10 s; the wasm workers
+start with the first wasm job).
 Targets on a 2-core machine: (b) >= 50% of (a), >= 5,000 jobs/s, RSS < 50 MB, CPU < 1%.
 """
 
@@ -51,6 +52,33 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wasm_workers(pid: int) -> list[int]:
+    """The agent's wasm worker processes (children of any of its threads)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"wasm_workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+            except OSError:
+                continue
+    return out
+
+
+def workers_cpu(pid: int) -> dict[int, float]:
+    out = {}
+    for w in wasm_workers(pid):
+        try:
+            out[w] = cpu_seconds(w)
+        except OSError:
+            continue
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -101,7 +129,7 @@ def main() -> None:
                 http.get(f"/v1/jobs/{first.json()['id']}", params={"wait": 10})
                 spec = {"module_sha256": sha, "entry": "noop"}
                 ids: list[str] = []
-                main0, proc0 = cpu_seconds(proc.pid, proc.pid), cpu_seconds(proc.pid)
+                main0, proc0, workers0 = cpu_seconds(proc.pid, proc.pid), cpu_seconds(proc.pid), workers_cpu(proc.pid)
                 t0 = time.perf_counter()
                 for start in range(0, args.jobs, args.batch):
                     n = min(args.batch, args.jobs - start)
@@ -123,6 +151,9 @@ def main() -> None:
                 elapsed = time.perf_counter() - t0
                 main_cpu = cpu_seconds(proc.pid, proc.pid) - main0
                 proc_cpu = cpu_seconds(proc.pid) - proc0
+                workers1 = workers_cpu(proc.pid)
+                workers_cpu_s = sum(c - workers0.get(w, 0.0) for w, c in workers1.items())
+                workers_rss = sum(rss_mb(w) for w in workers1)
                 # Latencies from the timelines of a sample spread over the run.
                 sample = ids[:: max(1, len(ids) // 500)]
                 lat = []
@@ -141,11 +172,12 @@ def main() -> None:
           f"submission alone {args.jobs / submitted:.0f}/s; last job {last['state']})")
     print(f"    ratio (b)/(a):            {rate / raw_rate:10.1%}")
     print(f"    agent CPU per job:        main (trio) thread {main_cpu / args.jobs * 1e6:.0f} us, whole process "
-          f"{proc_cpu / args.jobs * 1e6:.0f} us (raw loop: {1e6 / raw_rate:.0f} us wall per call)")
+          f"{proc_cpu / args.jobs * 1e6:.0f} us, its {len(workers1)} wasm worker processes "
+          f"{workers_cpu_s / args.jobs * 1e6:.0f} us (raw loop: {1e6 / raw_rate:.0f} us wall per call)")
     print(f"    submit->result latency:   p50 {statistics.median(lat):.1f} ms, p99 {pct(lat, 0.99):.1f} ms "
           f"(sample of {len(sample)}; states {states})")
     print(f"    idle agent:               RSS {idle_rss:.1f} MB, CPU {idle_cpu:.2f}% over {args.idle_s:.0f}s; "
-          f"RSS after the run {busy_rss:.1f} MB")
+          f"RSS after the run {busy_rss:.1f} MB, its wasm workers {workers_rss:.1f} MB")
 
 
 if __name__ == "__main__":
