@@ -41,19 +41,7 @@ class DispatchQueue:
         return job_id in self._ids
 
     def push(self, rec: JobRecord) -> None:
-        if rec.id in self._ids:
-            return
-        self._tokens += 1
-        token = self._ids[rec.id] = self._tokens
-        p = rec.spec.priority
-        if self.policy == "fifo":
-            heapq.heappush(self._heap, (-p, rec.seq, token, rec))
-            return
-        level = self._levels.get(p)
-        if level is None:
-            level = self._levels[p] = OrderedDict()
-            heapq.heappush(self._prios, -p)
-        level.setdefault(rec.tenant, deque()).append((token, rec))
+        self._insert(rec, front=False)
 
     def push_front(self, rec: JobRecord) -> None:
         """Put back a job just taken from the head (it could not stay where it went).
@@ -61,6 +49,9 @@ class DispatchQueue:
         Pushing back, in reverse order, the jobs popped since some moment restores
         the queue's order as it was then: each goes first in its tenant's line, and
         its tenant first in its priority's turn."""
+        self._insert(rec, front=True)
+
+    def _insert(self, rec: JobRecord, *, front: bool) -> None:
         if rec.id in self._ids:
             return
         self._tokens += 1
@@ -73,8 +64,12 @@ class DispatchQueue:
         if level is None:
             level = self._levels[p] = OrderedDict()
             heapq.heappush(self._prios, -p)
-        level.setdefault(rec.tenant, deque()).appendleft((token, rec))
-        level.move_to_end(rec.tenant, last=False)
+        line = level.setdefault(rec.tenant, deque())
+        if front:
+            line.appendleft((token, rec))
+            level.move_to_end(rec.tenant, last=False)
+        else:
+            line.append((token, rec))
 
     def peek(self) -> JobRecord | None:
         self._drop_cancelled()
