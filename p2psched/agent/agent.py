@@ -819,7 +819,6 @@ class Agent(RemoteJobs):
 
         The dispatch loop calls it when woken; the wasm workers call it after each
         batch of results, so a freed slot takes its next job without a task switch."""
-        assert self._nursery is not None
         if self._dispatching:
             return  # called back from within a pass (a wasm job taken back); that pass goes on
         self._dispatching = True
@@ -882,23 +881,30 @@ class Agent(RemoteJobs):
         assert self._nursery is not None
         now = time.time()
         if not already_placed:
-            rec.executor = self.node_id
-            rec.route = [self.node_id]
-            rec.cost = 0.0
-            rec.attempts += 1
-            self._advance(rec, JobState.PLACED, now, "runs here")
-        r = rec.spec.resources
-        self.cpu_used += r.cpu
-        self.mem_used_mb += r.mem_mb
+            self._place_here(rec, now, "runs here")
         run = Running(rec, now)
-        if r.gpu > 0 and self.gpus is not None:
-            run.gpu_grant = self.gpus.reserve(rec.id, r.gpu, r.gpu_type)
-        self._update_slot_metrics()
-        self.running[rec.id] = run
+        self._take_slot(run)
         if rec.runtime == "wasm":
             self._start_wasm(run)
         else:
             self._nursery.start_soon(self._run_job, run)
+
+    def _place_here(self, rec: JobRecord, now: float, detail: str) -> None:
+        rec.executor = self.node_id
+        rec.route = [self.node_id]
+        rec.cost = 0.0
+        rec.attempts += 1
+        self._advance(rec, JobState.PLACED, now, detail)
+
+    def _take_slot(self, run: Running) -> None:
+        """Reserve what ``run``'s job asks for; ``_release`` gives it back."""
+        r = run.record.spec.resources
+        self.cpu_used += r.cpu
+        self.mem_used_mb += r.mem_mb
+        if r.gpu > 0 and self.gpus is not None:
+            run.gpu_grant = self.gpus.reserve(run.record.id, r.gpu, r.gpu_type)
+        self.running[run.record.id] = run
+        self._update_slot_metrics()  # counts it as running too
 
     def _update_slot_metrics(self) -> None:
         self._vector_changed.set()
@@ -978,10 +984,9 @@ class Agent(RemoteJobs):
         starts, taking the slot of the job before it, when the jobs before it end,
         without a round trip. Only an agent with no live peer does this: with peers a
         waiting job stays queued, where placement looks at it again as peers free up.
-        At most WAITING_PER_WORKER wait in a worker. They are
-        taken back to where they stood in the queue when they should not wait there
-        (``_review_prefetched``), so priority, fair share and arrival order hold.
-        False: no worker can take it.
+        At most WAITING_PER_WORKER wait in a worker. They are taken back to where they
+        stood in the queue when they should not wait there (``_review_prefetched``),
+        so priority, fair share and arrival order hold. False: no worker can take it.
         """
         if self._wasm is None or rec.runtime != "wasm" or not self.accepting:
             return False
@@ -1000,11 +1005,7 @@ class Agent(RemoteJobs):
         else:
             return False
         now = time.time()
-        rec.executor = self.node_id
-        rec.route = [self.node_id]
-        rec.cost = 0.0
-        rec.attempts += 1
-        self._advance(rec, JobState.PLACED, now, f"runs here next, after {job_id}")
+        self._place_here(rec, now, f"runs here next, after {job_id}")
         rec.wait_reason = f"{PREFETCHED_WAIT} {job_id} ends"
         run = Running(rec, now)
         self._prefetched[rec.id] = run
@@ -1017,11 +1018,7 @@ class Agent(RemoteJobs):
         if run is None:
             return  # it was running already (jobs under one CPU share a worker)
         run.record.wait_reason = None
-        r = run.record.spec.resources
-        self.cpu_used += r.cpu
-        self.mem_used_mb += r.mem_mb
-        self.running[job_id] = run
-        self._update_slot_metrics()
+        self._take_slot(run)
         run.started = self._begin_run(run)
 
     def _take_back_prefetched(self, why: str) -> None:

@@ -157,6 +157,8 @@ async def _one_running_one_waiting(agent, http) -> tuple[str, str]:
     rec = agent.get(waiting)
     assert rec.wait_reason == f"{PREFETCHED_WAIT} {long} ends"
     assert agent.waiting() == 1 and agent.cpu_used == 1  # it waits, and holds no slot
+    metrics = (await http.get("/metrics")).text
+    assert "p2psched_jobs_running 1.0" in metrics and "p2psched_queue_length 1.0" in metrics
     return long, waiting
 
 
