@@ -53,8 +53,9 @@ PREFETCHED_WAIT = "runs next in a wasm worker here, when"
 #: one (noop_throughput: about 2,800 jobs/s with one, 3,000 with two).
 WAITING_PER_WORKER = 2
 
-#: How long a job may wait in a wasm worker behind another while a slot that it
-#: fits is free and jobs queued behind it take that slot instead.
+#: A job waits in a wasm worker only behind a job that started less than this long
+#: ago, and is taken back after waiting this long when a slot it fits is free (jobs
+#: queued behind it take a free slot first). Noop jobs take a tenth of a millisecond.
 PREFETCH_PATIENCE_S = 0.02
 
 #: Staged transitions that nobody awaits (placed, running) are flushed at least this
@@ -980,7 +981,8 @@ class Agent(RemoteJobs):
         Between a job's end in a worker and the next job's arrival there, the agent
         records the result and dispatches: for short jobs the workers would wait on
         that most of the time. So a job that would wait here anyway, and asks for no
-        more than the last job given to a worker, is placed behind that job: it
+        more than the last job given to a worker whose running job started less than
+        PREFETCH_PATIENCE_S ago (it may be short), is placed behind that job: it
         starts, taking the slot of the job before it, when the jobs before it end,
         without a round trip. Only an agent with no live peer does this: with peers a
         waiting job stays queued, where placement looks at it again as peers free up.
@@ -995,7 +997,11 @@ class Agent(RemoteJobs):
         r = rec.spec.resources
         if r.gpu > 0:
             return False
-        for job_id in self._wasm.tails(WAITING_PER_WORKER):
+        now = time.time()
+        for head, job_id in self._wasm.tails(WAITING_PER_WORKER):
+            runs = self.running.get(head)
+            if runs is None or now - runs.started >= PREFETCH_PATIENCE_S:
+                continue  # the job that worker runs may be long: behind it, this one could wait long
             ahead = self.running.get(job_id) or self._prefetched.get(job_id)
             if ahead is None:
                 continue
@@ -1004,7 +1010,6 @@ class Agent(RemoteJobs):
                 break
         else:
             return False
-        now = time.time()
         self._place_here(rec, now, f"runs here next, after {job_id}")
         rec.wait_reason = f"{PREFETCHED_WAIT} {job_id} ends"
         run = Running(rec, now)

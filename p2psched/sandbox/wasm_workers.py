@@ -192,11 +192,11 @@ class WasmWorkers:
             self._call(done, job_id, SandboxResult(exit_code=None, reason="cancelled"), None)
             self._after_batch()
 
-    def tails(self, waiting: int) -> list[str]:
-        """The last job of each busy worker with fewer than ``waiting`` jobs waiting
-        behind the one it runs: a job given ``behind=`` one of these starts when the
-        jobs before it have ended."""
-        return [next(reversed(w.jobs)) for w in self._workers if 1 <= len(w.jobs) <= waiting]
+    def tails(self, waiting: int) -> list[tuple[str, str]]:
+        """(the job it runs, its last job) of each busy worker with fewer than
+        ``waiting`` jobs waiting behind the one it runs: a job given ``behind=`` the
+        last starts when the jobs before it have ended."""
+        return [(next(iter(w.jobs)), next(reversed(w.jobs))) for w in self._workers if 1 <= len(w.jobs) <= waiting]
 
     def pids(self) -> list[int]:
         """The worker processes running now."""

@@ -14,29 +14,32 @@ pytestmark = pytest.mark.cluster
 
 def test_kill_9_then_restart_finishes_every_job(tmp_path):
     agent = new_agent(tmp_path, "crashy", "--cpus", "1").start()
-    with agent.client() as http:
-        slow = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
-        queued = [http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"] for _ in range(5)]
-        deadline = time.monotonic() + 10
-        while http.get(f"/v1/jobs/{slow}").json()["state"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        # The first ones may already wait in the wasm worker, placed behind the slow job.
-        states = [http.get(f"/v1/jobs/{j}").json()["state"] for j in queued]
-        n = WAITING_PER_WORKER
-        assert set(states[:n]) <= {"queued", "placed"} and states[n:] == ["queued"] * (5 - n), states
-    agent.kill(signal.SIGKILL)
+    try:
+        with agent.client() as http:
+            slow = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
+            queued = [http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"] for _ in range(5)]
+            deadline = time.monotonic() + 10
+            while http.get(f"/v1/jobs/{slow}").json()["state"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # The first ones may already wait in the wasm worker, placed behind the slow job.
+            states = [http.get(f"/v1/jobs/{j}").json()["state"] for j in queued]
+            n = WAITING_PER_WORKER
+            assert set(states[:n]) <= {"queued", "placed"} and states[n:] == ["queued"] * (5 - n), states
+        agent.kill(signal.SIGKILL)
 
-    agent.start()
-    with agent.client() as http:
-        final = {j: http.get(f"/v1/jobs/{j}", params={"wait": 30}).json() for j in [slow, *queued]}
-    assert final[slow]["state"] == "timed_out"
-    assert final[slow]["attempts"] == 2
-    assert any("restarted" in t["detail"] for t in final[slow]["timeline"])
-    for j in queued:
-        assert final[j]["state"] == "succeeded", final[j]
-        assert final[j]["result"]["stdout"] == "hello from p2psched\n"
-    assert agent.stop() == 0
+        agent.start()
+        with agent.client() as http:
+            final = {j: http.get(f"/v1/jobs/{j}", params={"wait": 30}).json() for j in [slow, *queued]}
+        assert final[slow]["state"] == "timed_out"
+        assert final[slow]["attempts"] == 2
+        assert any("restarted" in t["detail"] for t in final[slow]["timeline"])
+        for j in queued:
+            assert final[j]["state"] == "succeeded", final[j]
+            assert final[j]["result"]["stdout"] == "hello from p2psched\n"
+        assert agent.stop() == 0
+    finally:
+        agent.kill()  # a failed assertion must not leave the agent running
 
 
 def test_finished_results_are_served_after_kill_9(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from p2psched.agent.agent import PREFETCHED_WAIT, WAITING_PER_WORKER
+from p2psched.agent.agent import PREFETCH_PATIENCE_S, PREFETCHED_WAIT, WAITING_PER_WORKER
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.wasm_workers import WasmWorkers
 
@@ -149,10 +149,16 @@ def _wasm_workers_of(pid: int) -> list[int]:
 # like a queued job in every other way.
 
 
+async def submit_together(http, *specs) -> list[str]:
+    """One batch: the agent dispatches them in one pass, so a job can wait behind
+    one that has just started (never behind one running PREFETCH_PATIENCE_S)."""
+    results = (await http.post("/v1/jobs:batch", json={"jobs": list(specs)})).json()["results"]
+    return [r["job"]["id"] for r in results]
+
+
 async def _one_running_one_waiting(agent, http) -> tuple[str, str]:
-    long = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"]
+    long, waiting = await submit_together(http, wasm_spec("loop.wasm", **LOOP), wasm_spec("hello.wasm"))
     await wait_state(agent, long, "running")
-    waiting = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
     await wait_state(agent, waiting, "placed")
     rec = agent.get(waiting)
     assert rec.wait_reason == f"{PREFETCHED_WAIT} {long} ends"
@@ -175,10 +181,10 @@ async def test_a_waiting_job_starts_when_the_job_ahead_of_it_ends(tmp_path):
 
 async def test_a_waiting_job_is_taken_back_to_run_in_a_slot_that_frees_first(tmp_path):
     async with running_agent(tmp_path, cpus=2) as (agent, http):
-        ahead = [(await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"] for _ in range(2)]
+        *ahead, waiting = await submit_together(http, wasm_spec("loop.wasm", **LOOP), wasm_spec("loop.wasm", **LOOP),
+                                                wasm_spec("hello.wasm"))
         for j in ahead:
             await wait_state(agent, j, "running")
-        waiting = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
         await wait_state(agent, waiting, "placed")
         behind = agent.get(waiting).wait_reason.rsplit(" ", 2)[-2]
         other = next(j for j in ahead if j != behind)
@@ -195,10 +201,9 @@ async def test_a_job_of_higher_priority_goes_before_a_waiting_one(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
         long, waiting = await _one_running_one_waiting(agent, http)
         urgent = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", priority=5))).json()["id"]
-        await wait_state(agent, urgent, "placed")
-        # Taken back, then given to the worker again, now behind the urgent job.
-        assert agent.get(waiting).wait_reason == f"{PREFETCHED_WAIT} {urgent} ends"
-        assert any("job " + urgent + " comes first" in t["detail"] for t in agent.get(waiting).timeline)
+        with trio.fail_after(30):
+            while not any(f"job {urgent} comes first" in t["detail"] for t in agent.get(waiting).timeline):
+                await trio.sleep(0.01)
         await http.delete(f"/v1/jobs/{long}")
         for j in (urgent, waiting):
             assert (await http.get(f"/v1/jobs/{j}", params={"wait": 30})).json()["state"] == "succeeded"
@@ -242,10 +247,9 @@ async def test_draining_takes_a_waiting_job_back_to_the_queue(tmp_path):
 
 async def test_jobs_waiting_in_a_worker_start_in_order_and_no_more_wait_than_allowed(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
-        long = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"]
+        long, *ids = await submit_together(http, wasm_spec("loop.wasm", **LOOP),
+                                           *[wasm_spec("hello.wasm")] * (WAITING_PER_WORKER + 1))
         await wait_state(agent, long, "running")
-        ids = [(await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
-               for _ in range(WAITING_PER_WORKER + 1)]
         await wait_state(agent, ids[WAITING_PER_WORKER - 1], "placed")
         assert [agent.get(i).state.value for i in ids] == ["placed"] * WAITING_PER_WORKER + ["queued"]
         assert agent.get(ids[1]).wait_reason == f"{PREFETCHED_WAIT} {ids[0]} ends"
@@ -301,3 +305,15 @@ async def test_an_idle_worker_stops_and_the_next_job_starts_a_new_one(tmp_path):
         await run_one(workers, "second")
         assert len(workers.pids()) == 1 and workers.pids() != [pid]
         nursery.cancel_scope.cancel()
+
+
+async def test_no_job_waits_behind_one_that_has_run_a_while(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        long = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"]
+        await wait_state(agent, long, "running")
+        await trio.sleep(PREFETCH_PATIENCE_S * 2)
+        later = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
+        await trio.sleep(0.2)
+        assert agent.get(later).state.value == "queued" and agent.waiting() == 1
+        await http.delete(f"/v1/jobs/{long}")
+        assert (await http.get(f"/v1/jobs/{later}", params={"wait": 30})).json()["state"] == "succeeded"
