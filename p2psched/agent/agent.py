@@ -1072,7 +1072,10 @@ class Agent(RemoteJobs):
         finally:
             ended, self._wasm_ended = self._wasm_ended, []
             for run, result, started in ended:
-                self._end_run(run, result, started)
+                try:
+                    self._end_run(run, result, started)
+                except Exception:  # a bug recording one job must not lose the others
+                    log.exception("job %s: recording its end failed", run.record.id)
 
     async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
         if self._processes is None:

@@ -10,9 +10,13 @@ core.
 
 The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
 (the agent's) owns the worker processes.
-  - ``submit(job_id, request, spec, done)`` hands a job to the least busy worker;
-    ``done(result, error)`` is called on the trio thread when it ends.
-  - ``cancel(job_id)`` stops its guest within one epoch tick (reason ``cancelled``).
+  - ``submit(job_id, spec, module_path, done)`` hands a job to the least busy
+    worker, or with ``behind=`` to the worker that runs that job (see ``tails``),
+    to start when the jobs before it end. ``done(result, error)`` is called on the
+    trio thread when it ends; ``on_start(job_id)`` when a job that waited behind
+    another starts; ``after_results()`` after each batch of ``done`` calls.
+  - ``cancel(job_id)`` stops its guest within one epoch tick (reason ``cancelled``),
+    or ends it at once if it has not started.
   - Workers start with the first job that needs them (one per CPU slot at most) and
     stop after WORKER_IDLE_S without a job, or when the nursery is cancelled. A
     worker that dies ends its jobs with an error; the next job starts a new one.
@@ -63,7 +67,15 @@ log = logging.getLogger("p2psched.agent")
 Done = Callable[["SandboxResult | None", "str | None"], None]
 
 _LEN = struct.Struct(">I")
+_NONE = type(None)
+#: What each SandboxResult field may hold, as a worker sends it (msgpack: lists, maps).
+_RESULT_TYPES: dict[str, tuple[type, ...]] = {
+    "exit_code": (int, _NONE), "reason": (str,), "stdout": (bytes,), "stderr": (bytes,),
+    "stdout_truncated": (bool,), "stderr_truncated": (bool,), "cpu_ms": (int, float), "peak_mem_bytes": (int,),
+    "limit_hit": (str, _NONE), "signal": (int, _NONE), "artifacts": (dict,), "warnings": (list,), "sandbox": (dict,),
+}
 _RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(SandboxResult))
+assert _RESULT_FIELDS == set(_RESULT_TYPES), "SandboxResult changed: update _RESULT_TYPES"
 
 #: The largest result a worker may send: the largest stdout and stderr a job may
 #: keep (limits allow 1 GiB each) with room for artifacts and the report. A
@@ -284,10 +296,11 @@ class WasmWorkers:
             error = error if isinstance(error, str) else repr(error)
         else:
             fields = message.get("result")
-            if not isinstance(fields, dict) or not set(fields) <= _RESULT_FIELDS:
+            if not (isinstance(fields, dict) and {"exit_code", "reason"} <= set(fields) <= _RESULT_FIELDS
+                    and all(isinstance(v, _RESULT_TYPES[k]) for k, v in fields.items())):
                 raise ValueError(f"result of {job_id} is not a sandbox result: {fields!r:.100}")
             result = SandboxResult(**fields)
-            report = result.sandbox.get("attestation") if isinstance(result.sandbox, dict) else None
+            report = result.sandbox.get("attestation")
             if isinstance(report, dict):
                 self.signing_pubkey = report.get("node_pubkey")
         done = worker.jobs.pop(job_id)

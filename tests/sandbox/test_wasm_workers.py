@@ -93,6 +93,20 @@ async def test_a_worker_that_sends_something_else_than_a_result_is_stopped_and_i
     assert "sent something that is not a result" in caplog.text
 
 
+#: One that answers with a result for the right job, with a field of the wrong type.
+MISTYPED = ("import os, pickle, struct, msgpack\n"
+            "def frame():\n    n = struct.unpack('>I', os.read(0, 4))[0]\n    return pickle.loads(os.read(0, n))\n"
+            "frame()\njob = frame()\n"
+            "os.write(1, msgpack.packb({'id': job[1], 'result': {'exit_code': 0, 'reason': 'exit 0', 'stdout': 5}}))\n"
+            "while os.read(0, 1 << 16): pass\n")
+
+
+async def test_a_result_with_a_field_of_the_wrong_type_stops_the_worker(tmp_path):
+    result, error = await _run_one_against(tmp_path, MISTYPED)
+    assert result is None
+    assert error is not None and "result of j1 is not a sandbox result" in error and "'stdout': 5" in error
+
+
 async def test_a_result_for_a_job_the_worker_was_not_given_stops_it(tmp_path):
     result, error = await _run_one_against(tmp_path, STRANGER)
     assert result is None
