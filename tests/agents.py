@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,18 +25,41 @@ ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "examples" / "wasm"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+_ports = random.Random()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP (the gossip port uses both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    """A port free for both TCP and UDP (the gossip port uses both), never handed out
+    before in this process.
+
+    Drawn below the kernel's ephemeral range: a port from bind(0) comes from that
+    range, so an outgoing connection of another agent could take it between this
+    call and its own agent's bind (seen once in the suite as "Address already in
+    use" at start-up).
+    """
+    low = _ephemeral_low()
+    for _ in range(10_000):
+        port = _ports.randrange(10_000, low) if low > 11_000 else _ports.randrange(1024, 65536)
+        if port in _handed_out:
+            continue
         try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port))
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
                 u.bind(("127.0.0.1", port))
-            return port
         except OSError:
             continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port for both TCP and UDP below the ephemeral range")
 
 
 def wasm_spec(name: str, **extra: Any) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agents import free_port  # noqa: F401 - the compose tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
@@ -32,12 +33,6 @@ def docker_missing_reason() -> str | None:
     if not has_v2 and shutil.which("docker-compose") is None:
         return "neither 'docker compose' nor 'docker-compose' is installed: install compose to run these tests"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
