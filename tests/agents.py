@@ -182,17 +182,22 @@ def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: 
     """
     import json
 
-    agents = []
-    for i, node_id in enumerate(node_ids):
-        a = new_agent(tmp_path, node_id, *extra, *(per_agent or {}).get(node_id, []))
-        a.env["P2PSCHED_MEMBERSHIP"] = json.dumps(FAST_MEMBERSHIP)
-        if agents:
-            a.extra += ["--join", agents[0].gossip]
-        agents.append(a.start(wait=False))
-    for a in agents:
-        a.wait_healthy(timeout)
-    if wait_alive:
-        wait_converged(agents, timeout, auth=auth)
+    agents: list[AgentProcess] = []
+    try:
+        for node_id in node_ids:
+            a = new_agent(tmp_path, node_id, *extra, *(per_agent or {}).get(node_id, []))
+            a.env["P2PSCHED_MEMBERSHIP"] = json.dumps(FAST_MEMBERSHIP)
+            if agents:
+                a.extra += ["--join", agents[0].gossip]
+            agents.append(a.start(wait=False))
+        for a in agents:
+            a.wait_healthy(timeout)
+        if wait_alive:
+            wait_converged(agents, timeout, auth=auth)
+    except BaseException:
+        for a in agents:  # the caller gets no handle to stop them: a failed start must not leak agents
+            a.kill()
+        raise
     return agents
 
 
