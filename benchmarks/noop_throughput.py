@@ -34,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from agents import free_port  # noqa: E402
+from agents import free_port, wasm_worker_pids  # noqa: E402
 from wasm_raw import NOOP, raw_noop_loop  # noqa: E402
 
 FINAL = {"succeeded", "failed", "cancelled", "timed_out", "rejected"}
@@ -54,26 +54,9 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wasm_workers(pid: int) -> list[int]:
-    """The agent's wasm worker processes (children of any of its threads)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            try:
-                if b"wasm_workers" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    out.append(int(child))
-            except OSError:
-                continue
-    return out
-
-
 def workers_cpu(pid: int) -> dict[int, float]:
     out = {}
-    for w in wasm_workers(pid):
+    for w in wasm_worker_pids(pid):
         try:
             out[w] = cpu_seconds(w)
         except OSError:

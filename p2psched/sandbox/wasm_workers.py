@@ -149,7 +149,7 @@ class WasmWorkers:
     """The agent's wasm worker processes; see the module docstring."""
 
     def __init__(self, nursery: trio.Nursery, n: int, *, cache_dir: Path, key_dir: Path, node_pubkey: str,
-                 node_id: str, measurement: str, tick_ms: float | None = None,
+                 node_id: str, measurement: str,
                  after_results: Callable[[], None] | None = None, on_start: Callable[[str], None] | None = None,
                  command: list[str] | None = None, idle_s: float = WORKER_IDLE_S) -> None:
         """``nursery`` owns the worker processes: its cancellation stops them. At most
@@ -161,7 +161,7 @@ class WasmWorkers:
         ``command`` starts a worker (tests give their own). A worker with no job for
         ``idle_s`` stops."""
         self._init = {"cache_dir": str(cache_dir), "key_dir": str(key_dir), "node_pubkey": node_pubkey,
-                      "node_id": node_id, "measurement": measurement, "tick_ms": tick_ms}
+                      "node_id": node_id, "measurement": measurement}
         self._workers = [_Worker(i) for i in range(max(1, n))]
         self._where: dict[str, _Worker] = {}
         self._nursery = nursery
@@ -398,7 +398,7 @@ def worker_main() -> None:
     if first[0] != "init":
         sys.exit("p2psched wasm worker: expected an init frame from the agent on stdin")
     cfg = first[1]
-    engine = WasmEngine(cfg["cache_dir"], **({"tick_ms": cfg["tick_ms"]} if cfg["tick_ms"] else {}))
+    engine = WasmEngine(cfg["cache_dir"])
     key = NodeKey(Path(cfg["key_dir"]), cfg["node_pubkey"])
 
     def read_cancels(fd: int) -> None:

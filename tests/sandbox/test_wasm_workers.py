@@ -14,7 +14,7 @@ from p2psched.agent.agent import PREFETCH_PATIENCE_S, PREFETCHED_WAIT, WAITING_P
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.wasm_workers import WasmWorkers
 
-from agents import FAST_MEMBERSHIP, new_agent, running_agent, wasm_spec
+from agents import FAST_MEMBERSHIP, new_agent, running_agent, wasm_spec, wasm_worker_pids
 
 LOOP = {"limits": {"wall_ms": 60_000}}
 
@@ -124,7 +124,7 @@ def test_a_worker_dies_with_its_agent(tmp_path):
                 time.sleep(0.02)
         assert agent.proc is not None
         deadline = time.monotonic() + 30
-        while not (workers := _wasm_workers_of(agent.proc.pid)):
+        while not (workers := wasm_worker_pids(agent.proc.pid)):
             assert time.monotonic() < deadline, "no wasm worker process"
             time.sleep(0.05)
         assert len(workers) == 1
@@ -143,17 +143,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
-
-
-def _wasm_workers_of(pid: int) -> list[int]:
-    """Child processes of any of ``pid``'s threads (trio starts processes from a worker thread)."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children += (task / "children").read_text().split()
-        except FileNotFoundError:
-            continue
-    return [int(c) for c in children if b"wasm_workers" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 # ---------------------------------------------------------------- a job waiting in a worker
