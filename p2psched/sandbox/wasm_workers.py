@@ -26,11 +26,13 @@ reads jobs from stdin, one after another, and writes results to its original
 stdout; a second thread waits for cancels on a pipe of their own, so that a job's
 arrival wakes no other thread. Its stderr is the agent's.
   - Agent -> worker: frames of a 4-byte big-endian length and a pickle. On stdin
-    ``("init", settings)`` then ``("run", job_id, JobSpec, module_path)``; on the
-    cancel pipe ``("cancel", job_id)``. Pickle goes this way only: the agent
-    trusts itself.
-  - Worker -> agent: a msgpack stream of ``{"id", "result"}`` or ``{"id", "error"}``
-    maps. The agent never unpickles what a worker sends (a worker runs untrusted
+    ``("init", settings)`` then ``("run", run, job_id, JobSpec, module_path)``; on
+    the cancel pipe ``("cancel", run, job_id)``. Pickle goes this way only: the agent
+    trusts itself. ``run`` numbers each hand-over: a job taken back and given again
+    is a new run, so a cancel that reaches a worker after the run it was sent for
+    has ended there cannot stop the next one.
+  - Worker -> agent: a msgpack stream of ``{"run", "id", "result"}`` or
+    ``{"run", "id", "error"}`` maps. The agent never unpickles what a worker sends (a worker runs untrusted
     guests), and decodes it under size limits.
   - The end of the cancel pipe (the agent stopped or died: the kernel closes its
     pipes) cancels the guests within a tick; the end of stdin ends the worker.
@@ -41,6 +43,7 @@ arrival wakes no other thread. Its stderr is the agent's.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import pickle
@@ -138,8 +141,8 @@ class _Worker:
         self.index = index
         self.process: trio.Process | None = None
         self.started = False
-        self.jobs: dict[str, Done] = {}  # in the order given, which is the order they run in
-        self.skipped: set[str] = set()  # cancelled before they started: their results are dropped
+        self.jobs: dict[str, tuple[int, Done]] = {}  # job -> (run, done), in the order they run in
+        self.skipped: set[int] = set()  # runs cancelled before they started: their results are dropped
         self.runs = _Pipe()  # run frames, to the worker's stdin
         self.cancels = _Pipe()  # cancel frames, to a pipe a thread of the worker waits on
         self.last_busy = 0.0  # trio time it last had a job
@@ -164,6 +167,7 @@ class WasmWorkers:
                       "node_id": node_id, "measurement": measurement}
         self._workers = [_Worker(i) for i in range(max(1, n))]
         self._where: dict[str, _Worker] = {}
+        self._runs = itertools.count(1)
         self._nursery = nursery
         self._after_results = after_results
         self._on_start = on_start
@@ -182,10 +186,11 @@ class WasmWorkers:
             worker = self._where[behind]
         else:
             worker = min(self._workers, key=lambda w: (len(w.jobs), not w.started))
-        worker.jobs[job_id] = done
+        run = next(self._runs)
+        worker.jobs[job_id] = (run, done)
         self._where[job_id] = worker
         worker.last_busy = trio.current_time()
-        worker.runs.send(("run", job_id, spec, module_path))
+        worker.runs.send(("run", run, job_id, spec, module_path))
         if not worker.started:
             worker.started = True
             self._nursery.start_soon(self._run_worker, worker)
@@ -194,13 +199,15 @@ class WasmWorkers:
         worker = self._where.get(job_id)
         if worker is None:
             return
-        worker.cancels.send(("cancel", job_id))
+        run, _ = worker.jobs[job_id]
+        worker.cancels.send(("cancel", run, job_id))
         if next(iter(worker.jobs)) != job_id:
             # A worker runs its jobs in the order given, so this one has not started:
-            # it ends now rather than after the guests before it; the worker skips it.
-            done = worker.jobs.pop(job_id)
+            # it ends now rather than after the guests before it; the worker skips it
+            # (or has run it already: either way its result is dropped).
+            _, done = worker.jobs.pop(job_id)
             del self._where[job_id]
-            worker.skipped.add(job_id)
+            worker.skipped.add(run)
             self._call(done, job_id, SandboxResult(exit_code=None, reason="cancelled"), None)
             self._after_batch()
 
@@ -284,11 +291,11 @@ class WasmWorkers:
                 self._after_batch()
 
     def _deliver(self, worker: _Worker, message: Any) -> None:
-        job_id = message.get("id") if isinstance(message, dict) else None
-        if job_id in worker.skipped:
-            worker.skipped.discard(job_id)
+        run, job_id = (message.get("run"), message.get("id")) if isinstance(message, dict) else (None, None)
+        if isinstance(run, int) and run in worker.skipped:
+            worker.skipped.discard(run)
             return
-        if job_id not in worker.jobs:
+        if job_id not in worker.jobs or worker.jobs[job_id][0] != run:
             raise ValueError(f"not a result of a job it runs: {message!r:.100}")
         result: SandboxResult | None = None
         error = message.get("error")
@@ -303,7 +310,7 @@ class WasmWorkers:
             report = result.sandbox.get("attestation")
             if isinstance(report, dict):
                 self.signing_pubkey = report.get("node_pubkey")
-        done = worker.jobs.pop(job_id)
+        _, done = worker.jobs.pop(job_id)
         self._where.pop(job_id, None)
         worker.last_busy = trio.current_time()
         self._call(done, job_id, result, error)
@@ -314,8 +321,8 @@ class WasmWorkers:
             except Exception:
                 log.exception("job %s: starting it after %s failed", following, job_id)
 
-    def _fail_all(self, jobs: dict[str, Done], why: str) -> None:
-        for job_id, done in jobs.items():
+    def _fail_all(self, jobs: dict[str, tuple[int, Done]], why: str) -> None:
+        for job_id, (_, done) in jobs.items():
             self._where.pop(job_id, None)
             self._call(done, job_id, None, why)
         if jobs:
@@ -404,7 +411,7 @@ def worker_main() -> None:
     def read_cancels(fd: int) -> None:
         try:
             while (frame := _read_frame(fd)) is not None:
-                engine.cancel(frame[1])
+                engine.cancel(f"{frame[2]}#{frame[1]}")
         finally:
             engine.close()  # the agent stopped or died: stop what runs; later runs return at once
 
@@ -414,19 +421,20 @@ def worker_main() -> None:
                      daemon=True).start()
     packer = msgpack.Packer(use_bin_type=True)
     while (job := _read_frame(0)) is not None:
-        _, job_id, spec, module_path = job
+        _, run, job_id, spec, module_path = job
         try:
             started = time.time()
-            result = run_wasm(SandboxRequest.for_job(job_id, spec, module_path), engine)
+            # The engine knows the guest as JOB#RUN, the name its cancel gives.
+            result = run_wasm(SandboxRequest.for_job(f"{job_id}#{run}", spec, module_path), engine)
             result.sandbox["attestation"] = report_from_result(
                 key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,
                 result=result, sandbox_kind=spec.runtime, started_at=started, ended_at=time.time(),
                 node_pubkey=key.public_hex,
             )
-            message: dict[str, Any] = {"id": job_id, "result": {
+            message: dict[str, Any] = {"run": run, "id": job_id, "result": {
                 name: getattr(result, name) for name in _RESULT_FIELDS}}
         except Exception as e:  # noqa: BLE001 - the agent records it as the job's sandbox error
-            message = {"id": job_id, "error": f"{type(e).__name__}: {e}"}
+            message = {"run": run, "id": job_id, "error": f"{type(e).__name__}: {e}"}
         _write_all(out, packer.pack(message))
 
 

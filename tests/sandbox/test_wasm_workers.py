@@ -97,7 +97,7 @@ async def test_a_worker_that_sends_something_else_than_a_result_is_stopped_and_i
 MISTYPED = ("import os, pickle, struct, msgpack\n"
             "def frame():\n    n = struct.unpack('>I', os.read(0, 4))[0]\n    return pickle.loads(os.read(0, n))\n"
             "frame()\njob = frame()\n"
-            "os.write(1, msgpack.packb({'id': job[1], 'result': {'exit_code': 0, 'reason': 'exit 0', 'stdout': 5}}))\n"
+            "os.write(1, msgpack.packb({'run': job[1], 'id': job[2], 'result': {'exit_code': 0, 'reason': 'exit 0', 'stdout': 5}}))\n"
             "while os.read(0, 1 << 16): pass\n")
 
 
@@ -320,3 +320,43 @@ async def test_no_job_waits_behind_one_that_has_run_a_while(tmp_path):
         assert agent.get(later).state.value == "queued" and agent.waiting() == 1
         await http.delete(f"/v1/jobs/{long}")
         assert (await http.get(f"/v1/jobs/{later}", params={"wait": 30})).json()["state"] == "succeeded"
+
+
+async def test_a_cancel_that_reaches_a_worker_after_the_job_ended_there_spares_its_next_run(tmp_path):
+    """A job taken back from behind another (cancelled, in the agent's view, before
+    it started) may already have run in the worker: the cancel arrives after its end.
+    The same job given to that worker again must run, not meet the old cancel."""
+    import hashlib
+
+    from agents import WASM
+
+    module = WASM / "noop.wasm"
+    spec = JobSpec.model_validate({"module_sha256": hashlib.sha256(module.read_bytes()).hexdigest(), "entry": "noop"})
+    ended: dict[str, list[tuple[object, str | None]]] = {}
+
+    def done(job_id: str):
+        return lambda result, error: ended.setdefault(job_id, []).append((result, error))
+
+    async with trio.open_nursery() as nursery:
+        workers = WasmWorkers(nursery, 1, cache_dir=tmp_path / "c", key_dir=tmp_path / "k", node_pubkey="",
+                              node_id="t", measurement="m")
+        workers.submit("warm", spec, module, done("warm"))
+        with trio.fail_after(30):
+            while "warm" not in ended:
+                await trio.sleep(0.01)
+        # No checkpoint from here to the sleep: the agent's side reads nothing while
+        # the worker runs both jobs and writes their results into the pipe.
+        workers.submit("ahead", spec, module, done("ahead"))
+        workers.submit("again", spec, module, done("again"), behind="ahead")
+        time.sleep(1.0)
+        workers.cancel("again")  # "ahead" has not ended in the agent's view
+        assert ended.pop("again")[0][0].reason == "cancelled"
+        workers.submit("again", spec, module, done("again"), behind="ahead")
+        with trio.fail_after(30):
+            while "again" not in ended:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # nothing more comes for it
+        [(result, error)] = ended["again"]
+        assert error is None and result.reason == "exit 0", ended["again"]
+        assert ended["ahead"][0][0].reason == "exit 0"
+        nursery.cancel_scope.cancel()
