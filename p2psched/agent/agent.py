@@ -972,7 +972,7 @@ class Agent(RemoteJobs):
             self._wasm_ended.append((run, result, run.started))
 
         # A wasm job sees no GPU (wasm has no way to reach one), so the worker makes
-        # its request from the spec: a pickled spec is half the size of spec and request.
+        # its request from the spec, which it needs for the report anyway.
         workers.submit(rec.id, rec.spec, self.store.module_path(sha) if sha else None, done, behind=behind)
 
     def _prefetch_wasm(self, rec: JobRecord) -> bool:

@@ -26,9 +26,10 @@ reads jobs from stdin, one after another, and writes results to its original
 stdout; a second thread waits for cancels on a pipe of their own, so that a job's
 arrival wakes no other thread. Its stderr is the agent's.
   - Agent -> worker: frames of a 4-byte big-endian length and a pickle. On stdin
-    ``("init", settings)`` then ``("run", run, job_id, JobSpec, module_path)``; on
-    the cancel pipe ``("cancel", run, job_id)``. Pickle goes this way only: the agent
-    trusts itself. ``run`` numbers each hand-over: a job taken back and given again
+    ``("init", settings)`` then ``("run", run, job_id, spec_json, input, module_path)``
+    (the spec as JSON without its module and input: a pickled pydantic model costs
+    each side two to three times as much); on the cancel pipe
+    ``("cancel", run, job_id)``. Pickle goes this way only: the agent trusts itself. ``run`` numbers each hand-over: a job taken back and given again
     is a new run, so a cancel that reaches a worker after the run it was sent for
     has ended there cannot stop the next one.
   - Worker -> agent: a msgpack stream of ``{"run", "id", "result"}`` or
@@ -70,6 +71,8 @@ log = logging.getLogger("p2psched.agent")
 Done = Callable[["SandboxResult | None", "str | None"], None]
 
 _LEN = struct.Struct(">I")
+#: Spec fields a run frame carries beside the spec's JSON (the input, as raw bytes) or not at all.
+_NOT_IN_JSON = frozenset({"module", "input"})
 _NONE = type(None)
 #: What each SandboxResult field may hold, as a worker sends it (msgpack: lists, maps).
 _RESULT_TYPES: dict[str, tuple[type, ...]] = {
@@ -190,7 +193,8 @@ class WasmWorkers:
         worker.jobs[job_id] = (run, done)
         self._where[job_id] = worker
         worker.last_busy = trio.current_time()
-        worker.runs.send(("run", run, job_id, spec, module_path))
+        path = str(module_path) if module_path is not None else None
+        worker.runs.send(("run", run, job_id, spec.model_dump_json(exclude=_NOT_IN_JSON), spec.input, path))
         if not worker.started:
             worker.started = True
             self._nursery.start_soon(self._run_worker, worker)
@@ -391,6 +395,7 @@ def worker_main() -> None:
     import threading
     import time
 
+    from p2psched.jobs.spec import JobSpec
     from p2psched.sandbox.base import SandboxRequest
     from p2psched.security.attestation import report_from_result
     from p2psched.security.node_key import NodeKey
@@ -421,11 +426,14 @@ def worker_main() -> None:
                      daemon=True).start()
     packer = msgpack.Packer(use_bin_type=True)
     while (job := _read_frame(0)) is not None:
-        _, run, job_id, spec, module_path = job
+        _, run, job_id, spec_json, stdin, module_path = job
         try:
+            spec = JobSpec.model_validate_json(spec_json)
+            spec.input = stdin
             started = time.time()
             # The engine knows the guest as JOB#RUN, the name its cancel gives.
-            result = run_wasm(SandboxRequest.for_job(f"{job_id}#{run}", spec, module_path), engine)
+            result = run_wasm(SandboxRequest.for_job(
+                f"{job_id}#{run}", spec, Path(module_path) if module_path is not None else None), engine)
             result.sandbox["attestation"] = report_from_result(
                 key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,
                 result=result, sandbox_kind=spec.runtime, started_at=started, ended_at=time.time(),

@@ -360,3 +360,46 @@ async def test_a_cancel_that_reaches_a_worker_after_the_job_ended_there_spares_i
         assert error is None and result.reason == "exit 0", ended["again"]
         assert ended["ahead"][0][0].reason == "exit 0"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_runs_the_spec_it_was_given_and_signs_that_spec(tmp_path):
+    """The run frame carries the spec as JSON and its input as raw bytes: a binary
+    input, args, env and limits arrive intact, and the report names the spec the
+    agent holds (its digest) and the input it got."""
+    import hashlib
+
+    from agents import WASM
+    from p2psched.security.attestation import spec_sha256
+
+    data = bytes(range(256)) * 3 + b"\xff\xfe not utf-8"
+    runs = {
+        "sha": (WASM / "sha256.wasm", {"input": data}),
+        "env": (WASM / "printenv.wasm", {"args": ["printenv", "--x"], "env": {"GREETING": "hé"},
+                                          "limits": {"wall_ms": 5_000}, "priority": 3, "labels": {"team": "ml"}}),
+    }
+    ended: dict[str, tuple[object, str | None]] = {}
+    async with trio.open_nursery() as nursery:
+        workers = WasmWorkers(nursery, 1, cache_dir=tmp_path / "c", key_dir=tmp_path / "k", node_pubkey="",
+                              node_id="t", measurement="m")
+        specs = {}
+        for job_id, (module, fields) in runs.items():
+            sha = hashlib.sha256(module.read_bytes()).hexdigest()
+            specs[job_id] = JobSpec.model_validate({"module_sha256": sha, **fields})
+            specs[job_id].input = fields.get("input", b"")  # as the agent holds it: bytes
+            workers.submit(job_id, specs[job_id], module,
+                           lambda result, error, job_id=job_id: ended.__setitem__(job_id, (result, error)))
+        with trio.fail_after(30):
+            while len(ended) < len(runs):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    result, error = ended["sha"]
+    assert error is None and result.stdout == hashlib.sha256(data).hexdigest().encode() + b"\n"
+    report = result.sandbox["attestation"]
+    assert report["input_sha256"] == hashlib.sha256(data).hexdigest()
+    assert report["spec_sha256"] == spec_sha256(specs["sha"])
+    result, error = ended["env"]
+    assert error is None and result.reason == "exit 0", result
+    assert "GREETING=hé" in result.stdout.decode()
+    report = result.sandbox["attestation"]
+    assert report["spec_sha256"] == spec_sha256(specs["env"])
+    assert report["limits"]["wall_ms"] == 5_000
