@@ -824,7 +824,11 @@ class Agent(RemoteJobs):
             return  # called back from within a pass (a wasm job taken back); that pass goes on
         self._dispatching = True
         try:
-            self._dispatch_pass()
+            if self._wasm is not None:
+                with self._wasm.holding():  # the pass's wasm jobs go in one write per worker
+                    self._dispatch_pass()
+            else:
+                self._dispatch_pass()
         finally:
             self._dispatching = False
 

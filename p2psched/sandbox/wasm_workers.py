@@ -43,6 +43,7 @@ arrival wakes no other thread. Its stderr is the agent's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -51,9 +52,9 @@ import pickle
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import msgpack  # type: ignore[import-untyped]
 import trio
@@ -104,21 +105,31 @@ class _Pipe:
         self.wake = trio.Event()
         self.fd: int | None = None  # non-blocking, set while the writer task is idle
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: tuple[Any, ...], *, hold: bool = False) -> None:
+        """Queue a frame and write it now, or with ``hold`` at the next :meth:`flush`."""
         body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = _LEN.pack(len(body)) + body
-        if self.fd is not None and not self.outbox:
-            # Straight into the pipe when nothing waits before it: no task switch.
+        self.outbox.append(_LEN.pack(len(body)) + body)
+        if not hold:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued frames: straight into the pipe, in one write and without
+        a task switch, when the writer task is idle; what does not fit, it writes."""
+        if not self.outbox:
+            return
+        if self.fd is not None:
+            data = self.outbox[0] if len(self.outbox) == 1 else b"".join(self.outbox)
             try:
-                written = os.write(self.fd, frame)
+                written = os.write(self.fd, data)
             except BlockingIOError:
                 written = 0
             except OSError:
+                self.outbox.clear()
                 return  # the worker is gone; its reader ends its jobs
-            if written == len(frame):
+            if written == len(data):
+                self.outbox.clear()
                 return
-            frame = frame[written:]
-        self.outbox.append(frame)
+            self.outbox[:] = [data[written:]]
         self.wake.set()
 
     async def write_loop(self) -> None:
@@ -171,6 +182,7 @@ class WasmWorkers:
         self._workers = [_Worker(i) for i in range(max(1, n))]
         self._where: dict[str, _Worker] = {}
         self._runs = itertools.count(1)
+        self._holding = 0
         self._nursery = nursery
         self._after_results = after_results
         self._on_start = on_start
@@ -194,10 +206,24 @@ class WasmWorkers:
         self._where[job_id] = worker
         worker.last_busy = trio.current_time()
         path = str(module_path) if module_path is not None else None
-        worker.runs.send(("run", run, job_id, spec.model_dump_json(exclude=_NOT_IN_JSON), spec.input, path))
+        worker.runs.send(("run", run, job_id, spec.model_dump_json(exclude=_NOT_IN_JSON), spec.input, path),
+                         hold=self._holding > 0)
         if not worker.started:
             worker.started = True
             self._nursery.start_soon(self._run_worker, worker)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Jobs submitted inside go to their workers when it ends, in one write per
+        worker rather than one per job (the agent holds them over a dispatch pass)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                for worker in self._workers:
+                    worker.runs.flush()
 
     def cancel(self, job_id: str) -> None:
         worker = self._where.get(job_id)
@@ -366,23 +392,14 @@ class WasmWorkers:
 # ---------------------------------------------------------------------------- worker side
 
 
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        chunk = os.read(fd, n)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_frame(fd: int) -> Any:
-    head = _read_exactly(fd, _LEN.size)
-    if head is None:
+def _read_frame(stream: BinaryIO) -> Any:
+    """The next frame from a buffered pipe (frames that come together take one read), or None at its end."""
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
         return None
-    body = _read_exactly(fd, _LEN.unpack(head)[0])
-    return None if body is None else pickle.loads(body)
+    size = _LEN.unpack(head)[0]
+    body = stream.read(size)
+    return None if len(body) < size else pickle.loads(body)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -404,7 +421,8 @@ def worker_main() -> None:
     # Results go to the original stdout only; a stray print goes to stderr (the agent's log).
     out = os.dup(1)
     os.dup2(2, 1)
-    first = _read_frame(0)
+    runs = os.fdopen(0, "rb", buffering=1 << 16)
+    first = _read_frame(runs)
     if first is None:
         return  # the agent stopped before it needed this worker
     if first[0] != "init":
@@ -415,8 +433,9 @@ def worker_main() -> None:
 
     def read_cancels(fd: int) -> None:
         try:
-            while (frame := _read_frame(fd)) is not None:
-                engine.cancel(f"{frame[2]}#{frame[1]}")
+            with os.fdopen(fd, "rb") as cancels:
+                while (frame := _read_frame(cancels)) is not None:
+                    engine.cancel(f"{frame[2]}#{frame[1]}")
         finally:
             engine.close()  # the agent stopped or died: stop what runs; later runs return at once
 
@@ -425,7 +444,7 @@ def worker_main() -> None:
     threading.Thread(target=read_cancels, args=(cfg["cancel_fd"],), name="p2psched-wasm-cancels",
                      daemon=True).start()
     packer = msgpack.Packer(use_bin_type=True)
-    while (job := _read_frame(0)) is not None:
+    while (job := _read_frame(runs)) is not None:
         _, run, job_id, spec_json, stdin, module_path = job
         try:
             spec = JobSpec.model_validate_json(spec_json)

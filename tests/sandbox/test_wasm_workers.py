@@ -403,3 +403,37 @@ async def test_a_worker_runs_the_spec_it_was_given_and_signs_that_spec(tmp_path)
     report = result.sandbox["attestation"]
     assert report["spec_sha256"] == spec_sha256(specs["env"])
     assert report["limits"]["wall_ms"] == 5_000
+
+
+async def test_jobs_submitted_in_a_hold_go_to_the_worker_together_when_it_ends(tmp_path):
+    import hashlib
+
+    from agents import WASM
+
+    module = WASM / "noop.wasm"
+    spec = JobSpec.model_validate({"module_sha256": hashlib.sha256(module.read_bytes()).hexdigest(), "entry": "noop"})
+    ended: list[str] = []
+
+    def done(job_id: str):
+        def record(result, error):
+            assert error is None and result.reason == "exit 0", (result, error)
+            ended.append(job_id)
+        return record
+
+    async with trio.open_nursery() as nursery:
+        workers = WasmWorkers(nursery, 1, cache_dir=tmp_path / "c", key_dir=tmp_path / "k", node_pubkey="",
+                              node_id="t", measurement="m")
+        workers.submit("warm", spec, module, done("warm"))
+        with trio.fail_after(30):
+            while not ended:
+                await trio.sleep(0.01)
+        with workers.holding():
+            for i in range(3):
+                workers.submit(f"j{i}", spec, module, done(f"j{i}"))
+            await trio.sleep(0.5)
+            assert ended == ["warm"]  # held: the worker has not had them
+        with trio.fail_after(30):
+            while len(ended) < 4:
+                await trio.sleep(0.01)
+        assert ended == ["warm", "j0", "j1", "j2"]
+        nursery.cancel_scope.cancel()
