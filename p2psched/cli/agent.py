@@ -5,10 +5,24 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from p2psched.config import ConfigError, load_settings
+
+
+def process_registry() -> Any:
+    """A metrics registry with this process's own figures (``process_*``: CPU,
+    resident memory, open files; ``python_gc_*``; ``python_info``) beside the
+    agent's. Only where one agent is the whole process: tests run several in one."""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 def _leaves(group: BaseException) -> list[BaseException]:
@@ -65,7 +79,7 @@ def agent(config_file: Path | None, **flags: object) -> None:
     logs.configure(settings.log_format, settings.log_level)
 
     async def main() -> None:
-        agent = Agent(settings)
+        agent = Agent(settings, registry=process_registry())
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(agent.run)
