@@ -437,3 +437,21 @@ async def test_jobs_submitted_in_a_hold_go_to_the_worker_together_when_it_ends(t
                 await trio.sleep(0.01)
         assert ended == ["warm", "j0", "j1", "j2"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_runs_its_guests_as_batch_work(tmp_path):
+    """SCHED_BATCH: a worker that wakes for its next job does not preempt the agent's
+    event loop on its CPU (it keeps its fair share of CPU time)."""
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        job = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()
+        await wait_state(agent, job["id"], "running")
+        with trio.fail_after(30):
+            while not agent._wasm.pids():
+                await trio.sleep(0.01)
+        [pid] = agent._wasm.pids()
+        with trio.fail_after(30):  # the worker sets it as it starts, before it reads its first job
+            while os.sched_getscheduler(pid) != os.SCHED_BATCH:
+                await trio.sleep(0.01)
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the agent itself is not
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)  # nor niced
+        await http.delete(f"/v1/jobs/{job['id']}")
