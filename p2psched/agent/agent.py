@@ -198,6 +198,11 @@ class Agent(RemoteJobs):
         self._wasm_ended: list[tuple[Running, SandboxResult, float]] = []  # freed, not yet recorded
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
         self._dispatching = False
+        # Read when /metrics is scraped, not set at each job: always exact, and free per job.
+        self.metrics.queue_length.set_function(self.waiting)
+        self.metrics.child(self.metrics.slots_in_use, "cpu").set_function(lambda: self.cpu_used)
+        self.metrics.child(self.metrics.slots_in_use, "mem_mb").set_function(lambda: self.mem_used_mb)
+        self.metrics.running.set_function(lambda: len(self.running))
         self._processes: Any = None  # ProcessSandbox, made on the first process job
         self.gpus: Any = None  # SlotAllocator, once started
         from p2psched.placement.core import PlacementState
@@ -323,7 +328,6 @@ class Agent(RemoteJobs):
         assert self._nursery is not None
         for job_id in self.store.owed_deliveries():
             self._nursery.start_soon(self._deliver, job_id)
-        self.metrics.queue_length.set(self.waiting())
 
     _seq = 0
 
@@ -488,7 +492,6 @@ class Agent(RemoteJobs):
 
     def _enqueue(self, rec: JobRecord) -> None:
         self.queue.push(rec)
-        self.metrics.queue_length.set(self.waiting())
         self._wake.set()
         self._vector_changed.set()
 
@@ -555,7 +558,6 @@ class Agent(RemoteJobs):
         if rec.state in (JobState.PLACED, JobState.RUNNING) and rec.executor not in (None, self.node_id):
             return await self.cancel_remote(rec)
         self.queue.remove(job_id)
-        self.metrics.queue_length.set(self.waiting())
         rec.result = JobResult(exit_code=None, reason="cancelled")
         self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")
         if rec.origin != self.node_id:
@@ -882,7 +884,6 @@ class Agent(RemoteJobs):
             else:
                 rec.wait_reason = decision.reason
                 break
-        self.metrics.queue_length.set(self.waiting())
 
     async def _replace_loop(self) -> None:
         """Look at the queue again now and then: gossip may show free peers."""
@@ -924,9 +925,6 @@ class Agent(RemoteJobs):
 
     def _update_slot_metrics(self) -> None:
         self._vector_changed.set()
-        self.metrics.child(self.metrics.slots_in_use, "cpu").set(self.cpu_used)
-        self.metrics.child(self.metrics.slots_in_use, "mem_mb").set(self.mem_used_mb)
-        self.metrics.running.set(len(self.running))
         if self.gpus is not None and self.gpu_inventory.gpus:
             self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
             self.gpu_metrics.update(self.gpus, self.gpu_inventory, usage={})

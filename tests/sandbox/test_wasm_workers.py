@@ -168,6 +168,8 @@ async def _one_running_one_waiting(agent, http) -> tuple[str, str]:
     assert agent.waiting() == 1 and agent.cpu_used == 1  # it waits, and holds no slot
     metrics = (await http.get("/metrics")).text
     assert "p2psched_jobs_running 1.0" in metrics and "p2psched_queue_length 1.0" in metrics
+    assert 'p2psched_slots_in_use{kind="cpu"} 1.0' in metrics
+    assert 'p2psched_slots_in_use{kind="mem_mb"} 256.0' in metrics  # the loop's default memory
     return long, waiting
 
 
