@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from p2psched.sandbox.wasm_workers import WasmWorkers
 
 log = logging.getLogger("p2psched.agent")
-jlog = logging.getLogger("p2psched.jobs")
+job_log = logs.JobLog()
 
 #: The wait reason of a job placed in a wasm worker behind another, before "<job id> ends".
 PREFETCHED_WAIT = "runs next in a wasm worker here, when"
@@ -346,7 +346,7 @@ class Agent(RemoteJobs):
         # One structured line per transition, with the job id (a job is created
         # submitted and its first line is submitted -> queued); --log-level warning
         # turns them off.
-        jlog.info("job %s %s", rec.id, state.value, extra={"job": rec.id, "state": state.value, "detail": detail})
+        job_log(rec.id, state.value, detail)
         self.store.stage(rec)
         if state.final:
             self.active.pop(rec.id, None)

@@ -73,7 +73,7 @@ Done = Callable[["SandboxResult | None", "str | None"], None]
 
 _LEN = struct.Struct(">I")
 #: Spec fields a run frame carries beside the spec's JSON (the input, as raw bytes) or not at all.
-_NOT_IN_JSON = frozenset({"module", "input"})
+_NOT_IN_JSON = {"module", "input"}
 _NONE = type(None)
 #: What each SandboxResult field may hold, as a worker sends it (msgpack: lists, maps).
 _RESULT_TYPES: dict[str, tuple[type, ...]] = {

@@ -1,0 +1,96 @@
+"""Log lines: one per job transition, written directly when configure()'s handler is
+the only one on the way, and exactly as the logging module would write them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+
+import pytest
+
+from p2psched import logs
+
+NOW = 1795470139.631659
+
+
+@pytest.fixture
+def configured(monkeypatch):
+    """configure()'s set-up, its stream a StringIO; the root logger restored after."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+
+    def setup(fmt: str, level: str = "info") -> io.StringIO:
+        logs.configure(fmt, level)
+        out = io.StringIO()
+        root.handlers[0].setStream(out)
+        return out
+
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    yield setup
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_job_line_is_the_line_logging_writes(configured, fmt):
+    out = configured(fmt)
+    logs.JobLog()("n1:abc", "queued", "accepted")
+    direct = out.getvalue()
+    out.seek(0), out.truncate()
+    extra = {"job": "n1:abc", "state": "queued", "detail": "accepted"}
+    logging.getLogger("p2psched.jobs").info("job %s %s", "n1:abc", "queued", extra=extra)
+    assert direct == out.getvalue() and direct.endswith("\n") and direct.count("\n") == 1
+    if fmt == "json":
+        entry = json.loads(direct)
+        assert entry == {"ts": NOW, "level": "info", "logger": "p2psched.jobs", "msg": "job n1:abc queued", **extra}
+    else:
+        assert direct.endswith(" I p2psched.jobs: job n1:abc queued job=n1:abc state=queued detail=accepted\n")
+        assert direct.startswith(time.strftime("%H:%M:%S", time.localtime(int(NOW))) + ".631 ")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_another_handler_on_the_way_gets_the_job_line_as_a_record(configured):
+    out = configured("text")
+    collect = Collect()
+    jobs = logging.getLogger("p2psched.jobs")
+    jobs.addHandler(collect)
+    try:
+        logs.JobLog()("n1:abc", "running", "attempt 1")
+    finally:
+        jobs.removeHandler(collect)
+    [record] = collect.records
+    assert (record.job, record.state, record.detail) == ("n1:abc", "running", "attempt 1")
+    assert record.getMessage() == "job n1:abc running"
+    # and it still reaches configure()'s handler, once
+    assert out.getvalue().endswith(" I p2psched.jobs: job n1:abc running job=n1:abc state=running detail=attempt 1\n")
+    assert out.getvalue().count("\n") == 1
+
+
+def test_a_filter_on_the_jobs_logger_is_obeyed(configured):
+    out = configured("text")
+    jobs = logging.getLogger("p2psched.jobs")
+    drop = logging.Filter("nothing-matches-this")
+    jobs.addFilter(drop)
+    try:
+        logs.JobLog()("n1:abc", "queued", "accepted")
+    finally:
+        jobs.removeFilter(drop)
+    assert out.getvalue() == ""
+    logs.JobLog()("n1:abc", "queued", "accepted")
+    assert "state=queued" in out.getvalue()
+
+
+def test_level_warning_writes_no_job_line(configured):
+    out = configured("json", "warning")
+    logs.JobLog()("n1:abc", "queued", "accepted")
+    assert out.getvalue() == ""
