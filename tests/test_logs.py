@@ -3,10 +3,12 @@ the only one on the way, and exactly as the logging module would write them."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -59,15 +61,23 @@ class Collect(logging.Handler):
         self.records.append(record)
 
 
+@contextlib.contextmanager
+def on_the_jobs_logger(thing: logging.Handler | logging.Filter) -> Iterator[None]:
+    """``thing`` (a handler or a filter) on the ``p2psched.jobs`` logger while inside."""
+    jobs = logging.getLogger("p2psched.jobs")
+    handler = isinstance(thing, logging.Handler)
+    jobs.addHandler(thing) if handler else jobs.addFilter(thing)
+    try:
+        yield
+    finally:
+        jobs.removeHandler(thing) if handler else jobs.removeFilter(thing)
+
+
 def test_another_handler_on_the_way_gets_the_job_line_as_a_record(configured):
     out = configured("text")
     collect = Collect()
-    jobs = logging.getLogger("p2psched.jobs")
-    jobs.addHandler(collect)
-    try:
+    with on_the_jobs_logger(collect):
         logs.JobLog()("n1:abc", "running", "attempt 1")
-    finally:
-        jobs.removeHandler(collect)
     [record] = collect.records
     assert (record.job, record.state, record.detail) == ("n1:abc", "running", "attempt 1")
     assert record.getMessage() == "job n1:abc running"
@@ -78,13 +88,8 @@ def test_another_handler_on_the_way_gets_the_job_line_as_a_record(configured):
 
 def test_a_filter_on_the_jobs_logger_is_obeyed(configured):
     out = configured("text")
-    jobs = logging.getLogger("p2psched.jobs")
-    drop = logging.Filter("nothing-matches-this")
-    jobs.addFilter(drop)
-    try:
+    with on_the_jobs_logger(logging.Filter("nothing-matches-this")):
         logs.JobLog()("n1:abc", "queued", "accepted")
-    finally:
-        jobs.removeFilter(drop)
     assert out.getvalue() == ""
     logs.JobLog()("n1:abc", "queued", "accepted")
     assert "state=queued" in out.getvalue()
