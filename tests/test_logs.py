@@ -30,6 +30,7 @@ def configured(monkeypatch):
         return out
 
     monkeypatch.setattr(time, "time", lambda: NOW)
+    monkeypatch.setattr(time, "time_ns", lambda: int(NOW * 1e9))  # what LogRecord reads on newer Pythons
     yield setup
     root.handlers[:], _ = saved
     root.setLevel(saved[1])

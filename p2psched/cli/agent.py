@@ -5,14 +5,17 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from p2psched.config import ConfigError, load_settings
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
-def process_registry() -> Any:
+
+def process_registry() -> CollectorRegistry:
     """A metrics registry with this process's own figures (``process_*``: CPU,
     resident memory, open files; ``python_gc_*``; ``python_info``) beside the
     agent's. Only where one agent is the whole process: tests run several in one."""

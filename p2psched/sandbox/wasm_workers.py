@@ -29,12 +29,13 @@ arrival wakes no other thread. Its stderr is the agent's.
     ``("init", settings)`` then ``("run", run, job_id, spec_json, input, module_path)``
     (the spec as JSON without its module and input: a pickled pydantic model costs
     each side two to three times as much); on the cancel pipe
-    ``("cancel", run, job_id)``. Pickle goes this way only: the agent trusts itself. ``run`` numbers each hand-over: a job taken back and given again
-    is a new run, so a cancel that reaches a worker after the run it was sent for
-    has ended there cannot stop the next one.
+    ``("cancel", run, job_id)``. Pickle goes this way only: the agent trusts itself.
+    ``run`` numbers each hand-over: a job taken back and given again is a new run,
+    so a cancel that reaches a worker after the run it was sent for has ended there
+    cannot stop the next one.
   - Worker -> agent: a msgpack stream of ``{"run", "id", "result"}`` or
-    ``{"run", "id", "error"}`` maps. The agent never unpickles what a worker sends (a worker runs untrusted
-    guests), and decodes it under size limits.
+    ``{"run", "id", "error"}`` maps. The agent never unpickles what a worker sends
+    (a worker runs untrusted guests), and decodes it under size limits.
   - The end of the cancel pipe (the agent stopped or died: the kernel closes its
     pipes) cancels the guests within a tick; the end of stdin ends the worker.
     (Not PR_SET_PDEATHSIG: it fires when the thread that started the worker
