@@ -8,6 +8,7 @@ reads the clock, talks to the store and the sandboxes, and wakes waiters.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -837,10 +838,8 @@ class Agent(RemoteJobs):
             return  # called back from within a pass (a wasm job taken back); that pass goes on
         self._dispatching = True
         try:
-            if self._wasm is not None:
-                with self._wasm.holding():  # the pass's wasm jobs go in one write per worker
-                    self._dispatch_pass()
-            else:
+            # The pass's wasm jobs go to each worker in one write when it ends.
+            with self._wasm.holding() if self._wasm is not None else contextlib.nullcontext():
                 self._dispatch_pass()
         finally:
             self._dispatching = False
@@ -921,9 +920,11 @@ class Agent(RemoteJobs):
         if r.gpu > 0 and self.gpus is not None:
             run.gpu_grant = self.gpus.reserve(run.record.id, r.gpu, r.gpu_type)
         self.running[run.record.id] = run
-        self._update_slot_metrics()  # counts it as running too
+        self._slots_changed()
 
-    def _update_slot_metrics(self) -> None:
+    def _slots_changed(self) -> None:
+        """Slots were taken or given back: the vector is published again, and GPU
+        gauges are set (the CPU, memory and running gauges are read at scrape time)."""
         self._vector_changed.set()
         if self.gpus is not None and self.gpu_inventory.gpus:
             self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
@@ -1141,7 +1142,7 @@ class Agent(RemoteJobs):
         self.mem_used_mb -= r.mem_mb
         if self.gpus is not None:
             self.gpus.release(rec.id)
-        self._update_slot_metrics()
+        self._slots_changed()
         self._wake.set()
 
     def _end_run(self, run: Running, result: SandboxResult, started: float) -> None:
