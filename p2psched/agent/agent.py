@@ -25,6 +25,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from p2psched import __version__, logs
+from p2psched.agent.datadir import DataDirLock
 from p2psched.agent.gate import Gate
 from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
@@ -255,29 +256,33 @@ class Agent(RemoteJobs):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from p2psched.api.server import serve_api
 
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await self._start_gpus()
-            await trio.to_thread.run_sync(_reap_stale_sandboxes)
-            self.recover()
-            nursery.start_soon(self._dispatch_loop)
-            nursery.start_soon(self._replace_loop)
-            nursery.start_soon(self._flush_loop)
-            await self._start_cluster(nursery)
-            await nursery.start(serve_api, self)
-            log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
-            # What start-up built (imported modules, settings, compiled patterns: ~75,000
-            # objects) lives as long as the agent: keep it out of the collector's full
-            # passes, which with 1,000 jobs running stalled the event loop for 0.2-0.8 s.
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
-            _trim_heap()
-            task_status.started()
-            await self._stop.wait()
-            await self._shutdown()
-            nursery.cancel_scope.cancel()
-        self.store.close()
+        lock = DataDirLock.acquire(self.data_dir, self.node_id)  # before recovery touches a job
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._start_gpus()
+                await trio.to_thread.run_sync(_reap_stale_sandboxes)
+                self.recover()
+                nursery.start_soon(self._dispatch_loop)
+                nursery.start_soon(self._replace_loop)
+                nursery.start_soon(self._flush_loop)
+                await self._start_cluster(nursery)
+                await nursery.start(serve_api, self)
+                log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
+                # What start-up built (imported modules, settings, compiled patterns: ~75,000
+                # objects) lives as long as the agent: keep it out of the collector's full
+                # passes, which with 1,000 jobs running stalled the event loop for 0.2-0.8 s.
+                gc.collect()
+                gc.freeze()
+                gc.set_threshold(*GC_THRESHOLDS)
+                _trim_heap()
+                task_status.started()
+                await self._stop.wait()
+                await self._shutdown()
+                nursery.cancel_scope.cancel()
+            self.store.close()
+        finally:
+            lock.release()
         self.stopped.set()
 
     def request_stop(self) -> None:

@@ -1,0 +1,53 @@
+"""One agent per data dir.
+
+Two agents on one data dir would both recover its unfinished jobs and run them
+twice, and write each other's records. The agent holds an exclusive ``flock`` on
+``DIR/agent.lock`` for as long as it runs; the kernel drops it when the process
+ends, however it ends, so a crashed agent never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from p2psched.agent.errors import StartupError
+
+log = logging.getLogger("p2psched.agent")
+
+LOCK_FILE = "agent.lock"
+
+
+class DataDirLock:
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, data_dir: Path, node_id: str) -> DataDirLock:
+        """Lock ``data_dir`` for this agent, or raise StartupError naming the agent that holds it."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StartupError(
+                f"data dir {data_dir} is in use by another agent ({holder}); stop that agent, or give this one "
+                "its own --data-dir (two agents on one data dir would run its jobs twice)"
+            ) from None
+        except OSError as e:  # a file system without flock (some network mounts)
+            os.close(fd)
+            log.warning("cannot lock data dir %s (%s): make sure no other agent uses it", data_dir, e)
+            return cls(None)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, node {node_id}\n".encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
