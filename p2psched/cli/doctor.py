@@ -43,14 +43,20 @@ def check_wasmtime() -> Check:
 
 
 def check_data_dir(path: Path) -> Check:
+    from p2psched.agent.datadir import DataDirLock
+    from p2psched.agent.errors import StartupError
+
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".doctor-probe"
         probe.write_bytes(b"ok")
         probe.unlink()
-        return ("data dir", True, f"{path} is writable", "")
+        DataDirLock.acquire(path, "doctor").release()
+    except StartupError as e:  # an agent holds it
+        return ("data dir", False, str(e).split(";")[0], "stop that agent, or give the new one another --data-dir")
     except OSError as e:
         return ("data dir", False, f"{path}: {e.strerror}", f"choose a writable --data-dir, or fix permissions on {path}")
+    return ("data dir", True, f"{path} is writable and no agent uses it", "")
 
 
 def check_port(name: str, hostport: str, kind: int) -> Check:

@@ -1,0 +1,52 @@
+"""`p2psched doctor` run as a user runs it: every check the issue names has a row, and a
+failure says what is wrong and how to fix it."""
+
+import socket
+import subprocess
+import sys
+
+from p2psched.agent.datadir import DataDirLock
+
+from agents import free_port
+
+
+def doctor(tmp_path, data_dir, api_port):
+    out = subprocess.run(
+        [sys.executable, "-m", "p2psched", "doctor", "--data-dir", str(data_dir), "--api", f"127.0.0.1:{api_port}",
+         "--gossip", f"127.0.0.1:{free_port()}", "--transfer", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    rows = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("["):
+            mark, rest = line[1:5], line[7:]
+            rows[rest[:18].strip()] = (mark.strip(), rest[18:].strip())
+    return out, rows
+
+
+def test_doctor_checks_each_thing_and_passes_on_this_host(tmp_path):
+    out, rows = doctor(tmp_path, tmp_path / "data", free_port())
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("python", "wasmtime", "data dir", "port api", "port gossip", "port transfer", "cgroups",
+                 "user namespaces", "gpu: devices"):
+        assert name in rows, (name, out.stdout)
+    assert rows["wasmtime"][1].endswith("trial run 2+3=5")
+    assert rows["data dir"] == ("ok", f"{tmp_path / 'data'} is writable and no agent uses it")
+    assert rows["cgroups"][1].startswith(("v1", "v2"))
+
+
+def test_doctor_fails_a_data_dir_an_agent_holds_and_a_taken_port_with_fixes(tmp_path):
+    held = DataDirLock.acquire(tmp_path / "data", "n7")  # as a running agent holds it
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        try:
+            out, rows = doctor(tmp_path, tmp_path / "data", port)
+        finally:
+            held.release()
+    assert out.returncode == 1
+    assert rows["data dir"][0] == "FAIL" and "in use by another agent" in rows["data dir"][1]
+    assert "node n7" in rows["data dir"][1]
+    assert rows["port api"][0] == "FAIL"
+    assert "fix: stop that agent, or give the new one another --data-dir" in out.stdout
