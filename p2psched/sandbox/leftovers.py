@@ -16,21 +16,39 @@ from p2psched.sandbox import cgroups
 RUNTIME_DIR = Path("/run/p2psched")
 
 
-def stale_mounts(runtime_dir: Path = RUNTIME_DIR) -> list[Path]:
-    """Mounts under ``runtime_dir`` whose agent process is gone, innermost first."""
-    prefix = str(runtime_dir) + "/"
-    out: list[Path] = []
+def _mounts() -> list[tuple[str, bool]]:
+    """This namespace's mount points, newest first, each with whether a later mount
+    covers it (one made on it, or on a directory above it): no path reaches a
+    covered mount, so nothing can unmount it."""
+    out: list[tuple[str, bool]] = []
     with contextlib.suppress(OSError):
         for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
             mountpoint = line.split()[4]
-            if mountpoint.startswith(prefix) and cgroups.owner_gone(mountpoint[len(prefix):].split("/")[0]):
-                out.append(Path(mountpoint))
+            covered = any(m == mountpoint or mountpoint.startswith(m.rstrip("/") + "/") for m, _ in out)
+            out.append((mountpoint, covered))
     return out
 
 
+def _owner_gone(path: str, runtime_dir: Path) -> bool:
+    return cgroups.owner_gone(path[len(str(runtime_dir)) + 1:].split("/")[0])
+
+
+def stale_mounts(runtime_dir: Path = RUNTIME_DIR) -> list[Path]:
+    """Mounts under ``runtime_dir`` whose agent process is gone, innermost first.
+
+    Covered mounts are left out (see ``_mounts``), and so are, in ``stale_dirs``,
+    the directories that hold one: listing what cannot be removed would only make
+    every agent start load the process sandbox for nothing."""
+    prefix = str(runtime_dir) + "/"
+    return [Path(m) for m, covered in _mounts()
+            if m.startswith(prefix) and not covered and _owner_gone(m, runtime_dir)]
+
+
 def stale_dirs(runtime_dir: Path = RUNTIME_DIR) -> list[Path]:
+    prefix = str(runtime_dir) + "/"
+    stuck = {m[len(prefix):].split("/")[0] for m, covered in _mounts() if covered and m.startswith(prefix)}
     with contextlib.suppress(OSError):
-        return [d for d in runtime_dir.iterdir() if cgroups.owner_gone(d.name)]
+        return [d for d in runtime_dir.iterdir() if cgroups.owner_gone(d.name) and d.name not in stuck]
     return []
 
 

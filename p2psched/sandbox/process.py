@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import json
@@ -187,12 +188,20 @@ def _private_runtime_dir(path: Path) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o711)
-    # os.path.ismount cannot see a bind of a directory onto itself (same device)
-    mountpoints = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
-    if str(path) not in mountpoints:
-        if _libc().mount(str(path).encode(), str(path).encode(), None, MS_BIND, None) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e), str(path))
+    # Agents (and tests) on one host share the dir: check and bind under a lock, or
+    # two that start together both bind, and the second bind hides every mount the
+    # first one's jobs left beneath it from the clean-up of a later agent.
+    lock = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # os.path.ismount cannot see a bind of a directory onto itself (same device)
+        mountpoints = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+        if str(path) not in mountpoints:
+            if _libc().mount(str(path).encode(), str(path).encode(), None, MS_BIND, None) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e), str(path))
+    finally:
+        os.close(lock)  # drops the lock
     MS_PRIVATE = 1 << 18
     if _libc().mount(None, str(path).encode(), None, MS_PRIVATE, None) != 0:
         e = ctypes.get_errno()
@@ -208,8 +217,9 @@ def _remount_size(path: Path, size: int) -> None:
         raise OSError(e, os.strerror(e), str(path))
 
 
-def _umount(path: Path) -> None:
-    _libc().umount2(str(path).encode(), MNT_DETACH)
+def _umount(path: Path) -> bool:
+    """Detach the mount at ``path``; False if there is none to detach there."""
+    return bool(_libc().umount2(str(path).encode(), MNT_DETACH) == 0)
 
 
 def _host_key(cfg: ProcessSandboxConfig) -> tuple[Any, ...]:
@@ -1236,9 +1246,7 @@ def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
     if cfg.cgroups == "auto":
         n += cgroups.reap_stale(cgroups.detect())
     for mountpoint in leftovers.stale_mounts(cfg.runtime_dir):
-        with contextlib.suppress(OSError):
-            _umount(mountpoint)
-            n += 1
+        n += _umount(mountpoint)
     for d in leftovers.stale_dirs(cfg.runtime_dir):
         with contextlib.suppress(OSError):
             _rmtree(d)
