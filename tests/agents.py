@@ -62,6 +62,19 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     raise RuntimeError("no free port for both TCP and UDP below the ephemeral range")
 
 
+def cli(*args: str, agent: AgentProcess | None = None, input_bytes: bytes | None = None,
+        check: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run ``p2psched ARGS`` as a user would, against ``agent`` (through $P2PSCHED_URL)."""
+    env = {**os.environ}
+    if agent is not None:
+        env["P2PSCHED_URL"] = agent.url
+    p = subprocess.run([sys.executable, "-m", "p2psched", *map(str, args)], capture_output=True, env=env,
+                       input=input_bytes, cwd=ROOT, timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"p2psched {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode()}")
+    return p
+
+
 def wasm_spec(name: str, **extra: Any) -> dict[str, Any]:
     spec = {"runtime": "wasm", "module": base64.b64encode((WASM / name).read_bytes()).decode()}
     spec.update(extra)

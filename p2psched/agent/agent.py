@@ -544,9 +544,16 @@ class Agent(RemoteJobs):
         data = self.store.output(job_id)
         return data if data is not None else b""
 
-    async def list_jobs(self, *, state: str | None, tenant: str | None, limit: int, cursor: int) -> list[JobRecord]:
+    async def list_jobs(self, *, state: str | None, tenant: str | None, limit: int, cursor: int,
+                        newest_first: bool = False) -> list[JobRecord]:
         await self.store.sync()
-        return self.store.list(state=state, tenant=tenant, limit=limit, after_seq=cursor)
+        return self.store.list(state=state, tenant=tenant, limit=limit, after_seq=cursor, newest_first=newest_first)
+
+    async def job_counts(self, tenant: str | None) -> dict[str, int]:
+        """Stored jobs by state, every state present (0 where none)."""
+        await self.store.sync()
+        found = await trio.to_thread.run_sync(self.store.count_by_state, tenant)
+        return {s.value: int(found.get(s.value, 0)) for s in JobState}
 
     # ---------------------------------------------------------------- cancel
 

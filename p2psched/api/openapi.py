@@ -80,11 +80,18 @@ def openapi_document() -> dict[str, Any]:
                     {"name": "state", "in": "query", "schema": {"type": "string"}},
                     {"name": "tenant", "in": "query", "schema": {"type": "string"}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["oldest", "newest"]},
+                     "description": "oldest (default): from cursor on; newest: newest first, below cursor"}],
                     "responses": {"200": _resp("Jobs", {"type": "object", "properties": {
                         "jobs": {"type": "array", "items": _REC}, "next_cursor": {"type": ["integer", "null"]}}}),
                         **_errors(400)}},
             },
+            "/v1/jobs:counts": {"get": {"summary": "Stored jobs by state", "parameters": [
+                {"name": "tenant", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": _resp("Counts", {"type": "object", "properties": {
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "tenant": {"type": ["string", "null"]}}}), **_errors(400)}}},
             "/v1/jobs:batch": {"post": {"summary": "Submit many jobs", "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"type": "object", "properties": {
                     "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}}}}}}},

@@ -208,9 +208,13 @@ def create_app(agent: Any) -> Starlette:
     async def list_jobs(request: Request) -> Response:
         who = await principal(request)
         q = request.query_params
-        unknown = set(q) - {"state", "tenant", "limit", "cursor"}
+        unknown = set(q) - {"state", "tenant", "limit", "cursor", "order"}
         if unknown:
-            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use state, tenant, limit, cursor",
+            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use state, tenant, limit, cursor, order",
+                             reason="invalid_query")
+        order = q.get("order", "oldest")
+        if order not in ("oldest", "newest"):
+            raise AgentError(f"order={order!r} is not an order; use oldest (the default) or newest",
                              reason="invalid_query")
         state = q.get("state")
         if state is not None and state not in {s.value for s in JobState}:
@@ -223,14 +227,27 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError("limit and cursor must be integers", reason="invalid_query") from None
         if not 1 <= limit <= 1000 or cursor < 0:
             raise AgentError("limit must be 1-1000 and cursor >= 0", reason="invalid_query")
-        tenant = q.get("tenant")
-        if not who.admin:
-            if tenant is not None and tenant != who.tenant:
-                agent.gate.check_access(who, tenant, "*")
-            tenant = who.tenant
-        recs = await agent.list_jobs(state=state, tenant=tenant, limit=limit, cursor=cursor)
+        tenant = visible_tenant(who, q.get("tenant"))
+        recs = await agent.list_jobs(state=state, tenant=tenant, limit=limit, cursor=cursor,
+                                     newest_first=order == "newest")
         next_cursor = recs[-1].seq if len(recs) == limit else None
         return _json({"jobs": [r.as_dict() for r in recs], "next_cursor": next_cursor})
+
+    def visible_tenant(who: Any, tenant: str | None) -> str | None:
+        """The tenant a listing covers: any the caller asks for if admin, else its own."""
+        if who.admin:
+            return tenant
+        if tenant is not None and tenant != who.tenant:
+            agent.gate.check_access(who, tenant, "*")
+        return str(who.tenant)
+
+    async def job_counts(request: Request) -> Response:
+        who = await principal(request)
+        unknown = set(request.query_params) - {"tenant"}
+        if unknown:
+            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use tenant", reason="invalid_query")
+        tenant = visible_tenant(who, request.query_params.get("tenant"))
+        return _json({"counts": await agent.job_counts(tenant), "tenant": tenant})
 
     async def cancel_job(request: Request) -> Response:
         rec = await agent.cancel(await readable(request))
@@ -279,6 +296,7 @@ def create_app(agent: Any) -> Starlette:
         Route("/v1/jobs", submit, methods=["POST"]),
         Route("/v1/jobs:batch", submit_batch, methods=["POST"]),
         Route("/v1/jobs", list_jobs, methods=["GET"]),
+        Route("/v1/jobs:counts", job_counts, methods=["GET"]),
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/result", get_result, methods=["GET"]),

@@ -331,18 +331,37 @@ class Store:
         for row in self._reader.execute(q, finals):
             yield _load(row)
 
-    def list(self, *, state: str | None, tenant: str | None, limit: int, after_seq: int) -> list[JobRecord]:
-        q = "SELECT id, seq, spec, record FROM jobs WHERE seq > ?"
-        args: list[Any] = [after_seq]
+    def list(self, *, state: str | None, tenant: str | None, limit: int, after_seq: int = 0,
+             newest_first: bool = False) -> list[JobRecord]:
+        """Jobs in submission order from ``after_seq`` on; or, ``newest_first``, the newest
+        ones below ``after_seq`` (0: from the newest)."""
+        if newest_first:
+            q = "SELECT id, seq, spec, record FROM jobs WHERE seq < ?"
+            args: list[Any] = [after_seq or 2**62]
+        else:
+            q = "SELECT id, seq, spec, record FROM jobs WHERE seq > ?"
+            args = [after_seq]
         if state:
             q += " AND state = ?"
             args.append(state)
         if tenant:
             q += " AND tenant = ?"
             args.append(tenant)
-        q += " ORDER BY seq LIMIT ?"
+        q += " ORDER BY seq DESC LIMIT ?" if newest_first else " ORDER BY seq LIMIT ?"
         args.append(limit)
         return [_load(r) for r in self._reader.execute(q, args)]
+
+    def count_by_state(self, tenant: str | None = None) -> dict[str, int]:
+        """How many stored jobs are in each state (of ``tenant``, or all).
+
+        Blocking, and a full index scan: call it from a thread. It opens its own
+        read-only connection, so it never shares the trio thread's reader."""
+        q = "SELECT state, count(*) FROM jobs" + (" WHERE tenant = ?" if tenant else "") + " GROUP BY state"
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return dict(conn.execute(q, (tenant,) if tenant else ()).fetchall())
+        finally:
+            conn.close()
 
     def get_kv(self, key: str) -> str | None:
         row = self._reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()

@@ -150,6 +150,30 @@ async def test_list_filters_and_pages(tmp_path):
         assert bad.status_code == 400 and "not a job state" in bad.json()["error"]["message"]
 
 
+async def test_list_newest_first_pages_backwards_and_counts_by_state(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm") for _ in range(4)]
+                                                    + [wasm_spec("exit3.wasm")]})
+        ids = [item["job"]["id"] for item in r.json()["results"]]
+        for job_id in ids:
+            await http.get(f"/v1/jobs/{job_id}", params={"wait": 10})
+        page1 = (await http.get("/v1/jobs", params={"order": "newest", "limit": 3})).json()
+        assert [j["id"] for j in page1["jobs"]] == ids[::-1][:3]
+        page2 = (await http.get("/v1/jobs", params={"order": "newest", "limit": 3,
+                                                     "cursor": page1["next_cursor"]})).json()
+        assert [j["id"] for j in page2["jobs"]] == ids[::-1][3:] and page2["next_cursor"] is None
+        newest_failed = (await http.get("/v1/jobs", params={"order": "newest", "state": "failed"})).json()["jobs"]
+        assert [j["id"] for j in newest_failed] == [ids[-1]]
+        bad = await http.get("/v1/jobs", params={"order": "sideways"})
+        assert bad.status_code == 400 and "oldest (the default) or newest" in bad.json()["error"]["message"]
+
+        counts = (await http.get("/v1/jobs:counts")).json()["counts"]
+        assert counts == {"submitted": 0, "queued": 0, "placed": 0, "running": 0, "succeeded": 4, "failed": 1,
+                          "cancelled": 0, "timed_out": 0, "rejected": 0}
+        bad = await http.get("/v1/jobs:counts", params={"state": "failed"})
+        assert bad.status_code == 400 and "use tenant" in bad.json()["error"]["message"]
+
+
 async def test_priority_and_fair_share_order_of_dispatch(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
         blocker = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()

@@ -8,20 +8,9 @@ import sys
 
 import pytest
 
-from agents import ROOT, WASM, new_agent
+from agents import ROOT, WASM, cli, new_agent
 
 pytestmark = pytest.mark.cluster
-
-
-def cli(*args, agent=None, input_bytes=None, check=False):
-    env = {**os.environ}
-    if agent is not None:
-        env["P2PSCHED_URL"] = agent.url
-    p = subprocess.run([sys.executable, "-m", "p2psched", *args], capture_output=True, env=env, input=input_bytes,
-                       cwd=ROOT, timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"p2psched {' '.join(args)} exited {p.returncode}: {p.stderr.decode()}")
-    return p
 
 
 def test_readme_commands(tmp_path):

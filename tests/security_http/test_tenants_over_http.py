@@ -1,38 +1,20 @@
 """Tenants, signatures and attestation through a real agent subprocess and the CLI."""
 
+import functools
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from agents import ROOT, new_agent, wasm_spec
+import agents
+from agents import new_agent, wasm_spec
+
+# Every call must succeed unless it says check=False.
+cli = functools.partial(agents.cli, check=True)
 
 pytestmark = pytest.mark.cluster
-
-
-def cli(*args, agent=None, check=True):
-    env = {**os.environ}
-    if agent is not None:
-        env["P2PSCHED_URL"] = agent.url
-    p = subprocess.run([sys.executable, "-m", "p2psched", *args], capture_output=True, env=env, cwd=ROOT, timeout=120)
-    if check and p.returncode != 0:
-        raise AssertionError(f"p2psched {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode()}")
-    return p
-
-
-@pytest.fixture
-def tenants(tmp_path):
-    keys = tmp_path / "keys"
-    reg = tmp_path / "tenants.toml"
-    for name, extra in (("alice", ["--cap", "wasm"]), ("bob", ["--cap", "wasm"]), ("ops", ["--cap", "wasm", "--admin"])):
-        cli("tenant", "keygen", name, "--out", str(keys))
-        cli("tenant", "add", name, "--pubkey", str(keys / f"{name}.pub"), "--tenants", str(reg), *extra)
-    return reg, keys
 
 
 def test_signed_jobs_unsigned_refused_tenants_see_only_their_own(tmp_path, tenants):
@@ -62,6 +44,20 @@ def test_signed_jobs_unsigned_refused_tenants_see_only_their_own(tmp_path, tenan
         listing = json.loads(cli("jobs", "--json", "--tenant", "bob", "--key", str(keys / "bob.key"),
                                  agent=agent).stdout)
         assert listing["jobs"] == []
+        # Counts are scoped as listings are: a tenant counts its own jobs, an admin any tenant's.
+        from p2psched.security.client import RequestSigner
+
+        def counts(who, **params):
+            auth = RequestSigner(who, keys / f"{who}.key").auth
+            return httpx.get(agent.url + "/v1/jobs:counts", params=params, auth=auth)
+
+        assert counts("alice").json() == {"counts": {**dict.fromkeys(
+            ["submitted", "queued", "placed", "running", "failed", "cancelled", "timed_out", "rejected"], 0),
+            "succeeded": 1}, "tenant": "alice"}
+        assert counts("bob").json()["counts"]["succeeded"] == 0
+        assert counts("bob", tenant="alice").status_code == 403
+        assert counts("ops", tenant="alice").json()["counts"]["succeeded"] == 1
+        assert httpx.get(agent.url + "/v1/jobs:counts").status_code == 401
 
         saved = tmp_path / "report.json"
         saved.write_text(json.dumps(report))
