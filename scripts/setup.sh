@@ -17,12 +17,23 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 command -v prlimit >/dev/null || need+=(util-linux)
 command -v bwrap >/dev/null || need+=(bubblewrap)
-if [ ${#need[@]} -gt 0 ]; then
+# The dashboard's tests drive a real browser: Debian's Chromium and its chromedriver
+# (without their desktop recommends).
+browser=()
+if [ -n "$extras" ]; then
+  command -v chromium >/dev/null || browser+=(chromium)
+  command -v chromedriver >/dev/null || browser+=(chromium-driver)
+fi
+if [ ${#need[@]} -gt 0 ] || [ ${#browser[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing Debian packages: ${need[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    echo "setup: installing Debian packages: ${need[*]} ${browser[*]}"
+    apt-get update -qq
+    [ ${#need[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    [ ${#browser[@]} -eq 0 ] \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${browser[@]}" >/dev/null
   else
-    echo "setup: missing ${need[*]}; install them with apt-get (as root) for the process sandbox" >&2
+    echo "setup: missing ${need[*]} ${browser[*]}; install them with apt-get (as root): the process sandbox" \
+      "needs the first, the dashboard tests the browser" >&2
   fi
 fi
 

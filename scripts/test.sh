@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --dev
 export PYTHONUNBUFFERED=1
+# setup.sh --dev installed the browser: a missing one fails the dashboard tests here, not skips them.
+export P2PSCHED_REQUIRE_BROWSER=1
 set +e
 .venv/bin/python -m pytest -q -ra --durations=15 "$@"
 rc=$?

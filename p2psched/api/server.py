@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from p2psched import dashboard
 from p2psched.agent.errors import AgentError
 from p2psched.api.errors import error_body, field_errors
 from p2psched.api.openapi import openapi_document
@@ -306,6 +307,7 @@ def create_app(agent: Any) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *dashboard.routes(),
     ]
     return Starlette(routes=routes, exception_handlers={AgentError: on_agent_error, HTTPException: on_http_error})
 

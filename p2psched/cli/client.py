@@ -46,20 +46,25 @@ def fail(message: str, code: int = 3) -> NoReturn:
     sys.exit(code)
 
 
+def tenant_auth(tenant: str | None, key: Path | None) -> httpx.Auth | None:
+    """The signer for --tenant/--key (None for neither); exits 2 on a bad pair or key."""
+    if tenant and key:
+        from p2psched.security.client import RequestSigner
+
+        try:
+            return RequestSigner(tenant, key).auth
+        except (OSError, ValueError) as e:
+            fail(f"cannot use --key {key}: {e}", 2)
+    if tenant or key:
+        fail("--tenant and --key go together: name the tenant and its private key file", 2)
+    return None
+
+
 class Api:
     def __init__(self, url: str, *, tenant: str | None = None, key: Path | None = None) -> None:
         self.url = url.rstrip("/")
-        auth = None
-        if tenant and key:
-            from p2psched.security.client import RequestSigner
-
-            try:
-                auth = RequestSigner(tenant, key).auth
-            except (OSError, ValueError) as e:
-                fail(f"cannot use --key {key}: {e}", 2)
-        elif tenant or key:
-            fail("--tenant and --key go together: name the tenant and its private key file", 2)
-        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0), auth=auth)
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0),
+                                   auth=tenant_auth(tenant, key))
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "peers": ("p2psched.cli.client:peers", "List cluster members as an agent sees them."),
     "cluster": ("p2psched.cli.client:cluster", "Cluster totals as an agent sees them."),
     "drain": ("p2psched.cli.client:drain", "Drain an agent: no new jobs, hand queued ones to peers, leave."),
+    "dashboard": ("p2psched.cli.dashboard:dashboard", "Serve an agent's dashboard here, signed as a tenant."),
     "up": ("p2psched.cli.up:up", "Start a local multi-agent cluster on loopback."),
     "doctor": ("p2psched.cli.doctor:doctor", "Check what works on this host, and how to fix what doesn't."),
     "keygen": ("p2psched.cli.keys:keygen", "Create a gossip encryption key."),

@@ -133,7 +133,8 @@ def up(nodes: int, base_port: int, data_root: Path, topology: Path | None, cpus:
         wait_healthy(procs)
         for node_id, url, _ in procs:
             click.echo(f"{node_id}  {url}")
-        click.echo(f"{nodes} agents up; export P2PSCHED_URL={procs[0][1]}; Ctrl-C stops them", err=True)
+        click.echo(f"{nodes} agents up; export P2PSCHED_URL={procs[0][1]}; dashboard: {procs[0][1]}/ui/; "
+                   "Ctrl-C stops them", err=True)
         sys.stdout.flush()
         while not stop:
             for node_id, _, p in procs:

@@ -1,0 +1,356 @@
+// The p2psched dashboard: reads this agent's HTTP API and redraws every 2 s.
+// Everything from the API is written with textContent, never as HTML.
+"use strict";
+
+const REFRESH_MS = 2000;
+const PAGE = 50;
+const MAX_LIMIT = 1000; // the API's most jobs per listing
+const STATES = ["submitted", "queued", "placed", "running", "succeeded", "failed", "cancelled", "timed_out", "rejected"];
+const FINAL = new Set(["succeeded", "failed", "cancelled", "timed_out", "rejected"]);
+
+const $ = (id) => document.getElementById(id);
+const view = { paused: false, selected: null, olderPages: 0, timer: null, busy: false };
+
+// ------------------------------------------------------------------ API
+
+class ApiError extends Error {
+  constructor(status, reason, message) {
+    super(message);
+    this.status = status;
+    this.reason = reason;
+  }
+}
+
+async function api(path, options = {}) {
+  let resp;
+  try {
+    resp = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store", ...options });
+  } catch (e) {
+    throw new ApiError(0, "unreachable", `cannot reach the agent (${e.message}); it may have stopped. Retrying every ${REFRESH_MS / 1000} s.`);
+  }
+  let body = null;
+  try {
+    body = await resp.json();
+  } catch (e) {
+    body = null;
+  }
+  if (!resp.ok && !(path === "/healthz" && resp.status === 503)) {
+    const err = (body && body.error) || {};
+    throw new ApiError(resp.status, err.reason || "http_error", err.message || `${resp.status} ${resp.statusText}`);
+  }
+  return body;
+}
+
+// ------------------------------------------------------------------ drawing helpers
+
+function el(tag, text, className) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (className) e.className = className;
+  return e;
+}
+
+function pill(state) {
+  return el("span", state, `pill s-${state}`);
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const c of cells) {
+    const td = document.createElement("td");
+    if (c instanceof Node) td.appendChild(c);
+    else td.textContent = c === undefined || c === null ? "" : String(c);
+    tr.appendChild(td);
+  }
+  return tr;
+}
+
+function fmtTime(epochS) {
+  if (!epochS) return "";
+  const d = new Date(epochS * 1000);
+  const time = d.toLocaleTimeString([], { hour12: false });
+  return d.toDateString() === new Date().toDateString() ? time : `${d.toISOString().slice(0, 10)} ${time}`;
+}
+
+function fmtDuration(s) {
+  if (s === null || s === undefined || !isFinite(s)) return "";
+  if (s < 1) return `${Math.round(s * 1000)} ms`;
+  if (s < 120) return `${s.toFixed(1)} s`;
+  return `${Math.round(s / 60)} min`;
+}
+
+function fmtMem(mb) {
+  return mb >= 1024 ? `${(mb / 1024).toFixed(1)} GiB` : `${mb} MiB`;
+}
+
+function fmtGpu(free, total) {
+  const kinds = Object.keys(total || {});
+  if (!kinds.length) return "none";
+  return kinds.map((k) => `${(free || {})[k] || 0} / ${total[k]} ${k}`).join(", ");
+}
+
+function took(job) {
+  const tl = job.timeline || [];
+  const start = tl.find((t) => t.state === "running");
+  const end = tl.length ? tl[tl.length - 1] : null;
+  if (!start || !end || !FINAL.has(job.state)) return "";
+  return fmtDuration(end.at - start.at);
+}
+
+function jobReason(job) {
+  if (job.result && job.result.reason) return job.result.reason;
+  return job.wait_reason || "";
+}
+
+// ------------------------------------------------------------------ sections
+
+function drawHealth(h) {
+  $("node").textContent = `node ${h.node_id} · v${h.version}`;
+  const p = $("health");
+  p.textContent = h.status === "ok" ? "accepting jobs" : h.status;
+  p.className = `pill s-${h.status}`;
+  document.title = `p2psched · ${h.node_id}`;
+}
+
+function drawCluster(c) {
+  const states = Object.entries(c.by_state || {}).map(([s, n]) => `${n} ${s}`).join(", ");
+  $("sum-members").textContent = c.members;
+  $("sum-members-detail").textContent = states;
+  $("sum-cpu").textContent = `${+c.free.cpu.toFixed(2)} / ${+c.total.cpu.toFixed(2)}`;
+  $("sum-mem").textContent = `${fmtMem(c.free.mem_mb)} / ${fmtMem(c.total.mem_mb)}`;
+  $("sum-gpu").textContent = fmtGpu(c.free.gpu, c.total.gpu);
+}
+
+function drawCounts(counts) {
+  const ul = $("sum-jobs");
+  ul.replaceChildren();
+  for (const s of STATES) {
+    const li = el("li");
+    li.dataset.state = s;
+    li.appendChild(el("b", counts[s] || 0));
+    li.appendChild(el("span", s, `s-${s}`));
+    ul.appendChild(li);
+  }
+}
+
+function drawPeers(peers) {
+  const body = $("peers").tBodies[0];
+  body.replaceChildren();
+  peers.sort((a, b) => (b.self === true) - (a.self === true) || a.node_id.localeCompare(b.node_id));
+  for (const p of peers) {
+    const v = p.vector || {};
+    const name = el("span", p.node_id);
+    if (p.self) name.appendChild(el("span", " (this agent)", "muted"));
+    const state = v.draining && p.state === "alive" ? "draining" : p.state;
+    let apiCell = "";
+    if (p.api) {
+      apiCell = el("a", p.api);
+      apiCell.href = `http://${p.api}/ui/`;
+    }
+    const tr = row([
+      name, pill(state), p.position || "",
+      v.cpu_total === undefined ? "" : `${+v.cpu_free.toFixed(2)} / ${+v.cpu_total.toFixed(2)}`,
+      v.mem_total_mb === undefined ? "" : `${fmtMem(v.mem_free_mb)} / ${fmtMem(v.mem_total_mb)}`,
+      fmtGpu(v.gpu_free, v.gpu_total), v.queue_len ?? "", v.running ?? "",
+      v.load === undefined ? "" : v.load.toFixed(2), apiCell,
+    ]);
+    tr.dataset.node = p.node_id;
+    tr.dataset.state = state;
+    body.appendChild(tr);
+  }
+}
+
+function drawJobs(jobs, hasMore) {
+  const body = $("jobs").tBodies[0];
+  body.replaceChildren();
+  for (const j of jobs) {
+    const tr = row([
+      el("code", j.id), pill(j.state), j.tenant, j.runtime, j.executor || "", j.attempts,
+      fmtTime(j.created_at), took(j), "",
+    ]);
+    tr.lastChild.className = "reason";
+    tr.lastChild.textContent = jobReason(j);
+    tr.dataset.jobId = j.id;
+    tr.dataset.state = j.state;
+    if (j.id === view.selected) tr.classList.add("selected");
+    tr.addEventListener("click", () => select(j.id));
+    body.appendChild(tr);
+  }
+  $("jobs-empty").hidden = jobs.length > 0 || $("state-filter").value !== "";
+  $("more").hidden = !hasMore || shownLimit() >= MAX_LIMIT;
+}
+
+function field(dl, name, value) {
+  if (value === undefined || value === null || value === "") return;
+  dl.appendChild(el("dt", name));
+  dl.appendChild(el("dd", value));
+}
+
+function drawDetail(job) {
+  $("detail").hidden = false;
+  $("detail-id").textContent = job.id;
+  const st = $("detail-state");
+  st.textContent = job.state;
+  st.className = `pill s-${job.state}`;
+  const enc = encodeURIComponent(job.id);
+  $("detail-json").href = `/v1/jobs/${enc}`;
+  $("detail-result").href = `/v1/jobs/${enc}/result`;
+  $("detail-result").hidden = !FINAL.has(job.state);
+  $("detail-cancel").hidden = FINAL.has(job.state);
+  const dl = $("detail-fields");
+  dl.replaceChildren();
+  field(dl, "tenant", job.tenant);
+  field(dl, "runtime", job.runtime);
+  field(dl, "priority", job.priority);
+  field(dl, "origin", job.origin);
+  field(dl, "executor", job.executor);
+  if (job.route && job.route.length) field(dl, "route", `${job.route.join(" → ")} (cost ${job.cost}, ${job.hops} hop${job.hops === 1 ? "" : "s"})`);
+  field(dl, "attempts", job.attempts);
+  field(dl, "waiting", job.wait_reason);
+  const r = job.result;
+  if (r) {
+    field(dl, "reason", r.reason);
+    field(dl, "exit code", r.exit_code);
+    field(dl, "CPU time", `${r.cpu_ms} ms`);
+    field(dl, "peak memory", `${r.peak_mem_bytes} bytes`);
+    field(dl, "output sha256", r.output_sha256);
+    if (r.warnings && r.warnings.length) field(dl, "warnings", r.warnings.join("; "));
+    field(dl, "attestation", r.attestation ? `signed by node ${r.attestation.node_id} (key ${String(r.attestation.node_pubkey).slice(0, 16)}…)` : null);
+  }
+  const body = $("timeline").tBodies[0];
+  body.replaceChildren();
+  let prev = null;
+  for (const t of job.timeline || []) {
+    const at = prev === null ? fmtTime(t.at) : `${fmtTime(t.at)} (+${fmtDuration(t.at - prev)})`;
+    const tr = row([pill(t.state), at, t.node, ""]);
+    tr.lastChild.className = "detail";
+    tr.lastChild.textContent = t.detail;
+    tr.dataset.state = t.state;
+    body.appendChild(tr);
+    prev = t.at;
+  }
+  $("detail-output").hidden = !r;
+  if (r) {
+    $("detail-stdout").textContent = shown(r.stdout, r.stdout_truncated, "output (raw)");
+    $("detail-stderr").textContent = shown(r.stderr, r.stderr_truncated, null);
+  }
+}
+
+// The record holds output as UTF-8 text with replacement characters: binary output
+// (a model's logits, say) is not worth reading that way.
+function shown(text, truncated, whereAll) {
+  const odd = (text.match(/[\uFFFD\u0000-\u0008\u000E-\u001F]/g) || []).length;
+  if (odd > 4 && odd > text.length / 20) {
+    const where = whereAll ? `: see ${whereAll}, or p2psched result JOB_ID > out.bin` : "";
+    return `[binary output, ${text.length} characters as text${where}]`;
+  }
+  if (!truncated) return text;
+  return text + (whereAll ? `\n[cut here: ${whereAll} has the rest]` : "\n[cut here: the agent keeps only this much]");
+}
+
+// ------------------------------------------------------------------ banner
+
+function showError(e) {
+  const b = $("banner");
+  let text = e.message;
+  if (e.status === 401 || e.status === 403) {
+    text = `${e.message} — this agent answers only signed requests (it has a tenant registry). ` +
+      "Open the dashboard through `p2psched dashboard --agent URL --tenant NAME --key FILE`, which signs them with the tenant's key.";
+  }
+  b.textContent = text;
+  b.hidden = false;
+}
+
+function clearError() {
+  $("banner").hidden = true;
+}
+
+// ------------------------------------------------------------------ refresh
+
+function shownLimit() {
+  return Math.min(MAX_LIMIT, PAGE * (1 + view.olderPages));
+}
+
+function jobsQuery() {
+  const q = new URLSearchParams({ order: "newest", limit: String(shownLimit()) });
+  const s = $("state-filter").value;
+  if (s) q.set("state", s);
+  return `/v1/jobs?${q}`;
+}
+
+async function refresh() {
+  if (view.busy) return;
+  view.busy = true;
+  try {
+    const health = await api("/healthz");
+    drawHealth(health);
+    const [cluster, peers, counts, jobs] = await Promise.all([
+      api("/v1/cluster"), api("/v1/peers"), api("/v1/jobs:counts"), api(jobsQuery()),
+    ]);
+    drawCluster(cluster);
+    drawPeers(peers.peers);
+    drawCounts(counts.counts);
+    drawJobs(jobs.jobs, jobs.next_cursor !== null);
+    if (view.selected) drawDetail(await api(`/v1/jobs/${encodeURIComponent(view.selected)}`));
+    clearError();
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
+  } catch (e) {
+    showError(e);
+  } finally {
+    view.busy = false;
+  }
+}
+
+function schedule() {
+  clearInterval(view.timer);
+  view.timer = view.paused ? null : setInterval(refresh, REFRESH_MS);
+}
+
+async function select(jobId) {
+  view.selected = jobId;
+  try {
+    drawDetail(await api(`/v1/jobs/${encodeURIComponent(jobId)}`));
+    clearError();
+  } catch (e) {
+    showError(e);
+  }
+  for (const tr of $("jobs").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.jobId === jobId);
+}
+
+async function cancelSelected() {
+  const id = view.selected;
+  if (!id || !window.confirm(`Cancel job ${id}?`)) return;
+  try {
+    drawDetail(await api(`/v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" }));
+    clearError();
+  } catch (e) {
+    showError(e);
+  }
+  refresh();
+}
+
+function init() {
+  const filter = $("state-filter");
+  for (const s of STATES) filter.appendChild(new Option(s, s));
+  filter.addEventListener("change", () => { view.olderPages = 0; refresh(); });
+  $("more").addEventListener("click", () => { view.olderPages += 1; refresh(); });
+  $("pause").addEventListener("click", () => {
+    view.paused = !view.paused;
+    $("pause").textContent = view.paused ? "Resume" : "Pause";
+    schedule();
+    if (!view.paused) refresh();
+  });
+  $("detail-close").addEventListener("click", () => {
+    view.selected = null;
+    $("detail").hidden = true;
+    refresh();
+  });
+  $("detail-cancel").addEventListener("click", cancelSelected);
+  const fromHash = decodeURIComponent(location.hash.slice(1));
+  if (fromHash) select(fromHash);
+  window.addEventListener("hashchange", () => { const h = decodeURIComponent(location.hash.slice(1)); if (h) select(h); });
+  refresh();
+  schedule();
+}
+
+document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,114 @@
+"""The dashboard in a real browser, against real agent subprocesses.
+
+What a user sees at http://AGENT/: the agent and its members with their resource
+vectors, jobs newest first with their states, a job's timeline and result, a
+cancel that stops a running job, and a clear line when the agent goes away. The
+page must run under its own Content Security Policy with no console error.
+"""
+
+import base64
+
+import httpx
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+from agents import WASM, start_cluster, stop_all, wasm_spec
+from browser import console_errors, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def rows(driver, table):
+    return {tr.get_attribute(f"data-{'job-id' if table == 'jobs' else 'node'}"): tr
+            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")}
+
+
+def job_states(driver):
+    return {k: tr.get_attribute("data-state") for k, tr in rows(driver, "jobs").items()}
+
+
+def test_the_page_is_served_with_a_strict_policy_and_the_root_leads_to_it(tmp_path):
+    [agent] = start_cluster(tmp_path, ["solo"])
+    try:
+        root = httpx.get(agent.url + "/", follow_redirects=False)
+        assert root.status_code == 307 and root.headers["location"] == "/ui/"
+        for name, kind in (("", "text/html"), ("app.js", "text/javascript"), ("style.css", "text/css")):
+            r = httpx.get(f"{agent.url}/ui/{name}")
+            assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+            assert "default-src 'none'; script-src 'self'" in r.headers["content-security-policy"]
+            assert r.headers["x-content-type-options"] == "nosniff"
+        missing = httpx.get(agent.url + "/ui/secrets.txt")
+        assert missing.status_code == 404 and "open /ui/" in missing.json()["error"]["message"]
+    finally:
+        stop_all([agent])
+
+
+def test_a_user_watches_jobs_and_members_opens_a_job_cancels_one_and_sees_the_agent_go(tmp_path, browser):
+    agents = start_cluster(tmp_path, ["d1", "d2"])
+    d1, d2 = agents
+    try:
+        with d1.client() as http:
+            def submit(name, **extra):
+                return http.post("/v1/jobs", json=wasm_spec(name, **extra)).json()["id"]
+
+            ok, bad = submit("hello.wasm"), submit("exit3.wasm")
+            logits = submit("mlp.wasm", input=base64.b64encode((WASM / "mlp.in.bin").read_bytes()).decode())
+            for j in (ok, bad, logits):
+                http.get(f"/v1/jobs/{j}", params={"wait": 30})
+            sleeper = submit("sleep.wasm")
+
+        browser.get(d1.url + "/")
+        assert browser.current_url.endswith("/ui/")
+        wait_for(lambda: job_states(browser).get(sleeper) == "running"
+                 and job_states(browser).get(ok) == "succeeded" and job_states(browser).get(bad) == "failed",
+                 what="the jobs table")
+        order = list(rows(browser, "jobs"))
+        assert order.index(sleeper) < order.index(bad) < order.index(ok)  # newest first
+        assert browser.find_element(By.ID, "node").text.startswith("node d1")
+        assert browser.find_element(By.ID, "health").text == "accepting jobs"
+
+        members = wait_for(lambda: len(rows(browser, "peers")) == 2 and rows(browser, "peers"), what="members")
+        assert {n: tr.get_attribute("data-state") for n, tr in members.items()} == {"d1": "alive", "d2": "alive"}
+        assert "(this agent)" in members["d1"].text
+        link = members["d2"].find_element(By.TAG_NAME, "a")
+        assert link.get_attribute("href") == f"http://127.0.0.1:{d2.api_port}/ui/"
+        assert browser.find_element(By.ID, "sum-members").text == "2"
+        counts = {li.get_attribute("data-state"): li.find_element(By.TAG_NAME, "b").text
+                  for li in browser.find_elements(By.CSS_SELECTOR, "#sum-jobs li")}
+        assert counts["failed"] == "1" and counts["running"] == "1"
+
+        Select(browser.find_element(By.ID, "state-filter")).select_by_value("failed")
+        wait_for(lambda: list(job_states(browser)) == [bad], what="the failed filter")
+
+        rows(browser, "jobs")[bad].click()
+        wait_for(lambda: browser.find_element(By.ID, "detail").is_displayed(), what="the job detail")
+        timeline = [tr.get_attribute("data-state")
+                    for tr in browser.find_elements(By.CSS_SELECTOR, "#timeline tbody tr")]
+        assert timeline == ["submitted", "queued", "placed", "running", "failed"]
+        assert "exit 3" in browser.find_element(By.ID, "detail-fields").text
+        assert not browser.find_element(By.ID, "detail-cancel").is_displayed()
+
+        Select(browser.find_element(By.ID, "state-filter")).select_by_value("")
+        wait_for(lambda: sleeper in rows(browser, "jobs"), what="the unfiltered table")
+        rows(browser, "jobs")[sleeper].click()
+        wait_for(lambda: browser.find_element(By.ID, "detail-id").text == sleeper, what="the sleeper's detail")
+        browser.find_element(By.ID, "detail-cancel").click()
+        browser.switch_to.alert.accept()
+        wait_for(lambda: browser.find_element(By.ID, "detail-state").text == "cancelled", what="the cancel")
+        with d1.client() as http:
+            assert http.get(f"/v1/jobs/{sleeper}").json()["state"] == "cancelled"
+
+        browser.get(f"{d1.url}/ui/#{logits}")  # a job linked by its id
+        wait_for(lambda: browser.find_element(By.ID, "detail-id").text == logits, what="the linked job")
+        wait_for(lambda: browser.find_element(By.ID, "detail-stdout").text.startswith("[binary output"),
+                 what="the logits shown as binary output")
+
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        assert console_errors(browser) == []  # no script error, no load refused by the CSP
+
+        d1.stop()
+        wait_for(lambda: "cannot reach the agent" in browser.find_element(By.ID, "banner").text,
+                 what="the banner for a stopped agent")
+    finally:
+        stop_all(agents)
