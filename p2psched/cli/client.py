@@ -257,20 +257,40 @@ def status(job_id: str, api: Api, wait_s: float, as_json: bool) -> None:
 @api_options
 @click.option("--state", help="Only jobs in this state.")
 @click.option("--of-tenant", "tenant", help="Only this tenant's jobs (an admin sees every tenant's).")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="At most this many jobs (pages through the agent's listing, 1,000 a request).")
+@click.option("--newest", is_flag=True, help="Newest first (default: oldest first).")
+@click.option("--counts", is_flag=True, help="Print how many stored jobs are in each state instead.")
 @json_option
-def jobs(api: Api, state: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
-    """List jobs known to an agent, oldest first."""
-    params: dict[str, Any] = {"limit": min(limit, 1000)}
+def jobs(api: Api, state: str | None, tenant: str | None, limit: int, newest: bool, counts: bool,
+         as_json: bool) -> None:
+    """List jobs known to an agent, oldest first (or --newest first)."""
+    if counts:
+        data = api.json("GET", "/v1/jobs:counts", params={"tenant": tenant} if tenant else {})
+        if as_json:
+            _print_json(data)
+        else:
+            for name, n in data["counts"].items():
+                click.echo(f"{name:<10} {n}")
+        return
+    params: dict[str, Any] = {"order": "newest" if newest else "oldest"}
     if state:
         params["state"] = state
     if tenant:
         params["tenant"] = tenant
-    data = api.json("GET", "/v1/jobs", params=params)
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while len(found) < limit:
+        page = api.json("GET", "/v1/jobs", params={**params, "limit": min(limit - len(found), 1000),
+                                                    **({"cursor": cursor} if cursor is not None else {})})
+        found += page["jobs"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
     if as_json:
-        _print_json(data)
+        _print_json({"jobs": found, "next_cursor": cursor if len(found) == limit else None})
         return
-    for rec in data["jobs"]:
+    for rec in found:
         click.echo(_summary(rec))
 
 
