@@ -122,6 +122,27 @@ def _wait_param(request: Request) -> float:
     return value
 
 
+def _refuse_cross_site(request: Request) -> None:
+    """Refuse a state change that a page of another site sent through a browser.
+
+    A browser sends a "simple" POST (a form, or fetch in no-cors mode) to any
+    address without asking first, so without this any web page a user opens could
+    submit jobs to, or drain, an agent that only the user's machine can reach.
+    Browsers always name the page's origin on such requests; clients (the CLI,
+    httpx, curl) send none, and the agent's own dashboard sends its own.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    host = request.headers.get("host", "")
+    if origin in (f"http://{host}", f"https://{host}"):
+        return
+    raise AgentError(
+        f"a {request.method} from a web page at {origin} is refused: this API changes state only for clients "
+        "and for this agent's own dashboard", reason="cross_site_request", status=403,
+    )
+
+
 def create_app(agent: Any) -> Starlette:
     limit = agent.settings.max_request_bytes
 
@@ -139,6 +160,7 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
 
     async def submit(request: Request) -> Response:
+        _refuse_cross_site(request)
         raw = await load_json(request)
         parsed = _parse_spec(raw)
         if isinstance(parsed, AgentError):
@@ -153,6 +175,7 @@ def create_app(agent: Any) -> Starlette:
         return _json(rec, 202 if created else 200)
 
     async def submit_batch(request: Request) -> Response:
+        _refuse_cross_site(request)
         raw = await load_json(request)
         jobs = raw.get("jobs") if isinstance(raw, dict) else None
         if not isinstance(jobs, list):
@@ -251,6 +274,7 @@ def create_app(agent: Any) -> Starlette:
         return _json({"counts": await agent.job_counts(tenant), "tenant": tenant})
 
     async def cancel_job(request: Request) -> Response:
+        _refuse_cross_site(request)
         rec = await agent.cancel(await readable(request))
         return _json(rec.as_dict())
 
@@ -276,6 +300,7 @@ def create_app(agent: Any) -> Starlette:
         return _json(agent.cluster_view())
 
     async def drain(request: Request) -> Response:
+        _refuse_cross_site(request)
         who = await principal(request, await request.body())
         if not who.admin:
             raise AgentError(f"draining an agent needs an admin tenant; {who.tenant!r} is not one",

@@ -174,6 +174,25 @@ async def test_list_newest_first_pages_backwards_and_counts_by_state(tmp_path):
         assert bad.status_code == 400 and "use tenant" in bad.json()["error"]["message"]
 
 
+async def test_state_changes_sent_by_a_page_of_another_site_are_refused(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        own = f"http://{http.base_url.host}:{http.base_url.port}"
+        evil = {"origin": "http://evil.example"}
+        r = await http.post("/v1/jobs", json=wasm_spec("sleep.wasm"), headers=evil)
+        assert r.status_code == 403 and r.json()["error"]["reason"] == "cross_site_request"
+        assert "http://evil.example" in r.json()["error"]["message"]
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm")]}, headers={"origin": "null"})
+        assert r.status_code == 403
+        assert (await http.get("/v1/jobs")).json()["jobs"] == []  # nothing was accepted
+
+        job = (await http.post("/v1/jobs", json=wasm_spec("sleep.wasm"), headers={"origin": own})).json()
+        assert job["state"] in ("queued", "placed", "running")  # the agent's own dashboard may
+        assert (await http.delete(f"/v1/jobs/{job['id']}", headers=evil)).status_code == 403
+        assert (await http.post("/v1/drain", headers=evil)).status_code == 403
+        assert agent.accepting
+        assert (await http.delete(f"/v1/jobs/{job['id']}")).json()["state"] == "cancelled"  # a client may
+
+
 async def test_priority_and_fair_share_order_of_dispatch(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
         blocker = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()

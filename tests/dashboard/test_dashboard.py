@@ -7,6 +7,10 @@ page must run under its own Content Security Policy with no console error.
 """
 
 import base64
+import functools
+import http.server
+import json
+import threading
 
 import httpx
 import pytest
@@ -112,3 +116,33 @@ def test_a_user_watches_jobs_and_members_opens_a_job_cancels_one_and_sees_the_ag
                  what="the banner for a stopped agent")
     finally:
         stop_all(agents)
+
+
+def test_a_page_of_another_site_cannot_submit_through_the_users_browser(tmp_path, browser):
+    """The browser sends a no-cors POST with a text/plain body without asking the
+    agent first; the agent must refuse it by its Origin. The other site here is a
+    plain web server on another loopback port (Chromium itself blocks public pages
+    from reaching loopback, but not a page on a local or intranet address)."""
+    [agent] = start_cluster(tmp_path, ["target"])
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "index.html").write_text("<title>another site</title>")
+    site = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site_dir)))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps(wasm_spec("hello.wasm"))
+        browser.get(f"http://127.0.0.1:{site.server_address[1]}/")
+        sent = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(arguments[0], {method: 'POST', mode: 'no-cors', headers: {'Content-Type': 'text/plain'},"
+            " body: arguments[1]}).then(() => done('sent'), (e) => done('error: ' + e));",
+            agent.url + "/v1/jobs", body)
+        assert sent == "sent"  # the request left the browser; its answer is opaque to the page
+        with agent.client() as client:
+            assert client.get("/v1/jobs").json()["jobs"] == []
+            # The same request from a client (no Origin) is taken: it is the page that is refused.
+            assert client.post("/v1/jobs", content=body, headers={"content-type": "text/plain"}).status_code == 202
+    finally:
+        site.shutdown()
+        stop_all([agent])
