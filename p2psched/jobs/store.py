@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, seq);
+-- Listings page by seq: without this, each page sorted the whole table (0.2 s at
+-- 300,000 jobs, on the trio thread).
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs(seq);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Results this agent ran for another origin and has not yet had acknowledged.
 CREATE TABLE IF NOT EXISTS deliveries (id TEXT PRIMARY KEY);
@@ -103,6 +106,26 @@ def _load(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
         wait_reason=d.get("wait_reason"), created_at=d.get("created_at", 0.0), seq=seq,
         origin_transfer=d.get("origin_transfer", ""), auth=d.get("auth"), duplicates=d.get("duplicates", []),
     )
+
+
+def list_query(*, state: str | None, tenant: str | None, limit: int, after_seq: int = 0,
+               newest_first: bool = False) -> tuple[str, list[Any]]:
+    """The SQL of ``Store.list``: one index range, whatever the filters."""
+    if newest_first:
+        q = "SELECT id, seq, spec, record FROM jobs WHERE seq < ?"
+        args: list[Any] = [after_seq or 2**62]
+    else:
+        q = "SELECT id, seq, spec, record FROM jobs WHERE seq > ?"
+        args = [after_seq]
+    if state:
+        q += " AND state = ?"
+        args.append(state)
+    if tenant:
+        q += " AND tenant = ?"
+        args.append(tenant)
+    q += " ORDER BY seq DESC LIMIT ?" if newest_first else " ORDER BY seq LIMIT ?"
+    args.append(limit)
+    return q, args
 
 
 class Store:
@@ -335,20 +358,7 @@ class Store:
              newest_first: bool = False) -> list[JobRecord]:
         """Jobs in submission order from ``after_seq`` on; or, ``newest_first``, the newest
         ones below ``after_seq`` (0: from the newest)."""
-        if newest_first:
-            q = "SELECT id, seq, spec, record FROM jobs WHERE seq < ?"
-            args: list[Any] = [after_seq or 2**62]
-        else:
-            q = "SELECT id, seq, spec, record FROM jobs WHERE seq > ?"
-            args = [after_seq]
-        if state:
-            q += " AND state = ?"
-            args.append(state)
-        if tenant:
-            q += " AND tenant = ?"
-            args.append(tenant)
-        q += " ORDER BY seq DESC LIMIT ?" if newest_first else " ORDER BY seq LIMIT ?"
-        args.append(limit)
+        q, args = list_query(state=state, tenant=tenant, limit=limit, after_seq=after_seq, newest_first=newest_first)
         return [_load(r) for r in self._reader.execute(q, args)]
 
     def count_by_state(self, tenant: str | None = None) -> dict[str, int]:

@@ -1,11 +1,12 @@
 import sqlite3
 
+import pytest
 import trio
 
 from p2psched.jobs.record import JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
-from p2psched.jobs.store import CHECKPOINT_ROWS, INLINE_OUTPUT_BYTES, Store
+from p2psched.jobs.store import CHECKPOINT_ROWS, INLINE_OUTPUT_BYTES, Store, list_query
 
 
 def rec(i: int) -> JobRecord:
@@ -130,3 +131,15 @@ def test_a_stored_module_is_remembered_and_a_disk_check_sees_it_removed(tmp_path
     reopened = Store(tmp_path)
     assert reopened.has_module(sha)  # a new store finds it on disk
     reopened.close()
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+@pytest.mark.parametrize("state, tenant", [(None, None), ("failed", None), (None, "alice"), ("failed", "alice")])
+def test_every_listing_reads_one_index_range_not_the_whole_table(tmp_path, state, tenant, newest_first):
+    """The dashboard lists the newest jobs every 2 s: a listing that sorted the whole
+    table took 0.2 s at 300,000 jobs, on the agent's event loop."""
+    store = Store(tmp_path)
+    q, args = list_query(state=state, tenant=tenant, limit=50, after_seq=10, newest_first=newest_first)
+    plan = " ".join(row[3] for row in store._reader.execute("EXPLAIN QUERY PLAN " + q, args))
+    assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
+    store.close()
