@@ -69,13 +69,25 @@ def test_result_waits_on_the_executor_until_its_origin_is_back(tmp_path):
         stop_all(agents)
 
 
+def submit_as_a_client_does(url, spec):
+    """POST a job, retrying a 503 after its Retry-After as a client should: an agent
+    that has just joined answers 503 "joining" for a client-chosen id until it has
+    the seed's member list (all agents seeing each other alive does not imply it)."""
+    for _ in range(20):
+        r = httpx.post(url + "/v1/jobs", json=spec, timeout=30)
+        if r.status_code != 503:
+            return r
+        assert r.json()["error"]["reason"] in ("joining", "home_unreachable"), r.text
+        time.sleep(float(r.headers["retry-after"]))
+    return r
+
+
 def test_same_id_submitted_to_two_agents_is_one_job(tmp_path):
     agents = start_cluster(tmp_path, ["a", "b", "c"])
     try:
         for n in range(6):
             job_id = f"twice-{n}"
-            replies = [httpx.post(a.url + "/v1/jobs", json=wasm_spec("hello.wasm", id=job_id), timeout=30)
-                       for a in agents]
+            replies = [submit_as_a_client_does(a.url, wasm_spec("hello.wasm", id=job_id)) for a in agents]
             assert sorted(r.status_code for r in replies) == [200, 200, 202], [r.text for r in replies]
             origins = {r.json()["origin"] for r in replies}
             assert len(origins) == 1
