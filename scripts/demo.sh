@@ -80,5 +80,22 @@ echo
 echo "== cluster as agent 0 sees it"
 p2psched peers
 echo
-echo "== summary"
+echo "== summary: jobs by state, and the first 20 (the examples)"
+p2psched jobs --counts | tr -s ' ' | paste -sd ',' | sed 's/,/, /g'
 p2psched jobs --limit 20
+
+echo
+echo "== dashboard"
+if python -c 'import sys, httpx; sys.exit("<title>p2psched</title>" not in httpx.get(sys.argv[1]).text)' \
+    "${P2PSCHED_URL}/ui/"; then
+  echo "every agent serves one at /ui/; this cluster's: ${P2PSCHED_URL}/ui/"
+else
+  echo "the dashboard at ${P2PSCHED_URL}/ui/ did not answer" >&2
+  exit 1
+fi
+if [ "${HOLD:-0}" = 1 ]; then
+  echo "HOLD=1: the cluster stays up for the dashboard; Ctrl-C stops it"
+  wait "$up_pid" || true
+else
+  echo "(the cluster stops now; run HOLD=1 ./scripts/demo.sh to keep it up and look)"
+fi

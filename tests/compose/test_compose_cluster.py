@@ -63,6 +63,17 @@ def test_a_job_submitted_to_the_entry_succeeds(compose_cluster: ComposeCluster) 
     assert "hello from p2psched" in out.stdout
 
 
+def test_the_image_serves_the_dashboard_on_the_published_port(compose_cluster: ComposeCluster) -> None:
+    import httpx
+
+    page = httpx.get(compose_cluster.entry_url + "/", follow_redirects=True, timeout=30)
+    assert page.status_code == 200 and "<title>p2psched</title>" in page.text  # the wheel carries its files
+    assert httpx.get(compose_cluster.entry_url + "/ui/app.js", timeout=30).headers["content-type"].startswith(
+        "text/javascript")
+    counts = httpx.get(compose_cluster.entry_url + "/v1/jobs:counts", timeout=30).json()["counts"]
+    assert counts["succeeded"] >= 1  # the job above
+
+
 def test_docker_stop_drains_the_agent_and_it_exits_zero(compose_cluster: ComposeCluster) -> None:
     name = compose_cluster.containers()[-1]
     assert docker("stop", name).returncode == 0
