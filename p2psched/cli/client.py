@@ -1,6 +1,8 @@
 """The client commands: submit, status, jobs, cancel, result, peers, cluster, drain.
 
 They speak only the HTTP API, so everything they do a user can do with curl.
+An answer of 429 or 503 with Retry-After (a full queue, a rate limit, an agent
+still joining) is retried after that delay for up to 30 s (``submit --retry-s``).
 Exit status: 0 on success; 1 when the job did not succeed (reason on stderr);
 2 for usage errors; 3 when the agent cannot be reached or answers an error.
 """
@@ -60,18 +62,34 @@ def tenant_auth(tenant: str | None, key: Path | None) -> httpx.Auth | None:
     return None
 
 
+#: How long a command keeps retrying an agent that answers 429 or 503 with Retry-After.
+RETRY_S = 30.0
+
+
 class Api:
-    def __init__(self, url: str, *, tenant: str | None = None, key: Path | None = None) -> None:
+    def __init__(self, url: str, *, tenant: str | None = None, key: Path | None = None,
+                 retry_s: float = RETRY_S) -> None:
         self.url = url.rstrip("/")
+        self.retry_s = retry_s
         self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0),
                                    auth=tenant_auth(tenant, key))
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            resp = self.client.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            fail(f"cannot reach the agent at {self.url}: {e}; is `p2psched agent` running there? "
-                 "(set --agent or $P2PSCHED_URL)")
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                resp = self.client.request(method, path, **kw)
+            except httpx.HTTPError as e:
+                fail(f"cannot reach the agent at {self.url}: {e}; is `p2psched agent` running there? "
+                     "(set --agent or $P2PSCHED_URL)")
+            # A full queue, a rate limit, an agent still joining: the agent took nothing
+            # and says when to ask again, so ask again (a refused request binds no nonce).
+            wait = _retry_after(resp)
+            if wait is None or time.monotonic() + wait > deadline:
+                break
+            click.echo(f"p2psched: {resp.status_code} {_error_reason(resp)}; retrying in {wait:g}s "
+                       f"(for up to {self.retry_s:g}s in all)", err=True)
+            time.sleep(wait)
         if resp.status_code >= 400:
             try:
                 err = resp.json()["error"]
@@ -83,6 +101,23 @@ class Api:
 
     def json(self, method: str, path: str, **kw: Any) -> Any:
         return self.request(method, path, **kw).json()
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    if resp.status_code not in (429, 503):
+        return None
+    try:
+        wait = float(resp.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return wait if 0 <= wait <= 60 else None
+
+
+def _error_reason(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["reason"])
+    except (ValueError, KeyError, TypeError):
+        return resp.reason_phrase
 
 
 def _print_json(data: Any) -> None:
@@ -136,13 +171,15 @@ def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--key", type=click.Path(path_type=Path), help="Tenant private key file.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; print its output (or record with --json).")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds.")
+@click.option("--retry-s", type=click.FloatRange(min=0), default=RETRY_S, show_default=True,
+              help="How long to keep retrying when the agent answers 429 or 503 with Retry-After (0: never).")
 @json_option
 def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_url: str, job_id: str | None,
            input_file: str | None, args: tuple[str, ...], env: tuple[str, ...], entry: str, cpu: float | None,
            mem_mb: int | None, gpu: int | None, gpu_type: str | None, wall_ms: int | None, cpu_ms: int | None,
            fuel: int | None, mem_limit_mb: int | None, priority: int | None, caps: tuple[str, ...],
            labels: tuple[str, ...], tenant: str | None, key: Path | None, wait: bool, timeout: float,
-           as_json: bool) -> None:
+           retry_s: float, as_json: bool) -> None:
     """Submit MODULE (a .wasm file), or with --process a command: submit --process -- CMD ARGS..."""
     spec: dict[str, Any] = {}
     if process:
@@ -193,7 +230,7 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
         spec["labels"] = _parse_env(labels)
     if tenant:
         spec["tenant"] = tenant
-    api = Api(agent_url, tenant=tenant, key=key)
+    api = Api(agent_url, tenant=tenant, key=key, retry_s=retry_s)
     body: dict[str, Any] = spec
     if tenant and key:
         from p2psched.security.client import sign_submission

@@ -1,0 +1,39 @@
+"""`p2psched submit` against a full agent: it retries after Retry-After until the
+queue has room (or --retry-s runs out), as a client of a busy service should."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agents import ROOT, cli, new_agent, wasm_spec
+
+pytestmark = pytest.mark.cluster
+
+
+def test_submit_waits_out_a_full_queue_and_gives_up_after_retry_s(tmp_path):
+    agent = new_agent(tmp_path, "busy", "--cpus", "1", "--queue-limit", "1").start()
+    try:
+        with agent.client() as http:
+            running = http.post("/v1/jobs", json=wasm_spec("sleep.wasm")).json()["id"]
+            queued = http.post("/v1/jobs", json=wasm_spec("sleep.wasm")).json()["id"]
+            full = http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+            assert full.status_code == 429 and full.headers["retry-after"]
+
+            refused = cli("submit", "examples/wasm/hello.wasm", "--retry-s", "0", agent=agent)
+            assert refused.returncode == 3 and b"429" in refused.stderr and b"retrying" not in refused.stderr
+
+            waiting = subprocess.Popen(
+                [sys.executable, "-m", "p2psched", "submit", "examples/wasm/hello.wasm", "--wait",
+                 "--agent", agent.url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            time.sleep(2.5)  # it meets the full queue and retries
+            assert waiting.poll() is None
+            for job in (queued, running):  # room in the queue, then a free CPU
+                http.delete(f"/v1/jobs/{job}")
+            out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, err
+        assert out == b"hello from p2psched\n"
+        assert b"p2psched: 429 queue_full; retrying in 1s" in err
+    finally:
+        agent.stop()
