@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -84,6 +85,8 @@ import wasmtime
 
 from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
+
+log = logging.getLogger("p2psched.sandbox")
 
 __all__ = ["FUEL_PER_CPU_MS", "WasmEngine", "run_wasm", "run_wasm_many", "validate_module"]
 
@@ -436,8 +439,13 @@ class WasmEngine:
         self.stats.compiled += 1
         if cached is not None:
             tmp = cached.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-            tmp.write_bytes(module.serialize())
-            os.replace(tmp, cached)
+            try:
+                tmp.write_bytes(module.serialize())
+                os.replace(tmp, cached)
+            except OSError as e:
+                # The cache only saves a compile: a full disk must not fail the job.
+                tmp.unlink(missing_ok=True)
+                log.warning("module %s compiled but not cached in %s: %s", sha256[:16], self.cache_dir, e)
         return module
 
 
