@@ -119,7 +119,10 @@ class JobLog:
 
 def flush() -> None:
     for h in logging.getLogger().handlers:
-        h.flush()
+        try:
+            h.flush()
+        except (OSError, ValueError):
+            pass  # a full disk or a closed stream: as logging does, never stop the program for a log line
 
 
 def _buffered_stderr() -> Any:
