@@ -34,7 +34,7 @@ from p2psched.jobs.queue import DispatchQueue
 from p2psched.jobs.record import RECORD_TEXT_BYTES, JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState, state_for_reason
-from p2psched.jobs.store import Store
+from p2psched.jobs.store import Store, StoreError
 from p2psched.metrics.agent import AgentMetrics
 from p2psched.config import parse_hostport
 from p2psched.resources import NodeState, ResourceVector
@@ -75,6 +75,9 @@ GC_THRESHOLDS = (20_000, 10, 10)
 FLUSH_INTERVAL_S = 0.05
 #: Info log lines are flushed at least this often when no job activity flushes them.
 LOG_FLUSH_IDLE_S = 1.0
+#: While the job store cannot be written (disk full, I/O errors), a flush is tried
+#: again this often, and refused clients are told to retry after it.
+STORE_RETRY_S = 1.0
 #: How often a changed resource vector is handed to membership while the agent holds
 #: jobs. Gossip runs every 200 ms, so publishing faster would only be coalesced away.
 PUBLISH_INTERVAL_S = 0.1
@@ -176,7 +179,10 @@ class Agent(RemoteJobs):
         self.metrics = AgentMetrics(self.registry)
         self.gate = Gate(settings, self.metrics.admission_rejections)
         self.data_dir = settings.resolved_data_dir
-        self.store = Store(self.data_dir)
+        try:
+            self.store = Store(self.data_dir)
+        except StoreError as e:
+            raise StartupError(str(e)) from None
         self.queue = DispatchQueue(settings.dispatch_policy)
         self.active: dict[str, JobRecord] = {}
         #: Status reports that arrived before the offer's acceptance (see _on_status).
@@ -305,7 +311,10 @@ class Agent(RemoteJobs):
         with trio.move_on_after(5):
             while self.running:
                 await trio.sleep(0.01)
-        await self.store.sync()
+        try:
+            await self.store.sync()
+        except StoreError as e:
+            log.error("stopping with job states not written (%s): after a restart, their jobs run again", e)
         if self.membership is not None:
             # Peers mark us `left` at once rather than suspecting and killing us.
             with trio.move_on_after(3):
@@ -336,6 +345,7 @@ class Agent(RemoteJobs):
             self._nursery.start_soon(self._deliver, job_id)
 
     _seq = 0
+    _store_error_logged = -1e9
 
     def _seq_seen(self, seq: int) -> None:
         self._seq = max(self._seq, seq, self.store.last_seq)
@@ -366,7 +376,7 @@ class Agent(RemoteJobs):
                     ev.set()
 
     async def _notify_when_durable(self, ev: trio.Event) -> None:
-        await self.store.sync()
+        await self._sync_retrying()
         ev.set()
 
     # ---------------------------------------------------------------- submission
@@ -381,6 +391,8 @@ class Agent(RemoteJobs):
                 f"agent {self.node_id} is shutting down and accepts no new jobs; submit to another agent",
                 reason="shutting_down",
             )
+        if self.store.write_error is not None:
+            raise self._store_unwritable()
         if self.waiting() + extra > self.settings.queue_limit:
             self.metrics.admission_rejections.labels("queue_full").inc()
             raise QueueFull(
@@ -388,6 +400,32 @@ class Agent(RemoteJobs):
                 "retry after the time in Retry-After or submit to another agent",
                 retry_after=self._retry_after(),
             )
+
+    def _store_unwritable(self) -> Unavailable:
+        self.metrics.admission_rejections.labels("store_unwritable").inc()
+        return Unavailable(
+            f"agent {self.node_id} accepts no jobs while it cannot write its job store ({self.store.write_error}); "
+            "free space in its data dir (or fix what the error names) and retry, or submit to another agent",
+            reason="store_unwritable", retry_after=STORE_RETRY_S,
+        )
+
+    def _keep_if_durable(self, created: list[JobRecord]) -> set[str]:
+        """After a failed write, forget the new jobs that did not reach the disk, so that
+        none is written later as if accepted. Returns their ids."""
+        lost = {rec.id for rec in created if self.store.discard(rec.id)}
+        for job_id in lost:
+            self.active.pop(job_id, None)
+        return lost
+
+    async def _sync_retrying(self) -> None:
+        """``store.sync()`` for background work: wait out a store that cannot be written
+        (the flush loop reports it), instead of failing the task."""
+        while True:
+            try:
+                await self.store.sync()
+                return
+            except StoreError:
+                await trio.sleep(STORE_RETRY_S)
 
     def _retry_after(self) -> float:
         return float(min(60, max(1, self.waiting() // max(1, int(self.cpu_total) * 100))))
@@ -460,7 +498,11 @@ class Agent(RemoteJobs):
             if proxied is not None:
                 return proxied
         rec, created = self._accept(spec, time.time(), auth)
-        await self.store.sync()
+        try:
+            await self.store.sync()
+        except StoreError:
+            if self._keep_if_durable([rec] if created else []):
+                raise self._store_unwritable() from None
         if created:
             self._enqueue(rec)
         return rec.as_dict(), created
@@ -488,10 +530,20 @@ class Agent(RemoteJobs):
             except AgentError as e:
                 out.append(e)
                 continue
+            except StoreError as e:  # its module could not be written: this job only is refused
+                out.append(Unavailable(f"{e}; the job was not accepted", reason="store_unwritable",
+                                       retry_after=STORE_RETRY_S))
+                continue
             if new:
                 created.append(rec)
             out.append((rec.as_dict(), new))
-        await self.store.sync()
+        try:
+            await self.store.sync()
+        except StoreError:
+            lost = self._keep_if_durable(created)
+            error = self._store_unwritable()
+            out = [error if isinstance(item, tuple) and item[1] and item[0]["id"] in lost else item for item in out]
+            created = [rec for rec in created if rec.id not in lost]
         for rec in created:
             self._enqueue(rec)
         return out
@@ -607,7 +659,7 @@ class Agent(RemoteJobs):
         return ResourceVector(
             cpu_total=self.cpu_total, cpu_free=max(0.0, self.cpu_total - self.cpu_used),
             mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
-            queue_len=self.waiting(), running=len(self.running), load=load, draining=not self.accepting,
+            queue_len=self.waiting(), running=len(self.running), load=load, draining=not self.accepting or self.store.write_error is not None,
             gpu_free=self.gpus.free_by_type() if self.gpus is not None else {},
             gpu_total=self.gpus.total_by_type() if self.gpus is not None else {},
         )
@@ -739,7 +791,26 @@ class Agent(RemoteJobs):
                 await trio.sleep(FLUSH_INTERVAL_S)  # let a group commit's worth gather
             logs.flush()
             if self.store.dirty:
-                await self.store.sync()
+                await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        """One flush; while the store cannot be written, say so (every minute) and try
+        again each STORE_RETRY_S. Peers see this agent as draining meanwhile."""
+        failing = self.store.write_error is not None
+        try:
+            await self.store.sync()
+        except StoreError as e:
+            now = trio.current_time()
+            if not failing or now - self._store_error_logged >= 60:
+                log.error("%s; jobs are refused, and job states wait in memory, until a write succeeds", e)
+                self._store_error_logged = now
+            if not failing:
+                self._vector_changed.set()
+            await trio.sleep(STORE_RETRY_S)
+            return
+        if failing:
+            log.warning("the job store %s is writable again; accepting jobs", self.store.path)
+            self._vector_changed.set()
 
     def local_state(self, *, with_tenants: bool = True) -> NodeState:
         """This agent as peers see it. Placement skips the per-tenant usage: it is O(jobs)."""
@@ -1126,7 +1197,7 @@ class Agent(RemoteJobs):
             # durable before it starts: after a crash the record says it may have run.
             # A wasm job has no effect outside its result, so it starts at once and
             # its running state reaches disk with the next flush, before its result.
-            await self.store.sync()
+            await self._sync_retrying()
             result = await self._execute_process(run, self._sandbox_request(rec, run.gpu_grant))
         except Exception as e:  # a sandbox bug must not take the agent down
             log.exception("job %s: sandbox error", rec.id)

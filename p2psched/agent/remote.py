@@ -30,6 +30,7 @@ import trio
 from p2psched.jobs.record import JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
+from p2psched.jobs.store import StoreError
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.transfer import messages as m
 from p2psched.transfer.service import TransferError
@@ -123,7 +124,7 @@ class RemoteJobs:
                 if rec.state.final:  # cancelled while the offer was in flight
                     return
                 self._accepted(rec, f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
-                await self.store.sync()
+                await self._sync_retrying()
                 return
             rec.attempts -= 1
             rec.hops -= 1
@@ -243,10 +244,14 @@ class RemoteJobs:
         try:
             self._admit_check()
             rec, created = self._accept(spec, time.time(), auth)
+            try:
+                await self.store.sync()
+            except StoreError:
+                if self._keep_if_durable([rec] if created else []):
+                    raise self._store_unwritable() from None
         except AgentError as e:
             return {"t": m.SUBMITTED_ERROR, "status": e.status, "reason": e.reason, "message": e.message,
                     "retry_after": e.retry_after}
-        await self.store.sync()
         if created:
             self._enqueue(rec)
         return {"t": m.SUBMITTED, "job": rec.as_dict(), "created": created}
@@ -254,6 +259,13 @@ class RemoteJobs:
     # -------------------------------------------------------------- executor: handlers
 
     async def handle_transfer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._handle_transfer(peer, msg)
+        except StoreError as e:
+            # The peer treats it as a refusal (an offer goes elsewhere, a result is sent again).
+            return m.error(f"agent {self.node_id} cannot write its job store now: {e}")
+
+    async def _handle_transfer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg.get("t")
         if kind == m.OFFER:
             m.require(msg, "id", "job")
@@ -402,7 +414,7 @@ class RemoteJobs:
     async def _deliver(self: Agent, job_id: str) -> None:
         backoff = 0.2
         while True:
-            await self.store.sync()
+            await self._sync_retrying()
             rec = self.store.get(job_id)
             if rec is None or rec.result is None:
                 self.store.stage_delivery(job_id, False)
@@ -421,7 +433,7 @@ class RemoteJobs:
                 reply = await self.transfer.request(rec.origin, address, msg)
                 if reply.get("t") == m.ACK:
                     self.store.stage_delivery(job_id, False)
-                    await self.store.sync()
+                    await self._sync_retrying()
                     return
             except TransferError as e:
                 log.info("result of %s not delivered to %s yet: %s; retrying in %.1fs", job_id, rec.origin, e,

@@ -27,6 +27,7 @@ from p2psched.api.errors import error_body, field_errors
 from p2psched.api.openapi import openapi_document
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
+from p2psched.jobs.store import StoreError
 
 #: Batch requests carry at most this many specs: enough to amortise one HTTP round
 #: trip and one fsync over many jobs, small enough to answer within a second.
@@ -279,9 +280,12 @@ def create_app(agent: Any) -> Starlette:
         return _json(rec.as_dict())
 
     async def healthz(request: Request) -> Response:
-        status = 200 if agent.accepting else 503
-        return _json({"status": "ok" if agent.accepting else "draining", "node_id": agent.node_id,
-                      "version": agent_version()}, status)
+        if not agent.accepting:
+            return _json({"status": "draining", "node_id": agent.node_id, "version": agent_version()}, 503)
+        if agent.store.write_error is not None:
+            return _json({"status": "store_unwritable", "node_id": agent.node_id, "version": agent_version(),
+                          "detail": agent.store.write_error}, 503)
+        return _json({"status": "ok", "node_id": agent.node_id, "version": agent_version()})
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -311,6 +315,12 @@ def create_app(agent: Any) -> Starlette:
         assert isinstance(exc, AgentError)
         return _error(exc)
 
+    async def on_store_error(request: Request, exc: Exception) -> Response:
+        # A read waits until the state it reports is on disk, and now it cannot be.
+        return _error(AgentError(f"agent {agent.node_id} cannot write its job store now ({exc}); retry in a "
+                                 "moment, or free space in its data dir", reason="store_unwritable", status=503,
+                                 retry_after=1.0))
+
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         reason = {404: "no_such_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -334,7 +344,8 @@ def create_app(agent: Any) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
         *dashboard.routes(),
     ]
-    return Starlette(routes=routes, exception_handlers={AgentError: on_agent_error, HTTPException: on_http_error})
+    return Starlette(routes=routes, exception_handlers={AgentError: on_agent_error, StoreError: on_store_error,
+                                                        HTTPException: on_http_error})
 
 
 def agent_version() -> str:

@@ -137,20 +137,30 @@ class Store:
         for d in (data_dir, self.modules_dir, self.outputs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "jobs.db"
-        # The writer connection is used only inside flushes, one at a time; the reader
-        # serves point lookups on the trio thread (WAL lets it read while a flush writes).
-        self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._writer.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
-        # loss can drop the last transactions. That is the trade-off etcd and Consul make too.
-        self._writer.execute("PRAGMA synchronous=NORMAL")
-        self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
-        self._writer.executescript(SCHEMA)
-        self._reader = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            # The writer connection is used only inside flushes, one at a time; the reader
+            # serves point lookups on the trio thread (WAL lets it read while a flush writes).
+            self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
+            # loss can drop the last transactions. That is the trade-off etcd and Consul make too.
+            self._writer.execute("PRAGMA synchronous=NORMAL")
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
+            self._writer.executescript(SCHEMA)
+            self._reader = sqlite3.connect(self.path, check_same_thread=False)
+            self._reader.execute("SELECT count(*) FROM jobs WHERE seq < 0").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"cannot open the job store {self.path}: {e}. Check that the data dir is writable and has space; "
+                "if the file is damaged, restore it from a backup, or move it aside to start with an empty store "
+                "(the jobs it held are then forgotten)"
+            ) from None
         self._pending: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
         # Records are serialised at flush time, not at each stage: a job that moves
         # through several states between two flushes is encoded once.
         self._staged_records: dict[str, JobRecord] = {}
+        #: Why the last flush failed (disk full, I/O error), until one succeeds.
+        self.write_error: str | None = None
         self._inflight: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
         self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
         self._staged_gen = 0
@@ -190,8 +200,13 @@ class Store:
         path = self.modules_dir / f"{sha256}.wasm"
         if not path.exists():
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"could not store module {sha256[:16]} in {self.modules_dir}: {e.strerror}; "
+                                 "check disk space and permissions") from e
         self._modules[sha256] = path
         return path
 
@@ -279,10 +294,17 @@ class Store:
                     self._write(batch, records, deliveries)
                 else:
                     await trio.to_thread.run_sync(self._write, batch, records, deliveries, checkpoint)
-            except BaseException:
+            except BaseException as e:
+                if isinstance(e, StoreError):
+                    self.write_error = str(e)
                 # Put the batch back (without clobbering newer stagings) so nothing is lost.
                 for k, v in batch.items():
-                    self._pending.setdefault(k, v)
+                    newer = self._pending.get(k)
+                    if newer is None:
+                        self._pending[k] = v
+                    else:  # staged again meanwhile: its new state, with the spec and output not yet written
+                        self._pending[k] = (newer[0], newer[1] if newer[1] is not None else v[1], *newer[2:7],
+                                            newer[7] if newer[7] is not None else v[7])
                 for k, rec in staged.items():
                     self._staged_records.setdefault(k, rec)
                 for k, owed in deliveries.items():
@@ -294,6 +316,18 @@ class Store:
                 done, self._flushed = self._flushed, trio.Event()
                 done.set()
             self._committed_gen = gen
+            self.write_error = None
+
+    def discard(self, job_id: str) -> bool:
+        """Forget ``job_id``'s staged state if none of it is on disk yet (a submission
+        whose write failed, so that it is not written later as if accepted).
+        False if some of it is on disk already: that job was accepted."""
+        entry = self._pending.get(job_id)
+        if entry is None or entry[1] is None or job_id in self._inflight:
+            return False  # never staged here, or written already (its row is an update), or being written
+        del self._pending[job_id]
+        self._staged_records.pop(job_id, None)
+        return True
 
     def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str],
                deliveries: dict[str, bool] | None = None, checkpoint: bool = False) -> None:

@@ -143,3 +143,63 @@ def test_every_listing_reads_one_index_range_not_the_whole_table(tmp_path, state
     plan = " ".join(row[3] for row in store._reader.execute("EXPLAIN QUERY PLAN " + q, args))
     assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
     store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only), to make writes fail for real."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk) -> None:
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+@pytest.mark.root
+async def test_a_failed_write_keeps_every_state_and_a_job_restaged_meanwhile_is_written_whole(small_disk):
+    from p2psched.jobs.store import StoreError
+
+    store = Store(small_disk)
+    records = [rec(i) for i in range(1, 40)]  # more rows than a flush writes on the trio thread
+    for r in records:
+        r.spec.input = b"x" * 20_000
+        store.stage(r, new=True)
+    fill(small_disk)
+    failure = None
+    async with trio.open_nursery() as nursery:
+        async def write() -> None:
+            nonlocal failure
+            try:
+                await store.sync()
+            except StoreError as e:
+                failure = e
+
+        nursery.start_soon(write)
+        while not store._inflight:  # the write is on its thread now
+            await trio.sleep(0)
+        records[0].advance(JobState.PLACED, 2.0, "n1")
+        store.stage(records[0])  # staged again while its first write is in flight
+    assert failure is not None and "full" in str(failure)
+    assert store.write_error == str(failure)
+    assert store.discard(records[1].id)  # never written: a caller may take it back
+    assert not store.discard("n1:nope")
+
+    (small_disk / "filler").unlink()
+    await store.sync()
+    assert store.write_error is None
+    store.close()
+    back = {r.id: r for r in Store(small_disk).unfinished()}
+    assert set(back) == {r.id for r in records} - {records[1].id}
+    assert back[records[0].id].state is JobState.PLACED  # its newer state, and its row with the spec
+    assert back[records[0].id].spec.input == b"x" * 20_000

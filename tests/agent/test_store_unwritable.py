@@ -1,0 +1,137 @@
+"""A job store that cannot be written (a full disk) and one that cannot be opened.
+
+The agent must keep serving, refuse new jobs with a clear, retryable error, never
+accept a job it could not write, keep the states of the jobs it holds in memory,
+and write them once the disk has room again. A damaged store stops the agent at
+start with what to do, not a traceback.
+"""
+
+import base64
+import contextlib
+import hashlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agents import ROOT, WASM, new_agent, wasm_spec
+
+
+@contextlib.contextmanager
+def small_disk(path, size="4m"):
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path):
+    with open(path / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+def wait_for(check, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, check
+        time.sleep(0.1)
+    return value
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_a_full_disk_refuses_jobs_keeps_serving_and_writes_the_held_states_when_space_returns(tmp_path):
+    agent = new_agent(tmp_path, "full")
+    with small_disk(agent.data_dir) as disk:  # the data dir is the small disk; the agent's log is not on it
+        agent.start()
+        try:
+            with agent.client() as http:
+                hello = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()
+                assert http.get(f"/v1/jobs/{hello['id']}", params={"wait": 30}).json()["state"] == "succeeded"
+                slow = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 3000})).json()["id"]
+                wait_for(lambda: http.get(f"/v1/jobs/{slow}").json()["state"] == "running")
+
+                fill(disk)
+                # By hash (the module is stored), with an input that makes each row big.
+                spec = {"module_sha256": hashlib.sha256((WASM / "hello.wasm").read_bytes()).hexdigest(),
+                        "input": base64.b64encode(b"x" * 6000).decode()}
+                accepted = []
+
+                def refused_batch():
+                    r = http.post("/v1/jobs:batch", json={"jobs": [spec] * 50}).json()["results"]
+                    accepted.extend(x["job"]["id"] for x in r if "job" in x)
+                    return all(x.get("error", {}).get("reason") == "store_unwritable" for x in r) and r
+
+                refusal = wait_for(refused_batch)[0]["error"]
+                assert refusal["status"] == 503 and "free space" in refusal["message"]
+                one = http.post("/v1/jobs", json=spec)
+                assert one.status_code == 503 and one.headers["retry-after"] == "1"
+                health = http.get("/healthz")
+                assert health.status_code == 503 and health.json()["status"] == "store_unwritable"
+                assert "disk is full" in health.json()["detail"]
+                assert 'p2psched_admission_rejections_total{reason="store_unwritable"}' in http.get("/metrics").text
+
+                time.sleep(3.5)  # the slow job times out while its state cannot be written
+                assert agent.proc.poll() is None  # the agent kept serving
+
+                (disk / "filler").unlink()
+                wait_for(lambda: http.get("/healthz").status_code == 200)
+                assert http.get(f"/v1/jobs/{slow}").json()["state"] == "timed_out"
+                again = http.post("/v1/jobs", json=spec).json()["id"]
+                assert http.get(f"/v1/jobs/{again}", params={"wait": 30}).json()["state"] == "succeeded"
+                listed = {j["id"] for j in http.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]}
+            # Only what was accepted exists: the refused submissions left nothing behind.
+            assert listed == {hello["id"], slow, again, *accepted}
+            assert agent.stop() == 0
+            agent.start()
+            with agent.client() as http:
+                assert http.get(f"/v1/jobs/{slow}").json()["state"] == "timed_out"
+                assert {j["id"] for j in http.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]} == listed
+        finally:
+            agent.kill()
+            agent.stop()
+
+
+def test_a_damaged_job_store_stops_the_agent_at_start_with_what_to_do(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.db").write_bytes(b"this is not a database, it was cut by a bad copy" * 100)
+    p = subprocess.run([sys.executable, "-m", "p2psched", "agent", "--data-dir", str(data), "--api", "127.0.0.1:0",
+                        "--gossip", "127.0.0.1:0", "--transfer", "127.0.0.1:0", "--insecure", "--no-mdns"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert f"cannot open the job store {data / 'jobs.db'}: file is not a database" in p.stderr
+    assert "move it aside to start with an empty store" in p.stderr
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_an_agent_whose_log_disk_is_full_keeps_running_jobs(tmp_path):
+    """`p2psched agent >> agent.log 2>&1` on a disk that fills: the log lines are lost,
+    the agent is not."""
+    agent = new_agent(tmp_path, "chatty")
+    with small_disk(tmp_path / "logdisk") as disk:
+        agent.data_dir.mkdir(parents=True)
+        log = open(disk / "agent.log", "ab")  # noqa: SIM115
+        agent.proc = subprocess.Popen(agent.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      start_new_session=True)
+        try:
+            agent.wait_healthy()
+            fill(disk)
+            with agent.client() as http:
+                for _ in range(3):  # some 600 job lines, more than the disk has room for
+                    batch = http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm")] * 40}).json()
+                    last = batch["results"][-1]["job"]["id"]
+                    assert http.get(f"/v1/jobs/{last}", params={"wait": 30}).json()["state"] == "succeeded"
+                    time.sleep(1.2)  # past the idle log flush
+                assert http.get("/healthz").status_code == 200
+            assert agent.proc.poll() is None
+            assert agent.stop() == 0
+        finally:
+            agent.kill()
+            log.close()
