@@ -68,5 +68,7 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "the p
 
 
 def console_errors(driver: Any) -> list[dict[str, Any]]:
-    """The page's console errors: script errors, refused loads, CSP violations."""
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    """The page's console errors since the last call: script errors, refused loads,
+    CSP violations. A request that a test's own navigation cut short (ERR_ABORTED)
+    is not the page's error."""
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "net::ERR_ABORTED" not in e["message"]]
