@@ -199,6 +199,7 @@ class Agent(RemoteJobs):
         self._wake = trio.Event()
         self._vector_changed = trio.Event()  # slots taken or given back, or a job queued
         self._waiters: dict[str, trio.Event] = {}
+        self._awaiting_durable: set[trio.Event] = set()  # waiters whose job ended, until it is on disk
         self._stop = trio.Event()
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -376,7 +377,11 @@ class Agent(RemoteJobs):
                     ev.set()
 
     async def _notify_when_durable(self, ev: trio.Event) -> None:
-        await self._sync_retrying()
+        self._awaiting_durable.add(ev)
+        try:
+            await self._sync_retrying()
+        finally:
+            self._awaiting_durable.discard(ev)
         ev.set()
 
     # ---------------------------------------------------------------- submission
@@ -806,6 +811,8 @@ class Agent(RemoteJobs):
                 self._store_error_logged = now
             if not failing:
                 self._vector_changed.set()
+            for ev in self._awaiting_durable:
+                ev.set()  # their clients learn now that the end cannot be written, not after their wait
             await trio.sleep(STORE_RETRY_S)
             return
         if failing:

@@ -81,6 +81,8 @@ def agent(config_file: Path | None, **flags: object) -> None:
 
     logs.configure(settings.log_format, settings.log_level)
 
+    unwritten: list[str] = []
+
     async def main() -> None:
         agent = Agent(settings, registry=process_registry())
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -100,6 +102,8 @@ def agent(config_file: Path | None, **flags: object) -> None:
                 nursery.start_soon(on_signals)
                 await agent.stopped.wait()
                 nursery.cancel_scope.cancel()
+        if agent.store.write_error is not None:
+            unwritten.append(agent.store.write_error)
 
     from p2psched.agent.errors import StartupError
 
@@ -114,3 +118,5 @@ def agent(config_file: Path | None, **flags: object) -> None:
             click.echo(f"p2psched agent: {e}; is another agent using the same ports? (`p2psched doctor` checks)",
                        err=True)
         sys.exit(1)
+    if unwritten:
+        sys.exit(1)  # stopped without writing its last job states (logged): not a clean stop

@@ -135,3 +135,30 @@ def test_an_agent_whose_log_disk_is_full_keeps_running_jobs(tmp_path):
         finally:
             agent.kill()
             log.close()
+
+
+@pytest.mark.root
+@pytest.mark.cluster
+def test_stopping_while_the_store_cannot_be_written_exits_1_and_the_restart_runs_the_job_again(tmp_path):
+    agent = new_agent(tmp_path, "stuck")
+    with small_disk(agent.data_dir) as disk:
+        agent.start()
+        try:
+            with agent.client() as http:
+                job = http.post("/v1/jobs", json=wasm_spec("sleep.wasm")).json()["id"]
+                wait_for(lambda: http.get(f"/v1/jobs/{job}").json()["state"] == "running")
+                fill(disk)
+                # Cancelled in memory, but its end cannot be written: the client is told so.
+                r = http.delete(f"/v1/jobs/{job}")
+                assert r.status_code == 503 and r.json()["error"]["reason"] == "store_unwritable"
+            assert agent.stop() == 1
+            assert "stopping with job states not written" in agent.log()
+            (disk / "filler").unlink()
+            agent.start()
+            with agent.client() as http:
+                rec = wait_for(lambda: (r := http.get(f"/v1/jobs/{job}").json())["state"] == "running" and r)
+                assert rec["attempts"] == 2  # at least once: it ran again rather than being lost
+                assert http.delete(f"/v1/jobs/{job}").json()["state"] == "cancelled"
+            assert agent.stop() == 0
+        finally:
+            agent.kill()
