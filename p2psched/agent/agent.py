@@ -664,7 +664,8 @@ class Agent(RemoteJobs):
         return ResourceVector(
             cpu_total=self.cpu_total, cpu_free=max(0.0, self.cpu_total - self.cpu_used),
             mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
-            queue_len=self.waiting(), running=len(self.running), load=load, draining=not self.accepting or self.store.write_error is not None,
+            queue_len=self.waiting(), running=len(self.running), load=load,
+            draining=not self.accepting or self.store.write_error is not None,  # peers offer it nothing
             gpu_free=self.gpus.free_by_type() if self.gpus is not None else {},
             gpu_total=self.gpus.total_by_type() if self.gpus is not None else {},
         )

@@ -5,7 +5,9 @@
 const REFRESH_MS = 2000;
 const PAGE = 50;
 const MAX_LIMIT = 1000; // the API's most jobs per listing
-const STATES = ["submitted", "queued", "placed", "running", "succeeded", "failed", "cancelled", "timed_out", "rejected"];
+const STATES = [
+  "submitted", "queued", "placed", "running", "succeeded", "failed", "cancelled", "timed_out", "rejected",
+];
 const FINAL = new Set(["succeeded", "failed", "cancelled", "timed_out", "rejected"]);
 
 const $ = (id) => document.getElementById(id);
@@ -26,7 +28,8 @@ async function api(path, options = {}) {
   try {
     resp = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store", ...options });
   } catch (e) {
-    throw new ApiError(0, "unreachable", `cannot reach the agent (${e.message}); it may have stopped. Retrying every ${REFRESH_MS / 1000} s.`);
+    throw new ApiError(0, "unreachable",
+      `cannot reach the agent (${e.message}); it may have stopped. Retrying every ${REFRESH_MS / 1000} s.`);
   }
   let body = null;
   try {
@@ -204,7 +207,10 @@ function drawDetail(job) {
   field(dl, "priority", job.priority);
   field(dl, "origin", job.origin);
   field(dl, "executor", job.executor);
-  if (job.route && job.route.length) field(dl, "route", `${job.route.join(" → ")} (cost ${job.cost}, ${job.hops} hop${job.hops === 1 ? "" : "s"})`);
+  if (job.route && job.route.length) {
+    const hops = `${job.hops} hop${job.hops === 1 ? "" : "s"}`;
+    field(dl, "route", `${job.route.join(" → ")} (cost ${job.cost}, ${hops})`);
+  }
   field(dl, "attempts", job.attempts);
   field(dl, "waiting", job.wait_reason);
   const r = job.result;
@@ -215,7 +221,10 @@ function drawDetail(job) {
     field(dl, "peak memory", `${r.peak_mem_bytes} bytes`);
     field(dl, "output sha256", r.output_sha256);
     if (r.warnings && r.warnings.length) field(dl, "warnings", r.warnings.join("; "));
-    field(dl, "attestation", r.attestation ? `signed by node ${r.attestation.node_id} (key ${String(r.attestation.node_pubkey).slice(0, 16)}…)` : null);
+    if (r.attestation) {
+      const key = String(r.attestation.node_pubkey).slice(0, 16);
+      field(dl, "attestation", `signed by node ${r.attestation.node_id} (key ${key}…)`);
+    }
   }
   const body = $("timeline").tBodies[0];
   body.replaceChildren();
@@ -255,7 +264,8 @@ function showError(e) {
   let text = e.message;
   if (e.status === 401 || e.status === 403) {
     text = `${e.message} — this agent answers only signed requests (it has a tenant registry). ` +
-      "Open the dashboard through `p2psched dashboard --agent URL --tenant NAME --key FILE`, which signs them with the tenant's key.";
+      "Open the dashboard through `p2psched dashboard --agent URL --tenant NAME --key FILE`, " +
+      "which signs them with the tenant's key.";
   }
   b.textContent = text;
   b.hidden = false;
@@ -348,7 +358,10 @@ function init() {
   $("detail-cancel").addEventListener("click", cancelSelected);
   const fromHash = decodeURIComponent(location.hash.slice(1));
   if (fromHash) select(fromHash);
-  window.addEventListener("hashchange", () => { const h = decodeURIComponent(location.hash.slice(1)); if (h) select(h); });
+  window.addEventListener("hashchange", () => {
+    const h = decodeURIComponent(location.hash.slice(1));
+    if (h) select(h);
+  });
   refresh();
   schedule();
 }
