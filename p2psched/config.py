@@ -63,6 +63,11 @@ class AgentSettings(BaseModel):
         description="Jobs waiting here at most; past it submissions get 429. Bounded so a flood cannot exhaust memory.",
     )
     dispatch_policy: Literal["fair", "fifo"] = Field("fair", description="Order of local dispatch.")
+    job_retention_h: float = Field(
+        168.0, ge=0, le=1_000_000,
+        description="Finished jobs, their records and outputs, are deleted this many hours after they were "
+        "submitted (one week by default), so the store does not grow for good; 0 keeps them all.",
+    )
     grace_s: float = Field(
         10.0, ge=0, le=3600, description="On SIGINT/SIGTERM, how long running jobs may finish before they are stopped."
     )

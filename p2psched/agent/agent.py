@@ -273,6 +273,8 @@ class Agent(RemoteJobs):
                 nursery.start_soon(self._dispatch_loop)
                 nursery.start_soon(self._replace_loop)
                 nursery.start_soon(self._flush_loop)
+                if self.settings.job_retention_h > 0:
+                    nursery.start_soon(self._prune_loop)
                 await self._start_cluster(nursery)
                 await nursery.start(serve_api, self)
                 log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
@@ -567,6 +569,8 @@ class Agent(RemoteJobs):
             hint = ""
             if origin and origin != self.node_id:
                 hint = f"; its id says it was submitted to {origin}" + self._api_hint(origin)
+            if self.settings.job_retention_h > 0:
+                hint += f" (finished jobs are kept for {self.settings.job_retention_h:g} h after submission)"
             raise NotFound(f"no job {job_id!r} at agent {self.node_id}{hint}", reason="unknown_job")
         return rec
 
@@ -798,6 +802,22 @@ class Agent(RemoteJobs):
             logs.flush()
             if self.store.dirty:
                 await self._flush_once()
+
+    async def _prune_loop(self) -> None:
+        """Delete finished jobs older than the retention time, a few times per period
+        (at most every minute), so that the store and outputs do not grow for good."""
+        retention_s = self.settings.job_retention_h * 3600
+        while True:
+            try:
+                pruned = await self.store.prune(time.time() - retention_s)
+            except StoreError as e:
+                log.warning("%s; trying again later", e)
+            else:
+                if pruned:
+                    self.metrics.jobs_pruned.inc(pruned)
+                    log.info("deleted %d finished jobs submitted more than %g h ago", pruned,
+                             self.settings.job_retention_h)
+            await trio.sleep(min(60.0, max(0.5, retention_s / 4)))
 
     async def _flush_once(self) -> None:
         """One flush; while the store cannot be written, say so (every minute) and try

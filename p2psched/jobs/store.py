@@ -19,6 +19,7 @@ Layout under the data dir::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -317,6 +318,60 @@ class Store:
                 done.set()
             self._committed_gen = gen
             self.write_error = None
+
+    async def prune(self, submitted_before: float, batch: int = 1_000) -> int:
+        """Delete the finished jobs submitted before ``submitted_before`` (Unix time),
+        with their output files, except results still owed to their origin. Returns
+        how many. The writes take turns with the flushes, batch by batch."""
+        total = 0
+        while True:
+            while self._flushing:
+                await self._flushed.wait()
+            self._flushing = True
+            try:
+                ids, more = await trio.to_thread.run_sync(self._prune_batch, submitted_before, batch)
+            finally:
+                self._flushing = False
+                done, self._flushed = self._flushed, trio.Event()
+                done.set()
+            for job_id in ids:
+                self._finished.pop(job_id, None)
+            total += len(ids)
+            if not more:
+                return total
+
+    def _prune_batch(self, submitted_before: float, batch: int) -> tuple[list[str], bool]:
+        finals = {s.value for s in FINAL_STATES}
+        owed = {r[0] for r in self._writer.execute("SELECT id FROM deliveries")}
+        doomed: list[tuple[str, str | None]] = []
+        after, more = 0, True
+        # Oldest first along the seq index; the few old unfinished or owed jobs are stepped over.
+        while more and len(doomed) < batch:
+            rows = self._writer.execute(
+                "SELECT id, seq, state, created_at, output_file FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, batch)).fetchall()
+            more = len(rows) == batch
+            for job_id, seq, state, created_at, output_file in rows:
+                after = seq
+                if created_at >= submitted_before:
+                    more = False
+                    break
+                if state in finals and job_id not in owed:
+                    doomed.append((job_id, output_file))
+        if not doomed:
+            return [], False
+        try:
+            self._writer.execute("BEGIN")
+            self._writer.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in doomed])
+            self._writer.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
+            raise StoreError(f"could not prune the job store {self.path}: {e}") from e
+        for _, output_file in doomed:
+            if output_file:
+                with contextlib.suppress(OSError):
+                    (self.outputs_dir / output_file).unlink()
+        return [job_id for job_id, _ in doomed], more
 
     def discard(self, job_id: str) -> bool:
         """Forget ``job_id``'s staged state if none of it is on disk yet (a submission

@@ -41,6 +41,9 @@ class AgentMetrics:
         )
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.running = Gauge("p2psched_jobs_running", "Jobs running here now.", registry=registry)
+        self.jobs_pruned = Counter(
+            "p2psched_jobs_pruned", "Finished jobs deleted from the store after the retention time.", registry=registry
+        )
 
     def job_state(self, state: str, runtime: str) -> Any:
         """The jobs_total child for (state, runtime), cached: labels() is costly per job."""

@@ -203,3 +203,36 @@ async def test_a_failed_write_keeps_every_state_and_a_job_restaged_meanwhile_is_
     assert set(back) == {r.id for r in records} - {records[1].id}
     assert back[records[0].id].state is JobState.PLACED  # its newer state, and its row with the spec
     assert back[records[0].id].spec.input == b"x" * 20_000
+
+
+async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_rest(tmp_path):
+    store = Store(tmp_path)
+
+    def job(i: int, created_at: float, state: JobState | None, output: bytes | None = None) -> JobRecord:
+        r = rec(i)
+        r.created_at = created_at
+        if state is not None:
+            r.advance(JobState.PLACED, created_at, "n1")
+            r.advance(JobState.RUNNING, created_at, "n1")
+            r.result = JobResult(exit_code=0, reason="exit 0")
+            r.advance(state, created_at, "n1")
+        store.stage(r, new=True, output=output)
+        return r
+
+    old_done = [job(i, 100.0 + i, JobState.SUCCEEDED) for i in range(1, 2501)]  # more than one batch
+    old_big = job(2501, 100.0, JobState.FAILED, output=b"x" * (INLINE_OUTPUT_BYTES + 1))
+    old_running = job(2502, 100.0, None)
+    old_owed = job(2503, 100.0, JobState.SUCCEEDED)
+    store.stage_delivery(old_owed.id, True)  # its result is still owed to its origin
+    new_done = job(2504, 5_000.0, JobState.SUCCEEDED)
+    await store.sync()
+    big_file = next(store.outputs_dir.iterdir())
+
+    assert await store.prune(submitted_before=4_000.0) == 2501
+    assert not big_file.exists()
+    kept = {r.id for r in store.list(state=None, tenant=None, limit=1000)}
+    assert kept == {old_running.id, old_owed.id, new_done.id}
+    assert store.get(old_done[0].id) is None and store.get(old_big.id) is None  # gone from the cache too
+    assert store.count_by_state() == {"queued": 1, "succeeded": 2}
+    assert await store.prune(submitted_before=4_000.0) == 0
+    store.close()
