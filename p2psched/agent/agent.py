@@ -804,12 +804,14 @@ class Agent(RemoteJobs):
                 await self._flush_once()
 
     async def _prune_loop(self) -> None:
-        """Delete finished jobs older than the retention time, a few times per period
-        (at most every minute), so that the store and outputs do not grow for good."""
+        """Delete finished jobs older than the retention time, and modules no job used
+        for as long, a few times per period (at most every minute), so that the store,
+        outputs and modules do not grow for good."""
         retention_s = self.settings.job_retention_h * 3600
         while True:
+            cutoff = time.time() - retention_s
             try:
-                pruned = await self.store.prune(time.time() - retention_s)
+                pruned = await self.store.prune(cutoff)
             except StoreError as e:
                 log.warning("%s; trying again later", e)
             else:
@@ -817,6 +819,11 @@ class Agent(RemoteJobs):
                     self.metrics.jobs_pruned.inc(pruned)
                     log.info("deleted %d finished jobs submitted more than %g h ago", pruned,
                              self.settings.job_retention_h)
+            # Modules (and their compiled copies) that no job used for as long.
+            candidates = await trio.to_thread.run_sync(self.store.unused_modules, cutoff, self.data_dir / "compiled")
+            in_use = {rec.spec.module_sha256 for rec in self.active.values() if rec.spec.module_sha256}
+            if modules := self.store.prune_modules(candidates, in_use, cutoff):
+                log.info("deleted %d modules no job used for %g h", modules, self.settings.job_retention_h)
             await trio.sleep(min(60.0, max(0.5, retention_s / 4)))
 
     async def _flush_once(self) -> None:

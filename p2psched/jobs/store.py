@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,9 @@ FINISHED_CACHE = 10_000
 #: Flushes of at most this many rows, with outputs of at most INLINE_OUTPUT_BYTES in
 #: all, commit on the trio thread.
 INLINE_FLUSH_ROWS = 8
+#: A module's file mtime is its last use, refreshed at most this often (one utime
+#: per module per hour, not per job).
+MODULE_TOUCH_S = 3600.0
 #: Rows written since the last WAL checkpoint that make the next flush checkpoint
 #: (on its worker thread). About SQLite's default of 1,000 pages.
 CHECKPOINT_ROWS = 1_000
@@ -134,6 +138,7 @@ class Store:
         self.data_dir = data_dir
         self.modules_dir = data_dir / "modules"
         self._modules: dict[str, Path] = {}  # sha256 -> file, for modules known to be on disk
+        self._module_touched: dict[str, float] = {}  # sha256 -> when this agent last marked it used
         self.outputs_dir = data_dir / "outputs"
         for d in (data_dir, self.modules_dir, self.outputs_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -188,18 +193,63 @@ class Store:
         """Whether the module is stored here. A module seen once is remembered: a stat
         and a Path per job cost more than a noop job. ``check_disk`` looks again (for
         offers from peers, which trust the answer to leave the bytes out)."""
-        if sha256 in self._modules and not check_disk:
+        path = self._modules.get(sha256)
+        if path is not None and not check_disk:
+            self._used(sha256, path)
             return True
         path = self.modules_dir / f"{sha256}.wasm"
         if path.exists():
             self._modules[sha256] = path
+            self._used(sha256, path)
             return True
         self._modules.pop(sha256, None)
         return False
 
+    def _used(self, sha256: str, path: Path) -> None:
+        """Mark a module used now (its file's mtime, at most once per MODULE_TOUCH_S),
+        so that pruning keeps the modules jobs still name."""
+        now = time.time()
+        if now - self._module_touched.get(sha256, 0.0) >= MODULE_TOUCH_S:
+            self._module_touched[sha256] = now
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    def unused_modules(self, unused_since: float, compiled_dir: Path | None) -> list[Path]:
+        """Module files (and compiled copies) not used since ``unused_since``: the
+        candidates for ``prune_modules``. Blocking (a stat per file): call it from a thread."""
+        found = []
+        for d in (self.modules_dir, compiled_dir):
+            if d is None:
+                continue
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(d):
+                    with contextlib.suppress(OSError):
+                        if entry.is_file() and entry.stat().st_mtime < unused_since:
+                            found.append(Path(entry.path))
+        return found
+
+    def prune_modules(self, candidates: list[Path], in_use: set[str], unused_since: float) -> int:
+        """Delete the candidate files whose module no unfinished job names and that
+        nobody used since they were listed. A job that names a deleted module later
+        is refused with unknown_module (send its bytes), and a peer is asked for them."""
+        n = 0
+        for path in candidates:
+            sha256 = path.name.split(".")[0]
+            if sha256 in in_use or self._module_touched.get(sha256, 0.0) >= unused_since:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                if path.parent == self.modules_dir:
+                    self._modules.pop(sha256, None)
+                    self._module_touched.pop(sha256, None)
+                    n += 1
+        return n
+
     def put_module(self, sha256: str, data: bytes) -> Path:
         path = self.modules_dir / f"{sha256}.wasm"
-        if not path.exists():
+        if path.exists():
+            self._used(sha256, path)
+        else:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             try:
                 tmp.write_bytes(data)

@@ -236,3 +236,25 @@ async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_r
     assert store.count_by_state() == {"queued": 1, "succeeded": 2}
     assert await store.prune(submitted_before=4_000.0) == 0
     store.close()
+
+
+def test_modules_no_job_used_since_the_cutoff_are_deleted_with_their_compiled_copies(tmp_path):
+    import os
+
+    store = Store(tmp_path)
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    for name in ("a", "b", "c"):
+        store.put_module(name * 64, b"\0asm" + name.encode())
+        (compiled / f"{name * 64}.fp1.cwasm").write_bytes(b"compiled")
+    for path in [*store.modules_dir.iterdir(), *compiled.iterdir()]:
+        os.utime(path, (1_000.0, 1_000.0))  # last used long ago
+    assert store.has_module("c" * 64)  # used now: its mtime moves on (once an hour at most)
+
+    candidates = store.unused_modules(2_000.0, compiled)
+    assert {p.name for p in candidates if p.parent == store.modules_dir} == {"a" * 64 + ".wasm", "b" * 64 + ".wasm"}
+    assert store.prune_modules(candidates, in_use={"a" * 64}, unused_since=2_000.0) == 1
+    assert not store.has_module("b" * 64) and not (compiled / f"{'b' * 64}.fp1.cwasm").exists()
+    assert store.has_module("a" * 64) and store.has_module("c" * 64)  # named by a job / used since
+    assert (compiled / f"{'a' * 64}.fp1.cwasm").exists() and (compiled / f"{'c' * 64}.fp1.cwasm").exists()
+    store.close()
