@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -119,10 +120,9 @@ class JobLog:
 
 def flush() -> None:
     for h in logging.getLogger().handlers:
-        try:
+        # A full disk or a closed stream: as logging does, never stop the program for a log line.
+        with contextlib.suppress(OSError, ValueError):
             h.flush()
-        except (OSError, ValueError):
-            pass  # a full disk or a closed stream: as logging does, never stop the program for a log line
 
 
 def _buffered_stderr() -> Any:
