@@ -18,8 +18,10 @@ import functools
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+from p2psched.api.errors import error_body
 
 STATIC = Path(__file__).resolve().with_name("static")
 FILES = {
@@ -48,9 +50,8 @@ async def _page(request: Request) -> Response:
     name = request.path_params.get("name") or "index.html"
     media = FILES.get(name)
     if media is None:
-        from p2psched.agent.errors import NotFound
-
-        raise NotFound(f"the dashboard has no file {name!r}; open /ui/", reason="no_such_route")
+        # Answered here, not raised: the agent and `p2psched dashboard`'s proxy both serve this.
+        return JSONResponse(error_body(404, "no_such_route", f"the dashboard has no file {name!r}; open /ui/"), 404)
     return Response(_read(name), media_type=media, headers=HEADERS)
 
 

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from p2psched import dashboard
+from p2psched.api.errors import error_body
 
 #: Response headers passed back from the agent; hop-by-hop and length headers are not.
 _PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after")
@@ -73,7 +74,7 @@ def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[
 
 
 def _error(status: int, reason: str, message: str) -> Response:
-    return JSONResponse({"error": {"status": status, "reason": reason, "message": message}}, status)
+    return JSONResponse(error_body(status, reason, message), status)
 
 
 def hosts_for(host: str, port: int) -> set[str]:

@@ -12,8 +12,8 @@ import pytest
 from selenium.webdriver.common.by import By
 
 import agents
-from agents import ROOT, free_port, new_agent
-from browser import console_errors, wait_for
+from agents import ROOT, free_port, new_agent, wait_for
+from browser import console_errors
 
 pytestmark = pytest.mark.cluster
 
@@ -83,6 +83,8 @@ def test_a_tenant_sees_its_own_jobs_through_the_proxy_and_the_agent_page_says_ho
         evil = httpx.get(base + "/v1/jobs", headers={"Host": f"evil.example:{port}"})
         assert evil.status_code == 403 and evil.json()["error"]["reason"] == "wrong_host"
         assert httpx.get(base + "/ui/", headers={"Host": f"evil.example:{port}"}).status_code == 403
+        missing = httpx.get(base + "/ui/secrets.txt")  # as the agent answers it, not a 500
+        assert missing.status_code == 404 and missing.json()["error"]["reason"] == "no_such_route"
     finally:
         if proxy is not None:
             proxy.terminate()
