@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import trio
@@ -73,6 +73,23 @@ def cli(*args: str, agent: AgentProcess | None = None, input_bytes: bytes | None
     if check and p.returncode != 0:
         raise AssertionError(f"p2psched {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.decode()}")
     return p
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "it") -> Any:
+    """Poll ``check`` until it returns something true, and return that. An exception
+    counts as not yet (a page mid-redraw, an agent still starting)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as e:  # noqa: BLE001 - look again
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout}s; last: {last!r}")
 
 
 def wasm_spec(name: str, **extra: Any) -> dict[str, Any]:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -49,22 +48,6 @@ def browser(tmp_path: Any) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "the page") -> Any:
-    """Poll ``check`` until it returns something true (the page redraws every 2 s)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as e:  # noqa: BLE001 - an element may be mid-redraw; look again
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not show it within {timeout}s; last: {last!r}")
 
 
 def console_errors(driver: Any) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ start with what to do, not a traceback.
 """
 
 import base64
-import contextlib
 import hashlib
 import subprocess
 import sys
@@ -15,31 +14,8 @@ import time
 
 import pytest
 
-from agents import ROOT, WASM, new_agent, wasm_spec
-
-
-@contextlib.contextmanager
-def small_disk(path, size="4m"):
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path):
-    with open(path / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-
-
-def wait_for(check, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, check
-        time.sleep(0.1)
-    return value
+from agents import ROOT, WASM, new_agent, wait_for, wasm_spec
+from disks import fill, small_disk
 
 
 @pytest.mark.root

@@ -17,8 +17,8 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from agents import WASM, start_cluster, stop_all, wasm_spec
-from browser import console_errors, wait_for
+from agents import WASM, start_cluster, stop_all, wait_for, wasm_spec
+from browser import console_errors
 
 pytestmark = pytest.mark.cluster
 

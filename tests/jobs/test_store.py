@@ -8,6 +8,8 @@ from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
 from p2psched.jobs.store import CHECKPOINT_ROWS, INLINE_OUTPUT_BYTES, Store, list_query
 
+from disks import fill, small_disk
+
 
 def rec(i: int) -> JobRecord:
     r = JobRecord(id=f"n1:{i}", seq=i, origin="n1", created_at=1.0,
@@ -146,36 +148,21 @@ def test_every_listing_reads_one_index_range_not_the_whole_table(tmp_path, state
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only), to make writes fail for real."""
-    import subprocess
-
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def fill(disk) -> None:
-    with open(disk / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+def disk(tmp_path):
+    with small_disk(tmp_path / "disk", "2m") as d:
+        yield d
 
 
 @pytest.mark.root
-async def test_a_failed_write_keeps_every_state_and_a_job_restaged_meanwhile_is_written_whole(small_disk):
+async def test_a_failed_write_keeps_every_state_and_a_job_restaged_meanwhile_is_written_whole(disk):
     from p2psched.jobs.store import StoreError
 
-    store = Store(small_disk)
+    store = Store(disk)
     records = [rec(i) for i in range(1, 40)]  # more rows than a flush writes on the trio thread
     for r in records:
         r.spec.input = b"x" * 20_000
         store.stage(r, new=True)
-    fill(small_disk)
+    fill(disk)
     failure = None
     async with trio.open_nursery() as nursery:
         async def write() -> None:
@@ -195,11 +182,11 @@ async def test_a_failed_write_keeps_every_state_and_a_job_restaged_meanwhile_is_
     assert store.discard(records[1].id)  # never written: a caller may take it back
     assert not store.discard("n1:nope")
 
-    (small_disk / "filler").unlink()
+    (disk / "filler").unlink()
     await store.sync()
     assert store.write_error is None
     store.close()
-    back = {r.id: r for r in Store(small_disk).unfinished()}
+    back = {r.id: r for r in Store(disk).unfinished()}
     assert set(back) == {r.id for r in records} - {records[1].id}
     assert back[records[0].id].state is JobState.PLACED  # its newer state, and its row with the spec
     assert back[records[0].id].spec.input == b"x" * 20_000
