@@ -1,4 +1,4 @@
-"""Whether an agent that was killed left process-job cgroups, mounts or scratch behind.
+"""Whether an agent that was killed left process-job cgroups, mounts, scratch or processes behind.
 
 Cheap to ask (a few reads of /proc and two directory listings), so that an agent
 starts without loading the process sandbox (~3 MB resident) unless there is
@@ -8,12 +8,16 @@ something to clean up; ``process.reap_stale`` does the cleaning.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from p2psched.sandbox import cgroups
 
 #: ProcessSandboxConfig.runtime_dir's default: where a root agent mounts job scratch.
 RUNTIME_DIR = Path("/run/p2psched")
+#: The memfd a sandbox's seccomp filter reaches bwrap in (``seccomp_filter.bpf_fd``).
+#: bwrap holds it only while it builds the sandbox.
+SECCOMP_MEMFD = "p2psched-seccomp"
 
 
 def _mounts() -> list[tuple[str, bool]]:
@@ -52,5 +56,54 @@ def stale_dirs(runtime_dir: Path = RUNTIME_DIR) -> list[Path]:
     return []
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _holds_memfd(pid: str, name: str) -> bool:
+    target = f"/memfd:{name} (deleted)"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+    return False
+
+
+def orphaned_sandboxes() -> list[int]:
+    """Sandboxes a killed agent left half built: their init process ids.
+
+    ``bwrap --die-with-parent`` takes a sandbox down with its agent, but not one
+    still being built: the init (PID 1 of the sandbox's PID namespace) may not yet
+    be set to die with its bwrap parent. Killed then, the agent left such inits
+    waiting for that parent for good (2 of 25 kill -9s during 1-10 process
+    submissions here). Each is the first process of a PID namespace of its own,
+    still holds the seccomp filter's memfd (a built sandbox's init has closed it)
+    and no longer has bwrap as its parent. Killing it ends its namespace and
+    everything in it. A live agent's sandboxes, built or not, all have their bwrap.
+    """
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        status = _read(f"/proc/{pid}/status")
+        nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+        if len(nspid) < 2 or nspid[-1] != "1":
+            continue
+        ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "0")
+        if _read(f"/proc/{ppid}/comm").strip() == "bwrap" or not _holds_memfd(pid, SECCOMP_MEMFD):
+            continue
+        out.append(int(pid))
+    return out
+
+
 def any_left(runtime_dir: Path = RUNTIME_DIR) -> bool:
-    return bool(cgroups.stale_names(cgroups.detect()) or stale_mounts(runtime_dir) or stale_dirs(runtime_dir))
+    return bool(cgroups.stale_names(cgroups.detect()) or stale_mounts(runtime_dir) or stale_dirs(runtime_dir)
+                or orphaned_sandboxes())

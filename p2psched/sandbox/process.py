@@ -1250,7 +1250,27 @@ def reap_stale(config: ProcessSandboxConfig | None = None) -> int:
     for d in leftovers.stale_dirs(cfg.runtime_dir):
         with contextlib.suppress(OSError):
             _rmtree(d)
+    for pid in leftovers.orphaned_sandboxes():
+        n += _kill_orphan(pid)
     return n
+
+
+def _kill_orphan(pid: int) -> bool:
+    """SIGKILL a half-built sandbox's init (which ends its PID namespace), through a
+    pidfd taken before checking again that it is one: never a reused pid."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False  # gone already
+    try:
+        if pid not in leftovers.orphaned_sandboxes():
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def doctor_checks(config: ProcessSandboxConfig | None = None) -> list[tuple[str, bool, str, str]]:

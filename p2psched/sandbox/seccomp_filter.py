@@ -20,6 +20,8 @@ import functools
 import os
 import tempfile
 
+from p2psched.sandbox import leftovers
+
 #: Refused with EPERM. Grouped by why a batch job must not have them.
 DENIED_SYSCALLS: tuple[str, ...] = (
     # inspecting or steering other processes
@@ -76,7 +78,7 @@ def filter_bpf() -> bytes:
 def bpf_fd() -> int:
     """A fresh readable fd holding the filter (a memfd; the caller closes it)."""
     data = filter_bpf()
-    fd = os.memfd_create("p2psched-seccomp", 0)
+    fd = os.memfd_create(leftovers.SECCOMP_MEMFD, 0)
     os.write(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd

@@ -99,3 +99,70 @@ def test_a_scratch_mount_that_a_later_mount_covers_is_not_reported_as_debris(tmp
         assert leftovers.stale_mounts(runtime) == [] and not scratch.parent.exists()
     finally:
         _umount_all(runtime)  # detaches what is mounted beneath it too
+
+
+def _bwrap_building(seccomp_fd: int, block_r: int) -> subprocess.Popen:
+    """bwrap as the process sandbox starts it, held where the agent holds it: its
+    init waits on --block-fd while the agent moves it into the job's cgroup."""
+    import shutil
+
+    bwrap = shutil.which("bwrap")
+    assert bwrap, "bubblewrap is installed by scripts/setup.sh"
+    return subprocess.Popen(
+        [bwrap, "--unshare-pid", "--unshare-user", "--die-with-parent", "--dev-bind", "/", "/",
+         "--seccomp", str(seccomp_fd), "--block-fd", str(block_r), "--", "/bin/true"],
+        pass_fds=[seccomp_fd, block_r],
+    )
+
+
+def _init_of(monitor: int) -> int:
+    import time
+
+    for _ in range(500):
+        kids = subprocess.run(["pgrep", "-P", str(monitor)], capture_output=True, text=True).stdout.split()
+        if kids:
+            return int(kids[0])
+        time.sleep(0.01)
+    raise AssertionError("bwrap started no sandbox init")
+
+
+@pytest.mark.root
+def test_a_sandbox_left_half_built_by_a_killed_agent_is_found_and_killed():
+    """--die-with-parent does not yet cover a sandbox's init while it waits to be
+    let go: an agent killed in that window left the init running for good, out of
+    any job cgroup. Reproduced here by killing its bwrap parent there, as the kernel
+    does when the agent dies."""
+    import signal
+    import time
+
+    from p2psched.sandbox import process, seccomp_filter
+
+    seccomp_fd = seccomp_filter.bpf_fd()
+    block_r, block_w = os.pipe()
+    live = _bwrap_building(seccomp_fd, block_r)
+    left = _bwrap_building(seccomp_fd, block_r)
+    os.close(seccomp_fd)
+    os.close(block_r)
+    try:
+        live_init, left_init = _init_of(live.pid), _init_of(left.pid)
+        assert leftovers.orphaned_sandboxes() == [], "a sandbox whose bwrap runs is not left over"
+
+        left.send_signal(signal.SIGKILL)
+        left.wait()
+        time.sleep(0.2)
+        assert os.path.exists(f"/proc/{left_init}"), "bwrap's init outlived its parent"
+        assert leftovers.orphaned_sandboxes() == [left_init]
+        assert leftovers.any_left()
+
+        assert process.reap_stale() >= 1
+        for _ in range(500):
+            if not os.path.exists(f"/proc/{left_init}"):
+                break
+            time.sleep(0.01)
+        assert not os.path.exists(f"/proc/{left_init}")
+        assert os.path.exists(f"/proc/{live_init}"), "the live sandbox is left alone"
+        assert leftovers.orphaned_sandboxes() == []
+    finally:
+        os.close(block_w)
+        live.kill()
+        live.wait()
