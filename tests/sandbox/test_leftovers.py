@@ -128,10 +128,10 @@ def _init_of(monitor: int) -> int:
 
 @pytest.mark.root
 def test_a_sandbox_left_half_built_by_a_killed_agent_is_found_and_killed():
-    """--die-with-parent does not yet cover a sandbox's init while it waits to be
-    let go: an agent killed in that window left the init running for good, out of
-    any job cgroup. Reproduced here by killing its bwrap parent there, as the kernel
-    does when the agent dies."""
+    """--die-with-parent does not yet cover a sandbox's init while it is being
+    built: an agent killed then left the init running, out of any job cgroup (for
+    good where it waited on bwrap's eventfd). Made here by killing its bwrap
+    parent while the init waits on --block-fd, which another process holds."""
     import signal
     import time
 
