@@ -146,3 +146,31 @@ def test_a_page_of_another_site_cannot_submit_through_the_users_browser(tmp_path
     finally:
         site.shutdown()
         stop_all([agent])
+
+
+def test_a_page_in_a_hidden_tab_asks_the_agent_nothing_and_catches_up_when_shown(tmp_path, browser):
+    """Dashboards get left open in background tabs: each would otherwise ask the
+    agent five questions every 2 s for as long as the browser runs."""
+    import time
+
+    [agent] = start_cluster(tmp_path, ["solo"])
+    try:
+        browser.get(agent.url + "/ui/")
+        wait_for(lambda: browser.find_element(By.ID, "updated").text.startswith("updated"), what="a first refresh")
+        browser.execute_script("""
+            window.asked = [];
+            const realFetch = window.fetch;
+            window.fetch = (...args) => { window.asked.push(document.visibilityState); return realFetch(...args); };
+        """)
+        page = browser.current_window_handle
+        browser.switch_to.new_window("tab")
+        browser.get("about:blank")
+        time.sleep(5)  # two refresh periods and more
+        browser.switch_to.window(page)
+        asked = wait_for(lambda: browser.execute_script("return window.asked.slice()") or None,
+                         what="a refresh once shown")
+        assert "hidden" not in asked
+        assert "visible" in asked
+        assert console_errors(browser) == []
+    finally:
+        stop_all([agent])

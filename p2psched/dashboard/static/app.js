@@ -289,7 +289,8 @@ function jobsQuery() {
 }
 
 async function refresh() {
-  if (view.busy) return;
+  // A page in a hidden tab asks nothing: it catches up when shown again.
+  if (view.busy || document.hidden) return;
   view.busy = true;
   try {
     const health = await api("/healthz");
@@ -362,6 +363,7 @@ function init() {
     const h = decodeURIComponent(location.hash.slice(1));
     if (h) select(h);
   });
+  document.addEventListener("visibilitychange", () => { if (!view.paused) refresh(); });
   refresh();
   schedule();
 }
