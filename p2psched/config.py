@@ -68,6 +68,12 @@ class AgentSettings(BaseModel):
         description="Finished jobs, their records and outputs, are deleted this many hours after they were "
         "submitted (one week by default), so the store does not grow for good; 0 keeps them all.",
     )
+    host_retries: int = Field(
+        3, ge=0, le=20,
+        description="Times a job this host could not run (its sandbox failed to build, its wasm worker "
+        "died, a host limit such as open files) is queued again, after 1, 4, 16... s (at most 60), before it "
+        "fails with sandbox_error; 0 fails it at once.",
+    )
     grace_s: float = Field(
         10.0, ge=0, le=3600, description="On SIGINT/SIGTERM, how long running jobs may finish before they are stopped."
     )

@@ -24,7 +24,7 @@ def test_list_settings_from_env_are_comma_separated(monkeypatch):
 @pytest.mark.parametrize(("kw", "needle"), [
     ({"queue_limit": 0}, "queue_limit"), ({"cpus": -1}, "cpus"), ({"api": "localhost"}, "api"),
     ({"join": ["nohost"]}, "join"), ({"dispatch_policy": "random"}, "dispatch_policy"),
-    ({"job_retention_h": -1}, "job_retention_h"),
+    ({"job_retention_h": -1}, "job_retention_h"), ({"host_retries": 21}, "host_retries"),
 ])
 def test_invalid_values_name_the_key(kw, needle):
     with pytest.raises(ConfigError) as e:

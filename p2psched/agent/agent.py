@@ -78,6 +78,11 @@ LOG_FLUSH_IDLE_S = 1.0
 #: While the job store cannot be written (disk full, I/O errors), a flush is tried
 #: again this often, and refused clients are told to retry after it.
 STORE_RETRY_S = 1.0
+#: A job this host could not run (its sandbox failed to build, its wasm worker died,
+#: a host limit) waits this long times 4 per earlier try, at most HOST_RETRY_MAX_S,
+#: before it is queued again (``--host-retries`` times, then it fails).
+HOST_RETRY_S = 1.0
+HOST_RETRY_MAX_S = 60.0
 #: How often a changed resource vector is handed to membership while the agent holds
 #: jobs. Gossip runs every 200 ms, so publishing faster would only be coalesced away.
 PUBLISH_INTERVAL_S = 0.1
@@ -207,6 +212,7 @@ class Agent(RemoteJobs):
         self._wasm_ended: list[tuple[Running, SandboxResult, float]] = []  # freed, not yet recorded
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
         self._dispatching = False
+        self._host_failures: dict[str, int] = {}  # job id -> tries this host could not run it
         # Read when /metrics is scraped, not set at each job: always exact, and free per job.
         self.metrics.queue_length.set_function(self.waiting)
         self.metrics.child(self.metrics.slots_in_use, "cpu").set_function(lambda: self.cpu_used)
@@ -370,6 +376,8 @@ class Agent(RemoteJobs):
         if state.final:
             self.active.pop(rec.id, None)
             self.early_status.pop(rec.id, None)
+            if self._host_failures:
+                self._host_failures.pop(rec.id, None)
             ev = self._waiters.pop(rec.id, None)
             if ev is not None:
                 # Waiters learn of the ending only once it is durable.
@@ -1096,6 +1104,8 @@ class Agent(RemoteJobs):
                 self._wake.set()
                 return
             if result is None:
+                if self._retry_later(run, error or "unknown error"):
+                    return
                 log.error("job %s: sandbox error: %s", rec.id, error)
                 result = SandboxResult(exit_code=None, reason=f"sandbox_error: {error}")
             elif workers.signing_pubkey not in (None, self.gate.node_pubkey):
@@ -1234,13 +1244,46 @@ class Agent(RemoteJobs):
             # its running state reaches disk with the next flush, before its result.
             await self._sync_retrying()
             result = await self._execute_process(run, self._sandbox_request(rec, run.gpu_grant))
-        except Exception as e:  # a sandbox bug must not take the agent down
+        except Exception as e:  # the host, or a sandbox bug: it must not take the agent down
+            if self._retry_later(run, str(e) or type(e).__name__):
+                return
             log.exception("job %s: sandbox error", rec.id)
             result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")
         except BaseException:  # the agent's nursery is closing: give back what the job held
             self._release(run)
             raise
         self._end_run(run, result, started)
+
+    def _retry_later(self, run: Running, error: str) -> bool:
+        """A job this host could not run: its sandbox failed to build, its worker
+        died, a host limit (open files, processes) was hit. That is no fault of the
+        job's, and often passes, so it goes back to the queue after a pause, up to
+        ``host_retries`` times. False when those are spent (or it was cancelled or
+        has ended meanwhile): the caller fails it with ``sandbox_error``."""
+        rec = run.record
+        tries = self._host_failures.get(rec.id, 0)
+        if tries >= self.settings.host_retries or run.cancel_reason is not None or rec.state.final:
+            self._host_failures.pop(rec.id, None)
+            return False
+        assert self._nursery is not None
+        self._host_failures[rec.id] = tries + 1
+        delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries)
+        log.warning("job %s: this host could not run it (%s); trying again in %g s (%d of %d)",
+                    rec.id, error, delay, tries + 1, self.settings.host_retries)
+        self.metrics.host_retries.labels(rec.runtime).inc()
+        self._release(run)
+        self._advance(rec, JobState.QUEUED, time.time(),
+                      f"this host could not run it: {error}; trying again in {delay:g} s")
+        rec.wait_reason = f"this host could not run it ({error}); trying again in {delay:g} s"
+        self._nursery.start_soon(self._requeue_after, rec, delay)
+        return True
+
+    async def _requeue_after(self, rec: JobRecord, delay: float) -> None:
+        await trio.sleep(delay)
+        # unless it was cancelled (or otherwise ended) meanwhile
+        if rec.state is JobState.QUEUED and self.active.get(rec.id) is rec and rec.id not in self.queue:
+            self.queue.push(rec)
+            self._wake.set()
 
     def _begin_run(self, run: Running) -> float:
         rec = run.record

@@ -41,6 +41,10 @@ class AgentMetrics:
         )
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.running = Gauge("p2psched_jobs_running", "Jobs running here now.", registry=registry)
+        self.host_retries = Counter(
+            "p2psched_job_host_retries", "Jobs this host could not run, queued again (see --host-retries).",
+            ["runtime"], registry=registry,
+        )
         self.jobs_pruned = Counter(
             "p2psched_jobs_pruned", "Finished jobs deleted from the store after the retention time.", registry=registry
         )

@@ -25,16 +25,36 @@ async def wait_state(agent, job_id: str, state: str) -> None:
             await trio.sleep(0.01)
 
 
-async def test_a_killed_worker_fails_its_job_and_the_next_job_gets_a_new_worker(tmp_path):
+async def _kill_the_worker_of_a_running(agent, http, spec) -> tuple[str, int]:
+    job = (await http.post("/v1/jobs", json=spec)).json()
+    await wait_state(agent, job["id"], "running")
+    with trio.fail_after(30):
+        while not agent._wasm.pids():  # the job is handed over before its worker is up
+            await trio.sleep(0.01)
+    [pid] = agent._wasm.pids()
+    os.kill(pid, signal.SIGKILL)
+    return job["id"], pid
+
+
+async def test_a_killed_worker_sends_its_job_back_to_the_queue_and_a_new_worker_runs_it(tmp_path):
+    """A worker's death is the host's failure, not the job's: the job runs again."""
     async with running_agent(tmp_path, cpus=1) as (agent, http):
-        job = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()
-        await wait_state(agent, job["id"], "running")
-        with trio.fail_after(30):
-            while not agent._wasm.pids():  # the job is handed over before its worker is up
-                await trio.sleep(0.01)
-        [pid] = agent._wasm.pids()
-        os.kill(pid, signal.SIGKILL)
-        done = (await http.get(f"/v1/jobs/{job['id']}", params={"wait": 30})).json()
+        job_id, pid = await _kill_the_worker_of_a_running(agent, http, wasm_spec("loop.wasm", limits={"wall_ms": 1500}))
+        done = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
+        assert done["state"] == "timed_out" and done["result"]["reason"] == "wall_timeout", done["result"]
+        details = [t["detail"] for t in done["timeline"]]
+        assert any(d.startswith("this host could not run it: wasm worker process 0 ended") and "exit status -9" in d
+                   and d.endswith("trying again in 1 s") for d in details), details
+        assert [t["state"] for t in done["timeline"]].count("running") == 2
+        assert agent._wasm.pids() and agent._wasm.pids() != [pid]
+        assert agent.cpu_used == 0
+        assert 'p2psched_job_host_retries_total{runtime="wasm"} 1.0' in (await http.get("/metrics")).text
+
+
+async def test_with_no_host_retries_a_killed_worker_fails_its_job_and_the_next_job_gets_a_new_worker(tmp_path):
+    async with running_agent(tmp_path, cpus=1, host_retries=0) as (agent, http):
+        job_id, pid = await _kill_the_worker_of_a_running(agent, http, wasm_spec("loop.wasm", **LOOP))
+        done = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
         assert done["state"] == "failed"
         assert done["result"]["reason"].startswith("sandbox_error: wasm worker process 0 ended")
         assert "exit status -9" in done["result"]["reason"]
@@ -232,12 +252,15 @@ async def test_a_waiting_job_whose_worker_dies_runs_again_on_a_new_one(tmp_path)
             while not agent._wasm.pids():
                 await trio.sleep(0.01)
         os.kill(agent._wasm.pids()[0], signal.SIGKILL)
-        assert (await http.get(f"/v1/jobs/{long}", params={"wait": 30})).json()["state"] == "failed"
         done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
-        assert done["state"] == "succeeded", done  # it never ran, so it is not failed with the other
+        assert done["state"] == "succeeded", done
         assert done["attempts"] == 2
         assert any("taken back before it started (wasm worker process 0 ended" in t["detail"]
                    for t in done["timeline"])
+        # the running one was not taken back: it ran, so it waits out the host's retry pause
+        assert any(t["detail"].startswith("this host could not run it: wasm worker process 0 ended")
+                   for t in agent.get(long).timeline)
+        await http.delete(f"/v1/jobs/{long}")
 
 
 async def test_draining_takes_a_waiting_job_back_to_the_queue(tmp_path):
