@@ -1,3 +1,6 @@
+# The methods here run on the Agent they are mixed into, and say so (``self: Agent``);
+# mypy reports each such self type as not a supertype of RemoteJobs ([misc]).
+# mypy: disable-error-code="misc"
 """Jobs that cross agents: forwarding, late binding, results flowing home, cancels.
 
 The origin (the agent a client submitted to) owns each job until its final state

@@ -113,12 +113,12 @@ def agent(config_file: Path | None, **flags: object) -> None:
     try:
         trio.run(main)
     except* StartupError as group:
-        for e in _leaves(group):
-            click.echo(f"p2psched agent: {e}", err=True)
+        for failure in _leaves(group):
+            click.echo(f"p2psched agent: {failure}", err=True)
         sys.exit(2)
     except* OSError as group:
-        for e in _leaves(group):
-            click.echo(f"p2psched agent: {e}; is another agent using the same ports? (`p2psched doctor` checks)",
+        for failure in _leaves(group):
+            click.echo(f"p2psched agent: {failure}; is another agent using the same ports? (`p2psched doctor` checks)",
                        err=True)
         sys.exit(1)
     if unwritten:

@@ -129,7 +129,7 @@ class DispatchQueue:
         if self.policy == "fifo":
             items = sorted(self._heap)
             return iter([r for _, _, t, r in items if self._ids.get(r.id) == t])
-        out = []
+        out: list[JobRecord] = []
         for p in sorted(self._levels, reverse=True):
             for q in self._levels[p].values():
                 out.extend(r for t, r in q if self._ids.get(r.id) == t)

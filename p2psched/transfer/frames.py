@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 #: A job offer carries the module (<= 64 MiB) and the input (<= 64 MiB); an
 #: unforwarded HTTP request is capped at 96 MiB. 160 MiB holds both with room.
@@ -54,7 +54,7 @@ class FrameReader:
         self.max_frame = max_frame
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes | bytearray) -> list[dict[str, Any]]:
         self._buf += data
         out = []
         while len(self._buf) >= 4:
