@@ -1265,7 +1265,6 @@ class Agent(RemoteJobs):
         if tries >= self.settings.host_retries or run.cancel_reason is not None or rec.state.final:
             self._host_failures.pop(rec.id, None)
             return False
-        assert self._nursery is not None
         self._host_failures[rec.id] = tries + 1
         delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries)
         log.warning("job %s: this host could not run it (%s); trying again in %g s (%d of %d)",
@@ -1275,15 +1274,8 @@ class Agent(RemoteJobs):
         self._advance(rec, JobState.QUEUED, time.time(),
                       f"this host could not run it: {error}; trying again in {delay:g} s")
         rec.wait_reason = f"this host could not run it ({error}); trying again in {delay:g} s"
-        self._nursery.start_soon(self._requeue_after, rec, delay)
+        self._requeue_later(rec, delay)
         return True
-
-    async def _requeue_after(self, rec: JobRecord, delay: float) -> None:
-        await trio.sleep(delay)
-        # unless it was cancelled (or otherwise ended) meanwhile
-        if rec.state is JobState.QUEUED and self.active.get(rec.id) is rec and rec.id not in self.queue:
-            self.queue.push(rec)
-            self._wake.set()
 
     def _begin_run(self, run: Running) -> float:
         rec = run.record

@@ -9,6 +9,7 @@ builds its own.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,5 +74,28 @@ def test_a_process_job_fails_with_the_hosts_error_once_the_tries_are_spent(tmp_p
             assert done["state"] == "failed"
             assert done["result"]["reason"] == "sandbox_error: [Errno 24] Too many open files"
             assert [t["state"] for t in done["timeline"]].count("running") == 2  # the first try, and one more
+    finally:
+        agent.kill()
+
+
+def test_a_job_cancelled_while_it_waits_for_the_host_stays_cancelled(tmp_path):
+    agent = new_agent(tmp_path, "solo", "--process-warm-pool", "0").start()
+    try:
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        normal = nofile(pid).split(":")[0]
+        with agent.client() as http:
+            assert run_one(http)["state"] == "succeeded"
+            nofile(pid, f"{open_fds(pid) + 3}")
+            job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()
+            wait_for(lambda: "this host could not run it" in (http.get(f"/v1/jobs/{job['id']}").json()
+                                                             .get("wait_reason") or ""), what="a host failure")
+            nofile(pid, normal)
+            cancelled = http.delete(f"/v1/jobs/{job['id']}").json()
+            assert cancelled["state"] == "cancelled"
+            time.sleep(2)  # past the retry pause
+            after = http.get(f"/v1/jobs/{job['id']}").json()
+            assert after["state"] == "cancelled"
+            assert [t["state"] for t in after["timeline"]].count("running") == 1
     finally:
         agent.kill()
