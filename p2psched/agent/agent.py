@@ -607,7 +607,8 @@ class Agent(RemoteJobs):
         rec = self.get(job_id)
         if not rec.state.final:
             raise Conflict(
-                f"job {job_id} is {rec.state.value}; its output exists once it ends (use ?wait=SECONDS to wait)",
+                f"job {job_id} is {rec.state.value}; its output exists once it ends (?wait=SECONDS, or "
+                f"`p2psched result --wait SECONDS`, waits for it)",
                 reason="not_finished",
             )
         data = self.store.output(job_id)

@@ -98,6 +98,9 @@ async def test_cancel_stops_a_running_job(tmp_path):
         job = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
         while agent.get(job["id"]).state.value != "running":
             await trio.sleep(0.01)
+        early = await http.get(f"/v1/jobs/{job['id']}/result")
+        assert early.status_code == 409 and early.json()["error"]["reason"] == "not_finished"
+        assert "`p2psched result --wait SECONDS`" in early.json()["error"]["message"]
         r = await http.delete(f"/v1/jobs/{job['id']}")
         assert r.status_code == 200
         assert r.json()["state"] == "cancelled" and r.json()["result"]["reason"] == "cancelled"
