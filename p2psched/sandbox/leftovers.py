@@ -82,9 +82,11 @@ def orphaned_sandboxes() -> list[int]:
 
     ``bwrap --die-with-parent`` takes a sandbox down with its agent, but not one
     still being built: the init (PID 1 of the sandbox's PID namespace) may not yet
-    be set to die with its bwrap parent. Killed then, the agent left such inits
-    waiting for that parent for good (2 of 25 kill -9s during 1-10 process
-    submissions here). Each is the first process of a PID namespace of its own,
+    be set to die with its bwrap parent. Killed then, the agent leaves such inits
+    running outside any job cgroup: one waiting on ``--block-fd`` goes on when the
+    agent's end closes and ends with its program (within seconds here); one
+    waiting on bwrap's own eventfd waits for good. Each is the first process of a
+    PID namespace of its own,
     still holds the seccomp filter's memfd (a built sandbox's init has closed it)
     and no longer has bwrap as its parent. Killing it ends its namespace and
     everything in it. A live agent's sandboxes, built or not, all have their bwrap.
