@@ -8,10 +8,13 @@ builds its own.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agents import new_agent, wait_for
@@ -32,70 +35,65 @@ def open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
+def submit(http) -> str:
+    return http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()["id"]
+
+
 def run_one(http) -> dict:
     """A process job, to its end: the first also loads the process sandbox (libseccomp, the host probe)."""
-    job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()
-    return http.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+    return http.get(f"/v1/jobs/{submit(http)}", params={"wait": 60}).json()
+
+
+@contextlib.contextmanager
+def short_of_files(tmp_path, *flags: str) -> Iterator[tuple[httpx.Client, Callable[[], object]]]:
+    """A real agent that has run a process job, then has its open-file limit lowered
+    under it so that the request's socket fits and a sandbox's pipes do not.
+    Yields a client and a function that gives the limit back."""
+    agent = new_agent(tmp_path, "solo", "--process-warm-pool", "0", *flags).start()
+    try:
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        normal = nofile(pid).split(":")[0]
+        with agent.client() as http:
+            assert run_one(http)["state"] == "succeeded"
+            nofile(pid, f"{open_fds(pid) + 3}")
+            yield http, lambda: nofile(pid, normal)
+    finally:
+        agent.kill()
 
 
 def test_a_process_job_the_host_could_not_start_waits_and_runs_once_the_host_recovers(tmp_path):
-    agent = new_agent(tmp_path, "solo", "--process-warm-pool", "0").start()
-    try:
-        assert agent.proc is not None
-        pid = agent.proc.pid
-        normal = nofile(pid).split(":")[0]
-        with agent.client() as http:
-            assert run_one(http)["state"] == "succeeded"
-            nofile(pid, f"{open_fds(pid) + 3}")  # the request's socket fits, the sandbox's pipes do not
-            job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()
-            waiting = wait_for(lambda: (r := http.get(f"/v1/jobs/{job['id']}").json())["state"] == "queued"
-                               and len(r["timeline"]) > 4 and r, what="a host failure")
-            assert "this host could not run it: [Errno 24] Too many open files; trying again in 1 s" \
-                in waiting["timeline"][-1]["detail"]
-            assert waiting["wait_reason"].startswith("this host could not run it")
-            nofile(pid, normal)
-            done = http.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
-            assert done["state"] == "succeeded", done["result"]
-            assert done["result"]["stdout"] == "ran\n"
-            assert 'p2psched_job_host_retries_total{runtime="process"}' in http.get("/metrics").text
-    finally:
-        agent.kill()
+    with short_of_files(tmp_path) as (http, recover):
+        job_id = submit(http)
+        waiting = wait_for(lambda: (r := http.get(f"/v1/jobs/{job_id}").json())["state"] == "queued"
+                           and len(r["timeline"]) > 4 and r, what="a host failure")
+        assert "this host could not run it: [Errno 24] Too many open files; trying again in 1 s" \
+            in waiting["timeline"][-1]["detail"]
+        assert waiting["wait_reason"].startswith("this host could not run it")
+        recover()
+        done = http.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+        assert done["state"] == "succeeded", done["result"]
+        assert done["result"]["stdout"] == "ran\n"
+        assert 'p2psched_job_host_retries_total{runtime="process"}' in http.get("/metrics").text
 
 
 def test_a_process_job_fails_with_the_hosts_error_once_the_tries_are_spent(tmp_path):
-    agent = new_agent(tmp_path, "solo", "--process-warm-pool", "0", "--host-retries", "1").start()
-    try:
-        assert agent.proc is not None
-        pid = agent.proc.pid
-        with agent.client() as http:
-            assert run_one(http)["state"] == "succeeded"
-            nofile(pid, f"{open_fds(pid) + 3}")
-            done = run_one(http)
-            assert done["state"] == "failed"
-            assert done["result"]["reason"] == "sandbox_error: [Errno 24] Too many open files"
-            assert [t["state"] for t in done["timeline"]].count("running") == 2  # the first try, and one more
-    finally:
-        agent.kill()
+    with short_of_files(tmp_path, "--host-retries", "1") as (http, _):
+        done = run_one(http)
+        assert done["state"] == "failed"
+        assert done["result"]["reason"] == "sandbox_error: [Errno 24] Too many open files"
+        assert [t["state"] for t in done["timeline"]].count("running") == 2  # the first try, and one more
 
 
 def test_a_job_cancelled_while_it_waits_for_the_host_stays_cancelled(tmp_path):
-    agent = new_agent(tmp_path, "solo", "--process-warm-pool", "0").start()
-    try:
-        assert agent.proc is not None
-        pid = agent.proc.pid
-        normal = nofile(pid).split(":")[0]
-        with agent.client() as http:
-            assert run_one(http)["state"] == "succeeded"
-            nofile(pid, f"{open_fds(pid) + 3}")
-            job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()
-            wait_for(lambda: "this host could not run it" in (http.get(f"/v1/jobs/{job['id']}").json()
-                                                             .get("wait_reason") or ""), what="a host failure")
-            nofile(pid, normal)
-            cancelled = http.delete(f"/v1/jobs/{job['id']}").json()
-            assert cancelled["state"] == "cancelled"
-            time.sleep(2)  # past the retry pause
-            after = http.get(f"/v1/jobs/{job['id']}").json()
-            assert after["state"] == "cancelled"
-            assert [t["state"] for t in after["timeline"]].count("running") == 1
-    finally:
-        agent.kill()
+    with short_of_files(tmp_path) as (http, recover):
+        job_id = submit(http)
+        wait_for(lambda: "this host could not run it" in (http.get(f"/v1/jobs/{job_id}").json()
+                                                         .get("wait_reason") or ""), what="a host failure")
+        recover()
+        cancelled = http.delete(f"/v1/jobs/{job_id}").json()
+        assert cancelled["state"] == "cancelled"
+        time.sleep(2)  # past the retry pause
+        after = http.get(f"/v1/jobs/{job_id}").json()
+        assert after["state"] == "cancelled"
+        assert [t["state"] for t in after["timeline"]].count("running") == 1
