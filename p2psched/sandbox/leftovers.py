@@ -77,8 +77,8 @@ def _holds_memfd(pid: str, name: str) -> bool:
     return False
 
 
-def orphaned_sandboxes() -> list[int]:
-    """Sandboxes a killed agent left half built: their init process ids.
+def is_orphaned_sandbox(pid: int) -> bool:
+    """Whether ``pid`` is the init of a sandbox a killed agent left half built.
 
     ``bwrap --die-with-parent`` takes a sandbox down with its agent, but not one
     still being built: the init (PID 1 of the sandbox's PID namespace) may not yet
@@ -86,24 +86,24 @@ def orphaned_sandboxes() -> list[int]:
     running outside any job cgroup: one waiting on ``--block-fd`` goes on when the
     agent's end closes and ends with its program (within seconds here); one
     waiting on bwrap's own eventfd waits for good. Each is the first process of a
-    PID namespace of its own,
-    still holds the seccomp filter's memfd (a built sandbox's init has closed it)
-    and no longer has bwrap as its parent. Killing it ends its namespace and
-    everything in it. A live agent's sandboxes, built or not, all have their bwrap.
+    PID namespace of its own, still holds the seccomp filter's memfd (a built
+    sandbox's init has closed it) and no longer has bwrap as its parent. Killing it
+    ends its namespace and everything in it. A live agent's sandboxes, built or
+    not, all have their bwrap.
     """
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        status = _read(f"/proc/{pid}/status")
-        nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
-        if len(nspid) < 2 or nspid[-1] != "1":
-            continue
-        ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "0")
-        if _read(f"/proc/{ppid}/comm").strip() == "bwrap" or not _holds_memfd(pid, SECCOMP_MEMFD):
-            continue
-        out.append(int(pid))
-    return out
+    if pid == os.getpid():
+        return False
+    status = _read(f"/proc/{pid}/status")
+    nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    if len(nspid) < 2 or nspid[-1] != "1":
+        return False
+    ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "0")
+    return _read(f"/proc/{ppid}/comm").strip() != "bwrap" and _holds_memfd(str(pid), SECCOMP_MEMFD)
+
+
+def orphaned_sandboxes() -> list[int]:
+    """The inits of every sandbox a killed agent left half built (see ``is_orphaned_sandbox``)."""
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and is_orphaned_sandbox(int(pid))]
 
 
 def any_left(runtime_dir: Path = RUNTIME_DIR) -> bool:

@@ -1263,7 +1263,7 @@ def _kill_orphan(pid: int) -> bool:
     except OSError:
         return False  # gone already
     try:
-        if pid not in leftovers.orphaned_sandboxes():
+        if not leftovers.is_orphaned_sandbox(pid):
             return False
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         return True
