@@ -1246,7 +1246,8 @@ class Agent(RemoteJobs):
             await self._sync_retrying()
             result = await self._execute_process(run, self._sandbox_request(rec, run.gpu_grant))
         except Exception as e:  # the host, or a sandbox bug: it must not take the agent down
-            if self._retry_later(run, str(e) or type(e).__name__):
+            # (SandboxUnfit says no later try can help: a missing tool, a job without a command)
+            if getattr(e, "transient", True) and self._retry_later(run, str(e) or type(e).__name__):
                 return
             log.exception("job %s: sandbox error", rec.id)
             result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")

@@ -28,9 +28,11 @@ is killed too), the cgroup and scratch are removed, and ``trio.Cancelled``
 propagates. Nothing is returned for a cancelled job.
 
 Errors: :class:`SandboxError` (a sentence with the fix) when the host cannot run
-process jobs at all (bubblewrap missing, cgroup refused, bwrap failing to build
-the sandbox). A job's own failures are results, never exceptions; a program that
-does not exist is ``exit 127`` with the reason on stderr.
+the job now (cgroup refused, bwrap failing to build the sandbox), and its
+subclass :class:`SandboxUnfit` when no later try can help (bubblewrap or
+util-linux missing, a job without a command). A job's own failures are results,
+never exceptions; a program that does not exist is ``exit 127`` with the reason
+on stderr.
 
 How a job runs (see docs/sandbox.md)::
 
@@ -72,7 +74,7 @@ from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox import cgroups, leftovers, namespaces, seccomp_filter
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
 
-__all__ = ["ProcessSandboxConfig", "SandboxError", "doctor_checks", "reap_stale", "run_process"]
+__all__ = ["ProcessSandboxConfig", "SandboxError", "SandboxUnfit", "doctor_checks", "reap_stale", "run_process"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,17 @@ class ProcessSandboxConfig:
 
 class SandboxError(RuntimeError):
     """The host cannot run process jobs as configured; the message says how to fix it."""
+
+    #: Whether the same job may run if tried again later (a host limit hit, a launch
+    #: that failed): the agent queues it again a few times before failing it.
+    transient = True
+
+
+class SandboxUnfit(SandboxError):
+    """Trying again cannot help: a tool the sandbox needs is missing, or the job
+    cannot run as given. The job fails at once, with the fix."""
+
+    transient = False
 
 
 # ---------------------------------------------------------------------------
@@ -539,7 +552,7 @@ class _Job:
         """The program's host path, or the result of a job whose program does not exist."""
         req = self.req
         if not req.command:
-            raise SandboxError("a process job needs a command, e.g. ['/usr/bin/python3', '-c', 'print(1)']")
+            raise SandboxUnfit("a process job needs a command, e.g. ['/usr/bin/python3', '-c', 'print(1)']")
         exe = namespaces.resolve_command(req.command[0], req.env)
         if exe is None:
             return SandboxResult(
@@ -1091,9 +1104,9 @@ class ProcessSandbox:
         if host is None:
             host = await trio.to_thread.run_sync(_host, self.cfg)
         if host.tools.bwrap is None:
-            raise SandboxError("process jobs need bubblewrap: install it with 'apt-get install bubblewrap'")
+            raise SandboxUnfit("process jobs need bubblewrap: install it with 'apt-get install bubblewrap'")
         if host.tools.prlimit is None or host.tools.setpriv is None:
-            raise SandboxError(
+            raise SandboxUnfit(
                 "process jobs need util-linux's prlimit and setpriv: install them with 'apt-get install util-linux'"
             )
         return host

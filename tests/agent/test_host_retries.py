@@ -97,3 +97,19 @@ def test_a_job_cancelled_while_it_waits_for_the_host_stays_cancelled(tmp_path):
         after = http.get(f"/v1/jobs/{job_id}").json()
         assert after["state"] == "cancelled"
         assert [t["state"] for t in after["timeline"]].count("running") == 1
+
+
+def test_a_host_without_the_sandbox_tools_fails_a_process_job_at_once_with_the_fix(tmp_path):
+    """Missing tools do not come back by waiting: no retry, and the message says what to install."""
+    agent = new_agent(tmp_path, "solo")
+    agent.env["PATH"] = str(tmp_path / "empty")  # no bwrap, prlimit or setpriv on it
+    agent.start()
+    try:
+        with agent.client() as http:
+            done = run_one(http)
+        assert done["state"] == "failed"
+        assert done["result"]["reason"] == \
+            "sandbox_error: process jobs need bubblewrap: install it with 'apt-get install bubblewrap'"
+        assert not any("could not run it" in t["detail"] for t in done["timeline"])
+    finally:
+        agent.kill()
