@@ -18,7 +18,7 @@ import random
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -908,20 +908,31 @@ class Agent(RemoteJobs):
         return self._advertised[1]
 
     def _place(self, rec: JobRecord) -> Any:
-        from p2psched.placement.core import JobRequest, place
+        from p2psched.placement.core import Forward, JobRequest, place
 
         t0 = time.perf_counter()
-        decision = self._plain_decision(rec)
+        failed_here = bool(self._host_failures) and rec.id in self._host_failures
+        decision = None if failed_here else self._plain_decision(rec)
         if decision is not None:
             self.placement_metrics.observe(decision, time.perf_counter() - t0)
             return decision
         req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
         peers = self.cluster.alive_states() if self.cluster is not None else []
-        decision, self.placement_state = place(
-            req, self.local_state(with_tenants=False), peers, self.topology, rng=self.rng,
-            policy=self.settings.placement_policy,
-            state=self.placement_state,
-        )
+        local = self.local_state(with_tenants=False)
+        if failed_here and rec.origin == self.node_id and peers:
+            # This host could not run it: a peer that fits now takes it, as if this
+            # agent were draining; with none, it runs here again.
+            away, self.placement_state = place(
+                req, replace(local, vector=replace(local.vector, draining=True)), peers, self.topology,
+                rng=self.rng, policy=self.settings.placement_policy, state=self.placement_state,
+            )
+            if isinstance(away, Forward):
+                decision = away
+        if decision is None:
+            decision, self.placement_state = place(
+                req, local, peers, self.topology, rng=self.rng, policy=self.settings.placement_policy,
+                state=self.placement_state,
+            )
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
         return decision
 
@@ -1260,8 +1271,9 @@ class Agent(RemoteJobs):
         """A job this host could not run: its sandbox failed to build, its worker
         died, a host limit (open files, processes) was hit. That is no fault of the
         job's, and often passes, so it goes back to the queue after a pause, up to
-        ``host_retries`` times. False when those are spent (or it was cancelled or
-        has ended meanwhile): the caller fails it with ``sandbox_error``."""
+        ``host_retries`` times; placed again, it goes to a peer with room if there
+        is one (``_place``). False when those are spent (or it was cancelled or has
+        ended meanwhile): the caller fails it with ``sandbox_error``."""
         rec = run.record
         tries = self._host_failures.get(rec.id, 0)
         if tries >= self.settings.host_retries or run.cancel_reason is not None or rec.state.final:
