@@ -919,20 +919,19 @@ class Agent(RemoteJobs):
         req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
         peers = self.cluster.alive_states() if self.cluster is not None else []
         local = self.local_state(with_tenants=False)
+
+        def decide(here: NodeState) -> Any:
+            made, self.placement_state = place(req, here, peers, self.topology, rng=self.rng,
+                                               policy=self.settings.placement_policy, state=self.placement_state)
+            return made
+
         if failed_here and rec.origin == self.node_id and peers:
             # This host could not run it: a peer that fits now takes it, as if this
             # agent were draining; with none, it runs here again.
-            away, self.placement_state = place(
-                req, replace(local, vector=replace(local.vector, draining=True)), peers, self.topology,
-                rng=self.rng, policy=self.settings.placement_policy, state=self.placement_state,
-            )
-            if isinstance(away, Forward):
-                decision = away
+            away = decide(replace(local, vector=replace(local.vector, draining=True)))
+            decision = away if isinstance(away, Forward) else None
         if decision is None:
-            decision, self.placement_state = place(
-                req, local, peers, self.topology, rng=self.rng, policy=self.settings.placement_policy,
-                state=self.placement_state,
-            )
+            decision = decide(local)
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
         return decision
 
