@@ -74,6 +74,13 @@ class AgentSettings(BaseModel):
         "died, a host limit such as open files) is queued again, after 1, 4, 16... s (at most 60), before it "
         "fails with sandbox_error; 0 fails it at once.",
     )
+    host_cooldown_s: float = Field(
+        30.0, ge=0.1, le=3600,
+        description="After 3 jobs of a runtime in a row could not run on this host (or one that no wait can "
+        "mend, such as a missing bubblewrap), the runtime is impaired: peers send this agent no such jobs and its "
+        "own go to peers, for this many seconds; then the next job tries it again. Each time it fails again "
+        "right away the pause doubles, up to 10 minutes; a job that runs ends it.",
+    )
     grace_s: float = Field(
         10.0, ge=0, le=3600, description="On SIGINT/SIGTERM, how long running jobs may finish before they are stopped."
     )

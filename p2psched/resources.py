@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def _runtimes(value: Any) -> tuple[str, ...]:
+    """A gossiped list of runtime names, checked: a peer's bad value is refused, not stored."""
+    if not isinstance(value, (list, tuple)) or len(value) > 8:
+        raise ValueError(f"impaired runtimes must be a list of at most 8 names, not {value!r:.80}")
+    if not all(isinstance(rt, str) and 0 < len(rt) <= 32 for rt in value):
+        raise ValueError(f"impaired runtimes must be names of 1-32 characters, not {value!r:.80}")
+    return tuple(value)
+
+
 @dataclass(slots=True)
 class ResourceVector:
     cpu_total: float = 0.0
@@ -23,13 +32,19 @@ class ResourceVector:
     running: int = 0
     load: float = 0.0  # 1-minute load average divided by cpu_total
     draining: bool = False
+    #: Runtimes this node cannot run now: its jobs of them kept failing for the host's
+    #: fault (agent/health.py). Peers send it none; it still runs them if nobody else can.
+    impaired: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "ct": self.cpu_total, "cf": self.cpu_free, "mt": self.mem_total_mb, "mf": self.mem_free_mb,
             "gf": self.gpu_free, "gt": self.gpu_total, "q": self.queue_len, "r": self.running,
             "l": round(self.load, 3), "d": self.draining,
         }
+        if self.impaired:  # rare: healthy nodes gossip no key for it
+            wire["i"] = list(self.impaired)
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> ResourceVector:
@@ -40,6 +55,7 @@ class ResourceVector:
             gpu_total={str(k): int(v) for k, v in dict(d.get("gt", {})).items()},
             queue_len=int(d.get("q", 0)), running=int(d.get("r", 0)),
             load=float(d.get("l", 0.0)), draining=bool(d.get("d", False)),
+            impaired=_runtimes(d.get("i", ())),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -48,7 +64,7 @@ class ResourceVector:
             "mem_total_mb": self.mem_total_mb, "mem_free_mb": self.mem_free_mb,
             "gpu_free": dict(self.gpu_free), "gpu_total": dict(self.gpu_total),
             "queue_len": self.queue_len, "running": self.running, "load": self.load,
-            "draining": self.draining,
+            "draining": self.draining, "impaired": list(self.impaired),
         }
 
 

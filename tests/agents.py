@@ -222,11 +222,13 @@ FAST_MEMBERSHIP = {"probe_interval": 0.2, "probe_timeout": 0.1, "gossip_interval
 
 def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: bool = True,
                   timeout: float = 60, auth: Any = None,
-                  per_agent: dict[str, list[str]] | None = None) -> list[AgentProcess]:
+                  per_agent: dict[str, list[str]] | None = None,
+                  per_agent_env: dict[str, dict[str, str]] | None = None) -> list[AgentProcess]:
     """Start real agents that join the first one, and wait until each sees all alive.
 
     ``extra`` flags go to every agent, ``per_agent[node_id]`` to that one only
-    (e.g. ``--gpus`` for the agents that have GPUs).
+    (e.g. ``--gpus`` for the agents that have GPUs), ``per_agent_env[node_id]`` to
+    that one's environment.
     """
     import json
 
@@ -235,6 +237,7 @@ def start_cluster(tmp_path: Path, node_ids: list[str], *extra: str, wait_alive: 
         for node_id in node_ids:
             a = new_agent(tmp_path, node_id, *extra, *(per_agent or {}).get(node_id, []))
             a.env["P2PSCHED_MEMBERSHIP"] = json.dumps(FAST_MEMBERSHIP)
+            a.env.update((per_agent_env or {}).get(node_id, {}))
             if agents:
                 a.extra += ["--join", agents[0].gossip]
             agents.append(a.start(wait=False))

@@ -13,6 +13,7 @@ import functools
 import gc
 import hashlib
 import logging
+import math
 import os
 import random
 import secrets
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from p2psched import __version__, logs
 from p2psched.agent.datadir import DataDirLock
 from p2psched.agent.gate import Gate
+from p2psched.agent.health import COOLDOWN_MAX_S, HostHealth
 from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
@@ -213,6 +215,9 @@ class Agent(RemoteJobs):
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
         self._dispatching = False
         self._host_failures: dict[str, int] = {}  # job id -> tries this host could not run it
+        self.health = HostHealth(cooldown_s=self.settings.host_cooldown_s,
+                                 cooldown_max_s=max(self.settings.host_cooldown_s, COOLDOWN_MAX_S))
+        self._health_changed = trio.Event()  # a breaker opened: its half-open time is new
         # Read when /metrics is scraped, not set at each job: always exact, and free per job.
         self.metrics.queue_length.set_function(self.waiting)
         self.metrics.child(self.metrics.slots_in_use, "cpu").set_function(lambda: self.cpu_used)
@@ -279,6 +284,7 @@ class Agent(RemoteJobs):
                 nursery.start_soon(self._dispatch_loop)
                 nursery.start_soon(self._replace_loop)
                 nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._health_loop)
                 if self.settings.job_retention_h > 0:
                     nursery.start_soon(self._prune_loop)
                 await self._start_cluster(nursery)
@@ -679,6 +685,7 @@ class Agent(RemoteJobs):
             mem_total_mb=self.mem_total_mb, mem_free_mb=max(0, self.mem_total_mb - self.mem_used_mb),
             queue_len=self.waiting(), running=len(self.running), load=load,
             draining=not self.accepting or self.store.write_error is not None,  # peers offer it nothing
+            impaired=self.health.impaired,
             gpu_free=self.gpus.free_by_type() if self.gpus is not None else {},
             gpu_total=self.gpus.total_by_type() if self.gpus is not None else {},
         )
@@ -919,6 +926,9 @@ class Agent(RemoteJobs):
         req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
         peers = self.cluster.alive_states() if self.cluster is not None else []
         local = self.local_state(with_tenants=False)
+        if local.vector.impaired and rec.origin != self.node_id:
+            # Only the origin forwards: a job taken for another origin tries here again.
+            local = replace(local, vector=replace(local.vector, impaired=()))
 
         def decide(here: NodeState) -> Any:
             made, self.placement_state = place(req, here, peers, self.topology, rng=self.rng,
@@ -950,6 +960,8 @@ class Agent(RemoteJobs):
         r = spec.resources
         if r.gpu > 0 or any(k.startswith(NODE_LABEL_PREFIX) for k in spec.labels):
             return None
+        if self.health.impaired and spec.runtime in self.health.impaired:
+            return None  # a peer should run it, if one can
         fits_now = (max(0.0, self.cpu_total - self.cpu_used) >= r.cpu
                     and max(0, self.mem_total_mb - self.mem_used_mb) >= r.mem_mb)
         if fits_now:
@@ -1115,6 +1127,7 @@ class Agent(RemoteJobs):
                 self._wake.set()
                 return
             if result is None:
+                self._host_fault(rec.runtime, error or "unknown error")
                 if self._retry_later(run, error or "unknown error"):
                     return
                 log.error("job %s: sandbox error: %s", rec.id, error)
@@ -1257,7 +1270,12 @@ class Agent(RemoteJobs):
             result = await self._execute_process(run, self._sandbox_request(rec, run.gpu_grant))
         except Exception as e:  # the host, or a sandbox bug: it must not take the agent down
             # (SandboxUnfit says no later try can help: a missing tool, a job without a command)
-            if getattr(e, "transient", True) and self._retry_later(run, str(e) or type(e).__name__):
+            transient = getattr(e, "transient", True)
+            error = str(e) or type(e).__name__
+            self._host_fault(rec.runtime, error, certain=not transient)
+            # What no wait mends here, a peer may not lack: with one that could run
+            # it, the job goes there now; else it fails now, with the fix.
+            if (transient or self._peer_could_run(rec)) and self._retry_later(run, error, wait=transient):
                 return
             log.exception("job %s: sandbox error", rec.id)
             result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")
@@ -1266,27 +1284,75 @@ class Agent(RemoteJobs):
             raise
         self._end_run(run, result, started)
 
-    def _retry_later(self, run: Running, error: str) -> bool:
+    def _host_fault(self, runtime: str, error: str, *, certain: bool = False) -> None:
+        """A job of ``runtime`` could not run on this host: count it against the
+        runtime's breaker (agent/health.py), which may leave such jobs to peers."""
+        if not self.health.failed(runtime, trio.current_time(), error, certain=certain):
+            return
+        view = self.health.describe(trio.current_time())[runtime]
+        log.warning("%s jobs: this host could not run %d in a row (last: %s); leaving them to peers for %g s, "
+                    "then trying here again (run 'p2psched doctor' to see what the host lacks)",
+                    runtime, view["failures_in_a_row"], error, view["retry_in_s"])
+        self._health_state_changed(runtime)
+
+    def _host_ran(self, runtime: str) -> None:
+        """A job of ``runtime`` ran to its end here: the runtime works."""
+        if self.health.ran(runtime):
+            log.warning("%s jobs run on this host again", runtime)
+            self._health_state_changed(runtime)
+
+    def _health_state_changed(self, runtime: str) -> None:
+        self.metrics.child(self.metrics.runtime_impaired, runtime).set(int(runtime in self.health.impaired))
+        self._health_changed.set()
+        self._vector_changed.set()  # peers must see it now, not with the next change of slots
+        if len(self.queue):
+            self._wake.set()  # queued jobs may go elsewhere now, or run here again
+
+    async def _health_loop(self) -> None:
+        """Half-open each impaired runtime when its cooldown has passed. Idle (no
+        wake-ups) while no runtime is impaired."""
+        while True:
+            deadline = self.health.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._health_changed.wait()
+            self._health_changed = trio.Event()
+            for runtime in self.health.tick(trio.current_time()):
+                log.warning("%s jobs: trying this host again; the next one decides", runtime)
+                self._health_state_changed(runtime)
+
+    def _peer_could_run(self, rec: JobRecord) -> bool:
+        """Whether this agent, the job's origin, knows a peer that could ever run it
+        and does not gossip its runtime as impaired."""
+        if rec.origin != self.node_id or self.cluster is None:
+            return False
+        from p2psched.placement.core import DEFAULT_TTL, JobRequest, fits_ever
+
+        req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
+        return rec.hops < DEFAULT_TTL and any(
+            rec.runtime not in p.vector.impaired and fits_ever(req, p) for p in self.cluster.alive_states())
+
+    def _retry_later(self, run: Running, error: str, *, wait: bool = True) -> bool:
         """A job this host could not run: its sandbox failed to build, its worker
         died, a host limit (open files, processes) was hit. That is no fault of the
         job's, and often passes, so it goes back to the queue after a pause, up to
         ``host_retries`` times; placed again, it goes to a peer with room if there
-        is one (``_place``). False when those are spent (or it was cancelled or has
-        ended meanwhile): the caller fails it with ``sandbox_error``."""
+        is one (``_place``). ``wait`` False: no pause, for a job that a peer should
+        take now. False when the tries are spent (or it was cancelled or has ended
+        meanwhile): the caller fails it with ``sandbox_error``."""
         rec = run.record
         tries = self._host_failures.get(rec.id, 0)
         if tries >= self.settings.host_retries or run.cancel_reason is not None or rec.state.final:
             self._host_failures.pop(rec.id, None)
             return False
         self._host_failures[rec.id] = tries + 1
-        delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries)
-        log.warning("job %s: this host could not run it (%s); trying again in %g s (%d of %d)",
-                    rec.id, error, delay, tries + 1, self.settings.host_retries)
+        delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries) if wait else 0.0
+        then = f"trying again in {delay:g} s" if wait else "placing it on a peer"
+        log.warning("job %s: this host could not run it (%s); %s (%d of %d)",
+                    rec.id, error, then, tries + 1, self.settings.host_retries)
         self.metrics.host_retries.labels(rec.runtime).inc()
         self._release(run)
-        self._advance(rec, JobState.QUEUED, time.time(),
-                      f"this host could not run it: {error}; trying again in {delay:g} s")
-        rec.wait_reason = f"this host could not run it ({error}); trying again in {delay:g} s"
+        self._advance(rec, JobState.QUEUED, time.time(), f"this host could not run it: {error}; {then}")
+        rec.wait_reason = f"this host could not run it ({error}); {then}"
         self._requeue_later(rec, delay)
         return True
 
@@ -1314,6 +1380,8 @@ class Agent(RemoteJobs):
     def _end_run(self, run: Running, result: SandboxResult, started: float) -> None:
         rec = run.record
         self._release(run)
+        if self.health.failing and not result.reason.startswith("sandbox_error"):
+            self._host_ran(rec.runtime)
         ended = time.time()
         self.metrics.child(self.metrics.run_seconds, rec.runtime).observe(ended - started)
         if rec.state.final:
@@ -1364,6 +1432,7 @@ class Agent(RemoteJobs):
             "vector": self.vector().as_dict(), "position": self.position(), "labels": self.node_labels(),
             "self": True,
             "node_pubkey": self.gate.node_pubkey, "measurement": self.gate.measurement,
+            "runtimes": self.health.describe(trio.current_time()),
         }
 
     def peers_view(self) -> list[dict[str, Any]]:

@@ -311,6 +311,9 @@ class RemoteJobs:
                     raise ValueError(f"offer for {job_id}: module bytes do not match module_sha256")
         if not self.accepting:
             return {"t": m.REFUSE, "id": job_id, "reason": "draining", **self._vector_wire()}
+        if spec.runtime in self.health.impaired:
+            return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
+                    "reason": f"impaired: {spec.runtime} jobs kept failing on this host for the host's fault"}
         if not self._fits_now(spec):
             return {"t": m.REFUSE, "id": job_id, "reason": "full: its capacity was taken since the last gossip",
                     **self._vector_wire()}

@@ -285,7 +285,10 @@ def create_app(agent: Any) -> Starlette:
         if agent.store.write_error is not None:
             return _json({"status": "store_unwritable", "node_id": agent.node_id, "version": agent_version(),
                           "detail": agent.store.write_error}, 503)
-        return _json({"status": "ok", "node_id": agent.node_id, "version": agent_version()})
+        # Still 200 with a runtime impaired: the agent serves and forwards its jobs to peers.
+        impaired = {rt: v for rt, v in agent.health.describe(trio.current_time()).items() if v["state"] == "impaired"}
+        return _json({"status": "ok", "node_id": agent.node_id, "version": agent_version(),
+                      **({"impaired": impaired} if impaired else {})})
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -369,7 +369,10 @@ def peers(api: Api, as_json: bool) -> None:
                   "GPU slots free", "queue", "run")
     for p in data["peers"]:
         v = p["vector"]
-        table.add_row(p["node_id"] + (" *" if p.get("self") else ""), p["state"], str(p["incarnation"]),
+        state = p["state"]
+        if v.get("impaired"):  # its jobs of these runtimes kept failing there: peers send it none
+            state += f" ({', '.join(v['impaired'])} impaired)"
+        table.add_row(p["node_id"] + (" *" if p.get("self") else ""), state, str(p["incarnation"]),
                       f"{p['age_s']:.1f}s", p["address"], p.get("api", ""), p.get("position") or "-",
                       f"{v['cpu_free']:g}/{v['cpu_total']:g}", f"{v['mem_free_mb']}/{v['mem_total_mb']}",
                       describe_slots(v["gpu_free"], v["gpu_total"], p.get("labels", {})) or "-",

@@ -45,6 +45,11 @@ class AgentMetrics:
             "p2psched_job_host_retries", "Jobs this host could not run, queued again (see --host-retries).",
             ["runtime"], registry=registry,
         )
+        self.runtime_impaired = Gauge(
+            "p2psched_runtime_impaired",
+            "1 while this host leaves a runtime's jobs to peers: they kept failing here for the host's fault.",
+            ["runtime"], registry=registry,
+        )
         self.jobs_pruned = Counter(
             "p2psched_jobs_pruned", "Finished jobs deleted from the store after the retention time.", registry=registry
         )

@@ -31,6 +31,11 @@ fitting peer, deterministically: the greedy rule whose herding ``p2p`` avoids),
 fitting member after the last one chosen, in node-id order; its cursor is the
 ``PlacementState`` passed in and returned).
 
+A node that gossips the job's runtime as impaired (its jobs of that runtime kept
+failing there for the host's fault, see agent/health.py) is no candidate. This agent,
+impaired, runs the job itself only when no peer could ever run it; otherwise the job
+goes to a peer, or waits for one.
+
 A TTL (default 4 forwards) and the visited set stop loops: a request at its TTL
 runs here or queues here, and visited agents are never candidates.
 """
@@ -100,13 +105,14 @@ class JobRequest:
     hops: int = 0  # forwards so far
     ttl: int = DEFAULT_TTL
     visited: frozenset[str] = frozenset()  # agents that held it already; never candidates
+    runtime: str = "wasm"  # a node that gossips this runtime as impaired is no candidate
 
     @classmethod
     def from_spec(cls, job_id: str, spec: JobSpec, *, hops: int = 0, ttl: int = DEFAULT_TTL,
                   visited: frozenset[str] = frozenset()) -> JobRequest:
         r = spec.resources
         labels = {k[len(NODE_LABEL_PREFIX):]: v for k, v in spec.labels.items() if k.startswith(NODE_LABEL_PREFIX)}
-        return cls(job_id, r.cpu, r.mem_mb, r.gpu, r.gpu_type, labels, hops, ttl, visited)
+        return cls(job_id, r.cpu, r.mem_mb, r.gpu, r.gpu_type, labels, hops, ttl, visited, spec.runtime)
 
     def forwarded(self, via: str) -> JobRequest:
         """The request as the next agent sees it: one more hop, ``via`` visited."""
@@ -186,6 +192,8 @@ def check_fit(req: JobRequest, state: NodeState) -> str | None:
     v = state.vector
     if v.draining:
         return "is draining and takes no new jobs"
+    if req.runtime in v.impaired:
+        return f"cannot run {req.runtime} jobs now: they kept failing there for the host's fault"
     if not _labels_ok(req, state.labels):
         want = ", ".join(f"{k}={val}" for k, val in req.labels.items())
         return f"lacks the labels {want}"
@@ -306,7 +314,9 @@ def _forward(local: NodeState, first: _Row, rest: Sequence[_Row], topology: Topo
 
 
 def _queue_reason(req: JobRequest, local: NodeState, peers: Sequence[NodeState], visited_could: int) -> str:
-    could = sum(1 for p in peers if p.node_id not in req.visited and fits_ever(req, p))
+    able = [p for p in peers if p.node_id not in req.visited and fits_ever(req, p)]
+    could = len(able)
+    broken = sum(req.runtime in p.vector.impaired for p in able)
     here = fits_ever(req, local)
     if not peers:
         return NO_PEERS_FULL
@@ -314,8 +324,18 @@ def _queue_reason(req: JobRequest, local: NodeState, peers: Sequence[NodeState],
     if could:
         noun = "peer" if could == 1 else "peers"
         verb = "is" if could == 1 else "are"
-        lead = f"all {could} {noun} that could run it {verb} full" if could > 1 else "the one peer that could run it is full"
-        parts.append(lead + (" and so is this agent" if here else ""))
+        cannot = f"cannot run {req.runtime} jobs now (they kept failing there for the host's fault)"
+        if not broken:
+            lead = f"all {could} {noun} that could run it {verb} full" if could > 1 else "the one peer that could run it is full"
+        elif broken == could:
+            lead = f"all {could} {noun} that could run it {cannot}" if could > 1 else f"the one peer that could run it {cannot}"
+        else:
+            lead = f"of the {could} peers that could run it, {could - broken} {'is' if could - broken == 1 else 'are'} full and {broken} {cannot}"
+        if here and req.runtime in local.vector.impaired:
+            lead += f"; this agent cannot run {req.runtime} jobs now either"
+        elif here:
+            lead += " and so is this agent" if not broken else "; this agent is full"
+        parts.append(lead)
     elif here:
         parts.append(f"this agent is full ({check_fit(req, local)}) and none of the {len(peers)} peers could ever run it")
     if visited_could:
@@ -343,7 +363,12 @@ def place(
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown placement policy {policy!r}; use one of {', '.join(POLICIES)}")
-    here_now = fits_now(req, local) and not local.vector.draining
+    # A runtime impaired here (its jobs kept failing for the host's fault) runs here
+    # only when no peer could ever run the job: then this agent keeps trying.
+    impaired_here = req.runtime in local.vector.impaired and any(
+        p.node_id != local.node_id and p.node_id not in req.visited and req.runtime not in p.vector.impaired
+        and fits_ever(req, p) for p in peers)
+    here_now = fits_now(req, local) and not local.vector.draining and not impaired_here
     if here_now and policy in ("p2p", "local-first"):
         return RunHere(), state
 
@@ -351,8 +376,8 @@ def place(
         return Reject(_never_reason(req, [local, *peers])), state
 
     if req.hops >= req.ttl:
-        if here_now:
-            return RunHere(), state
+        if here_now or (impaired_here and fits_now(req, local) and not local.vector.draining):
+            return RunHere(), state  # it can go nowhere else
         if not fits_ever(req, local):
             return Reject(
                 f"reached its hop limit ({req.hops} of {req.ttl} forwards) on an agent that can never run it "
@@ -372,7 +397,7 @@ def place(
             if fits_ever(req, p):
                 visited_could += 1
             continue
-        if fits_now(req, p):
+        if fits_now(req, p) and req.runtime not in p.vector.impaired:
             fitting.append(p)
 
     if policy == "random":

@@ -283,7 +283,8 @@ def _host(cfg: ProcessSandboxConfig) -> _Host:
         tools, userns, userns_detail, layout, cg_ok, cg_detail, can_mount,
         namespaces.system_layout(), hashlib.sha256(bpf).hexdigest(), warnings,
     )
-    _HOSTS[key] = host
+    if tools.bwrap and tools.prlimit and tools.setpriv:
+        _HOSTS[key] = host  # without them the next job looks again: an operator may install them meanwhile
     return host
 
 

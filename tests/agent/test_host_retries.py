@@ -140,3 +140,76 @@ def test_a_job_this_host_could_not_run_goes_to_a_peer_that_fits(tmp_path):
         assert any(d.startswith("forwarded to h2") for d in details[failed_at:]), details
     finally:
         stop_all([h1, h2])
+
+
+def health(http) -> dict:
+    return http.get("/healthz").json()
+
+
+@pytest.mark.root
+def test_a_runtime_whose_jobs_keep_failing_is_impaired_and_a_job_that_runs_ends_that(tmp_path):
+    """Three host failures in a row impair the runtime, visibly; a lone agent still
+    runs its jobs (nobody else could), and the first that runs clears it."""
+    with short_of_files(tmp_path, "--host-cooldown-s", "600") as (http, recover):
+        ids = [submit(http) for _ in range(3)]
+        impaired = wait_for(lambda: health(http).get("impaired"), what="the process runtime impaired")
+        assert health(http)["status"] == "ok"  # it still serves, and would forward
+        assert impaired["process"]["state"] == "impaired"
+        assert impaired["process"]["failures_in_a_row"] >= 3
+        assert impaired["process"]["last_error"] == "[Errno 24] Too many open files"
+        assert 'p2psched_runtime_impaired{runtime="process"} 1.0' in http.get("/metrics").text
+        [me] = http.get("/v1/peers").json()["peers"]
+        assert me["vector"]["impaired"] == ["process"]
+        assert me["runtimes"]["process"]["state"] == "impaired"
+        recover()
+        for job_id in ids:
+            done = http.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+            assert done["state"] == "succeeded", done["timeline"]
+        assert "impaired" not in health(http)
+        assert 'p2psched_runtime_impaired{runtime="process"} 0.0' in http.get("/metrics").text
+        [me] = http.get("/v1/peers").json()["peers"]
+        assert me["vector"]["impaired"] == [] and me["runtimes"] == {}
+
+
+@pytest.mark.cluster
+def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(tmp_path):
+    """h1 lacks bubblewrap. Its own process job runs on h2 instead of failing; h2
+    sends h1 none, even while h2 is full; once bubblewrap is installed on h1 and its
+    pause is over, h1 takes process jobs again."""
+    import shutil
+
+    bin_dir = tmp_path / "h1-bin"
+    bin_dir.mkdir()
+    for tool in ("prlimit", "setpriv"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "2",
+                           "--process-warm-pool", "0", per_agent_env={"h1": {"PATH": str(bin_dir)}})
+    try:
+        with h1.client() as c1, h2.client() as c2:
+            moved = c1.get(f"/v1/jobs/{submit(c1)}", params={"wait": 60}).json()
+            assert moved["state"] == "succeeded" and moved["executor"] == "h2", moved["timeline"]
+            details = [t["detail"] for t in moved["timeline"]]
+            assert "this host could not run it: process jobs need bubblewrap: install it with " \
+                   "'apt-get install bubblewrap'; placing it on a peer" in details
+            assert health(c1)["impaired"]["process"]["failures_in_a_row"] == 1
+
+            def h1_seen_by_h2() -> dict:
+                return next(p for p in c2.get("/v1/peers").json()["peers"] if p["node_id"] == "h1")
+            wait_for(lambda: h1_seen_by_h2()["vector"]["impaired"] == ["process"], what="h2 to hear it")
+            busy = c2.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "60"]}).json()["id"]
+            wait_for(lambda: c2.get(f"/v1/jobs/{busy}").json()["state"] == "running", what="h2 full")
+            waiting = c2.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()["id"]
+            reason = wait_for(lambda: c2.get(f"/v1/jobs/{waiting}").json()["wait_reason"], what="a wait reason")
+            assert reason.startswith("the one peer that could run it cannot run process jobs now"), reason
+            assert c2.get(f"/v1/jobs/{waiting}").json()["state"] == "queued"
+
+            (bin_dir / "bwrap").symlink_to(shutil.which("bwrap"))  # the operator installs it
+            done = c2.get(f"/v1/jobs/{waiting}", params={"wait": 60}).json()
+            assert done["state"] == "succeeded" and done["executor"] == "h1", done["timeline"]
+            assert "impaired" not in health(c1)
+            wait_for(lambda: h1_seen_by_h2()["vector"]["impaired"] == [], what="h2 to hear h1 recovered")
+            c2.delete(f"/v1/jobs/{busy}")
+        assert "process jobs: this host could not run 1 in a row" in h1.log()
+        assert "process jobs run on this host again" in h1.log()
+    finally:
+        stop_all([h1, h2])

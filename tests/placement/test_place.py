@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -298,3 +299,73 @@ def test_round_robin_cycles_through_fitting_members() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown placement policy 'best'; use one of p2p, local-first"):
         decide(JobRequest("j"), node("h0-0"), [], policy="best")
+
+
+def impaired(state: NodeState, *runtimes: str) -> NodeState:
+    return NodeState(state.node_id, vector=replace(state.vector, impaired=runtimes), labels=state.labels)
+
+
+def test_a_peer_whose_runtime_is_impaired_gets_none_of_its_jobs() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    nodes["h0-1"] = impaired(node("h0-1", cpu_free=4), "wasm")  # nearest, idle, but its wasm jobs kept failing
+    nodes["h3-1"] = node("h3-1", cpu_free=4)
+    for seed in range(20):
+        d = decide(JobRequest("j"), nodes["h0-0"], others(nodes, "h0-0"), seed=seed)
+        assert isinstance(d, Forward) and [c.node_id for c in d.candidates] == ["h3-1"]
+    # Its other runtimes still count.
+    d = decide(JobRequest("j", runtime="process"), nodes["h0-0"], others(nodes, "h0-0"))
+    assert isinstance(d, Forward) and d.node_id == "h0-1"
+    assert check_fit(JobRequest("j"), nodes["h0-1"]) == \
+        "cannot run wasm jobs now: they kept failing there for the host's fault"
+    assert check_fit(JobRequest("j", runtime="process"), nodes["h0-1"]) is None
+
+
+def test_an_impaired_agent_sends_its_own_jobs_to_a_peer_that_can_run_them() -> None:
+    nodes = cluster(SMALL, cpu_free=0)
+    me = impaired(node("h0-0", cpu_free=4), "wasm")
+    nodes["h2-0"] = node("h2-0", cpu_free=4)
+    d = decide(JobRequest("j"), me, others(nodes, "h0-0"))
+    assert isinstance(d, Forward) and d.node_id == "h2-0"
+    assert decide(JobRequest("j", runtime="process"), me, others(nodes, "h0-0")) == RunHere()
+    # Peers that could run it are all busy: it waits for them rather than fail here again.
+    nodes["h2-0"] = node("h2-0", cpu_free=0)
+    d = decide(JobRequest("j"), me, others(nodes, "h0-0"))
+    assert d == QueueHere("all 7 peers that could run it are full; this agent cannot run wasm jobs now either; "
+                          "waiting here for capacity")
+    # At the hop limit it can go nowhere else, so it runs here.
+    assert decide(JobRequest("j", hops=4), me, others(nodes, "h0-0")) == RunHere()
+
+
+def test_an_impaired_agent_runs_the_job_itself_when_no_peer_could() -> None:
+    me = impaired(node("h0-0", cpu_free=4), "wasm")
+    assert decide(JobRequest("j"), me, []) == RunHere()  # a lone agent keeps trying
+    broken = [impaired(node(h, cpu_free=4), "wasm") for h in ("h1-0", "h2-0")]
+    assert decide(JobRequest("j"), me, broken) == RunHere()  # every other one is impaired too
+    small = node("h3-0", cpu_free=1, cpu_total=1)
+    assert decide(JobRequest("j", cpu=2), me, [small]) == RunHere()  # the one healthy peer is too small
+
+
+def test_queue_reason_names_impaired_peers() -> None:
+    me = node("h0-0", cpu_free=0)
+    full, broken = node("h1-0", cpu_free=0), impaired(node("h2-0", cpu_free=4), "wasm")
+    d = decide(JobRequest("j"), me, [broken])
+    assert d == QueueHere("the one peer that could run it cannot run wasm jobs now (they kept failing there for "
+                          "the host's fault); this agent is full; waiting here for capacity")
+    d = decide(JobRequest("j"), me, [full, broken])
+    assert d == QueueHere("of the 2 peers that could run it, 1 is full and 1 cannot run wasm jobs now (they kept "
+                          "failing there for the host's fault); this agent is full; waiting here for capacity")
+
+
+def test_job_request_carries_the_runtime() -> None:
+    spec = JobSpec.model_validate({"runtime": "process", "command": ["/bin/true"]})
+    assert JobRequest.from_spec("j", spec).runtime == "process"
+
+
+def test_impaired_runtimes_travel_in_the_vector_and_bad_ones_are_refused() -> None:
+    v = ResourceVector(cpu_total=2, cpu_free=2, impaired=("process", "wasm"))
+    assert ResourceVector.from_wire(v.to_wire()) == v
+    assert "i" not in ResourceVector(cpu_total=2).to_wire()  # healthy nodes gossip no key for it
+    assert ResourceVector.from_wire(ResourceVector(cpu_total=2).to_wire()).impaired == ()
+    for bad in ("wasm", [1], [""], ["x" * 33], ["w"] * 9):
+        with pytest.raises(ValueError, match="impaired runtimes"):
+            ResourceVector.from_wire({"i": bad})

@@ -53,8 +53,10 @@ function el(tag, text, className) {
   return e;
 }
 
-function pill(state) {
-  return el("span", state, `pill s-${state}`);
+function pill(state, title) {
+  const span = el("span", state, `pill s-${state}`);
+  if (title) span.title = title;
+  return span;
 }
 
 function row(cells) {
@@ -144,14 +146,17 @@ function drawPeers(peers) {
     const v = p.vector || {};
     const name = el("span", p.node_id);
     if (p.self) name.appendChild(el("span", " (this agent)", "muted"));
-    const state = v.draining && p.state === "alive" ? "draining" : p.state;
+    const impaired = v.impaired || [];
+    let state = v.draining && p.state === "alive" ? "draining" : p.state;
+    if (state === "alive" && impaired.length) state = "impaired";
     let apiCell = "";
     if (p.api) {
       apiCell = el("a", p.api);
       apiCell.href = `http://${p.api}/ui/`;
     }
     const tr = row([
-      name, pill(state), p.position || "",
+      name, impaired.length ? pill(state, `${impaired.join(", ")} jobs kept failing there; peers send it none`)
+        : pill(state), p.position || "",
       v.cpu_total === undefined ? "" : `${+v.cpu_free.toFixed(2)} / ${+v.cpu_total.toFixed(2)}`,
       v.mem_total_mb === undefined ? "" : `${fmtMem(v.mem_free_mb)} / ${fmtMem(v.mem_total_mb)}`,
       fmtGpu(v.gpu_free, v.gpu_total), v.queue_len ?? "", v.running ?? "",
