@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agents import new_agent, start_cluster, stop_all, wait_for, wasm_spec, wasm_worker_pids
+from agents import cli, new_agent, start_cluster, stop_all, wait_for, wasm_spec, wasm_worker_pids
 
 
 
@@ -196,6 +196,8 @@ def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(
             def h1_seen_by_h2() -> dict:
                 return next(p for p in c2.get("/v1/peers").json()["peers"] if p["node_id"] == "h1")
             wait_for(lambda: h1_seen_by_h2()["vector"]["impaired"] == ["process"], what="h2 to hear it")
+            table = cli("peers", agent=h2, check=True).stdout.decode()
+            assert "alive (process impaired)" in next(line for line in table.splitlines() if "h1" in line)
             busy = c2.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "60"]}).json()["id"]
             wait_for(lambda: c2.get(f"/v1/jobs/{busy}").json()["state"] == "running", what="h2 full")
             waiting = c2.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"]}).json()["id"]

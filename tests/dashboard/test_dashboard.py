@@ -174,3 +174,32 @@ def test_a_page_in_a_hidden_tab_asks_the_agent_nothing_and_catches_up_when_shown
         assert console_errors(browser) == []
     finally:
         stop_all([agent])
+
+
+def test_a_host_that_cannot_run_a_runtime_shows_as_impaired_on_its_page_and_its_peers(tmp_path, browser):
+    """d2 lacks bubblewrap: its process job runs on d1, and both pages say d2 is impaired."""
+    import shutil
+
+    bin_dir = tmp_path / "d2-bin"
+    bin_dir.mkdir()
+    d1, d2 = start_cluster(tmp_path, ["d1", "d2"], "--host-cooldown-s", "600",
+                           per_agent_env={"d2": {"PATH": str(bin_dir)}})
+    try:
+        with d2.client() as http:
+            job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "hi"]}).json()["id"]
+            assert http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()["executor"] == "d1"
+        browser.get(d2.url + "/ui/")
+        health = browser.find_element(By.ID, "health")
+        wait_for(lambda: health.text == "accepting jobs · process impaired", what="d2's own health line")
+        assert "process: 1 in a row failed here (last: process jobs need bubblewrap" in health.get_attribute("title")
+        browser.get(d1.url + "/ui/")
+        wait_for(lambda: rows(browser, "peers").get("d2") is not None
+                 and rows(browser, "peers")["d2"].get_attribute("data-state") == "impaired", what="d2 impaired on d1")
+        pill = rows(browser, "peers")["d2"].find_element(By.CSS_SELECTOR, ".pill")
+        assert pill.text == "impaired"
+        assert pill.get_attribute("title") == "process jobs kept failing there; peers send it none"
+        assert rows(browser, "peers")["d1"].get_attribute("data-state") == "alive"
+        assert browser.find_element(By.ID, "health").text == "accepting jobs"
+        assert console_errors(browser) == []
+    finally:
+        stop_all([d1, d2])

@@ -112,8 +112,18 @@ function jobReason(job) {
 function drawHealth(h) {
   $("node").textContent = `node ${h.node_id} · v${h.version}`;
   const p = $("health");
-  p.textContent = h.status === "ok" ? "accepting jobs" : h.status;
-  p.className = `pill s-${h.status}`;
+  const impaired = Object.keys(h.impaired || {});
+  if (h.status === "ok" && impaired.length) {
+    // It serves and forwards; jobs of these runtimes go to peers for now.
+    p.textContent = `accepting jobs · ${impaired.join(", ")} impaired`;
+    p.className = "pill s-impaired";
+    p.title = impaired.map((rt) => `${rt}: ${h.impaired[rt].failures_in_a_row} in a row failed here `
+      + `(last: ${h.impaired[rt].last_error}); trying again in ${h.impaired[rt].retry_in_s} s`).join("\n");
+  } else {
+    p.textContent = h.status === "ok" ? "accepting jobs" : h.status;
+    p.className = `pill s-${h.status}`;
+    p.title = "";
+  }
   document.title = `p2psched · ${h.node_id}`;
 }
 
