@@ -103,6 +103,33 @@ def check_userns() -> Check:
             "sysctl -w user.max_user_namespaces=15000 (process jobs still run as root-owned namespaces without it)")
 
 
+def check_leftovers() -> Check:
+    """What a killed agent left of its process jobs: the next agent start removes it,
+    so this only warns; until then it holds memory, mounts or running processes."""
+    from p2psched.sandbox import cgroups, leftovers
+
+    found = [
+        (len(cgroups.stale_names(cgroups.detect())), "job cgroup"),
+        (len(leftovers.stale_mounts()), "scratch mount"),
+        (len(leftovers.stale_dirs()), "scratch directory"),
+    ]
+    orphans = leftovers.orphaned_sandboxes()
+    parts = [f"{n} {noun}{'s' if n != 1 else ''}" for n, noun in found if n]
+    if orphans:
+        parts.append(f"{len(orphans)} half-built sandbox{'es' if len(orphans) != 1 else ''} still running "
+                     f"(pid {', '.join(map(str, orphans[:10]))}{', ...' if len(orphans) > 10 else ''})")
+    if not parts:
+        return "leftovers", True, "nothing left by a killed agent", ""
+    fix = "start the agent: it removes them before it serves"
+    if orphans:
+        fix += f" (or end the sandboxes now: kill -9 {' '.join(map(str, orphans[:10]))})"
+    return "leftovers", False, "left by a killed agent: " + ", ".join(parts), fix
+
+
+#: Checks whose failure is a warning: something works less well, or the agent mends it.
+WARN_ONLY = {"leftovers"}
+
+
 def _module_checks(module: str) -> Iterable[Check]:
     try:
         mod = importlib.import_module(module)
@@ -122,14 +149,15 @@ def doctor(data_dir: Path, api: str, gossip: str, transfer: str) -> None:
     checks: list[Check] = [
         check_python(), check_wasmtime(), check_data_dir(data_dir),
         check_port("api", api, socket.SOCK_STREAM), check_port("gossip", gossip, socket.SOCK_DGRAM),
-        check_port("transfer", transfer, socket.SOCK_STREAM), check_cgroups(), check_userns(),
+        check_port("transfer", transfer, socket.SOCK_STREAM), check_cgroups(), check_userns(), check_leftovers(),
     ]
     checks += _module_checks("p2psched.sandbox.process")
     checks += _module_checks("p2psched.gpu.discovery")
     failed = 0
     for name, ok, detail, fix in checks:
         mark = click.style(" ok ", fg="green") if ok else click.style("FAIL", fg="red")
-        if not ok and ("fallback" in detail or "none" in detail.lower() or name.startswith("gpu")):
+        if not ok and (name in WARN_ONLY or "fallback" in detail or "none" in detail.lower()
+                       or name.startswith("gpu")):
             mark = click.style("warn", fg="yellow")
         elif not ok:
             failed += 1

@@ -28,7 +28,7 @@ def test_doctor_checks_each_thing_and_passes_on_this_host(tmp_path):
     out, rows = doctor(tmp_path, tmp_path / "data", free_port())
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("python", "wasmtime", "data dir", "port api", "port gossip", "port transfer", "cgroups",
-                 "user namespaces", "gpu: devices"):
+                 "user namespaces", "leftovers", "gpu: devices"):
         assert name in rows, (name, out.stdout)
     assert rows["wasmtime"][1].endswith("trial run 2+3=5")
     assert rows["data dir"] == ("ok", f"{tmp_path / 'data'} is writable and no agent uses it")

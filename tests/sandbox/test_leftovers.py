@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -127,7 +128,7 @@ def _init_of(monitor: int) -> int:
 
 
 @pytest.mark.root
-def test_a_sandbox_left_half_built_by_a_killed_agent_is_found_and_killed():
+def test_a_sandbox_left_half_built_by_a_killed_agent_is_found_and_killed(tmp_path):
     """--die-with-parent does not yet cover a sandbox's init while it is being
     built: an agent killed then left the init running, out of any job cgroup (for
     good where it waited on bwrap's eventfd). Made here by killing its bwrap
@@ -155,6 +156,13 @@ def test_a_sandbox_left_half_built_by_a_killed_agent_is_found_and_killed():
         orphans = leftovers.orphaned_sandboxes()
         assert left_init in orphans and live_init not in orphans
         assert leftovers.any_left()
+        # doctor names it, with the way to end it now, as a warning (the next agent start mends it)
+        doctor = subprocess.run([sys.executable, "-m", "p2psched", "doctor", "--data-dir", str(tmp_path), "--api", "127.0.0.1:0",
+                                 "--gossip", "127.0.0.1:0", "--transfer", "127.0.0.1:0"],
+                                capture_output=True, text=True, timeout=120)
+        row = next(line for line in doctor.stdout.splitlines() if "leftovers" in line)
+        assert row.startswith("[warn]") and "half-built sandbox" in row and str(left_init) in row, doctor.stdout
+        assert "start the agent: it removes them before it serves" in doctor.stdout
 
         assert process.reap_stale() >= 1
         for _ in range(500):
