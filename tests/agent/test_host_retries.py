@@ -215,3 +215,28 @@ def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(
         assert "process jobs run on this host again" in h1.log()
     finally:
         stop_all([h1, h2])
+
+
+@pytest.mark.cluster
+def test_a_job_pausing_after_a_host_failure_leaves_with_a_draining_agent(tmp_path):
+    """A drain waits for a job in its host-failure pause and hands it to a peer,
+    rather than stopping with it queued or running it here again."""
+    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-retries", "5")
+    try:
+        with h1.client() as http:
+            job_id = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
+            wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "running", what="the job running")
+            assert h1.proc is not None
+            [worker] = wait_for(lambda: wasm_worker_pids(h1.proc.pid), what="h1's wasm worker")
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: "this host could not run it" in (http.get(f"/v1/jobs/{job_id}").json()
+                                                             .get("wait_reason") or ""), what="the pause")
+            assert http.post("/v1/drain").json()["draining"] is True
+        assert h1.proc.wait(timeout=60) == 0
+        with h2.client() as c2:
+            done = wait_for(lambda: (r := c2.get(f"/v1/jobs/{job_id}").json())["state"] == "timed_out" and r,
+                            what="the job ended on h2")
+        assert done["executor"] == "h2" and done["result"]["reason"] == "wall_timeout"
+        assert "drained: 0 running, 0 still queued here" in h1.log()
+    finally:
+        stop_all([h1, h2])
