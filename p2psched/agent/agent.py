@@ -29,6 +29,7 @@ from p2psched import __version__, logs
 from p2psched.agent.datadir import DataDirLock
 from p2psched.agent.gate import Gate
 from p2psched.agent.health import COOLDOWN_MAX_S, HostHealth
+from p2psched.agent.output import JobOutputs
 from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
@@ -106,6 +107,7 @@ class Running:
     # first process job waits for the sandbox pool must still stop it.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     gpu_grant: Any = None
+    live: Any = None  # LiveOutput: a process job's output so far, for readers while it runs
 
 
 def _raise_nofile() -> None:
@@ -178,7 +180,7 @@ def origin_of(job_id: str) -> str | None:
     return head if sep else None
 
 
-class Agent(RemoteJobs):
+class Agent(RemoteJobs, JobOutputs):
     def __init__(self, settings: AgentSettings, *, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -206,6 +208,7 @@ class Agent(RemoteJobs):
         self._wake = trio.Event()
         self._vector_changed = trio.Event()  # slots taken or given back, or a job queued
         self._waiters: dict[str, trio.Event] = {}
+        self._output_waiters: dict[str, trio.Event] = {}  # readers of a running job's output, until more comes
         self._awaiting_durable: set[trio.Event] = set()  # waiters whose job ended, until it is on disk
         self._stop = trio.Event()
         self.stopped = trio.Event()
@@ -384,6 +387,10 @@ class Agent(RemoteJobs):
             self.early_status.pop(rec.id, None)
             if self._host_failures:
                 self._host_failures.pop(rec.id, None)
+            if self._output_waiters:  # readers of its output read the stored whole now
+                out_ev = self._output_waiters.pop(rec.id, None)
+                if out_ev is not None:
+                    out_ev.set()
             ev = self._waiters.pop(rec.id, None)
             if ev is not None:
                 # Waiters learn of the ending only once it is durable.
@@ -1267,7 +1274,9 @@ class Agent(RemoteJobs):
             # A wasm job has no effect outside its result, so it starts at once and
             # its running state reaches disk with the next flush, before its result.
             await self._sync_retrying()
-            result = await self._execute_process(run, self._sandbox_request(rec, run.gpu_grant))
+            req = self._sandbox_request(rec, run.gpu_grant)
+            req.live = run.live = self._live_output(run)
+            result = await self._execute_process(run, req)
         except Exception as e:  # the host, or a sandbox bug: it must not take the agent down
             # (SandboxUnfit says no later try can help: a missing tool, a job without a command)
             transient = getattr(e, "transient", True)
@@ -1406,7 +1415,9 @@ class Agent(RemoteJobs):
             exit_code=res.exit_code, reason=res.reason,
             stdout=out[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
             stderr=res.stderr[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
-            stdout_truncated=res.stdout_truncated, stderr_truncated=res.stderr_truncated,
+            # stdout is whole in /result; stderr only here, so a cut here is a cut
+            stdout_truncated=res.stdout_truncated,
+            stderr_truncated=res.stderr_truncated or len(res.stderr) > RECORD_TEXT_BYTES,
             cpu_ms=res.cpu_ms, peak_mem_bytes=res.peak_mem_bytes,
             output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
             warnings=list(res.warnings),

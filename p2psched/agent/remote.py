@@ -286,6 +286,9 @@ class RemoteJobs:
         if kind == m.SUBMIT:
             m.require(msg, "spec")
             return await self._on_submit(msg)
+        if kind == m.OUTPUT:
+            m.require(msg, "id", "stream", "offset")
+            return await self._on_output(peer, msg)
         raise ValueError(f"unknown transfer message type {kind!r}")
 
     async def _on_offer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:

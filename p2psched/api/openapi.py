@@ -106,6 +106,20 @@ def openapi_document() -> dict[str, Any]:
             "/v1/jobs/{job_id}/result": {"get": {"summary": "A job's raw output bytes", "parameters": [_JOB_ID, _WAIT],
                 "responses": {"200": _resp("stdout bytes", {"type": "string", "format": "binary"},
                                            "application/octet-stream"), **_errors(404, 409)}}},
+            "/v1/jobs/{job_id}/output": {"get": {
+                "summary": "A job's output from an offset, while it runs and after; ?wait= waits for more",
+                "description": "Up to 1 MiB of one stream from `offset`. Headers: X-Output-Next (the offset to ask "
+                               "for next), X-Output-Complete (true once the job has ended and nothing follows), "
+                               "X-Output-Attempt (offsets count within one attempt; a job run again starts anew), "
+                               "X-Job-State, and X-Output-Note when nothing can be served yet and why.",
+                "parameters": [
+                    _JOB_ID, _WAIT,
+                    {"name": "stream", "in": "query", "schema": {"type": "string", "enum": ["stdout", "stderr"],
+                                                                 "default": "stdout"}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                ],
+                "responses": {"200": _resp("bytes of the stream from offset", {"type": "string", "format": "binary"},
+                                           "application/octet-stream"), **_errors(400, 404)}}},
             "/v1/peers": {"get": {"summary": "Cluster members", "responses": {"200": _resp("Members")}}},
             "/v1/cluster": {"get": {"summary": "Members by state and resources", "responses": {"200": _resp("Totals")}}},
             "/v1/drain": {"post": {"summary": "Drain this agent", "responses": {"200": _resp("Drain started")}}},

@@ -230,6 +230,31 @@ def create_app(agent: Any) -> Starlette:
             headers["X-Job-Reason"] = rec.result.reason.encode("ascii", "replace").decode()[:200]
         return Response(data, media_type="application/octet-stream", headers=headers)
 
+    async def get_output(request: Request) -> Response:
+        job_id = await readable(request)
+        q = request.query_params
+        unknown = set(q) - {"stream", "offset", "wait"}
+        if unknown:
+            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use stream, offset, wait",
+                             reason="invalid_query")
+        stream = q.get("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise AgentError(f"stream={stream!r} is not an output stream; use stdout or stderr", reason="invalid_query")
+        raw = q.get("offset", "0")
+        try:
+            offset = int(raw)
+        except ValueError:
+            raise AgentError(f"offset={raw!r} must be a whole number of bytes >= 0 (X-Output-Next of the last "
+                             "answer)", reason="invalid_query") from None
+        if offset < 0:
+            raise AgentError(f"offset={offset} must be >= 0", reason="invalid_query")
+        chunk = await agent.read_output(job_id, stream, offset, _wait_param(request))
+        headers = {"X-Job-State": chunk.state, "X-Output-Next": str(chunk.next),
+                   "X-Output-Complete": "true" if chunk.complete else "false", "X-Output-Attempt": str(chunk.attempt)}
+        if chunk.note:
+            headers["X-Output-Note"] = chunk.note.encode("ascii", "replace").decode()[:300]
+        return Response(chunk.data, media_type="application/octet-stream", headers=headers)
+
     async def list_jobs(request: Request) -> Response:
         who = await principal(request)
         q = request.query_params
@@ -339,6 +364,7 @@ def create_app(agent: Any) -> Starlette:
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/result", get_result, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/output", get_output, methods=["GET"]),
         Route("/v1/peers", peers, methods=["GET"]),
         Route("/v1/cluster", cluster, methods=["GET"]),
         Route("/v1/drain", drain, methods=["POST"]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -170,6 +171,8 @@ def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tenant", help="Tenant name (signs the request with --key).")
 @click.option("--key", type=click.Path(path_type=Path), help="Tenant private key file.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; print its output (or record with --json).")
+@click.option("--follow", "-f", is_flag=True,
+              help="Print the job's output as it writes it (process jobs), until it ends; exit as --wait does.")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds.")
 @click.option("--retry-s", type=click.FloatRange(min=0), default=RETRY_S, show_default=True,
               help="How long to keep retrying when the agent answers 429 or 503 with Retry-After (0: never).")
@@ -178,9 +181,12 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
            input_file: str | None, args: tuple[str, ...], env: tuple[str, ...], entry: str, cpu: float | None,
            mem_mb: int | None, gpu: int | None, gpu_type: str | None, wall_ms: int | None, cpu_ms: int | None,
            fuel: int | None, mem_limit_mb: int | None, priority: int | None, caps: tuple[str, ...],
-           labels: tuple[str, ...], tenant: str | None, key: Path | None, wait: bool, timeout: float,
+           labels: tuple[str, ...], tenant: str | None, key: Path | None, wait: bool, follow: bool, timeout: float,
            retry_s: float, as_json: bool) -> None:
     """Submit MODULE (a .wasm file), or with --process a command: submit --process -- CMD ARGS..."""
+    if follow and as_json:
+        fail("--follow prints the job's output as it comes; --json prints its record: choose one "
+             "(--wait --json prints the final record)", 2)
     spec: dict[str, Any] = {}
     if process:
         argv = ([str(module)] if module is not None else []) + list(command)
@@ -237,6 +243,10 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
 
         body = sign_submission(spec, tenant, key)
     rec = api.json("POST", "/v1/jobs", json=body)
+    if follow:
+        _follow_output(api, rec["id"], "stdout", follow=True, timeout=timeout)
+        _exit_for(_wait_final(api, rec["id"], 60.0))
+        return
     if not wait:
         if as_json:
             _print_json(rec)
@@ -254,6 +264,46 @@ def _wait_final(api: Api, job_id: str, timeout: float) -> dict[str, Any]:
         rec = api.json("GET", f"/v1/jobs/{job_id}", params={"wait": f"{max(0.0, min(left, 60.0)):.3f}"})
         if rec["state"] in ("succeeded", "failed", "cancelled", "timed_out", "rejected") or left <= 0:
             return rec
+
+
+def _follow_output(api: Api, job_id: str, stream: str, *, follow: bool, timeout: float = math.inf) -> None:
+    """Write ``stream`` of the job to our stdout as the agent serves it: what there is
+    now, or with ``follow`` everything until the job ends (or ``timeout`` passes)."""
+    out = sys.stdout.buffer
+    offset, attempt, said = 0, 0, set()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        wait = max(0.0, min(30.0, left)) if follow else 0.0
+        resp = api.request("GET", f"/v1/jobs/{job_id}/output",
+                           params={"stream": stream, "offset": offset, "wait": f"{wait:.3f}"})
+        got = int(resp.headers.get("x-output-attempt", "0") or 0)
+        if got > attempt and offset:
+            # A job run again (its host or executor failed) writes its output anew.
+            click.echo(f"p2psched: job {job_id} runs again (attempt {got}); its {stream} starts over", err=True)
+            offset, attempt = 0, got
+            continue
+        attempt = max(attempt, got)
+        note = resp.headers.get("x-output-note")
+        if note and note not in said and follow:
+            said.add(note)
+            click.echo(f"p2psched: {note}", err=True)
+        if resp.content:
+            out.write(resp.content)
+            out.flush()
+        offset = int(resp.headers.get("x-output-next", offset))
+        if resp.headers.get("x-output-complete") == "true" or (not follow and not resp.content) or left <= 0:
+            return
+
+
+def _exit_for(rec: dict[str, Any]) -> None:
+    """Exit 0 if the job succeeded; else say why on stderr and exit 1."""
+    if rec["state"] == "succeeded":
+        return
+    res = rec.get("result") or {}
+    reason = res.get("reason") or rec.get("wait_reason") or "did not finish in time"
+    click.echo(f"p2psched: job {rec['id']} {rec['state']}: {reason}", err=True)
+    sys.exit(1)
 
 
 def _report(api: Api, rec: dict[str, Any], as_json: bool) -> None:
@@ -349,6 +399,23 @@ def result(job_id: str, api: Api, wait_s: float) -> None:
     """Write a job's raw output bytes to stdout."""
     resp = api.request("GET", f"/v1/jobs/{job_id}/result", params={"wait": wait_s})
     sys.stdout.buffer.write(resp.content)
+
+
+@click.command()
+@click.argument("job_id")
+@api_options
+@click.option("--follow", "-f", is_flag=True,
+              help="Go on printing as the job writes, until it ends; then exit 0 only if it succeeded.")
+@click.option("--stderr", "stream", flag_value="stderr", default="stdout", help="The job's stderr, not its stdout.")
+def logs(job_id: str, api: Api, follow: bool, stream: str) -> None:
+    """Print a job's output so far, while it runs or after; --follow streams it.
+
+    A process job's output is served as it writes it; a wasm job's when it ends,
+    and so is that of a job with mask_patterns (they apply to the whole output).
+    """
+    _follow_output(api, job_id, stream, follow=follow)
+    if follow:
+        _exit_for(api.json("GET", f"/v1/jobs/{job_id}"))
 
 
 @click.command()

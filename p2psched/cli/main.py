@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("p2psched.cli.client:jobs", "List jobs."),
     "cancel": ("p2psched.cli.client:cancel", "Cancel a job."),
     "result": ("p2psched.cli.client:result", "Write a job's raw output to stdout."),
+    "logs": ("p2psched.cli.client:logs", "Print a job's output while it runs or after; --follow streams it."),
     "peers": ("p2psched.cli.client:peers", "List cluster members as an agent sees them."),
     "cluster": ("p2psched.cli.client:cluster", "Cluster totals as an agent sees them."),
     "drain": ("p2psched.cli.client:drain", "Drain an agent: no new jobs, hand queued ones to peers, leave."),

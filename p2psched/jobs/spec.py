@@ -47,7 +47,11 @@ class Limits(Strict):
     mem_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, le=1 << 42, description="Memory limit.")
     stack_bytes: int = Field(1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024, description="Guest stack limit.")
     stdout_bytes: int = Field(1024 * 1024, ge=0, le=1 << 30, description="stdout kept; the rest is cut and flagged.")
-    stderr_bytes: int = Field(256 * 1024, ge=0, le=1 << 30, description="stderr kept; the rest is cut and flagged.")
+    stderr_bytes: int = Field(
+        256 * 1024, ge=0, le=1 << 30,
+        description="stderr captured (readable at /output while the job runs); the rest is cut and flagged. "
+        "The record keeps its first 64 KiB.",
+    )
     pids: int = Field(64, ge=1, le=65536, description="Processes a process job may hold at once.")
     nofile: int = Field(64, ge=4, le=65536, description="Open files a process job may hold.")
     fsize_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1 << 40, description="Largest file a process job may write.")

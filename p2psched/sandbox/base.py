@@ -8,6 +8,7 @@ never needs to know which one ran.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,18 @@ LIMIT_REASONS = (
     "pids_limit",  # fork bomb contained by the pids controller
     "output_limit",  # a file over RLIMIT_FSIZE
 )
+
+
+@dataclass(slots=True)
+class LiveOutput:
+    """A running job's output so far, for readers while it runs (``GET
+    /v1/jobs/{id}/output``). The sandbox appends what the job writes, up to the
+    job's output limits, and calls ``changed`` after each piece; the result's
+    ``stdout`` and ``stderr`` are these same bytes."""
+
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    changed: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -46,6 +59,7 @@ class SandboxRequest:
     artifacts: list[str] = field(default_factory=list)
     gpu_env: dict[str, str] = field(default_factory=dict)  # CUDA_VISIBLE_DEVICES etc. of granted slots
     gpu_devices: list[str] = field(default_factory=list)  # /dev/nvidia* nodes the job may open
+    live: LiveOutput | None = None  # process jobs: where output goes as it is written
 
     @classmethod
     def for_job(cls, job_id: str, spec: JobSpec, module_path: Path | None, *, gpu_env: dict[str, str] | None = None,

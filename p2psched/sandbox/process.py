@@ -383,10 +383,12 @@ class _Capture:
     ``job | head -c LIMIT``.
     """
 
-    def __init__(self, fd: int, limit: int) -> None:
+    def __init__(self, fd: int, limit: int, buf: bytearray | None = None,
+                 changed: Callable[[], None] | None = None) -> None:
         self.stream = trio.lowlevel.FdStream(fd)
         self.limit = limit
-        self.buf = bytearray()
+        self.buf = buf if buf is not None else bytearray()  # a LiveOutput's, for readers while it runs
+        self.changed = changed
         self.truncated = False
 
     async def run(self) -> None:
@@ -399,11 +401,17 @@ class _Capture:
                 if len(chunk) > room:
                     self.buf += chunk[: max(room, 0)]
                     self.truncated = True
+                    self._changed()
                     return
                 self.buf += chunk
+                self._changed()
         finally:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+    def _changed(self) -> None:
+        if self.changed is not None:
+            self.changed()
 
 
 class _Job:
@@ -655,8 +663,9 @@ class _Job:
 
     async def supervise(self) -> SandboxResult:
         """Capture output, feed stdin, enforce limits, and wait for the job to end."""
-        out = _Capture(self.out_r, self.limits.stdout_bytes)
-        err = _Capture(self.err_r, self.limits.stderr_bytes)
+        live = self.req.live
+        out = _Capture(self.out_r, self.limits.stdout_bytes, live.stdout if live else None, live.changed if live else None)
+        err = _Capture(self.err_r, self.limits.stderr_bytes, live.stderr if live else None, live.changed if live else None)
         self.fds.remove(self.out_r)
         self.fds.remove(self.err_r)
         async with trio.open_nursery() as nursery:

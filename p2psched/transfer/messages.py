@@ -11,6 +11,8 @@
     cancel_ack  executor -> origin   {id, state}                   "cancelling", "unknown" or a final state
     submit      any -> home agent    {spec, auth}                  a client-chosen id's home takes the job
     submitted   home -> any          {job, created}                or submit_error {status, reason, message}
+    output      origin -> executor   {id, stream, offset, wait}    reply: output_data
+    output_data executor -> origin   {id, data, next, complete, state, note}   a running job's output so far
     error       either               {message}                     the request was not understood
 
 ``module`` (the wasm bytes) is left out once the executor is known to hold them.
@@ -38,8 +40,10 @@ ERROR = "error"
 SUBMIT = "submit"
 SUBMITTED = "submitted"
 SUBMITTED_ERROR = "submit_error"
+OUTPUT = "output"
+OUTPUT_DATA = "output_data"
 
-REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL, SUBMIT})
+REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL, SUBMIT, OUTPUT})
 
 
 def error(message: str) -> dict[str, Any]:
