@@ -27,7 +27,8 @@ from p2psched import dashboard
 from p2psched.api.errors import error_body
 
 #: Response headers passed back from the agent; hop-by-hop and length headers are not.
-_PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after")
+_PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after", "x-output-next", "x-output-complete",
+           "x-output-attempt", "x-output-note")
 
 
 def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[str]) -> Starlette:

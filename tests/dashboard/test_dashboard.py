@@ -203,3 +203,25 @@ def test_a_host_that_cannot_run_a_runtime_shows_as_impaired_on_its_page_and_its_
         assert console_errors(browser) == []
     finally:
         stop_all([d1, d2])
+
+
+def test_a_running_process_jobs_output_shows_in_its_detail_as_it_is_written(tmp_path, browser):
+    [agent] = start_cluster(tmp_path, ["solo"])
+    try:
+        with agent.client() as http:
+            job = http.post("/v1/jobs", json={"runtime": "process", "command": [
+                "/bin/sh", "-c", "echo epoch 1 loss 0.9; echo warming up >&2; sleep 3; echo epoch 2 loss 0.5; sleep 60"]
+            }).json()["id"]
+            assert http.get(f"/v1/jobs/{job}/output", params={"wait": 30}).content == b"epoch 1 loss 0.9\n"
+        browser.get(f"{agent.url}/ui/#{job}")
+        stdout = browser.find_element(By.ID, "detail-stdout")
+        wait_for(lambda: browser.find_element(By.ID, "detail-state").text == "running", what="the running job")
+        assert stdout.text.startswith("epoch 1 loss 0.9")
+        assert browser.find_element(By.ID, "detail-stderr").text == "warming up"
+        # The page's refresh brings what the job writes next.
+        wait_for(lambda: stdout.text == "epoch 1 loss 0.9\nepoch 2 loss 0.5", what="the next line")
+        assert console_errors(browser) == []
+        with agent.client() as http:
+            http.delete(f"/v1/jobs/{job}")
+    finally:
+        stop_all([agent])

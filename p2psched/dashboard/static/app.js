@@ -44,6 +44,19 @@ async function api(path, options = {}) {
   return body;
 }
 
+// The first MiB of a running job's stream, as text, and why there is none yet.
+async function liveOutput(jobId, stream) {
+  const path = `/v1/jobs/${encodeURIComponent(jobId)}/output?stream=${stream}`;
+  let resp;
+  try {
+    resp = await fetch(path, { cache: "no-store" });
+  } catch (e) {
+    return { text: "", note: "" };
+  }
+  if (!resp.ok) return { text: "", note: "" };
+  return { text: await resp.text(), note: resp.headers.get("X-Output-Note") || "" };
+}
+
 // ------------------------------------------------------------------ drawing helpers
 
 function el(tag, text, className) {
@@ -253,11 +266,21 @@ function drawDetail(job) {
     body.appendChild(tr);
     prev = t.at;
   }
-  $("detail-output").hidden = !r;
+  $("detail-output").hidden = !r && job.state !== "running";
   if (r) {
     $("detail-stdout").textContent = shown(r.stdout, r.stdout_truncated, "output (raw)");
     $("detail-stderr").textContent = shown(r.stderr, r.stderr_truncated, null);
   }
+}
+
+// A running job's output so far (process jobs write it as they go), redrawn with
+// each refresh while its detail is open.
+async function drawLive(job) {
+  if (job.state !== "running") return;
+  const [out, err] = await Promise.all([liveOutput(job.id, "stdout"), liveOutput(job.id, "stderr")]);
+  if (view.selected !== job.id) return;
+  $("detail-stdout").textContent = out.text || (out.note ? `[${out.note}]` : "");
+  $("detail-stderr").textContent = err.text;
 }
 
 // The record holds output as UTF-8 text with replacement characters: binary output
@@ -317,7 +340,11 @@ async function refresh() {
     drawPeers(peers.peers);
     drawCounts(counts.counts);
     drawJobs(jobs.jobs, jobs.next_cursor !== null);
-    if (view.selected) drawDetail(await api(`/v1/jobs/${encodeURIComponent(view.selected)}`));
+    if (view.selected) {
+      const job = await api(`/v1/jobs/${encodeURIComponent(view.selected)}`);
+      drawDetail(job);
+      await drawLive(job);
+    }
     clearError();
     $("updated").textContent = `updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
   } catch (e) {
@@ -335,7 +362,9 @@ function schedule() {
 async function select(jobId) {
   view.selected = jobId;
   try {
-    drawDetail(await api(`/v1/jobs/${encodeURIComponent(jobId)}`));
+    const job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
+    drawDetail(job);
+    await drawLive(job);
     clearError();
   } catch (e) {
     showError(e);
