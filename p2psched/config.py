@@ -75,7 +75,7 @@ class AgentSettings(BaseModel):
         "fails with sandbox_error; 0 fails it at once.",
     )
     host_cooldown_s: float = Field(
-        30.0, ge=0.1, le=3600,
+        5.0, ge=0.1, le=3600,
         description="After 3 jobs of a runtime in a row could not run on this host (or one that no wait can "
         "mend, such as a missing bubblewrap), the runtime is impaired: peers send this agent no such jobs and its "
         "own go to peers, for this many seconds; then the next job tries it again. Each time it fails again "

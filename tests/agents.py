@@ -192,21 +192,9 @@ class AgentProcess:
 
 
 def wasm_worker_pids(pid: int) -> list[int]:
-    """The wasm worker processes of agent ``pid``: children of any of its threads
-    (trio starts processes from a worker thread)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            try:
-                if b"wasm_workers" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    out.append(int(child))
-            except OSError:
-                continue
-    return out
+    from p2psched.sandbox.wasm_workers import worker_pids
+
+    return worker_pids(pid)
 
 
 def new_agent(tmp_path: Path, node_id: str, *extra: str) -> AgentProcess:

@@ -86,6 +86,12 @@ STORE_RETRY_S = 1.0
 #: before it is queued again (``--host-retries`` times, then it fails).
 HOST_RETRY_S = 1.0
 HOST_RETRY_MAX_S = 60.0
+#: While a runtime is impaired, a trial job of it runs this often: when one runs, the
+#: runtime is offered again, without a user's job failing to find that out.
+PROBE_EVERY_S = 1.0
+PROBE_TIMEOUT_S = 10.0
+#: The trial wasm job: a module whose one export, ``noop``, does nothing.
+PROBE_WASM = bytes.fromhex("0061736d0100000001040160000003020100070801046e6f6f7000000a040102000b")
 #: How often a changed resource vector is handed to membership while the agent holds
 #: jobs. Gossip runs every 200 ms, so publishing faster would only be coalesced away.
 PUBLISH_INTERVAL_S = 0.1
@@ -218,9 +224,12 @@ class Agent(RemoteJobs, JobOutputs):
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
         self._dispatching = False
         self._host_failures: dict[str, int] = {}  # job id -> tries this host could not run it
+        self._handing_back: set[str] = set()  # jobs of other origins, being given back to them
+        self._avoid: dict[str, str] = {}  # job id -> the executor that gave it back, passed over when placing
         self.health = HostHealth(cooldown_s=self.settings.host_cooldown_s,
                                  cooldown_max_s=max(self.settings.host_cooldown_s, COOLDOWN_MAX_S))
         self._health_changed = trio.Event()  # a breaker opened: its half-open time is new
+        self._probes = 0
         # Read when /metrics is scraped, not set at each job: always exact, and free per job.
         self.metrics.queue_length.set_function(self.waiting)
         self.metrics.child(self.metrics.slots_in_use, "cpu").set_function(lambda: self.cpu_used)
@@ -387,6 +396,8 @@ class Agent(RemoteJobs, JobOutputs):
             self.early_status.pop(rec.id, None)
             if self._host_failures:
                 self._host_failures.pop(rec.id, None)
+            if self._avoid:
+                self._avoid.pop(rec.id, None)
             if self._output_waiters:  # readers of its output read the stored whole now
                 out_ev = self._output_waiters.pop(rec.id, None)
                 if out_ev is not None:
@@ -922,7 +933,7 @@ class Agent(RemoteJobs, JobOutputs):
         return self._advertised[1]
 
     def _place(self, rec: JobRecord) -> Any:
-        from p2psched.placement.core import Forward, JobRequest, place
+        from p2psched.placement.core import Forward, JobRequest, Reject, place
 
         t0 = time.perf_counter()
         failed_here = bool(self._host_failures) and rec.id in self._host_failures
@@ -947,6 +958,14 @@ class Agent(RemoteJobs, JobOutputs):
             # agent were draining; with none, it runs here again.
             away = decide(replace(local, vector=replace(local.vector, draining=True)))
             decision = away if isinstance(away, Forward) else None
+        avoid = self._avoid.get(rec.id) if self._avoid else None
+        if decision is None and avoid is not None:
+            # A peer gave it back (its host could not run it): pass that one over,
+            # unless nobody else could ever run the job.
+            without = [p for p in peers if p.node_id != avoid]
+            made, self.placement_state = place(req, local, without, self.topology, rng=self.rng,
+                                               policy=self.settings.placement_policy, state=self.placement_state)
+            decision = None if isinstance(made, Reject) else made
         if decision is None:
             decision = decide(local)
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
@@ -1250,7 +1269,7 @@ class Agent(RemoteJobs, JobOutputs):
                 except Exception:  # a bug recording one job must not lose the others
                     log.exception("job %s: recording its end failed", run.record.id)
 
-    async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
+    async def _process_sandbox(self) -> Any:
         if self._processes is None:
             from p2psched.sandbox.process import ProcessSandbox
 
@@ -1259,9 +1278,13 @@ class Agent(RemoteJobs, JobOutputs):
             assert self._nursery is not None
             self._processes = ProcessSandbox(warm=self.settings.process_warm_pool)
             await self._nursery.start(self._processes.serve)
+        return self._processes
+
+    async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
+        sandbox = await self._process_sandbox()
         work = self.data_dir / "work" / req.job_id.replace(":", "_")
         with run.scope:
-            return await self._processes.run(req, work)
+            return cast(SandboxResult, await sandbox.run(req, work))
         return SandboxResult(exit_code=None, reason="cancelled")
 
     async def _run_job(self, run: Running) -> None:
@@ -1318,27 +1341,77 @@ class Agent(RemoteJobs, JobOutputs):
             self._wake.set()  # queued jobs may go elsewhere now, or run here again
 
     async def _health_loop(self) -> None:
-        """Half-open each impaired runtime when its cooldown has passed. Idle (no
-        wake-ups) while no runtime is impaired."""
+        """While a runtime is impaired, try it every PROBE_EVERY_S with a trial job
+        of our own (no user job need fail to find the host mended), and half-open it
+        when its cooldown has passed. Idle (no wake-ups) while none is impaired."""
         while True:
             deadline = self.health.next_deadline()
+            if self.health.impaired:
+                deadline = min(deadline or math.inf, trio.current_time() + PROBE_EVERY_S)
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._health_changed.wait()
             self._health_changed = trio.Event()
             for runtime in self.health.tick(trio.current_time()):
                 log.warning("%s jobs: trying this host again; the next one decides", runtime)
                 self._health_state_changed(runtime)
+            for runtime in self.health.impaired:
+                error = await self._probe(runtime)
+                if error is None:
+                    log.warning("%s jobs: a trial job ran on this host", runtime)
+                    self._host_ran(runtime)
+                else:
+                    log.debug("%s jobs: the trial job failed: %s", runtime, error)
 
-    def _peer_could_run(self, rec: JobRecord) -> bool:
+    async def _probe(self, runtime: str) -> str | None:
+        """Run a trial job of ``runtime`` through this host's sandbox, outside the
+        job table: None if it ran, else why not."""
+        self._probes += 1
+        job_id = f"{self.node_id}:health-probe-{self._probes}"
+        try:
+            if runtime == "wasm":
+                sha = hashlib.sha256(PROBE_WASM).hexdigest()
+                if not self.store.has_module(sha, check_disk=True):
+                    self.store.put_module(sha, PROBE_WASM)
+                spec = JobSpec.model_validate({"runtime": "wasm", "module_sha256": sha, "entry": "noop",
+                                               "limits": {"wall_ms": 5000}})
+                ended = trio.Event()
+                outcome: list[tuple[SandboxResult | None, str | None]] = []
+
+                def done(result: SandboxResult | None, error: str | None) -> None:
+                    outcome.append((result, error))
+                    ended.set()
+
+                self._wasm_workers().submit(job_id, spec, self.store.module_path(sha), done)
+                with trio.move_on_after(PROBE_TIMEOUT_S):
+                    await ended.wait()
+                if not outcome:
+                    return f"no answer in {PROBE_TIMEOUT_S:g} s"
+                result, error = outcome[0]
+            else:
+                req = SandboxRequest.for_job(job_id, JobSpec.model_validate(
+                    {"runtime": "process", "command": ["/bin/true"], "limits": {"wall_ms": 5000}}), None)
+                sandbox = await self._process_sandbox()
+                with trio.move_on_after(PROBE_TIMEOUT_S):
+                    result, error = await sandbox.run(req, self.data_dir / "work" / job_id.replace(":", "_")), None
+                    return None if result.reason == "exit 0" else result.reason
+                return f"no answer in {PROBE_TIMEOUT_S:g} s"
+        except Exception as e:  # the host's fault, as with a job
+            return str(e) or type(e).__name__
+        if result is None:
+            return error or "unknown error"
+        return None if result.reason == "exit 0" or not result.reason.startswith("sandbox_error") else result.reason
+
+    def _peer_could_run(self, rec: JobRecord, *, now: bool = False) -> bool:
         """Whether this agent, the job's origin, knows a peer that could ever run it
-        and does not gossip its runtime as impaired."""
+        (``now``: that has room for it now) and does not gossip its runtime as impaired."""
         if rec.origin != self.node_id or self.cluster is None:
             return False
-        from p2psched.placement.core import DEFAULT_TTL, JobRequest, fits_ever
+        from p2psched.placement.core import DEFAULT_TTL, JobRequest, fits_ever, fits_now
 
         req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
+        fits = fits_now if now else fits_ever
         return rec.hops < DEFAULT_TTL and any(
-            rec.runtime not in p.vector.impaired and fits_ever(req, p) for p in self.cluster.alive_states())
+            rec.runtime not in p.vector.impaired and fits(req, p) for p in self.cluster.alive_states())
 
     def _retry_later(self, run: Running, error: str, *, wait: bool = True) -> bool:
         """A job this host could not run: its sandbox failed to build, its worker
@@ -1354,6 +1427,20 @@ class Agent(RemoteJobs, JobOutputs):
             self._host_failures.pop(rec.id, None)
             return False
         self._host_failures[rec.id] = tries + 1
+        if rec.origin != self.node_id and self.transfer is not None and self._nursery is not None:
+            # Only its origin may place it elsewhere: give it back, at once.
+            delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries)
+            self.metrics.host_retries.labels(rec.runtime).inc()
+            self._release(run)
+            then = f"giving it back to its origin {rec.origin}"
+            log.warning("job %s: this host could not run it (%s); %s", rec.id, error, then)
+            self._advance(rec, JobState.QUEUED, time.time(), f"this host could not run it: {error}; {then}")
+            rec.wait_reason = f"this host could not run it ({error}); {then}"
+            self._handing_back.add(rec.id)
+            self._nursery.start_soon(self._hand_back, rec, error, delay)
+            return True
+        # The pause is for trying this host again; a peer with room takes it now.
+        wait = wait and not self._peer_could_run(rec, now=True)
         delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries) if wait else 0.0
         then = f"trying again in {delay:g} s" if wait else "placing it on a peer"
         log.warning("job %s: this host could not run it (%s); %s (%d of %d)",

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 #: Host failures in a row, with no run in between, that open a runtime's breaker.
 FAIL_AFTER = 3
-#: How long the first opening lasts; each reopening right after a half-open doubles it.
-COOLDOWN_S = 30.0
+#: How long the first opening lasts; each reopening right after a half-open doubles it
+#: (5, 10, 20 ... s): short at first, since most host trouble passes, and a probe costs
+#: one job a host failure, which it is retried past.
+COOLDOWN_S = 5.0
 COOLDOWN_MAX_S = 600.0
 
 

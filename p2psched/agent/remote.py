@@ -63,6 +63,14 @@ CANCEL_TRIES = 10
 PEER_MODULES_KNOWN = 4096
 
 
+#: The reason of an executor's own record of a job it gave back to its origin.
+HANDED_BACK = "handed back"
+
+
+def _handed_back(rec: JobRecord) -> bool:
+    return rec.state is JobState.CANCELLED and rec.result is not None and rec.result.reason.startswith(HANDED_BACK)
+
+
 def _job_wire(rec: JobRecord, origin_transfer: str) -> dict[str, Any]:
     return {
         "id": rec.id, "spec": rec.spec.model_dump(exclude={"module"}), "origin": rec.origin,
@@ -289,17 +297,24 @@ class RemoteJobs:
         if kind == m.OUTPUT:
             m.require(msg, "id", "stream", "offset")
             return await self._on_output(peer, msg)
+        if kind == m.HANDBACK:
+            m.require(msg, "id", "executor")
+            return await self._on_handback(peer, msg)
         raise ValueError(f"unknown transfer message type {kind!r}")
 
     async def _on_offer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
         job = msg["job"]
         job_id = msg["id"]
         existing = self.active.get(job_id) or self.store.get(job_id)
-        if existing is not None:
+        if job_id in self._handing_back:
+            return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
+                    "reason": "this agent is giving that job back: its host could not run it"}
+        if existing is not None and not (_handed_back(existing) and existing.origin == str(job.get("origin"))):
             if existing.origin == str(job.get("origin")) and existing.origin != self.node_id:
                 return {"t": m.ACCEPT, "id": job_id}  # a retried offer: idempotent by job id
             return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
                     "reason": f"this agent already holds a job {job_id} from origin {existing.origin}"}
+        # (a job this agent gave back comes back as a new attempt)
         try:
             spec = JobSpec.model_validate(job["spec"])
         except Exception as e:
@@ -352,6 +367,64 @@ class RemoteJobs:
         self._reserve_and_start(rec, already_placed=True)
         await self.store.sync()
         return {"t": m.ACCEPT, "id": job_id, **self._vector_wire()}
+
+    # -------------------------------------------------------------- given back
+
+    async def _hand_back(self: Agent, rec: JobRecord, error: str, delay: float) -> None:
+        """Executor side: this host could not run ``rec``, a job of another origin.
+        Only its origin may place it elsewhere, so it goes back there now rather
+        than wait out a pause here. An origin that does not answer leaves it here,
+        to try again after ``delay`` as before."""
+        assert self.transfer is not None
+        state = self.cluster.state_of(rec.origin) if self.cluster is not None else None
+        address = state.transfer if state is not None and state.transfer else rec.origin_transfer
+        msg = {"t": m.HANDBACK, "id": rec.id, "executor": self.node_id, "attempt": rec.attempts, "error": error}
+        reply = None
+        if address:
+            try:
+                reply = await self.transfer.request(rec.origin, address, msg, timeout=10)
+            except TransferError as e:
+                log.info("job %s: could not give it back to %s: %s", rec.id, rec.origin, e)
+        self._handing_back.discard(rec.id)
+        if rec.state.final:
+            return  # cancelled meanwhile
+        if reply is not None and reply.get("t") == m.ACK:
+            if reply.get("taken"):
+                detail = f"given back to its origin {rec.origin}, which places it again"
+            else:
+                detail = f"its origin {rec.origin} no longer has it run here (it is {reply.get('state')} there)"
+            rec.result = JobResult(exit_code=None, reason=f"{HANDED_BACK}: this host could not run it: {error}")
+            self._advance(rec, JobState.CANCELLED, time.time(), detail)
+            await self._sync_retrying()
+            return
+        rec.wait_reason = (f"this host could not run it ({error}); its origin {rec.origin} did not take it back; "
+                           f"trying again here in {delay:g} s")
+        self._requeue_later(rec, delay)
+
+    async def _on_handback(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+        """Origin side: the executor of one of our jobs could not run it: place it again."""
+        job_id, executor = msg["id"], str(msg["executor"])
+        rec = self.active.get(job_id)
+        if peer is not None and peer != executor:
+            return m.error(f"{peer} cannot give back a job on behalf of {executor}")
+        if rec is None or rec.origin != self.node_id or rec.executor != executor or rec.state not in (
+                JobState.PLACED, JobState.RUNNING):
+            found = rec.state.value if rec is not None else "unknown"
+            return {"t": m.ACK, "id": job_id, "taken": False, "state": found}
+        error = str(msg.get("error", ""))[:300]
+        now = time.time()
+        if rec.attempts >= MAX_ATTEMPTS:
+            rec.result = JobResult(exit_code=None, reason=f"retry budget spent: {rec.attempts} attempts; the last "
+                                                          f"executor {executor} could not run it: {error}")
+            self._advance(rec, JobState.FAILED, now, rec.result.reason)
+        else:
+            self._advance(rec, JobState.QUEUED, now, f"executor {executor} could not run it ({error}); "
+                                                     "placing it again")
+            rec.executor = None
+            self._avoid[rec.id] = executor
+            self._enqueue(rec)
+        await self.store.sync()
+        return {"t": m.ACK, "id": job_id, "taken": True, "state": rec.state.value}
 
     def _report_status(self: Agent, rec: JobRecord, entry: dict[str, Any]) -> None:
         """Tell the origin how its job is doing (best effort: the result is what counts)."""

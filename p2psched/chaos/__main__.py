@@ -24,7 +24,8 @@ def cli() -> None:
 @click.option("--jobs", type=click.IntRange(1), default=300, help="Jobs to submit over the duration.")
 @click.option("--clients", type=click.IntRange(1, 256), default=12, help="Concurrent client tasks.")
 @click.option("--cpus", type=click.FloatRange(0.5), default=2.0, help="CPU slots each agent advertises.")
-@click.option("--faults", default="kill,pause,restart,partition", help="Fault kinds, comma-separated.")
+@click.option("--faults", default="kill,pause,restart,partition",
+              help="Fault kinds, comma-separated: kill, pause, restart, partition, sandbox (a host whose sandbox breaks).")
 @click.option("--no-netns", is_flag=True, help="Loopback instead of network namespaces (no partitions).")
 @click.option("--compose", is_flag=True, help="Break the compose cluster's containers instead (scripts/cluster.sh).")
 @click.option("--switch-after", type=int, default=None, help="Retry an unanswered submit at another agent after N tries.")

@@ -35,7 +35,7 @@ from p2psched.chaos.checker import Verdict, check
 from p2psched.chaos.clients import ClientConfig, Clients
 from p2psched.chaos.history import History
 from p2psched.chaos.hosts import AgentProcesses, LoopbackNetwork, NetnsNetwork, describe
-from p2psched.chaos.nemesis import KINDS, FaultBackend, LocalFaults, Nemesis, plan_faults
+from p2psched.chaos.nemesis import DEFAULT_KINDS, FaultBackend, LocalFaults, Nemesis, plan_faults
 from p2psched.chaos.workload import Modules
 
 log = logging.getLogger("p2psched.chaos")
@@ -64,7 +64,7 @@ class RunConfig:
     #: then, so agents also forward jobs to peers, and faults hit executors that are
     #: not the origin; a sleep costs no CPU, so slots may exceed the machine's cores.
     cpus: float = 2.0
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     switch_after: int | None = None
     cancel_share: float = 0.1
     #: Seconds to wait after healing for every acknowledged job to end.

@@ -11,7 +11,11 @@ Fault kinds:
 * ``kill``: SIGKILL, then start the agent again after the hold (same data dir);
 * ``pause``: SIGSTOP for the hold, then SIGCONT (a hung host: sockets stay open);
 * ``restart``: a graceful stop (SIGTERM) and an immediate start;
-* ``partition``: cut the agent's link for the hold, then restore it.
+* ``partition``: cut the agent's link for the hold, then restore it;
+* ``sandbox``: the host's sandbox breaks for the hold: every wasm worker process the
+  agent starts is killed at once, so each job it runs fails for the host's fault
+  (a host that keeps advertising free slots it cannot use); then it works again.
+  Not in the default plan, so that the recorded seeds keep their faults.
 
 A backend (:class:`FaultBackend`) applies them to real agents: :class:`LocalFaults`
 to the harness's own processes and namespaces, :class:`DockerFaults` to the compose
@@ -20,7 +24,9 @@ cluster's containers through :mod:`p2psched.chaos.docker_faults`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -31,17 +37,23 @@ import trio
 
 from p2psched.chaos.history import History
 from p2psched.chaos.hosts import API_PORT, AgentProcesses, Network
+from p2psched.sandbox.wasm_workers import worker_pids
 
 log = logging.getLogger("p2psched.chaos")
 
-KINDS = ("kill", "pause", "restart", "partition")
+KINDS = ("kill", "pause", "restart", "partition", "sandbox")
+#: What a run applies unless told otherwise.
+DEFAULT_KINDS = ("kill", "pause", "restart", "partition")
 #: Relative frequency of each kind. Kills and partitions are what lose jobs in real
 #: fleets, so they come most often; graceful restarts are rarer and quick.
-WEIGHTS = {"kill": 3, "pause": 2, "restart": 1, "partition": 3}
+WEIGHTS = {"kill": 3, "pause": 2, "restart": 1, "partition": 3, "sandbox": 2}
 #: How long each fault holds, seconds. Long enough that membership declares the
 #: agent dead (SWIM with Lifeguard takes a few seconds), short enough that a 40 s
 #: run sees several faults.
-HOLD_S = {"kill": (1.0, 5.0), "pause": (1.0, 6.0), "restart": (0.0, 0.0), "partition": (2.0, 8.0)}
+HOLD_S = {"kill": (1.0, 5.0), "pause": (1.0, 6.0), "restart": (0.0, 0.0), "partition": (2.0, 8.0),
+          "sandbox": (3.0, 8.0)}
+#: How often a broken sandbox's new wasm workers are looked for and killed.
+SANDBOX_KILL_EVERY_S = 0.05
 #: Quiet time between the starts of two faults.
 GAP_S = (1.0, 4.0)
 #: No fault in the first seconds: the cluster forms and clients start first.
@@ -62,7 +74,7 @@ class Fault:
         return self.at + self.hold
 
 
-def plan_faults(seed: int, nodes: list[str], duration: float, kinds: tuple[str, ...] = KINDS, *,
+def plan_faults(seed: int, nodes: list[str], duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS, *,
                 max_concurrent: int | None = None) -> list[Fault]:
     """The faults of a run, in start order. Pure: a function of its arguments only.
 
@@ -108,6 +120,7 @@ class FaultBackend(Protocol):
     async def restart(self, node: str) -> None: ...
     async def partition(self, node: str) -> None: ...
     async def heal(self, node: str) -> None: ...
+    async def break_sandbox(self, node: str) -> int: ...
 
 
 class LocalFaults:
@@ -140,6 +153,18 @@ class LocalFaults:
     async def heal(self, node: str) -> None:
         await trio.to_thread.run_sync(self.network.restore, self.agents.hosts[node])
 
+    async def break_sandbox(self, node: str) -> int:
+        """SIGKILL the agent's wasm workers; returns how many there were."""
+        proc = self.agents.procs.get(node)
+        if proc is None or proc.poll() is not None:
+            return 0
+        killed = 0
+        for pid in worker_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        return killed
+
 
 class DockerFaults:
     """Container faults for the compose cluster; ``node`` is a container name."""
@@ -149,7 +174,8 @@ class DockerFaults:
 
         self.docker = docker_faults
         # Graceful restarts need docker_faults.restart (docker restart: SIGTERM, then start).
-        self.kinds: tuple[str, ...] = KINDS if hasattr(docker_faults, "restart") else (
+        # No "sandbox": nothing here reaches into a container's processes.
+        self.kinds: tuple[str, ...] = DEFAULT_KINDS if hasattr(docker_faults, "restart") else (
             "kill", "pause", "partition")
 
     async def kill(self, node: str) -> None:
@@ -172,6 +198,9 @@ class DockerFaults:
 
     async def heal(self, node: str) -> None:
         await trio.to_thread.run_sync(self.docker.heal, node)
+
+    async def break_sandbox(self, node: str) -> int:
+        raise ValueError("the docker backend has no 'sandbox' fault; run it with the local backend")
 
     def url_of(self, node: str) -> str:
         """The container's API URL now: a container started again may get another address."""
@@ -217,7 +246,14 @@ class Nemesis:
             if self.on_heal is not None:
                 await self.on_heal()
             return
-        await trio.sleep(fault.hold)
+        if fault.kind == "sandbox":
+            # Broken for the whole hold: each worker the agent starts meanwhile dies too.
+            with trio.move_on_after(fault.hold):
+                while True:
+                    await trio.sleep(SANDBOX_KILL_EVERY_S)
+                    await self.backend.break_sandbox(fault.node)
+        else:
+            await trio.sleep(fault.hold)
         try:
             await self.heal(fault.node)
         except Exception as e:  # logged; heal_all tries again at the end
@@ -232,6 +268,8 @@ class Nemesis:
             await self.backend.restart(node)
         elif kind == "partition":
             await self.backend.partition(node)
+        elif kind == "sandbox":
+            await self.backend.break_sandbox(node)
         else:
             raise ValueError(f"unknown fault kind {kind!r}")
 
@@ -249,6 +287,7 @@ class Nemesis:
                 await self.backend.heal(node)
             elif kind == "restart":
                 await self.backend.revive(node)
+            # "sandbox" needs no undoing: its workers are no longer killed
         except Exception as e:
             self.history.log("fail", "heal", "nemesis", agent=node, value={"kind": kind, "error": str(e)})
             raise

@@ -48,7 +48,7 @@ def _leaves(group: BaseException) -> list[BaseException]:
 @click.option("--job-retention-h", type=float, help="Hours a finished job is kept, then deleted; 0: forever [168].")
 @click.option("--host-retries", type=int, help="Times a job the host failed to run is queued again [3].")
 @click.option("--host-cooldown-s", type=float,
-              help="Seconds a runtime whose jobs keep failing on this host is left to peers [30].")
+              help="Seconds a runtime whose jobs keep failing on this host is left to peers, at first [5].")
 @click.option("--dispatch-policy", type=click.Choice(["fair", "fifo"]), help="Local dispatch order [fair].")
 @click.option("--grace-s", type=float, help="Seconds running jobs may finish on shutdown [10].")
 @click.option("--drain-on-sigterm/--no-drain-on-sigterm", default=None, help="SIGTERM drains first.")

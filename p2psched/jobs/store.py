@@ -291,6 +291,8 @@ class Store:
             self._finished.move_to_end(rec.id)
             while len(self._finished) > FINISHED_CACHE:
                 self._finished.popitem(last=False)
+        elif new and self._finished:
+            self._finished.pop(rec.id, None)  # an id that ended here runs again (a job given back, offered anew)
 
     def stage_delivery(self, job_id: str, owed: bool) -> None:
         """Record that a result is owed to its origin (or no longer is), in the next flush."""

@@ -472,5 +472,29 @@ def worker_main() -> None:
         _write_all(out, packer.pack(message))
 
 
+def worker_pids(pid: int) -> list[int]:
+    """The wasm worker processes of agent ``pid``, as seen from outside it (tests,
+    the chaos nemesis): children of any of its threads, since trio starts processes
+    from a worker thread."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"wasm_workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+            except OSError:
+                continue
+    return out
+
+
 if __name__ == "__main__":
     worker_main()
+

@@ -12,6 +12,8 @@
     submit      any -> home agent    {spec, auth}                  a client-chosen id's home takes the job
     submitted   home -> any          {job, created}                or submit_error {status, reason, message}
     output      origin -> executor   {id, stream, offset, wait}    reply: output_data
+    handback    executor -> origin   {id, executor, attempt, error}   reply: ack {taken, state}: this host
+                                                                   could not run it; place it again
     output_data executor -> origin   {id, data, next, complete, state, note}   a running job's output so far
     error       either               {message}                     the request was not understood
 
@@ -42,8 +44,9 @@ SUBMITTED = "submitted"
 SUBMITTED_ERROR = "submit_error"
 OUTPUT = "output"
 OUTPUT_DATA = "output_data"
+HANDBACK = "handback"
 
-REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL, SUBMIT, OUTPUT})
+REQUESTS = frozenset({OFFER, STATUS, RESULT, CANCEL, SUBMIT, OUTPUT, HANDBACK})
 
 
 def error(message: str) -> dict[str, Any]:

@@ -137,6 +137,7 @@ def test_a_job_this_host_could_not_run_goes_to_a_peer_that_fits(tmp_path):
         assert done["executor"] == "h2"
         details = [t["detail"] for t in done["timeline"]]
         failed_at = next(i for i, d in enumerate(details) if d.startswith("this host could not run it"))
+        assert details[failed_at].endswith("; placing it on a peer"), details  # no pause: h2 has room
         assert any(d.startswith("forwarded to h2") for d in details[failed_at:]), details
     finally:
         stop_all([h1, h2])
@@ -174,15 +175,16 @@ def test_a_runtime_whose_jobs_keep_failing_is_impaired_and_a_job_that_runs_ends_
 @pytest.mark.cluster
 def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(tmp_path):
     """h1 lacks bubblewrap. Its own process job runs on h2 instead of failing; h2
-    sends h1 none, even while h2 is full; once bubblewrap is installed on h1 and its
-    pause is over, h1 takes process jobs again."""
+    sends h1 none, even while h2 is full; once bubblewrap is installed on h1, h1's
+    next trial job finds it, and h1 takes process jobs again."""
     import shutil
 
     bin_dir = tmp_path / "h1-bin"
     bin_dir.mkdir()
     for tool in ("prlimit", "setpriv"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "2",
+    # A pause longer than the test: only h1's own trial jobs can find it mended.
+    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "600",
                            "--process-warm-pool", "0", per_agent_env={"h1": {"PATH": str(bin_dir)}})
     try:
         with h1.client() as c1, h2.client() as c2:
@@ -212,6 +214,7 @@ def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(
             wait_for(lambda: h1_seen_by_h2()["vector"]["impaired"] == [], what="h2 to hear h1 recovered")
             c2.delete(f"/v1/jobs/{busy}")
         assert "process jobs: this host could not run 1 in a row" in h1.log()
+        assert "process jobs: a trial job ran on this host" in h1.log()
         assert "process jobs run on this host again" in h1.log()
     finally:
         stop_all([h1, h2])
@@ -219,19 +222,25 @@ def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(
 
 @pytest.mark.cluster
 def test_a_job_pausing_after_a_host_failure_leaves_with_a_draining_agent(tmp_path):
-    """A drain waits for a job in its host-failure pause and hands it to a peer,
-    rather than stopping with it queued or running it here again."""
+    """With no peer free when its host failed it, a job pauses before trying again;
+    a drain meanwhile waits for it and hands it to a peer once one has room, rather
+    than stopping with it queued or running it here again."""
     h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-retries", "5")
     try:
-        with h1.client() as http:
-            job_id = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
-            wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "running", what="the job running")
+        with h1.client() as c1, h2.client() as c2:
+            busy = c2.post("/v1/jobs", json=wasm_spec("sleep.wasm", limits={"wall_ms": 60000})).json()["id"]
+            wait_for(lambda: c2.get(f"/v1/jobs/{busy}").json()["state"] == "running", what="h2 busy")
+            wait_for(lambda: next(p for p in c1.get("/v1/peers").json()["peers"] if p["node_id"] == "h2")
+                     ["vector"]["cpu_free"] == 0, what="h1 to hear h2 is full")
+            job_id = c1.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
+            wait_for(lambda: c1.get(f"/v1/jobs/{job_id}").json()["state"] == "running", what="the job running")
             assert h1.proc is not None
             [worker] = wait_for(lambda: wasm_worker_pids(h1.proc.pid), what="h1's wasm worker")
             os.kill(worker, signal.SIGKILL)
-            wait_for(lambda: "this host could not run it" in (http.get(f"/v1/jobs/{job_id}").json()
-                                                             .get("wait_reason") or ""), what="the pause")
-            assert http.post("/v1/drain").json()["draining"] is True
+            reason = wait_for(lambda: c1.get(f"/v1/jobs/{job_id}").json().get("wait_reason") or "", what="the pause")
+            assert "this host could not run it" in reason and "trying again in 1 s" in reason, reason
+            assert c1.post("/v1/drain").json()["draining"] is True
+            c2.delete(f"/v1/jobs/{busy}")  # h2 has room again
         assert h1.proc.wait(timeout=60) == 0
         with h2.client() as c2:
             done = wait_for(lambda: (r := c2.get(f"/v1/jobs/{job_id}").json())["state"] == "timed_out" and r,
@@ -240,3 +249,39 @@ def test_a_job_pausing_after_a_host_failure_leaves_with_a_draining_agent(tmp_pat
         assert "drained: 0 running, 0 still queued here" in h1.log()
     finally:
         stop_all([h1, h2])
+
+
+@pytest.mark.cluster
+def test_a_peer_that_could_not_run_a_job_gives_it_back_and_its_origin_places_it_elsewhere(tmp_path):
+    """h1 can never run a 2-cpu job, so it forwards it to h2 or h3. That executor's
+    wasm worker dies under the job: the executor gives it back to h1 at once (only
+    the origin may place it elsewhere), and h1 places it on the other peer."""
+    h1, h2, h3 = start_cluster(tmp_path, ["h1", "h2", "h3"], per_agent={"h1": ["--cpus", "1"],
+                                                                       "h2": ["--cpus", "2"], "h3": ["--cpus", "2"]})
+    try:
+        by_id = {a.node_id: a for a in (h1, h2, h3)}
+        with h1.client() as http:
+            job_id = http.post("/v1/jobs", json=wasm_spec("loop.wasm", resources={"cpu": 2},
+                                                          limits={"wall_ms": 1500})).json()["id"]
+            first = wait_for(lambda: (r := http.get(f"/v1/jobs/{job_id}").json())["state"] == "running"
+                             and r["executor"], what="the job running on a peer")
+            executor = by_id[first]
+            assert executor.proc is not None
+            [worker] = wait_for(lambda: wasm_worker_pids(executor.proc.pid), what="the executor's wasm worker")
+            os.kill(worker, signal.SIGKILL)
+            done = http.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+        other = ({"h2", "h3"} - {first}).pop()
+        assert done["state"] == "timed_out" and done["executor"] == other, done["timeline"]
+        details = [(t["node"], t["detail"]) for t in done["timeline"]]
+        back = next(i for i, (node, d) in enumerate(details)
+                    if node == "h1" and d.startswith(f"executor {first} could not run it (wasm worker process"))
+        assert details[back][1].endswith("placing it again")
+        assert any(node == "h1" and d.startswith(f"forwarded to {other}") for node, d in details[back:]), details
+        # The first executor's own record says it gave the job back, and owes no result.
+        with executor.client() as c:
+            mine = c.get(f"/v1/jobs/{job_id}").json()
+        assert mine["state"] == "cancelled" and mine["result"]["reason"].startswith("handed back: this host could not")
+        assert mine["timeline"][-1]["detail"] == "given back to its origin h1, which places it again"
+        assert not done.get("duplicate_attempts")
+    finally:
+        stop_all([h1, h2, h3])

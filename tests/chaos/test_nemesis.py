@@ -172,3 +172,34 @@ async def test_a_heal_that_fails_does_not_stop_the_others(autojump_clock: object
     assert ("revive", "n2") in [c[1:] for c in backend.calls]
     assert nemesis.active == {"n1": "pause"}  # still broken, and the history says so
     assert any(o["f"] == "heal" and o["type"] == "fail" and o["agent"] == "n1" for o in history.ops)
+
+
+async def test_a_broken_sandbox_kills_the_agents_workers_for_the_whole_hold(autojump_clock: object) -> None:
+    import trio
+
+    from p2psched.chaos.history import History
+    from p2psched.chaos.nemesis import Fault, Nemesis
+
+    class SandboxBackend(RecordingBackend):
+        kinds = ("sandbox",)
+
+        async def break_sandbox(self, node: str) -> int:
+            await self._call("break_sandbox", node)
+            return 1
+
+    backend = SandboxBackend()
+    nemesis = Nemesis(backend, History(None), [Fault(1.0, "sandbox", "n1", 2.0)])
+    start = trio.current_time()
+    await nemesis.run(start)
+    times = [round(t - start, 3) for t, what, node in backend.calls if what == "break_sandbox" and node == "n1"]
+    assert times[0] == 1.0 and times[-1] <= 3.0 and len(times) > 30  # every 50 ms while it holds
+    assert [c[1] for c in backend.calls] == ["break_sandbox"] * len(times)  # nothing to undo after
+    assert nemesis.active == {}
+
+
+def test_the_sandbox_fault_is_asked_for_not_planned_by_default() -> None:
+    from p2psched.chaos.nemesis import plan_faults
+
+    assert all(f.kind != "sandbox" for f in plan_faults(3, ["a", "b", "c"], 300))
+    plan = plan_faults(3, ["a", "b", "c"], 60, ("sandbox",))
+    assert plan and {f.kind for f in plan} == {"sandbox"} and all(3.0 <= f.hold <= 8.0 for f in plan)

@@ -40,3 +40,25 @@ def test_no_acknowledged_job_is_lost_under_faults(tmp_path: Path) -> None:
     bridge = json.loads((run_dir / "hosts.json").read_text())["bridge"]
     assert not (STATE_DIR / f"{bridge.removeprefix('pcb')}.json").exists()
     assert subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode != 0
+
+
+def test_no_job_is_lost_while_hosts_sandboxes_break(tmp_path: Path) -> None:
+    """The "sandbox" fault: for seconds at a time one agent's wasm workers die as
+    soon as they start, so every job it runs fails for the host's fault. Its jobs
+    must run again (there or on a peer), none lost or run to two results."""
+    problem = netns_problem()
+    assert problem is None, f"this test needs network namespaces: {problem}"
+    cfg = RunConfig(agents=3, duration=30, seed=2, jobs=200, clients=9, out=tmp_path / "run", kinds=("sandbox",),
+                    form_timeout_s=15, converge_timeout_s=30, settle_s=60)
+    verdict, run_dir = run_chaos(cfg)
+
+    report = verdict.render() + f"\n(run directory {run_dir})"
+    print(report)
+    assert verdict.ok, report
+    assert set(verdict.counts["faults"]) == {"sandbox"}, report
+    assert verdict.figures["jobs_lost"] == 0 and verdict.figures["duplicate_results"] == 0
+    logs = "".join(p.read_text(errors="replace") for p in run_dir.glob("*.log"))
+    retried = logs.count("this host could not run it")
+    impaired = logs.count("wasm jobs: this host could not run")
+    print(f"host failures retried: {retried}; times a host took itself out of wasm placement: {impaired}")
+    assert retried > 0, "the fault broke no job: it did not reach the workers"

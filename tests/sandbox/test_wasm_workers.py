@@ -67,6 +67,25 @@ async def test_with_no_host_retries_a_killed_worker_fails_its_job_and_the_next_j
         assert agent._wasm.pids() and agent._wasm.pids() != [pid]
 
 
+async def test_three_dead_workers_in_a_row_impair_wasm_until_a_trial_job_runs(tmp_path, caplog):
+    """No user job needs to fail to find the host mended: while wasm is impaired the
+    agent runs a trial job of its own each second, and the first that runs ends it."""
+    caplog.set_level("WARNING", logger="p2psched.agent")
+    async with running_agent(tmp_path, cpus=1, host_retries=0, host_cooldown_s=600) as (agent, http):
+        for _ in range(3):
+            job_id, _pid = await _kill_the_worker_of_a_running(agent, http, wasm_spec("loop.wasm", **LOOP))
+            await wait_state(agent, job_id, "failed")
+        assert "wasm jobs: this host could not run 3 in a row" in caplog.text
+        with trio.fail_after(15):
+            while agent.health.failing:
+                await trio.sleep(0.05)
+        assert agent.health.impaired == ()
+        assert "impaired" not in (await http.get("/healthz")).json()
+        assert "wasm jobs: a trial job ran on this host" in caplog.text  # no user job ran since:
+        jobs = (await http.get("/v1/jobs")).json()["jobs"]
+        assert [j["state"] for j in jobs] == ["failed"] * 3
+
+
 async def test_cancelling_a_job_queued_behind_a_busy_worker_never_runs_it(tmp_path):
     """With half-CPU jobs two share a worker: the second waits in the worker and is
     cancelled there before it starts."""
