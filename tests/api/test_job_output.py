@@ -41,23 +41,41 @@ def agent(tmp_path):
         a.kill()
 
 
-def test_a_process_jobs_output_is_served_while_it_runs_and_the_rest_when_it_ends(agent):
-    with agent.client() as http:
-        job_id = http.post("/v1/jobs", json={"runtime": "process", "command": STAGED}).json()["id"]
-        first = read(http, job_id, wait=30)
-        assert first.content == b"one\n"
-        assert first.headers["x-job-state"] == "running"
-        assert first.headers["x-output-complete"] == "false"
-        assert first.headers["x-output-next"] == "4" and first.headers["x-output-attempt"] == "1"
-        rest = read(http, job_id, offset=4, wait=30)  # waits for the next write
-        assert rest.content == b"three\n" and rest.headers["x-output-next"] == "10"
-        assert follow(http, job_id) == b"one\nthree\n"
-        assert follow(http, job_id, "stderr") == b"two\n"
-        end = read(http, job_id, offset=10)
-        assert end.content == b"" and end.headers["x-output-complete"] == "true"
-        assert end.headers["x-job-state"] == "succeeded"
-        # The whole, from the start, after the end: the stored output.
-        assert read(http, job_id).content == http.get(f"/v1/jobs/{job_id}/result").content == b"one\nthree\n"
+@pytest.mark.parametrize("sandbox", ["cold", "warm"])
+def test_a_process_jobs_output_is_served_while_it_runs_and_the_rest_when_it_ends(tmp_path, sandbox):
+    flags = ["--process-warm-pool", "0"] if sandbox == "cold" else []
+    agent = new_agent(tmp_path, "solo", *flags).start()
+    try:
+        with agent.client() as http:
+            staged_job_streams_as_it_runs(http, sandbox)
+    finally:
+        agent.kill()
+
+
+def staged_job_streams_as_it_runs(http, sandbox: str) -> None:
+    if sandbox == "warm":  # a first job starts the pool of pre-built sandboxes (2); once one ran warm, one is left
+        def ran_warm() -> bool:
+            job = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/true"]}).json()["id"]
+            done = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+            return done["result"]["attestation"]["sandbox"]["started"] == "warm"
+        wait_for(ran_warm, what="a job in a warm sandbox")
+    job_id = http.post("/v1/jobs", json={"runtime": "process", "command": STAGED}).json()["id"]
+    first = read(http, job_id, wait=30)
+    assert first.content == b"one\n"
+    assert first.headers["x-job-state"] == "running"
+    assert first.headers["x-output-complete"] == "false"
+    assert first.headers["x-output-next"] == "4" and first.headers["x-output-attempt"] == "1"
+    rest = read(http, job_id, offset=4, wait=30)  # waits for the next write
+    assert rest.content == b"three\n" and rest.headers["x-output-next"] == "10"
+    assert follow(http, job_id) == b"one\nthree\n"
+    assert follow(http, job_id, "stderr") == b"two\n"
+    end = read(http, job_id, offset=10)
+    assert end.content == b"" and end.headers["x-output-complete"] == "true"
+    assert end.headers["x-job-state"] == "succeeded"
+    # The whole, from the start, after the end: the stored output.
+    assert read(http, job_id).content == http.get(f"/v1/jobs/{job_id}/result").content == b"one\nthree\n"
+    attestation = http.get(f"/v1/jobs/{job_id}").json()["result"]["attestation"]
+    assert attestation["sandbox"]["started"] == sandbox
 
 
 def test_output_a_mask_must_scrub_is_withheld_until_the_job_ends(agent):
