@@ -24,6 +24,15 @@ messages per placement:
 The first ``warmup`` fraction of jobs (by arrival) is left out of the figures, so
 the empty cluster at t=0 does not flatter anyone.
 
+Broken hosts (``--broken K``): K hosts, drawn with the seed, are "black holes": up
+and gossiping free slots, but every job that starts there fails for the host's
+fault ``BROKEN_FAIL_S`` later and goes back to its origin to be placed again (a
+*bounce*). ``random`` and ``power-of-two`` know nothing of it (an idle broken host
+has the shortest queue, so power-of-two favours it); ``omniscient`` never uses
+them; ``p2p`` runs each host's real ``HostHealth`` breaker (agent/health.py), which
+gossips the runtime as impaired after 3 failures in a row, and a ``p2p/no-breaker``
+row shows p2p without it.
+
 Messages per placement are the scheduling messages one job needed until it started,
 retries included: p2p 2 per forward attempt
 (the job and the accept/refuse), omniscient 2 (submit, dispatch), random 1,
@@ -49,11 +58,12 @@ import random
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import click
 
+from p2psched.agent.health import HostHealth
 from p2psched.placement import (
     POLICIES, Forward, JobRequest, PlacementState, QueueHere, Reject, RunHere, check_fit, place,
 )
@@ -68,6 +78,9 @@ GOSSIP_INTERVAL_S = 0.2
 CPUS_PER_HOST = 8
 MEAN_DURATION_S = 5.0
 MEM_PER_HOST_MB = 1 << 20
+#: How long a job lasts on a broken host before it fails (its sandbox not building, its
+#: worker dying): a host failure is quick, which is why a broken host looks idle.
+BROKEN_FAIL_S = 0.05
 
 
 @dataclass(slots=True)
@@ -83,6 +96,8 @@ class SimJob:
     hops: int = 0
     messages: int = 0
     tries: int = 0
+    bounces: int = 0  # times it started on a broken host and came back
+    failed_at: int = -1  # the host it last failed on
 
 
 @dataclass(slots=True)
@@ -103,6 +118,11 @@ def make_trace(n_hosts: int, cpus_per_host: int, load: float, n_jobs: int, mean_
         d = rng.expovariate(1.0 / mean_duration) if durations == "exp" else mean_duration
         jobs.append(SimJob(i, rng.randrange(n_hosts), t, d, job_cpus[rng.randrange(len(job_cpus))]))
     return Trace(jobs, rate)
+
+
+def pick_broken(n_hosts: int, k: int, seed: int) -> frozenset[int]:
+    """The ``k`` broken hosts of a run, the same for every scheduler."""
+    return frozenset(random.Random(seed * 7919 + 13).sample(range(n_hosts), k)) if k else frozenset()
 
 
 def _fresh(trace: Trace) -> list[SimJob]:
@@ -156,8 +176,11 @@ class _IndexedSet:
 class _Scheduler:
     name = ""
 
-    def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int) -> None:
+    def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int,
+                 broken: frozenset[int] = frozenset()) -> None:
         self.topo = topo
+        self.broken = broken
+        self.bounces = 0
         self.hosts = list(topo.hosts)
         self.n = len(self.hosts)
         self.cpus = cpus_per_host
@@ -200,9 +223,26 @@ class _Scheduler:
 
     def start(self, job: SimJob, host: int) -> None:
         """Start ``job`` on ``host`` now; the caller has taken its CPUs."""
+        if host in self.broken:
+            self.loop.at(self.loop.now + BROKEN_FAIL_S, self._bounce, job, host)
+            return
         job.start = self.loop.now
         job.executor = host
         self.loop.at(self.loop.now + job.duration, self._end, job, host)
+
+    def _bounce(self, job: SimJob, host: int) -> None:
+        """The job failed for ``host``'s fault: its slot is free, and it goes back to
+        its origin to be placed again."""
+        self.give(host, job.cpu)
+        job.bounces += 1
+        job.failed_at = host
+        self.bounces += 1
+        self.host_failed(host)
+        self.freed(host)
+        self.loop.at(self.loop.now + self.lat(host, job.origin), self.arrive, job)
+
+    def host_failed(self, host: int) -> None:
+        pass
 
     def _end(self, job: SimJob, host: int) -> None:
         self.give(host, job.cpu)
@@ -222,7 +262,8 @@ class Omniscient(_Scheduler):
         # Hosts bucketed by free CPUs: the scheduler takes the emptiest in O(slots).
         self.by_free = [_IndexedSet() for _ in range(self.cpus + 1)]
         for h in range(self.n):
-            self.by_free[self.free[h]].add(h)
+            if h not in self.broken:  # it sees everything, broken hosts included
+                self.by_free[self.free[h]].add(h)
 
     def take(self, host: int, cpu: int) -> None:
         self.by_free[self.free[host]].discard(host)
@@ -319,11 +360,15 @@ class PeerToPeer(_Scheduler):
     """Every host runs ``place()`` on its gossiped view; late binding on the target."""
 
     def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int,
-                 policy: str, gossip_interval: float) -> None:
-        super().__init__(topo, cpus_per_host, jobs, seed)
+                 policy: str, gossip_interval: float, broken: frozenset[int] = frozenset(),
+                 breaker: bool = True) -> None:
+        super().__init__(topo, cpus_per_host, jobs, seed, broken)
         self.policy = policy
         # "p2p/random" (random over peers gossip says fit) is not the blind "random" baseline.
         self.name = "p2p" if policy == "p2p" else f"p2p/{policy}"
+        if not breaker:
+            self.name += "/no-breaker"
+        self.breaker = breaker
         self.interval = gossip_interval
         self.refusals = 0
         self.index = {h: i for i, h in enumerate(self.hosts)}
@@ -331,6 +376,9 @@ class PeerToPeer(_Scheduler):
     def setup(self) -> None:
         self.queues: list[deque[SimJob]] = [deque() for _ in range(self.n)]
         self.running = [0] * self.n
+        # Each agent's breaker per runtime (the simulated jobs are all of one runtime);
+        # only broken hosts ever fail a job, so only they need one.
+        self.health = {h: HostHealth() for h in self.broken} if self.breaker else {}
         self.states = [PlacementState() for _ in range(self.n)]
         self.rngs = [random.Random(self.rng.getrandbits(64)) for _ in range(self.n)]
         self.pub: list[NodeState] = [self._snapshot(h) for h in range(self.n)]
@@ -344,13 +392,18 @@ class PeerToPeer(_Scheduler):
             self.loop.at(self.rng.uniform(0, self.interval), self._publish, h)
 
     def _snapshot(self, h: int) -> NodeState:
+        health = self.health.get(h)
         v = ResourceVector(
             cpu_total=float(self.cpus), cpu_free=float(self.free[h]), mem_total_mb=MEM_PER_HOST_MB,
             mem_free_mb=MEM_PER_HOST_MB, queue_len=len(self.queues[h]), running=self.running[h],
+            impaired=health.impaired if health is not None else (),
         )
         return NodeState(self.hosts[h], vector=v, position=self.hosts[h])
 
     def _publish(self, h: int) -> None:
+        health = self.health.get(h)
+        if health is not None:
+            health.tick(self.loop.now)  # half-open after the cooldown: the next job decides
         self.prev[h] = self.pub[h]
         self.pub[h] = self._snapshot(h)
         self.pub_time[h] = self.loop.now
@@ -388,9 +441,19 @@ class PeerToPeer(_Scheduler):
         o = job.origin
         self.placements += 1
         req = JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1)
-        decision, self.states[o] = place(req, self._snapshot(o), self._view(o), self.topo,
-                                         rng=self.rngs[o], policy=self.policy,  # type: ignore[arg-type]
+        local, view = self._snapshot(o), self._view(o)
+        decision = None
+        if job.failed_at == o:
+            # As the agent does: a job its own host could not run goes to a peer with
+            # room, as if this host were draining; with none, it runs here again.
+            away, self.states[o] = place(req, replace(local, vector=replace(local.vector, draining=True)), view,
+                                         self.topo, rng=self.rngs[o], policy=self.policy,  # type: ignore[arg-type]
                                          state=self.states[o])
+            decision = away if isinstance(away, Forward) else None
+        if decision is None:
+            decision, self.states[o] = place(req, local, view, self.topo,
+                                             rng=self.rngs[o], policy=self.policy,  # type: ignore[arg-type]
+                                             state=self.states[o])
         if isinstance(decision, RunHere):
             if queued:
                 self.queues[o].popleft()
@@ -448,6 +511,11 @@ class PeerToPeer(_Scheduler):
         self.running[host] -= 1
         self._retry(host)
 
+    def host_failed(self, host: int) -> None:
+        health = self.health.get(host)  # only broken hosts fail, so only they need one
+        if health is not None:
+            health.failed("wasm", self.loop.now, "broken host")
+
 
 @dataclass(slots=True)
 class Report:
@@ -473,6 +541,9 @@ def _report(s: _Scheduler, warmup: float) -> Report:
         return jct[min(len(jct) - 1, max(0, math.ceil(p * len(jct)) - 1))]
 
     extra: dict[str, float] = {}
+    if s.broken:
+        extra["bounces_per_job"] = sum(j.bounces for j in measured) / len(measured)
+        extra["jobs_bounced_pct"] = 100.0 * sum(1 for j in measured if j.bounces) / len(measured)
     if isinstance(s, PeerToPeer):
         extra["refusals_per_job"] = s.refusals / len(s.jobs)
         extra["tries_per_forwarded_job"] = (
@@ -488,15 +559,22 @@ def _report(s: _Scheduler, warmup: float) -> Report:
 def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", seed: int = 1,
              cpus_per_host: int = CPUS_PER_HOST, mean_duration: float = MEAN_DURATION_S,
              durations: str = "exp", gossip_interval: float = GOSSIP_INTERVAL_S, warmup: float = 0.1,
-             baselines: bool = True) -> list[Report]:
-    """Run the trace through ``policy`` and (if ``baselines``) the three comparison schedulers."""
+             baselines: bool = True, broken: int = 0) -> list[Report]:
+    """Run the trace through ``policy`` and (if ``baselines``) the three comparison
+    schedulers; with ``broken`` black-hole hosts, p2p also without its breaker."""
+    if not 0 <= broken < len(topo.hosts):
+        raise ValueError(f"broken hosts must number 0 to {len(topo.hosts) - 1}, not {broken}")
     trace = make_trace(len(topo.hosts), cpus_per_host, load, jobs, mean_duration, durations, seed)
-    runs: list[_Scheduler] = [PeerToPeer(topo, cpus_per_host, _fresh(trace), seed + 1, policy, gossip_interval)]
+    bad = pick_broken(len(topo.hosts), broken, seed)
+    runs: list[_Scheduler] = [PeerToPeer(topo, cpus_per_host, _fresh(trace), seed + 1, policy, gossip_interval, bad)]
+    if broken:
+        runs.append(PeerToPeer(topo, cpus_per_host, _fresh(trace), seed + 1, policy, gossip_interval, bad,
+                               breaker=False))
     if baselines:
         runs += [
-            Omniscient(topo, cpus_per_host, _fresh(trace), seed + 2),
-            RandomPlacement(topo, cpus_per_host, _fresh(trace), seed + 3),
-            PowerOfTwo(topo, cpus_per_host, _fresh(trace), seed + 4),
+            Omniscient(topo, cpus_per_host, _fresh(trace), seed + 2, bad),
+            RandomPlacement(topo, cpus_per_host, _fresh(trace), seed + 3, bad),
+            PowerOfTwo(topo, cpus_per_host, _fresh(trace), seed + 4, bad),
         ]
     out = []
     for s in runs:
@@ -574,10 +652,12 @@ def gossip_model(topo: Topology, *, fractions: Sequence[float], fanout: int = 3,
 @click.option("--same-leaf-fraction", "fractions", type=float, multiple=True,
               help="Same-leaf fractions for the gossip model (repeatable; default 0, 0.5, 0.8).")
 @click.option("--fanout", type=int, default=3, show_default=True, help="Gossip targets per node per round.")
+@click.option("--broken", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Black-hole hosts: they gossip free slots, but every job started there fails at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus_per_host: int,
         mean_duration: float, durations: str, gossip_interval: float, warmup: float, baselines: bool,
-        gossip: bool, fractions: tuple[float, ...], fanout: int, as_json: bool) -> None:
+        gossip: bool, fractions: tuple[float, ...], fanout: int, broken: int, as_json: bool) -> None:
     """Drive the placement core through virtual time and compare it with baselines."""
     if not 0 < load < 1:
         raise click.BadParameter(f"is {load}; it must lie strictly between 0 and 1 (above 1 queues grow forever)",
@@ -591,15 +671,18 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
         topo = Topology.load(topology_file)
     except TopologyError as e:
         raise click.ClickException(str(e)) from None
+    if broken >= len(topo.hosts):
+        raise click.BadParameter(f"is {broken}; the topology has {len(topo.hosts)} hosts, and at least one must work",
+                                 param_hint="--broken")
     reports = simulate(topo, load=load, jobs=jobs, policy=policy, seed=seed, cpus_per_host=cpus_per_host,
                        mean_duration=mean_duration, durations=durations, gossip_interval=gossip_interval,
-                       warmup=warmup, baselines=baselines)
+                       warmup=warmup, baselines=baselines, broken=broken)
     greports = gossip_model(topo, fractions=fractions or (0.0, 0.5, 0.8), fanout=fanout, seed=seed) if gossip else []
     ideal = next((r.mean_jct for r in reports if r.scheduler == "omniscient"), None)
     if as_json:
         click.echo(json.dumps({
             "topology": topo.name, "hosts": len(topo.hosts), "load": load, "jobs": jobs, "seed": seed,
-            "cpus_per_host": cpus_per_host, "mean_duration": mean_duration, "durations": durations,
+            "cpus_per_host": cpus_per_host, "mean_duration": mean_duration, "durations": durations, "broken": broken,
             "results": [{**asdict(r), **({"vs_omniscient": r.mean_jct / ideal} if ideal else {})} for r in reports],
             "gossip": [asdict(g) for g in greports],
         }, indent=2))

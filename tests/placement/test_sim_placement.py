@@ -64,3 +64,28 @@ def test_cli_prints_table_and_json() -> None:
     assert [x["scheduler"] for x in out["results"]] == ["p2p/round-robin"]
     r = CliRunner().invoke(cli, args + ["--load", "1.2"])
     assert r.exit_code == 2 and "it must lie strictly between 0 and 1" in r.output
+
+
+def test_black_hole_hosts_draw_jobs_until_their_breaker_gives_them_away() -> None:
+    """Broken hosts gossip free slots but fail every job: without the agent's breaker
+    (agent/health.py, run here in virtual time) p2p sends them job after job, as
+    power-of-two does; with it, only a few jobs meet them."""
+    reports = {r.scheduler: r for r in simulate(MEDIUM, load=0.8, jobs=4000, seed=3, cpus_per_host=2,
+                                                mean_duration=1.0, broken=4)}
+    assert [*reports] == ["p2p", "p2p/no-breaker", "omniscient", "random", "power-of-two"]
+    bounced = {name: r.extra["jobs_bounced_pct"] for name, r in reports.items()}
+    assert bounced["omniscient"] == 0  # it never uses a host it knows is broken
+    assert bounced["p2p"] < bounced["p2p/no-breaker"] / 5, bounced
+    assert bounced["p2p"] < bounced["power-of-two"], bounced
+    assert bounced["power-of-two"] > bounced["random"] > 0, bounced  # an idle black hole has the shortest queue
+
+
+def test_every_job_still_runs_once_with_broken_hosts() -> None:
+    trace = make_trace(len(MEDIUM.hosts), 2, 0.8, 1500, 1.0, "exp", seed=4)
+    broken = frozenset({0, 5, 17})
+    for sched in (PeerToPeer(MEDIUM, 2, _fresh(trace), 1, "p2p", 0.2, broken),
+                  PeerToPeer(MEDIUM, 2, _fresh(trace), 1, "p2p", 0.2, broken, breaker=False),
+                  RandomPlacement(MEDIUM, 2, _fresh(trace), 1, broken), PowerOfTwo(MEDIUM, 2, _fresh(trace), 1, broken)):
+        sched.run()
+        assert sched.done == 1500 and sched.free == [2] * len(MEDIUM.hosts)
+        assert all(j.executor not in broken and j.start >= j.arrival for j in sched.jobs)
