@@ -65,7 +65,7 @@ import click
 
 from p2psched.agent.health import HostHealth
 from p2psched.placement import (
-    POLICIES, Forward, JobRequest, PlacementState, QueueHere, Reject, RunHere, check_fit, place,
+    POLICIES, Decision, Forward, JobRequest, PlacementState, QueueHere, Reject, RunHere, check_fit, place,
 )
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.topology import Topology, TopologyError, pick_gossip_peers
@@ -442,7 +442,7 @@ class PeerToPeer(_Scheduler):
         self.placements += 1
         req = JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1)
         local, view = self._snapshot(o), self._view(o)
-        decision = None
+        decision: Decision | None = None
         if job.failed_at == o:
             # As the agent does: a job its own host could not run goes to a peer with
             # room, as if this host were draining; with none, it runs here again.
