@@ -1114,7 +1114,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self._nursery, max(1, int(self.cpu_total)), cache_dir=self.data_dir / "compiled",
                 key_dir=self.gate.node_key.data_dir, node_pubkey=self.gate.node_pubkey, node_id=self.node_id,
                 measurement=self.gate.measurement, after_results=self._after_wasm_results,
-                on_start=self._on_wasm_start,
+                on_start=self._on_wasm_start, on_output=self._on_wasm_output,
             )
         return self._wasm
 

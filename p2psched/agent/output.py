@@ -11,13 +11,15 @@ Where the bytes come from:
 
 * a finished job: its stored output (stdout is the raw bytes of ``/result``,
   stderr the record's text, at most 64 KiB);
-* a process job running on this agent: what the sandbox has captured so far
-  (``LiveOutput``), the same bytes the result will hold, so offsets carry over;
+* a job running on this agent: what the sandbox has captured so far
+  (``LiveOutput``), the same bytes the result will hold, so offsets carry over. A
+  process job's comes as it is written; a wasm job's from its worker process every
+  200 ms once it has run that long (``wasm_workers.LIVE_EVERY_S``), so a shorter
+  one shows nothing until its end;
 * a job running on a peer: that executor, asked over the transfer service by the
   job's origin (the agent a client submitted to, and so asks);
-* otherwise nothing yet: a queued job, a wasm job (its output comes back from the
-  wasm worker whole, at its end), or a job whose ``mask_patterns`` must scrub the
-  whole output before anyone sees it. ``note`` says which.
+* otherwise nothing yet: a queued job, or a job whose ``mask_patterns`` must scrub
+  the whole output before anyone sees it (``note`` says so).
 """
 
 from __future__ import annotations
@@ -91,6 +93,21 @@ class JobOutputs:
 
         return LiveOutput(changed=changed)
 
+    def _on_wasm_output(self: Agent, job_id: str, stream: int, at: int, data: bytes) -> None:
+        """A wasm worker sent what a running job has written from byte ``at`` on."""
+        run = self.running.get(job_id)
+        if run is None:
+            return
+        if run.live is None:
+            run.live = self._live_output(run)  # made on the first output: a short job never needs one
+            if run.live is None:
+                return
+        buf = run.live.stdout if stream == 0 else run.live.stderr
+        if at <= len(buf) < at + len(data):
+            buf += data[len(buf) - at:]
+            if run.live.changed is not None:
+                run.live.changed()
+
     async def read_output(self: Agent, job_id: str, stream: str, offset: int, wait: float) -> OutputChunk:
         """Up to MAX_CHUNK bytes of ``stream`` from ``offset``; with ``wait``, for up
         to that many seconds until there is some, or the job has ended."""
@@ -130,8 +147,8 @@ class JobOutputs:
             if live is not None:
                 piece, nxt = _slice(live.stdout if stream == "stdout" else live.stderr, offset)
                 return OutputChunk(piece, nxt, False, state, rec.attempts)
-            note = ("a wasm job's output is served when it ends" if rec.runtime == "wasm" else
-                    "withheld while it runs: the job's mask_patterns apply to its whole output")
+            note = "withheld while it runs: the job's mask_patterns apply to its whole output" \
+                if rec.spec.mask_patterns else ""
             return OutputChunk(b"", offset, False, state, rec.attempts, note)
         executor = rec.executor
         if executor not in (None, self.node_id) and rec.state in (JobState.PLACED, JobState.RUNNING):

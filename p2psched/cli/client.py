@@ -172,7 +172,7 @@ def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--key", type=click.Path(path_type=Path), help="Tenant private key file.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; print its output (or record with --json).")
 @click.option("--follow", "-f", is_flag=True,
-              help="Print the job's output as it writes it (process jobs), until it ends; exit as --wait does.")
+              help="Print the job's output as it writes it, until it ends; exit as --wait does.")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds.")
 @click.option("--retry-s", type=click.FloatRange(min=0), default=RETRY_S, show_default=True,
               help="How long to keep retrying when the agent answers 429 or 503 with Retry-After (0: never).")
@@ -410,8 +410,8 @@ def result(job_id: str, api: Api, wait_s: float) -> None:
 def logs(job_id: str, api: Api, follow: bool, stream: str) -> None:
     """Print a job's output so far, while it runs or after; --follow streams it.
 
-    A process job's output is served as it writes it; a wasm job's when it ends,
-    and so is that of a job with mask_patterns (they apply to the whole output).
+    A process job's output is served as it writes it, a wasm job's every 200 ms;
+    that of a job with mask_patterns only when it ends (they apply to the whole).
     """
     _follow_output(api, job_id, stream, follow=follow)
     if follow:

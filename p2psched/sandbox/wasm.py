@@ -545,8 +545,9 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
 
     slot = engine._slot(stack)
     fuel = limits.fuel or (limits.cpu_ms * FUEL_PER_CPU_MS if limits.cpu_ms else UNLIMITED_FUEL)
-    stdout = wasm_ffi.OutputSink(limits.stdout_bytes)
-    stderr = wasm_ffi.OutputSink(limits.stderr_bytes)
+    live = request.live
+    stdout = wasm_ffi.OutputSink(limits.stdout_bytes, live.stdout if live is not None else None)
+    stderr = wasm_ffi.OutputSink(limits.stderr_bytes, live.stderr if live is not None else None)
     handle = next(engine._handles)
     store = wasm_ffi.RawStore(slot.engine)
     instance = None

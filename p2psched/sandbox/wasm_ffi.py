@@ -79,9 +79,9 @@ class OutputSink:
 
     __slots__ = ("cap", "data", "truncated")
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, data: bytearray | None = None) -> None:
         self.cap = cap
-        self.data = bytearray()
+        self.data = data if data is not None else bytearray()  # a LiveOutput's, for readers while it runs
         self.truncated = False
 
     def add(self, data: bytes) -> None:

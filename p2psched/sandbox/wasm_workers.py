@@ -14,7 +14,9 @@ The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
     worker, or with ``behind=`` to the worker that runs that job (see ``tails``),
     to start when the jobs before it end. ``done(result, error)`` is called on the
     trio thread when it ends; ``on_start(job_id)`` when a job that waited behind
-    another starts; ``after_results()`` after each batch of ``done`` calls.
+    another starts; ``after_results()`` after each batch of ``done`` calls;
+    ``on_output(job_id, stream, offset, data)`` with what a guest that runs for a
+    while has written so far (see below).
   - ``cancel(job_id)`` stops its guest within one epoch tick (reason ``cancelled``),
     or ends it at once if it has not started.
   - Workers start with the first job that needs them (one per CPU slot at most) and
@@ -36,6 +38,10 @@ arrival wakes no other thread. Its stderr is the agent's.
   - Worker -> agent: a msgpack stream of ``{"run", "id", "result"}`` or
     ``{"run", "id", "error"}`` maps. The agent never unpickles what a worker sends
     (a worker runs untrusted guests), and decodes it under size limits.
+    Before its result, a job that has run for LIVE_EVERY_S has its new output
+    sent every LIVE_EVERY_S as ``{"out": run, "id", "s": 0 (stdout) or 1, "at":
+    offset, "data"}``, by a third thread that shares the pipe with the results
+    under a lock; a job shorter than that sends none.
   - The end of the cancel pipe (the agent stopped or died: the kernel closes its
     pipes) cancels the guests within a tick; the end of stdin ends the worker.
     (Not PR_SET_PDEATHSIG: it fires when the thread that started the worker
@@ -89,6 +95,9 @@ assert _RESULT_FIELDS == set(_RESULT_TYPES), "SandboxResult changed: update _RES
 #: keep (limits allow 1 GiB each) with room for artifacts and the report. A
 #: worker that sends more, or anything that is not a result, is stopped.
 MAX_RESULT_BYTES = 3 << 30
+#: A guest that runs this long has its output so far sent to the agent, and again
+#: this often while it runs, for readers of /v1/jobs/{id}/output.
+LIVE_EVERY_S = 0.2
 
 #: A worker with no job for this long stops; the next job starts a new one (0.3 s).
 WORKER_IDLE_S = 60.0
@@ -169,6 +178,7 @@ class WasmWorkers:
     def __init__(self, nursery: trio.Nursery, n: int, *, cache_dir: Path, key_dir: Path, node_pubkey: str,
                  node_id: str, measurement: str,
                  after_results: Callable[[], None] | None = None, on_start: Callable[[str], None] | None = None,
+                 on_output: Callable[[str, int, int, bytes], None] | None = None,
                  command: list[str] | None = None, idle_s: float = WORKER_IDLE_S) -> None:
         """``nursery`` owns the worker processes: its cancellation stops them. At most
         ``n`` run, each one job at a time. ``after_results`` is called on the trio
@@ -187,6 +197,7 @@ class WasmWorkers:
         self._nursery = nursery
         self._after_results = after_results
         self._on_start = on_start
+        self._on_output = on_output
         self._idle_s = idle_s
         self._command = command or [sys.executable, "-m", "p2psched.sandbox.wasm_workers"]
         #: The public key the workers signed with, once one has signed (it differs
@@ -322,6 +333,9 @@ class WasmWorkers:
                 self._after_batch()
 
     def _deliver(self, worker: _Worker, message: Any) -> None:
+        if isinstance(message, dict) and "out" in message:
+            self._live(worker, message)
+            return
         run, job_id = (message.get("run"), message.get("id")) if isinstance(message, dict) else (None, None)
         if isinstance(run, int) and run in worker.skipped:
             worker.skipped.discard(run)
@@ -351,6 +365,17 @@ class WasmWorkers:
                 self._on_start(following)
             except Exception:
                 log.exception("job %s: starting it after %s failed", following, job_id)
+
+    def _live(self, worker: _Worker, message: dict[str, Any]) -> None:
+        """Output of a job still running; one of a run that has ended (or was taken
+        back) is dropped."""
+        run, job_id, stream, at, data = (message.get(k) for k in ("out", "id", "s", "at", "data"))
+        if not (isinstance(job_id, str) and stream in (0, 1) and isinstance(at, int) and at >= 0
+                and isinstance(data, bytes)):
+            raise ValueError(f"not a job's output: {message!r:.100}")
+        entry = worker.jobs.get(job_id)
+        if entry is not None and entry[0] == run and self._on_output is not None:
+            self._on_output(job_id, stream, at, data)
 
     def _fail_all(self, jobs: dict[str, tuple[int, Done]], why: str) -> None:
         for job_id, (_, done) in jobs.items():
@@ -414,7 +439,7 @@ def worker_main() -> None:
     import time
 
     from p2psched.jobs.spec import JobSpec
-    from p2psched.sandbox.base import SandboxRequest
+    from p2psched.sandbox.base import LiveOutput, SandboxRequest
     from p2psched.security.attestation import report_from_result
     from p2psched.security.node_key import NodeKey
     from p2psched.sandbox.wasm import WasmEngine, run_wasm
@@ -450,6 +475,27 @@ def worker_main() -> None:
     # pipe, to a thread that waits on it, so that a job's arrival wakes no thread.
     threading.Thread(target=read_cancels, args=(cfg["cancel_fd"],), name="p2psched-wasm-cancels",
                      daemon=True).start()
+    # The job running now, for the thread that sends its output while it runs:
+    # [run, job_id, LiveOutput, monotonic start, bytes sent of stdout, of stderr].
+    writing = threading.Lock()  # results and output frames share the pipe
+    current: list[Any] = []
+
+    def send_output() -> None:
+        packer = msgpack.Packer(use_bin_type=True)
+        while True:
+            time.sleep(LIVE_EVERY_S)
+            with writing:
+                if not current or time.monotonic() - current[3] < LIVE_EVERY_S:
+                    continue
+                run, job_id, live = current[0], current[1], current[2]
+                for stream, buf in ((0, live.stdout), (1, live.stderr)):
+                    sent, now = current[4 + stream], len(buf)
+                    if now > sent:
+                        _write_all(out, packer.pack({"out": run, "id": job_id, "s": stream, "at": sent,
+                                                     "data": bytes(buf[sent:now])}))
+                        current[4 + stream] = now
+
+    threading.Thread(target=send_output, name="p2psched-wasm-output", daemon=True).start()
     packer = msgpack.Packer(use_bin_type=True)
     while (job := _read_frame(runs)) is not None:
         _, run, job_id, spec_json, stdin, module_path = job
@@ -458,8 +504,11 @@ def worker_main() -> None:
             spec.input = stdin
             started = time.time()
             # The engine knows the guest as JOB#RUN, the name its cancel gives.
-            result = run_wasm(SandboxRequest.for_job(
-                f"{job_id}#{run}", spec, Path(module_path) if module_path is not None else None), engine)
+            request = SandboxRequest.for_job(
+                f"{job_id}#{run}", spec, Path(module_path) if module_path is not None else None)
+            request.live = LiveOutput()
+            current[:] = [run, job_id, request.live, time.monotonic(), 0, 0]
+            result = run_wasm(request, engine)
             result.sandbox["attestation"] = report_from_result(
                 key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,
                 result=result, sandbox_kind=spec.runtime, started_at=started, ended_at=time.time(),
@@ -469,7 +518,9 @@ def worker_main() -> None:
                 name: getattr(result, name) for name in _RESULT_FIELDS}}
         except Exception as e:  # noqa: BLE001 - the agent records it as the job's sandbox error
             message = {"run": run, "id": job_id, "error": f"{type(e).__name__}: {e}"}
-        _write_all(out, packer.pack(message))
+        with writing:  # no output frame of this run after its result
+            current.clear()
+            _write_all(out, packer.pack(message))
 
 
 def worker_pids(pid: int) -> list[int]:

@@ -91,14 +91,34 @@ def test_output_a_mask_must_scrub_is_withheld_until_the_job_ends(agent):
         assert follow(http, job_id) == b"[masked]\ndone\n"
 
 
-def test_a_wasm_jobs_output_comes_whole_at_its_end(agent):
+#: A WASI guest that writes "tick" and then computes until its wall-clock limit.
+TICK_THEN_SPIN = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "tick\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 5))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (loop $spin (br $spin))))
+"""
+
+
+def test_a_wasm_jobs_output_comes_from_its_worker_while_it_runs(agent):
+    import base64
+
+    import wasmtime
+
+    module = base64.b64encode(wasmtime.wat2wasm(TICK_THEN_SPIN)).decode()
     with agent.client() as http:
-        job_id = http.post("/v1/jobs", json=wasm_spec("sleep.wasm")).json()["id"]
-        wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "running", what="the job running")
-        early = read(http, job_id)
-        assert early.content == b"" and early.headers["x-output-note"] == "a wasm job's output is served when it ends"
-        http.delete(f"/v1/jobs/{job_id}")
-        assert read(http, job_id, wait=30).headers["x-output-complete"] == "true"
+        job_id = http.post("/v1/jobs", json={"module": module, "limits": {"wall_ms": 2500}}).json()["id"]
+        first = read(http, job_id, wait=30)
+        assert first.content == b"tick\n" and first.headers["x-job-state"] == "running"
+        assert read(http, job_id, offset=5).content == b""  # nothing more while it spins
+        assert follow(http, job_id) == b"tick\n"
+        done = http.get(f"/v1/jobs/{job_id}").json()
+        assert done["state"] == "timed_out" and done["result"]["stdout"] == "tick\n"
 
 
 def test_stderr_past_what_the_record_keeps_is_flagged_as_cut(agent):
