@@ -1295,8 +1295,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             error = str(e) or type(e).__name__
             self._host_fault(rec.runtime, error, certain=not transient)
             # What no wait mends here, a peer may not lack: with one that could run
-            # it, the job goes there now; else it fails now, with the fix.
-            if (transient or self._peer_could_run(rec)) and self._retry_later(run, error, wait=transient):
+            # it (or an origin to give it back to), the job goes there now; else it
+            # fails now, with the fix.
+            elsewhere = rec.origin != self.node_id or self._peer_could_run(rec)
+            if (transient or elsewhere) and self._retry_later(run, error, wait=transient):
                 return
             log.exception("job %s: sandbox error", rec.id)
             result = SandboxResult(exit_code=None, reason=f"sandbox_error: {e}")

@@ -285,3 +285,39 @@ def test_a_peer_that_could_not_run_a_job_gives_it_back_and_its_origin_places_it_
         assert not done.get("duplicate_attempts")
     finally:
         stop_all([h1, h2, h3])
+
+
+@pytest.mark.cluster
+def test_a_peer_without_bubblewrap_gives_a_forwarded_process_job_back(tmp_path):
+    """h1 can never run the 2-cpu job; h3 is full, so h1 offers it to h2, which lacks
+    bubblewrap. No wait mends that, but h2 is not the job's origin: it gives the job
+    back, and h1 holds it for h3 rather than offer it to h2 again."""
+    bin_dir = tmp_path / "h2-bin"
+    bin_dir.mkdir()
+    h1, h2, h3 = start_cluster(tmp_path, ["h1", "h2", "h3"], "--process-warm-pool", "0",
+                               per_agent={"h1": ["--cpus", "1"], "h2": ["--cpus", "2"], "h3": ["--cpus", "2"]},
+                               per_agent_env={"h2": {"PATH": str(bin_dir)}})
+    try:
+        with h1.client() as c1, h3.client() as c3:
+            busy = c3.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "60"],
+                                             "resources": {"cpu": 2}}).json()["id"]
+            wait_for(lambda: c3.get(f"/v1/jobs/{busy}").json()["state"] == "running", what="h3 full")
+            wait_for(lambda: next(p for p in c1.get("/v1/peers").json()["peers"] if p["node_id"] == "h3")
+                     ["vector"]["cpu_free"] == 0, what="h1 to hear h3 is full")
+            job_id = c1.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/echo", "ran"],
+                                               "resources": {"cpu": 2}}).json()["id"]
+            back = wait_for(lambda: next((t for t in c1.get(f"/v1/jobs/{job_id}").json()["timeline"]
+                                          if t["detail"].startswith("executor h2 could not run it")), None),
+                            what="h2 to give the job back")
+            assert "process jobs need bubblewrap" in back["detail"], back
+            reason = wait_for(lambda: c1.get(f"/v1/jobs/{job_id}").json()["wait_reason"], what="a wait reason")
+            assert "full" in reason, reason  # it waits for h3, not for h2 again
+            c3.delete(f"/v1/jobs/{busy}")
+            done = c1.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+            assert done["state"] == "succeeded" and done["executor"] == "h3", done["timeline"]
+            assert done["result"]["stdout"] == "ran\n"
+            assert sum(t["detail"].startswith("forwarded to h2") for t in done["timeline"]) == 1
+        with h2.client() as c2:
+            assert "process" in c2.get("/healthz").json()["impaired"]  # taken out at the first failure
+    finally:
+        stop_all([h1, h2, h3])
