@@ -80,8 +80,8 @@ class JobOutputs:
     """Mixed into Agent: reading a job's output while it runs."""
 
     def _live_output(self: Agent, run: Running) -> LiveOutput | None:
-        """Where a process job's sandbox should put its output for readers, or None
-        when nobody may see it before it ends (its mask patterns apply to the whole)."""
+        """Where a running job's output goes for readers, or None when nobody may
+        see it before it ends (its mask patterns apply to the whole)."""
         if run.record.spec.mask_patterns:
             return None
         job_id = run.record.id
@@ -120,10 +120,10 @@ class JobOutputs:
             if chunk.data or chunk.complete or trio.current_time() >= deadline:
                 return chunk
             if rec.executor not in (None, self.node_id) and rec.state in (JobState.PLACED, JobState.RUNNING):
-                # The executor held the request for its wait already; ask again (after
-                # a pause if it did not answer).
-                if chunk.note:
-                    await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))
+                # The executor held the request for its wait already, or answered at
+                # once (the job ended there, its result not yet here): ask again after
+                # a pause, longer if it did not answer.
+                await trio.sleep(min(0.5 if chunk.note else 0.1, max(0.0, deadline - trio.current_time())))
                 continue
             if rec.id in self.running or self.node_id == rec.executor:
                 await self._wait_news(job_id, deadline)  # its sandbox, or its end, wakes us
