@@ -1370,7 +1370,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                                       started_at=started, ended_at=ended)
         rec.result.attestation = report
         state = state_for_reason(res.reason, res.exit_code)
-        self.store.stage(rec, output=out)
+        # stderr longer than the record holds is kept whole beside it (/output serves it)
+        self.store.stage(rec, output=out, stderr=res.stderr if len(res.stderr) > RECORD_TEXT_BYTES else None)
         self._advance(rec, state, ended, res.reason)
         if rec.origin != self.node_id:
             self._owe_result(rec)

@@ -9,8 +9,9 @@ more output, or the job's end. ``p2psched logs --follow`` is such a reader.
 
 Where the bytes come from:
 
-* a finished job: its stored output (stdout is the raw bytes of ``/result``,
-  stderr the record's text, at most 64 KiB);
+* a finished job: its stored output (stdout is the raw bytes of ``/result``;
+  stderr the record's text, or the raw bytes kept beside it when the record's
+  64 KiB could not hold it all);
 * a job running on this agent: what the sandbox has captured so far
   (``LiveOutput``), the same bytes the result will hold, so offsets carry over. A
   process job's comes as it is written; a wasm job's from its worker process every
@@ -137,8 +138,8 @@ class JobOutputs:
             if stream == "stdout":
                 await self.store.sync()
                 data: bytes = self.store.output(rec.id) or b""
-            else:
-                data = rec.result.stderr.encode() if rec.result is not None else b""
+            else:  # kept whole when the record could not hold it all
+                data = self.store.stderr(rec.id) or (rec.result.stderr.encode() if rec.result is not None else b"")
             piece, nxt = _slice(data, offset)
             return OutputChunk(piece, nxt, nxt >= len(data), state, rec.attempts)
         run = self.running.get(rec.id)

@@ -505,6 +505,7 @@ class RemoteJobs:
             msg = {"t": m.RESULT, "id": job_id, "executor": self.node_id, "attempt": rec.attempts,
                    **self._vector_wire(),
                    "state": rec.state.value, "result": rec.result.as_dict(), "output": output,
+                   **({"stderr": stderr} if (stderr := self.store.stderr(job_id)) is not None else {}),
                    "timeline": [t for t in rec.timeline if t["node"] == self.node_id]}
             address = rec.origin_transfer
             state = self.cluster.state_of(rec.origin) if self.cluster else None
@@ -555,7 +556,10 @@ class RemoteJobs:
             detail = f"result from an earlier attempt on {executor}"
         else:
             detail = res.reason
-        self.store.stage(rec, output=bytes(msg.get("output") or b""))
+        stderr = msg.get("stderr")
+        self.store.stage(rec, output=bytes(msg.get("output") or b""),
+                         stderr=stderr if isinstance(stderr, bytes) and len(stderr) <= rec.spec.limits.stderr_bytes
+                         else None)
         if rec.state is JobState.PLACED and state is not JobState.CANCELLED:
             rec.advance(JobState.RUNNING, time.time(), executor, "(learned from the result)")
         self._advance(rec, state, time.time(), detail)

@@ -49,8 +49,8 @@ class Limits(Strict):
     stdout_bytes: int = Field(1024 * 1024, ge=0, le=1 << 30, description="stdout kept; the rest is cut and flagged.")
     stderr_bytes: int = Field(
         256 * 1024, ge=0, le=1 << 30,
-        description="stderr captured (readable at /output while the job runs); the rest is cut and flagged. "
-        "The record keeps its first 64 KiB.",
+        description="stderr kept (readable at /output, while the job runs and after); the rest is cut and "
+        "flagged. The record's text holds its first 64 KiB.",
     )
     pids: int = Field(64, ge=1, le=65536, description="Processes a process job may hold at once.")
     nofile: int = Field(64, ge=4, le=65536, description="Open files a process job may hold.")

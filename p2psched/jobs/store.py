@@ -15,6 +15,7 @@ Layout under the data dir::
     jobs.db            the jobs table (spec written once, record on every transition)
     modules/<sha>.wasm module bytes, content-addressed
     outputs/<id>.out   raw outputs larger than INLINE_OUTPUT_BYTES
+    outputs/<id>.err   raw stderr longer than the record keeps (RECORD_TEXT_BYTES)
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ class Store:
         #: Why the last flush failed (disk full, I/O error), until one succeeds.
         self.write_error: str | None = None
         self._inflight: dict[str, tuple[str, str | None, int, str, str, str, float, bytes | None]] = {}
+        # Raw stderr of jobs whose record could not hold it all, written with their next flush.
+        self._stderr_pending: dict[str, bytes] = {}
+        self._stderr_inflight: dict[str, bytes] = {}
         self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
         self._staged_gen = 0
         self._staged_event = trio.Event()
@@ -261,6 +265,16 @@ class Store:
         self._modules[sha256] = path
         return path
 
+    def stderr(self, job_id: str) -> bytes | None:
+        """A finished job's raw stderr, if it was longer than its record holds."""
+        held = self._stderr_pending.get(job_id) or self._stderr_inflight.get(job_id)
+        if held is not None:
+            return held
+        try:
+            return (self.outputs_dir / f"{job_id}.err").read_bytes()
+        except FileNotFoundError:
+            return None
+
     def output(self, job_id: str) -> bytes | None:
         row = self._reader.execute("SELECT output, output_file FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
@@ -275,8 +289,12 @@ class Store:
 
     # -- staging and group commit -------------------------------------------
 
-    def stage(self, rec: JobRecord, *, new: bool = False, output: bytes | None = None) -> None:
-        """Queue ``rec``'s current state for the next flush."""
+    def stage(self, rec: JobRecord, *, new: bool = False, output: bytes | None = None,
+              stderr: bytes | None = None) -> None:
+        """Queue ``rec``'s current state for the next flush; ``stderr``: its raw stderr,
+        kept as a file, for one longer than the record holds."""
+        if stderr is not None:
+            self._stderr_pending[rec.id] = stderr
         prev = self._pending.get(rec.id)
         spec = _spec_row(rec.spec) if new else (prev[1] if prev else None)
         out = output if output is not None else (prev[7] if prev else None)
@@ -332,6 +350,8 @@ class Store:
                 # Let the tasks runnable now stage too, so that they share this commit.
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 batch, self._pending = self._pending, {}
+                errs, self._stderr_pending = self._stderr_pending, {}
+                self._stderr_inflight = errs
                 staged, self._staged_records = self._staged_records, {}
                 records = {job_id: _record_row(r) for job_id, r in staged.items()}
                 deliveries, self._deliveries = self._deliveries, {}
@@ -343,10 +363,10 @@ class Store:
                 if checkpoint:
                     self._rows_since_checkpoint = 0
                 outputs = sum(len(v[7]) for v in batch.values() if v[7] is not None)
-                if rows <= INLINE_FLUSH_ROWS and outputs <= INLINE_OUTPUT_BYTES and not checkpoint:
+                if rows <= INLINE_FLUSH_ROWS and outputs <= INLINE_OUTPUT_BYTES and not checkpoint and not errs:
                     self._write(batch, records, deliveries)
                 else:
-                    await trio.to_thread.run_sync(self._write, batch, records, deliveries, checkpoint)
+                    await trio.to_thread.run_sync(self._write, batch, records, deliveries, checkpoint, errs)
             except BaseException as e:
                 if isinstance(e, StoreError):
                     self.write_error = str(e)
@@ -362,9 +382,12 @@ class Store:
                     self._staged_records.setdefault(k, rec)
                 for k, owed in deliveries.items():
                     self._deliveries.setdefault(k, owed)
+                for k, err in errs.items():
+                    self._stderr_pending.setdefault(k, err)
                 raise
             finally:
                 self._inflight = {}
+                self._stderr_inflight = {}
                 self._flushing = False
                 done, self._flushed = self._flushed, trio.Event()
                 done.set()
@@ -419,10 +442,12 @@ class Store:
         except sqlite3.Error as e:
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
             raise StoreError(f"could not prune the job store {self.path}: {e}") from e
-        for _, output_file in doomed:
+        for job_id, output_file in doomed:
             if output_file:
                 with contextlib.suppress(OSError):
                     (self.outputs_dir / output_file).unlink()
+            with contextlib.suppress(OSError):
+                (self.outputs_dir / f"{job_id}.err").unlink()
         return [job_id for job_id, _ in doomed], more
 
     def discard(self, job_id: str) -> bool:
@@ -437,20 +462,27 @@ class Store:
         return True
 
     def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str],
-               deliveries: dict[str, bool] | None = None, checkpoint: bool = False) -> None:
+               deliveries: dict[str, bool] | None = None, checkpoint: bool = False,
+               errs: dict[str, bytes] | None = None) -> None:
         rows_new = []
         rows_upd = []
-        for job_id, (jid, spec, seq, state, tenant, runtime, created, out) in batch.items():
-            rec_json = records[job_id]
-            out_file = None
-            if out is not None and len(out) > INLINE_OUTPUT_BYTES:
-                out_file = f"{job_id}.out"
-                (self.outputs_dir / out_file).write_bytes(out)
-                out = None
-            if spec is not None:
-                rows_new.append((jid, seq, state, tenant, runtime, created, spec, rec_json, out, out_file))
-            else:
-                rows_upd.append((state, rec_json, out, out_file, jid))
+        try:  # the files first: the commit below makes the job's end durable, and names them
+            for job_id, err in (errs or {}).items():
+                (self.outputs_dir / f"{job_id}.err").write_bytes(err)
+            for job_id, (jid, spec, seq, state, tenant, runtime, created, out) in batch.items():
+                rec_json = records[job_id]
+                out_file = None
+                if out is not None and len(out) > INLINE_OUTPUT_BYTES:
+                    out_file = f"{job_id}.out"
+                    (self.outputs_dir / out_file).write_bytes(out)
+                    out = None
+                if spec is not None:
+                    rows_new.append((jid, seq, state, tenant, runtime, created, spec, rec_json, out, out_file))
+                else:
+                    rows_upd.append((state, rec_json, out, out_file, jid))
+        except OSError as e:  # a full disk: the agent holds the states and tries again, as for SQLite's errors
+            raise StoreError(f"could not write job output under {self.outputs_dir}: {e}; "
+                             "check disk space and permissions") from e
         try:
             self._writer.execute("BEGIN")
             if rows_new:

@@ -121,14 +121,18 @@ def test_a_wasm_jobs_output_comes_from_its_worker_while_it_runs(agent):
         assert done["state"] == "timed_out" and done["result"]["stdout"] == "tick\n"
 
 
-def test_stderr_past_what_the_record_keeps_is_flagged_as_cut(agent):
+#: 100,000 bytes of stderr: more than a record holds (64 KiB), less than a job keeps (256 KiB).
+LONG_STDERR = ["/bin/sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x >&2"]
+
+
+def test_stderr_past_what_the_record_holds_is_kept_whole_beside_it(agent):
     with agent.client() as http:
-        job_id = http.post("/v1/jobs", json={"runtime": "process", "command": [
-            "/bin/sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x >&2"]}).json()["id"]
+        job_id = http.post("/v1/jobs", json={"runtime": "process", "command": LONG_STDERR}).json()["id"]
         done = http.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
         assert done["state"] == "succeeded", done["result"]
         assert len(done["result"]["stderr"]) == 64 * 1024 and done["result"]["stderr_truncated"] is True
-        assert follow(http, job_id, "stderr") == b"x" * 64 * 1024
+        assert follow(http, job_id, "stderr") == b"x" * 100_000
+    assert (agent.data_dir / "outputs" / f"{job_id}.err").stat().st_size == 100_000
 
 
 def test_bad_output_requests_name_what_is_wrong(agent):
@@ -172,5 +176,11 @@ def test_the_origin_serves_the_output_of_a_job_running_on_a_peer(tmp_path):
             assert follow(http, job_id, "stderr") == b"two\n"
             assert follow(http, job_id) == b"one\nthree\n"
             assert cli("logs", "-f", job_id, agent=h1, check=True).stdout == b"one\nthree\n"
+            # stderr longer than a record holds comes home whole with the result
+            long_id = http.post("/v1/jobs", json={"runtime": "process", "command": LONG_STDERR,
+                                                  "resources": {"cpu": 2}}).json()["id"]
+            done = http.get(f"/v1/jobs/{long_id}", params={"wait": 60}).json()
+            assert done["executor"] == "h2" and done["result"]["stderr_truncated"] is True
+            assert read(http, long_id, stream="stderr").content == b"x" * 100_000
     finally:
         stop_all([h1, h2])

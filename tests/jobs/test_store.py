@@ -195,7 +195,8 @@ async def test_a_failed_write_keeps_every_state_and_a_job_restaged_meanwhile_is_
 async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_rest(tmp_path):
     store = Store(tmp_path)
 
-    def job(i: int, created_at: float, state: JobState | None, output: bytes | None = None) -> JobRecord:
+    def job(i: int, created_at: float, state: JobState | None, output: bytes | None = None,
+            stderr: bytes | None = None) -> JobRecord:
         r = rec(i)
         r.created_at = created_at
         if state is not None:
@@ -203,20 +204,22 @@ async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_r
             r.advance(JobState.RUNNING, created_at, "n1")
             r.result = JobResult(exit_code=0, reason="exit 0")
             r.advance(state, created_at, "n1")
-        store.stage(r, new=True, output=output)
+        store.stage(r, new=True, output=output, stderr=stderr)
         return r
 
     old_done = [job(i, 100.0 + i, JobState.SUCCEEDED) for i in range(1, 2501)]  # more than one batch
-    old_big = job(2501, 100.0, JobState.FAILED, output=b"x" * (INLINE_OUTPUT_BYTES + 1))
+    old_big = job(2501, 100.0, JobState.FAILED, output=b"x" * (INLINE_OUTPUT_BYTES + 1), stderr=b"e" * 70_000)
     old_running = job(2502, 100.0, None)
     old_owed = job(2503, 100.0, JobState.SUCCEEDED)
     store.stage_delivery(old_owed.id, True)  # its result is still owed to its origin
     new_done = job(2504, 5_000.0, JobState.SUCCEEDED)
     await store.sync()
-    big_file = next(store.outputs_dir.iterdir())
+    big_files = sorted(store.outputs_dir.iterdir())
+    assert [f.name for f in big_files] == [f"{old_big.id}.err", f"{old_big.id}.out"]
+    assert store.stderr(old_big.id) == b"e" * 70_000 and store.stderr(new_done.id) is None
 
     assert await store.prune(submitted_before=4_000.0) == 2501
-    assert not big_file.exists()
+    assert not any(f.exists() for f in big_files)
     kept = {r.id for r in store.list(state=None, tenant=None, limit=1000)}
     assert kept == {old_running.id, old_owed.id, new_done.id}
     assert store.get(old_done[0].id) is None and store.get(old_big.id) is None  # gone from the cache too
@@ -245,3 +248,26 @@ def test_modules_no_job_used_since_the_cutoff_are_deleted_with_their_compiled_co
     assert store.has_module("a" * 64) and store.has_module("c" * 64)  # named by a job / used since
     assert (compiled / f"{'a' * 64}.fp1.cwasm").exists() and (compiled / f"{'c' * 64}.fp1.cwasm").exists()
     store.close()
+
+
+@pytest.mark.root
+async def test_an_output_file_that_cannot_be_written_is_a_store_error_and_loses_nothing(disk):
+    """A full disk must reach the agent as the store's error (it then holds the states
+    and refuses jobs), not as an OSError that would end the flush loop."""
+    from p2psched.jobs.store import StoreError
+
+    store = Store(disk)
+    r = rec(1)
+    store.stage(r, new=True)
+    await store.sync()
+    r.advance(JobState.PLACED, 2.0, "n1")
+    r.advance(JobState.RUNNING, 2.0, "n1")
+    r.result = JobResult(exit_code=0, reason="exit 0")
+    r.advance(JobState.SUCCEEDED, 2.0, "n1")
+    fill(disk)
+    store.stage(r, output=b"o" * (INLINE_OUTPUT_BYTES + 1), stderr=b"e" * 70_000)
+    with pytest.raises(StoreError, match="could not write job output"):
+        await store.sync()
+    (disk / "filler").unlink()
+    await store.sync()
+    assert store.output(r.id) == b"o" * (INLINE_OUTPUT_BYTES + 1) and store.stderr(r.id) == b"e" * 70_000
