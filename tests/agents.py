@@ -21,6 +21,8 @@ from typing import Any, AsyncIterator, Callable
 import httpx
 import trio
 
+from p2psched.sandbox.wasm_workers import worker_pids as wasm_worker_pids  # noqa: F401 - the tests' name
+
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "examples" / "wasm"
 
@@ -189,12 +191,6 @@ class AgentProcess:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
-
-
-def wasm_worker_pids(pid: int) -> list[int]:
-    from p2psched.sandbox.wasm_workers import worker_pids
-
-    return worker_pids(pid)
 
 
 def new_agent(tmp_path: Path, node_id: str, *extra: str) -> AgentProcess:

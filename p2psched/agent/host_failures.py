@@ -167,27 +167,26 @@ class HostFailures:
             self._host_failures.pop(rec.id, None)
             return False
         self._host_failures[rec.id] = tries + 1
-        if rec.origin != self.node_id and self.transfer is not None and self._nursery is not None:
-            # Only its origin may place it elsewhere: give it back, at once.
-            delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries)
-            self.metrics.host_retries.labels(rec.runtime).inc()
-            self._release(run)
+        pause = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries)
+        # Only its origin may place a job elsewhere: one of another origin goes back
+        # there at once. Our own pauses only to try this host again; a peer with room
+        # takes it now.
+        give_back = rec.origin != self.node_id and self.transfer is not None and self._nursery is not None
+        wait = wait and not give_back and not self._peer_could_run(rec, now=True)
+        if give_back:
             then = f"giving it back to its origin {rec.origin}"
-            log.warning("job %s: this host could not run it (%s); %s", rec.id, error, then)
-            self._advance(rec, JobState.QUEUED, time.time(), f"this host could not run it: {error}; {then}")
-            rec.wait_reason = f"this host could not run it ({error}); {then}"
-            self._handing_back.add(rec.id)
-            self._nursery.start_soon(self._hand_back, rec, error, delay)
-            return True
-        # The pause is for trying this host again; a peer with room takes it now.
-        wait = wait and not self._peer_could_run(rec, now=True)
-        delay = min(HOST_RETRY_MAX_S, HOST_RETRY_S * 4**tries) if wait else 0.0
-        then = f"trying again in {delay:g} s" if wait else "placing it on a peer"
+        else:
+            then = f"trying again in {pause:g} s" if wait else "placing it on a peer"
         log.warning("job %s: this host could not run it (%s); %s (%d of %d)",
                     rec.id, error, then, tries + 1, self.settings.host_retries)
         self.metrics.host_retries.labels(rec.runtime).inc()
         self._release(run)
         self._advance(rec, JobState.QUEUED, time.time(), f"this host could not run it: {error}; {then}")
         rec.wait_reason = f"this host could not run it ({error}); {then}"
-        self._requeue_later(rec, delay)
+        if give_back:
+            assert self._nursery is not None
+            self._handing_back.add(rec.id)
+            self._nursery.start_soon(self._hand_back, rec, error, pause)  # ``pause``: if the origin does not answer
+        else:
+            self._requeue_later(rec, pause if wait else 0.0)
         return True

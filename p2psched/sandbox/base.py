@@ -59,7 +59,7 @@ class SandboxRequest:
     artifacts: list[str] = field(default_factory=list)
     gpu_env: dict[str, str] = field(default_factory=dict)  # CUDA_VISIBLE_DEVICES etc. of granted slots
     gpu_devices: list[str] = field(default_factory=list)  # /dev/nvidia* nodes the job may open
-    live: LiveOutput | None = None  # process jobs: where output goes as it is written
+    live: LiveOutput | None = None  # where the output goes as it is written, for readers while it runs
 
     @classmethod
     def for_job(cls, job_id: str, spec: JobSpec, module_path: Path | None, *, gpu_env: dict[str, str] | None = None,
