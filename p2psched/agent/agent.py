@@ -13,6 +13,7 @@ import functools
 import gc
 import hashlib
 import logging
+import math
 import os
 import random
 import secrets
@@ -33,7 +34,7 @@ from p2psched.agent.output import JobOutputs
 from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
-from p2psched.jobs.queue import DispatchQueue
+from p2psched.jobs.queue import DispatchQueue, DrainRate
 from p2psched.jobs.record import RECORD_TEXT_BYTES, JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState, state_for_reason
@@ -188,6 +189,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         except StoreError as e:
             raise StartupError(str(e)) from None
         self.queue = DispatchQueue(settings.dispatch_policy)
+        self._drain = DrainRate()  # jobs ended per second lately, for Retry-After
         self.active: dict[str, JobRecord] = {}
         #: Status reports that arrived before the offer's acceptance (see _on_status).
         self.early_status: dict[str, dict[str, Any]] = {}
@@ -381,6 +383,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         job_log(rec.id, state.value, detail)
         self.store.stage(rec)
         if state.final:
+            self._drain.add(at)
             self.active.pop(rec.id, None)
             self.early_status.pop(rec.id, None)
             if self._host_failures:
@@ -421,12 +424,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             )
         if self.store.write_error is not None:
             raise self._store_unwritable()
-        if self.waiting() + extra > self.settings.queue_limit:
+        held = self.waiting() + extra - 1  # with the jobs of its batch accepted before it
+        if held + 1 > self.settings.queue_limit:
             self.metrics.admission_rejections.labels("queue_full").inc()
             raise QueueFull(
-                f"the queue at {self.node_id} holds {self.waiting()} jobs (limit {self.settings.queue_limit}); "
+                f"the queue at {self.node_id} holds {held} jobs (limit {self.settings.queue_limit}); "
                 "retry after the time in Retry-After or submit to another agent",
-                retry_after=self._retry_after(),
+                retry_after=self._retry_after(held),
             )
 
     def _store_unwritable(self) -> Unavailable:
@@ -455,8 +459,14 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             except StoreError:
                 await trio.sleep(STORE_RETRY_S)
 
-    def _retry_after(self) -> float:
-        return float(min(60, max(1, self.waiting() // max(1, int(self.cpu_total) * 100))))
+    def _retry_after(self, held: int) -> float:
+        """When a queue holding ``held`` jobs will have room: their number over the rate
+        jobs have ended at lately, 1 to 60 s. With no recent ending to go by, 100 jobs
+        a second a CPU."""
+        rate = self._drain.per_second(time.time())
+        if rate <= 0:
+            rate = max(1, int(self.cpu_total)) * 100.0
+        return float(min(60, max(1, math.ceil(held / rate))))
 
     def tenant_usage(self, tenant: str) -> TenantUsage:
         """The tenant's unfinished jobs held here, plus what peers gossip for it."""
@@ -548,7 +558,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 continue
             spec, auth = spec if isinstance(spec, tuple) else (spec, None)
             try:
-                self._admit_check()
+                # The jobs accepted so far in this batch are queued only once the batch is
+                # durable: they count against the queue's bound all the same.
+                self._admit_check(extra=1 + len(created))
                 home = self.home_of(spec.id)
                 proxied = await self.submit_at_home(home, spec, auth) if home is not None else None
                 if proxied is not None:

@@ -96,7 +96,9 @@ def openapi_document() -> dict[str, Any]:
                 "application/json": {"schema": {"type": "object", "properties": {
                     "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}}}}}}},
                 "responses": {"202": _resp("One record or error per spec, in order"),
-                              "207": _resp("Some specs failed; see each result"), **_errors(400, 413)}}},
+                              "207": _resp("Some specs failed; see each result. A spec refused for now (a full "
+                                           "queue: error.status 429) has error.retry_after, in seconds"),
+                              **_errors(400, 413)}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT],
                         "responses": {"200": _resp("The record", _REC), **_errors(404)}},

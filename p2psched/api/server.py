@@ -196,7 +196,10 @@ def create_app(agent: Any) -> Starlette:
         out = []
         for item in results:
             if isinstance(item, AgentError):
-                out.append(error_body(item.status, item.reason, item.message, item.details))
+                body = error_body(item.status, item.reason, item.message, item.details)
+                if item.retry_after is not None:  # the Retry-After of a job refused alone
+                    body["error"]["retry_after"] = math.ceil(item.retry_after)
+                out.append(body)
             else:
                 out.append({"status": 202 if item[1] else 200, "job": item[0]})
         return _json({"results": out}, 207 if any("error" in o for o in out) else 202)

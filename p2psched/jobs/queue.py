@@ -134,3 +134,32 @@ class DispatchQueue:
             for q in self._levels[p].values():
                 out.extend(r for t, r in q if self._ids.get(r.id) == t)
         return iter(out)
+
+
+class DrainRate:
+    """Jobs ended per second over the last ``window_s``: how fast the queue empties,
+    for the Retry-After a full queue answers with. Pure: the caller gives ``now``."""
+
+    def __init__(self, window_s: int = 10) -> None:
+        self.window_s = window_s
+        self._seconds: deque[list[int]] = deque()  # [whole second, jobs ended in it], oldest first
+
+    def add(self, now: float) -> None:
+        second = int(now)
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += 1
+        else:
+            self._seconds.append([second, 1])
+            while self._seconds[0][0] <= second - self.window_s:
+                self._seconds.popleft()
+
+    def per_second(self, now: float) -> float:
+        """Over the seconds since the first ending in the window (so a burst that began
+        a moment ago is not averaged with the idle time before it); 0.0 when no job
+        ended within the window."""
+        start = int(now) - self.window_s
+        inside = [(second, n) for second, n in self._seconds if second > start]
+        if not inside:
+            return 0.0
+        span = max(1, int(now) - inside[0][0] + 1)
+        return sum(n for _, n in inside) / span

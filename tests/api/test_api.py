@@ -1,6 +1,8 @@
 """The HTTP API against a real agent and real hypercorn, on a free port."""
 
 import base64
+import time
+from types import SimpleNamespace
 
 import trio
 
@@ -120,6 +122,41 @@ async def test_queue_full_gets_429_with_retry_after(tmp_path):
         metrics = (await http.get("/metrics")).text
         assert 'p2psched_admission_rejections_total{reason="queue_full"} 1.0' in metrics
         assert "p2psched_queue_length 2.0" in metrics
+        await http.delete(f"/v1/jobs/{running['id']}")
+
+
+async def test_a_batch_counts_against_the_queue_bound_and_says_when_to_retry(tmp_path):
+    async with running_agent(tmp_path, queue_limit=2, cpus=1) as (agent, http):
+        running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(running["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm") for _ in range(4)]})
+        assert r.status_code == 207
+        results = r.json()["results"]
+        assert [item.get("status") for item in results[:2]] == [202, 202]
+        for item in results[2:]:  # jobs of the same batch fill the queue as they are accepted
+            assert item["error"]["status"] == 429 and item["error"]["reason"] == "queue_full"
+            assert item["error"]["retry_after"] >= 1
+        assert agent.waiting() == 2  # queued, or waiting in a worker behind the loop
+        await http.delete(f"/v1/jobs/{running['id']}")
+
+
+async def test_retry_after_follows_how_fast_the_queue_has_drained(tmp_path):
+    async with running_agent(tmp_path, queue_limit=20, cpus=1) as (agent, http):
+        batch = (await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm")] * 10})).json()
+        for item in batch["results"]:
+            await http.get(f"/v1/jobs/{item['job']['id']}", params={"wait": 30})
+        assert agent._drain.per_second(time.time()) >= 10 / 11  # the ten endings were counted
+        # From here on, the meter (its arithmetic is tests/jobs/test_queue.py's) says 5 a second.
+        agent._drain = SimpleNamespace(per_second=lambda now: 5.0, add=lambda now: None)
+        running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(running["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm")] * 21})
+        refused = r.json()["results"][20]["error"]
+        # 5 a second: 20 waiting need 4 s (100 a second a CPU, the guess with no history,
+        # would say 1 s).
+        assert refused["reason"] == "queue_full" and refused["retry_after"] == 4
         await http.delete(f"/v1/jobs/{running['id']}")
 
 

@@ -94,3 +94,18 @@ def test_a_job_pushed_back_goes_before_its_tenants_later_jobs_and_after_higher_p
     q.push(urgent)
     q.push_front(a1)
     assert drain(q) == [urgent.id, a1.id, b1.id, a2.id]
+
+
+def test_drain_rate_counts_endings_in_its_window():
+    from p2psched.jobs.queue import DrainRate
+
+    rate = DrainRate(window_s=10)
+    assert rate.per_second(100.0) == 0.0
+    for i in range(400):
+        rate.add(100.0 + i / 100)  # 100 a second for 4 s
+    assert rate.per_second(104.0) == 80.0  # 400 over seconds 100-104: not the idle time before
+    assert rate.per_second(109.9) == 40.0  # 400 over the 10 s window
+    assert rate.per_second(112.5) == 10.0  # only second 103 is still inside: 100 over 103-112
+    assert rate.per_second(120.0) == 0.0
+    rate.add(200.0)  # old seconds are dropped as new ones come
+    assert rate.per_second(200.0) == 1.0 and len(rate._seconds) == 1
