@@ -47,6 +47,9 @@ echo "== tiny MLP inference"
 p2psched submit examples/wasm/mlp.wasm --input examples/wasm/mlp.in.bin --wait \
   | python3 -c 'import struct,sys; d=sys.stdin.buffer.read(); print("logits:", [round(x,4) for x in struct.unpack(f"<{len(d)//4}f", d)])'
 
+echo "== a spec file: six example guests in one batch (examples/jobs/guests.yaml)"
+p2psched batch examples/jobs/guests.yaml --wait
+
 echo "== placement: agent 0 is busy, so the next job runs on its same-leaf neighbour"
 busy=$(p2psched submit examples/wasm/loop.wasm --wall-ms 120000)
 until [[ $(p2psched status "$busy" --json) == *'"state": "running"'* ]]; do sleep 0.1; done

@@ -17,6 +17,7 @@ from p2psched import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("p2psched.cli.agent:agent", "Run the agent on this host."),
     "submit": ("p2psched.cli.client:submit", "Submit a job."),
+    "batch": ("p2psched.cli.batch:batch", "Submit the jobs of a spec file; --wait shows how each ended."),
     "status": ("p2psched.cli.client:status", "Show one job's record."),
     "jobs": ("p2psched.cli.client:jobs", "List jobs."),
     "cancel": ("p2psched.cli.client:cancel", "Cancel a job."),

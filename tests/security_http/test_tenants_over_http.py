@@ -126,3 +126,21 @@ def test_quota_counts_jobs_held_at_other_agents(tmp_path, tenants):
         assert body["reason"].startswith("quota") and "2" in body["message"]
     finally:
         stop_all(agents)
+
+
+def test_batch_signs_every_job_as_its_tenant(tmp_path, tenants):
+    reg, keys = tenants
+    agent = new_agent(tmp_path, "signed-batch", "--tenants", str(reg)).start()
+    try:
+        p = cli("batch", "examples/jobs/sweep.jsonl", "--wait", "--json", "--tenant", "alice",
+                "--key", str(keys / "alice.key"), agent=agent)
+        jobs = json.loads(p.stdout)["jobs"]
+        assert [(j["state"], j["tenant"]) for j in jobs] == [("succeeded", "alice")] * 4
+        assert all(j["result"]["attestation"]["tenant"] == "alice" for j in jobs)
+
+        unsigned = cli("batch", "examples/jobs/sweep.jsonl", agent=agent, check=False)
+        assert unsigned.returncode == 3 and b"401" in unsigned.stderr
+        half = cli("batch", "examples/jobs/sweep.jsonl", "--tenant", "alice", agent=agent, check=False)
+        assert half.returncode == 2 and b"--tenant and --key go together" in half.stderr
+    finally:
+        agent.stop()

@@ -1,0 +1,186 @@
+"""`p2psched batch FILE`: submit the jobs of a spec file, and with --wait see how each ended.
+
+The file's shapes and keys are described in p2psched/jobs/spec_file.py and
+examples/jobs/README.md. The jobs go in order through ``POST /v1/jobs:batch``,
+``--chunk`` at a time. A job the agent refuses for now (its queue is full) is sent
+again after the Retry-After the agent gives, for as long as the agent keeps taking
+jobs, so a file larger than the queue drains into it; a job refused for good (an
+invalid spec, a denied tenant) is reported and the rest go on.
+
+Exit status: 0 when every job was accepted (with --wait: and succeeded); 1 with
+--wait when a job did not succeed; 2 for a file or usage error, before anything is
+sent; 3 when the agent refused a job or answered an error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import click
+
+from p2psched.cli.client import RETRY_S, Api, _print_json, _summary, _wait_final, agent_option, fail, json_option
+from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
+
+#: A request's body stays under this, well inside the agent's max_request_bytes (96 MiB).
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+FINAL = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("spec_file", type=click.Path(path_type=Path, dir_okay=False))
+@agent_option
+@click.option("--tenant", help="Tenant name: every job is submitted and signed as it (with --key).")
+@click.option("--key", type=click.Path(path_type=Path), help="Tenant private key file.")
+@click.option("--id-prefix", help="Give each job without an id PREFIX-N (N its place in the file, from 1), so that "
+              "running the file again submits nothing twice.")
+@click.option("--wait", is_flag=True, help="Wait for every job to end; print how each ended.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds, in all.")
+@click.option("--chunk", type=click.IntRange(1, 10_000), default=500, show_default=True,
+              help="Jobs per request.")
+@click.option("--retry-s", type=click.FloatRange(min=0), default=RETRY_S, show_default=True,
+              help="How long to keep sending jobs the agent refuses for now (a full queue) while it accepts none.")
+@click.option("--dry-run", is_flag=True, help="Check the file and say what would be sent; send nothing.")
+@json_option
+def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None, id_prefix: str | None, wait: bool,
+          timeout: float, chunk: int, retry_s: float, dry_run: bool, as_json: bool) -> None:
+    """Submit the jobs of SPEC_FILE (YAML, JSON or JSON Lines): one spec, a list of specs,
+    or {defaults: ..., jobs: [...]}. See examples/jobs/."""
+    if bool(tenant) != bool(key):
+        fail("--tenant and --key go together: name the tenant and its private key file", 2)
+    try:
+        work = load(spec_file, id_prefix=id_prefix)
+    except SpecFileError as e:
+        fail(str(e), 2)
+    if dry_run:
+        size = sum(len(m) for m in work.modules.values())
+        click.echo(f"{spec_file}: {len(work.jobs)} valid job(s), {len(work.modules)} module file(s) "
+                   f"({size} bytes); nothing sent (--dry-run)")
+        return
+    sign = _signer(tenant, key)
+    api = Api(agent_url, tenant=tenant, key=key, retry_s=retry_s)
+    accepted, refused = _submit(api, work, sign, chunk=chunk, retry_s=retry_s)
+
+    _say_refused(spec_file, refused)
+    if not wait:
+        if as_json:
+            _print_json({"jobs": [rec for _, rec, _ in accepted],
+                         "refused": [{"index": job.index, "error": err} for job, err in refused]})
+        else:
+            for _, rec, created in accepted:
+                click.echo(f"{rec['id']}  {rec['state']}" + ("" if created else "  (submitted before)"))
+        again = sum(1 for *_, created in accepted if not created)
+        click.echo(f"p2psched: {len(accepted)} job(s) accepted" + (f" ({again} submitted before)" if again else "")
+                   + (f", {len(refused)} refused" if refused else ""), err=True)
+        sys.exit(3 if refused else 0)
+
+    deadline = time.monotonic() + timeout
+    finals = [_wait_final(api, rec["id"], max(0.0, deadline - time.monotonic())) for _, rec, _ in accepted]
+    if as_json:
+        _print_json({"jobs": finals, "refused": [{"index": job.index, "error": err} for job, err in refused]})
+    else:
+        for rec in finals:
+            click.echo(_summary(rec))
+    counts = Counter(rec["state"] for rec in finals)
+    click.echo(f"p2psched: {len(finals)} job(s): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+               + (f"; {len(refused)} refused" if refused else ""), err=True)
+    for rec in finals:
+        if rec["state"] != "succeeded":
+            res = rec.get("result") or {}
+            why = res.get("reason") or rec.get("wait_reason") or f"did not end within --timeout {timeout:g}s"
+            click.echo(f"p2psched: job {rec['id']} {rec['state']}: {why}", err=True)
+    if refused:
+        sys.exit(3)
+    if any(rec["state"] != "succeeded" for rec in finals):
+        sys.exit(1)
+
+
+def _signer(tenant: str | None, key: Path | None) -> Any:
+    """spec -> the body that submits it: as it is, or signed as ``tenant``."""
+    if not (tenant and key):
+        return lambda spec: spec
+    from p2psched.jobs.spec import JobSpec
+    from p2psched.security.keys import load_private_key
+    from p2psched.security.signing import sign_spec
+
+    try:
+        private = load_private_key(key)
+    except (OSError, ValueError) as e:
+        fail(f"cannot use --key {key}: {e}", 2)
+
+    def sign(spec: dict[str, Any]) -> dict[str, Any]:
+        spec = {**spec, "tenant": tenant}
+        parsed = JobSpec.model_validate_json(json.dumps(spec))
+        return sign_spec(parsed, tenant, private, time.time()).to_json()
+
+    return sign
+
+
+def _submit(api: Api, work: Batch, sign: Any, *, chunk: int, retry_s: float,
+            ) -> tuple[list[tuple[Job, dict[str, Any], bool]], list[tuple[Job, dict[str, Any]]]]:
+    """Send every job of ``work`` in order. Returns (job, record, created) for each
+    accepted and (job, error) for each refused."""
+    accepted: list[tuple[Job, dict[str, Any], bool]] = []
+    refused: list[tuple[Job, dict[str, Any]]] = []
+    pending = deque(work.jobs)
+    progress = time.monotonic()  # when the agent last took a job
+    while pending:
+        group: list[Job] = []
+        size = 0
+        while pending and len(group) < chunk:
+            grown = size + work.size(pending[0])
+            if group and grown > MAX_REQUEST_BYTES:
+                break
+            group.append(pending.popleft())
+            size = grown
+        body = {"jobs": [sign(spec) for spec in work.request_body(group)]}
+        results = api.json("POST", "/v1/jobs:batch", json=body)["results"]
+        later: list[Job] = []
+        waits: list[float] = []
+        for job, item in zip(group, results, strict=True):
+            if "job" in item:
+                accepted.append((job, item["job"], item.get("status") == 202))
+                progress = time.monotonic()
+                continue
+            err = item.get("error") or {}
+            if err.get("status") in (429, 503) and isinstance(err.get("retry_after"), (int, float)):
+                later.append(job)
+                waits.append(float(err["retry_after"]))
+            else:
+                refused.append((job, err))
+        if later:
+            wait = min(max(waits), 10.0)  # an estimate made early in a burst can run long
+            if time.monotonic() - progress >= retry_s:
+                for job in later + list(pending):
+                    refused.append((job, {"status": 429, "reason": "queue_full", "message":
+                                          f"the agent took no job for {retry_s:g}s (--retry-s); submit the rest "
+                                          "later, or to another agent"}))
+                break
+            click.echo(f"p2psched: the agent is refusing jobs for now ({_reason(results)}); sending "
+                       f"{len(later) + len(pending)} more in {wait:g}s", err=True)
+            time.sleep(wait)
+            pending.extendleft(reversed(later))
+    refused.sort(key=lambda r: r[0].index)
+    return accepted, refused
+
+
+def _reason(results: list[dict[str, Any]]) -> str:
+    for item in results:
+        err = item.get("error")
+        if err and err.get("status") in (429, 503):
+            return str(err.get("reason"))
+    return "busy"
+
+
+def _say_refused(spec_file: Path, refused: list[tuple[Job, dict[str, Any]]]) -> None:
+    """One line per distinct refusal, naming the first few jobs it refused."""
+    groups: dict[tuple[Any, Any, Any], list[Job]] = {}
+    for job, err in refused:
+        groups.setdefault((err.get("status"), err.get("reason"), err.get("message")), []).append(job)
+    for (status, reason, message), jobs in groups.items():
+        named = ", ".join(job.where for job in jobs[:3]) + (f" and {len(jobs) - 3} more" if len(jobs) > 3 else "")
+        click.echo(f"p2psched: {spec_file}: {named} refused: {status} {reason}: {message}", err=True)
