@@ -14,7 +14,6 @@ sent; 3 when the agent refused a job or answered an error.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter, deque
@@ -103,19 +102,16 @@ def _signer(tenant: str | None, key: Path | None) -> Any:
     """spec -> the body that submits it: as it is, or signed as ``tenant``."""
     if not (tenant and key):
         return lambda spec: spec
-    from p2psched.jobs.spec import JobSpec
+    from p2psched.security.client import sign_submission
     from p2psched.security.keys import load_private_key
-    from p2psched.security.signing import sign_spec
 
     try:
-        private = load_private_key(key)
+        private = load_private_key(key)  # once, not once a job
     except (OSError, ValueError) as e:
         fail(f"cannot use --key {key}: {e}", 2)
 
     def sign(spec: dict[str, Any]) -> dict[str, Any]:
-        spec = {**spec, "tenant": tenant}
-        parsed = JobSpec.model_validate_json(json.dumps(spec))
-        return sign_spec(parsed, tenant, private, time.time()).to_json()
+        return sign_submission({**spec, "tenant": tenant}, tenant, private)
 
     return sign
 

@@ -2,7 +2,7 @@
 
 Public interface (used by ``p2psched/cli/client.py``):
 
-* ``sign_submission(spec: dict, tenant, key_path, now=None, ttl=DEFAULT_TTL_S) -> dict``:
+* ``sign_submission(spec: dict, tenant, key_path_or_key, now=None, ttl=DEFAULT_TTL_S) -> dict``:
   the ``POST /v1/jobs`` body ``{"spec": ..., "auth": ...}`` for a spec given as JSON
   data (bytes as base64, as the API takes them).
 * ``TenantAuth(tenant, key)``: an ``httpx.Auth`` signing each request as ``tenant``.
@@ -30,10 +30,11 @@ from p2psched.security.request_auth import build_auth_header
 from p2psched.security.signing import DEFAULT_TTL_S, sign_spec
 
 
-def sign_submission(spec: dict[str, Any], tenant: str, key_path: Path | str, now: float | None = None,
-                    ttl: int = DEFAULT_TTL_S) -> dict[str, Any]:
-    """Sign a JSON-form spec as ``tenant``; raises KeyFormatError or pydantic's ValidationError."""
-    key = load_private_key(key_path)
+def sign_submission(spec: dict[str, Any], tenant: str, key_path: Path | str | Ed25519PrivateKey,
+                    now: float | None = None, ttl: int = DEFAULT_TTL_S) -> dict[str, Any]:
+    """Sign a JSON-form spec as ``tenant`` with the key in ``key_path`` (or the key itself,
+    for callers that sign many); raises KeyFormatError or pydantic's ValidationError."""
+    key = key_path if isinstance(key_path, Ed25519PrivateKey) else load_private_key(key_path)
     parsed = JobSpec.model_validate_json(json.dumps(spec))
     return sign_spec(parsed, tenant, key, time.time() if now is None else now, ttl=ttl).to_json()
 
