@@ -99,6 +99,19 @@ def openapi_document() -> dict[str, Any]:
                               "207": _resp("Some specs failed; see each result. A spec refused for now (a full "
                                            "queue: error.status 429) has error.retry_after, in seconds"),
                               **_errors(400, 413)}}},
+            "/v1/jobs:wait": {"post": {
+                "summary": "Many jobs' records, once each has ended or `wait` seconds passed",
+                "description": "Read access to each job as for GET /v1/jobs/{job_id}. Records come in the order "
+                               "named; a job that is unknown or not the caller's to read has an error in its place "
+                               "(and the answer is 207).",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["ids"], "additionalProperties": False, "properties": {
+                        "ids": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                                "maxItems": 10000},
+                        "wait": {"type": "number", "minimum": 0, "maximum": 300, "default": 0}}}}}},
+                "responses": {"200": _resp("One record per id, in order"),
+                              "207": _resp("Some ids have an error in place of a record"),
+                              **_errors(400, 413)}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT],
                         "responses": {"200": _resp("The record", _REC), **_errors(404)}},

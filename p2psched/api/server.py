@@ -123,6 +123,25 @@ def _wait_param(request: Request) -> float:
     return value
 
 
+def _wait_body(raw: Any) -> tuple[list[str], float]:
+    """The ``{"ids": [...], "wait": seconds}`` body of ``POST /v1/jobs:wait``, checked."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("ids"), list):
+        raise AgentError('body must be {"ids": [job id, ...], "wait": seconds}', reason="invalid_wait")
+    unknown = set(raw) - {"ids", "wait"}
+    if unknown:
+        raise AgentError(f"unknown field(s) {sorted(unknown)}; use ids and wait", reason="invalid_wait")
+    ids = raw["ids"]
+    if not 1 <= len(ids) <= MAX_BATCH:
+        raise AgentError(f"ids names {len(ids)} jobs; name 1 to {MAX_BATCH}", reason="invalid_wait")
+    bad = next((i for i, v in enumerate(ids) if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise AgentError(f"ids.{bad} is {ids[bad]!r}; each id must be a non-empty string", reason="invalid_wait")
+    wait = raw.get("wait", 0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
+        raise AgentError(f"wait={wait!r} must be a number of seconds, 0 to {MAX_WAIT_S:g}", reason="invalid_wait")
+    return ids, float(wait)
+
+
 def _refuse_cross_site(request: Request) -> None:
     """Refuse a state change that a page of another site sent through a browser.
 
@@ -203,6 +222,32 @@ def create_app(agent: Any) -> Starlette:
             else:
                 out.append({"status": 202 if item[1] else 200, "job": item[0]})
         return _json({"results": out}, 207 if any("error" in o for o in out) else 202)
+
+    async def wait_jobs(request: Request) -> Response:
+        """Many jobs' records in one answer, once every one has ended or ``wait`` passed:
+        what `p2psched batch --wait` asks instead of one request per job."""
+        try:
+            body = await _read_body(request, limit)
+        except BodyTooLarge:
+            raise AgentError(f"request body is larger than the limit of {limit} bytes; name fewer jobs",
+                             reason="body_too_large", status=413) from None
+        who = await principal(request, body)
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
+        ids, wait = _wait_body(raw)
+        deadline = trio.current_time() + wait
+        out: list[dict[str, Any]] = []
+        for job_id in ids:
+            try:
+                agent.gate.check_access(who, agent.get(job_id).tenant, job_id)
+                rec = await agent.wait_final(job_id, max(0.0, deadline - trio.current_time()))
+            except AgentError as e:
+                out.append({"id": job_id, **error_body(e.status, e.reason, e.message, e.details)})
+            else:
+                out.append({"status": 200, "job": rec.as_dict()})
+        return _json({"results": out}, 207 if any("error" in o for o in out) else 200)
 
     async def principal(request: Request, body: bytes = b"") -> Any:
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
@@ -364,6 +409,7 @@ def create_app(agent: Any) -> Starlette:
         Route("/v1/jobs:batch", submit_batch, methods=["POST"]),
         Route("/v1/jobs", list_jobs, methods=["GET"]),
         Route("/v1/jobs:counts", job_counts, methods=["GET"]),
+        Route("/v1/jobs:wait", wait_jobs, methods=["POST"]),
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/result", get_result, methods=["GET"]),

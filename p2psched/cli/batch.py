@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from p2psched.cli.client import RETRY_S, Api, _print_json, _summary, _wait_final, agent_option, fail, json_option
+from p2psched.cli.client import RETRY_S, Api, _print_json, _summary, agent_option, fail, json_option
 from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
 
 #: A request's body stays under this, well inside the agent's max_request_bytes (96 MiB).
@@ -78,7 +78,7 @@ def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None,
         sys.exit(3 if refused else 0)
 
     deadline = time.monotonic() + timeout
-    finals = [_wait_final(api, rec["id"], max(0.0, deadline - time.monotonic())) for _, rec, _ in accepted]
+    finals = _wait_all(api, [rec for _, rec, _ in accepted], deadline, chunk)
     if as_json:
         _print_json({"jobs": finals, "refused": [{"index": job.index, "error": err} for job, err in refused]})
     else:
@@ -162,6 +162,31 @@ def _submit(api: Api, work: Batch, sign: Any, *, chunk: int, retry_s: float,
             pending.extendleft(reversed(later))
     refused.sort(key=lambda r: r[0].index)
     return accepted, refused
+
+
+def _wait_all(api: Api, submitted: list[dict[str, Any]], deadline: float, chunk: int) -> list[dict[str, Any]]:
+    """The records of the ``submitted`` jobs, in order, once each has ended or
+    ``deadline`` passed: ``chunk`` ids a request, each request a long-poll."""
+    latest = {rec["id"]: rec for rec in submitted}
+    pending = deque(latest)
+    while pending:
+        left = deadline - time.monotonic()
+        group = [pending.popleft() for _ in range(min(chunk, len(pending)))]
+        body = {"ids": group, "wait": round(max(0.0, min(left, 60.0)), 3)}
+        results = api.json("POST", "/v1/jobs:wait", json=body)["results"]
+        unfinished = []
+        for job_id, item in zip(group, results, strict=True):
+            if "job" in item:
+                latest[job_id] = item["job"]
+                if item["job"]["state"] not in FINAL:
+                    unfinished.append(job_id)
+            else:  # gone from the agent (kept for job_retention_h) or no longer ours to read
+                err = item.get("error") or {}
+                latest[job_id] = {**latest[job_id], "wait_reason": f"cannot read it: {err.get('message')}"}
+        if left <= 0:
+            break
+        pending.extendleft(reversed(unfinished))
+    return [latest[rec["id"]] for rec in submitted]
 
 
 def _reason(results: list[dict[str, Any]]) -> str:

@@ -174,6 +174,58 @@ async def test_batch_returns_one_result_per_spec(tmp_path):
         assert states == ["succeeded", "failed"]
 
 
+async def test_wait_for_many_jobs_in_one_request(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        batch = (await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm"),
+                                                                  wasm_spec("exit3.wasm")]})).json()
+        ids = [item["job"]["id"] for item in batch["results"]]
+        # Behind the loop nothing ends: the long-poll gives up after its wait and says so.
+        r = await http.post("/v1/jobs:wait", json={"ids": ids, "wait": 0.2})
+        assert r.status_code == 200
+        assert [item["job"]["state"] in ("queued", "placed") for item in r.json()["results"]] == [True, True]
+        async with trio.open_nursery() as nursery:
+            got: list = []
+
+            async def wait_all() -> None:
+                got.append(await http.post("/v1/jobs:wait", json={"ids": ids + ["nope"], "wait": 30}))
+
+            nursery.start_soon(wait_all)
+            await trio.sleep(0.2)
+            assert not got  # still waiting for both
+            await http.delete(f"/v1/jobs/{running['id']}")
+        r = got[0]
+        assert r.status_code == 207  # one of the three is not a job
+        results = r.json()["results"]
+        assert [(item["job"]["id"], item["job"]["state"]) for item in results[:2]] == [
+            (ids[0], "succeeded"), (ids[1], "failed")]
+        assert results[0]["job"]["result"]["stdout"] == "hello from p2psched\n"
+        assert results[2]["id"] == "nope" and results[2]["error"]["status"] == 404
+        assert results[2]["error"]["reason"] == "unknown_job"
+
+
+async def test_wait_for_many_refuses_a_bad_body_by_name(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        cases = [
+            ([1], "ids"),
+            ({"ids": "a"}, "ids"),
+            ({"ids": []}, "name 1 to 10000"),
+            ({"ids": ["a"] * 10_001}, "name 1 to 10000"),
+            ({"ids": ["a", 7]}, "ids.1 is 7"),
+            ({"ids": ["a"], "wait": -1}, "wait=-1"),
+            ({"ids": ["a"], "wait": 301}, "0 to 300"),
+            ({"ids": ["a"], "wait": "soon"}, "wait='soon'"),
+            ({"ids": ["a"], "timeout": 3}, "unknown field(s) ['timeout']"),
+        ]
+        for body, says in cases:
+            r = await http.post("/v1/jobs:wait", json=body)
+            assert r.status_code == 400, body
+            assert r.json()["error"]["reason"] == "invalid_wait" and says in r.json()["error"]["message"], body
+        r = await http.post("/v1/jobs:wait", content=b'{"ids": [', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "malformed_json"
+        assert (await http.get("/healthz")).status_code == 200
+
+
 async def test_list_filters_and_pages(tmp_path):
     async with running_agent(tmp_path) as (agent, http):
         r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm") for _ in range(5)]

@@ -137,6 +137,16 @@ def test_batch_signs_every_job_as_its_tenant(tmp_path, tenants):
         jobs = json.loads(p.stdout)["jobs"]
         assert [(j["state"], j["tenant"]) for j in jobs] == [("succeeded", "alice")] * 4
         assert all(j["result"]["attestation"]["tenant"] == "alice" for j in jobs)
+        # Waiting for many jobs is read access to each: another tenant sees none of them.
+        from p2psched.security.client import RequestSigner
+
+        ids = [j["id"] for j in jobs]
+        bob = RequestSigner("bob", keys / "bob.key").auth
+        r = httpx.post(agent.url + "/v1/jobs:wait", json={"ids": ids}, auth=bob)
+        assert r.status_code == 207
+        assert [item["error"]["status"] for item in r.json()["results"]] == [403] * 4
+        assert all("job" not in item for item in r.json()["results"]) and "succeeded" not in r.text
+        assert httpx.post(agent.url + "/v1/jobs:wait", json={"ids": ids}).status_code == 401
 
         unsigned = cli("batch", "examples/jobs/sweep.jsonl", agent=agent, check=False)
         assert unsigned.returncode == 3 and b"401" in unsigned.stderr
