@@ -461,12 +461,22 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     def _retry_after(self, held: int) -> float:
         """When a queue holding ``held`` jobs will have room: their number over the rate
-        jobs have ended at lately, 1 to 60 s. With no recent ending to go by, 100 jobs
-        a second a CPU."""
-        rate = self._drain.per_second(time.time())
-        if rate <= 0:
-            rate = max(1, int(self.cpu_total)) * 100.0
-        return float(min(60, max(1, math.ceil(held / rate))))
+        jobs have ended at lately, 1 to 60 s.
+
+        With no recent ending to go by, the jobs running say how slowly it drains: none
+        has ended in the time the oldest has run, so at most that many end in that time.
+        Until there is a second of either to go by (a burst into an idle agent: a few
+        endings a moment apart, a worker still starting) the answer is 1 s, and by then
+        there is: a fixed guess at a rate would be off a thousandfold for jobs of
+        microseconds or of hours."""
+        now = time.time()
+        ran = now - min((run.started for run in self.running.values()), default=now)
+        if max(ran, self._drain.measured_s(now)) < 1.0:
+            return 1.0
+        rate = self._drain.per_second(now)
+        if rate > 0:
+            return float(min(60, max(1, math.ceil(held / rate))))
+        return float(min(60, max(1, math.ceil(held * ran / max(1, len(self.running))))))
 
     def tenant_usage(self, tenant: str) -> TenantUsage:
         """The tenant's unfinished jobs held here, plus what peers gossip for it."""

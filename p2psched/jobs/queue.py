@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from p2psched.jobs.record import JobRecord
 
@@ -140,26 +140,39 @@ class DrainRate:
     """Jobs ended per second over the last ``window_s``: how fast the queue empties,
     for the Retry-After a full queue answers with. Pure: the caller gives ``now``."""
 
+    #: The shortest span a rate is taken over: a few endings a moment apart say little.
+    MIN_SPAN_S = 0.1
+
     def __init__(self, window_s: int = 10) -> None:
         self.window_s = window_s
-        self._seconds: deque[list[int]] = deque()  # [whole second, jobs ended in it], oldest first
+        # [whole second, jobs ended in it, when the first of them ended], oldest first
+        self._seconds: deque[list[Any]] = deque()
 
     def add(self, now: float) -> None:
         second = int(now)
         if self._seconds and self._seconds[-1][0] == second:
             self._seconds[-1][1] += 1
         else:
-            self._seconds.append([second, 1])
+            self._seconds.append([second, 1, now])
             while self._seconds[0][0] <= second - self.window_s:
                 self._seconds.popleft()
 
     def per_second(self, now: float) -> float:
-        """Over the seconds since the first ending in the window (so a burst that began
-        a moment ago is not averaged with the idle time before it); 0.0 when no job
-        ended within the window."""
-        start = int(now) - self.window_s
-        inside = [(second, n) for second, n in self._seconds if second > start]
+        """Over the time since the first ending in the window, to the instant (so a
+        burst that began a moment ago is neither averaged with the idle time before it
+        nor stretched to a whole second); 0.0 when no job ended within the window."""
+        inside = self._inside(now)
         if not inside:
             return 0.0
-        span = max(1, int(now) - inside[0][0] + 1)
-        return sum(n for _, n in inside) / span
+        span = max(self.MIN_SPAN_S, now - inside[0][2])
+        return sum(n for _, n, _ in inside) / span
+
+    def measured_s(self, now: float) -> float:
+        """How long the rate has been measured for: since the first ending in the
+        window (0.0 with none)."""
+        inside = self._inside(now)
+        return now - inside[0][2] if inside else 0.0
+
+    def _inside(self, now: float) -> list[list[Any]]:
+        start = int(now) - self.window_s
+        return [bucket for bucket in self._seconds if bucket[0] > start]

@@ -148,16 +148,36 @@ async def test_retry_after_follows_how_fast_the_queue_has_drained(tmp_path):
             await http.get(f"/v1/jobs/{item['job']['id']}", params={"wait": 30})
         assert agent._drain.per_second(time.time()) >= 10 / 11  # the ten endings were counted
         # From here on, the meter (its arithmetic is tests/jobs/test_queue.py's) says 5 a second.
-        agent._drain = SimpleNamespace(per_second=lambda now: 5.0, add=lambda now: None)
+        agent._drain = SimpleNamespace(per_second=lambda now: 5.0, measured_s=lambda now: 10.0, add=lambda now: None)
         running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
         while agent.get(running["id"]).state.value != "running":
             await trio.sleep(0.01)
         r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm")] * 21})
         refused = r.json()["results"][20]["error"]
-        # 5 a second: 20 waiting need 4 s (100 a second a CPU, the guess with no history,
-        # would say 1 s).
+        # 5 a second: 20 waiting need 4 s.
         assert refused["reason"] == "queue_full" and refused["retry_after"] == 4
         await http.delete(f"/v1/jobs/{running['id']}")
+
+
+async def test_retry_after_with_no_ending_yet_goes_by_how_long_jobs_have_run(tmp_path):
+    async with running_agent(tmp_path, queue_limit=2, cpus=1) as (agent, http):
+        # A burst into an idle agent: nothing runs yet, nothing has ended: ask again in 1 s.
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("loop.wasm", limits={"wall_ms": 60000})]
+                                                    + [wasm_spec("hello.wasm")] * 3})
+        assert r.json()["results"][3]["error"]["retry_after"] == 1
+        loop_id = r.json()["results"][0]["job"]["id"]
+        while agent.get(loop_id).state.value != "running":
+            await trio.sleep(0.01)
+        # The loop has run 40 s (as the agent is told) and nothing has ended: jobs here
+        # take at least that long, so the two waiting need 80 s; the answer caps at 60.
+        assert (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).status_code == 202  # fills the queue
+        agent.running[loop_id].started -= 40
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert r.status_code == 429 and r.headers["retry-after"] == "60"
+        agent.running[loop_id].started += 30  # 10 s: 2 waiting, 1 slot: 20 s
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert 20 <= int(r.headers["retry-after"]) <= 21
+        await http.delete(f"/v1/jobs/{loop_id}")
 
 
 async def test_batch_returns_one_result_per_spec(tmp_path):

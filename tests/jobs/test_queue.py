@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given, strategies as st
 
 from p2psched.jobs.queue import DispatchQueue
@@ -103,9 +104,24 @@ def test_drain_rate_counts_endings_in_its_window():
     assert rate.per_second(100.0) == 0.0
     for i in range(400):
         rate.add(100.0 + i / 100)  # 100 a second for 4 s
-    assert rate.per_second(104.0) == 80.0  # 400 over seconds 100-104: not the idle time before
-    assert rate.per_second(109.9) == 40.0  # 400 over the 10 s window
-    assert rate.per_second(112.5) == 10.0  # only second 103 is still inside: 100 over 103-112
+    assert rate.per_second(104.0) == 100.0  # 400 over 100.0-104.0: not the idle time before
+    assert rate.per_second(109.9) == pytest.approx(400 / 9.9)  # all 400, over 100.0-109.9
+    assert rate.per_second(110.0) == pytest.approx(300 / 9)  # second 100 has left the window
+    assert rate.per_second(112.5) == pytest.approx(100 / 9.5)  # only second 103 is still inside: 100 over 103.0-112.5
     assert rate.per_second(120.0) == 0.0
     rate.add(200.0)  # old seconds are dropped as new ones come
-    assert rate.per_second(200.0) == 1.0 and len(rate._seconds) == 1
+    assert rate.per_second(201.0) == 1.0 and len(rate._seconds) == 1
+
+
+def test_drain_rate_early_in_a_burst_is_not_stretched_to_a_whole_second():
+    from p2psched.jobs.queue import DrainRate
+
+    rate = DrainRate(window_s=10)
+    for i in range(30):
+        rate.add(100.0 + i / 100)  # 100 a second, 0.3 s into the burst
+    assert rate.per_second(100.3) == pytest.approx(100.0)  # not 30 a second: the burst is 0.3 s old
+    assert rate.measured_s(100.3) == pytest.approx(0.3)  # and the rate says so (Retry-After trusts 1 s)
+    assert rate.measured_s(120.0) == 0.0
+    one = DrainRate(window_s=10)
+    one.add(50.0)
+    assert one.per_second(50.0) == 1 / DrainRate.MIN_SPAN_S  # a lone ending is not an infinite rate
