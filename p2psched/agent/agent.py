@@ -1059,6 +1059,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                     break
                 self.queue.pop()
                 rec.wait_reason = f"offering to {decision.node_id}"
+                if self.cluster is not None:  # so that the next job of this pass sees the peer as taken
+                    self._hold_on(decision.node_id, rec)
                 self._nursery.start_soon(self._forward, rec, decision)
             elif isinstance(decision, Reject):
                 self.queue.pop()

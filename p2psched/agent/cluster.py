@@ -8,10 +8,17 @@ gossip catches up (late binding would otherwise keep choosing the same full peer
 Replies and results can cross on the wire (an offer's acceptance, computed while the
 job ran, may arrive after the job's result), so each fresh vector carries the
 sender's stamp and an older one never replaces a newer one.
+
+While an offer is in flight its job's resources are held against the peer
+(``hold``/``release``): the peer's reply, with its vector counting the job, takes
+about a millisecond, and a dispatch pass places every queued job in that time. Without
+the hold each of them would be offered to the same peer that gossip last showed free,
+and all but one refused and put back for a while.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from p2psched.resources import NodeState, ResourceVector
@@ -26,6 +33,8 @@ class ClusterView:
         self.self_id = self_id
         self._clock = clock
         self._fresh: dict[str, tuple[float, ResourceVector, int | None]] = {}
+        # job id -> (peer, (cpu, mem_mb, gpu, gpu_type)) of each offer in flight
+        self._held: dict[str, tuple[str, tuple[float, int, int, str | None]]] = {}
 
     def _states(self, *, include_suspect: bool) -> dict[str, tuple[str, NodeState]]:
         out = {}
@@ -47,9 +56,28 @@ class ClusterView:
                     state = NodeState(**{**{f: getattr(state, f) for f in state.__slots__}, "vector": fresh[1]})
                 else:
                     del self._fresh[node_id]
+            if self._held:
+                held = [res for peer, res in self._held.values() if peer == node_id]
+                if held:
+                    state = NodeState(**{**{f: getattr(state, f) for f in state.__slots__},
+                                         "vector": _minus(state.vector, held)})
             if not state.vector.draining:
                 out.append(state)
         return out
+
+    def hold(self, node_id: str, job_id: str, cpu: float, mem_mb: int, gpu: int = 0,
+             gpu_type: str | None = None) -> None:
+        """Count what ``job_id`` asks for as taken on ``node_id`` until ``release``
+        (an offer of it is in flight there). A job is held on one peer at a time."""
+        self._held[job_id] = (node_id, (cpu, mem_mb, gpu, gpu_type))
+
+    def release(self, job_id: str) -> None:
+        """The offer of ``job_id`` was answered (the reply's vector counts it, or it was
+        refused) or failed."""
+        self._held.pop(job_id, None)
+
+    def holding(self) -> int:
+        return len(self._held)
 
     def has_alive_peer(self) -> bool:
         """``bool(alive_states())``, at no cost while this agent knows no one else
@@ -111,3 +139,21 @@ class ClusterView:
             if usage:
                 out.append(usage)
         return out
+
+
+def _minus(v: ResourceVector, held: list[tuple[float, int, int, str | None]]) -> ResourceVector:
+    """``v`` with the ``held`` jobs' resources taken: GPU slots from the named type, or
+    from the type that fits best, as the peer would take them."""
+    gpu_free = dict(v.gpu_free)
+    for _, _, gpu, gpu_type in held:
+        if gpu <= 0:
+            continue
+        kind = gpu_type
+        if kind is None:
+            fitting = [(n - gpu, t) for t, n in gpu_free.items() if n >= gpu]
+            kind = min(fitting)[1] if fitting else None
+        if kind in gpu_free:
+            gpu_free[kind] = max(0, gpu_free[kind] - gpu)
+    return replace(v, cpu_free=max(0.0, v.cpu_free - sum(h[0] for h in held)),
+                   mem_free_mb=max(0, v.mem_free_mb - sum(h[1] for h in held)),
+                   gpu_free=gpu_free, running=v.running + len(held))

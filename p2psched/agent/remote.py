@@ -96,6 +96,20 @@ class RemoteJobs:
                 module = self.store.module_path(sha).read_bytes()
             return module
 
+        try:
+            await self._offer_in_turn(rec, decision, sha, module_bytes)
+        finally:
+            if self.cluster is not None:
+                self.cluster.release(rec.id)
+
+    def _hold_on(self: Agent, node_id: str, rec: JobRecord) -> None:
+        assert self.cluster is not None
+        r = rec.spec.resources
+        self.cluster.hold(node_id, rec.id, r.cpu, r.mem_mb, r.gpu, r.gpu_type)
+
+    async def _offer_in_turn(self: Agent, rec: JobRecord, decision: Any, sha: str | None,
+                             module_bytes: Any) -> None:
+        assert self.transfer is not None
         refusals = []
         for cand in decision.candidates:
             state = self.cluster.state_of(cand.node_id) if self.cluster else None
@@ -105,6 +119,7 @@ class RemoteJobs:
             if not self._peer_trusted(state):
                 refusals.append(f"{cand.node_id}: measurement not on the allow-list")
                 continue
+            self._hold_on(cand.node_id, rec)
             rec.attempts += 1
             rec.hops += 1
             rec.executor = cand.node_id
@@ -126,6 +141,8 @@ class RemoteJobs:
                 self.placement_metrics.refused()
                 continue
             self._note_vector(cand.node_id, reply)
+            if self.cluster is not None:
+                self.cluster.release(rec.id)  # the reply's vector counts the job, or it was refused
             if reply.get("t") == m.ACCEPT:
                 if sha is not None:
                     known = self.peer_modules.setdefault(cand.node_id, set())

@@ -12,7 +12,7 @@ from p2psched.jobs.record import JobRecord
 from p2psched.jobs.spec import JobSpec
 from p2psched.placement.core import Forward, QueueHere
 
-from agents import FAST_MEMBERSHIP, running_agent
+from agents import FAST_MEMBERSHIP, running_agent, wasm_spec
 
 
 async def joined(a, b) -> None:
@@ -45,3 +45,23 @@ async def test_an_acceptance_that_arrives_after_the_result_does_not_make_the_pee
             executor.cpu_used = executor.cpu_total
             origin._note_vector("exec", {"t": "refuse", **executor._vector_wire()})
             assert isinstance(origin._place(rec), QueueHere)
+
+
+async def test_a_burst_goes_to_a_free_peer_one_offer_at_a_time_without_refusals(tmp_path):
+    # A dispatch pass places every queued job before the first offer is answered.
+    # Each offer holds its job's resources against the peer until the reply (with the
+    # peer's vector) comes, so the rest wait for the peer to free instead of being
+    # offered, refused, and put back for half a second each.
+    async with running_agent(tmp_path / "e", node_id="exec", cpus=1, membership=FAST_MEMBERSHIP) as (executor, _):
+        seed = executor.settings.gossip
+        async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[seed],
+                                 membership=FAST_MEMBERSHIP) as (origin, http):
+            await joined(origin, executor)
+            origin.cpu_used = origin.cpu_total  # the origin is full: every job must go to the peer
+            r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("noop.wasm") for _ in range(30)]})
+            ids = [item["job"]["id"] for item in r.json()["results"]]
+            with trio.fail_after(30):
+                done = (await http.post("/v1/jobs:wait", json={"ids": ids, "wait": 30})).json()["results"]
+            assert [(d["job"]["state"], d["job"]["executor"]) for d in done] == [("succeeded", "exec")] * 30
+            assert origin.placement_metrics.forward_refusals._value.get() == 0
+            assert origin.cluster.holding() == 0  # every hold was released with its reply
