@@ -69,14 +69,17 @@ done
 
 echo "== a batch of 200 noop jobs through the batch API"
 python3 - <<PY
-import base64, httpx, time
+import base64, collections, httpx, time
 mod = base64.b64encode(open("examples/wasm/noop.wasm", "rb").read()).decode()
 t = time.perf_counter()
 with httpx.Client(base_url="${P2PSCHED_URL}", timeout=60) as http:
     r = http.post("/v1/jobs:batch", json={"jobs": [{"module": mod} for _ in range(200)]})
     ids = [x["job"]["id"] for x in r.json()["results"]]
-    states = [http.get(f"/v1/jobs/{i}", params={"wait": 30}).json()["state"] for i in ids]
-print(f"{states.count('succeeded')}/{len(ids)} succeeded in {time.perf_counter() - t:.2f}s")
+    done = http.post("/v1/jobs:wait", json={"ids": ids, "wait": 50}).json()["results"]
+    states = [item["job"]["state"] for item in done]
+ran = collections.Counter(item["job"]["executor"] for item in done)
+print(f"{states.count('succeeded')}/{len(ids)} succeeded in {time.perf_counter() - t:.2f}s; ran on "
+      + ", ".join(f"{node} {n}" for node, n in sorted(ran.items())))
 PY
 
 echo

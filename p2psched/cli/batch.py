@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
 #: A request's body stays under this, well inside the agent's max_request_bytes (96 MiB).
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 FINAL = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
+#: The longest one request for job states waits: jobs that have ended are shown by then.
+POLL_S = 10.0
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,12 +81,10 @@ def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None,
         sys.exit(3 if refused else 0)
 
     deadline = time.monotonic() + timeout
-    finals = _wait_all(api, [rec for _, rec, _ in accepted], deadline, chunk)
+    show = None if as_json else (lambda rec: click.echo(_summary(rec)))
+    finals = _wait_all(api, [rec for _, rec, _ in accepted], deadline, chunk, show)
     if as_json:
         _print_json({"jobs": finals, "refused": [{"index": job.index, "error": err} for job, err in refused]})
-    else:
-        for rec in finals:
-            click.echo(_summary(rec))
     counts = Counter(rec["state"] for rec in finals)
     click.echo(f"p2psched: {len(finals)} job(s): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                + (f"; {len(refused)} refused" if refused else ""), err=True)
@@ -164,15 +165,21 @@ def _submit(api: Api, work: Batch, sign: Any, *, chunk: int, retry_s: float,
     return accepted, refused
 
 
-def _wait_all(api: Api, submitted: list[dict[str, Any]], deadline: float, chunk: int) -> list[dict[str, Any]]:
+def _wait_all(api: Api, submitted: list[dict[str, Any]], deadline: float, chunk: int,
+              on_ended: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """The records of the ``submitted`` jobs, in order, once each has ended or
-    ``deadline`` passed: ``chunk`` ids a request, each request a long-poll."""
-    latest = {rec["id"]: rec for rec in submitted}
-    pending = deque(latest)
+    ``deadline`` passed: ``chunk`` ids a request, each request a long-poll of up to
+    POLL_S. ``on_ended(record)`` is called in order as soon as a job and every job
+    before it have ended, so that a long run shows its results as they come."""
+    ids = [rec["id"] for rec in submitted]
+    latest = dict(zip(ids, submitted))
+    settled: set[str] = set()
+    shown = 0
+    pending = deque(ids)
     while pending:
         left = deadline - time.monotonic()
         group = [pending.popleft() for _ in range(min(chunk, len(pending)))]
-        body = {"ids": group, "wait": round(max(0.0, min(left, 60.0)), 3)}
+        body = {"ids": group, "wait": round(max(0.0, min(left, POLL_S)), 3)}
         results = api.json("POST", "/v1/jobs:wait", json=body)["results"]
         unfinished = []
         for job_id, item in zip(group, results, strict=True):
@@ -180,13 +187,21 @@ def _wait_all(api: Api, submitted: list[dict[str, Any]], deadline: float, chunk:
                 latest[job_id] = item["job"]
                 if item["job"]["state"] not in FINAL:
                     unfinished.append(job_id)
+                    continue
             else:  # gone from the agent (kept for job_retention_h) or no longer ours to read
                 err = item.get("error") or {}
                 latest[job_id] = {**latest[job_id], "wait_reason": f"cannot read it: {err.get('message')}"}
+            settled.add(job_id)
+        while on_ended and shown < len(ids) and ids[shown] in settled:
+            on_ended(latest[ids[shown]])
+            shown += 1
         if left <= 0:
             break
         pending.extendleft(reversed(unfinished))
-    return [latest[rec["id"]] for rec in submitted]
+    if on_ended:
+        for job_id in ids[shown:]:  # did not end within the deadline
+            on_ended(latest[job_id])
+    return [latest[job_id] for job_id in ids]
 
 
 def _reason(results: list[dict[str, Any]]) -> str:

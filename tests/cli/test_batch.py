@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,4 +99,31 @@ def test_a_file_larger_than_the_queue_drains_into_it(tmp_path):
         assert b"refusing jobs for now (queue_full); sending 3 more" in err
         assert out.decode().count("succeeded") == 5 and b"5 job(s): 5 succeeded" in err
     finally:
+        agent.stop()
+
+
+def test_wait_shows_each_result_as_it_comes_not_when_all_have_ended(tmp_path):
+    spec = tmp_path / "quick-then-slow.yaml"
+    spec.write_text(f"jobs:\n  - module_file: {ROOT}/examples/wasm/hello.wasm\n"
+                    f"  - {{module_file: {ROOT}/examples/wasm/loop.wasm, limits: {{wall_ms: 120000}}}}\n")
+    agent = new_agent(tmp_path, "streaming").start()
+    batch = subprocess.Popen(
+        [sys.executable, "-m", "p2psched", "batch", str(spec), "--id-prefix", "s", "--wait", "--agent", agent.url],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(90, batch.kill)  # a missing line fails the test instead of hanging it
+    watchdog.start()
+    try:
+        first = batch.stdout.readline().decode()
+        assert first.split()[:2] == ["s-1", "succeeded"], first
+        assert batch.poll() is None  # the loop still runs: the first result did not wait for it
+        with agent.client() as http:
+            assert http.get("/v1/jobs/s-2").json()["state"] == "running"
+            http.delete("/v1/jobs/s-2")
+        out, err = batch.communicate(timeout=60)
+        assert batch.returncode == 1
+        assert out.decode().split()[:2] == ["s-2", "cancelled"]
+        assert b"1 cancelled, 1 succeeded" in err
+    finally:
+        watchdog.cancel()
+        batch.kill()
         agent.stop()
