@@ -18,7 +18,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -650,14 +650,16 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         return data if data is not None else b""
 
     async def list_jobs(self, *, state: str | None, tenant: str | None, limit: int, cursor: int,
-                        newest_first: bool = False) -> list[JobRecord]:
+                        newest_first: bool = False, labels: Sequence[tuple[str, str]] = ()) -> list[JobRecord]:
         await self.store.sync()
-        return self.store.list(state=state, tenant=tenant, limit=limit, after_seq=cursor, newest_first=newest_first)
+        listing = functools.partial(self.store.list, state=state, tenant=tenant, limit=limit, after_seq=cursor,
+                                    newest_first=newest_first, labels=labels)
+        return await trio.to_thread.run_sync(listing) if labels else listing()
 
-    async def job_counts(self, tenant: str | None) -> dict[str, int]:
+    async def job_counts(self, tenant: str | None, labels: Sequence[tuple[str, str]] = ()) -> dict[str, int]:
         """Stored jobs by state, every state present (0 where none)."""
         await self.store.sync()
-        found = await trio.to_thread.run_sync(self.store.count_by_state, tenant)
+        found = await trio.to_thread.run_sync(self.store.count_by_state, tenant, labels)
         return {s.value: int(found.get(s.value, 0)) for s in JobState}
 
     # ---------------------------------------------------------------- cancel

@@ -34,6 +34,9 @@ def _errors(*codes: int) -> dict[str, Any]:
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 300},
          "description": "Long-poll: wait up to this many seconds for the job to end."}
+_LABEL = {"name": "label", "in": "query", "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+          "style": "form", "explode": True,
+          "description": "KEY=VALUE, repeatable: only jobs carrying every one of these labels."}
 
 
 @lru_cache(maxsize=1)
@@ -79,6 +82,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"summary": "List jobs", "parameters": [
                     {"name": "state", "in": "query", "schema": {"type": "string"}},
                     {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+                    _LABEL,
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                     {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                     {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["oldest", "newest"]},
@@ -88,10 +92,12 @@ def openapi_document() -> dict[str, Any]:
                         **_errors(400)}},
             },
             "/v1/jobs:counts": {"get": {"summary": "Stored jobs by state", "parameters": [
-                {"name": "tenant", "in": "query", "schema": {"type": "string"}}],
+                {"name": "tenant", "in": "query", "schema": {"type": "string"}}, _LABEL],
                 "responses": {"200": _resp("Counts", {"type": "object", "properties": {
                     "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    "tenant": {"type": ["string", "null"]}}}), **_errors(400)}}},
+                    "tenant": {"type": ["string", "null"]},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"},
+                               "description": "the label filters, when given"}}}), **_errors(400)}}},
             "/v1/jobs:batch": {"post": {"summary": "Submit many jobs", "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"type": "object", "properties": {
                     "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}}}}}}},

@@ -34,6 +34,8 @@ from p2psched.jobs.store import StoreError
 MAX_BATCH = 10_000
 #: Long-polls are capped so that proxies and clients with default timeouts behave.
 MAX_WAIT_S = 300.0
+#: label= filters one listing may carry.
+MAX_LABEL_FILTERS = 8
 
 
 class BodyTooLarge(Exception):
@@ -121,6 +123,20 @@ def _wait_param(request: Request) -> float:
     if not 0 <= value <= MAX_WAIT_S or math.isnan(value):
         raise AgentError(f"wait={raw} is out of range; use 0 to {MAX_WAIT_S:g} seconds", reason="invalid_query")
     return value
+
+
+def _label_params(request: Request) -> list[tuple[str, str]]:
+    """The ``label=KEY=VALUE`` query parameters (repeatable; a job must carry each)."""
+    raw = request.query_params.getlist("label")
+    if len(raw) > MAX_LABEL_FILTERS:
+        raise AgentError(f"{len(raw)} label filters; give at most {MAX_LABEL_FILTERS}", reason="invalid_query")
+    labels = []
+    for item in raw:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise AgentError(f"label={item!r} must be KEY=VALUE, e.g. label=sweep=lr", reason="invalid_query")
+        labels.append((key, value))
+    return labels
 
 
 def _wait_body(raw: Any) -> tuple[list[str], float]:
@@ -306,10 +322,11 @@ def create_app(agent: Any) -> Starlette:
     async def list_jobs(request: Request) -> Response:
         who = await principal(request)
         q = request.query_params
-        unknown = set(q) - {"state", "tenant", "limit", "cursor", "order"}
+        unknown = set(q) - {"state", "tenant", "label", "limit", "cursor", "order"}
         if unknown:
-            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use state, tenant, limit, cursor, order",
-                             reason="invalid_query")
+            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use state, tenant, label, limit, "
+                             "cursor, order", reason="invalid_query")
+        labels = _label_params(request)
         order = q.get("order", "oldest")
         if order not in ("oldest", "newest"):
             raise AgentError(f"order={order!r} is not an order; use oldest (the default) or newest",
@@ -327,7 +344,7 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError("limit must be 1-1000 and cursor >= 0", reason="invalid_query")
         tenant = visible_tenant(who, q.get("tenant"))
         recs = await agent.list_jobs(state=state, tenant=tenant, limit=limit, cursor=cursor,
-                                     newest_first=order == "newest")
+                                     newest_first=order == "newest", labels=labels)
         next_cursor = recs[-1].seq if len(recs) == limit else None
         return _json({"jobs": [r.as_dict() for r in recs], "next_cursor": next_cursor})
 
@@ -341,11 +358,14 @@ def create_app(agent: Any) -> Starlette:
 
     async def job_counts(request: Request) -> Response:
         who = await principal(request)
-        unknown = set(request.query_params) - {"tenant"}
+        unknown = set(request.query_params) - {"tenant", "label"}
         if unknown:
-            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use tenant", reason="invalid_query")
+            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use tenant, label",
+                             reason="invalid_query")
+        labels = _label_params(request)
         tenant = visible_tenant(who, request.query_params.get("tenant"))
-        return _json({"counts": await agent.job_counts(tenant), "tenant": tenant})
+        return _json({"counts": await agent.job_counts(tenant, labels), "tenant": tenant,
+                      **({"labels": dict(labels)} if labels else {})})
 
     async def cancel_job(request: Request) -> Response:
         _refuse_cross_site(request)

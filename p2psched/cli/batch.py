@@ -23,12 +23,13 @@ from typing import Any
 
 import click
 
-from p2psched.cli.client import RETRY_S, Api, _print_json, _summary, agent_option, fail, json_option
+from p2psched.cli.client import (
+    FINAL_STATES, RETRY_S, Api, _print_json, _summary, agent_option, fail, json_option,
+)
 from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
 
 #: A request's body stays under this, well inside the agent's max_request_bytes (96 MiB).
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
-FINAL = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
 #: The longest one request for job states waits: jobs that have ended are shown by then.
 POLL_S = 10.0
 
@@ -185,7 +186,7 @@ def _wait_all(api: Api, submitted: list[dict[str, Any]], deadline: float, chunk:
         for job_id, item in zip(group, results, strict=True):
             if "job" in item:
                 latest[job_id] = item["job"]
-                if item["job"]["state"] not in FINAL:
+                if item["job"]["state"] not in FINAL_STATES:
                     unfinished.append(job_id)
                     continue
             else:  # gone from the agent (kept for job_retention_h) or no longer ours to read

@@ -65,6 +65,8 @@ def tenant_auth(tenant: str | None, key: Path | None) -> httpx.Auth | None:
 
 #: How long a command keeps retrying an agent that answers 429 or 503 with Retry-After.
 RETRY_S = 30.0
+#: The states a job ends in.
+FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
 
 
 class Api:
@@ -92,12 +94,7 @@ class Api:
                        f"(for up to {self.retry_s:g}s in all)", err=True)
             time.sleep(wait)
         if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-                msg = err["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = resp.text[:500]
-            fail(f"{resp.status_code}: {msg}")
+            fail(f"{resp.status_code}: {_error_message(resp)}")
         return resp
 
     def json(self, method: str, path: str, **kw: Any) -> Any:
@@ -112,6 +109,13 @@ def _retry_after(resp: httpx.Response) -> float | None:
     except ValueError:
         return None
     return wait if 0 <= wait <= 60 else None
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:500]
 
 
 def _error_reason(resp: httpx.Response) -> str:
@@ -137,14 +141,14 @@ def _summary(rec: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _parse_env(items: tuple[str, ...]) -> dict[str, str]:
-    env = {}
+def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
+    pairs = {}
     for item in items:
         k, sep, v = item.partition("=")
         if not sep or not k:
-            fail(f"--env {item!r} must be KEY=VALUE", 2)
-        env[k] = v
-    return env
+            fail(f"{flag} {item!r} must be KEY=VALUE", 2)
+        pairs[k] = v
+    return pairs
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -218,7 +222,7 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
     if args:
         spec["args"] = list(args)
     if env:
-        spec["env"] = _parse_env(env)
+        spec["env"] = _parse_pairs(env)
     resources = {k: v for k, v in {"cpu": cpu, "mem_mb": mem_mb, "gpu": gpu, "gpu_type": gpu_type}.items()
                  if v is not None}
     if resources:
@@ -233,7 +237,7 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
     if caps:
         spec["capabilities"] = list(caps)
     if labels:
-        spec["labels"] = _parse_env(labels)
+        spec["labels"] = _parse_pairs(labels, "--label")
     if tenant:
         spec["tenant"] = tenant
     api = Api(agent_url, tenant=tenant, key=key, retry_s=retry_s)
@@ -262,7 +266,7 @@ def _wait_final(api: Api, job_id: str, timeout: float) -> dict[str, Any]:
     while True:
         left = deadline - time.monotonic()
         rec = api.json("GET", f"/v1/jobs/{job_id}", params={"wait": f"{max(0.0, min(left, 60.0)):.3f}"})
-        if rec["state"] in ("succeeded", "failed", "cancelled", "timed_out", "rejected") or left <= 0:
+        if rec["state"] in FINAL_STATES or left <= 0:
             return rec
 
 
@@ -347,33 +351,27 @@ def status(job_id: str, api: Api, wait_s: float, as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
               help="At most this many jobs (pages through the agent's listing, 1,000 a request).")
 @click.option("--newest", is_flag=True, help="Newest first (default: oldest first).")
+@click.option("--label", "labels", multiple=True, help="Only jobs labelled KEY=VALUE (repeatable: each must match).")
 @click.option("--counts", is_flag=True, help="Print how many stored jobs are in each state instead.")
 @json_option
-def jobs(api: Api, state: str | None, tenant: str | None, limit: int, newest: bool, counts: bool,
-         as_json: bool) -> None:
+def jobs(api: Api, state: str | None, tenant: str | None, limit: int, newest: bool, labels: tuple[str, ...],
+         counts: bool, as_json: bool) -> None:
     """List jobs known to an agent, oldest first (or --newest first)."""
+    by_label = _label_filter(labels)
     if counts:
-        data = api.json("GET", "/v1/jobs:counts", params={"tenant": tenant} if tenant else {})
+        data = api.json("GET", "/v1/jobs:counts", params={**({"tenant": tenant} if tenant else {}), **by_label})
         if as_json:
             _print_json(data)
         else:
             for name, n in data["counts"].items():
                 click.echo(f"{name:<10} {n}")
         return
-    params: dict[str, Any] = {"order": "newest" if newest else "oldest"}
+    params: dict[str, Any] = {"order": "newest" if newest else "oldest", **by_label}
     if state:
         params["state"] = state
     if tenant:
         params["tenant"] = tenant
-    found: list[dict[str, Any]] = []
-    cursor = None
-    while len(found) < limit:
-        page = api.json("GET", "/v1/jobs", params={**params, "limit": min(limit - len(found), 1000),
-                                                    **({"cursor": cursor} if cursor is not None else {})})
-        found += page["jobs"]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            break
+    found, cursor = _listing(api, params, limit)
     if as_json:
         _print_json({"jobs": found, "next_cursor": cursor if len(found) == limit else None})
         return
@@ -381,14 +379,61 @@ def jobs(api: Api, state: str | None, tenant: str | None, limit: int, newest: bo
         click.echo(_summary(rec))
 
 
+def _label_filter(labels: tuple[str, ...]) -> dict[str, list[str]]:
+    """--label KEY=VALUE options as the listing's label= query parameters (checked)."""
+    return {"label": [f"{k}={v}" for k, v in _parse_pairs(labels, "--label").items()]} if labels else {}
+
+
+def _listing(api: Api, params: dict[str, Any], limit: float) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to ``limit`` jobs of the listing ``params`` asks for, 1,000 a request; and
+    the cursor where it stopped."""
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while len(found) < limit:
+        page = api.json("GET", "/v1/jobs", params={**params, "limit": int(min(limit - len(found), 1000)),
+                                                    **({"cursor": cursor} if cursor is not None else {})})
+        found += page["jobs"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    return found, cursor
+
+
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", required=False)
 @api_options
+@click.option("--label", "labels", multiple=True,
+              help="Instead of JOB_ID: every unfinished job labelled KEY=VALUE (repeatable: each must match).")
 @json_option
-def cancel(job_id: str, api: Api, as_json: bool) -> None:
-    """Cancel a job; a running one is stopped."""
-    rec = api.json("DELETE", f"/v1/jobs/{job_id}")
-    _print_json(rec) if as_json else click.echo(_summary(rec))
+def cancel(job_id: str | None, api: Api, labels: tuple[str, ...], as_json: bool) -> None:
+    """Cancel a job (or every unfinished job with --label); a running one is stopped."""
+    if bool(job_id) == bool(labels):
+        fail("name one job (JOB_ID) or the jobs' labels (--label KEY=VALUE), not both or neither", 2)
+    if job_id:
+        rec = api.json("DELETE", f"/v1/jobs/{job_id}")
+        _print_json(rec) if as_json else click.echo(_summary(rec))
+        return
+    listed, _ = _listing(api, {"order": "oldest", **_label_filter(labels)}, math.inf)
+    cancelled: list[dict[str, Any]] = []
+    ended = 0
+    for rec in listed:
+        if rec["state"] in FINAL_STATES:
+            continue
+        resp = api.client.request("DELETE", f"/v1/jobs/{rec['id']}")
+        if resp.status_code == 409:  # it ended while we got to it
+            ended += 1
+            continue
+        if resp.status_code >= 400:
+            fail(f"cannot cancel {rec['id']}: {resp.status_code} {_error_message(resp)} "
+                 f"({len(cancelled)} cancelled before it)")
+        cancelled.append(resp.json())
+    if as_json:
+        _print_json({"jobs": cancelled})
+    else:
+        for rec in cancelled:
+            click.echo(_summary(rec))
+    click.echo(f"p2psched: {len(cancelled)} job(s) cancelled of {len(listed)} labelled "
+               + " ".join(labels) + (f"; {ended} ended first" if ended else ""), err=True)
 
 
 @click.command()

@@ -262,6 +262,31 @@ async def test_list_filters_and_pages(tmp_path):
         assert bad.status_code == 400 and "not a job state" in bad.json()["error"]["message"]
 
 
+async def test_list_and_count_by_label(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        specs = [wasm_spec("hello.wasm", labels={"sweep": "lr", "seed": str(i % 2)}) for i in range(6)]
+        specs += [wasm_spec("exit3.wasm", labels={"sweep": "lr", "seed": "1"}), wasm_spec("hello.wasm")]
+        ids = [item["job"]["id"] for item in
+               (await http.post("/v1/jobs:batch", json={"jobs": specs})).json()["results"]]
+        await http.post("/v1/jobs:wait", json={"ids": ids, "wait": 30})
+        r = await http.get("/v1/jobs", params={"label": "sweep=lr"})
+        assert [j["id"] for j in r.json()["jobs"]] == ids[:7]
+        r = await http.get("/v1/jobs", params=[("label", "sweep=lr"), ("label", "seed=1"), ("limit", "2")])
+        assert [j["id"] for j in r.json()["jobs"]] == [ids[1], ids[3]]
+        r = await http.get("/v1/jobs", params=[("label", "sweep=lr"), ("label", "seed=1"),
+                                               ("cursor", r.json()["next_cursor"])])
+        assert [j["id"] for j in r.json()["jobs"]] == [ids[5], ids[6]]
+        r = await http.get("/v1/jobs:counts", params=[("label", "sweep=lr"), ("label", "seed=1")])
+        counts = r.json()
+        assert counts["labels"] == {"sweep": "lr", "seed": "1"}
+        assert (counts["counts"]["succeeded"], counts["counts"]["failed"]) == (3, 1)
+        for bad, says in [("sweep", "must be KEY=VALUE"), ("=lr", "must be KEY=VALUE")]:
+            r = await http.get("/v1/jobs", params={"label": bad})
+            assert r.status_code == 400 and says in r.json()["error"]["message"]
+        r = await http.get("/v1/jobs:counts", params=[("label", f"k{i}=v") for i in range(9)])
+        assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
+
+
 async def test_list_newest_first_pages_backwards_and_counts_by_state(tmp_path):
     async with running_agent(tmp_path) as (agent, http):
         r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm") for _ in range(4)]

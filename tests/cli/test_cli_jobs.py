@@ -45,3 +45,45 @@ def test_jobs_pages_past_1000_lists_newest_first_and_counts_states(tmp_path):
         assert bad.returncode == 2 and b"--limit" in bad.stderr
     finally:
         agent.stop()
+
+
+def test_a_sweep_is_listed_counted_and_cancelled_by_its_label(tmp_path):
+    agent = new_agent(tmp_path, "sweeper", "--cpus", "1").start()
+    try:
+        with agent.client() as http:
+            loop = {"runtime": "wasm", "module": base64.b64encode((WASM / "loop.wasm").read_bytes()).decode(),
+                    "limits": {"wall_ms": 120_000}}
+            sweep = [{**loop, "labels": {"sweep": "lr", "n": str(n)}} for n in range(3)]  # one runs, two wait
+            other = {**loop, "labels": {"sweep": "wd"}}
+            hello = {"runtime": "wasm", "module": base64.b64encode((WASM / "hello.wasm").read_bytes()).decode(),
+                     "labels": {"sweep": "lr", "n": "done"}}
+            first = http.post("/v1/jobs", json=hello).json()["id"]
+            http.get(f"/v1/jobs/{first}", params={"wait": 30})  # ended before the cancel: left alone
+            ids = [r["job"]["id"] for r in http.post("/v1/jobs:batch", json={"jobs": [*sweep, other]}).json()["results"]]
+
+        listed = cli("jobs", "--label", "sweep=lr", agent=agent, check=True).stdout.decode().splitlines()
+        assert [line.split()[0] for line in listed] == [first, *ids[:3]]
+        one = json.loads(cli("jobs", "--label", "sweep=lr", "--label", "n=1", "--json", agent=agent,
+                             check=True).stdout)
+        assert [j["id"] for j in one["jobs"]] == [ids[1]]
+        counts = dict(line.split() for line in cli("jobs", "--counts", "--label", "sweep=lr", agent=agent,
+                                                   check=True).stdout.decode().splitlines())
+        assert counts["succeeded"] == "1" and int(counts["running"]) + int(counts["queued"]) \
+            + int(counts["placed"]) == 3
+
+        p = cli("cancel", "--label", "sweep=lr", agent=agent, check=True)
+        assert [line.split()[:2] for line in p.stdout.decode().splitlines()] == [[i, "cancelled"] for i in ids[:3]]
+        assert b"3 job(s) cancelled of 4 labelled sweep=lr" in p.stderr
+        with agent.client() as http:
+            assert http.get(f"/v1/jobs/{ids[3]}").json()["state"] in ("running", "placed", "queued")  # not in the sweep
+            assert http.get(f"/v1/jobs/{first}").json()["state"] == "succeeded"
+            http.delete(f"/v1/jobs/{ids[3]}")
+
+        for args, says in [((), b"name one job"), (("x", "--label", "a=b"), b"name one job"),
+                           (("--label", "nokey"), b"--label 'nokey' must be KEY=VALUE")]:
+            bad = cli("cancel", *args, agent=agent)
+            assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+        bad = cli("jobs", "--label", "=x", agent=agent)
+        assert bad.returncode == 2 and b"must be KEY=VALUE" in bad.stderr
+    finally:
+        agent.stop()
