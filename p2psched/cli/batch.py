@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from p2psched.cli.client import (
-    FINAL_STATES, RETRY_S, Api, _print_json, _summary, agent_option, fail, json_option,
+    FINAL_STATES, RETRY_S, Api, _parse_pairs, _print_json, _summary, agent_option, fail, json_option,
 )
 from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
 
@@ -41,6 +41,9 @@ POLL_S = 10.0
 @click.option("--key", type=click.Path(path_type=Path), help="Tenant private key file.")
 @click.option("--id-prefix", help="Give each job without an id PREFIX-N (N its place in the file, from 1), so that "
               "running the file again submits nothing twice.")
+@click.option("--label", "labels", multiple=True,
+              help="Add the label KEY=VALUE to every job (repeatable; over the file's value for the key), so that "
+              "`p2psched jobs --label` and `p2psched cancel --label` find this run's jobs.")
 @click.option("--wait", is_flag=True, help="Wait for every job to end; print how each ended.")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds, in all.")
 @click.option("--chunk", type=click.IntRange(1, 10_000), default=500, show_default=True,
@@ -49,14 +52,15 @@ POLL_S = 10.0
               help="How long to keep sending jobs the agent refuses for now (a full queue) while it accepts none.")
 @click.option("--dry-run", is_flag=True, help="Check the file and say what would be sent; send nothing.")
 @json_option
-def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None, id_prefix: str | None, wait: bool,
-          timeout: float, chunk: int, retry_s: float, dry_run: bool, as_json: bool) -> None:
+def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None, id_prefix: str | None,
+          labels: tuple[str, ...], wait: bool, timeout: float, chunk: int, retry_s: float, dry_run: bool,
+          as_json: bool) -> None:
     """Submit the jobs of SPEC_FILE (YAML, JSON or JSON Lines): one spec, a list of specs,
     or {defaults: ..., jobs: [...]}. See examples/jobs/."""
     if bool(tenant) != bool(key):
         fail("--tenant and --key go together: name the tenant and its private key file", 2)
     try:
-        work = load(spec_file, id_prefix=id_prefix)
+        work = load(spec_file, id_prefix=id_prefix, labels=_parse_pairs(labels, "--label"))
     except SpecFileError as e:
         fail(str(e), 2)
     if dry_run:
@@ -66,7 +70,12 @@ def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None,
         return
     sign = _signer(tenant, key)
     api = Api(agent_url, tenant=tenant, key=key, retry_s=retry_s)
-    accepted, refused = _submit(api, work, sign, chunk=chunk, retry_s=retry_s)
+    how = ("`p2psched cancel " + " ".join(f"--label {pair}" for pair in labels) + "` stops them" if labels else
+           "give the next run --label KEY=VALUE to cancel its jobs at once with `p2psched cancel --label`")
+    try:
+        accepted, refused = _submit(api, work, sign, chunk=chunk, retry_s=retry_s)
+    except KeyboardInterrupt:
+        fail(f"stopped submitting; the jobs the agent accepted go on ({how})", 130)
 
     _say_refused(spec_file, refused)
     if not wait:
@@ -83,7 +92,10 @@ def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None,
 
     deadline = time.monotonic() + timeout
     show = None if as_json else (lambda rec: click.echo(_summary(rec)))
-    finals = _wait_all(api, [rec for _, rec, _ in accepted], deadline, chunk, show)
+    try:
+        finals = _wait_all(api, [rec for _, rec, _ in accepted], deadline, chunk, show)
+    except KeyboardInterrupt:
+        fail(f"stopped waiting; the {len(accepted)} job(s) go on at the agent ({how})", 130)
     if as_json:
         _print_json({"jobs": finals, "refused": [{"index": job.index, "error": err} for job, err in refused]})
     counts = Counter(rec["state"] for rec in finals)

@@ -91,11 +91,12 @@ class Batch:
         return len(json.dumps(job.spec)) + extra
 
 
-def load(path: Path, *, id_prefix: str | None = None) -> Batch:
+def load(path: Path, *, id_prefix: str | None = None, labels: dict[str, str] | None = None) -> Batch:
     """Read and check the jobs of ``path``; raises :class:`SpecFileError`.
 
     ``id_prefix``: a job without an ``id`` gets ``PREFIX-N``, N its place in the file
-    from 1, so that running the same file again submits nothing twice."""
+    from 1, so that running the same file again submits nothing twice. ``labels``
+    are added to every job's (over the file's value for the same key)."""
     raw = _read(path)
     specs = _specs(path, raw)
     if not specs:
@@ -111,6 +112,8 @@ def load(path: Path, *, id_prefix: str | None = None) -> Batch:
         _resolve(batch, job, base)
         if id_prefix is not None and "id" not in job.spec:
             job.spec["id"] = f"{id_prefix}-{i + 1}"
+        if labels and isinstance(job.spec.get("labels", {}), dict):  # (_check names a labels that is not a map)
+            job.spec["labels"] = {**job.spec.get("labels", {}), **labels}
         _check(batch, job)
         batch.jobs.append(job)
     ids = [j.spec["id"] for j in batch.jobs if "id" in j.spec]

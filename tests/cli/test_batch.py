@@ -4,6 +4,7 @@ when it holds an invalid job."""
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -126,4 +127,28 @@ def test_wait_shows_each_result_as_it_comes_not_when_all_have_ended(tmp_path):
     finally:
         watchdog.cancel()
         batch.kill()
+        agent.stop()
+
+
+def test_ctrl_c_stops_waiting_not_the_jobs_and_says_how_to_cancel_them(tmp_path):
+    spec = tmp_path / "long.yaml"
+    spec.write_text(f"- {{module_file: {ROOT}/examples/wasm/loop.wasm, limits: {{wall_ms: 120000}}}}\n")
+    agent = new_agent(tmp_path, "interrupted").start()
+    try:
+        batch = subprocess.Popen(
+            [sys.executable, "-m", "p2psched", "batch", str(spec), "--label", "run=7", "--wait", "--agent",
+             agent.url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with agent.client() as http:
+            def running() -> list:
+                return http.get("/v1/jobs", params={"label": "run=7", "state": "running"}).json()["jobs"]
+
+            wait_for(lambda: running(), what="the labelled loop to run")
+            batch.send_signal(signal.SIGINT)
+            _, err = batch.communicate(timeout=60)
+            assert batch.returncode == 130
+            assert b"go on" in err and b"p2psched cancel --label run=7" in err, err
+            assert len(running()) == 1  # still running
+        p = cli("cancel", "--label", "run=7", agent=agent, check=True)
+        assert b"1 job(s) cancelled" in p.stderr
+    finally:
         agent.stop()

@@ -70,6 +70,16 @@ def test_id_prefix_names_jobs_by_place_and_keeps_given_ids(tmp_path):
     assert [j.spec["id"] for j in batch.jobs] == ["run7-1", "mine", "run7-3"]
 
 
+def test_run_labels_go_on_every_job_over_the_files_value(tmp_path):
+    batch = load(write(tmp_path / "j.yaml", f"- {{module_file: {WASM / 'hello.wasm'}}}\n"
+                       f"- {{module_file: {WASM / 'hello.wasm'}, labels: {{run: old, n: '2'}}}}\n"),
+                 labels={"run": "7"})
+    assert [s.labels for s in sent(batch)] == [{"run": "7"}, {"run": "7", "n": "2"}]
+    with pytest.raises(SpecFileError, match=r"jobs\[0\]\.labels"):  # still checked as the file gave it
+        load(write(tmp_path / "bad.yaml", f"- {{module_file: {WASM / 'hello.wasm'}, labels: [a]}}\n"),
+             labels={"run": "7"})
+
+
 def test_a_single_spec_is_one_job(tmp_path):
     batch = load(write(tmp_path / "one.json", json.dumps({"module_file": str(WASM / "hello.wasm")})))
     assert len(batch.jobs) == 1
