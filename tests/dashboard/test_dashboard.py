@@ -225,3 +225,34 @@ def test_a_running_process_jobs_output_shows_in_its_detail_as_it_is_written(tmp_
             http.delete(f"/v1/jobs/{job}")
     finally:
         stop_all([agent])
+
+
+def test_a_user_finds_a_sweeps_jobs_by_their_labels(tmp_path, browser):
+    [agent] = start_cluster(tmp_path, ["labels"])
+    try:
+        with agent.client() as http:
+            specs = [wasm_spec("hello.wasm", labels={"sweep": "lr", "n": str(n)}) for n in range(3)]
+            specs.append(wasm_spec("hello.wasm", labels={"sweep": "wd"}))
+            ids = [r["job"]["id"] for r in http.post("/v1/jobs:batch", json={"jobs": specs}).json()["results"]]
+            http.post("/v1/jobs:wait", json={"ids": ids, "wait": 30})
+        browser.get(agent.url + "/ui/")
+        wait_for(lambda: set(rows(browser, "jobs")) == set(ids), what="every job listed")
+
+        box = browser.find_element(By.ID, "label-filter")
+        box.send_keys("sweep=lr\n")
+        wait_for(lambda: set(rows(browser, "jobs")) == set(ids[:3]), what="the sweep's jobs only")
+        box.send_keys(" n=1\n")
+        wait_for(lambda: set(rows(browser, "jobs")) == {ids[1]}, what="one label and another")
+        assert not browser.find_element(By.ID, "banner").is_displayed()
+
+        box.clear()
+        box.send_keys("sweep\n")  # not KEY=VALUE: the agent's own message shows
+        wait_for(lambda: "must be KEY=VALUE" in browser.find_element(By.ID, "banner").text, what="the error")
+        box.clear()
+        box.send_keys("\n")
+        wait_for(lambda: set(rows(browser, "jobs")) == set(ids) and not browser.find_element(By.ID, "banner")
+                 .is_displayed(), what="the whole list again")
+        # Only the refused listing's 400 is logged.
+        assert [e for e in console_errors(browser) if "status of 400" not in e["message"]] == []
+    finally:
+        stop_all([agent])

@@ -207,7 +207,7 @@ function drawJobs(jobs, hasMore) {
     tr.addEventListener("click", () => select(j.id));
     body.appendChild(tr);
   }
-  $("jobs-empty").hidden = jobs.length > 0 || $("state-filter").value !== "";
+  $("jobs-empty").hidden = jobs.length > 0 || $("state-filter").value !== "" || $("label-filter").value.trim() !== "";
   $("more").hidden = !hasMore || shownLimit() >= MAX_LIMIT;
 }
 
@@ -323,6 +323,9 @@ function jobsQuery() {
   const q = new URLSearchParams({ order: "newest", limit: String(shownLimit()) });
   const s = $("state-filter").value;
   if (s) q.set("state", s);
+  for (const label of $("label-filter").value.split(/\s+/)) {
+    if (label) q.append("label", label);  // the agent says what is wrong with one that is not KEY=VALUE
+  }
   return `/v1/jobs?${q}`;
 }
 
@@ -388,6 +391,7 @@ function init() {
   const filter = $("state-filter");
   for (const s of STATES) filter.appendChild(new Option(s, s));
   filter.addEventListener("change", () => { view.olderPages = 0; refresh(); });
+  $("label-filter").addEventListener("change", () => { view.olderPages = 0; refresh(); });
   $("more").addEventListener("click", () => { view.olderPages += 1; refresh(); });
   $("pause").addEventListener("click", () => {
     view.paused = !view.paused;
