@@ -1161,7 +1161,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
         def done(result: SandboxResult | None, error: str | None) -> None:
             if self._prefetched.pop(rec.id, None) is not None and run.cancel_reason != "cancelled":
-                # It never started: its worker ended first, or the agent took it back.
+                # It never started: its worker ended first, or the agent took it back. The
+                # placement is undone, and so is the attempt it counted: attempts are
+                # runs, and a job taken back a few times must not use up its budget.
+                rec.attempts -= 1
                 self._advance(rec, JobState.QUEUED, time.time(),
                               f"taken back before it started ({error or run.cancel_reason}); it will run again")
                 self.queue.push_front(rec)
