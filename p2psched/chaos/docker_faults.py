@@ -31,6 +31,11 @@ Public interface:
 * ``start(name)``, ``address(name)``: restart a killed agent; its current IPv4 address.
 * ``restart(name, grace_s=30)``: a graceful restart (``docker restart``): SIGTERM, so
   the agent drains, then SIGKILL after ``grace_s`` if it has not exited.
+* ``break_sandbox(name) -> int``: SIGKILL every wasm worker process of the agent in
+  the container, and say how many there were (the nemesis repeats it through the
+  fault's hold, so every job the host takes meanwhile fails for the host's fault).
+  It reaches them through this host's ``/proc``, from the container's first process
+  down, so the harness runs as root on the Docker host itself.
 
 Faults are idempotent where Docker allows: healing a connected container, clearing
 netem where none is set, or unpausing a running container does nothing.
@@ -41,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -333,3 +339,44 @@ def address(name: str) -> str:
         if cfg.get("IPAddress"):
             return str(cfg["IPAddress"])
     return ""
+
+
+def break_sandbox(name: str) -> int:
+    """SIGKILL the wasm worker processes in container ``name``; returns how many."""
+    state = _inspect(name)["State"]
+    if not state["Running"] or state["Paused"]:
+        return 0
+    root = int(state["Pid"])
+    if not Path(f"/proc/{root}").exists():
+        raise DockerFaultError(
+            f"the processes of {name} (pid {root}) are not visible here: the sandbox fault reaches them through "
+            "/proc, so run the harness on the Docker host itself, as root")
+    killed = 0
+    for pid in _descendants(root):
+        try:
+            if b"p2psched.sandbox.wasm_workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue  # ended meanwhile
+    return killed
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root``, found through each thread's children list."""
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found

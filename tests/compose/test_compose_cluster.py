@@ -63,6 +63,27 @@ def test_a_job_submitted_to_the_entry_succeeds(compose_cluster: ComposeCluster) 
     assert "hello from p2psched" in out.stdout
 
 
+def test_a_broken_sandbox_kills_the_containers_wasm_workers_and_the_next_job_still_runs(
+        compose_cluster: ComposeCluster) -> None:
+    """The chaos `sandbox` fault against containers: the workers of the job above
+    (kept a while for the next job) die, and a new job starts new ones."""
+    def workers(name: str) -> list[str]:
+        top = docker("top", name, "-eo", "pid,args").stdout.splitlines()[1:]
+        return [line for line in top if "p2psched.sandbox.wasm_workers" in line]
+
+    names = [n for n in compose_cluster.containers() if workers(n)]
+    assert names, "the job above left no wasm worker running in any container"
+    killed = sum(docker_faults.break_sandbox(n) for n in names)
+    assert killed >= len(names)
+    wait_for("the killed workers gone", lambda: not any(workers(n) for n in names), timeout=30)
+    out = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "p2psched"), "submit", str(ROOT / "examples" / "wasm" / "hello.wasm"),
+         "--wait", "--agent", compose_cluster.entry_url],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0 and "hello from p2psched" in out.stdout, out.stderr
+
+
 def test_the_image_serves_the_dashboard_on_the_published_port(compose_cluster: ComposeCluster) -> None:
     import httpx
 
