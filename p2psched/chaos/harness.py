@@ -321,6 +321,11 @@ async def drive(run: Run) -> Verdict:
         if formed is None:
             log.warning("the agents did not all see each other within %.0fs; running anyway (the checker will "
                         "judge membership after healing)", cfg.form_timeout_s)
+        skipped = [k for k in cfg.kinds if k not in run.backend.kinds]
+        if skipped:  # partitions on loopback (--no-netns)
+            log.warning("this run cannot apply %s faults here (%s); running without them", ", ".join(skipped),
+                        "it needs network namespaces: run as root without --no-netns"
+                        if skipped == ["partition"] else "the backend lacks them")
         plan = plan_faults(cfg.seed, run.nodes, cfg.duration, tuple(k for k in cfg.kinds if k in run.backend.kinds))
         run.history.log("ok", "plan", "nemesis", value={"faults": [vars_(f) for f in plan], "seed": cfg.seed})
         nemesis = Nemesis(run.backend, run.history, plan, on_heal=run.refresh_urls)
