@@ -68,6 +68,9 @@ def openapi_document() -> dict[str, Any]:
                 "cpu_ms": {"type": "number"}, "peak_mem_bytes": {"type": "integer"},
                 "output_sha256": {"type": "string"}, "attestation": {"type": ["object", "null"]}}},
             "wait_reason": {"type": ["string", "null"]},
+            "priority": {"type": "integer"}, "created_at": {"type": "number"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"},
+                       "description": "the spec's labels; absent when it has none"},
         },
     }
     return {

@@ -132,6 +132,8 @@ def _print_json(data: Any) -> None:
 def _summary(rec: dict[str, Any]) -> str:
     res = rec.get("result") or {}
     parts = [f"{rec['id']}  {rec['state']}", f"runtime={rec['runtime']}", f"executor={rec.get('executor')}"]
+    if rec.get("labels"):
+        parts.append("labels=" + ",".join(f"{k}={v}" for k, v in rec["labels"].items()))
     if rec.get("hops"):
         parts.append(f"hops={rec['hops']} route={'>'.join(rec['route'])} cost={rec['cost']}")
     if res:

@@ -94,6 +94,8 @@ class JobRecord:
             "result": self.result.as_dict() if self.result else None, "wait_reason": self.wait_reason,
             "priority": self.spec.priority, "created_at": self.created_at,
         }
+        if self.spec.labels:
+            d["labels"] = dict(self.spec.labels)
         if self.duplicates:
             d["duplicate_attempts"] = list(self.duplicates)
         if include_spec:

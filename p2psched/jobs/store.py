@@ -96,6 +96,7 @@ def _record_row(rec: JobRecord) -> str:
     d = rec.as_dict()
     d.pop("id"), d.pop("tenant"), d.pop("runtime"), d.pop("priority")
     d.pop("duplicate_attempts", None)
+    d.pop("labels", None)  # the spec holds them
     if rec.origin_transfer:
         d["origin_transfer"] = rec.origin_transfer
     if rec.auth is not None:

@@ -271,6 +271,8 @@ async def test_list_and_count_by_label(tmp_path):
         await http.post("/v1/jobs:wait", json={"ids": ids, "wait": 30})
         r = await http.get("/v1/jobs", params={"label": "sweep=lr"})
         assert [j["id"] for j in r.json()["jobs"]] == ids[:7]
+        assert r.json()["jobs"][0]["labels"] == {"sweep": "lr", "seed": "0"}  # the record carries them
+        assert "labels" not in (await http.get(f"/v1/jobs/{ids[7]}")).json()  # none: no key
         r = await http.get("/v1/jobs", params=[("label", "sweep=lr"), ("label", "seed=1"), ("limit", "2")])
         assert [j["id"] for j in r.json()["jobs"]] == [ids[1], ids[3]]
         r = await http.get("/v1/jobs", params=[("label", "sweep=lr"), ("label", "seed=1"),

@@ -63,6 +63,7 @@ def test_a_sweep_is_listed_counted_and_cancelled_by_its_label(tmp_path):
 
         listed = cli("jobs", "--label", "sweep=lr", agent=agent, check=True).stdout.decode().splitlines()
         assert [line.split()[0] for line in listed] == [first, *ids[:3]]
+        assert "labels=sweep=lr,n=0" in listed[1].split()
         one = json.loads(cli("jobs", "--label", "sweep=lr", "--label", "n=1", "--json", agent=agent,
                              check=True).stdout)
         assert [j["id"] for j in one["jobs"]] == [ids[1]]

@@ -244,6 +244,8 @@ def test_a_user_finds_a_sweeps_jobs_by_their_labels(tmp_path, browser):
         box.send_keys(" n=1\n")
         wait_for(lambda: set(rows(browser, "jobs")) == {ids[1]}, what="one label and another")
         assert not browser.find_element(By.ID, "banner").is_displayed()
+        rows(browser, "jobs")[ids[1]].click()
+        wait_for(lambda: "sweep=lr n=1" in browser.find_element(By.ID, "detail-fields").text, what="its labels")
 
         box.clear()
         box.send_keys("sweep\n")  # not KEY=VALUE: the agent's own message shows

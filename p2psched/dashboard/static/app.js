@@ -233,6 +233,7 @@ function drawDetail(job) {
   field(dl, "tenant", job.tenant);
   field(dl, "runtime", job.runtime);
   field(dl, "priority", job.priority);
+  if (job.labels) field(dl, "labels", Object.entries(job.labels).map(([k, v]) => `${k}=${v}`).join(" "));
   field(dl, "origin", job.origin);
   field(dl, "executor", job.executor);
   if (job.route && job.route.length) {
