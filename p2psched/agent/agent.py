@@ -1075,12 +1075,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 break
 
     async def _replace_loop(self) -> None:
-        """Look at the queue again now and then: gossip may show free peers."""
+        """Look at the queue, and the jobs waiting in workers, again now and then:
+        gossip may show free peers."""
         while True:
-            if not len(self.queue):
+            if not (len(self.queue) or self._prefetched):
                 await self._wake.wait()  # set, with the dispatcher's, whenever a job is queued
             await trio.sleep(0.5)
-            if len(self.queue):
+            if len(self.queue) or self._prefetched:
                 self._wake.set()
 
     def _reserve_and_start(self, rec: JobRecord, *, already_placed: bool = False) -> None:
@@ -1194,16 +1195,15 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         more than the last job given to a worker whose running job started less than
         PREFETCH_PATIENCE_S ago (it may be short), is placed behind that job: it
         starts, taking the slot of the job before it, when the jobs before it end,
-        without a round trip. Only an agent with no live peer does this: with peers a
-        waiting job stays queued, where placement looks at it again as peers free up.
+        without a round trip. With peers, only a job that placement would hold here
+        anyway (no peer has room for it now) waits in a worker, and it is taken back
+        as soon as one has.
         At most WAITING_PER_WORKER wait in a worker. They are taken back to where they
         stood in the queue when they should not wait there (``_review_prefetched``),
         so priority, fair share and arrival order hold. False: no worker can take it.
         """
         if self._wasm is None or rec.runtime != "wasm" or not self.accepting:
             return False
-        if self.cluster is not None and self.cluster.has_alive_peer():
-            return False  # a job held here may yet go to a peer that frees first: it stays queued
         r = rec.spec.resources
         if r.gpu > 0:
             return False
@@ -1236,6 +1236,21 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._take_slot(run)
         run.started = self._begin_run(run)
 
+    def _peer_with_room(self, records: Iterable[JobRecord]) -> str | None:
+        """A peer that could start one of ``records`` now (as this agent sees it), or None."""
+        from p2psched.placement.core import DEFAULT_TTL, JobRequest, fits_now
+
+        assert self.cluster is not None
+        peers = [p for p in self.cluster.alive_states() if self._peer_trusted(p)]
+        for rec in records:
+            if rec.origin != self.node_id or rec.hops >= DEFAULT_TTL:
+                continue  # only its origin forwards a job, and only within its TTL
+            req = JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
+            for peer in peers:
+                if rec.runtime not in peer.vector.impaired and fits_now(req, peer):
+                    return peer.node_id
+        return None
+
     def _take_back_prefetched(self, why: str) -> None:
         """Jobs waiting in workers go back to the queue, in the order they had there.
 
@@ -1248,7 +1263,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         """Take back the jobs waiting in workers that should not wait there any more.
 
         - A job of higher priority than one waiting has arrived: it goes first.
-        - A peer is up (one joined): placement may send it there.
+        - A peer has room for it now (one freed a slot, or joined): placement may send
+          it there.
         - A slot is free that a waiting job fits, and nothing queued would take it, or
           the job has waited PREFETCH_PATIENCE_S (the job ahead of it may run long).
           Under a stream of short jobs a slot that frees is refilled from the queue
@@ -1256,8 +1272,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         Either way the queue decides again.
         """
         if self.cluster is not None and self.cluster.has_alive_peer():
-            self._take_back_prefetched("a peer is up and may take it")
-            return
+            roomy = self._peer_with_room(run.record for run in self._prefetched.values())
+            if roomy is not None:
+                self._take_back_prefetched(f"{roomy} has room for it")
+                return
         free_cpu, free_mem = self.cpu_total - self.cpu_used, self.mem_total_mb - self.mem_used_mb
         head = self.queue.peek()
         now = time.time()

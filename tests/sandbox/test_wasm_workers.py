@@ -319,7 +319,30 @@ async def test_a_peer_that_joins_takes_a_job_waiting_in_a_worker(tmp_path):
             done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
             assert done["state"] == "succeeded", done
             assert done["executor"] == "free"
-            assert any("a peer is up and may take it" in t["detail"] for t in done["timeline"])
+            assert any("free has room for it" in t["detail"] for t in done["timeline"])
+            assert agent.get(long).state.value == "running"
+            await http.delete(f"/v1/jobs/{long}")
+
+
+async def test_with_every_peer_full_a_job_waits_in_a_worker_until_a_peer_has_room(tmp_path):
+    """A peer that is up but full takes nothing: the job waits in a worker here, as on
+    an agent alone, and goes to the peer once gossip shows it a free slot."""
+    async with running_agent(tmp_path / "b", node_id="free", cpus=1, membership=FAST_MEMBERSHIP) as (peer, peer_http):
+        held = (await peer_http.post("/v1/jobs", json=wasm_spec("loop.wasm", **LOOP))).json()["id"]
+        await wait_state(peer, held, "running")
+        async with running_agent(tmp_path / "a", node_id="busy", cpus=1, join=[peer.settings.gossip],
+                                 membership=FAST_MEMBERSHIP) as (agent, http):
+            with trio.fail_after(30):
+                while not (agent.cluster.state_of("free") and agent.cluster.state_of("free").vector.cpu_free == 0):
+                    await trio.sleep(0.05)
+            long, waiting = await submit_together(http, wasm_spec("loop.wasm", **LOOP), wasm_spec("hello.wasm"))
+            await wait_state(agent, waiting, "placed")
+            assert agent.get(waiting).wait_reason == f"{PREFETCHED_WAIT} {long} ends"  # in a worker here
+            await peer_http.delete(f"/v1/jobs/{held}")  # the peer frees its slot
+            done = (await http.get(f"/v1/jobs/{waiting}", params={"wait": 30})).json()
+            assert done["state"] == "succeeded", done
+            assert done["executor"] == "free" and done["attempts"] == 1
+            assert any("free has room for it" in t["detail"] for t in done["timeline"])
             assert agent.get(long).state.value == "running"
             await http.delete(f"/v1/jobs/{long}")
 
