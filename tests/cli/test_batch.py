@@ -48,10 +48,17 @@ def test_batch_runs_a_file_waits_for_it_and_submits_nothing_twice(tmp_path):
         agent.stop()
 
 
+def jobs_file(path, *jobs: str):
+    """A spec file of ``jobs``, each a YAML flow mapping; ``GUEST`` names examples/wasm/."""
+    path.write_text("jobs:\n" + "".join(f"  - {job.replace('GUEST', f'{ROOT}/examples/wasm')}\n" for job in jobs))
+    return path
+
+
+LONG_LOOP = "{module_file: GUEST/loop.wasm, limits: {wall_ms: 120000}}"
+
+
 def test_a_failing_job_sets_the_exit_status_and_says_why(tmp_path):
-    spec = tmp_path / "mixed.yaml"
-    spec.write_text(f"jobs:\n  - module_file: {ROOT}/examples/wasm/hello.wasm\n"
-                    f"  - module_file: {ROOT}/examples/wasm/exit3.wasm\n")
+    spec = jobs_file(tmp_path / "mixed.yaml", "{module_file: GUEST/hello.wasm}", "{module_file: GUEST/exit3.wasm}")
     agent = new_agent(tmp_path, "failing").start()
     try:
         p = cli("batch", str(spec), "--wait", agent=agent)
@@ -104,9 +111,7 @@ def test_a_file_larger_than_the_queue_drains_into_it(tmp_path):
 
 
 def test_wait_shows_each_result_as_it_comes_not_when_all_have_ended(tmp_path):
-    spec = tmp_path / "quick-then-slow.yaml"
-    spec.write_text(f"jobs:\n  - module_file: {ROOT}/examples/wasm/hello.wasm\n"
-                    f"  - {{module_file: {ROOT}/examples/wasm/loop.wasm, limits: {{wall_ms: 120000}}}}\n")
+    spec = jobs_file(tmp_path / "quick-then-slow.yaml", "{module_file: GUEST/hello.wasm}", LONG_LOOP)
     agent = new_agent(tmp_path, "streaming").start()
     batch = subprocess.Popen(
         [sys.executable, "-m", "p2psched", "batch", str(spec), "--id-prefix", "s", "--wait", "--agent", agent.url],
@@ -131,8 +136,7 @@ def test_wait_shows_each_result_as_it_comes_not_when_all_have_ended(tmp_path):
 
 
 def test_ctrl_c_stops_waiting_not_the_jobs_and_says_how_to_cancel_them(tmp_path):
-    spec = tmp_path / "long.yaml"
-    spec.write_text(f"- {{module_file: {ROOT}/examples/wasm/loop.wasm, limits: {{wall_ms: 120000}}}}\n")
+    spec = jobs_file(tmp_path / "long.yaml", LONG_LOOP)
     agent = new_agent(tmp_path, "interrupted").start()
     try:
         batch = subprocess.Popen(
