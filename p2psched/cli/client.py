@@ -415,27 +415,28 @@ def cancel(job_id: str | None, api: Api, labels: tuple[str, ...], as_json: bool)
         rec = api.json("DELETE", f"/v1/jobs/{job_id}")
         _print_json(rec) if as_json else click.echo(_summary(rec))
         return
-    listed, _ = _listing(api, {"order": "oldest", **_label_filter(labels)}, math.inf)
     cancelled: list[dict[str, Any]] = []
     ended = 0
-    for rec in listed:
-        if rec["state"] in FINAL_STATES:
-            continue
-        resp = api.client.request("DELETE", f"/v1/jobs/{rec['id']}")
-        if resp.status_code == 409:  # it ended while we got to it
-            ended += 1
-            continue
-        if resp.status_code >= 400:
-            fail(f"cannot cancel {rec['id']}: {resp.status_code} {_error_message(resp)} "
-                 f"({len(cancelled)} cancelled before it)")
-        cancelled.append(resp.json())
+    # Waiting ones first, so that none starts in a slot a cancelled running one frees;
+    # each state is listed just before its turn, so a job that moved on is still met.
+    for state in ("queued", "submitted", "placed", "running"):
+        listed, _ = _listing(api, {"order": "oldest", "state": state, **_label_filter(labels)}, math.inf)
+        for rec in listed:
+            resp = api.client.request("DELETE", f"/v1/jobs/{rec['id']}")
+            if resp.status_code == 409:  # it ended while we got to it
+                ended += 1
+                continue
+            if resp.status_code >= 400:
+                fail(f"cannot cancel {rec['id']}: {resp.status_code} {_error_message(resp)} "
+                     f"({len(cancelled)} cancelled before it)")
+            cancelled.append(resp.json())
     if as_json:
         _print_json({"jobs": cancelled})
     else:
         for rec in cancelled:
             click.echo(_summary(rec))
-    click.echo(f"p2psched: {len(cancelled)} job(s) cancelled of {len(listed)} labelled "
-               + " ".join(labels) + (f"; {ended} ended first" if ended else ""), err=True)
+    click.echo(f"p2psched: {len(cancelled)} unfinished job(s) labelled " + " ".join(labels) + " cancelled"
+               + (f"; {ended} ended first" if ended else ""), err=True)
 
 
 @click.command()

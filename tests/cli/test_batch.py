@@ -153,6 +153,6 @@ def test_ctrl_c_stops_waiting_not_the_jobs_and_says_how_to_cancel_them(tmp_path)
             assert b"go on" in err and b"p2psched cancel --label run=7" in err, err
             assert len(running()) == 1  # still running
         p = cli("cancel", "--label", "run=7", agent=agent, check=True)
-        assert b"1 job(s) cancelled" in p.stderr
+        assert b"1 unfinished job(s) labelled run=7 cancelled" in p.stderr
     finally:
         agent.stop()
