@@ -63,6 +63,9 @@ WAITING_PER_WORKER = 2
 #: ago, and is taken back after waiting this long when a slot it fits is free (jobs
 #: queued behind it take a free slot first). Noop jobs take a tenth of a millisecond.
 PREFETCH_PATIENCE_S = 0.02
+#: While jobs wait in workers with peers up, how often the peers are looked at for room
+#: (each look builds every member's state: dispatch passes come far more often).
+PEER_ROOM_LOOK_S = 0.05
 
 #: The cyclic collector's thresholds once the agent is up (Python's default is
 #: (700, 10, 10)). An agent holds many long-lived objects (each queued job's record,
@@ -213,6 +216,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._wasm: WasmWorkers | None = None
         self._wasm_ended: list[tuple[Running, SandboxResult, float]] = []  # freed, not yet recorded
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
+        self._peer_room_looked = 0.0  # monotonic time of the last look for a peer with room for them
         self._dispatching = False
         self._host_failures: dict[str, int] = {}  # job id -> tries this host could not run it
         self._handing_back: set[str] = set()  # jobs of other origins, being given back to them
@@ -1271,7 +1275,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
           in the same pass, and the waiting job starts within a job's length anyway.
         Either way the queue decides again.
         """
-        if self.cluster is not None and self.cluster.has_alive_peer():
+        if self.cluster is not None and time.monotonic() - self._peer_room_looked >= PEER_ROOM_LOOK_S:
+            self._peer_room_looked = time.monotonic()
             roomy = self._peer_with_room(run.record for run in self._prefetched.values())
             if roomy is not None:
                 self._take_back_prefetched(f"{roomy} has room for it")
