@@ -125,6 +125,13 @@ def _wait_param(request: Request) -> float:
     return value
 
 
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
+
+
 def _label_params(request: Request) -> list[tuple[str, str]]:
     """The ``label=KEY=VALUE`` query parameters (repeatable; a job must carry each)."""
     raw = request.query_params.getlist("label")
@@ -182,18 +189,16 @@ def _refuse_cross_site(request: Request) -> None:
 def create_app(agent: Any) -> Starlette:
     limit = agent.settings.max_request_bytes
 
-    async def load_json(request: Request) -> Any:
+    async def read_body(request: Request, too_large: str) -> bytes:
         try:
-            body = await _read_body(request, limit)
+            return await _read_body(request, limit)
         except BodyTooLarge:
-            raise AgentError(
-                f"request body is larger than the limit of {limit} bytes; send a smaller module or input, "
-                "or raise max_request_bytes", reason="body_too_large", status=413,
-            ) from None
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
+            raise AgentError(f"request body is larger than the limit of {limit} bytes; {too_large}",
+                             reason="body_too_large", status=413) from None
+
+    async def load_json(request: Request) -> Any:
+        body = await read_body(request, "send a smaller module or input, or raise max_request_bytes")
+        return _parse_json(body)
 
     async def submit(request: Request) -> Response:
         _refuse_cross_site(request)
@@ -242,17 +247,9 @@ def create_app(agent: Any) -> Starlette:
     async def wait_jobs(request: Request) -> Response:
         """Many jobs' records in one answer, once every one has ended or ``wait`` passed:
         what `p2psched batch --wait` asks instead of one request per job."""
-        try:
-            body = await _read_body(request, limit)
-        except BodyTooLarge:
-            raise AgentError(f"request body is larger than the limit of {limit} bytes; name fewer jobs",
-                             reason="body_too_large", status=413) from None
-        who = await principal(request, body)
-        try:
-            raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
-        ids, wait = _wait_body(raw)
+        body = await read_body(request, "name fewer jobs")
+        who = await principal(request, body)  # the signature covers the body
+        ids, wait = _wait_body(_parse_json(body))
         deadline = trio.current_time() + wait
         out: list[dict[str, Any]] = []
         for job_id in ids:
