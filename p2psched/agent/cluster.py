@@ -53,14 +53,13 @@ class ClusterView:
             fresh = self._fresh.get(node_id)
             if fresh is not None:
                 if now - fresh[0] < FRESH_VECTOR_S:
-                    state = NodeState(**{**{f: getattr(state, f) for f in state.__slots__}, "vector": fresh[1]})
+                    state = replace(state, vector=fresh[1])
                 else:
                     del self._fresh[node_id]
             if self._held:
                 held = [res for peer, res in self._held.values() if peer == node_id]
                 if held:
-                    state = NodeState(**{**{f: getattr(state, f) for f in state.__slots__},
-                                         "vector": _minus(state.vector, held)})
+                    state = replace(state, vector=_minus(state.vector, held))
             if not state.vector.draining:
                 out.append(state)
         return out
