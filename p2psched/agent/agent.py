@@ -95,6 +95,11 @@ IDLE_PUBLISH_S = 5.0
 #: looking. The grace lets membership converge after our own restart first.
 ORPHAN_CHECK_S = 2.0
 ORPHAN_GRACE_S = 15.0
+#: How long a cancel waits for a stopped job to end before it answers with the record
+#: as it stands (a guest stops within an epoch tick, a process sandbox within its
+#: kill grace); and how many jobs at other agents one request follows at once.
+CANCEL_WAIT_S = 30.0
+CANCEL_CONCURRENCY = 32
 
 
 @dataclass(slots=True)
@@ -669,25 +674,86 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     # ---------------------------------------------------------------- cancel
 
     async def cancel(self, job_id: str) -> JobRecord:
-        rec = self.get(job_id)
-        if rec.state.final:
-            raise Conflict(
-                f"job {job_id} already ended ({rec.state.value}); there is nothing to cancel",
-                reason="already_final",
-            )
-        run = self.running.get(job_id) or self._prefetched.get(job_id)
-        if run is not None:
-            self._cancel_running(run, "cancelled")
-            return await self.wait_final(job_id, 30)
-        if rec.state in (JobState.PLACED, JobState.RUNNING) and rec.executor not in (None, self.node_id):
-            return await self.cancel_remote(rec)
-        self.queue.remove(job_id)
-        rec.result = JobResult(exit_code=None, reason="cancelled")
-        self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")
-        if rec.origin != self.node_id:
-            self._owe_result(rec)
+        (outcome,) = await self.cancel_many([job_id])
+        if isinstance(outcome, AgentError):
+            raise outcome
+        return outcome
+
+    async def cancel_many(self, job_ids: Sequence[str]) -> list[JobRecord | AgentError]:
+        """Cancel each job; one record (once it has ended) or error per id, in order.
+
+        Every job that has not started is cancelled before the first await, so none of
+        them starts in a slot that a stopped job frees, and their endings share one
+        store write. Running jobs are stopped here, and jobs running at other agents
+        are followed there, at most CANCEL_CONCURRENCY at a time; each answer waits
+        up to CANCEL_WAIT_S for its job to end."""
+        out: list[JobRecord | AgentError | None] = [None] * len(job_ids)
+        stopping: list[int] = []  # running here: stopped, then waited for
+        elsewhere: list[int] = []  # running at another agent: followed there
+        now = time.time()
+        for i, job_id in enumerate(job_ids):
+            try:
+                rec = self.get(job_id)
+            except AgentError as e:
+                out[i] = e
+                continue
+            if rec.state.final:
+                out[i] = Conflict(f"job {job_id} already ended ({rec.state.value}); there is nothing to cancel",
+                                  reason="already_final")
+            elif job_id in self.running or job_id in self._prefetched:
+                stopping.append(i)
+            elif rec.state in (JobState.PLACED, JobState.RUNNING) and rec.executor not in (None, self.node_id):
+                elsewhere.append(i)
+            else:
+                self.queue.remove(job_id)
+                rec.result = JobResult(exit_code=None, reason="cancelled")
+                self._advance(rec, JobState.CANCELLED, now, "cancelled before it ran")
+                if rec.origin != self.node_id:
+                    self._owe_result(rec)
+                out[i] = rec
+        # Those waiting in a wasm worker behind another job end before the job ahead of them does.
+        for i in sorted(stopping, key=lambda i: job_ids[i] not in self._prefetched):
+            run = self._prefetched.get(job_ids[i]) or self.running.get(job_ids[i])
+            if run is not None:  # a job may be named twice
+                self._cancel_running(run, "cancelled")
         await self.store.sync()
-        return rec
+        deadline = trio.current_time() + CANCEL_WAIT_S
+        limiter = trio.CapacityLimiter(CANCEL_CONCURRENCY)
+        unwritable: list[StoreError] = []
+
+        async def settle(i: int, remote: bool) -> None:
+            async with limiter:
+                try:
+                    if remote:
+                        out[i] = await self.cancel_remote(self.get(job_ids[i]))
+                    else:
+                        out[i] = await self.wait_final(job_ids[i], max(0.0, deadline - trio.current_time()))
+                except AgentError as e:
+                    out[i] = e
+                except StoreError as e:  # the ending cannot be made durable: the caller is told, as for one job
+                    unwritable.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for i in stopping:
+                nursery.start_soon(settle, i, False)
+            for i in elsewhere:
+                nursery.start_soon(settle, i, True)
+        if unwritable:
+            raise unwritable[0]
+        return cast("list[JobRecord | AgentError]", out)
+
+    def unfinished_labelled(self, labels: Sequence[tuple[str, str]], tenant: str | None,
+                            limit: int) -> tuple[list[str], int]:
+        """Up to ``limit`` ids of this agent's unfinished jobs that carry every label
+        (of ``tenant``, or of any tenant with None), those that have not started first
+        (queued, or waiting in a wasm worker here) and each group oldest first; and
+        how many match in all."""
+        found = [rec for rec in self.active.values()
+                 if not rec.state.final and (tenant is None or rec.tenant == tenant)
+                 and all(rec.spec.labels.get(k) == v for k, v in labels)]
+        found.sort(key=lambda rec: (rec.state is JobState.RUNNING or (
+            rec.state is JobState.PLACED and rec.executor not in (None, self.node_id)), rec.seq))
+        return [rec.id for rec in found[:limit]], len(found)
 
     def _cancel_running(self, run: Running, why: str) -> None:
         if run.cancel_reason is None:
@@ -1165,11 +1231,14 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         sha = rec.spec.module_sha256
 
         def done(result: SandboxResult | None, error: str | None) -> None:
-            if self._prefetched.pop(rec.id, None) is not None and run.cancel_reason != "cancelled":
-                # It never started: its worker ended first, or the agent took it back. The
-                # placement is undone, and so is the attempt it counted: attempts are
-                # runs, and a job taken back a few times must not use up its budget.
+            never_started = self._prefetched.pop(rec.id, None) is not None
+            if never_started:
+                # Its worker ended first, the agent took it back, or it was cancelled: the
+                # attempt its placement counted is undone, since attempts are runs, and a
+                # job taken back a few times must not use up its budget.
                 rec.attempts -= 1
+            if never_started and run.cancel_reason != "cancelled":
+                # The placement is undone too: it runs again.
                 self._advance(rec, JobState.QUEUED, time.time(),
                               f"taken back before it started ({error or run.cancel_reason}); it will run again")
                 self.queue.push_front(rec)

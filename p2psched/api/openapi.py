@@ -121,6 +121,26 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _resp("One record per id, in order"),
                               "207": _resp("Some ids have an error in place of a record"),
                               **_errors(400, 413)}}},
+            "/v1/jobs:cancel": {"post": {
+                "summary": "Cancel many jobs: named by id, or every unfinished job with the given labels",
+                "description": "Access as for DELETE /v1/jobs/{job_id}. Jobs that have not started are cancelled "
+                               "first, all at once; running ones are stopped and waited for (up to 30 s each). "
+                               "By labels, at most `limit` jobs a request (waiting ones first, oldest first) of "
+                               "the caller's tenant (an admin's: `tenant`, or every tenant); `more` says whether "
+                               "others match: ask again. A job that is unknown, not the caller's, or already "
+                               "ended has an error in its place (and the answer is 207).",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "ids": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                                "maxItems": 10000},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}, "minProperties": 1,
+                                   "maxProperties": 8},
+                        "tenant": {"type": "string"},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}}}}},
+                "responses": {"200": _resp("One record per job, in order, with `cancelled` (how many are now "
+                                           "cancelled) and `more`"),
+                              "207": _resp("Some jobs have an error in place of a record"),
+                              **_errors(400, 413)}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT],
                         "responses": {"200": _resp("The record", _REC), **_errors(404)}},

@@ -32,6 +32,8 @@ from p2psched.jobs.store import StoreError
 #: Batch requests carry at most this many specs: enough to amortise one HTTP round
 #: trip and one fsync over many jobs, small enough to answer within a second.
 MAX_BATCH = 10_000
+#: Jobs a label cancel takes per request when the body names no limit.
+DEFAULT_CANCEL_LIMIT = 1_000
 #: Long-polls are capped so that proxies and clients with default timeouts behave.
 MAX_WAIT_S = 300.0
 #: label= filters one listing may carry.
@@ -163,6 +165,46 @@ def _wait_body(raw: Any) -> tuple[list[str], float]:
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
         raise AgentError(f"wait={wait!r} must be a number of seconds, 0 to {MAX_WAIT_S:g}", reason="invalid_wait")
     return ids, float(wait)
+
+
+def _cancel_body(raw: Any) -> tuple[list[str] | None, list[tuple[str, str]], str | None, int]:
+    """The body of ``POST /v1/jobs:cancel``, checked: ``{"ids": [...]}``, or
+    ``{"labels": {KEY: VALUE, ...}, "tenant": NAME, "limit": N}`` (the last two optional).
+    Returns (ids or None, labels, tenant, limit)."""
+    shape = '{"ids": [job id, ...]} or {"labels": {"KEY": "VALUE"}, "limit": N}'
+    if not isinstance(raw, dict):
+        raise AgentError(f"body must be {shape}", reason="invalid_cancel")
+    unknown = set(raw) - {"ids", "labels", "tenant", "limit"}
+    if unknown:
+        raise AgentError(f"unknown field(s) {sorted(unknown)}; use ids, or labels with tenant and limit",
+                         reason="invalid_cancel")
+    if ("ids" in raw) == ("labels" in raw):
+        raise AgentError(f"name the jobs by ids or by labels, not both or neither: {shape}", reason="invalid_cancel")
+    if "ids" in raw:
+        if set(raw) != {"ids"}:
+            raise AgentError("tenant and limit go with labels, not with ids", reason="invalid_cancel")
+        ids = raw["ids"]
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_BATCH:
+            raise AgentError(f"ids must be a list of 1 to {MAX_BATCH} job ids", reason="invalid_cancel")
+        bad = next((i for i, v in enumerate(ids) if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise AgentError(f"ids.{bad} is {ids[bad]!r}; each id must be a non-empty string", reason="invalid_cancel")
+        return ids, [], None, len(ids)
+    labels = raw["labels"]
+    if not isinstance(labels, dict) or not 1 <= len(labels) <= MAX_LABEL_FILTERS:
+        raise AgentError(f"labels must map 1 to {MAX_LABEL_FILTERS} label keys to values, e.g. "
+                         '{"sweep": "lr"}', reason="invalid_cancel")
+    bad_label = next((k for k, v in labels.items() if not k or not isinstance(v, str)), None)
+    if bad_label is not None:
+        raise AgentError(f"labels.{bad_label or '(empty key)'}: each label needs a non-empty key and a string value",
+                         reason="invalid_cancel")
+    tenant = raw.get("tenant")
+    if tenant is not None and (not isinstance(tenant, str) or not tenant):
+        raise AgentError(f"tenant={tenant!r} must be a tenant's name", reason="invalid_cancel")
+    limit = raw.get("limit", DEFAULT_CANCEL_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_BATCH:
+        raise AgentError(f"limit={limit!r} must be an integer from 1 to {MAX_BATCH}", reason="invalid_cancel")
+    return None, list(labels.items()), tenant, limit
 
 
 def _refuse_cross_site(request: Request) -> None:
@@ -364,6 +406,39 @@ def create_app(agent: Any) -> Starlette:
         return _json({"counts": await agent.job_counts(tenant, labels), "tenant": tenant,
                       **({"labels": dict(labels)} if labels else {})})
 
+    async def cancel_jobs(request: Request) -> Response:
+        """Many jobs cancelled in one request: named by id, or every unfinished job with
+        the given labels (at most ``limit`` a request; ``more`` says whether some are left)."""
+        _refuse_cross_site(request)
+        body = await read_body(request, "name fewer jobs")
+        who = await principal(request, body)  # the signature covers the body
+        ids, labels, tenant, limit = _cancel_body(_parse_json(body))
+        more = False
+        if ids is None:
+            ids, matched = agent.unfinished_labelled(labels, visible_tenant(who, tenant), limit)
+            more = matched > len(ids)
+        refused: dict[int, AgentError] = {}
+        allowed: list[str] = []
+        for i, job_id in enumerate(ids):
+            try:
+                agent.gate.check_access(who, agent.get(job_id).tenant, job_id)
+            except AgentError as e:
+                refused[i] = e
+            else:
+                allowed.append(job_id)
+        outcomes = iter(await agent.cancel_many(allowed))
+        out: list[dict[str, Any]] = []
+        for i, job_id in enumerate(ids):
+            outcome = refused.get(i) or next(outcomes)
+            if isinstance(outcome, AgentError):
+                out.append({"id": job_id, **error_body(outcome.status, outcome.reason, outcome.message,
+                                                       outcome.details)})
+            else:
+                out.append({"status": 200, "job": outcome.as_dict()})
+        cancelled = sum(1 for o in out if o.get("job", {}).get("state") == "cancelled")
+        return _json({"results": out, "cancelled": cancelled, "more": more},
+                     207 if any("error" in o for o in out) else 200)
+
     async def cancel_job(request: Request) -> Response:
         _refuse_cross_site(request)
         rec = await agent.cancel(await readable(request))
@@ -427,6 +502,7 @@ def create_app(agent: Any) -> Starlette:
         Route("/v1/jobs", list_jobs, methods=["GET"]),
         Route("/v1/jobs:counts", job_counts, methods=["GET"]),
         Route("/v1/jobs:wait", wait_jobs, methods=["POST"]),
+        Route("/v1/jobs:cancel", cancel_jobs, methods=["POST"]),
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/result", get_result, methods=["GET"]),

@@ -65,6 +65,8 @@ def tenant_auth(tenant: str | None, key: Path | None) -> httpx.Auth | None:
 
 #: How long a command keeps retrying an agent that answers 429 or 503 with Retry-After.
 RETRY_S = 30.0
+#: Jobs one cancel request names (the agent takes up to 10,000).
+CANCEL_CHUNK = 1_000
 #: The states a job ends in.
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
 
@@ -402,41 +404,63 @@ def _listing(api: Api, params: dict[str, Any], limit: float) -> tuple[list[dict[
 
 
 @click.command()
-@click.argument("job_id", required=False)
+@click.argument("job_ids", metavar="[JOB_ID]...", nargs=-1)
 @api_options
 @click.option("--label", "labels", multiple=True,
-              help="Instead of JOB_ID: every unfinished job labelled KEY=VALUE (repeatable: each must match).")
+              help="Instead of JOB_IDs: every unfinished job labelled KEY=VALUE (repeatable: each must match).")
 @json_option
-def cancel(job_id: str | None, api: Api, labels: tuple[str, ...], as_json: bool) -> None:
-    """Cancel a job (or every unfinished job with --label); a running one is stopped."""
-    if bool(job_id) == bool(labels):
-        fail("name one job (JOB_ID) or the jobs' labels (--label KEY=VALUE), not both or neither", 2)
-    if job_id:
-        rec = api.json("DELETE", f"/v1/jobs/{job_id}")
+def cancel(job_ids: tuple[str, ...], api: Api, labels: tuple[str, ...], as_json: bool) -> None:
+    """Cancel jobs (or every unfinished job with --label); running ones are stopped."""
+    if bool(job_ids) == bool(labels):
+        fail("name the jobs (JOB_ID...) or their labels (--label KEY=VALUE), not both or neither", 2)
+    if len(job_ids) == 1:
+        rec = api.json("DELETE", f"/v1/jobs/{job_ids[0]}")
         _print_json(rec) if as_json else click.echo(_summary(rec))
         return
-    cancelled: list[dict[str, Any]] = []
-    ended = 0
-    # Waiting ones first, so that none starts in a slot a cancelled running one frees;
-    # each state is listed just before its turn, so a job that moved on is still met.
-    for state in ("queued", "submitted", "placed", "running"):
-        listed, _ = _listing(api, {"order": "oldest", "state": state, **_label_filter(labels)}, math.inf)
-        for rec in listed:
-            resp = api.client.request("DELETE", f"/v1/jobs/{rec['id']}")
-            if resp.status_code == 409:  # it ended while we got to it
-                ended += 1
-                continue
-            if resp.status_code >= 400:
-                fail(f"cannot cancel {rec['id']}: {resp.status_code} {_error_message(resp)} "
-                     f"({len(cancelled)} cancelled before it)")
-            cancelled.append(resp.json())
-    if as_json:
-        _print_json({"jobs": cancelled})
+    records: list[dict[str, Any]] = []
+    errors: list[str] = []
+    if job_ids:
+        for start in range(0, len(job_ids), CANCEL_CHUNK):
+            results = api.json("POST", "/v1/jobs:cancel", json={"ids": list(job_ids[start:start + CANCEL_CHUNK])})
+            for item in results["results"]:
+                if "job" in item:
+                    records.append(item["job"])
+                else:
+                    errors.append(f"{item['id']}: {item['error']['message']}")
     else:
-        for rec in cancelled:
+        # Jobs that have not started go first, in each request, so that none starts in a
+        # slot that a stopped job frees; a round that brings no job not seen before
+        # means those left are still stopping.
+        by_label = dict(_parse_pairs(labels, "--label"))
+        seen: set[str] = set()
+        while True:
+            answer = api.json("POST", "/v1/jobs:cancel", json={"labels": by_label, "limit": CANCEL_CHUNK})
+            fresh = 0
+            for item in answer["results"]:
+                if "job" not in item:
+                    errors.append(f"{item['id']}: {item['error']['message']}")
+                elif item["job"]["id"] not in seen:
+                    fresh += 1
+                    seen.add(item["job"]["id"])
+                    records.append(item["job"])
+            if not answer["more"] or not fresh:
+                break
+    if as_json:
+        _print_json({"jobs": records, **({"errors": errors} if errors else {})})
+    else:
+        for rec in records:
             click.echo(_summary(rec))
-    click.echo(f"p2psched: {len(cancelled)} unfinished job(s) labelled " + " ".join(labels) + " cancelled"
-               + (f"; {ended} ended first" if ended else ""), err=True)
+    cancelled = sum(1 for rec in records if rec["state"] == "cancelled")
+    stopping = sum(1 for rec in records if rec["state"] not in FINAL_STATES)
+    ended = len(records) - cancelled - stopping
+    what = "labelled " + " ".join(labels) if labels else "named"
+    click.echo(f"p2psched: {cancelled} unfinished job(s) {what} cancelled"
+               + (f"; {ended} ended first" if ended else "")
+               + (f"; {stopping} still stopping (see `p2psched jobs --state running`)" if stopping else ""), err=True)
+    for line in errors:
+        click.echo(f"p2psched: not cancelled: {line}", err=True)
+    if errors:
+        sys.exit(3)
 
 
 @click.command()

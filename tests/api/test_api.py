@@ -246,6 +246,90 @@ async def test_wait_for_many_refuses_a_bad_body_by_name(tmp_path):
         assert (await http.get("/healthz")).status_code == 200
 
 
+async def test_cancel_many_by_id_cancels_waiting_jobs_before_it_stops_running_ones(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        done = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()
+        await http.get(f"/v1/jobs/{done['id']}", params={"wait": 10})
+        running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(running["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        waiting = [item["job"]["id"] for item in (await http.post("/v1/jobs:batch", json={
+            "jobs": [wasm_spec("hello.wasm"), wasm_spec("hello.wasm")]})).json()["results"]]
+        # The running job comes first: it is stopped only once the waiting ones are
+        # cancelled, so neither starts in the slot it frees.
+        r = await http.post("/v1/jobs:cancel", json={"ids": [running["id"], *waiting, "nope", done["id"]]})
+        assert r.status_code == 207
+        body = r.json()
+        assert body["cancelled"] == 3 and body["more"] is False
+        results = body["results"]
+        assert [item["job"]["id"] for item in results[:3]] == [running["id"], *waiting]
+        assert [item["job"]["state"] for item in results[:3]] == ["cancelled"] * 3
+        assert results[0]["job"]["result"]["reason"] == "cancelled"
+        for item in results[1:3]:  # queued, or placed in the wasm worker behind the loop: never started
+            states = [t["state"] for t in item["job"]["timeline"]]
+            assert states[-1] == "cancelled" and "running" not in states, states
+            assert item["job"]["attempts"] == 0
+        assert (results[3]["id"], results[3]["error"]["status"], results[3]["error"]["reason"]) == (
+            "nope", 404, "unknown_job")
+        assert (results[4]["id"], results[4]["error"]["status"]) == (done["id"], 409)
+        assert "already ended (succeeded)" in results[4]["error"]["message"]
+        assert agent.metrics.jobs_total.labels("cancelled", "wasm")._value.get() == 3
+        assert not agent.running and agent.waiting() == 0
+
+
+async def test_cancel_by_labels_takes_a_page_at_a_time_and_leaves_other_jobs(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        blocker = (await http.post("/v1/jobs", json=wasm_spec(
+            "loop.wasm", limits={"wall_ms": 60000}, labels={"sweep": "lr", "n": "0"}))).json()
+        while agent.get(blocker["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        sweep = [item["job"]["id"] for item in (await http.post("/v1/jobs:batch", json={"jobs": [
+            wasm_spec("hello.wasm", labels={"sweep": "lr", "n": str(n)}) for n in range(1, 4)]})).json()["results"]]
+        other = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", labels={"sweep": "wd"}))).json()
+        first = (await http.post("/v1/jobs:cancel", json={"labels": {"sweep": "lr"}, "limit": 2})).json()
+        # Waiting jobs first, oldest first: the running one is left for the next page.
+        assert [item["job"]["id"] for item in first["results"]] == sweep[:2]
+        assert first["more"] is True and first["cancelled"] == 2
+        second = (await http.post("/v1/jobs:cancel", json={"labels": {"sweep": "lr"}, "limit": 2})).json()
+        assert [item["job"]["id"] for item in second["results"]] == [sweep[2], blocker["id"]]
+        assert second["more"] is False and second["cancelled"] == 2
+        assert agent.get(blocker["id"]).state.value == "cancelled"
+        done = (await http.get(f"/v1/jobs/{other['id']}", params={"wait": 10})).json()
+        assert done["state"] == "succeeded"  # another label: it ran in the slot freed for it
+        empty = (await http.post("/v1/jobs:cancel", json={"labels": {"sweep": "lr"}})).json()
+        assert empty == {"results": [], "cancelled": 0, "more": False}
+        both = (await http.post("/v1/jobs:cancel", json={"labels": {"sweep": "wd", "n": "1"}})).json()
+        assert both["results"] == []  # every label must match
+
+
+async def test_cancel_many_refuses_a_bad_body_by_name(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        cases = [
+            ([1], "body must be"),
+            ({}, "not both or neither"),
+            ({"ids": ["a"], "labels": {"a": "b"}}, "not both or neither"),
+            ({"ids": []}, "1 to 10000 job ids"),
+            ({"ids": ["a"] * 10_001}, "1 to 10000 job ids"),
+            ({"ids": ["a", ""]}, "ids.1 is ''"),
+            ({"ids": ["a"], "limit": 3}, "tenant and limit go with labels"),
+            ({"labels": {}}, "labels must map 1 to 8"),
+            ({"labels": "sweep=lr"}, "labels must map"),
+            ({"labels": {"sweep": 1}}, "labels.sweep"),
+            ({"labels": {"a": "b"}, "limit": 0}, "limit=0"),
+            ({"labels": {"a": "b"}, "limit": True}, "limit=True"),
+            ({"labels": {"a": "b"}, "tenant": ""}, "tenant=''"),
+            ({"ids": ["a"], "wait": 3}, "unknown field(s) ['wait']"),
+        ]
+        for body, says in cases:
+            r = await http.post("/v1/jobs:cancel", json=body)
+            assert r.status_code == 400, body
+            assert r.json()["error"]["reason"] == "invalid_cancel" and says in r.json()["error"]["message"], (
+                body, r.json())
+        r = await http.post("/v1/jobs:cancel", content=b'{"ids": [', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "malformed_json"
+        assert (await http.get("/healthz")).status_code == 200
+
+
 async def test_list_filters_and_pages(tmp_path):
     async with running_agent(tmp_path) as (agent, http):
         r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm") for _ in range(5)]

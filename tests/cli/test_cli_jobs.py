@@ -79,9 +79,12 @@ def test_a_sweep_is_listed_counted_and_cancelled_by_its_label(tmp_path):
         with agent.client() as http:
             assert http.get(f"/v1/jobs/{ids[3]}").json()["state"] in ("running", "placed", "queued")  # not in the sweep
             assert http.get(f"/v1/jobs/{first}").json()["state"] == "succeeded"
-            http.delete(f"/v1/jobs/{ids[3]}")
+        p = cli("cancel", ids[3], "nope", first, agent=agent)  # several at once: one request
+        assert p.returncode == 3 and p.stdout.decode().split()[:2] == [ids[3], "cancelled"]
+        assert b"1 unfinished job(s) named cancelled" in p.stderr and b"not cancelled: nope: no job 'nope'" in p.stderr
+        assert f"not cancelled: {first}: job {first} already ended (succeeded)".encode() in p.stderr
 
-        for args, says in [((), b"name one job"), (("x", "--label", "a=b"), b"name one job"),
+        for args, says in [((), b"name the jobs"), (("x", "--label", "a=b"), b"name the jobs"),
                            (("--label", "nokey"), b"--label 'nokey' must be KEY=VALUE")]:
             bad = cli("cancel", *args, agent=agent)
             assert bad.returncode == 2 and says in bad.stderr, bad.stderr

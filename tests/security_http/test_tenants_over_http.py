@@ -154,3 +154,27 @@ def test_batch_signs_every_job_as_its_tenant(tmp_path, tenants):
         assert half.returncode == 2 and b"--tenant and --key go together" in half.stderr
     finally:
         agent.stop()
+
+
+def test_cancelling_many_jobs_reaches_only_the_callers_own(tmp_path, tenants):
+    from p2psched.security.client import RequestSigner, sign_submission
+
+    reg, keys = tenants
+    agent = new_agent(tmp_path, "signed-cancel", "--tenants", str(reg)).start()
+    try:
+        loop = {**wasm_spec("loop.wasm", limits={"wall_ms": 60000}), "labels": {"sweep": "x"}}
+        r = httpx.post(agent.url + "/v1/jobs", json=sign_submission(loop, "alice", keys / "alice.key"), timeout=30)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        alice = RequestSigner("alice", keys / "alice.key").auth
+        bob = RequestSigner("bob", keys / "bob.key").auth
+        r = httpx.post(agent.url + "/v1/jobs:cancel", json={"ids": [job_id]}, auth=bob, timeout=60)
+        assert r.status_code == 207 and r.json()["results"][0]["error"]["status"] == 403
+        r = httpx.post(agent.url + "/v1/jobs:cancel", json={"labels": {"sweep": "x"}}, auth=bob, timeout=60)
+        assert r.json()["results"] == []  # bob's label cancel sees only bob's jobs
+        assert httpx.post(agent.url + "/v1/jobs:cancel", json={"ids": [job_id]}).status_code == 401
+        assert httpx.get(agent.url + f"/v1/jobs/{job_id}", auth=alice).json()["state"] != "cancelled"
+        r = httpx.post(agent.url + "/v1/jobs:cancel", json={"labels": {"sweep": "x"}}, auth=alice, timeout=60)
+        assert [(item["job"]["id"], item["job"]["state"]) for item in r.json()["results"]] == [(job_id, "cancelled")]
+    finally:
+        agent.stop()
