@@ -54,6 +54,26 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def switches(pid: int) -> int:
+    """Context switches of a process so far, all its threads together."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                total += int(line.split()[1])
+    return total
+
+
+def workers_switches(pid: int) -> dict[int, int]:
+    out = {}
+    for w in wasm_worker_pids(pid):
+        try:
+            out[w] = switches(w)
+        except OSError:
+            continue
+    return out
+
+
 def workers_cpu(pid: int) -> dict[int, float]:
     out = {}
     for w in wasm_worker_pids(pid):
@@ -113,6 +133,7 @@ def main() -> None:
                 spec = {"module_sha256": sha, "entry": "noop"}
                 ids: list[str] = []
                 main0, proc0, workers0 = cpu_seconds(proc.pid, proc.pid), cpu_seconds(proc.pid), workers_cpu(proc.pid)
+                switches0, wswitches0 = switches(proc.pid), workers_switches(proc.pid)
                 t0 = time.perf_counter()
                 for start in range(0, args.jobs, args.batch):
                     n = min(args.batch, args.jobs - start)
@@ -135,6 +156,8 @@ def main() -> None:
                 main_cpu = cpu_seconds(proc.pid, proc.pid) - main0
                 proc_cpu = cpu_seconds(proc.pid) - proc0
                 workers1 = workers_cpu(proc.pid)
+                agent_switches = switches(proc.pid) - switches0
+                worker_switches = sum(c - wswitches0.get(w, 0) for w, c in workers_switches(proc.pid).items())
                 workers_cpu_s = sum(c - workers0.get(w, 0.0) for w, c in workers1.items())
                 workers_rss = sum(rss_mb(w) for w in workers1)
                 # Latencies from the timelines of a sample spread over the run.
@@ -157,6 +180,8 @@ def main() -> None:
     print(f"    agent CPU per job:        main (trio) thread {main_cpu / args.jobs * 1e6:.0f} us, whole process "
           f"{proc_cpu / args.jobs * 1e6:.0f} us, its {len(workers1)} wasm worker processes "
           f"{workers_cpu_s / args.jobs * 1e6:.0f} us (raw loop: {1e6 / raw_rate:.0f} us wall per call)")
+    print(f"    context switches per job: agent {agent_switches / args.jobs:.2f}, its wasm workers "
+          f"{worker_switches / args.jobs:.2f}")
     print(f"    submit->result latency:   p50 {statistics.median(lat):.1f} ms, p99 {pct(lat, 0.99):.1f} ms "
           f"(sample of {len(sample)}; states {states})")
     print(f"    idle agent:               RSS {idle_rss:.1f} MB, CPU {idle_cpu:.2f}% over {args.idle_s:.0f}s; "

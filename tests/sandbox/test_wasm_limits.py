@@ -286,3 +286,26 @@ async def test_a_batch_in_one_thread_keeps_each_jobs_limits_and_cancellation(eng
     results = await trio.to_thread.run_sync(run_wasm_many, batch, engine)
     assert [r.reason for r in results] == ["exit 0", "cancelled", "wall_timeout", "exit 3"]
     assert results[0].stdout == b"hello from p2psched\n"
+
+
+def test_the_ticker_ticks_through_a_burst_and_sleeps_once_guests_stop():
+    """The epoch ticker goes on a few ticks past the last guest (a burst of short
+    guests does not wake it once per guest), then sleeps: an idle engine ticks no more."""
+    from p2psched.sandbox.wasm import TICKER_LINGER_TICKS
+
+    ticks: list[float] = []
+    with WasmEngine(None, tick_ms=5) as engine:
+        tick = engine.tick
+        engine.tick = lambda: (ticks.append(time.monotonic()), tick())  # type: ignore[method-assign]
+        time.sleep(0.2)
+        assert ticks == [] and engine._ticker_waiting  # no guest yet: asleep
+        for i in range(20):
+            assert run_wasm(request("noop", entry="noop", job_id=f"j{i}"), engine).reason == "exit 0"
+        time.sleep(0.5)
+        assert engine._ticker_waiting
+        lingered = len(ticks)
+        assert 1 <= lingered <= TICKER_LINGER_TICKS + 2, lingered
+        time.sleep(0.2)
+        assert len(ticks) == lingered  # asleep until the next guest
+        result = run_wasm(request("loop", limits=Limits(wall_ms=100)), engine)
+        assert result.reason == "wall_timeout"  # woken by the run: its deadline was checked
