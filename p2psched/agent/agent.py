@@ -63,6 +63,11 @@ WAITING_PER_WORKER = 2
 #: ago, and is taken back after waiting this long when a slot it fits is free (jobs
 #: queued behind it take a free slot first). Noop jobs take a tenth of a millisecond.
 PREFETCH_PATIENCE_S = 0.02
+#: Jobs of a runtime impaired here, waiting for a peer with room, that a dispatch
+#: pass sets aside to reach the jobs of other runtimes queued behind them. Each is
+#: popped and put back every pass, so the bound keeps a long queue of them cheap;
+#: a job further back waits for its turn as before.
+IMPAIRED_LOOKAHEAD = 256
 #: While jobs wait in workers with peers up, how often the peers are looked at for room
 #: (each look builds every member's state: dispatch passes come far more often).
 PEER_ROOM_LOOK_S = 0.05
@@ -1103,17 +1108,36 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             self._dispatching = False
 
     def _dispatch_pass(self) -> None:
-        from p2psched.placement.core import Forward, Reject, RunHere
-
-        assert self._nursery is not None
         if self._wake.is_set():  # this pass serves the wake-up
             self._wake = trio.Event()
         if self._prefetched:
             self._review_prefetched()
+        # Jobs of a runtime impaired here that no peer can take now wait, but not in
+        # front of the jobs of other runtimes behind them: those are looked at too
+        # (up to IMPAIRED_LOOKAHEAD of the waiting ones are set aside, then put back
+        # where they stood, so that they still go first once a peer has room).
+        blocked: set[str] = set()
+        set_aside: list[JobRecord] = []
+        try:
+            self._dispatch_queue(blocked, set_aside)
+        finally:
+            for rec in reversed(set_aside):
+                self.queue.push_front(rec)
+
+    def _dispatch_queue(self, blocked: set[str], set_aside: list[JobRecord]) -> None:
+        from p2psched.placement.core import Forward, Reject, RunHere
+
+        assert self._nursery is not None
         while True:
             rec = self.queue.peek()
             if rec is None:
                 break
+            if rec.runtime in blocked:
+                if len(set_aside) >= IMPAIRED_LOOKAHEAD:
+                    break
+                self.queue.pop()
+                set_aside.append(rec)
+                continue
             decision = self._place(rec)
             if isinstance(decision, RunHere):
                 self.queue.pop()
@@ -1142,6 +1166,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self.queue.pop()
             else:
                 rec.wait_reason = decision.reason
+                if rec.runtime in self.health.impaired and len(set_aside) < IMPAIRED_LOOKAHEAD:
+                    blocked.add(rec.runtime)
+                    self.queue.pop()
+                    set_aside.append(rec)
+                    continue
                 break
 
     async def _replace_loop(self) -> None:

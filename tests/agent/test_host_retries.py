@@ -222,6 +222,41 @@ def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(
 
 
 @pytest.mark.cluster
+def test_jobs_of_a_runtime_impaired_here_do_not_hold_up_other_runtimes_behind_them(tmp_path):
+    """h1 cannot run process jobs (no bubblewrap) and h2 is full: h1's process jobs
+    wait for h2, but the wasm job queued behind them runs on h1 at once; the process
+    jobs go to h2 once it has room."""
+    import shutil
+
+    bin_dir = tmp_path / "h1-bin"
+    bin_dir.mkdir()
+    for tool in ("prlimit", "setpriv"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "600",
+                           "--process-warm-pool", "0", per_agent_env={"h1": {"PATH": str(bin_dir)}})
+    try:
+        with h1.client() as c1, h2.client() as c2:
+            moved = c1.get(f"/v1/jobs/{submit(c1)}", params={"wait": 60}).json()
+            assert moved["executor"] == "h2" and health(c1)["impaired"]["process"]["state"] == "impaired"
+            busy = c2.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "60"]}).json()["id"]
+            wait_for(lambda: c2.get(f"/v1/jobs/{busy}").json()["state"] == "running", what="h2 full")
+            wait_for(lambda: next(p for p in c1.get("/v1/peers").json()["peers"] if p["node_id"] == "h2")
+                     ["vector"]["cpu_free"] == 0, what="h1 to hear h2 is full")
+            waiting = [submit(c1) for _ in range(2)]
+            wasm = c1.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
+            done = c1.get(f"/v1/jobs/{wasm}", params={"wait": 30}).json()
+            assert done["state"] == "succeeded" and done["executor"] == "h1", done["timeline"]
+            for job_id in waiting:
+                rec = c1.get(f"/v1/jobs/{job_id}").json()
+                assert rec["state"] == "queued" and rec["executor"] is None, rec["timeline"]
+            c2.delete(f"/v1/jobs/{busy}")  # h2 has room again: they go there
+            ended = [c1.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json() for job_id in waiting]
+            assert [(r["state"], r["executor"]) for r in ended] == [("succeeded", "h2")] * 2, ended
+    finally:
+        stop_all([h1, h2])
+
+
+@pytest.mark.cluster
 def test_a_job_pausing_after_a_host_failure_leaves_with_a_draining_agent(tmp_path):
     """With no peer free when its host failed it, a job pauses before trying again;
     a drain meanwhile waits for it and hands it to a peer once one has room, rather
