@@ -3,9 +3,9 @@ through a proxy that signs each request as a tenant.
 
 An agent with a tenant registry answers only signed requests, and a browser holds no
 tenant key. This proxy serves the same page and passes the page's reads (``GET
-/healthz`` and ``/v1/...``) and cancels (``DELETE /v1/jobs/{id}``) to the agent, signed
-with the tenant's key. It passes nothing else: the dashboard cannot submit jobs or
-drain agents.
+/healthz`` and ``/v1/...``) and cancels (``DELETE /v1/jobs/{id}``, and ``POST
+/v1/jobs:cancel`` from its own page) to the agent, signed with the tenant's key. It
+passes nothing else: the dashboard cannot submit jobs or drain agents.
 
 Whoever can reach the proxy acts as that tenant, so it listens on loopback by default,
 and it answers only requests addressed to the name it listens on (a page of another
@@ -27,6 +27,8 @@ from p2psched import dashboard
 from p2psched.api.errors import error_body
 
 #: Response headers passed back from the agent; hop-by-hop and length headers are not.
+#: The largest cancel body passed on: 10,000 job ids, or labels, with room to spare.
+MAX_CANCEL_BYTES = 1 << 20
 _PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after", "x-output-next", "x-output-complete",
            "x-output-attempt", "x-output-note")
 
@@ -48,12 +50,34 @@ def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[
         path = request.url.path
         if request.method == "DELETE" and not (path.startswith("/v1/jobs/") and path.count("/") == 3):
             return _error(405, "method_not_allowed", "the dashboard proxy passes only reads and job cancels")
+        body = b""
+        if request.method == "POST":
+            if path != "/v1/jobs:cancel":
+                return _error(405, "method_not_allowed", "the dashboard proxy passes only reads and job cancels")
+            # A page of another site may POST here without asking first (a form, or
+            # fetch in no-cors mode): only the dashboard's own page, which sends JSON
+            # and names this proxy as its origin, or a client that names none, may.
+            origin = request.headers.get("origin")
+            if origin is not None and origin not in {f"http://{h}" for h in allowed_hosts}:
+                return _error(403, "cross_site_request",
+                              f"a POST from a web page at {origin} is refused: this proxy cancels jobs only for "
+                              "its own dashboard page")
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return _error(415, "unsupported_media_type", "send the cancel as application/json")
+            chunks: list[bytes] = []
+            async for chunk in request.stream():
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > MAX_CANCEL_BYTES:
+                    return _error(413, "body_too_large", f"a cancel through this proxy is at most "
+                                                         f"{MAX_CANCEL_BYTES} bytes; name fewer jobs")
+            body = b"".join(chunks)
         # The path as the browser sent it: the signature covers the exact bytes.
         target = request.scope.get("raw_path", path.encode()).decode("ascii", "replace")
         if request.url.query:
             target += "?" + request.url.query
         try:
-            resp = await client.request(request.method, target)
+            resp = await client.request(request.method, target, content=body or None,
+                                        headers={"content-type": "application/json"} if body else None)
         except httpx.HTTPError as e:
             return _error(502, "agent_unreachable", f"cannot reach the agent at {agent_url}: {e}")
         headers = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED}
@@ -68,7 +92,7 @@ def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[
 
     routes = [
         Route("/healthz", forward, methods=["GET"]),
-        Route("/v1/{rest:path}", forward, methods=["GET", "DELETE"]),
+        Route("/v1/{rest:path}", forward, methods=["GET", "DELETE", "POST"]),
         *(Route(r.path, guarded(r.endpoint), methods=["GET"]) for r in dashboard.routes()),
     ]
     return Starlette(routes=routes)

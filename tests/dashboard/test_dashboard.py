@@ -258,3 +258,34 @@ def test_a_user_finds_a_sweeps_jobs_by_their_labels(tmp_path, browser):
         assert [e for e in console_errors(browser) if "status of 400" not in e["message"]] == []
     finally:
         stop_all([agent])
+
+
+def test_a_user_cancels_a_sweep_by_its_labels(tmp_path, browser):
+    [agent] = start_cluster(tmp_path, ["sweeper"], "--cpus", "1")
+    try:
+        loop = {"limits": {"wall_ms": 120_000}}
+        with agent.client() as http:
+            specs = [wasm_spec("loop.wasm", labels={"sweep": "lr", "n": str(n)}, **loop) for n in range(3)]
+            specs.append(wasm_spec("hello.wasm", labels={"sweep": "wd"}))  # waits behind the loop
+            ids = [r["job"]["id"] for r in http.post("/v1/jobs:batch", json={"jobs": specs}).json()["results"]]
+            wait_for(lambda: http.get(f"/v1/jobs/{ids[0]}").json()["state"] == "running", what="the first running")
+        browser.get(agent.url + "/ui/")
+        wait_for(lambda: set(rows(browser, "jobs")) == set(ids), what="every job listed")
+        button = browser.find_element(By.ID, "label-cancel")
+        assert not button.is_displayed()  # no labels, no sweep to cancel
+
+        browser.find_element(By.ID, "label-filter").send_keys("sweep=lr\n")
+        wait_for(lambda: set(rows(browser, "jobs")) == set(ids[:3]), what="the sweep's jobs only")
+        wait_for(button.is_displayed, what="the sweep's cancel button")
+        button.click()
+        assert "Cancel every unfinished job labelled sweep=lr?" in browser.switch_to.alert.text
+        browser.switch_to.alert.accept()
+        wait_for(lambda: browser.find_element(By.ID, "label-cancel-done").text == "3 cancelled", what="the count")
+        wait_for(lambda: set(job_states(browser).values()) == {"cancelled"}, what="the sweep shown cancelled")
+        with agent.client() as http:
+            # The other sweep's job ran in the slot the cancelled loop freed.
+            assert http.get(f"/v1/jobs/{ids[3]}", params={"wait": 30}).json()["state"] == "succeeded"
+        assert not browser.find_element(By.ID, "banner").is_displayed()
+        assert console_errors(browser) == []
+    finally:
+        stop_all([agent])

@@ -75,6 +75,17 @@ def test_a_tenant_sees_its_own_jobs_through_the_proxy_and_the_agent_page_says_ho
         assert console_errors(browser) == []
 
         base = f"http://127.0.0.1:{port}"
+        # A sweep's cancel passes, signed as alice: it reaches alice's jobs only.
+        r = httpx.post(base + "/v1/jobs:cancel", json={"ids": [mine[0], theirs]})
+        assert r.status_code == 207, r.text
+        assert [item["error"]["status"] for item in r.json()["results"]] == [409, 403]  # ended; not hers
+        # ... but not from a page of another site, nor as a form a page could send unasked.
+        cross = httpx.post(base + "/v1/jobs:cancel", json={"ids": [mine[0]]}, headers={"Origin": "http://evil.example"})
+        assert cross.status_code == 403 and cross.json()["error"]["reason"] == "cross_site_request"
+        form = httpx.post(base + "/v1/jobs:cancel", content=b'{"ids": ["x"]}', headers={"content-type": "text/plain"})
+        assert form.status_code == 415
+        own = httpx.post(base + "/v1/jobs:cancel", json={"ids": ["nope"]}, headers={"Origin": f"http://127.0.0.1:{port}"})
+        assert own.status_code == 207 and own.json()["results"][0]["error"]["status"] == 404
         # Only the page's reads and job cancels pass; nothing else is signed for the browser.
         assert httpx.post(base + "/v1/jobs", json={}).status_code == 405
         assert httpx.post(base + "/v1/drain").status_code == 405

@@ -320,6 +320,18 @@ function shownLimit() {
   return Math.min(MAX_LIMIT, PAGE * (1 + view.olderPages));
 }
 
+// The label filter as the agent's labels object, or null when it is empty.
+function filterLabels() {
+  const labels = {};
+  for (const item of $("label-filter").value.split(/\s+/)) {
+    if (!item) continue;
+    const eq = item.indexOf("=");
+    if (eq < 1) throw new ApiError(400, "invalid_label", `label ${item} must be KEY=VALUE, e.g. sweep=lr`);
+    labels[item.slice(0, eq)] = item.slice(eq + 1);
+  }
+  return Object.keys(labels).length ? labels : null;
+}
+
 function jobsQuery() {
   const q = new URLSearchParams({ order: "newest", limit: String(shownLimit()) });
   const s = $("state-filter").value;
@@ -376,6 +388,39 @@ async function select(jobId) {
   for (const tr of $("jobs").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.jobId === jobId);
 }
 
+// Every unfinished job with the filter's labels, a page of them a request (waiting
+// ones first, so that none starts in a slot a stopped one frees).
+async function cancelLabelled() {
+  const done = $("label-cancel-done");
+  try {
+    const labels = filterLabels();
+    const text = $("label-filter").value.trim();
+    if (!labels || !window.confirm(`Cancel every unfinished job labelled ${text}?`)) return;
+    let cancelled = 0;
+    const seen = new Set();
+    for (;;) {
+      const answer = await api("/v1/jobs:cancel", {
+        method: "POST", headers: { Accept: "application/json", "Content-Type": "application/json" },
+        body: JSON.stringify({ labels, limit: 1000 }),
+      });
+      let fresh = 0;
+      for (const item of answer.results) {
+        if (!item.job || seen.has(item.job.id)) continue;
+        seen.add(item.job.id);
+        fresh += 1;
+        if (item.job.state === "cancelled") cancelled += 1;
+      }
+      if (!answer.more || !fresh) break;  // none new: those left are still stopping
+    }
+    done.textContent = `${cancelled} cancelled`;
+    done.hidden = false;
+    clearError();
+  } catch (e) {
+    showError(e);
+  }
+  refresh();
+}
+
 async function cancelSelected() {
   const id = view.selected;
   if (!id || !window.confirm(`Cancel job ${id}?`)) return;
@@ -392,7 +437,13 @@ function init() {
   const filter = $("state-filter");
   for (const s of STATES) filter.appendChild(new Option(s, s));
   filter.addEventListener("change", () => { view.olderPages = 0; refresh(); });
-  $("label-filter").addEventListener("change", () => { view.olderPages = 0; refresh(); });
+  $("label-filter").addEventListener("change", () => {
+    view.olderPages = 0;
+    $("label-cancel").hidden = $("label-filter").value.trim() === "";
+    $("label-cancel-done").hidden = true;
+    refresh();
+  });
+  $("label-cancel").addEventListener("click", cancelLabelled);
   $("more").addEventListener("click", () => { view.olderPages += 1; refresh(); });
   $("pause").addEventListener("click", () => {
     view.paused = !view.paused;
