@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from agents import free_port  # noqa: E402
+from agents import new_agent  # noqa: E402
 
 WASM = Path(__file__).resolve().parent.parent / "examples" / "wasm"
 
@@ -46,22 +45,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=5_000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "p2psched", "agent", "--node-id", "bench", "--api", f"127.0.0.1:{port}",
-             "--gossip", f"127.0.0.1:{free_port()}", "--transfer", f"127.0.0.1:{free_port()}", "--data-dir",
-             f"{tmp}/data", "--insecure", "--no-mdns", "--cpus", "1", "--queue-limit", str(2 * args.jobs + 10),
-             "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        agent = new_agent(Path(tmp), "bench", "--cpus", "1", "--queue-limit", str(2 * args.jobs + 10),
+                          "--log-level", "warning").start()
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
-                for _ in range(200):
-                    try:
-                        if http.get("/healthz").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        time.sleep(0.05)
+            with httpx.Client(base_url=agent.url, timeout=300) as http:
                 loop = http.post("/v1/jobs", json={"module": base64.b64encode((WASM / "loop.wasm").read_bytes())
                                                    .decode(), "limits": {"wall_ms": 600_000}}).json()
                 while http.get(f"/v1/jobs/{loop['id']}").json()["state"] != "running":
@@ -100,8 +87,7 @@ def main() -> None:
                 assert sorted(listed) == sorted(a)
                 assert all(s["job"]["state"] == "cancelled" for s in states), "a job of a sweep was not cancelled"
         finally:
-            proc.terminate()
-            proc.wait(60)
+            agent.stop()
     n = args.jobs
     print(f"baseline, list + one DELETE a job: {n} queued jobs in {one_by_one:6.2f} s  ({n / one_by_one:8.0f} jobs/s)")
     print(f"POST /v1/jobs:cancel by label:     {n} queued jobs in {by_label:6.2f} s  ({n / by_label:8.0f} jobs/s, "

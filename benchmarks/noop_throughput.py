@@ -28,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from agents import free_port, wasm_worker_pids  # noqa: E402
 from wasm_raw import NOOP, raw_noop_loop  # noqa: E402
 
+T = TypeVar("T")
 FINAL = {"succeeded", "failed", "cancelled", "timed_out", "rejected"}
 
 
@@ -64,21 +67,13 @@ def switches(pid: int) -> int:
     return total
 
 
-def workers_switches(pid: int) -> dict[int, int]:
+def per_worker(pid: int, measure: Callable[[int], T]) -> dict[int, T]:
+    """``measure(worker)`` for each wasm worker process of agent ``pid`` (those that
+    end meanwhile are left out)."""
     out = {}
     for w in wasm_worker_pids(pid):
         try:
-            out[w] = switches(w)
-        except OSError:
-            continue
-    return out
-
-
-def workers_cpu(pid: int) -> dict[int, float]:
-    out = {}
-    for w in wasm_worker_pids(pid):
-        try:
-            out[w] = cpu_seconds(w)
+            out[w] = measure(w)
         except OSError:
             continue
     return out
@@ -132,8 +127,9 @@ def main() -> None:
                 http.get(f"/v1/jobs/{first.json()['id']}", params={"wait": 10})
                 spec = {"module_sha256": sha, "entry": "noop"}
                 ids: list[str] = []
-                main0, proc0, workers0 = cpu_seconds(proc.pid, proc.pid), cpu_seconds(proc.pid), workers_cpu(proc.pid)
-                switches0, wswitches0 = switches(proc.pid), workers_switches(proc.pid)
+                main0, proc0 = cpu_seconds(proc.pid, proc.pid), cpu_seconds(proc.pid)
+                workers0 = per_worker(proc.pid, cpu_seconds)
+                switches0, wswitches0 = switches(proc.pid), per_worker(proc.pid, switches)
                 t0 = time.perf_counter()
                 for start in range(0, args.jobs, args.batch):
                     n = min(args.batch, args.jobs - start)
@@ -155,9 +151,9 @@ def main() -> None:
                 elapsed = time.perf_counter() - t0
                 main_cpu = cpu_seconds(proc.pid, proc.pid) - main0
                 proc_cpu = cpu_seconds(proc.pid) - proc0
-                workers1 = workers_cpu(proc.pid)
+                workers1 = per_worker(proc.pid, cpu_seconds)
                 agent_switches = switches(proc.pid) - switches0
-                worker_switches = sum(c - wswitches0.get(w, 0) for w, c in workers_switches(proc.pid).items())
+                worker_switches = sum(c - wswitches0.get(w, 0) for w, c in per_worker(proc.pid, switches).items())
                 workers_cpu_s = sum(c - workers0.get(w, 0.0) for w, c in workers1.items())
                 workers_rss = sum(rss_mb(w) for w in workers1)
                 # Latencies from the timelines of a sample spread over the run.

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -173,20 +175,25 @@ def test_a_runtime_whose_jobs_keep_failing_is_impaired_and_a_job_that_runs_ends_
         assert me["vector"]["impaired"] == [] and me["runtimes"] == {}
 
 
+def h1_without_bubblewrap(tmp_path: Path) -> tuple[Any, Any, Path]:
+    """Two agents of one CPU slot; h1's PATH holds the tools the process sandbox needs
+    but bubblewrap (returned: link bwrap into it to mend h1). Its pause after a host
+    failure is longer than a test, so only h1's own trial jobs can find it mended."""
+    bin_dir = tmp_path / "h1-bin"
+    bin_dir.mkdir()
+    for tool in ("prlimit", "setpriv"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "600",
+                           "--process-warm-pool", "0", per_agent_env={"h1": {"PATH": str(bin_dir)}})
+    return h1, h2, bin_dir
+
+
 @pytest.mark.cluster
 def test_a_host_without_bubblewrap_leaves_process_jobs_to_peers_until_it_has_it(tmp_path):
     """h1 lacks bubblewrap. Its own process job runs on h2 instead of failing; h2
     sends h1 none, even while h2 is full; once bubblewrap is installed on h1, h1's
     next trial job finds it, and h1 takes process jobs again."""
-    import shutil
-
-    bin_dir = tmp_path / "h1-bin"
-    bin_dir.mkdir()
-    for tool in ("prlimit", "setpriv"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    # A pause longer than the test: only h1's own trial jobs can find it mended.
-    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "600",
-                           "--process-warm-pool", "0", per_agent_env={"h1": {"PATH": str(bin_dir)}})
+    h1, h2, bin_dir = h1_without_bubblewrap(tmp_path)
     try:
         with h1.client() as c1, h2.client() as c2:
             moved = c1.get(f"/v1/jobs/{submit(c1)}", params={"wait": 60}).json()
@@ -226,14 +233,7 @@ def test_jobs_of_a_runtime_impaired_here_do_not_hold_up_other_runtimes_behind_th
     """h1 cannot run process jobs (no bubblewrap) and h2 is full: h1's process jobs
     wait for h2, but the wasm job queued behind them runs on h1 at once; the process
     jobs go to h2 once it has room."""
-    import shutil
-
-    bin_dir = tmp_path / "h1-bin"
-    bin_dir.mkdir()
-    for tool in ("prlimit", "setpriv"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    h1, h2 = start_cluster(tmp_path, ["h1", "h2"], "--cpus", "1", "--host-cooldown-s", "600",
-                           "--process-warm-pool", "0", per_agent_env={"h1": {"PATH": str(bin_dir)}})
+    h1, h2, _ = h1_without_bubblewrap(tmp_path)
     try:
         with h1.client() as c1, h2.client() as c2:
             moved = c1.get(f"/v1/jobs/{submit(c1)}", params={"wait": 60}).json()
