@@ -54,10 +54,13 @@ job_log = logs.JobLog()
 #: The wait reason of a job placed in a wasm worker behind another, before "<job id> ends".
 PREFETCHED_WAIT = "runs next in a wasm worker here, when"
 
-#: Jobs that may wait in a wasm worker behind the one it runs. With two, a worker
+#: Jobs that may wait in a wasm worker behind the one it runs. With more, a worker
 #: still has a job to start while the agent records a result and sends the next
-#: one (noop_throughput: about 2,800 jobs/s with one, 3,000 with two).
-WAITING_PER_WORKER = 2
+#: one, and the agent handles more results a wake-up (noop_throughput: about 2,800
+#: jobs/s with one, 3,000 with two; on a later host 3,344-3,511 with two and
+#: 3,504-3,871 with four, five interleaved pairs, four ahead in each). They wait
+#: only behind a job that has just started, and are taken back as PREFETCH_PATIENCE_S says.
+WAITING_PER_WORKER = 4
 
 #: A job waits in a wasm worker only behind a job that started less than this long
 #: ago, and is taken back after waiting this long when a slot it fits is free (jobs
