@@ -45,6 +45,14 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         return line
 
+    def job_line(self, created: float, name: str, job_id: str, state: str, detail: str) -> str:
+        """:meth:`line` of a JobLog line, the same text built in one step (four a job)."""
+        second = int(created)
+        if second != self._second:
+            self._second, self._hms = second, time.strftime("%H:%M:%S", time.localtime(second))
+        return (f"{self._hms}.{int((created - second) * 1000):03d} I {name}: job {job_id} {state} "
+                f"job={job_id} state={state} detail={detail}")
+
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes each line at once but flushes the stream in batches.
@@ -81,25 +89,32 @@ class JobLog:
     def __init__(self) -> None:
         self.logger = logging.getLogger(self.name)
 
-    def __call__(self, job_id: str, state: str, detail: str) -> None:
+    def __call__(self, job_id: str, state: str, detail: str, at: float | None = None) -> None:
+        """The line of ``job_id``'s move to ``state``, stamped ``at`` (the transition's
+        time; now when not given)."""
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO):
             return
         handler = self._sole_handler()
-        extra = {"job": job_id, "state": state, "detail": detail}
         if handler is None:
-            logger.info("job %s %s", job_id, state, extra=extra)
+            logger.info("job %s %s", job_id, state, extra={"job": job_id, "state": state, "detail": detail})
             return
         formatter = cast("TextFormatter | JsonFormatter", handler.formatter)
+        created = time.time() if at is None else at
         try:
             handler.acquire()  # as logging does: the formatter's cache and the stream are shared
             try:
-                handler.stream.write(formatter.line(time.time(), "INFO", self.name, f"job {job_id} {state}", extra)
-                                     + handler.terminator)
+                if type(formatter) is TextFormatter:
+                    line = formatter.job_line(created, self.name, job_id, state, detail)
+                else:
+                    line = formatter.line(created, "INFO", self.name, f"job {job_id} {state}",
+                                          {"job": job_id, "state": state, "detail": detail})
+                handler.stream.write(line + handler.terminator)
             finally:
                 handler.release()
         except Exception:
-            logger.info("job %s %s", job_id, state, extra=extra)  # logging reports the failure its own way
+            # logging reports the failure its own way
+            logger.info("job %s %s", job_id, state, extra={"job": job_id, "state": state, "detail": detail})
 
     def _sole_handler(self) -> BatchedStreamHandler | None:
         """The handler a line of this logger reaches, if it is configure()'s and the only one."""

@@ -100,3 +100,10 @@ def test_level_warning_writes_no_job_line(configured):
     out = configured("json", "warning")
     logs.JobLog()("n1:abc", "queued", "accepted")
     assert out.getvalue() == ""
+
+
+def test_a_job_line_is_stamped_with_its_transitions_time(configured):
+    out = configured("text")
+    logs.JobLog()("n1:abc", "placed", "runs here", NOW - 3600.5)
+    stamp = time.strftime("%H:%M:%S", time.localtime(int(NOW - 3600.5)))
+    assert out.getvalue() == f"{stamp}.131 I p2psched.jobs: job n1:abc placed job=n1:abc state=placed detail=runs here\n"

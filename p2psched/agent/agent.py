@@ -397,7 +397,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         # One structured line per transition, with the job id (a job is created
         # submitted and its first line is submitted -> queued); --log-level warning
         # turns them off.
-        job_log(rec.id, state.value, detail)
+        job_log(rec.id, state.value, detail, at)
         self.store.stage(rec)
         if state.final:
             self._drain.add(at)
