@@ -95,9 +95,10 @@ class JobLog:
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO):
             return
+        fields = {"job": job_id, "state": state, "detail": detail}
         handler = self._sole_handler()
         if handler is None:
-            logger.info("job %s %s", job_id, state, extra={"job": job_id, "state": state, "detail": detail})
+            logger.info("job %s %s", job_id, state, extra=fields)
             return
         formatter = cast("TextFormatter | JsonFormatter", handler.formatter)
         created = time.time() if at is None else at
@@ -107,14 +108,12 @@ class JobLog:
                 if type(formatter) is TextFormatter:
                     line = formatter.job_line(created, self.name, job_id, state, detail)
                 else:
-                    line = formatter.line(created, "INFO", self.name, f"job {job_id} {state}",
-                                          {"job": job_id, "state": state, "detail": detail})
+                    line = formatter.line(created, "INFO", self.name, f"job {job_id} {state}", fields)
                 handler.stream.write(line + handler.terminator)
             finally:
                 handler.release()
         except Exception:
-            # logging reports the failure its own way
-            logger.info("job %s %s", job_id, state, extra={"job": job_id, "state": state, "detail": detail})
+            logger.info("job %s %s", job_id, state, extra=fields)  # logging reports the failure its own way
 
     def _sole_handler(self) -> BatchedStreamHandler | None:
         """The handler a line of this logger reaches, if it is configure()'s and the only one."""

@@ -59,7 +59,8 @@ def _bad(reason: str, message: str, status: int = 400, details: list[dict[str, s
     return _json(error_body(status, reason, message, details), status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """The request's body, or BodyTooLarge as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge()
@@ -148,6 +149,13 @@ def _label_params(request: Request) -> list[tuple[str, str]]:
     return labels
 
 
+def _check_ids(ids: list[Any], reason: str) -> None:
+    """Refuse a body's ``ids`` list unless each is a non-empty string, naming the first that is not."""
+    bad = next((i for i, v in enumerate(ids) if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise AgentError(f"ids.{bad} is {ids[bad]!r}; each id must be a non-empty string", reason=reason)
+
+
 def _wait_body(raw: Any) -> tuple[list[str], float]:
     """The ``{"ids": [...], "wait": seconds}`` body of ``POST /v1/jobs:wait``, checked."""
     if not isinstance(raw, dict) or not isinstance(raw.get("ids"), list):
@@ -158,9 +166,7 @@ def _wait_body(raw: Any) -> tuple[list[str], float]:
     ids = raw["ids"]
     if not 1 <= len(ids) <= MAX_BATCH:
         raise AgentError(f"ids names {len(ids)} jobs; name 1 to {MAX_BATCH}", reason="invalid_wait")
-    bad = next((i for i, v in enumerate(ids) if not isinstance(v, str) or not v), None)
-    if bad is not None:
-        raise AgentError(f"ids.{bad} is {ids[bad]!r}; each id must be a non-empty string", reason="invalid_wait")
+    _check_ids(ids, "invalid_wait")
     wait = raw.get("wait", 0)
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_S:
         raise AgentError(f"wait={wait!r} must be a number of seconds, 0 to {MAX_WAIT_S:g}", reason="invalid_wait")
@@ -186,9 +192,7 @@ def _cancel_body(raw: Any) -> tuple[list[str] | None, list[tuple[str, str]], str
         ids = raw["ids"]
         if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_BATCH:
             raise AgentError(f"ids must be a list of 1 to {MAX_BATCH} job ids", reason="invalid_cancel")
-        bad = next((i for i, v in enumerate(ids) if not isinstance(v, str) or not v), None)
-        if bad is not None:
-            raise AgentError(f"ids.{bad} is {ids[bad]!r}; each id must be a non-empty string", reason="invalid_cancel")
+        _check_ids(ids, "invalid_cancel")
         return ids, [], None, len(ids)
     labels = raw["labels"]
     if not isinstance(labels, dict) or not 1 <= len(labels) <= MAX_LABEL_FILTERS:
@@ -233,7 +237,7 @@ def create_app(agent: Any) -> Starlette:
 
     async def read_body(request: Request, too_large: str) -> bytes:
         try:
-            return await _read_body(request, limit)
+            return await read_limited_body(request, limit)
         except BodyTooLarge:
             raise AgentError(f"request body is larger than the limit of {limit} bytes; {too_large}",
                              reason="body_too_large", status=413) from None

@@ -25,10 +25,11 @@ from starlette.routing import Route
 
 from p2psched import dashboard
 from p2psched.api.errors import error_body
+from p2psched.api.server import BodyTooLarge, read_limited_body
 
-#: Response headers passed back from the agent; hop-by-hop and length headers are not.
 #: The largest cancel body passed on: 10,000 job ids, or labels, with room to spare.
 MAX_CANCEL_BYTES = 1 << 20
+#: Response headers passed back from the agent; hop-by-hop and length headers are not.
 _PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after", "x-output-next", "x-output-complete",
            "x-output-attempt", "x-output-note")
 
@@ -64,13 +65,11 @@ def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[
                               "its own dashboard page")
             if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
                 return _error(415, "unsupported_media_type", "send the cancel as application/json")
-            chunks: list[bytes] = []
-            async for chunk in request.stream():
-                chunks.append(chunk)
-                if sum(map(len, chunks)) > MAX_CANCEL_BYTES:
-                    return _error(413, "body_too_large", f"a cancel through this proxy is at most "
-                                                         f"{MAX_CANCEL_BYTES} bytes; name fewer jobs")
-            body = b"".join(chunks)
+            try:
+                body = await read_limited_body(request, MAX_CANCEL_BYTES)
+            except BodyTooLarge:
+                return _error(413, "body_too_large", f"a cancel through this proxy is at most "
+                                                     f"{MAX_CANCEL_BYTES} bytes; name fewer jobs")
         # The path as the browser sent it: the signature covers the exact bytes.
         target = request.scope.get("raw_path", path.encode()).decode("ascii", "replace")
         if request.url.query:
