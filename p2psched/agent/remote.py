@@ -112,6 +112,8 @@ class RemoteJobs:
         assert self.transfer is not None
         refusals = []
         for cand in decision.candidates:
+            if rec.state.final:  # cancelled while an earlier offer was in flight: offer it to nobody else
+                break
             state = self.cluster.state_of(cand.node_id) if self.cluster else None
             if state is None or not state.transfer:
                 refusals.append(f"{cand.node_id}: gone from membership")
@@ -135,6 +137,8 @@ class RemoteJobs:
                     reply = await self.transfer.request(cand.node_id, state.transfer,
                                                         {**offer, "module": module_bytes()})
             except TransferError as e:
+                if rec.state.final:  # the peer may have accepted it before the reply was lost
+                    self._send_cancel(cand.node_id, rec)
                 refusals.append(f"{cand.node_id}: {e}")
                 rec.attempts -= 1
                 rec.hops -= 1
@@ -149,7 +153,13 @@ class RemoteJobs:
                     if len(known) >= PEER_MODULES_KNOWN:
                         known.clear()  # forgetting only costs sending the bytes again
                     known.add(sha)
-                if rec.state.final:  # cancelled while the offer was in flight
+                if rec.state.final:
+                    # Cancelled while the offer was in flight: the peer has it now and
+                    # may have started it. Stop it there; its cancelled result is this
+                    # same ending, not a duplicate.
+                    log.info("job %s: cancelled while offered; %s accepted it, cancelling it there", rec.id,
+                             cand.node_id)
+                    self._send_cancel(cand.node_id, rec)
                     return
                 self._accepted(rec, f"forwarded to {cand.node_id} (hop {rec.hops}, cost {cand.cost:g})")
                 await self._sync_retrying()

@@ -45,3 +45,4 @@ async def test_a_peer_that_holds_the_module_gets_it_by_hash_and_one_that_lost_it
             # refused for the module, and offers again with the bytes.
             await forwarded(http)
             assert executor.store.has_module(HELLO_SHA)
+
