@@ -66,10 +66,11 @@ WAITING_PER_WORKER = 4
 #: ago, and is taken back after waiting this long when a slot it fits is free (jobs
 #: queued behind it take a free slot first). Noop jobs take a tenth of a millisecond.
 PREFETCH_PATIENCE_S = 0.02
-#: Jobs of a runtime impaired here, waiting for a peer with room, that a dispatch
-#: pass sets aside to reach the jobs of other runtimes queued behind them. Each is
-#: popped and put back every pass, so the bound keeps a long queue of them cheap;
-#: a job further back waits for its turn as before.
+#: Waiting jobs that a dispatch pass sets aside to reach the jobs queued behind
+#: them: jobs of a runtime impaired here, waiting for a peer with room, and jobs of
+#: other origins, waiting for room here. Each is popped and put back every pass, so
+#: the bound keeps a long queue of them cheap; a job further back waits for its turn
+#: as before.
 IMPAIRED_LOOKAHEAD = 256
 #: While jobs wait in workers with peers up, how often the peers are looked at for room
 #: (each look builds every member's state: dispatch passes come far more often).
@@ -1045,10 +1046,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             return made
 
         if failed_here and rec.origin == self.node_id and peers:
-            # This host could not run it: a peer that fits now takes it, as if this
-            # agent were draining; with none, it runs here again.
-            away = decide(replace(local, vector=replace(local.vector, draining=True)))
-            decision = away if isinstance(away, Forward) else None
+            # This host could not run it: a peer that fits now takes it; with none, it
+            # runs here again.
+            decision = self._place_elsewhere(rec, req, local, peers)
         avoid = self._avoid.get(rec.id) if self._avoid else None
         if decision is None and avoid is not None:
             # A peer gave it back (its host could not run it): pass that one over,
@@ -1061,6 +1061,23 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             decision = decide(local)
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
         return decision
+
+    def _place_elsewhere(self, rec: JobRecord, req: Any = None, local: NodeState | None = None,
+                         peers: list[NodeState] | None = None) -> Any:
+        """The peer that would take ``rec`` now were this agent draining (a Forward),
+        or None when no peer has room for it."""
+        from p2psched.placement.core import Forward, JobRequest, place
+
+        if peers is None:
+            peers = self.cluster.alive_states() if self.cluster is not None else []
+        if not peers:
+            return None
+        req = req or JobRequest.from_spec(rec.id, rec.spec, hops=rec.hops)
+        local = local or self.local_state(with_tenants=False)
+        made, self.placement_state = place(req, replace(local, vector=replace(local.vector, draining=True)), peers,
+                                           self.topology, rng=self.rng, policy=self.settings.placement_policy,
+                                           state=self.placement_state)
+        return made if isinstance(made, Forward) else None
 
     def _plain_decision(self, rec: JobRecord) -> Any:
         """The decision ``place()`` would make, when it is plain without the cluster's view.
@@ -1119,6 +1136,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         # front of the jobs of other runtimes behind them: those are looked at too
         # (up to IMPAIRED_LOOKAHEAD of the waiting ones are set aside, then put back
         # where they stood, so that they still go first once a peer has room).
+        # Likewise a job of another origin that waits for room here holds this
+        # agent's capacity, but not the jobs behind it that peers can take.
         blocked: set[str] = set()
         set_aside: list[JobRecord] = []
         try:
@@ -1131,26 +1150,56 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         from p2psched.placement.core import Forward, Reject, RunHere
 
         assert self._nursery is not None
+        held: JobRecord | None = None  # a job of another origin that has first claim on room here
+
+        def set_aside_now(rec: JobRecord) -> bool:
+            if len(set_aside) >= IMPAIRED_LOOKAHEAD:
+                return False
+            self.queue.pop()
+            set_aside.append(rec)
+            return True
+
         while True:
             rec = self.queue.peek()
             if rec is None:
                 break
             if rec.runtime in blocked:
-                if len(set_aside) >= IMPAIRED_LOOKAHEAD:
+                if not set_aside_now(rec):
                     break
-                self.queue.pop()
-                set_aside.append(rec)
                 continue
             decision = self._place(rec)
+            if isinstance(decision, RunHere) and held is not None:
+                # It fits here, but the room it would take is the held job's first:
+                # a peer with room takes it, or it waits.
+                decision = self._place_elsewhere(rec) if rec.origin == self.node_id else None
+                if decision is None:
+                    rec.wait_reason = f"waiting for capacity here, behind {held.id} of origin {held.origin}"
+                    if not set_aside_now(rec):
+                        break
+                    continue
             if isinstance(decision, RunHere):
                 self.queue.pop()
                 rec.wait_reason = None
                 self._reserve_and_start(rec)
-            elif isinstance(decision, Forward) and rec.origin != self.node_id:
+            elif isinstance(decision, Reject):
+                self.queue.pop()
+                rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")
+                self._advance(rec, JobState.REJECTED, time.time(), decision.reason)
+            elif rec.origin != self.node_id:
                 # Only the origin forwards: a job taken for another origin runs here
-                # (or goes back to its origin's control if this agent is lost).
-                rec.wait_reason = f"waiting for capacity here; it was accepted for its origin {rec.origin}"
-                break
+                # (or goes back to its origin's control if this agent is lost). It
+                # keeps first claim on room here; jobs behind it that a peer can
+                # take are forwarded meanwhile.
+                if isinstance(decision, Forward):
+                    rec.wait_reason = f"waiting for capacity here; it was accepted for its origin {rec.origin}"
+                elif held is None and self._prefetch_wasm(rec):
+                    self.queue.pop()
+                    continue
+                else:
+                    rec.wait_reason = decision.reason
+                held = held or rec
+                if not set_aside_now(rec):
+                    break
             elif isinstance(decision, Forward):
                 if self.transfer is None:
                     rec.wait_reason = ("a peer could run it but forwarding is off: give --tls-dir with cluster "
@@ -1161,11 +1210,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 if self.cluster is not None:  # so that the next job of this pass sees the peer as taken
                     self._hold_on(decision.node_id, rec)
                 self._nursery.start_soon(self._forward, rec, decision)
-            elif isinstance(decision, Reject):
-                self.queue.pop()
-                rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")
-                self._advance(rec, JobState.REJECTED, time.time(), decision.reason)
-            elif self._prefetch_wasm(rec):
+            elif held is None and self._prefetch_wasm(rec):
                 self.queue.pop()
             else:
                 rec.wait_reason = decision.reason
