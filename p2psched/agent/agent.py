@@ -636,7 +636,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         return rec
 
     def _api_hint(self, node_id: str) -> str:
-        return ""
+        """Where to ask about a job of ``node_id``: its API address, as it gossips it."""
+        state = self.cluster.state_of(node_id) if self.cluster is not None else None
+        if state is None or not state.api:
+            return ""
+        return f"; ask that agent: --agent http://{state.api}"
 
     async def read(self, job_id: str) -> JobRecord:
         """``job_id``'s record once its state is on disk: no state is reported before it
