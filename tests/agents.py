@@ -121,6 +121,22 @@ async def running_agent(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple
         await agent.stopped.wait()
 
 
+async def await_peers(agent: Any, *node_ids: str, timeout: float = 30) -> None:
+    """Wait until in-process ``agent`` knows each of ``node_ids`` through membership."""
+    with trio.fail_after(timeout):
+        while agent.cluster is None or any(agent.cluster.state_of(n) is None for n in node_ids):
+            await trio.sleep(0.05)
+
+
+async def start_running(http: httpx.AsyncClient, spec: dict[str, Any], timeout: float = 30) -> str:
+    """Submit ``spec`` and wait until its job runs; its id."""
+    job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
+    with trio.fail_after(timeout):
+        while (await http.get(f"/v1/jobs/{job_id}")).json()["state"] != "running":
+            await trio.sleep(0.05)
+    return str(job_id)
+
+
 @dataclass
 class AgentProcess:
     node_id: str

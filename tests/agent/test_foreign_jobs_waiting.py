@@ -13,7 +13,7 @@ import time
 
 import trio
 
-from agents import FAST_MEMBERSHIP, WASM, running_agent, wasm_spec
+from agents import FAST_MEMBERSHIP, WASM, await_peers, running_agent, start_running, wasm_spec
 
 HELLO = (WASM / "hello.wasm").read_bytes()
 
@@ -42,14 +42,9 @@ async def test_own_jobs_behind_a_job_held_for_another_origin_go_to_a_peer_and_it
     async with running_agent(tmp_path / "p", node_id="peer", cpus=2, membership=FAST_MEMBERSHIP) as (peer, _):
         async with running_agent(tmp_path / "e", node_id="exec", cpus=1, join=[peer.settings.gossip],
                                  membership=FAST_MEMBERSHIP) as (executor, http):
-            with trio.fail_after(30):
-                while executor.cluster is None or executor.cluster.state_of("peer") is None:
-                    await trio.sleep(0.05)
+            await await_peers(executor, "peer")
             # This agent's one CPU is taken by a job of its own that runs until cancelled.
-            loop = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 120_000}))).json()["id"]
-            with trio.fail_after(30):
-                while (await http.get(f"/v1/jobs/{loop}")).json()["state"] != "running":
-                    await trio.sleep(0.05)
+            loop = await start_running(http, wasm_spec("loop.wasm", limits={"wall_ms": 120_000}))
             hold_for_another_origin(executor, "elsewhere:held", "elsewhere")
 
             # Two CPUs: only the peer can run it. It is queued behind the held job.
@@ -77,14 +72,9 @@ async def test_an_own_job_that_fits_in_the_room_a_held_job_waits_for_goes_to_a_p
     async with running_agent(tmp_path / "p", node_id="peer", cpus=1, membership=FAST_MEMBERSHIP) as (peer, peer_http):
         async with running_agent(tmp_path / "e", node_id="exec", cpus=2, join=[peer.settings.gossip],
                                  membership=FAST_MEMBERSHIP) as (executor, http):
-            with trio.fail_after(30):
-                while executor.cluster is None or executor.cluster.state_of("peer") is None:
-                    await trio.sleep(0.05)
+            await await_peers(executor, "peer")
             endless = wasm_spec("loop.wasm", limits={"wall_ms": 120_000})
-            loop = (await http.post("/v1/jobs", json=endless)).json()["id"]
-            with trio.fail_after(30):
-                while (await http.get(f"/v1/jobs/{loop}")).json()["state"] != "running":
-                    await trio.sleep(0.05)
+            loop = await start_running(http, endless)
             # Held for another origin, it needs both CPUs here; one is free.
             hold_for_another_origin(executor, "elsewhere:big", "elsewhere", cpu=2)
 

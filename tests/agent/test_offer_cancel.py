@@ -8,7 +8,7 @@ the next candidate.
 
 import trio
 
-from agents import FAST_MEMBERSHIP, running_agent, wasm_spec
+from agents import FAST_MEMBERSHIP, await_peers, running_agent, wasm_spec
 
 
 async def test_a_job_cancelled_while_its_offer_is_in_flight_is_stopped_at_the_peer_that_accepted_it(tmp_path):
@@ -27,9 +27,7 @@ async def test_a_job_cancelled_while_its_offer_is_in_flight_is_stopped_at_the_pe
         executor._on_offer = offer_held_until_cancelled
         async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[executor.settings.gossip],
                                  membership=FAST_MEMBERSHIP) as (origin, http):
-            with trio.fail_after(30):
-                while origin.cluster is None or origin.cluster.state_of("exec") is None:
-                    await trio.sleep(0.05)
+            await await_peers(origin, "exec")
             spec = wasm_spec("loop.wasm", resources={"cpu": 2}, limits={"wall_ms": 120_000})
             job = (await http.post("/v1/jobs", json=spec)).json()["id"]
             with trio.fail_after(30):
@@ -66,10 +64,7 @@ async def test_a_job_cancelled_while_one_peer_holds_its_offer_is_offered_to_no_o
             a._on_offer, b._on_offer = refusing_after_cancel("exec-a"), refusing_after_cancel("exec-b")
             async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[a.settings.gossip],
                                      membership=FAST_MEMBERSHIP) as (origin, http):
-                with trio.fail_after(30):
-                    while origin.cluster is None or None in (origin.cluster.state_of("exec-a"),
-                                                             origin.cluster.state_of("exec-b")):
-                        await trio.sleep(0.05)
+                await await_peers(origin, "exec-a", "exec-b")
                 job = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", resources={"cpu": 2}))).json()["id"]
                 with trio.fail_after(30):
                     await first_held.wait()

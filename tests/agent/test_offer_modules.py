@@ -9,7 +9,7 @@ import hashlib
 
 import trio
 
-from agents import FAST_MEMBERSHIP, WASM, running_agent, wasm_spec
+from agents import FAST_MEMBERSHIP, WASM, await_peers, running_agent, wasm_spec
 
 HELLO_SHA = hashlib.sha256((WASM / "hello.wasm").read_bytes()).hexdigest()
 
@@ -26,9 +26,7 @@ async def test_a_peer_that_holds_the_module_gets_it_by_hash_and_one_that_lost_it
     async with running_agent(tmp_path / "e", node_id="exec", cpus=2, membership=FAST_MEMBERSHIP) as (executor, _):
         async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[executor.settings.gossip],
                                  membership=FAST_MEMBERSHIP) as (origin, http):
-            with trio.fail_after(30):
-                while origin.cluster is None or origin.cluster.state_of("exec") is None:
-                    await trio.sleep(0.05)
+            await await_peers(origin, "exec")
 
             await forwarded(http)
             assert HELLO_SHA in origin.peer_modules["exec"]
