@@ -650,7 +650,9 @@ class RemoteJobs:
             try:
                 reply = await self.transfer.request(executor, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
             except TransferError as e:
-                log.info("cancel of %s could not reach %s: %s; cancelling at the origin", rec.id, executor, e)
+                log.info("cancel of %s could not reach %s: %s; cancelling at the origin, and retrying the cancel "
+                         "there", rec.id, executor, e)
+                self._send_cancel(executor, rec)  # a paused or cut-off executor would run it to the end
         if reply is not None and reply.get("state") in ("cancelling",) or (
                 reply is not None and reply.get("state") in ("succeeded", "failed", "timed_out", "cancelled")):
             done = await self.wait_final(rec.id, 30)
