@@ -1,14 +1,17 @@
-"""A job cancelled while its origin is offering it to a peer ends there too.
+"""A cancel reaches a job at a peer even when the moment is awkward.
 
-Cancelling such a job ends it at the origin at once (it has not started anywhere the
-origin knows of). The offer is still on its way: the peer may accept it a moment
-later and start it, and the origin must not leave it running there, nor offer it to
-the next candidate.
+A job cancelled while its origin is offering it ends at the origin at once (it has
+not started anywhere the origin knows of). The offer is still on its way: the peer
+may accept it a moment later and start it, and the origin must not leave it running
+there, nor offer it to the next candidate.
+
+A job running at a peer that the cancel cannot reach (paused, cut off) ends at the
+origin, and the cancel keeps trying the peer, so that it does not run to its end.
 """
 
 import trio
 
-from agents import FAST_MEMBERSHIP, await_peers, running_agent, wasm_spec
+from agents import FAST_MEMBERSHIP, await_peers, running_agent, start_running, wasm_spec
 
 
 async def test_a_job_cancelled_while_its_offer_is_in_flight_is_stopped_at_the_peer_that_accepted_it(tmp_path):
@@ -73,3 +76,35 @@ async def test_a_job_cancelled_while_one_peer_holds_its_offer_is_offered_to_no_o
                 await trio.sleep(1.0)  # time enough for a second offer, were one sent
                 assert offers == offers[:1], offers
                 assert (await http.get(f"/v1/jobs/{job}")).json()["state"] == "cancelled"
+
+
+async def test_a_cancel_that_cannot_reach_the_executor_is_retried_until_it_does(tmp_path):
+    async with running_agent(tmp_path / "e", node_id="exec", cpus=2, membership=FAST_MEMBERSHIP) as (executor, _):
+        async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[executor.settings.gossip],
+                                 membership=FAST_MEMBERSHIP) as (origin, http):
+            await await_peers(origin, "exec")
+            spec = wasm_spec("loop.wasm", resources={"cpu": 2}, limits={"wall_ms": 120_000})
+            job = await start_running(http, spec)
+            assert (await http.get(f"/v1/jobs/{job}")).json()["executor"] == "exec"
+
+            answer = executor._on_cancel
+            reachable = False
+            tries = []
+
+            async def cut_off_until_the_origin_gave_up(msg):
+                tries.append(reachable)
+                if not reachable:
+                    raise ConnectionError("cut off")  # the origin's cancel fails, as to a paused peer
+                return await answer(msg)
+
+            executor._on_cancel = cut_off_until_the_origin_gave_up
+            rec = (await http.delete(f"/v1/jobs/{job}")).json()
+            assert rec["state"] == "cancelled", rec
+            assert any("did not confirm" in t["detail"] for t in rec["timeline"]), rec["timeline"]
+            reachable = True  # the peer is back
+
+            with trio.fail_after(20):  # not the guest's 120 s wall limit
+                while not executor.store.get(job).state.final:
+                    await trio.sleep(0.05)
+            assert executor.store.get(job).state.value == "cancelled"
+            assert tries[0] is False and True in tries
