@@ -103,6 +103,9 @@ IDLE_PUBLISH_S = 5.0
 #: Re-placement of jobs whose executor vanished from membership while we were not
 #: looking. The grace lets membership converge after our own restart first.
 ORPHAN_CHECK_S = 2.0
+#: How often the tenants and topology files are checked for changes (a stat each);
+#: SIGHUP re-reads them at once.
+FILE_POLL_S = 2.0
 ORPHAN_GRACE_S = 15.0
 #: How long a cancel waits for a stopped job to end before it answers with the record
 #: as it stands (a guest stops within an epoch tick, a process sandbox within its
@@ -256,6 +259,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self.membership: Any = None  # MembershipService, once started
         self.transfer: Any = None  # TransferService, once started
         self.topology: Any = None
+        self._topology_error: str | None = None
         if settings.topology is not None:
             from p2psched.topology import Topology, TopologyError
 
@@ -308,6 +312,15 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 nursery.start_soon(self._health_loop)
                 if self.settings.job_retention_h > 0:
                     nursery.start_soon(self._prune_loop)
+                if self.gate.holder is not None:
+                    from p2psched.security.reloader import watch_registry
+
+                    # SIGHUP is the agent's own (reload below); the watcher polls the file.
+                    await nursery.start(functools.partial(
+                        watch_registry, self.gate.holder, self.gate.on_reload, poll_interval=FILE_POLL_S,
+                        handle_sighup=False))
+                if self.topology is not None:
+                    nursery.start_soon(self._watch_topology)
                 await self._start_cluster(nursery)
                 await nursery.start(serve_api, self)
                 log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
@@ -331,8 +344,39 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read files that may change while running (tenants, topology)."""
+        """SIGHUP: re-read files that may change while running (tenants, topology).
+        Both are also re-read within FILE_POLL_S of a change."""
         self.gate.reload()
+        self._reload_topology()
+
+    async def _watch_topology(self) -> None:
+        while True:
+            await trio.sleep(FILE_POLL_S)
+            self._reload_topology()
+
+    def _reload_topology(self) -> None:
+        """Re-read the topology file if it changed. A file that does not load leaves
+        the topology as it was (placement keeps working) and says why."""
+        from p2psched.topology import TopologyError
+
+        if self.topology is None:
+            return
+        try:
+            changed = self.topology.reload_if_changed()
+        except TopologyError as e:
+            if str(e) != self._topology_error:  # once per bad edit, not every poll
+                log.error("topology not reloaded: %s", e)
+            self._topology_error = str(e)
+            return
+        self._topology_error = None
+        if not changed:
+            return
+        where = self.topology.locate(self.node_id)
+        log.info("topology reloaded from %s: %d hosts; this agent is on leaf %s", self.settings.topology,
+                 len(self.topology.hosts), where.leaf)
+        if not where.known:
+            log.warning("node %s is not a host in %s: %s", self.node_id, self.settings.topology, where.note)
+        self._vector_changed.set()  # its position may have moved: gossip it
 
     async def _shutdown(self) -> None:
         self.accepting = False
@@ -899,7 +943,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             self._vector_changed = trio.Event()
             await trio.sleep(PUBLISH_INTERVAL_S)
             state = self.local_state()
-            key = (state.vector.to_wire(), state.tenants)
+            key = (state.vector.to_wire(), state.tenants, state.position, state.labels)
             if key != last and self.membership is not None:
                 last = key
                 self.membership.update_local_state(state)

@@ -97,6 +97,25 @@ def test_sighup_reloads_a_good_registry_and_keeps_the_old_on_a_bad_one(tmp_path,
         agent.stop()
 
 
+def test_an_edited_registry_applies_without_a_signal(tmp_path, tenants):
+    """`p2psched tenant add` edits the file; the running agent notices within seconds."""
+    reg, keys = tenants
+    agent = new_agent(tmp_path, "watcher", "--tenants", str(reg)).start()
+    try:
+        dave = ["--tenant", "dave", "--key", str(keys / "dave.key")]
+        cli("tenant", "keygen", "dave", "--out", str(keys))
+        p = cli("submit", "examples/wasm/hello.wasm", *dave, agent=agent, check=False)
+        assert p.returncode == 3 and b"401" in p.stderr
+        cli("tenant", "add", "dave", "--pubkey", str(keys / "dave.pub"), "--tenants", str(reg), "--cap", "wasm")
+        deadline = time.monotonic() + 20
+        while cli("submit", "examples/wasm/hello.wasm", *dave, agent=agent, check=False).returncode != 0:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.3)
+        assert "tenant registry reloaded" in agent.log()
+    finally:
+        agent.stop()
+
+
 def test_quota_counts_jobs_held_at_other_agents(tmp_path, tenants):
     from agents import start_cluster, stop_all
     from p2psched.security.client import RequestSigner, sign_submission
