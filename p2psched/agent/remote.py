@@ -646,7 +646,7 @@ class RemoteJobs:
         executor = rec.executor
         state = self.cluster.state_of(executor) if (self.cluster and executor) else None
         reply = None
-        if state is not None and state.transfer and self.transfer is not None:
+        if executor is not None and state is not None and state.transfer and self.transfer is not None:
             try:
                 reply = await self.transfer.request(executor, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
             except TransferError as e:
