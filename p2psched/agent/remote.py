@@ -356,6 +356,17 @@ class RemoteJobs:
                     raise ValueError(f"offer for {job_id}: module bytes do not match module_sha256")
         if not self.accepting:
             return {"t": m.REFUSE, "id": job_id, "reason": "draining", **self._vector_wire()}
+        if self.settings.allow_measurements:
+            # The allow-list binds both ways: no job goes to, or comes from, a peer
+            # running other code or settings. The sender is its certificate's node
+            # (with TLS), else the origin the offer names.
+            sender = peer or str(job.get("origin"))
+            state = self.cluster.state_of(sender) if self.cluster is not None else None
+            if state is None or not self._peer_trusted(state):
+                log.warning("refused job %s from %s: its measurement is not on this agent's allow-list", job_id,
+                            sender)
+                return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
+                        "reason": f"measurement of {sender} is not on {self.node_id}'s allow-list"}
         if spec.runtime in self.health.impaired:
             return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
                     "reason": f"impaired: {spec.runtime} jobs kept failing on this host for the host's fault"}
