@@ -599,9 +599,15 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self.active[rec.id] = rec
         return rec, True
 
+    def _known(self, spec: JobSpec) -> bool:
+        """Whether ``spec`` names a job this agent holds: submitting it again returns
+        that job (once admission has checked who asks), full queue or not."""
+        return spec.id is not None and (spec.id in self.active or self.store.get(spec.id) is not None)
+
     async def submit(self, spec: JobSpec, auth: Any = None) -> tuple[dict[str, Any], bool]:
         """Accept one job durably. Returns (record as JSON data, created)."""
-        self._admit_check()
+        if not self._known(spec):
+            self._admit_check()
         home = self.home_of(spec.id)
         if home is not None:
             proxied = await self.submit_at_home(home, spec, auth)
@@ -632,7 +638,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             try:
                 # The jobs accepted so far in this batch are queued only once the batch is
                 # durable: they count against the queue's bound all the same.
-                self._admit_check(extra=1 + len(created))
+                if not self._known(spec):
+                    self._admit_check(extra=1 + len(created))
                 home = self.home_of(spec.id)
                 proxied = await self.submit_at_home(home, spec, auth) if home is not None else None
                 if proxied is not None:

@@ -113,12 +113,17 @@ async def test_queue_full_gets_429_with_retry_after(tmp_path):
         running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
         while agent.get(running["id"]).state.value != "running":
             await trio.sleep(0.01)
-        for _ in range(2):
-            assert (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).status_code == 202
+        assert (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", id="mine"))).status_code == 202
+        assert (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).status_code == 202
         r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["reason"] == "queue_full"
+        # A client that lost the answer for a job it named gets that job, full queue or not.
+        again = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", id="mine"))
+        assert again.status_code == 200 and again.json()["id"] == "mine", again.text
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm", id="mine")]})
+        assert r.json()["results"][0]["job"]["id"] == "mine", r.text
         metrics = (await http.get("/metrics")).text
         assert 'p2psched_admission_rejections_total{reason="queue_full"} 1.0' in metrics
         assert "p2psched_queue_length 2.0" in metrics
