@@ -34,6 +34,7 @@ from p2psched.jobs.record import JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
 from p2psched.jobs.store import StoreError
+from p2psched.logs import JobLog
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.transfer import messages as m
 from p2psched.transfer.service import TransferError
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from p2psched.agent.agent import Agent
 
 log = logging.getLogger("p2psched.remote")
+job_log = JobLog()
 
 #: Attempts a job may take (placements that lost their executor) before it fails.
 #: Each attempt after the first waits longer (RETRY_BASE_S * 2**n, at most RETRY_MAX_S),
@@ -396,6 +398,8 @@ class RemoteJobs:
         rec.state = JobState.QUEUED
         rec.timeline.append({"state": "queued", "at": now, "node": self.node_id,
                              "detail": f"accepted from {rec.origin}"})
+        self.metrics.job_state("queued", rec.runtime).inc()
+        job_log(rec.id, "queued", f"accepted from {rec.origin}", now)
         self.store.stage(rec, new=True)
         self.active[rec.id] = rec
         # Reserve now, before awaiting the store, so that two offers cannot both take
@@ -500,10 +504,16 @@ class RemoteJobs:
                 self.early_status[rec.id] = entry
             return
         if entry.get("state") == "running" and rec.state is JobState.PLACED:
-            rec.advance(JobState.RUNNING, float(entry.get("at", time.time())), str(entry.get("node")),
-                        str(entry.get("detail", "")))
-            self.metrics.job_state("running", rec.runtime).inc()
-            self.store.stage(rec)
+            self._record_elsewhere(rec, JobState.RUNNING, float(entry.get("at", time.time())),
+                                   str(entry.get("node")), str(entry.get("detail", "")))
+
+    def _record_elsewhere(self: Agent, rec: JobRecord, state: JobState, at: float, node: str, detail: str) -> None:
+        """A transition the executor ``node`` made, as the origin learns of it: in the
+        timeline under that node, counted, logged and staged as the origin's own are."""
+        rec.advance(state, at, node, detail)
+        self.metrics.job_state(state.value, rec.runtime).inc()
+        job_log(rec.id, state.value, f"on {node}: {detail}" if detail else f"on {node}", at)
+        self.store.stage(rec)
 
     def _stop_stale_attempt(self: Agent, rec: JobRecord | None, entry: dict[str, Any]) -> None:
         """Cancel an attempt that runs where this origin no longer placed the job.
@@ -599,9 +609,8 @@ class RemoteJobs:
                          stderr=stderr if isinstance(stderr, bytes) and len(stderr) <= rec.spec.limits.stderr_bytes
                          else None)
         if rec.state is JobState.PLACED and state is not JobState.CANCELLED:
-            rec.advance(JobState.RUNNING, time.time(), executor, "(learned from the result)")
+            self._record_elsewhere(rec, JobState.RUNNING, time.time(), executor, "(learned from the result)")
         self._advance(rec, state, time.time(), detail)
-        self.metrics.run_seconds.labels(rec.runtime)
         await self.store.sync()
         if previous and previous != executor:
             self._send_cancel(previous, rec)  # a newer attempt is still out there: stop it

@@ -52,3 +52,30 @@ def test_log_level_warning_turns_the_job_lines_off(tmp_path):
     finally:
         assert agent.stop() == 0
     assert job_lines(agent.log_path.read_text(), job) == []
+
+
+def test_a_forwarded_job_is_logged_at_its_origin_and_at_its_executor(tmp_path):
+    import time
+
+    from agents import start_cluster, stop_all
+
+    agents = start_cluster(tmp_path, ["lo", "le"], "--cpus", "1", "--log-format", "json")
+    try:
+        with agents[0].client() as http:
+            busy = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 30000})).json()["id"]
+            deadline = time.monotonic() + 30
+            while http.get(f"/v1/jobs/{busy}").json()["state"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
+            rec = http.get(f"/v1/jobs/{job}", params={"wait": 30}).json()
+            assert rec["state"] == "succeeded" and rec["executor"] == "le", rec
+            http.delete(f"/v1/jobs/{busy}")
+    finally:
+        stop_all(agents)
+    at_origin = job_lines(agents[0].log_path.read_text(), job)
+    at_executor = job_lines(agents[1].log_path.read_text(), job)
+    # The origin logs what it learns of the run at the executor too (running), naming where.
+    assert [e["state"] for e in at_origin] == ["queued", "placed", "running", "succeeded"], at_origin
+    assert "on le" in at_origin[2]["detail"]
+    assert [e["state"] for e in at_executor] == ["queued", "placed", "running", "succeeded"], at_executor
