@@ -15,7 +15,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,14 +39,22 @@ def _split_list(v: Any) -> Any:
     return v
 
 
-HostPort = Annotated[str, Field(pattern=r"^[^\s]*:\d{1,5}$")]
+HOSTPORT_PATTERN = r"^[^\s]*:\d{1,5}$"
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+#: The patterns in words, for error messages: a user should not have to read a regex.
+_PATTERN_WORDS = {
+    HOSTPORT_PATTERN: "HOST:PORT, e.g. 127.0.0.1:7700",
+    NODE_ID_PATTERN: "letters, digits, '.', '_' and '-', starting with a letter or digit",
+}
+
+HostPort = Annotated[str, Field(pattern=HOSTPORT_PATTERN)]
 
 
 class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     node_id: str = Field(
-        default_factory=socket.gethostname, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        default_factory=socket.gethostname, min_length=1, max_length=64, pattern=NODE_ID_PATTERN,
         description="This agent's id in the cluster; defaults to the hostname. Put it in job ids and the topology.",
     )
     api: HostPort = Field("0.0.0.0:7700", description="HTTP API address.")
@@ -164,16 +172,54 @@ class ConfigError(ValueError):
     pass
 
 
+def _number(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def allowed_values(name: str) -> str | None:
+    """The whole allowed range of setting ``name`` in words ("1 to 10000000", "'fair' or
+    'fifo'"), read from its declared bounds; None for a setting without any. Every error
+    about the setting shows it, whichever check failed, so one message is enough to fix it."""
+    field = AgentSettings.model_fields.get(name)
+    if field is None:
+        return None
+    types = [field.annotation]
+    if get_origin(field.annotation) in (Union, type(int | None)):
+        types = [t for t in get_args(field.annotation) if t is not type(None)]
+    if len(types) == 1 and get_origin(types[0]) is Literal:
+        choices = [repr(c) for c in get_args(types[0])]
+        return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+    if types == [bool]:
+        return "true or false"
+    keys = ("ge", "gt", "le", "lt", "min_length", "max_length", "pattern")
+    bound = {k: getattr(m, k) for m in field.metadata for k in keys if getattr(m, k, None) is not None}
+    parts = []
+    if "ge" in bound and "le" in bound:
+        parts.append(f"{_number(bound['ge'])} to {_number(bound['le'])}")
+    else:
+        low = [f"{w} {_number(bound[k])}" for k, w in (("ge", "at least"), ("gt", "more than")) if k in bound]
+        high = [f"{w} {_number(bound[k])}" for k, w in (("le", "at most"), ("lt", "less than")) if k in bound]
+        if low or high:
+            parts.append(" and ".join(low + high))
+    if "min_length" in bound or "max_length" in bound:
+        lo, hi = bound.get("min_length", 0), bound.get("max_length")
+        parts.append(f"{lo} to {hi} characters" if hi is not None else f"at least {lo} characters")
+    if "pattern" in bound:
+        parts.append(_PATTERN_WORDS.get(bound["pattern"], f"matching {bound['pattern']}"))
+    return ": ".join(parts) or None
+
+
 def format_validation_error(e: ValidationError, *, source: str = "configuration") -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        ctx = err.get("ctx") or {}
-        bounds = ", ".join(f"{k} {v}" for k, v in ctx.items() if k in ("ge", "gt", "le", "lt", "pattern", "expected"))
+        msg = err["msg"].removeprefix("Value error, ")
+        allowed = allowed_values(str(err["loc"][0])) if err["loc"] else None
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling (`p2psched agent --help` lists every setting)"
-        lines.append(f"{source}: {key}: {msg}" + (f" (allowed: {bounds})" if bounds else ""))
+            msg, allowed = "unknown key; check its spelling (`p2psched agent --help` lists every setting)", None
+        if allowed and allowed not in msg:  # a Literal's message lists its choices already
+            msg += f" (allowed: {allowed})"
+        lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 
 

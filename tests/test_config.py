@@ -70,3 +70,47 @@ def test_unknown_file_key_is_refused_by_name(tmp_path):
     cfg.write_text("queue_limt = 3\n")
     with pytest.raises(ConfigError, match="queue_limt: unknown key"):
         load_settings(cfg, node_id="x")
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    # a type error, not only a broken bound, still shows the whole range
+    ({"queue_limit": "abc"}, "queue_limit: Input should be a valid integer, unable to parse string as an integer "
+                             "(allowed: 1 to 10000000)"),
+    ({"queue_limit": 0}, "queue_limit: Input should be greater than or equal to 1 (allowed: 1 to 10000000)"),
+    # the bound that was broken and the other one
+    ({"cpus": -1}, "cpus: Input should be greater than 0 (allowed: more than 0 and at most 4096)"),
+    ({"mem_mb": 1.5}, "mem_mb: Input should be a valid integer, got a number with a fractional part "
+                      "(allowed: 16 to 1073741824)"),
+    # a length error names the length and the characters
+    ({"node_id": ""}, "node_id: String should have at least 1 character (allowed: 1 to 64 characters: letters, "
+                      "digits, '.', '_' and '-', starting with a letter or digit)"),
+    ({"cluster_name": "x" * 65}, "cluster_name: String should have at most 64 characters "
+                                 "(allowed: 1 to 64 characters)"),
+    ({"api": "localhost"}, "api: String should match pattern '^[^\\s]*:\\d{1,5}$' (allowed: HOST:PORT, e.g. "
+                           "127.0.0.1:7700)"),
+    ({"placement_policy": "best"}, "placement_policy: Input should be 'p2p', 'local-first', 'random' or "
+                                   "'round-robin'"),
+    ({"no_mdns": "maybe"}, "no_mdns: Input should be a valid boolean, unable to interpret input "
+                           "(allowed: true or false)"),
+])
+def test_invalid_values_name_the_key_and_the_whole_allowed_range(kw, expected):
+    with pytest.raises(ConfigError) as e:
+        load_settings(**{"node_id": "x", **kw})
+    assert str(e.value) == f"configuration: {expected}"
+
+
+def test_every_bounded_setting_has_its_range_in_words():
+    from p2psched.config import AgentSettings, allowed_values
+
+    for name, field in AgentSettings.model_fields.items():
+        if field.metadata or "Literal" in str(field.annotation):
+            words = allowed_values(name)
+            assert words and "None" not in words and "^" not in words, (name, words)
+
+
+def test_a_numeric_agent_flag_that_is_not_a_number_gets_the_range(tmp_path):
+    from agents import cli
+
+    p = cli("agent", "--node-id", "x", "--data-dir", tmp_path, "--queue-limit", "lots")
+    assert p.returncode == 2
+    assert b"queue_limit: Input should be a valid integer" in p.stderr and b"(allowed: 1 to 10000000)" in p.stderr
