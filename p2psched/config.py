@@ -93,8 +93,15 @@ class AgentSettings(BaseModel):
         10.0, ge=0, le=3600, description="On SIGINT/SIGTERM, how long running jobs may finish before they are stopped."
     )
     drain_on_sigterm: bool = Field(False, description="SIGTERM drains (hand queued jobs to peers) before exit.")
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text for a terminal, or as one JSON object per line for a log collector.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info",
+        description="Least severe log level written. info writes one line per job transition, with the job id; "
+        "warning leaves those out (four or more a job); debug adds why placements and retries "
+        "went as they did.",
+    )
     max_request_bytes: int = Field(
         96 * 1024 * 1024, ge=1024, le=1 << 31,
         description="Largest HTTP request body; a 64 MiB module is 86 MiB in base64.",
@@ -115,7 +122,11 @@ class AgentSettings(BaseModel):
         description="Membership tuning, e.g. probe_interval (see docs/membership.md); a [membership] table in "
         "the config file, or JSON in P2PSCHED_MEMBERSHIP.",
     )
-    placement_policy: Literal["p2p", "local-first", "random", "round-robin"] = "p2p"
+    placement_policy: Literal["p2p", "local-first", "random", "round-robin"] = Field(
+        "p2p",
+        description="Where a job submitted here runs: p2p weighs network cost, then load, then GPU fit "
+        "(docs/scheduling.md); local-first, random and round-robin are there to compare against it.",
+    )
     process_warm_pool: int = Field(
         2, ge=0, le=64,
         description="Process sandboxes kept pre-built once the first process job arrives: a warm start costs "

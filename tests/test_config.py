@@ -114,3 +114,16 @@ def test_a_numeric_agent_flag_that_is_not_a_number_gets_the_range(tmp_path):
     p = cli("agent", "--node-id", "x", "--data-dir", tmp_path, "--queue-limit", "lots")
     assert p.returncode == 2
     assert b"queue_limit: Input should be a valid integer" in p.stderr and b"(allowed: 1 to 10000000)" in p.stderr
+
+
+def test_every_setting_is_documented_and_each_flag_shows_its_default():
+    from p2psched.cli.agent import agent
+    from p2psched.config import AgentSettings, _number
+
+    fields = AgentSettings.model_fields
+    assert not [name for name, f in fields.items() if not f.description]
+    for param in agent.params:
+        field = fields.get(param.name or "")
+        if field is None or field.default is None or isinstance(field.default, bool) or field.default_factory:
+            continue
+        assert f"[{_number(field.default)}]" in (getattr(param, "help", "") or ""), (param.name, field.default)

@@ -61,13 +61,15 @@ def _leaves(group: BaseException) -> list[BaseException]:
 @click.option("--insecure", is_flag=True, default=None, help="No gossip encryption or TLS (says so loudly).")
 @click.option("--gossip-key", type=click.Path(path_type=Path), help="Gossip keyring file.")
 @click.option("--tls-dir", type=click.Path(path_type=Path), help="Directory with ca.pem and this node's cert.")
-@click.option("--cluster-name", help="Cluster name bound into gossip encryption.")
-@click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]))
+@click.option("--cluster-name", help="Cluster name bound into gossip encryption [p2psched].")
+@click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]),
+              help="Where jobs submitted here run; the others are baselines to compare p2p against [p2p].")
 @click.option("--process-warm-pool", metavar="N", help="Process sandboxes kept pre-built [2].")
 @click.option("--gpus", help="Declared GPUs (see docs/gpu.md).")
 @click.option("--gpu-profile", help="How GPUs are offered: whole, shared:N, mig [whole].")
-@click.option("--log-format", type=click.Choice(["text", "json"]))
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text, or JSON per line [text].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least severe level logged; info logs each job transition, warning does not [info].")
 def agent(config_file: Path | None, **flags: object) -> None:
     """Run the agent on this host. Every flag is also P2PSCHED_<NAME> and a config key."""
     overrides = {k: v for k, v in flags.items() if v is not None and v != ()}
