@@ -1,7 +1,8 @@
 """Agent configuration: one typed, validated model.
 
 Every field is a flag (``--data-dir``), an environment variable (``P2PSCHED_DATA_DIR``)
-and a key in the TOML config file (``data_dir = "..."``). Precedence: flags over
+and a key in the TOML config file (``data_dir = "..."``) that ``--config`` or
+``$P2PSCHED_CONFIG`` names. Precedence: flags over
 environment over file over defaults. Each default says why it is what it is.
 
 The merge is done here rather than by pydantic-settings: that library and what it
@@ -20,6 +21,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "P2PSCHED_"
+#: The config file when --config is not given; not a setting itself (a file cannot name a file).
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
 #: Settings given in the environment as JSON (P2PSCHED_MEMBERSHIP='{"probe_interval": 2}').
 #: Lists are comma-separated instead (P2PSCHED_JOIN=10.0.0.1:7701,10.0.0.2:7701).
 _JSON_FROM_ENV = {"membership"}
@@ -262,9 +265,16 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
-    """Build settings from flags (``overrides``), environment, then the TOML file."""
+    """Build settings from flags (``overrides``), environment, then the TOML file:
+    ``config_file`` (--config), else the one $P2PSCHED_CONFIG names."""
+    fix = "pass an existing TOML file to --config"
+    if config_file is None:
+        named = {k.lower(): v for k, v in os.environ.items()}.get(CONFIG_ENV.lower())
+        if named:
+            config_file = Path(named)
+            fix = f"set {CONFIG_ENV} to an existing TOML file, or unset it"
     if config_file is not None and not config_file.exists():
-        raise ConfigError(f"config file {config_file} does not exist; pass an existing TOML file to --config")
+        raise ConfigError(f"config file {config_file} does not exist; {fix}")
     merged: dict[str, Any] = {}
     if config_file is not None:
         import tomllib

@@ -127,3 +127,26 @@ def test_every_setting_is_documented_and_each_flag_shows_its_default():
         if field is None or field.default is None or isinstance(field.default, bool) or field.default_factory:
             continue
         assert f"[{_number(field.default)}]" in (getattr(param, "help", "") or ""), (param.name, field.default)
+
+
+def test_the_config_file_can_be_named_in_the_environment(tmp_path, monkeypatch):
+    by_env = tmp_path / "env.toml"
+    by_env.write_text('queue_limit = 7\ngrace_s = 3.0\n')
+    monkeypatch.setenv("P2PSCHED_CONFIG", str(by_env))
+    monkeypatch.setenv("P2PSCHED_GRACE_S", "4.5")
+    s = load_settings(node_id="x")
+    assert s.queue_limit == 7  # read from the file $P2PSCHED_CONFIG names
+    assert s.grace_s == 4.5  # and the environment still beats that file
+    by_flag = tmp_path / "flag.toml"
+    by_flag.write_text("queue_limit = 9\n")
+    assert load_settings(by_flag, node_id="x").queue_limit == 9  # --config beats $P2PSCHED_CONFIG
+
+
+def test_a_missing_config_file_named_in_the_environment_says_so(tmp_path, monkeypatch):
+    from agents import cli
+
+    monkeypatch.setenv("P2PSCHED_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="nope.toml does not exist; set P2PSCHED_CONFIG to an existing TOML file"):
+        load_settings(node_id="x")
+    p = cli("agent", "--node-id", "x", "--data-dir", tmp_path / "data")  # the agent reads it too
+    assert p.returncode == 2 and b"P2PSCHED_CONFIG" in p.stderr, p.stderr

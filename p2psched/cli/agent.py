@@ -35,7 +35,8 @@ def _leaves(group: BaseException) -> list[BaseException]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML config file; P2PSCHED_CONFIG names one when this flag is not given.")
 @click.option("--node-id", help="This agent's id (default: hostname).")
 @click.option("--api", help="HTTP API HOST:PORT [0.0.0.0:7700].")
 @click.option("--gossip", help="Gossip HOST:PORT, UDP [0.0.0.0:7701].")
