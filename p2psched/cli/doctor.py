@@ -59,18 +59,27 @@ def check_data_dir(path: Path) -> Check:
     return ("data dir", True, f"{path} is writable and no agent uses it", "")
 
 
-def check_port(name: str, hostport: str, kind: int) -> Check:
+_PROTOCOLS: dict[int, str] = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP"}
+
+
+def check_port(name: str, hostport: str, *kinds: int) -> Check:
+    """Whether the agent could bind ``hostport`` for each of ``kinds``: the gossip port
+    takes UDP for SWIM and TCP for push-pull, and either one taken stops the agent."""
     host, _, port = hostport.rpartition(":")
-    s = socket.socket(socket.AF_INET, kind)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host or "0.0.0.0", int(port)))
-        return (f"port {name}", True, f"{hostport} is free", "")
-    except OSError as e:
-        return (f"port {name}", False, f"{hostport}: {e.strerror}",
-                f"stop whatever uses {hostport} (`ss -lntup | grep {port}`) or pass --{name} HOST:OTHERPORT")
-    finally:
-        s.close()
+    protocols = " and ".join(_PROTOCOLS[k] for k in kinds)
+    for kind in kinds:
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent binds: TIME_WAIT is no conflict
+            s.bind((host or "0.0.0.0", int(port)))
+        except OSError as e:
+            ss = "-lntp" if kind == socket.SOCK_STREAM else "-lnup"
+            return (f"port {name}", False, f"{hostport} ({_PROTOCOLS[kind]}): {e.strerror}",
+                    f"stop whatever uses {_PROTOCOLS[kind]} port {port} (`ss {ss} | grep :{port}`), "
+                    f"or pass --{name} HOST:OTHERPORT with a port free for {protocols}")
+        finally:
+            s.close()
+    return (f"port {name}", True, f"{hostport} is free ({protocols})", "")
 
 
 def check_cgroups() -> Check:
@@ -148,7 +157,8 @@ def doctor(data_dir: Path, api: str, gossip: str, transfer: str) -> None:
     """Check what works on this host, and how to fix what doesn't."""
     checks: list[Check] = [
         check_python(), check_wasmtime(), check_data_dir(data_dir),
-        check_port("api", api, socket.SOCK_STREAM), check_port("gossip", gossip, socket.SOCK_DGRAM),
+        check_port("api", api, socket.SOCK_STREAM),
+        check_port("gossip", gossip, socket.SOCK_DGRAM, socket.SOCK_STREAM),
         check_port("transfer", transfer, socket.SOCK_STREAM), check_cgroups(), check_userns(), check_leftovers(),
     ]
     checks += _module_checks("p2psched.sandbox.process")

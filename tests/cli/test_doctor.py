@@ -10,10 +10,10 @@ from p2psched.agent.datadir import DataDirLock
 from agents import free_port
 
 
-def doctor(tmp_path, data_dir, api_port):
+def doctor(tmp_path, data_dir, api_port, gossip_port=None):
     out = subprocess.run(
         [sys.executable, "-m", "p2psched", "doctor", "--data-dir", str(data_dir), "--api", f"127.0.0.1:{api_port}",
-         "--gossip", f"127.0.0.1:{free_port()}", "--transfer", f"127.0.0.1:{free_port()}"],
+         "--gossip", f"127.0.0.1:{gossip_port or free_port()}", "--transfer", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     rows = {}
@@ -33,6 +33,7 @@ def test_doctor_checks_each_thing_and_passes_on_this_host(tmp_path):
     assert rows["wasmtime"][1].endswith("trial run 2+3=5")
     assert rows["data dir"] == ("ok", f"{tmp_path / 'data'} is writable and no agent uses it")
     assert rows["cgroups"][1].startswith(("v1", "v2"))
+    assert rows["port gossip"][0] == "ok" and rows["port gossip"][1].endswith("is free (UDP and TCP)")
 
 
 def test_doctor_fails_a_data_dir_an_agent_holds_and_a_taken_port_with_fixes(tmp_path):
@@ -50,3 +51,17 @@ def test_doctor_fails_a_data_dir_an_agent_holds_and_a_taken_port_with_fixes(tmp_
     assert "node n7" in rows["data dir"][1]
     assert rows["port api"][0] == "FAIL"
     assert "fix: stop that agent, or give the new one another --data-dir" in out.stdout
+
+
+def test_doctor_fails_a_gossip_port_taken_for_tcp_only(tmp_path):
+    """The agent binds its gossip port for UDP (SWIM) and TCP (push-pull): a TCP
+    listener there stops it, though the port is free for UDP."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        out, rows = doctor(tmp_path, tmp_path / "data", free_port(), gossip_port=port)
+    assert out.returncode == 1, out.stdout
+    assert rows["port gossip"] == ("FAIL", f"127.0.0.1:{port} (TCP): Address already in use")
+    assert (f"fix: stop whatever uses TCP port {port} (`ss -lntp | grep :{port}`), or pass --gossip "
+            "HOST:OTHERPORT with a port free for UDP and TCP") in out.stdout
