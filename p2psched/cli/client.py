@@ -173,6 +173,20 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 @click.option("--cpu-ms", type=int, help="CPU-time limit, ms.")
 @click.option("--fuel", type=int, help="WebAssembly fuel limit.")
 @click.option("--mem-limit-mb", type=int, help="Hard memory limit, MiB [256].")
+@click.option("--stack-bytes", type=int, help="WebAssembly stack limit, bytes [1048576].")
+@click.option("--pids", type=int, help="Processes a process job may hold at once [64].")
+@click.option("--nofile", type=int, help="Open files a process job may hold [64].")
+@click.option("--fsize-bytes", type=int, help="Largest file a process job may write, bytes [67108864].")
+@click.option("--scratch-mb", type=int, help="Size of a process job's scratch directory, MiB [64].")
+@click.option("--stdout-bytes", type=int, help="stdout kept; the rest is cut and flagged [1048576].")
+@click.option("--stderr-bytes", type=int, help="stderr kept; the rest is cut and flagged [262144].")
+@click.option("--violation", type=click.Choice(["graceful", "kill"]),
+              help="On a limit: kill at once, or graceful: SIGTERM, --grace-ms, then SIGKILL [kill].")
+@click.option("--grace-ms", type=int, help="Grace between SIGTERM and SIGKILL with --violation graceful [2000].")
+@click.option("--mask", "masks", multiple=True, metavar="PATTERN",
+              help="Text or regex scrubbed from stdout and stderr before they are stored (repeatable).")
+@click.option("--artifact", "artifacts", multiple=True, metavar="PATH",
+              help="File in the job's scratch directory returned with the result (repeatable).")
 @click.option("--priority", type=int, help="Priority; higher runs first [0].")
 @click.option("--cap", "caps", multiple=True, help="Capability the job needs (network, gpu; repeatable).")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label (repeatable).")
@@ -188,7 +202,10 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_url: str, job_id: str | None,
            input_file: str | None, args: tuple[str, ...], env: tuple[str, ...], entry: str, cpu: float | None,
            mem_mb: int | None, gpu: int | None, gpu_type: str | None, wall_ms: int | None, cpu_ms: int | None,
-           fuel: int | None, mem_limit_mb: int | None, priority: int | None, caps: tuple[str, ...],
+           fuel: int | None, mem_limit_mb: int | None, stack_bytes: int | None, pids: int | None,
+           nofile: int | None, fsize_bytes: int | None, scratch_mb: int | None, stdout_bytes: int | None,
+           stderr_bytes: int | None, violation: str | None, grace_ms: int | None, masks: tuple[str, ...],
+           artifacts: tuple[str, ...], priority: int | None, caps: tuple[str, ...],
            labels: tuple[str, ...], tenant: str | None, key: Path | None, wait: bool, follow: bool, timeout: float,
            retry_s: float, as_json: bool) -> None:
     """Submit MODULE (a .wasm file), or with --process a command: submit --process -- CMD ARGS..."""
@@ -231,11 +248,20 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
                  if v is not None}
     if resources:
         spec["resources"] = resources
-    limits = {k: v for k, v in {"wall_ms": wall_ms, "cpu_ms": cpu_ms, "fuel": fuel,
-                                 "mem_bytes": mem_limit_mb * 1024 * 1024 if mem_limit_mb else None}.items()
-              if v is not None}
+    # `is not None`, not truthiness: a 0 the user typed goes to the agent, which refuses it
+    # with the allowed range, rather than being dropped for the default.
+    limits = {k: v for k, v in {
+        "wall_ms": wall_ms, "cpu_ms": cpu_ms, "fuel": fuel,
+        "mem_bytes": mem_limit_mb * 1024 * 1024 if mem_limit_mb is not None else None, "stack_bytes": stack_bytes,
+        "pids": pids, "nofile": nofile, "fsize_bytes": fsize_bytes, "scratch_mb": scratch_mb,
+        "stdout_bytes": stdout_bytes, "stderr_bytes": stderr_bytes, "violation": violation, "grace_ms": grace_ms,
+    }.items() if v is not None}
     if limits:
         spec["limits"] = limits
+    if masks:
+        spec["mask_patterns"] = list(masks)
+    if artifacts:
+        spec["artifacts"] = list(artifacts)
     if priority is not None:
         spec["priority"] = priority
     if caps:
