@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -51,6 +52,20 @@ _PATTERN_WORDS = {
 }
 
 HostPort = Annotated[str, Field(pattern=HOSTPORT_PATTERN)]
+
+#: Node label keys and values: Kubernetes' rule for a label value (63 characters of
+#: letters, digits, '.', '_' and '-', beginning and ending alphanumeric), so labels
+#: copied from a Kubernetes node fit, and commas and '=' stay free to separate them.
+LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+#: Labels travel in the gossiped node state. A typical state is ~320 bytes of a
+#: 1,200-byte datagram; 16 short labels fit beside it. A longer set still works, but
+#: then the state rides push-pull (every few seconds) instead of every datagram.
+MAX_LABELS = 16
+#: Keys the agent sets itself: the GPU inventory's (p2psched.gpu.discovery).
+RESERVED_LABEL_PREFIX = "gpu."
+LABELS_ALLOWED = (f"at most {MAX_LABELS} KEY=VALUE pairs; each key and value 1 to 63 letters, digits, '.', '_' "
+                  f"and '-', starting and ending with a letter or digit; no key starting with "
+                  f"{RESERVED_LABEL_PREFIX} or node.")
 
 
 class AgentSettings(BaseModel):
@@ -125,6 +140,13 @@ class AgentSettings(BaseModel):
         description="Membership tuning, e.g. probe_interval (see docs/membership.md); a [membership] table in "
         "the config file, or JSON in P2PSCHED_MEMBERSHIP.",
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="This agent's node labels, e.g. zone=a: a job labelled node.zone=a runs only on agents "
+        "labelled zone=a (docs/scheduling.md). --label KEY=VALUE (repeatable), P2PSCHED_LABELS=zone=a,rack=r1 or a "
+        "[labels] table in the config file; a higher source replaces the lower one's labels as a whole. Peers "
+        "learn them through gossip. gpu.* labels are the GPU inventory's and cannot be set here.",
+    )
     placement_policy: Literal["p2p", "local-first", "random", "round-robin"] = Field(
         "p2p",
         description="Where a job submitted here runs: p2p weighs network cost, then load, then GPU fit "
@@ -147,6 +169,43 @@ class AgentSettings(BaseModel):
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_pairs(cls, v: Any) -> Any:
+        """zone=a,rack=r1 (the environment) or ["zone=a", "rack=r1"] (--label) to a dict;
+        a table (the config file) is taken as it is."""
+        if isinstance(v, str):
+            v = _split_list(v)
+        if not isinstance(v, (list, tuple)):
+            return v
+        out: dict[str, str] = {}
+        for item in v:
+            key, sep, value = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"label {item!r} must be KEY=VALUE, e.g. zone=a")
+            if key in out:
+                raise ValueError(f"label {key!r} is given twice ({out[key]!r} and {value!r}); give each key once")
+            out[key] = value
+        return out
+
+    @field_validator("labels")
+    @classmethod
+    def _label_rules(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_LABELS:
+            raise ValueError(f"{len(v)} labels given; keep the ones placement needs")
+        for key, value in v.items():
+            if key.startswith(RESERVED_LABEL_PREFIX):
+                raise ValueError(f"label key {key!r}: {RESERVED_LABEL_PREFIX}* labels are set by the GPU inventory "
+                                 "(docs/gpu.md); choose another key")
+            if key.startswith("node."):
+                raise ValueError(f"label key {key!r}: give it without 'node.' ({key[5:]}={value}); a job asks for "
+                                 f"it as node.{key[5:]}={value}")
+            if not LABEL_RE.match(key):
+                raise ValueError(f"label key {key!r} has a character or length that is not allowed")
+            if not LABEL_RE.match(value):
+                raise ValueError(f"label {key}={value!r}: the value has a character or length that is not allowed")
+        return v
 
     @field_validator("api", "gossip", "transfer")
     @classmethod
@@ -186,6 +245,10 @@ class ConfigError(ValueError):
     pass
 
 
+#: The allowed values of settings whose rules are checked by a validator, not declared as bounds.
+_ALLOWED_WORDS = {"labels": LABELS_ALLOWED}
+
+
 def _number(v: Any) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
@@ -194,6 +257,8 @@ def allowed_values(name: str) -> str | None:
     """The whole allowed range of setting ``name`` in words ("1 to 10000000", "'fair' or
     'fifo'"), read from its declared bounds; None for a setting without any. Every error
     about the setting shows it, whichever check failed, so one message is enough to fix it."""
+    if name in _ALLOWED_WORDS:
+        return _ALLOWED_WORDS[name]
     field = AgentSettings.model_fields.get(name)
     if field is None:
         return None

@@ -150,3 +150,32 @@ def test_a_missing_config_file_named_in_the_environment_says_so(tmp_path, monkey
         load_settings(node_id="x")
     p = cli("agent", "--node-id", "x", "--data-dir", tmp_path / "data")  # the agent reads it too
     assert p.returncode == 2 and b"P2PSCHED_CONFIG" in p.stderr, p.stderr
+
+
+def test_node_labels_from_flags_env_and_file_a_higher_source_replacing_a_lower(tmp_path, monkeypatch):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[labels]\nzone = "a"\nrack = "r1"\n')
+    assert load_settings(cfg, node_id="x").labels == {"zone": "a", "rack": "r1"}
+    monkeypatch.setenv("P2PSCHED_LABELS", "zone=b, tier=batch")
+    assert load_settings(cfg, node_id="x").labels == {"zone": "b", "tier": "batch"}  # not merged with the file's
+    assert load_settings(cfg, node_id="x", labels=["zone=c"]).labels == {"zone": "c"}  # --label zone=c
+
+
+@pytest.mark.parametrize(("labels", "expected"), [
+    (["zone"], "label 'zone' must be KEY=VALUE, e.g. zone=a"),
+    (["zone=a", "zone=b"], "label 'zone' is given twice ('a' and 'b'); give each key once"),
+    (["gpu.model=H100"], "label key 'gpu.model': gpu.* labels are set by the GPU inventory (docs/gpu.md); "
+                         "choose another key"),
+    (["node.zone=a"], "label key 'node.zone': give it without 'node.' (zone=a); a job asks for it as node.zone=a"),
+    (["zo ne=a"], "label key 'zo ne' has a character or length that is not allowed"),
+    (["zone=" + "a" * 64], f"label zone={'a' * 64!r}: the value has a character or length that is not allowed"),
+    (["zone="], "label zone='': the value has a character or length that is not allowed"),
+    ([f"k{i}=v" for i in range(17)], "17 labels given; keep the ones placement needs"),
+])
+def test_bad_node_labels_are_refused_naming_the_label_and_the_rules(labels, expected):
+    with pytest.raises(ConfigError) as e:
+        load_settings(node_id="x", labels=labels)
+    assert str(e.value) == (
+        f"configuration: labels: {expected} (allowed: at most 16 KEY=VALUE pairs; each key and value 1 to 63 "
+        "letters, digits, '.', '_' and '-', starting and ending with a letter or digit; no key starting with gpu. "
+        "or node.)")

@@ -1054,7 +1054,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     def node_labels(self) -> dict[str, str]:
         labels = dict(self.gpu_inventory.labels()) if self.gpu_inventory is not None else {}
-        return labels
+        return {**self.settings.labels, **labels}  # the operator's --label ones; gpu.* are the inventory's
 
     def position(self) -> str:
         if self.topology is None:

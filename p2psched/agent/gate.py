@@ -29,7 +29,8 @@ log = logging.getLogger("p2psched.security")
 #: Settings that differ between agents of one cluster by design; the measurement
 #: leaves them out so that identically configured agents share one measurement.
 NODE_LOCAL = {"node_id", "api", "gossip", "transfer", "advertise", "data_dir", "cpus", "mem_mb", "join",
-              "join_dns", "gpus", "gpu_profile", "membership", "process_warm_pool", "log_format", "log_level", "tls_dir", "gossip_key", "tenants", "topology"}
+              "join_dns", "gpus", "gpu_profile", "membership", "process_warm_pool", "log_format", "log_level",
+              "tls_dir", "gossip_key", "tenants", "topology", "labels"}
 
 
 def to_agent_error(e: AdmissionError) -> AgentError:

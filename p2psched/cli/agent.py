@@ -63,6 +63,8 @@ def _leaves(group: BaseException) -> list[BaseException]:
 @click.option("--gossip-key", type=click.Path(path_type=Path), help="Gossip keyring file.")
 @click.option("--tls-dir", type=click.Path(path_type=Path), help="Directory with ca.pem and this node's cert.")
 @click.option("--cluster-name", help="Cluster name bound into gossip encryption [p2psched].")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Node label, e.g. zone=a: jobs labelled node.zone=a run only on agents so labelled (repeatable).")
 @click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]),
               help="Where jobs submitted here run; the others are baselines to compare p2p against [p2p].")
 @click.option("--process-warm-pool", metavar="N", help="Process sandboxes kept pre-built [2].")
@@ -74,7 +76,7 @@ def _leaves(group: BaseException) -> list[BaseException]:
 def agent(config_file: Path | None, **flags: object) -> None:
     """Run the agent on this host. Every flag is also P2PSCHED_<NAME> and a config key."""
     overrides = {k: v for k, v in flags.items() if v is not None and v != ()}
-    for key in ("join", "join_dns"):
+    for key in ("join", "join_dns", "labels"):
         if key in overrides:
             overrides[key] = list(overrides[key])  # type: ignore[call-overload]
     try:

@@ -530,7 +530,7 @@ def peers(api: Api, as_json: bool) -> None:
 
     from p2psched.gpu.slots import describe_slots
 
-    table = Table("node", "state", "inc", "age", "gossip", "api", "position", "cpu free", "mem free MiB",
+    table = Table("node", "state", "inc", "age", "gossip", "api", "position", "labels", "cpu free", "mem free MiB",
                   "GPU slots free", "queue", "run")
     for p in data["peers"]:
         v = p["vector"]
@@ -539,6 +539,9 @@ def peers(api: Api, as_json: bool) -> None:
             state += f" ({', '.join(v['impaired'])} impaired)"
         table.add_row(p["node_id"] + (" *" if p.get("self") else ""), state, str(p["incarnation"]),
                       f"{p['age_s']:.1f}s", p["address"], p.get("api", ""), p.get("position") or "-",
+                      # the operator's (--label); the gpu.* ones describe the GPU column
+                      ",".join(f"{k}={v}" for k, v in sorted(p.get("labels", {}).items())
+                               if not k.startswith("gpu.")) or "-",
                       f"{v['cpu_free']:g}/{v['cpu_total']:g}", f"{v['mem_free_mb']}/{v['mem_total_mb']}",
                       describe_slots(v["gpu_free"], v["gpu_total"], p.get("labels", {})) or "-",
                       str(v["queue_len"]), str(v["running"]))

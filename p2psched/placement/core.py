@@ -63,8 +63,9 @@ POLICIES: tuple[str, ...] = ("p2p", "local-first", "random", "round-robin")
 DEFAULT_TTL = 4
 
 #: Label keys of a JobSpec that constrain the executor carry this prefix:
-#: ``{"node.zone": "a"}`` needs an agent started with label ``zone=a``. Other job
-#: labels are the tenant's own metadata and do not affect placement.
+#: ``{"node.zone": "a"}`` needs an agent started with ``--label zone=a`` (or whose GPU
+#: inventory sets the label, for gpu.* keys). Other job labels are the tenant's own
+#: metadata and do not affect placement.
 NODE_LABEL_PREFIX = "node."
 
 #: Why a job waits on a full agent that knows no peer (the agent decides this case
@@ -241,7 +242,13 @@ def _never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
         matching = [s for s in states if _labels_ok(req, s.labels)]
         if not matching:
             want = ", ".join(f"{k}={v}" for k, v in req.labels.items())
-            return f"needs a node labelled {want}; none of the {nodes} carries that"
+            # An operator gives labels with --label; gpu.* ones come from an agent's GPUs.
+            flags = [f"--label {k}={v}" for k, v in req.labels.items() if not k.startswith("gpu.")]
+            gpu = [f"{k}={v}" for k, v in req.labels.items() if k.startswith("gpu.")]
+            starts = ([f"start an agent with {' '.join(flags)}"] if flags else []) + (
+                [f"add an agent whose GPUs give {', '.join(gpu)}"] if gpu else [])
+            return (f"needs a node labelled {want}; none of the {nodes} carries that: {' and '.join(starts)}, "
+                    "or submit the job without those node.* labels")
         states = matching
     if req.gpu > 0:
         if req.gpu_type is not None:

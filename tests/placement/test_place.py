@@ -157,7 +157,9 @@ def test_nothing_could_ever_fit_is_rejected_naming_the_constraint() -> None:
     assert d == Reject("needs GPU slots of type '3g.40gb'; GPU slot types seen: whole: ask for one of those "
                        "with --gpu-type, or add an agent that offers '3g.40gb' slots")
     d = decide(JobRequest("j", labels={"zone": "b"}), local, peers)
-    assert isinstance(d, Reject) and d.reason == "needs a node labelled zone=b; none of the 8 known nodes carries that"
+    assert isinstance(d, Reject) and d.reason == (
+        "needs a node labelled zone=b; none of the 8 known nodes carries that: start an agent with --label zone=b, "
+        "or submit the job without those node.* labels")
     d = decide(JobRequest("j", cpu=8, gpu=1, gpu_type="whole"), local, peers)
     assert isinstance(d, Reject) and "on one node" in d.reason  # the GPU node has only 4 cpus
 
