@@ -73,6 +73,7 @@ import trio
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox import cgroups, leftovers, namespaces, seccomp_filter
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
+from p2psched.sandbox.masking import mask
 
 __all__ = ["ProcessSandboxConfig", "SandboxError", "SandboxUnfit", "doctor_checks", "reap_stale", "run_process"]
 
@@ -898,7 +899,7 @@ class _Job:
             reason = f"exit {exit_code}"
         stdout, stderr = bytes(out.buf), bytes(err.buf)
         if self.req.mask_patterns:
-            stdout, stderr = _mask(stdout, self.req.mask_patterns), _mask(stderr, self.req.mask_patterns)
+            stdout, stderr = mask(stdout, self.req.mask_patterns), mask(stderr, self.req.mask_patterns)
         return SandboxResult(
             exit_code=exit_code, reason=reason, stdout=stdout, stderr=stderr,
             stdout_truncated=out.truncated, stderr_truncated=err.truncated,
@@ -996,12 +997,6 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _mask(data: bytes, patterns: list[str]) -> bytes:
-    for p in patterns:
-        data = re.sub(p.encode(), b"[masked]", data)
-    return data
 
 
 def _read_beneath(root_fd: int, name: str, limit: int) -> tuple[bytes, bool]:

@@ -55,7 +55,8 @@ What a guest can do, and how each limit is enforced
   ``argv[0] = "guest.wasm"``, ``env`` is the whole environment (nothing is
   inherited from the agent), ``stdin`` is readable once, stdout and stderr are
   captured up to ``limits.stdout_bytes`` / ``stderr_bytes`` (the rest is
-  dropped and flagged). ``proc_exit(n)`` ends it with ``exit n``.
+  dropped and flagged), then scrubbed of ``mask_patterns`` (``masking.py``, as
+  for process jobs). ``proc_exit(n)`` ends it with ``exit n``.
 - Modules that export a function: ``entry`` names it (or, when ``entry`` is
   ``_start`` and there is no ``_start``, the module's only exported function);
   ``args`` are converted to its parameter types and its results are printed to
@@ -85,6 +86,7 @@ import wasmtime
 
 from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
+from p2psched.sandbox.masking import mask
 
 log = logging.getLogger("p2psched.sandbox")
 
@@ -546,6 +548,9 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
     result.cpu_ms = cpu_ms
     if warnings:
         result.warnings.extend(warnings)
+    if request.mask_patterns:
+        result.stdout = mask(result.stdout, request.mask_patterns)
+        result.stderr = mask(result.stderr, request.mask_patterns)
     return result
 
 

@@ -506,8 +506,9 @@ def worker_main() -> None:
             # The engine knows the guest as JOB#RUN, the name its cancel gives.
             request = SandboxRequest.for_job(
                 f"{job_id}#{run}", spec, Path(module_path) if module_path is not None else None)
-            request.live = LiveOutput()
-            current[:] = [run, job_id, request.live, time.monotonic(), 0, 0]
+            if not spec.mask_patterns:  # else the agent shows nothing before the end: none of it leaves unmasked
+                request.live = LiveOutput()
+                current[:] = [run, job_id, request.live, time.monotonic(), 0, 0]
             result = run_wasm(request, engine)
             result.sandbox["attestation"] = report_from_result(
                 key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,

@@ -1,0 +1,65 @@
+"""mask_patterns: each pattern masks its literal text and, where it compiles, its regex
+matches; for wasm jobs as for process jobs, through a real agent."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from p2psched.jobs.spec import JobSpec
+from p2psched.sandbox.masking import mask
+
+from agents import running_agent, wasm_spec
+
+
+def test_a_pattern_masks_its_literal_text_where_as_a_regex_it_would_not_match() -> None:
+    out = b"user=ann pass=s3cr3t$1 sum=a+b (x\n"
+    # As regexes: `$` is the end and `+` repeats `a`, so neither matches its own text;
+    # `(x` is no regex at all.
+    assert mask(out, ["s3cr3t$1", "a+b", "(x"]) == b"user=ann pass=[masked] sum=[masked] [masked]\n"
+
+
+def test_a_pattern_that_is_a_regex_masks_its_matches() -> None:
+    assert mask(b"token=abc123 ok key-999\n", [r"token=\w+", "key-[0-9]+"]) == b"[masked] ok [masked]\n"
+
+
+def test_overlapping_matches_become_one_marker_and_empty_matches_none() -> None:
+    # "abc" and "bcd" overlap; a later pattern ("masked") never matches inside a marker;
+    # "z*" matches the empty string everywhere and masks nothing.
+    assert mask(b"xabcdx masked", ["abc", "bcd", "masked", "z*"]) == b"x[masked]x [masked]"
+    assert mask(b"nothing here", ["absent"]) == b"nothing here"
+
+
+def test_a_pattern_that_is_no_regex_is_accepted_in_a_spec() -> None:
+    spec = JobSpec(runtime="process", command=["/bin/true"], mask_patterns=["pass(word", "s3cr3t$1"])
+    assert spec.mask_patterns == ["pass(word", "s3cr3t$1"]
+    assert "literal" in (JobSpec.model_fields["mask_patterns"].description or "")
+
+
+async def test_a_wasm_jobs_output_is_masked_before_it_is_stored_and_attested(tmp_path) -> None:
+    """hello.wasm prints "hello from p2psched"; the record, /result, /output and the
+    attestation's output hash all see only the masked bytes."""
+    async with running_agent(tmp_path, cpus=1) as (_agent, http):
+        spec = wasm_spec("hello.wasm", mask_patterns=["hello", r"p2p\w+"])
+        job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
+        rec = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()
+        assert rec["state"] == "succeeded", rec
+        masked = b"[masked] from [masked]\n"
+        assert rec["result"]["stdout"] == masked.decode()
+        assert (await http.get(f"/v1/jobs/{job_id}/result")).content == masked
+        assert (await http.get(f"/v1/jobs/{job_id}/output")).content == masked
+        assert rec["result"]["output_sha256"] == hashlib.sha256(masked).hexdigest()
+        assert rec["result"]["attestation"]["output_sha256"] == hashlib.sha256(masked).hexdigest()
+
+
+@pytest.mark.root
+async def test_a_process_jobs_literal_secret_is_masked_through_the_agent(tmp_path) -> None:
+    async with running_agent(tmp_path, cpus=1) as (_agent, http):
+        spec = {"runtime": "process", "command": ["/bin/sh", "-c", "echo 'pw s3cr3t$1 ok'; echo 'a+b' >&2"],
+                "mask_patterns": ["s3cr3t$1", "a+b"]}
+        job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
+        rec = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()
+        assert rec["state"] == "succeeded", rec
+        assert (await http.get(f"/v1/jobs/{job_id}/result")).content == b"pw [masked] ok\n"
+        assert rec["result"]["stderr"] == "[masked]\n"
