@@ -16,14 +16,19 @@ Layout under the data dir::
     modules/<sha>.wasm module bytes, content-addressed
     outputs/<id>.out   raw outputs larger than INLINE_OUTPUT_BYTES
     outputs/<id>.err   raw stderr longer than the record keeps (RECORD_TEXT_BYTES)
+    outputs/<id>.artifacts/<sha256>
+                       the job's artifacts, by content: the record maps each name to
+                       its size and sha256, so a record never names other bytes
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections import OrderedDict
@@ -203,6 +208,9 @@ class Store:
         # Raw stderr of jobs whose record could not hold it all, written with their next flush.
         self._stderr_pending: dict[str, bytes] = {}
         self._stderr_inflight: dict[str, bytes] = {}
+        # Artifacts (name -> bytes) of jobs that ended, written with their next flush.
+        self._artifacts_pending: dict[str, dict[str, bytes]] = {}
+        self._artifacts_inflight: dict[str, dict[str, bytes]] = {}
         self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
         self._staged_gen = 0
         self._staged_event = trio.Event()
@@ -323,6 +331,22 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def artifacts_dir(self, job_id: str) -> Path:
+        return self.outputs_dir / f"{job_id}.artifacts"
+
+    def artifact(self, job_id: str, sha256: str) -> bytes | None:
+        """The bytes of ``job_id``'s artifact with this sha256 (as its record names
+        it), or None if they are not stored here. Blocking for a large one: an
+        artifact may be MiBs, so call it from a thread."""
+        for held in (self._artifacts_pending.get(job_id), self._artifacts_inflight.get(job_id)):
+            for data in (held or {}).values():
+                if hashlib.sha256(data).hexdigest() == sha256:
+                    return data
+        try:
+            return (self.artifacts_dir(job_id) / sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def output(self, job_id: str) -> bytes | None:
         row = self._reader.execute("SELECT output, output_file FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
@@ -338,11 +362,14 @@ class Store:
     # -- staging and group commit -------------------------------------------
 
     def stage(self, rec: JobRecord, *, new: bool = False, output: bytes | None = None,
-              stderr: bytes | None = None) -> None:
+              stderr: bytes | None = None, artifacts: dict[str, bytes] | None = None) -> None:
         """Queue ``rec``'s current state for the next flush; ``stderr``: its raw stderr,
-        kept as a file, for one longer than the record holds."""
+        kept as a file, for one longer than the record holds; ``artifacts``: the files
+        its result names (name -> bytes), kept as files too."""
         if stderr is not None:
             self._stderr_pending[rec.id] = stderr
+        if artifacts:
+            self._artifacts_pending[rec.id] = artifacts
         prev = self._pending.get(rec.id)
         spec = _spec_row(rec.spec) if new else (prev[1] if prev else None)
         out = output if output is not None else (prev[7] if prev else None)
@@ -400,6 +427,8 @@ class Store:
                 batch, self._pending = self._pending, {}
                 errs, self._stderr_pending = self._stderr_pending, {}
                 self._stderr_inflight = errs
+                arts, self._artifacts_pending = self._artifacts_pending, {}
+                self._artifacts_inflight = arts
                 staged, self._staged_records = self._staged_records, {}
                 records = {job_id: _record_row(r) for job_id, r in staged.items()}
                 labels = {job_id: r.spec.labels for job_id, r in staged.items()
@@ -413,11 +442,13 @@ class Store:
                 if checkpoint:
                     self._rows_since_checkpoint = 0
                 outputs = sum(len(v[7]) for v in batch.values() if v[7] is not None)
-                if rows <= INLINE_FLUSH_ROWS and outputs <= INLINE_OUTPUT_BYTES and not checkpoint and not errs:
+                if (rows <= INLINE_FLUSH_ROWS and outputs <= INLINE_OUTPUT_BYTES and not checkpoint and not errs
+                        and not arts):
                     self._write(batch, records, deliveries, labels=labels)
                 else:
                     await trio.to_thread.run_sync(functools.partial(self._write, batch, records, deliveries,
-                                                                    checkpoint, errs, labels=labels))
+                                                                    checkpoint, errs, labels=labels,
+                                                                    artifacts=arts))
             except BaseException as e:
                 if isinstance(e, StoreError):
                     self.write_error = str(e)
@@ -435,10 +466,13 @@ class Store:
                     self._deliveries.setdefault(k, owed)
                 for k, err in errs.items():
                     self._stderr_pending.setdefault(k, err)
+                for k, art in arts.items():
+                    self._artifacts_pending.setdefault(k, art)
                 raise
             finally:
                 self._inflight = {}
                 self._stderr_inflight = {}
+                self._artifacts_inflight = {}
                 self._flushing = False
                 done, self._flushed = self._flushed, trio.Event()
                 done.set()
@@ -500,6 +534,7 @@ class Store:
                     (self.outputs_dir / output_file).unlink()
             with contextlib.suppress(OSError):
                 (self.outputs_dir / f"{job_id}.err").unlink()
+            shutil.rmtree(self.artifacts_dir(job_id), ignore_errors=True)
         return [job_id for job_id, _, _ in doomed], more
 
     def discard(self, job_id: str) -> bool:
@@ -515,13 +550,16 @@ class Store:
 
     def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str],
                deliveries: dict[str, bool] | None = None, checkpoint: bool = False,
-               errs: dict[str, bytes] | None = None, *, labels: dict[str, dict[str, str]] | None = None) -> None:
+               errs: dict[str, bytes] | None = None, *, labels: dict[str, dict[str, str]] | None = None,
+               artifacts: dict[str, dict[str, bytes]] | None = None) -> None:
         rows_new = []
         rows_upd = []
         label_rows: list[tuple[str, str, int]] = []
         try:  # the files first: the commit below makes the job's end durable, and names them
             for job_id, err in (errs or {}).items():
                 (self.outputs_dir / f"{job_id}.err").write_bytes(err)
+            for job_id, arts in (artifacts or {}).items():
+                self._write_artifacts(job_id, arts)
             for job_id, (jid, spec, seq, state, tenant, runtime, created, out) in batch.items():
                 rec_json = records[job_id]
                 out_file = None
@@ -569,6 +607,20 @@ class Store:
         except sqlite3.Error as e:
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
             raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and permissions") from e
+
+    def _write_artifacts(self, job_id: str, arts: dict[str, bytes]) -> None:
+        """Each artifact as a file named by its sha256. Bytes a record already names
+        are never rewritten in place: a new file appears whole (rename) or not at all.
+        An earlier attempt's files stay until retention deletes the job's directory."""
+        d = self.artifacts_dir(job_id)
+        d.mkdir(exist_ok=True)
+        for data in arts.values():
+            path = d / hashlib.sha256(data).hexdigest()
+            if path.exists():
+                continue
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
 
     # -- reads ----------------------------------------------------------------
 

@@ -1,3 +1,4 @@
+import hashlib
 import sqlite3
 
 import pytest
@@ -69,6 +70,26 @@ async def test_large_outputs_go_to_files_and_small_ones_inline(tmp_path):
     got = again.get(big.id)
     assert got is not None and got.state is JobState.SUCCEEDED and got.result.exit_code == 0
     assert list(again.unfinished()) == []
+
+
+async def test_artifacts_are_files_named_by_their_content_readable_before_and_after_the_flush(tmp_path):
+    store = Store(tmp_path)
+    r = rec(1)
+    store.stage(r, new=True)
+    for state in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
+        r.advance(state, 2.0, "n1")
+    r.result = JobResult(exit_code=0, reason="exit 0")
+    blob = bytes(range(256)) * 1000
+    store.stage(r, output=b"", artifacts={"out.txt": b"result\n", "d/blob": blob})
+    sha = hashlib.sha256(blob).hexdigest()
+    assert store.artifact(r.id, sha) == blob  # staged, not yet written
+    await store.sync()
+    assert sorted(p.name for p in store.artifacts_dir(r.id).iterdir()) == sorted(
+        [sha, hashlib.sha256(b"result\n").hexdigest()])
+    store.close()
+    again = Store(tmp_path)
+    assert again.artifact(r.id, sha) == blob
+    assert again.artifact(r.id, "0" * 64) is None
 
 
 async def test_wal_mode_is_on(tmp_path):
@@ -253,7 +274,7 @@ async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_r
     store = Store(tmp_path)
 
     def job(i: int, created_at: float, state: JobState | None, output: bytes | None = None,
-            stderr: bytes | None = None) -> JobRecord:
+            stderr: bytes | None = None, artifacts: dict[str, bytes] | None = None) -> JobRecord:
         r = labelled(i, {"batch": "b1"})
         r.created_at = created_at
         if state is not None:
@@ -261,22 +282,26 @@ async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_r
             r.advance(JobState.RUNNING, created_at, "n1")
             r.result = JobResult(exit_code=0, reason="exit 0")
             r.advance(state, created_at, "n1")
-        store.stage(r, new=True, output=output, stderr=stderr)
+        store.stage(r, new=True, output=output, stderr=stderr, artifacts=artifacts)
         return r
 
     old_done = [job(i, 100.0 + i, JobState.SUCCEEDED) for i in range(1, 2501)]  # more than one batch
-    old_big = job(2501, 100.0, JobState.FAILED, output=b"x" * (INLINE_OUTPUT_BYTES + 1), stderr=b"e" * 70_000)
+    old_big = job(2501, 100.0, JobState.FAILED, output=b"x" * (INLINE_OUTPUT_BYTES + 1), stderr=b"e" * 70_000,
+                  artifacts={"out.txt": b"old"})
     old_running = job(2502, 100.0, None)
     old_owed = job(2503, 100.0, JobState.SUCCEEDED)
     store.stage_delivery(old_owed.id, True)  # its result is still owed to its origin
-    new_done = job(2504, 5_000.0, JobState.SUCCEEDED)
+    new_done = job(2504, 5_000.0, JobState.SUCCEEDED, artifacts={"out.txt": b"new"})
     await store.sync()
     big_files = sorted(store.outputs_dir.iterdir())
-    assert [f.name for f in big_files] == [f"{old_big.id}.err", f"{old_big.id}.out"]
+    assert [f.name for f in big_files] == [f"{old_big.id}.artifacts", f"{old_big.id}.err", f"{old_big.id}.out",
+                                           f"{new_done.id}.artifacts"]
+    assert store.artifact(old_big.id, hashlib.sha256(b"old").hexdigest()) == b"old"
     assert store.stderr(old_big.id) == b"e" * 70_000 and store.stderr(new_done.id) is None
 
     assert await store.prune(submitted_before=4_000.0) == 2501
-    assert not any(f.exists() for f in big_files)
+    assert [f.exists() for f in big_files] == [False, False, False, True]
+    assert store.artifact(new_done.id, hashlib.sha256(b"new").hexdigest()) == b"new"
     kept = {r.id for r in store.list(state=None, tenant=None, limit=1000)}
     assert kept == {old_running.id, old_owed.id, new_done.id}
     assert store.get(old_done[0].id) is None and store.get(old_big.id) is None  # gone from the cache too
