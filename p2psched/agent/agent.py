@@ -712,15 +712,43 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         return await self.read(job_id)
 
     def output(self, job_id: str) -> bytes:
+        self._ended(job_id, "its output")
+        data = self.store.output(job_id)
+        return data if data is not None else b""
+
+    def _ended(self, job_id: str, what: str) -> JobRecord:
         rec = self.get(job_id)
         if not rec.state.final:
             raise Conflict(
-                f"job {job_id} is {rec.state.value}; its output exists once it ends (?wait=SECONDS, or "
+                f"job {job_id} is {rec.state.value}; {what} exists once it ends (?wait=SECONDS, or "
                 f"`p2psched result --wait SECONDS`, waits for it)",
                 reason="not_finished",
             )
-        data = self.store.output(job_id)
-        return data if data is not None else b""
+        return rec
+
+    async def artifact(self, job_id: str, name: str) -> tuple[bytes, str]:
+        """The bytes of the artifact ``name`` of an ended job, and their sha256."""
+        rec = self._ended(job_id, f"its artifact {name!r}")
+        found = rec.result.artifacts if rec.result is not None else {}
+        entry = found.get(name)
+        if entry is None:
+            if found:
+                held = "its artifacts are " + ", ".join(repr(n) for n in sorted(found))
+            elif rec.runtime == "wasm":
+                held = "it has none: a wasm job can write no files (it has no preopened directory)"
+            elif rec.spec.artifacts:
+                held = ("it has none: none of the files its spec names in 'artifacts' was collected (the "
+                        "record's result.warnings says why)")
+            else:
+                held = "it has none: list the files to keep in the spec's 'artifacts' (paths in its scratch dir)"
+            raise NotFound(f"job {job_id} has no artifact {name!r}; {held}", reason="unknown_artifact")
+        sha256 = str(entry.get("sha256", ""))
+        data = await trio.to_thread.run_sync(self.store.artifact, job_id, sha256)
+        if data is None:
+            raise NotFound(f"job {job_id}'s artifact {name!r} is missing from {self.store.artifacts_dir(job_id)} "
+                           f"at agent {self.node_id} (deleted by hand, or the data dir was restored without it); "
+                           "run the job again to produce it", reason="artifact_missing")
+        return data, sha256
 
     async def list_jobs(self, *, state: str | None, tenant: str | None, limit: int, cursor: int,
                         newest_first: bool = False, labels: Sequence[tuple[str, str]] = ()) -> list[JobRecord]:
@@ -1616,6 +1644,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             cpu_ms=res.cpu_ms, peak_mem_bytes=res.peak_mem_bytes,
             output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
             warnings=list(res.warnings),
+            artifacts={name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                       for name, data in res.artifacts.items()},
         )
         report = cast("dict[str, Any] | None", res.sandbox.pop("attestation", None))
         if report is None:
@@ -1624,7 +1654,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         rec.result.attestation = report
         state = state_for_reason(res.reason, res.exit_code)
         # stderr longer than the record holds is kept whole beside it (/output serves it)
-        self.store.stage(rec, output=out, stderr=res.stderr if len(res.stderr) > RECORD_TEXT_BYTES else None)
+        self.store.stage(rec, output=out, stderr=res.stderr if len(res.stderr) > RECORD_TEXT_BYTES else None,
+                         artifacts=res.artifacts)
         self._advance(rec, state, ended, res.reason)
         if rec.origin != self.node_id:
             self._owe_result(rec)

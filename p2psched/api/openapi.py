@@ -66,7 +66,11 @@ def openapi_document() -> dict[str, Any]:
                 "stdout": {"type": "string"}, "stderr": {"type": "string"},
                 "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
                 "cpu_ms": {"type": "number"}, "peak_mem_bytes": {"type": "integer"},
-                "output_sha256": {"type": "string"}, "attestation": {"type": ["object", "null"]}}},
+                "output_sha256": {"type": "string"}, "attestation": {"type": ["object", "null"]},
+                "artifacts": {"type": "object", "description": "name -> {size, sha256} of each file collected; "
+                              "the bytes at /v1/jobs/{id}/result?artifact=NAME",
+                              "additionalProperties": {"type": "object", "properties": {
+                                  "size": {"type": "integer"}, "sha256": {"type": "string"}}}}}},
             "wait_reason": {"type": ["string", "null"]},
             "priority": {"type": "integer"}, "created_at": {"type": "number"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"},
@@ -147,8 +151,13 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Cancel a job", "parameters": [_JOB_ID],
                            "responses": {"200": _resp("The cancelled record", _REC), **_errors(404, 409)}},
             },
-            "/v1/jobs/{job_id}/result": {"get": {"summary": "A job's raw output bytes", "parameters": [_JOB_ID, _WAIT],
-                "responses": {"200": _resp("stdout bytes", {"type": "string", "format": "binary"},
+            "/v1/jobs/{job_id}/result": {"get": {
+                "summary": "A job's raw output bytes, or with ?artifact=NAME one of its artifacts",
+                "parameters": [_JOB_ID, _WAIT, {
+                    "name": "artifact", "in": "query", "schema": {"type": "string"},
+                    "description": "A name from the result's `artifacts`: that file's bytes instead of stdout "
+                                   "(header X-Artifact-Sha256). 404 for another name, listing the job's artifacts."}],
+                "responses": {"200": _resp("stdout bytes, or the artifact's", {"type": "string", "format": "binary"},
                                            "application/octet-stream"), **_errors(404, 409)}}},
             "/v1/jobs/{job_id}/output": {"get": {
                 "summary": "A job's output from an offset, while it runs and after; ?wait= waits for more",

@@ -331,8 +331,13 @@ def create_app(agent: Any) -> Starlette:
         job_id = await readable(request)
         wait = _wait_param(request)
         rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
-        data = agent.output(rec.id)
         headers = {"X-Job-State": rec.state.value}
+        name = request.query_params.get("artifact")
+        if name is not None:
+            data, sha256 = await agent.artifact(rec.id, name)
+            headers["X-Artifact-Sha256"] = sha256
+        else:
+            data = agent.output(rec.id)
         if rec.result is not None:
             headers["X-Job-Reason"] = rec.result.reason.encode("ascii", "replace").decode()[:200]
         return Response(data, media_type="application/octet-stream", headers=headers)

@@ -493,9 +493,11 @@ def cancel(job_ids: tuple[str, ...], api: Api, labels: tuple[str, ...], as_json:
 @click.argument("job_id")
 @api_options
 @click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
-def result(job_id: str, api: Api, wait_s: float) -> None:
-    """Write a job's raw output bytes to stdout."""
-    resp = api.request("GET", f"/v1/jobs/{job_id}/result", params={"wait": wait_s})
+@click.option("--artifact", metavar="NAME", help="Write this artifact of the job (a file its spec named) instead.")
+def result(job_id: str, api: Api, wait_s: float, artifact: str | None) -> None:
+    """Write a job's raw output bytes, or one of its artifacts, to stdout."""
+    params: dict[str, Any] = {"wait": wait_s, **({"artifact": artifact} if artifact is not None else {})}
+    resp = api.request("GET", f"/v1/jobs/{job_id}/result", params=params)
     sys.stdout.buffer.write(resp.content)
 
 

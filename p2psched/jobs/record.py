@@ -31,7 +31,9 @@ class JobResult:
     signal: int | None = None
     warnings: list[str] = field(default_factory=list)
     attestation: dict[str, Any] | None = None
-    artifacts: dict[str, str] = field(default_factory=dict)  # name -> sha256; bytes under /result?artifact=
+    # name -> {"size": bytes, "sha256": hex}: the files the spec's ``artifacts`` named that
+    # the job wrote; the bytes are at /v1/jobs/{id}/result?artifact=NAME
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -39,7 +41,8 @@ class JobResult:
             "stdout_truncated": self.stdout_truncated, "stderr_truncated": self.stderr_truncated,
             "cpu_ms": round(self.cpu_ms, 3), "peak_mem_bytes": self.peak_mem_bytes,
             "output_sha256": self.output_sha256, "limit_hit": self.limit_hit, "signal": self.signal,
-            "warnings": list(self.warnings), "attestation": self.attestation, "artifacts": dict(self.artifacts),
+            "warnings": list(self.warnings), "attestation": self.attestation,
+            "artifacts": {name: dict(a) for name, a in self.artifacts.items()},
         }
 
     @classmethod

@@ -84,7 +84,12 @@ class JobSpec(Strict):
         "where it compiles as a Python regex, its matches, become [masked]. A secret as it is (s3cr3t$1, a+b) "
         "and a regex (token=\\w+) both work. Output is withheld while a job with patterns runs.",
     )
-    artifacts: list[str] = Field(default_factory=list, max_length=64, description="Scratch files returned with the result.")
+    artifacts: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="Files a process job writes in its scratch dir, kept with the result (at most 8 MiB each, "
+        "32 MiB in all): result.artifacts gives each one's size and sha256, "
+        "GET /v1/jobs/{id}/result?artifact=NAME its bytes.",
+    )
 
     @field_validator("id")
     @classmethod
