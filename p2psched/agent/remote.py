@@ -550,10 +550,12 @@ class RemoteJobs:
                 self.store.stage_delivery(job_id, False)
                 return
             output = self.store.output(job_id) or b""
+            artifacts = await self._artifacts_to_deliver(rec)
             msg = {"t": m.RESULT, "id": job_id, "executor": self.node_id, "attempt": rec.attempts,
                    **self._vector_wire(),
                    "state": rec.state.value, "result": rec.result.as_dict(), "output": output,
                    **({"stderr": stderr} if (stderr := self.store.stderr(job_id)) is not None else {}),
+                   **({"artifacts": artifacts} if artifacts else {}),
                    "timeline": [t for t in rec.timeline if t["node"] == self.node_id]}
             address = rec.origin_transfer
             state = self.cluster.state_of(rec.origin) if self.cluster else None
@@ -572,8 +574,47 @@ class RemoteJobs:
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = min(DELIVERY_MAX_BACKOFF_S, backoff * 2)
 
+    async def _artifacts_to_deliver(self: Agent, rec: JobRecord) -> dict[str, bytes]:
+        """The bytes of each artifact ``rec``'s result names, as stored here (by sha256)."""
+        assert rec.result is not None
+        wanted = {name: str(a.get("sha256", "")) for name, a in rec.result.artifacts.items()}
+
+        def read() -> dict[str, bytes]:
+            found = {name: self.store.artifact(rec.id, sha) for name, sha in wanted.items()}
+            return {name: data for name, data in found.items() if data is not None}
+
+        return await trio.to_thread.run_sync(read) if wanted else {}
+
+    @staticmethod
+    async def _artifact_hashes(msg: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
+        """The artifacts a result carried, name -> (bytes, their sha256): tens of MiB
+        at most (the sandbox's caps), hashed off the trio thread."""
+        sent = msg.get("artifacts")
+        if not isinstance(sent, dict) or not sent:
+            return {}
+        return await trio.to_thread.run_sync(lambda: {
+            k: (v, hashlib.sha256(v).hexdigest()) for k, v in sent.items() if isinstance(v, bytes)})
+
+    @staticmethod
+    def _arrived_artifacts(res: JobResult, sent: dict[str, tuple[bytes, str]], executor: str) -> dict[str, bytes]:
+        """Origin side: the artifacts of ``res`` whose bytes arrived and hash to what it
+        says; one that did not arrive intact is dropped from the result, with a
+        warning, so the record never names bytes this agent does not hold."""
+        kept: dict[str, bytes] = {}
+        for name, entry in list(res.artifacts.items()):
+            data, sha256 = sent.get(name, (b"", ""))
+            if isinstance(entry, dict) and sha256 and sha256 == entry.get("sha256"):
+                kept[name] = data
+                continue
+            del res.artifacts[name]
+            res.warnings.append(f"artifact {name!r} did not arrive intact from executor {executor}; "
+                                "run the job again to produce it")
+        return kept
+
     async def _on_result(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
         job_id = msg["id"]
+        # The one wait, first: what follows checks the job's state and changes it at one moment.
+        sent = await self._artifact_hashes(msg)
         rec = self.active.get(job_id) or self.store.get(job_id)
         if rec is None:
             return {"t": m.ACK, "id": job_id, "duplicate": True, "unknown": True}
@@ -607,7 +648,7 @@ class RemoteJobs:
         stderr = msg.get("stderr")
         self.store.stage(rec, output=bytes(msg.get("output") or b""),
                          stderr=stderr if isinstance(stderr, bytes) and len(stderr) <= rec.spec.limits.stderr_bytes
-                         else None)
+                         else None, artifacts=self._arrived_artifacts(res, sent, executor))
         if rec.state is JobState.PLACED and state is not JobState.CANCELLED:
             self._record_elsewhere(rec, JobState.RUNNING, time.time(), executor, "(learned from the result)")
         self._advance(rec, state, time.time(), detail)

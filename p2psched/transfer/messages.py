@@ -5,7 +5,8 @@
     refuse      executor -> origin   {id, reason, vector, need_module?}   late binding said no, or the
                                                                    offer named a module it lacks
     status      executor -> origin   {id, entry}                   best effort (e.g. running)
-    result      executor -> origin   {id, executor, attempt, result, output, timeline}   reply: ack
+    result      executor -> origin   {id, executor, attempt, result, output, stderr?, artifacts?, timeline}
+                                                                   reply: ack; artifacts: name -> bytes
     ack         origin -> executor   {id, duplicate}               delivered; executor may forget
     cancel      origin -> executor   {id}                          reply: cancel_ack
     cancel_ack  executor -> origin   {id, state}                   "cancelling", "unknown" or a final state

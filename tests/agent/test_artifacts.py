@@ -1,5 +1,6 @@
 """Artifacts: files a process job writes at the paths its spec names, kept with its
-result and served at /v1/jobs/{id}/result?artifact=NAME.
+result and served at /v1/jobs/{id}/result?artifact=NAME, by the agent that ran it
+and by the origin of a job that ran on a peer.
 
 In-process agents with real sockets and real process sandboxes (bubblewrap).
 """
@@ -11,7 +12,7 @@ import hashlib
 import pytest
 import trio
 
-from agents import cli, running_agent, start_running
+from agents import FAST_MEMBERSHIP, await_peers, cli, running_agent, start_running
 
 pytestmark = pytest.mark.root
 
@@ -76,3 +77,24 @@ async def test_a_job_without_artifacts_says_how_to_keep_some(tmp_path):
         r = await http.get(f"/v1/jobs/{job_id}/result", params={"artifact": "out.txt"})
         assert r.status_code == 404
         assert "list the files to keep in the spec's 'artifacts'" in r.json()["error"]["message"]
+
+
+async def test_the_artifacts_of_a_job_run_on_a_peer_are_carried_to_its_origin(tmp_path):
+    """The origin has one CPU and the job asks for two: it runs on the peer, whose
+    result brings the artifact's bytes home, where the origin serves them."""
+    async with running_agent(tmp_path / "e", node_id="exec", cpus=2, membership=FAST_MEMBERSHIP) as (executor, _):
+        async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[executor.settings.gossip],
+                                 membership=FAST_MEMBERSHIP) as (origin, http):
+            await await_peers(origin, "exec")
+            spec = {"runtime": "process", "command": WRITES, "artifacts": ["d/blob"], "resources": {"cpu": 2}}
+            job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
+            rec = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()
+            assert (rec["state"], rec["executor"]) == ("succeeded", "exec"), rec
+            assert rec["result"]["artifacts"] == {"d/blob": described(BLOB)}
+            r = await http.get(f"/v1/jobs/{job_id}/result", params={"artifact": "d/blob"})
+            assert r.status_code == 200 and r.content == BLOB
+            # the origin holds its own copy: the executor may prune or lose its own
+            assert (origin.store.artifacts_dir(job_id) / hashlib.sha256(BLOB).hexdigest()).read_bytes() == BLOB
+            with trio.fail_after(30):  # the executor forgets the delivery once acknowledged
+                while executor.store.owed_deliveries():
+                    await trio.sleep(0.05)
