@@ -480,6 +480,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     def _admit_check(self, extra: int = 1) -> None:
         if not self.accepting:
+            self.metrics.admission_rejections.labels("shutting_down").inc()
             raise Unavailable(
                 f"agent {self.node_id} is shutting down and accepts no new jobs; submit to another agent",
                 reason="shutting_down",

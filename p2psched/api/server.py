@@ -246,38 +246,46 @@ def create_app(agent: Any) -> Starlette:
         body = await read_body(request, "send a smaller module or input, or raise max_request_bytes")
         return _parse_json(body)
 
+    def refused(err: AgentError) -> AgentError:
+        """``err``, counted: every submission refused at the door has its reason in
+        p2psched_admission_rejections_total, as those refused further in do."""
+        agent.metrics.admission_rejections.labels(err.reason).inc()
+        return err
+
+    async def load_submission(request: Request) -> Any:
+        try:
+            return await load_json(request)
+        except AgentError as e:
+            raise refused(e) from None
+
     async def submit(request: Request) -> Response:
         _refuse_cross_site(request)
-        raw = await load_json(request)
+        raw = await load_submission(request)
         parsed = _parse_spec(raw)
         if isinstance(parsed, AgentError):
-            agent.metrics.admission_rejections.labels(parsed.reason).inc()
-            raise parsed
+            raise refused(parsed)
         spec, auth = parsed
         err = _wasm_check(agent, spec)
         if err is not None:
-            agent.metrics.admission_rejections.labels(err.reason).inc()
-            raise err
+            raise refused(err)
         rec, created = await agent.submit(spec, auth)
         return _json(rec, 202 if created else 200)
 
     async def submit_batch(request: Request) -> Response:
         _refuse_cross_site(request)
-        raw = await load_json(request)
+        raw = await load_submission(request)
         jobs = raw.get("jobs") if isinstance(raw, dict) else None
         if not isinstance(jobs, list):
-            raise AgentError('batch body must be {"jobs": [spec, ...]}', reason="invalid_batch")
+            raise refused(AgentError('batch body must be {"jobs": [spec, ...]}', reason="invalid_batch"))
         if len(jobs) > MAX_BATCH:
-            raise AgentError(f"batch holds {len(jobs)} jobs; the limit is {MAX_BATCH}", reason="invalid_batch",
-                             status=413)
+            raise refused(AgentError(f"batch holds {len(jobs)} jobs; the limit is {MAX_BATCH}",
+                                     reason="invalid_batch", status=413))
         specs: list[tuple[JobSpec, Any] | AgentError] = []
         for i, item in enumerate(jobs):
             parsed = _parse_spec(item, prefix=f"jobs.{i}.")
             if not isinstance(parsed, AgentError):
                 parsed = _wasm_check(agent, parsed[0], prefix=f"jobs.{i}.") or parsed
-            if isinstance(parsed, AgentError):
-                agent.metrics.admission_rejections.labels(parsed.reason).inc()
-            specs.append(parsed)
+            specs.append(refused(parsed) if isinstance(parsed, AgentError) else parsed)
         results = await agent.submit_many(specs)
         out = []
         for item in results:

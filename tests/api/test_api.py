@@ -54,6 +54,20 @@ async def test_malformed_json_and_wrong_body_shape(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["reason"] == "malformed_json"
         r = await http.post("/v1/jobs", json=[1, 2])
         assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+        r = await http.post("/v1/jobs:batch", json={"specs": []})
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "invalid_batch"
+        metrics = (await http.get("/metrics")).text  # each refusal at the door is counted by its reason
+        for reason in ("malformed_json", "invalid_spec", "invalid_batch"):
+            assert f'p2psched_admission_rejections_total{{reason="{reason}"}} 1.0' in metrics, reason
+
+
+async def test_a_draining_agent_refuses_submissions_with_503_and_counts_them(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        await agent.drain(stop=False)
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))
+        assert r.status_code == 503 and r.json()["error"]["reason"] == "shutting_down"
+        assert "submit to another agent" in r.json()["error"]["message"]
+        assert 'p2psched_admission_rejections_total{reason="shutting_down"} 1.0' in (await http.get("/metrics")).text
 
 
 async def test_module_that_is_not_wasm_is_refused(tmp_path):
@@ -70,6 +84,7 @@ async def test_oversized_body_gets_413(tmp_path):
         assert r.status_code == 413
         assert "4096" in r.json()["error"]["message"]
         assert (await http.get("/healthz")).status_code == 200
+        assert 'p2psched_admission_rejections_total{reason="body_too_large"} 1.0' in (await http.get("/metrics")).text
 
 
 async def test_module_over_the_size_limit_is_refused(tmp_path, monkeypatch):
