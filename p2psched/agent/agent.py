@@ -103,6 +103,9 @@ IDLE_PUBLISH_S = 5.0
 #: Re-placement of jobs whose executor vanished from membership while we were not
 #: looking. The grace lets membership converge after our own restart first.
 ORPHAN_CHECK_S = 2.0
+#: Why a queued job waits before the dispatcher has looked at it: the jobs ahead of
+#: it in the queue's order (--dispatch-policy) go first.
+IN_TURN = "waiting its turn behind the jobs ahead of it in this agent's queue"
 #: How often the tenants and topology files are checked for changes (a stat each);
 #: SIGHUP re-reads them at once.
 FILE_POLL_S = 2.0
@@ -669,6 +672,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         return out
 
     def _enqueue(self, rec: JobRecord) -> None:
+        if rec.wait_reason is None:  # the dispatcher says more once the job reaches the queue's head
+            rec.wait_reason = IN_TURN
         self.queue.push(rec)
         self._wake.set()
         self._vector_changed.set()

@@ -492,3 +492,19 @@ async def test_a_reported_state_is_already_on_disk(tmp_path):
                     if reported == "succeeded":
                         pending.discard(job_id)
         db.close()
+
+
+async def test_every_queued_job_says_why_it_waits(tmp_path):
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()
+        while agent.get(running["id"]).state.value != "running":
+            await trio.sleep(0.01)
+        ids = [(await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"] for _ in range(8)]
+        await trio.sleep(0.5)  # dispatch passes have looked at the queue
+        records = [(await http.get(f"/v1/jobs/{i}")).json() for i in ids]
+        waiting = [r for r in records if r["state"] in ("queued", "placed")]
+        assert [r for r in waiting if r["state"] == "queued"], records  # some are still in the queue
+        for rec in waiting:
+            assert rec["wait_reason"], rec
+        assert any("behind the jobs ahead of it" in r["wait_reason"] for r in waiting), records
+        await http.delete(f"/v1/jobs/{running['id']}")
