@@ -71,7 +71,7 @@ def test_unknown_flags_and_bad_config_are_errors(tmp_path):
     p = cli("agent", "--no-such-flag")
     assert p.returncode == 2 and b"No such option" in p.stderr
     p = cli("agent", "--queue-limit", "0", "--data-dir", str(tmp_path))
-    assert p.returncode == 2 and b"queue_limit" in p.stderr and b"ge 1" in p.stderr
+    assert p.returncode == 2 and b"queue_limit" in p.stderr and b"allowed: 1 to 10000000" in p.stderr
     cfg = tmp_path / "agent.toml"
     cfg.write_text('queue_limit = 5\nnode_id = "from-file"\nbogus_key = 1\n')
     p = cli("agent", "--config", str(cfg))
