@@ -51,7 +51,8 @@ ENV PATH=/opt/p2psched/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     P2PSCHED_DATA_DIR=/var/lib/p2psched \
-    P2PSCHED_SHARED_DIR=/shared
+    P2PSCHED_SHARED_DIR=/shared \
+    P2PSCHED_DRAIN_ON_SIGTERM=true
 RUN mkdir -p /var/lib/p2psched /shared
 VOLUME ["/var/lib/p2psched"]
 # API (HTTP), gossip (UDP), transfer (TCP)
@@ -60,7 +61,8 @@ EXPOSE 7700/tcp 7701/udp 7702/tcp
 # generous because a loaded 2-core host can take tens of seconds to start N agents.
 HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
   CMD ["/usr/local/bin/docker-entrypoint.sh", "healthcheck"]
-# tini is PID 1: it forwards SIGTERM to the agent (which then drains) and reaps zombies
+# tini is PID 1: it forwards SIGTERM to the agent (which then drains: P2PSCHED_DRAIN_ON_SIGTERM above,
+# as `docker stop` expects of a node leaving) and reaps zombies
 # left by process-sandbox jobs. The entrypoint execs the agent, so there is no shell in
 # between to swallow the signal.
 STOPSIGNAL SIGTERM

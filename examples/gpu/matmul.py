@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An example GPU job: a small matrix multiply that reports which GPU it was given.
 
-    p2psched submit --runtime process --gpu 1 --capability gpu -- python3 examples/gpu/matmul.py
+    p2psched submit --process --gpu 1 --cap gpu -- python3 examples/gpu/matmul.py
 
 It prints what the scheduler granted (``CUDA_VISIBLE_DEVICES``,
 ``NVIDIA_VISIBLE_DEVICES``), what the CUDA driver itself lets the process see

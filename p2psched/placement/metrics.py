@@ -4,8 +4,9 @@ Names (issue 4, requirement 6):
 
 * ``p2psched_placements_total{decision}``: decisions by kind: run_here, forward,
   queue, reject (a job placed again after queueing counts again).
-* ``p2psched_forward_hops``: forwards a job took before it started, observed once by
-  the executor; 0 is a job that ran where it was submitted.
+* ``p2psched_forward_hops``: offers a forwarded job took until a peer accepted it,
+  observed once by its origin then; jobs that run where they were submitted are
+  not observed (``p2psched_placements_total{decision="run_here"}`` counts them).
 * ``p2psched_forward_refusals_total``: forwards a target refused on late binding.
 * ``p2psched_placement_seconds``: time spent in ``place()``.
 * ``p2psched_placement_cost``: network cost (us, the topology's weight) of forwards
@@ -58,5 +59,5 @@ class PlacementMetrics:
         self.forward_refusals.inc()
 
     def started(self, hops: int) -> None:
-        """The job started on this agent after ``hops`` forwards."""
+        """A peer accepted the job on its ``hops``-th offer."""
         self.forward_hops.observe(hops)
