@@ -106,6 +106,8 @@ ORPHAN_CHECK_S = 2.0
 #: Why a queued job waits before the dispatcher has looked at it: the jobs ahead of
 #: it in the queue's order (--dispatch-policy) go first.
 IN_TURN = "waiting its turn behind the jobs ahead of it in this agent's queue"
+#: NVML is asked for GPU utilisation and memory at most this often (on a scrape of /metrics).
+GPU_SAMPLE_S = 5.0
 #: How often the tenants and topology files are checked for changes (a stat each);
 #: SIGHUP re-reads them at once.
 FILE_POLL_S = 2.0
@@ -275,6 +277,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 log.warning("node %s is not a host in %s: %s", self.node_id, settings.topology, where)
         self.gpu_inventory: Any = None
         self.gpu_metrics: Any = None
+        self._gpu_usage: dict[str, Any] = {}  # NVML's last sample by GPU UUID, for the metrics
+        self._gpu_sampled_at = -math.inf
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -293,11 +297,27 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         # queued jobs reserve only when they start, so every slot is free.
         self.gpus = SlotAllocator(inv)
         self.gpu_metrics = GpuMetrics(self.registry)
-        self.gpu_metrics.update(self.gpus, inv, usage={})
+        self.gpu_metrics.update(self.gpus, inv, usage=self._gpu_usage)
         if inv.gpus:
             log.info("GPUs (%s): %s", inv.source, self.gpus.total_by_type())
         elif self.settings.gpus:
             log.warning("no GPU slots offered: %s", inv.reason)
+
+    async def refresh_gpu_usage(self) -> None:
+        """Sample NVML's utilisation and memory of each GPU for the metrics, at most
+        every GPU_SAMPLE_S (a scrape asks; a sample blocks, so it runs off the trio
+        thread). Declared GPUs and hosts without NVML have nothing to sample."""
+        inv = self.gpu_inventory
+        if inv is None or inv.source != "nvml" or not inv.gpus or self.gpus is None:
+            return
+        now = trio.current_time()
+        if now - self._gpu_sampled_at < GPU_SAMPLE_S:
+            return
+        self._gpu_sampled_at = now
+        from p2psched.gpu.discovery import sample_usage
+
+        self._gpu_usage = await trio.to_thread.run_sync(sample_usage, inv)
+        self.gpu_metrics.update(self.gpus, inv, usage=self._gpu_usage)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from p2psched.api.server import serve_api
@@ -1355,7 +1375,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._vector_changed.set()
         if self.gpus is not None and self.gpu_inventory.gpus:
             self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
-            self.gpu_metrics.update(self.gpus, self.gpu_inventory, usage={})
+            self.gpu_metrics.update(self.gpus, self.gpu_inventory, usage=self._gpu_usage)
 
     def _sandbox_request(self, rec: JobRecord, grant: Any = None) -> SandboxRequest:
         from p2psched.gpu.devices import no_gpu_env

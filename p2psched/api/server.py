@@ -475,6 +475,7 @@ def create_app(agent: Any) -> Starlette:
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        await agent.refresh_gpu_usage()
         return Response(generate_latest(agent.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:

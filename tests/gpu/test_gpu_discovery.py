@@ -215,3 +215,20 @@ def test_mig_profile_names_come_from_nvml_device_names(name: str, profile: str |
     assert mig_profile_from_name(name) == profile
     if profile == "1c.3g.20gb":
         assert slot_fraction(profile) == 1 / 7  # one compute slice of the shared 3g instance
+
+
+async def test_an_agent_reports_nvml_utilisation_and_memory_on_a_scrape(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML is the stand-in above (no GPU here); the agent, its /metrics and the sampling are real."""
+    from agents import running_agent
+
+    nv = fake_nvml(tmp_path)
+    monkeypatch.setattr(discovery, "_nvml", lambda: nv)
+    async with running_agent(tmp_path / "a", node_id="gpuhost") as (agent, http):
+        assert agent.gpu_inventory.source == "nvml"
+        text = (await http.get("/metrics")).text
+        # The L4 (index 1) has utilisation; NVML has none for the MIG-mode H100, but its memory.
+        assert 'p2psched_gpu_utilization_ratio{gpu="1"} 0.37' in text, text
+        assert 'p2psched_gpu_utilization_ratio{gpu="0"}' not in text
+        assert 'p2psched_gpu_memory_used_bytes{gpu="1"} 1.073741824e+09' in text  # 1 GiB
+        assert 'p2psched_gpu_memory_used_bytes{gpu="0"}' in text
