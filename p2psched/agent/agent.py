@@ -599,9 +599,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 return existing, False
         # spec.id stays as the client sent it (None when the agent chose the id): a
         # signed spec is forwarded as signed, and each hop verifies that signature.
-        if admitted.open:
-            spec.capabilities = list(spec.capabilities)
-        elif spec.tenant != admitted.tenant:
+        if not admitted.open and spec.tenant != admitted.tenant:
             spec.tenant = admitted.tenant
         if spec.runtime == "wasm":
             assert spec.module_sha256 is not None

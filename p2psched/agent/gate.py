@@ -54,8 +54,9 @@ class Gate:
         self.admission = Admission(nonces=SQLiteNonceStore(data_dir / "nonces.db"),
                                    rejections=self.metrics_rejections)
         if self.holder is None:
-            log.warning("no --tenants registry: open single-tenant mode; every request is accepted as tenant "
-                        "'default'. Give --tenants FILE to require signed requests")
+            log.warning("no --tenants registry: open mode; every request is accepted unsigned, and a job's "
+                        "tenant is the one it names ('default' if none). Give --tenants FILE to require signed "
+                        "requests")
 
     holder: RegistryHolder | None = None
     admission: Admission | None = None
