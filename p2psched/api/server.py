@@ -105,16 +105,40 @@ def _parse_spec(raw: Any, prefix: str = "") -> tuple[JobSpec, Any] | AgentError:
     return spec, auth
 
 
-def _wasm_check(agent: Any, spec: JobSpec, prefix: str = "") -> AgentError | None:
+#: A module larger than this is validated on a worker thread: wasmtime's validation
+#: is linear in the module's size (tens of ms for a few MiB) and would stall the
+#: event loop, and with it every other request and job, meanwhile.
+VALIDATE_INLINE_BYTES = 64 * 1024
+
+
+async def _wasm_check(agent: Any, spec: JobSpec, prefix: str = "",
+                      seen: dict[str, str | None] | None = None) -> AgentError | None:
+    """An error naming what is wrong with ``spec``'s module bytes, or None. A module
+    this agent stores was valid when stored, and one already checked in this batch
+    (``seen``: sha256 -> error) is not checked again."""
     if spec.runtime != "wasm" or spec.module is None:
         return None
-    from p2psched.sandbox.wasm import validate_module
+    sha = spec.module_sha256 or ""
+    if seen is not None and sha in seen:
+        problem = seen[sha]
+    elif agent.store.has_module(sha):
+        problem = None
+    else:
+        from p2psched.sandbox.wasm import validate_module
 
-    try:
-        validate_module(spec.module)
-    except ValueError as e:
-        return AgentError(str(e), reason="invalid_module", details=[{"field": prefix + "module", "message": str(e)}])
-    return None
+        try:
+            if len(spec.module) <= VALIDATE_INLINE_BYTES:
+                validate_module(spec.module)
+            else:
+                await trio.to_thread.run_sync(validate_module, spec.module)
+            problem = None
+        except ValueError as e:
+            problem = str(e)
+        if seen is not None:
+            seen[sha] = problem
+    if problem is None:
+        return None
+    return AgentError(problem, reason="invalid_module", details=[{"field": prefix + "module", "message": problem}])
 
 
 def _wait_param(request: Request) -> float:
@@ -265,7 +289,7 @@ def create_app(agent: Any) -> Starlette:
         if isinstance(parsed, AgentError):
             raise refused(parsed)
         spec, auth = parsed
-        err = _wasm_check(agent, spec)
+        err = await _wasm_check(agent, spec)
         if err is not None:
             raise refused(err)
         rec, created = await agent.submit(spec, auth)
@@ -281,10 +305,11 @@ def create_app(agent: Any) -> Starlette:
             raise refused(AgentError(f"batch holds {len(jobs)} jobs; the limit is {MAX_BATCH}",
                                      reason="invalid_batch", status=413))
         specs: list[tuple[JobSpec, Any] | AgentError] = []
+        seen: dict[str, str | None] = {}  # a module sent with every job of a batch is checked once
         for i, item in enumerate(jobs):
             parsed = _parse_spec(item, prefix=f"jobs.{i}.")
             if not isinstance(parsed, AgentError):
-                parsed = _wasm_check(agent, parsed[0], prefix=f"jobs.{i}.") or parsed
+                parsed = await _wasm_check(agent, parsed[0], prefix=f"jobs.{i}.", seen=seen) or parsed
             specs.append(refused(parsed) if isinstance(parsed, AgentError) else parsed)
         results = await agent.submit_many(specs)
         out = []

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import trio
 
-from agents import running_agent, wasm_spec
+from agents import WASM, running_agent, wasm_spec
 
 
 async def test_submit_wait_and_fetch_result(tmp_path):
@@ -508,3 +508,49 @@ async def test_every_queued_job_says_why_it_waits(tmp_path):
             assert rec["wait_reason"], rec
         assert any("behind the jobs ahead of it" in r["wait_reason"] for r in waiting), records
         await http.delete(f"/v1/jobs/{running['id']}")
+
+
+def _with_custom_section(module: bytes, size: int) -> bytes:
+    """``module`` grown by a custom section of ``size`` bytes: still valid, and as big as a real model's."""
+    name = b"pad"
+    body = bytes([len(name)]) + name + b"\0" * size
+    n, leb = len(body), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        leb.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return module + b"\x00" + bytes(leb) + body
+
+
+async def test_a_module_is_validated_once_and_a_large_one_off_the_event_loop(tmp_path, monkeypatch):
+    import threading
+
+    from p2psched.sandbox import wasm
+
+    calls: list[tuple[int, bool]] = []
+    validate = wasm.validate_module
+
+    def counting(data: bytes) -> None:
+        calls.append((len(data), threading.current_thread() is threading.main_thread()))
+        validate(data)
+
+    monkeypatch.setattr(wasm, "validate_module", counting)
+    async with running_agent(tmp_path) as (agent, http):
+        # Five jobs of one module in a batch: checked once. Sent again: it is stored, valid.
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm")] * 5})
+        assert [x["status"] for x in r.json()["results"]] == [202] * 5
+        assert (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).status_code == 202
+        assert len(calls) == 1 and calls[0][1]  # small: checked inline
+
+        big = _with_custom_section((WASM / "hello.wasm").read_bytes(), 1 << 20)
+        r = await http.post("/v1/jobs", json={"module": base64.b64encode(big).decode()})
+        assert r.status_code == 202, r.text
+        assert calls[-1] == (len(big), False)  # checked on a worker thread, not the event loop's
+
+        bad = {"module": base64.b64encode(b"\0asm\x01\0\0\0\x7f").decode()}
+        r = await http.post("/v1/jobs:batch", json={"jobs": [bad] * 3})
+        errors = [x["error"] for x in r.json()["results"]]
+        assert [e["reason"] for e in errors] == ["invalid_module"] * 3  # each item says so, checked once
+        assert [e["fields"][0]["field"] for e in errors] == ["jobs.0.module", "jobs.1.module", "jobs.2.module"]
+        assert len(calls) == 3
