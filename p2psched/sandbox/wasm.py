@@ -71,6 +71,8 @@ What a guest can do, and how each limit is enforced
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -79,6 +81,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -443,13 +446,32 @@ class WasmEngine:
 
     def _load(self, engine: wasmtime.Engine, sha256: str, module_path: Path | None) -> wasmtime.Module:
         cached = self._cache_path(sha256)
-        if cached is not None and cached.exists():
-            try:
-                module = wasmtime.Module.deserialize_file(engine, str(cached))
-                self.stats.from_disk += 1
+        if cached is None:
+            return self._compile(engine, sha256, module_path, None)
+        module = self._from_disk(engine, cached)
+        if module is not None:
+            return module
+        # The agent's wasm workers are processes: the first jobs of a new module, on
+        # several of them at once, would each compile it. One compiles; the others
+        # wait on the module's lock file and load its copy.
+        with _file_lock(cached.with_suffix(".lock")):
+            module = self._from_disk(engine, cached)
+            if module is not None:
                 return module
-            except wasmtime.WasmtimeError:
-                pass  # stale or damaged: compile again and overwrite it
+            return self._compile(engine, sha256, module_path, cached)
+
+    def _from_disk(self, engine: wasmtime.Engine, cached: Path) -> wasmtime.Module | None:
+        if not cached.exists():
+            return None
+        try:
+            module = wasmtime.Module.deserialize_file(engine, str(cached))
+        except wasmtime.WasmtimeError:
+            return None  # stale or damaged: compile again and overwrite it
+        self.stats.from_disk += 1
+        return module
+
+    def _compile(self, engine: wasmtime.Engine, sha256: str, module_path: Path | None,
+                 cached: Path | None) -> wasmtime.Module:
         if module_path is None:
             raise FileNotFoundError(f"module {sha256} is not cached here and the request names no module_path")
         data = Path(module_path).read_bytes()
@@ -469,6 +491,22 @@ class WasmEngine:
                 tmp.unlink(missing_ok=True)
                 log.warning("module %s compiled but not cached in %s: %s", sha256[:16], self.cache_dir, e)
         return module
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on ``path`` (created if need be); none
+    where it cannot be made (a read-only cache): then a module may be compiled twice."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _prepare(slot: _Slot, module: wasmtime.Module) -> _Prepared:

@@ -52,6 +52,41 @@ def test_restarted_agent_loads_compiled_module_from_disk(tmp_path):
     assert files[0].stat().st_mtime_ns == mtime  # not rewritten
 
 
+def test_a_second_process_waits_for_the_first_ones_compile_rather_than_compile_again(tmp_path):
+    """The agent's wasm workers are processes. While one compiles a new module
+    (holding its lock), another that needs it waits and loads the compiled copy."""
+    import fcntl
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    with WasmEngine(elsewhere) as engine:
+        run_wasm(hello(), engine)
+        compiled = engine._cache_path(HELLO_SHA)
+    with WasmEngine(shared, start_ticker=False) as other:
+        lock_path = other._cache_path(HELLO_SHA).with_suffix(".lock")
+    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # "the first worker", compiling
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from p2psched.sandbox.wasm import WasmEngine\n"
+        "with WasmEngine(Path(sys.argv[1])) as e:\n"
+        "    e.warm(sys.argv[2], Path(sys.argv[3]))\n"
+        "    print(e.stats.compiled, e.stats.from_disk)"), str(shared), HELLO_SHA, str(HELLO)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # the second worker reaches the lock and waits there
+        assert worker.poll() is None, worker.communicate()
+        shutil.copy(compiled, shared / compiled.name)  # the first one's copy lands
+    finally:
+        os.close(lock)
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0
+    assert out.split() == ["0", "1"]  # compiled nothing, loaded the first one's copy
+
+
 def test_one_compiled_file_serves_every_stack_limit(tmp_path):
     with WasmEngine(tmp_path) as engine:
         run_wasm(hello(stack_bytes=128 * 1024), engine)
