@@ -92,6 +92,8 @@ def test_late_binding_refusal_sends_the_job_to_the_next_candidate(tmp_path):
             metrics = h0.get("/metrics").text
             h0.delete(f"/v1/jobs/{busy0}")
             h1.delete(f"/v1/jobs/{busy1}")
+        # Whether r1 refuses here depends on timing (offer holds and reply vectors often
+        # spare it); tests/agent/test_late_binding.py makes the refusal certain.
         refusals = [line for line in metrics.splitlines() if line.startswith("p2psched_forward_refusals_total")]
         assert refusals, metrics[:2000]
     finally:
