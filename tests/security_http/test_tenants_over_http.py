@@ -70,20 +70,28 @@ def test_signed_jobs_unsigned_refused_tenants_see_only_their_own(tmp_path, tenan
         agent.stop()
 
 
+def add_tenant_until_accepted(agent, reg, keys, name: str, *, sighup: bool) -> list[str]:
+    """Create tenant ``name`` with `p2psched tenant`, refused until the running agent
+    has the edited registry (told with SIGHUP, or noticing the change); its CLI flags."""
+    flags = ["--tenant", name, "--key", str(keys / f"{name}.key")]
+    cli("tenant", "keygen", name, "--out", str(keys))
+    p = cli("submit", "examples/wasm/hello.wasm", *flags, agent=agent, check=False)
+    assert p.returncode == 3 and b"401" in p.stderr
+    cli("tenant", "add", name, "--pubkey", str(keys / f"{name}.pub"), "--tenants", str(reg), "--cap", "wasm")
+    if sighup:
+        agent.kill(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while cli("submit", "examples/wasm/hello.wasm", *flags, agent=agent, check=False).returncode != 0:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
+    return flags
+
+
 def test_sighup_reloads_a_good_registry_and_keeps_the_old_on_a_bad_one(tmp_path, tenants):
     reg, keys = tenants
     agent = new_agent(tmp_path, "reloader", "--tenants", str(reg)).start()
     try:
-        carol = ["--tenant", "carol", "--key", str(keys / "carol.key")]
-        cli("tenant", "keygen", "carol", "--out", str(keys))
-        p = cli("submit", "examples/wasm/hello.wasm", *carol, agent=agent, check=False)
-        assert p.returncode == 3 and b"401" in p.stderr
-        cli("tenant", "add", "carol", "--pubkey", str(keys / "carol.pub"), "--tenants", str(reg), "--cap", "wasm")
-        agent.kill(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while cli("submit", "examples/wasm/hello.wasm", *carol, agent=agent, check=False).returncode != 0:
-            assert time.monotonic() < deadline, agent.log()
-            time.sleep(0.2)
+        carol = add_tenant_until_accepted(agent, reg, keys, "carol", sighup=True)
         good = reg.read_text()
         reg.write_text(good + "\n[tenants.broken\n")
         agent.kill(signal.SIGHUP)
@@ -102,15 +110,7 @@ def test_an_edited_registry_applies_without_a_signal(tmp_path, tenants):
     reg, keys = tenants
     agent = new_agent(tmp_path, "watcher", "--tenants", str(reg)).start()
     try:
-        dave = ["--tenant", "dave", "--key", str(keys / "dave.key")]
-        cli("tenant", "keygen", "dave", "--out", str(keys))
-        p = cli("submit", "examples/wasm/hello.wasm", *dave, agent=agent, check=False)
-        assert p.returncode == 3 and b"401" in p.stderr
-        cli("tenant", "add", "dave", "--pubkey", str(keys / "dave.pub"), "--tenants", str(reg), "--cap", "wasm")
-        deadline = time.monotonic() + 20
-        while cli("submit", "examples/wasm/hello.wasm", *dave, agent=agent, check=False).returncode != 0:
-            assert time.monotonic() < deadline, agent.log()
-            time.sleep(0.3)
+        add_tenant_until_accepted(agent, reg, keys, "dave", sighup=False)
         assert "tenant registry reloaded" in agent.log()
     finally:
         agent.stop()
