@@ -153,7 +153,8 @@ def _module_checks(module: str) -> Iterable[Check]:
 @click.option("--api", default="0.0.0.0:7700", show_default=True)
 @click.option("--gossip", default="0.0.0.0:7701", show_default=True)
 @click.option("--transfer", default="0.0.0.0:7702", show_default=True)
-def doctor(data_dir: Path, api: str, gossip: str, transfer: str) -> None:
+@click.option("--gpus", envvar="P2PSCHED_GPUS", help="Check this --gpus declaration, as the agent would read it.")
+def doctor(data_dir: Path, api: str, gossip: str, transfer: str, gpus: str | None) -> None:
     """Check what works on this host, and how to fix what doesn't."""
     checks: list[Check] = [
         check_python(), check_wasmtime(), check_data_dir(data_dir),
@@ -162,12 +163,15 @@ def doctor(data_dir: Path, api: str, gossip: str, transfer: str) -> None:
         check_port("transfer", transfer, socket.SOCK_STREAM), check_cgroups(), check_userns(), check_leftovers(),
     ]
     checks += _module_checks("p2psched.sandbox.process")
-    checks += _module_checks("p2psched.gpu.discovery")
+    from p2psched.gpu.discovery import doctor_checks as gpu_checks
+
+    checks += gpu_checks(gpus)
     failed = 0
     for name, ok, detail, fix in checks:
         mark = click.style(" ok ", fg="green") if ok else click.style("FAIL", fg="red")
+        # A GPU the host lacks is a warning; a declaration the agent would refuse to start with fails.
         if not ok and (name in WARN_ONLY or "fallback" in detail or "none" in detail.lower()
-                       or name.startswith("gpu")):
+                       or (name.startswith("gpu") and not gpus)):
             mark = click.style("warn", fg="yellow")
         elif not ok:
             failed += 1

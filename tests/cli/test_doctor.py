@@ -10,10 +10,10 @@ from p2psched.agent.datadir import DataDirLock
 from agents import free_port
 
 
-def doctor(tmp_path, data_dir, api_port, gossip_port=None):
+def doctor(tmp_path, data_dir, api_port, gossip_port=None, *extra):
     out = subprocess.run(
         [sys.executable, "-m", "p2psched", "doctor", "--data-dir", str(data_dir), "--api", f"127.0.0.1:{api_port}",
-         "--gossip", f"127.0.0.1:{gossip_port or free_port()}", "--transfer", f"127.0.0.1:{free_port()}"],
+         "--gossip", f"127.0.0.1:{gossip_port or free_port()}", "--transfer", f"127.0.0.1:{free_port()}", *extra],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     rows = {}
@@ -65,3 +65,16 @@ def test_doctor_fails_a_gossip_port_taken_for_tcp_only(tmp_path):
     assert rows["port gossip"] == ("FAIL", f"127.0.0.1:{port} (TCP): Address already in use")
     assert (f"fix: stop whatever uses TCP port {port} (`ss -lntp | grep :{port}`), or pass --gossip "
             "HOST:OTHERPORT with a port free for UDP and TCP") in out.stdout
+
+
+def test_doctor_checks_a_gpu_declaration_as_the_agent_reads_it(tmp_path):
+    out, rows = doctor(tmp_path, tmp_path / "data", free_port(), None, "--gpus", "2xH100-80GB/shared:2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    mark, detail = rows["gpu: declared GPUs"]
+    assert mark == "ok" and "2 declared GPU(s), not discovered" in detail, rows
+    # One the agent would refuse to start with is a failure, with the fix.
+    out, rows = doctor(tmp_path, tmp_path / "data", free_port(), None, "--gpus", "2xH100")
+    assert out.returncode == 1, out.stdout
+    mark, detail = rows["gpu: declared GPUs"]
+    assert mark == "FAIL" and "must name its memory" in detail, rows
+    assert "fix: fix the --gpus value; see docs/gpu.md" in out.stdout
