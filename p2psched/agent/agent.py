@@ -1321,10 +1321,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self.queue.pop()
             else:
                 rec.wait_reason = decision.reason
-                if rec.runtime in self.health.impaired and len(set_aside) < IMPAIRED_LOOKAHEAD:
+                if rec.runtime in self.health.impaired and set_aside_now(rec):
                     blocked.add(rec.runtime)
-                    self.queue.pop()
-                    set_aside.append(rec)
                     continue
                 break
 

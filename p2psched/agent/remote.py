@@ -395,12 +395,8 @@ class RemoteJobs:
             auth=job.get("auth"),
         )
         rec.timeline = list(job.get("timeline", []))
-        rec.state = JobState.QUEUED
-        rec.timeline.append({"state": "queued", "at": now, "node": self.node_id,
-                             "detail": f"accepted from {rec.origin}"})
-        self.metrics.job_state("queued", rec.runtime).inc()
-        job_log(rec.id, "queued", f"accepted from {rec.origin}", now)
-        self.store.stage(rec, new=True)
+        self._advance(rec, JobState.QUEUED, now, f"accepted from {rec.origin}")
+        self.store.stage(rec, new=True)  # its first row here, with the spec
         self.active[rec.id] = rec
         # Reserve now, before awaiting the store, so that two offers cannot both take
         # the last slot that late binding just checked.
