@@ -1656,6 +1656,14 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     def _finish(self, rec: JobRecord, res: SandboxResult, started: float, ended: float) -> None:
         out = res.stdout
+        report = cast("dict[str, Any] | None", res.sandbox.pop("attestation", None))
+        if report is None:
+            report = self.gate.attest(node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=res,
+                                      started_at=started, ended_at=ended)
+        # The report signed each artifact's sha256 already: the record names the same.
+        digests = report.get("artifacts_sha256") or {}
+        if digests.keys() != res.artifacts.keys():
+            digests = {name: hashlib.sha256(data).hexdigest() for name, data in res.artifacts.items()}
         rec.result = JobResult(
             exit_code=res.exit_code, reason=res.reason,
             stdout=out[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
@@ -1666,18 +1674,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             cpu_ms=res.cpu_ms, peak_mem_bytes=res.peak_mem_bytes,
             output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
             warnings=list(res.warnings),
-            artifacts={name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                       for name, data in res.artifacts.items()},
+            artifacts={name: {"size": len(data), "sha256": digests[name]} for name, data in res.artifacts.items()},
+            attestation=report,
         )
-        report = cast("dict[str, Any] | None", res.sandbox.pop("attestation", None))
-        if report is None:
-            report = self.gate.attest(node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=res,
-                                      started_at=started, ended_at=ended)
-        rec.result.attestation = report
         state = state_for_reason(res.reason, res.exit_code)
         # stderr longer than the record holds is kept whole beside it (/output serves it)
         self.store.stage(rec, output=out, stderr=res.stderr if len(res.stderr) > RECORD_TEXT_BYTES else None,
-                         artifacts=res.artifacts)
+                         artifacts={digests[name]: data for name, data in res.artifacts.items()})
         self._advance(rec, state, ended, res.reason)
         if rec.origin != self.node_id:
             self._owe_result(rec)

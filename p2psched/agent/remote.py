@@ -594,13 +594,13 @@ class RemoteJobs:
     @staticmethod
     def _arrived_artifacts(res: JobResult, sent: dict[str, tuple[bytes, str]], executor: str) -> dict[str, bytes]:
         """Origin side: the artifacts of ``res`` whose bytes arrived and hash to what it
-        says; one that did not arrive intact is dropped from the result, with a
-        warning, so the record never names bytes this agent does not hold."""
+        says, by sha256; one that did not arrive intact is dropped from the result,
+        with a warning, so the record never names bytes this agent does not hold."""
         kept: dict[str, bytes] = {}
         for name, entry in list(res.artifacts.items()):
             data, sha256 = sent.get(name, (b"", ""))
             if isinstance(entry, dict) and sha256 and sha256 == entry.get("sha256"):
-                kept[name] = data
+                kept[sha256] = data
                 continue
             del res.artifacts[name]
             res.warnings.append(f"artifact {name!r} did not arrive intact from executor {executor}; "

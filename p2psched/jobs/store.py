@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -208,7 +207,7 @@ class Store:
         # Raw stderr of jobs whose record could not hold it all, written with their next flush.
         self._stderr_pending: dict[str, bytes] = {}
         self._stderr_inflight: dict[str, bytes] = {}
-        # Artifacts (name -> bytes) of jobs that ended, written with their next flush.
+        # Artifacts (sha256 -> bytes) of jobs that ended, written with their next flush.
         self._artifacts_pending: dict[str, dict[str, bytes]] = {}
         self._artifacts_inflight: dict[str, dict[str, bytes]] = {}
         self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
@@ -339,9 +338,8 @@ class Store:
         it), or None if they are not stored here. Blocking for a large one: an
         artifact may be MiBs, so call it from a thread."""
         for held in (self._artifacts_pending.get(job_id), self._artifacts_inflight.get(job_id)):
-            for data in (held or {}).values():
-                if hashlib.sha256(data).hexdigest() == sha256:
-                    return data
+            if held is not None and sha256 in held:
+                return held[sha256]
         try:
             return (self.artifacts_dir(job_id) / sha256).read_bytes()
         except FileNotFoundError:
@@ -365,7 +363,7 @@ class Store:
               stderr: bytes | None = None, artifacts: dict[str, bytes] | None = None) -> None:
         """Queue ``rec``'s current state for the next flush; ``stderr``: its raw stderr,
         kept as a file, for one longer than the record holds; ``artifacts``: the files
-        its result names (name -> bytes), kept as files too."""
+        its result names, by their sha256 (sha256 -> bytes), kept as files too."""
         if stderr is not None:
             self._stderr_pending[rec.id] = stderr
         if artifacts:
@@ -609,13 +607,14 @@ class Store:
             raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and permissions") from e
 
     def _write_artifacts(self, job_id: str, arts: dict[str, bytes]) -> None:
-        """Each artifact as a file named by its sha256. Bytes a record already names
-        are never rewritten in place: a new file appears whole (rename) or not at all.
-        An earlier attempt's files stay until retention deletes the job's directory."""
+        """Each artifact (sha256 -> bytes) as a file named by its sha256. Bytes a record
+        already names are never rewritten in place: a new file appears whole (rename)
+        or not at all. An earlier attempt's files stay until retention deletes the
+        job's directory."""
         d = self.artifacts_dir(job_id)
         d.mkdir(exist_ok=True)
-        for data in arts.values():
-            path = d / hashlib.sha256(data).hexdigest()
+        for sha256, data in arts.items():
+            path = d / sha256
             if path.exists():
                 continue
             tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -80,8 +80,8 @@ async def test_artifacts_are_files_named_by_their_content_readable_before_and_af
         r.advance(state, 2.0, "n1")
     r.result = JobResult(exit_code=0, reason="exit 0")
     blob = bytes(range(256)) * 1000
-    store.stage(r, output=b"", artifacts={"out.txt": b"result\n", "d/blob": blob})
     sha = hashlib.sha256(blob).hexdigest()
+    store.stage(r, output=b"", artifacts={hashlib.sha256(b"result\n").hexdigest(): b"result\n", sha: blob})
     assert store.artifact(r.id, sha) == blob  # staged, not yet written
     await store.sync()
     assert sorted(p.name for p in store.artifacts_dir(r.id).iterdir()) == sorted(
@@ -287,11 +287,11 @@ async def test_prune_deletes_old_finished_jobs_and_their_outputs_and_keeps_the_r
 
     old_done = [job(i, 100.0 + i, JobState.SUCCEEDED) for i in range(1, 2501)]  # more than one batch
     old_big = job(2501, 100.0, JobState.FAILED, output=b"x" * (INLINE_OUTPUT_BYTES + 1), stderr=b"e" * 70_000,
-                  artifacts={"out.txt": b"old"})
+                  artifacts={hashlib.sha256(b"old").hexdigest(): b"old"})
     old_running = job(2502, 100.0, None)
     old_owed = job(2503, 100.0, JobState.SUCCEEDED)
     store.stage_delivery(old_owed.id, True)  # its result is still owed to its origin
-    new_done = job(2504, 5_000.0, JobState.SUCCEEDED, artifacts={"out.txt": b"new"})
+    new_done = job(2504, 5_000.0, JobState.SUCCEEDED, artifacts={hashlib.sha256(b"new").hexdigest(): b"new"})
     await store.sync()
     big_files = sorted(store.outputs_dir.iterdir())
     assert [f.name for f in big_files] == [f"{old_big.id}.artifacts", f"{old_big.id}.err", f"{old_big.id}.out",
