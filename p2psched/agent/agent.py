@@ -1132,7 +1132,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         return self._advertised[1]
 
     def _place(self, rec: JobRecord) -> Any:
-        from p2psched.placement.core import Forward, JobRequest, Reject, place
+        from p2psched.placement.core import Forward, JobRequest, Reject, RunHere, fits_now, place
 
         t0 = time.perf_counter()
         failed_here = bool(self._host_failures) and rec.id in self._host_failures
@@ -1166,6 +1166,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             decision = None if isinstance(made, Reject) else made
         if decision is None:
             decision = decide(local)
+            if (isinstance(decision, Forward) and rec.origin != self.node_id and not local.vector.draining
+                    and fits_now(req, local)):
+                # A GPU job may find a tighter fit on a peer, but only origins forward:
+                # one accepted here for another origin runs here when it fits.
+                decision = RunHere()
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
         return decision
 

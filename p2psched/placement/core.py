@@ -17,13 +17,19 @@ topology. It returns one Decision:
 
 Scoring under ``p2p`` (the default): only peers whose gossiped vector fits the job
 now are candidates (for GPU jobs: enough free slots of the required type). They rank
-by network cost (same leaf beats across the spine), then load, then GPU fit (fewest
-free slots of the type left over, which keeps whole devices free for big jobs).
-Gossip is ~200 ms stale, so always taking the single best node herds every origin
-onto it. Instead, peers within ``cost_slack_us`` and ``load_slack`` of the best form
-a window of near-ties; in it the tightest GPU fit wins outright, and among the
-peers still tied two are drawn at random and the better one taken (the
+by network cost (same leaf beats across the spine), then load. Gossip is ~200 ms
+stale, so always taking the single best node herds every origin onto it. Instead,
+peers within ``cost_slack_us`` and ``load_slack`` of the best form a window of
+near-ties, and two of them are drawn at random and the better one taken (the
 power-of-two-choices rule of Mitzenmacher, as Sparrow uses it).
+
+GPU jobs are placed GPU-first: the best fit comes before cost and load. The fit of
+a node is the free slots of the best-fitting type that the job would leave over;
+the fewest wins, because it keeps the nodes with more free slots whole for the big
+jobs that need them (a 1-GPU job goes to the node with 1 free, not the one with 8).
+This agent competes on fit too: it runs the job when its fit is as tight as the
+best peer's (a local run costs nothing on the network), and otherwise offers it to
+the tighter peers. Among the nodes of the tightest fit, cost and load decide as above.
 
 Other policies, for comparison: ``local-first`` (here if it fits, else the nearest
 fitting peer, deterministically: the greedy rule whose herding ``p2p`` avoids),
@@ -376,7 +382,8 @@ def place(
         p.node_id != local.node_id and p.node_id not in req.visited and req.runtime not in p.vector.impaired
         and fits_ever(req, p) for p in peers)
     here_now = fits_now(req, local) and not local.vector.draining and not impaired_here
-    if here_now and policy in ("p2p", "local-first"):
+    gpu_first = req.gpu > 0 and policy == "p2p"  # then here competes with the peers on fit
+    if here_now and (policy == "local-first" or (policy == "p2p" and not gpu_first)):
         return RunHere(), state
 
     if not fits_ever(req, local) and not any(fits_ever(req, p) for p in peers):
@@ -435,6 +442,8 @@ def place(
                         topology), new_state
 
     if not fitting:
+        if here_now:
+            return RunHere(), state  # a GPU job that only this agent has room for
         return QueueHere(_queue_reason(req, local, peers, visited_could)), state
 
     price = _pricer(local, topology)
@@ -443,19 +452,24 @@ def place(
         ranked = heapq.nsmallest(settings.max_candidates, scored, key=lambda r: (r[0], r[3]))
         return _forward(local, ranked[0], ranked[1:], topology), state
 
-    best = min(scored)
+    tied = scored
+    if gpu_first:
+        tightest = min(r[2] for r in scored)
+        if here_now and (_gpu_leftover(req, local.vector.gpu_free) or 0) <= tightest:
+            return RunHere(), state
+        tied = [r for r in scored if r[2] == tightest]
+    best = min(tied)
     cost_cap, load_cap = best[0] + settings.cost_slack_us, best[1] + settings.load_slack
-    window = [r for r in scored if r[0] <= cost_cap and r[1] <= load_cap]
-    # Within the window, cost and load count as tied, so GPU fit decides: fragmentation
-    # is worth more than a sliver of load. What stays tied is sampled.
-    tightest = min(r[2] for r in window)
-    near = [r for r in window if r[2] == tightest]
+    near = [r for r in tied if r[0] <= cost_cap and r[1] <= load_cap]
     if len(near) >= 2:
         a, b = rng.sample(near, 2)
         chosen = b if b[:3] < a[:3] else a  # an exact tie keeps the first draw: random
     else:
         chosen = near[0]
-    others = heapq.nsmallest(settings.max_candidates - 1, [r for r in scored if r is not chosen])
+    # The fallback list ranks the rest the same way: by fit first for a GPU job.
+    passed = [r for r in scored if r is not chosen]
+    others = (heapq.nsmallest(settings.max_candidates - 1, passed, key=lambda r: (r[2], r[0], r[1], r[3]))
+              if gpu_first else heapq.nsmallest(settings.max_candidates - 1, passed))
     return _forward(local, chosen, others, topology), state
 
 

@@ -73,3 +73,25 @@ def test_slots_are_free_after_the_agent_is_killed_and_restarted(tmp_path):
         assert rec["state"] == "succeeded" and rec["attempts"] == 2
         assert http.get("/v1/peers").json()["peers"][0]["vector"]["gpu_free"] == {"whole": 1}
     agent.stop()
+
+
+async def test_only_the_origin_sends_a_gpu_job_on_to_a_tighter_fit(tmp_path):
+    # GPU-first placement may prefer a peer that the job fills over this agent's two
+    # free GPUs. The origin forwards; a job accepted here for another origin must run
+    # here, since only origins forward (a Forward for it would leave it waiting).
+    # The peer is a gossiped state handed to the real agent's placement.
+    from p2psched.jobs.record import JobRecord
+    from p2psched.jobs.spec import JobSpec
+    from p2psched.placement.core import Forward, RunHere
+    from p2psched.resources import NodeState, ResourceVector
+
+    async with running_agent(tmp_path, gpus="2xH100-80GB") as (agent, http):
+        tight = NodeState("peer", vector=ResourceVector(cpu_total=4, cpu_free=4, mem_total_mb=8192, mem_free_mb=8192,
+                                                        gpu_free={"whole": 1}, gpu_total={"whole": 4}))
+        agent.cluster.alive_states = lambda: [tight]
+        spec = JobSpec.model_validate({**ENV, "resources": {"gpu": 1}})
+        mine = JobRecord(id=f"{agent.node_id}:a", spec=spec, origin=agent.node_id)
+        theirs = JobRecord(id="other:b", spec=spec, origin="other", hops=1)
+        decision = agent._place(mine)
+        assert isinstance(decision, Forward) and decision.node_id == "peer", decision
+        assert agent._place(theirs) == RunHere()

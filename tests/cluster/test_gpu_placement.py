@@ -178,6 +178,26 @@ def test_best_fit_sends_the_job_to_the_peer_it_fills(tmp_path):
         stop_all(agents)
 
 
+def test_gpu_first_a_job_leaves_its_origin_for_the_peer_it_fills(tmp_path):
+    # GPU-first: the fit comes before the network. The origin's two free GPUs stay
+    # whole for a 2-GPU job; a 1-GPU job goes across the spine to the peer with one.
+    agents = start_cluster(tmp_path, ["h0-0", "h2-0"], "--cpus", "1", "--topology", str(SMALL),
+                           per_agent={"h0-0": ["--gpus", "2xH100-80GB"], "h2-0": ["--gpus", "1xH100-80GB"]})
+    origin = agents[0]
+    try:
+        with origin.client() as http:
+            wait_gpu_view(origin, {"h2-0": {"whole": 1}})
+            job = http.post("/v1/jobs", json={**ENV_JOB, "resources": {"gpu": 1, "gpu_type": "whole"}}).json()["id"]
+            rec = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+            assert rec["state"] == "succeeded" and rec["executor"] == "h2-0", rec
+            assert rec["route"][0] == "h0-0" and rec["route"][-1] == "h2-0" and rec["cost"] == 6.0, rec
+            job = http.post("/v1/jobs", json={**ENV_JOB, "resources": {"gpu": 2, "gpu_type": "whole"}}).json()["id"]
+            rec = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+            assert rec["state"] == "succeeded" and rec["executor"] == "h0-0", rec
+    finally:
+        stop_all(agents)
+
+
 def test_a_killed_executor_frees_its_gpu_slots_after_restart(tmp_path):
     agents = start_cluster(tmp_path, ["o", "g1", "g2"], "--cpus", "1",
                            per_agent={"g1": ["--gpus", "1xH100-80GB"], "g2": ["--gpus", "1xH100-80GB"]})

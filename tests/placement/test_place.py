@@ -100,6 +100,38 @@ def test_best_gpu_fit_is_chosen() -> None:
         assert [c.node_id for c in d.candidates] == ["h1-1", "h2-0", "h1-0"]
 
 
+def test_a_gpu_job_leaves_a_looser_fit_here_for_a_tighter_peer() -> None:
+    # GPU-first: this agent's 4 free GPUs stay whole for a 4-GPU job; the 1-GPU job
+    # goes to the peer it fills, even across the spine.
+    here = node("h0-0", gpu_free={"whole": 4})
+    tight = node("h2-0", gpu_free={"whole": 1}, gpu_total={"whole": 4})
+    near = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})
+    for seed in range(20):
+        d = decide(JobRequest("j", gpu=1), here, [near, tight], seed=seed)
+        assert isinstance(d, Forward) and d.node_id == "h2-0" and d.cost == 6.0, seed
+        assert [c.node_id for c in d.candidates] == ["h2-0", "h0-1"]  # the fallback ranks by fit too
+    # As tight here as anywhere: it runs here, where it costs nothing on the network.
+    assert decide(JobRequest("j", gpu=1), node("h0-0", gpu_free={"whole": 1}, gpu_total={"whole": 4}),
+                  [near, tight]) == RunHere()
+    # Only here has room for it: here.
+    assert decide(JobRequest("j", gpu=4), here, [near, tight]) == RunHere()
+    # local-first keeps its greedy rule, and a CPU job still runs here.
+    assert decide(JobRequest("j", gpu=1), here, [near, tight], policy="local-first") == RunHere()
+    assert decide(JobRequest("j"), here, [near, tight]) == RunHere()
+
+
+def test_among_equal_gpu_fits_network_cost_decides() -> None:
+    here = node("h0-0", cpu_free=0, gpu_free={"whole": 0}, gpu_total={"whole": 4})
+    same_leaf = node("h0-1", gpu_free={"whole": 2}, gpu_total={"whole": 4})
+    across = node("h2-0", gpu_free={"whole": 2}, gpu_total={"whole": 4})
+    looser = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})
+    for seed in range(20):
+        d = decide(JobRequest("j", gpu=2), here, [across, same_leaf], seed=seed)
+        assert isinstance(d, Forward) and d.node_id == "h0-1" and d.cost == 2.0, seed
+        d = decide(JobRequest("j", gpu=2), here, [across, looser], seed=seed)
+        assert isinstance(d, Forward) and d.node_id == "h2-0", seed
+
+
 def test_untyped_gpu_request_fits_the_tightest_type() -> None:
     nodes = cluster(SMALL, cpu_free=0)
     nodes["h0-1"] = node("h0-1", gpu_free={"whole": 4, "1g.10gb": 1})
