@@ -1166,10 +1166,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             decision = None if isinstance(made, Reject) else made
         if decision is None:
             decision = decide(local)
-            if (isinstance(decision, Forward) and rec.origin != self.node_id and not local.vector.draining
-                    and fits_now(req, local)):
-                # A GPU job may find a tighter fit on a peer, but only origins forward:
-                # one accepted here for another origin runs here when it fits.
+            if (isinstance(decision, Forward) and (rec.origin != self.node_id or self.transfer is None)
+                    and not local.vector.draining and fits_now(req, local)):
+                # A GPU job may find a tighter fit on a peer, but only origins forward,
+                # and only with forwarding on: otherwise it runs here when it fits.
                 decision = RunHere()
         self.placement_metrics.observe(decision, time.perf_counter() - t0)
         return decision

@@ -75,10 +75,11 @@ def test_slots_are_free_after_the_agent_is_killed_and_restarted(tmp_path):
     agent.stop()
 
 
-async def test_only_the_origin_sends_a_gpu_job_on_to_a_tighter_fit(tmp_path):
+async def test_only_an_origin_that_forwards_sends_a_gpu_job_on_to_a_tighter_fit(tmp_path):
     # GPU-first placement may prefer a peer that the job fills over this agent's two
     # free GPUs. The origin forwards; a job accepted here for another origin must run
-    # here, since only origins forward (a Forward for it would leave it waiting).
+    # here, since only origins forward (a Forward for it would leave it waiting), and
+    # so must the origin's own job when forwarding is off.
     # The peer is a gossiped state handed to the real agent's placement.
     from p2psched.jobs.record import JobRecord
     from p2psched.jobs.spec import JobSpec
@@ -95,3 +96,9 @@ async def test_only_the_origin_sends_a_gpu_job_on_to_a_tighter_fit(tmp_path):
         decision = agent._place(mine)
         assert isinstance(decision, Forward) and decision.node_id == "peer", decision
         assert agent._place(theirs) == RunHere()
+        # With forwarding off (no --tls-dir, no --insecure) nothing is offered: here.
+        transfer, agent.transfer = agent.transfer, None
+        try:
+            assert agent._place(mine) == RunHere()
+        finally:
+            agent.transfer = transfer
