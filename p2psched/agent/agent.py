@@ -1713,8 +1713,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         by_state: dict[str, int] = {}
         # GPU slots by type: slots of different types share hardware (a MIG-carved
         # GPU offers 1g and 3g slots from the same memory), so one sum would overcount.
-        total: dict[str, Any] = {"cpu": 0.0, "mem_mb": 0, "gpu": {}}
-        free: dict[str, Any] = {"cpu": 0.0, "mem_mb": 0, "gpu": {}}
+        # gpu_declared counts those of them on GPUs declared with --gpus (the node's
+        # gpu.declared label), which no hardware backs.
+        total: dict[str, Any] = {"cpu": 0.0, "mem_mb": 0, "gpu": {}, "gpu_declared": {}}
+        free: dict[str, Any] = {"cpu": 0.0, "mem_mb": 0, "gpu": {}, "gpu_declared": {}}
         for m in members:
             by_state[m["state"]] = by_state.get(m["state"], 0) + 1
             if m["state"] in ("alive", "draining"):
@@ -1723,9 +1725,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 free["cpu"] += v["cpu_free"]
                 total["mem_mb"] += v["mem_total_mb"]
                 free["mem_mb"] += v["mem_free_mb"]
+                sums = ["gpu", "gpu_declared"] if m.get("labels", {}).get("gpu.declared") == "true" else ["gpu"]
                 for kind, n in v["gpu_total"].items():
-                    total["gpu"][kind] = total["gpu"].get(kind, 0) + n
-                    free["gpu"][kind] = free["gpu"].get(kind, 0) + v["gpu_free"].get(kind, 0)
+                    for key in sums:
+                        total[key][kind] = total[key].get(kind, 0) + n
+                        free[key][kind] = free[key].get(kind, 0) + v["gpu_free"].get(kind, 0)
         return {"members": len(members), "by_state": by_state, "total": total, "free": free}
 
     async def drain(self, *, stop: bool = True) -> dict[str, Any]:

@@ -119,6 +119,20 @@ def test_the_cluster_totals_count_gpu_slots_by_type(mixed_cluster):
     assert set(totals["free"]["gpu"]) == set(totals["total"]["gpu"])
 
 
+def test_the_cluster_view_marks_declared_gpu_slots_per_node_and_in_the_totals(mixed_cluster):
+    # Every GPU here is declared (--gpus): the totals say so per type, and each
+    # member's gossiped labels say which nodes they are on.
+    origin = mixed_cluster[0]
+    wait_gpu_view(origin, {"h0-1": MIG_H100, "h1-0": {"whole": 2, "share-1/4": 4}})
+    totals = httpx.get(origin.url + "/v1/cluster", timeout=10).json()
+    assert totals["total"]["gpu_declared"] == totals["total"]["gpu"] == {**MIG_H100, "whole": 2, "share-1/4": 4}
+    assert totals["free"]["gpu_declared"] == totals["free"]["gpu"]
+    peers = {p["node_id"]: p for p in httpx.get(origin.url + "/v1/peers", timeout=10).json()["peers"]}
+    for node in ("h0-1", "h1-0"):
+        assert peers[node]["labels"]["gpu.declared"] == "true" and peers[node]["labels"]["gpu.source"] == "declared"
+    assert peers["h0-0"]["labels"]["gpu.source"] == "none" and "gpu.declared" not in peers["h0-0"]["labels"]
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
     """The rows of a printed table by first cell, with wrapped cells joined back."""
     rows: dict[str, list[str]] = {}

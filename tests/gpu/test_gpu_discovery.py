@@ -232,3 +232,21 @@ async def test_an_agent_reports_nvml_utilisation_and_memory_on_a_scrape(tmp_path
         assert 'p2psched_gpu_utilization_ratio{gpu="0"}' not in text
         assert 'p2psched_gpu_memory_used_bytes{gpu="1"} 1.073741824e+09' in text  # 1 GiB
         assert 'p2psched_gpu_memory_used_bytes{gpu="0"}' in text
+
+
+async def test_the_cluster_view_counts_declared_slots_apart_from_discovered_ones(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/v1/cluster`` sums every slot in ``gpu`` and those on declared GPUs again in
+    ``gpu_declared``: discovered slots are never counted there."""
+    from agents import running_agent
+
+    nv = fake_nvml(tmp_path)
+    monkeypatch.setattr(discovery, "_nvml", lambda: nv)
+    async with running_agent(tmp_path / "a", node_id="gpuhost") as (_, http):
+        totals = (await http.get("/v1/cluster")).json()
+        assert totals["total"]["gpu"] == {"whole": 1, "3g.40gb": 1, "1g.10gb": 1}
+        assert totals["total"]["gpu_declared"] == totals["free"]["gpu_declared"] == {}
+    async with running_agent(tmp_path / "b", node_id="declared", gpus="2xH100-80GB") as (_, http):
+        totals = (await http.get("/v1/cluster")).json()
+        assert totals["total"]["gpu_declared"] == totals["total"]["gpu"] == {"whole": 2}
+        assert totals["free"]["gpu_declared"] == totals["free"]["gpu"] == {"whole": 2}
