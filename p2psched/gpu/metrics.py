@@ -8,14 +8,15 @@ Calls the agent makes::
 Series::
 
     p2psched_gpu_slots_total{type,declared}        slots per type on an idle agent
-    p2psched_gpu_slots_in_use{type}                slots granted to jobs
+    p2psched_gpu_slots_in_use{type,declared}       slots granted to jobs
     p2psched_gpu_utilization_ratio{gpu}            0..1 from NVML (absent for declared and MIG-mode GPUs)
     p2psched_gpu_memory_used_bytes{gpu}            from NVML (absent for declared GPUs)
 
 ``gpu`` is the GPU's index on the host; ``declared`` is "true" for GPUs from
-``--gpus``, so a dashboard never mistakes declared capacity for hardware. Label sets
-are rebuilt on every update so a type that disappears (profile change) does not
-linger at its last value.
+``--gpus`` and "false" for those NVML found, on both slot series, so a dashboard
+never mistakes declared capacity or its use for hardware (and in-use divides by
+total with no ``ignoring``). Label sets are rebuilt on every update so a type that
+disappears (profile change) does not linger at its last value.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class GpuMetrics:
         self.slots_total = Gauge("p2psched_gpu_slots_total", "GPU slots per type on an idle agent.",
                                  ["type", "declared"], registry=registry)
         self.slots_in_use = Gauge("p2psched_gpu_slots_in_use", "GPU slots granted to jobs, per type.",
-                                  ["type"], registry=registry)
+                                  ["type", "declared"], registry=registry)
         self.utilization = Gauge("p2psched_gpu_utilization_ratio", "GPU utilisation from NVML, 0 to 1.",
                                  ["gpu"], registry=registry)
         self.memory_used = Gauge("p2psched_gpu_memory_used_bytes", "GPU memory in use, from NVML.",
@@ -50,7 +51,7 @@ class GpuMetrics:
             self.slots_total.labels(type=t, declared=declared).set(n)
         self.slots_in_use.clear()
         for t, n in allocator.in_use_by_type().items():
-            self.slots_in_use.labels(type=t).set(n)
+            self.slots_in_use.labels(type=t, declared=declared).set(n)
         self.utilization.clear()
         self.memory_used.clear()
         for g in inventory.gpus:

@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agents import ROOT, start_cluster, stop_all
 
@@ -58,8 +59,11 @@ def wait_state(http: httpx.Client, job_id: str, state: str, timeout: float = 60)
 
 
 def slots_in_use(agent) -> dict[str, float]:
+    """GPU slots in use by type, from the agent's /metrics; its GPUs are all declared."""
     text = httpx.get(agent.url + "/metrics", timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(r'^p2psched_gpu_slots_in_use\{type="([^"]+)"\} (\S+)$', text, re.M)}
+    return {s.labels["type"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "p2psched_gpu_slots_in_use" for s in family.samples
+            if s.labels["declared"] == "true"}
 
 
 @pytest.fixture(scope="module")

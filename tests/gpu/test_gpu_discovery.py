@@ -190,16 +190,16 @@ def test_metrics_follow_the_allocator_and_mark_declared_capacity() -> None:
     v = reg.get_sample_value
     assert v("p2psched_gpu_slots_total", {"type": "share-1/4", "declared": "true"}) == 4
     assert v("p2psched_gpu_slots_total", {"type": "1g.10gb", "declared": "true"}) == 7
-    assert v("p2psched_gpu_slots_in_use", {"type": "share-1/4"}) == 2
-    assert v("p2psched_gpu_slots_in_use", {"type": "3g.40gb"}) == 1
-    assert v("p2psched_gpu_slots_in_use", {"type": "1g.10gb"}) == 0
+    assert v("p2psched_gpu_slots_in_use", {"type": "share-1/4", "declared": "true"}) == 2
+    assert v("p2psched_gpu_slots_in_use", {"type": "3g.40gb", "declared": "true"}) == 1
+    assert v("p2psched_gpu_slots_in_use", {"type": "1g.10gb", "declared": "true"}) == 0
     assert v("p2psched_gpu_utilization_ratio", {"gpu": "0"}) is None  # declared: nothing measured
     alloc.release("a")
     gm.update(alloc, inv, usage={inv.gpus[1].uuid: GpuUsage(0.5, 3 << 30, 24 << 30)})
-    assert v("p2psched_gpu_slots_in_use", {"type": "share-1/4"}) == 0
+    assert v("p2psched_gpu_slots_in_use", {"type": "share-1/4", "declared": "true"}) == 0
     assert v("p2psched_gpu_utilization_ratio", {"gpu": "1"}) == 0.5
     assert v("p2psched_gpu_memory_used_bytes", {"gpu": "1"}) == 3 << 30
-    assert other.get_sample_value("p2psched_gpu_slots_in_use", {"type": "share-1/4"}) is None
+    assert other.get_sample_value("p2psched_gpu_slots_in_use", {"type": "share-1/4", "declared": "true"}) is None
 
 
 @pytest.mark.parametrize("name,profile", [
@@ -232,6 +232,10 @@ async def test_an_agent_reports_nvml_utilisation_and_memory_on_a_scrape(tmp_path
         assert 'p2psched_gpu_utilization_ratio{gpu="0"}' not in text
         assert 'p2psched_gpu_memory_used_bytes{gpu="1"} 1.073741824e+09' in text  # 1 GiB
         assert 'p2psched_gpu_memory_used_bytes{gpu="0"}' in text
+        # Discovered GPUs: both slot series say so, as declared ones say theirs.
+        v = agent.registry.get_sample_value
+        assert v("p2psched_gpu_slots_total", {"type": "whole", "declared": "false"}) == 1
+        assert v("p2psched_gpu_slots_in_use", {"type": "whole", "declared": "false"}) == 0
 
 
 async def test_the_cluster_view_counts_declared_slots_apart_from_discovered_ones(tmp_path: Path,
