@@ -289,3 +289,42 @@ def test_a_user_cancels_a_sweep_by_its_labels(tmp_path, browser):
         assert console_errors(browser) == []
     finally:
         stop_all([agent])
+
+
+def test_declared_gpu_slots_are_marked_declared_and_a_node_without_gpus_is_not(tmp_path, browser):
+    """GPUs from --gpus are virtual: the page must not let them pass for hardware, on
+    the node's row (as its peers see it too) and in the cluster's totals."""
+    gpu, plain = start_cluster(tmp_path, ["gpu", "plain"], per_agent={"gpu": ["--gpus", "2xH100-80GB"]})
+    try:
+        for page in (gpu, plain):
+            browser.get(page.url + "/ui/")
+            headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#peers thead th")]
+            column = headers.index("GPU free / total")
+
+            def gpu_cells():
+                found = rows(browser, "peers")
+                if set(found) != {"gpu", "plain"}:
+                    return None
+                return {n: tr.find_elements(By.TAG_NAME, "td")[column] for n, tr in found.items()}
+
+            total = browser.find_element(By.ID, "sum-gpu")
+            cells = wait_for(lambda: (c := gpu_cells()) and c["gpu"].text == total.text == "2 / 2 whole (declared)"
+                             and c, what=f"gpu's slots marked declared on {page.node_id}'s page")
+            [mark] = cells["gpu"].find_elements(By.CSS_SELECTOR, ".declared")
+            assert mark.text == "(declared)" and "Declared with --gpus, not discovered" in mark.get_attribute("title")
+            assert cells["plain"].text == "none" and cells["plain"].find_elements(By.CSS_SELECTOR, ".declared") == []
+            assert "--gpus" in total.find_element(By.CSS_SELECTOR, ".declared").get_attribute("title")
+            assert console_errors(browser) == []
+        # No agent here has discovered GPUs (no NVML): the page's own function draws
+        # a discovered node, and totals of declared slots beside discovered ones.
+        shown = browser.execute_script("""
+            const discovered = {labels: {"gpu.source": "nvml", "gpu.declared": "false"},
+                                vector: {gpu_total: {whole: 1}}};
+            return [gpuSlots({whole: 1}, {whole: 1}, declaredOf(discovered)).textContent,
+                    gpuSlots({whole: 1, "1g.10gb": 0}, {whole: 3, "1g.10gb": 7}, {whole: 2}).textContent,
+                    gpuSlots({whole: 1, "1g.10gb": 0}, {whole: 3, "1g.10gb": 7}, {"1g.10gb": 7}).textContent];
+        """)
+        assert shown == ["1 / 1 whole", "1 / 3 whole (2 declared), 0 / 7 1g.10gb",
+                         "1 / 3 whole, 0 / 7 1g.10gb (declared)"]
+    finally:
+        stop_all([gpu, plain])

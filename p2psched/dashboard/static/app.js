@@ -101,10 +101,39 @@ function fmtMem(mb) {
   return mb >= 1024 ? `${(mb / 1024).toFixed(1)} GiB` : `${mb} MiB`;
 }
 
-function fmtGpu(free, total) {
+const DECLARED_TITLE = "Declared with --gpus, not discovered: slots of virtual GPUs (for tests, or hosts "
+  + "without NVML) that no hardware backs. Jobs granted them see no device.";
+
+// GPU slots by type, free / total. Those on GPUs declared with --gpus (declared[type]
+// of the total) are marked, so that nobody takes them for hardware: once after the
+// list when every slot is declared, else after each type that has some.
+function gpuSlots(free, total, declared) {
+  const span = el("span");
   const kinds = Object.keys(total || {});
-  if (!kinds.length) return "none";
-  return kinds.map((k) => `${(free || {})[k] || 0} / ${total[k]} ${k}`).join(", ");
+  if (!kinds.length) {
+    span.textContent = "none";
+    return span;
+  }
+  const d = (k) => Math.min((declared || {})[k] || 0, total[k]);
+  const mark = (text) => {
+    const m = el("span", text, "declared");
+    m.title = DECLARED_TITLE;
+    return m;
+  };
+  const all = kinds.every((k) => d(k) === total[k]);
+  kinds.forEach((k, i) => {
+    if (i) span.append(", ");
+    span.append(`${(free || {})[k] || 0} / ${total[k]} ${k}`);
+    if (!all && d(k)) span.append(" ", mark(d(k) === total[k] ? "(declared)" : `(${d(k)} declared)`));
+  });
+  if (all) span.append(" ", mark("(declared)"));
+  return span;
+}
+
+// A member's slots are all declared or none: its inventory says which, in the labels it gossips.
+function declaredOf(member) {
+  const v = member.vector || {};
+  return (member.labels || {})["gpu.declared"] === "true" ? v.gpu_total : {};
 }
 
 function took(job) {
@@ -146,7 +175,7 @@ function drawCluster(c) {
   $("sum-members-detail").textContent = states;
   $("sum-cpu").textContent = `${+c.free.cpu.toFixed(2)} / ${+c.total.cpu.toFixed(2)}`;
   $("sum-mem").textContent = `${fmtMem(c.free.mem_mb)} / ${fmtMem(c.total.mem_mb)}`;
-  $("sum-gpu").textContent = fmtGpu(c.free.gpu, c.total.gpu);
+  $("sum-gpu").replaceChildren(gpuSlots(c.free.gpu, c.total.gpu, c.total.gpu_declared));
 }
 
 function drawCounts(counts) {
@@ -182,7 +211,7 @@ function drawPeers(peers) {
         : pill(state), p.position || "",
       v.cpu_total === undefined ? "" : `${+v.cpu_free.toFixed(2)} / ${+v.cpu_total.toFixed(2)}`,
       v.mem_total_mb === undefined ? "" : `${fmtMem(v.mem_free_mb)} / ${fmtMem(v.mem_total_mb)}`,
-      fmtGpu(v.gpu_free, v.gpu_total), v.queue_len ?? "", v.running ?? "",
+      gpuSlots(v.gpu_free, v.gpu_total, declaredOf(p)), v.queue_len ?? "", v.running ?? "",
       v.load === undefined ? "" : v.load.toFixed(2), apiCell,
     ]);
     tr.dataset.node = p.node_id;
