@@ -299,7 +299,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self.gpu_metrics = GpuMetrics(self.registry)
         self.gpu_metrics.update(self.gpus, inv, usage=self._gpu_usage)
         if inv.gpus:
-            log.info("GPUs (%s): %s", inv.source, self.gpus.total_by_type())
+            log.info("GPUs (%s): %s slots, %s", inv.source, self.gpus.total_by_type(), inv.reason)
         elif self.settings.gpus:
             log.warning("no GPU slots offered: %s", inv.reason)
 
