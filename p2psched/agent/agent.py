@@ -35,7 +35,7 @@ from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue, DrainRate
-from p2psched.jobs.record import RECORD_TEXT_BYTES, JobRecord, JobResult
+from p2psched.jobs.record import JobRecord, JobResult, record_text
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState, state_for_reason
 from p2psched.jobs.store import Store, StoreError
@@ -1669,22 +1669,22 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         digests = report.get("artifacts_sha256") or {}
         if digests.keys() != res.artifacts.keys():
             digests = {name: hashlib.sha256(data).hexdigest() for name, data in res.artifacts.items()}
+        stdout, stdout_cut = record_text(out)
+        stderr, stderr_cut = record_text(res.stderr)
         rec.result = JobResult(
-            exit_code=res.exit_code, reason=res.reason,
-            stdout=out[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
-            stderr=res.stderr[:RECORD_TEXT_BYTES].decode("utf-8", "replace"),
-            # stdout is whole in /result; stderr only here, so a cut here is a cut
-            stdout_truncated=res.stdout_truncated,
-            stderr_truncated=res.stderr_truncated or len(res.stderr) > RECORD_TEXT_BYTES,
+            exit_code=res.exit_code, reason=res.reason, stdout=stdout, stderr=stderr,
+            stdout_truncated=res.stdout_truncated, stdout_in_record_truncated=stdout_cut,
+            # either cut, as before stderr_in_record_truncated said which (see JobResult)
+            stderr_truncated=res.stderr_truncated or stderr_cut, stderr_in_record_truncated=stderr_cut,
             cpu_ms=res.cpu_ms, peak_mem_bytes=res.peak_mem_bytes,
-            output_sha256=hashlib.sha256(out).hexdigest(), limit_hit=res.limit_hit, signal=res.signal,
-            warnings=list(res.warnings),
+            output_sha256=hashlib.sha256(out).hexdigest(), output_bytes=len(out), limit_hit=res.limit_hit,
+            signal=res.signal, warnings=list(res.warnings),
             artifacts={name: {"size": len(data), "sha256": digests[name]} for name, data in res.artifacts.items()},
             attestation=report,
         )
         state = state_for_reason(res.reason, res.exit_code)
         # stderr longer than the record holds is kept whole beside it (/output serves it)
-        self.store.stage(rec, output=out, stderr=res.stderr if len(res.stderr) > RECORD_TEXT_BYTES else None,
+        self.store.stage(rec, output=out, stderr=res.stderr if stderr_cut else None,
                          artifacts={digests[name]: data for name, data in res.artifacts.items()})
         self._advance(rec, state, ended, res.reason)
         if rec.origin != self.node_id:

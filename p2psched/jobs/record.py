@@ -16,17 +16,34 @@ from p2psched.jobs.state import JobState, check_transition
 RECORD_TEXT_BYTES = 64 * 1024
 
 
+def record_text(data: bytes) -> tuple[str, bool]:
+    """The record's text of an output stream: its first RECORD_TEXT_BYTES as UTF-8
+    with replacement; and whether that is only the first part of ``data``."""
+    return data[:RECORD_TEXT_BYTES].decode("utf-8", "replace"), len(data) > RECORD_TEXT_BYTES
+
+
 @dataclass(slots=True)
 class JobResult:
     exit_code: int | None
     reason: str
     stdout: str = ""
     stderr: str = ""
+    # Two ways a stream can be cut. ``stdout_truncated``: the sandbox cut stdout at the
+    # job's ``stdout_bytes`` (the rest is lost). ``stdout_in_record_truncated``: this
+    # record's text is the first RECORD_TEXT_BYTES only (all of it is at /result).
+    # ``stderr_truncated`` is set for either cut of stderr, as it was before the second
+    # flag existed (readers take it to mean the text is not all there is);
+    # ``stderr_in_record_truncated`` says the record cut it (all of it is at /output).
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    stdout_in_record_truncated: bool = False
+    stderr_in_record_truncated: bool = False
     cpu_ms: float = 0.0
     peak_mem_bytes: int = 0
     output_sha256: str = ""
+    # Bytes of the whole stdout, as /result serves it and output_sha256 hashes it. None:
+    # not known, in a result stored before the field existed.
+    output_bytes: int | None = 0
     limit_hit: str | None = None
     signal: int | None = None
     warnings: list[str] = field(default_factory=list)
@@ -39,15 +56,24 @@ class JobResult:
         return {
             "exit_code": self.exit_code, "reason": self.reason, "stdout": self.stdout, "stderr": self.stderr,
             "stdout_truncated": self.stdout_truncated, "stderr_truncated": self.stderr_truncated,
+            "stdout_in_record_truncated": self.stdout_in_record_truncated,
+            "stderr_in_record_truncated": self.stderr_in_record_truncated,
             "cpu_ms": round(self.cpu_ms, 3), "peak_mem_bytes": self.peak_mem_bytes,
-            "output_sha256": self.output_sha256, "limit_hit": self.limit_hit, "signal": self.signal,
-            "warnings": list(self.warnings), "attestation": self.attestation,
+            "output_sha256": self.output_sha256, "output_bytes": self.output_bytes, "limit_hit": self.limit_hit,
+            "signal": self.signal, "warnings": list(self.warnings), "attestation": self.attestation,
             "artifacts": {name: dict(a) for name, a in self.artifacts.items()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobResult:
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+        res = cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+        if "output_bytes" not in d:
+            # Stored, or sent by an executor, before these fields existed. A text as long
+            # as a record holds may have been cut: say so, and a reader fetches the whole.
+            res.output_bytes = None
+            res.stdout_in_record_truncated = len(res.stdout.encode()) >= RECORD_TEXT_BYTES
+            res.stderr_in_record_truncated = res.stderr_truncated and len(res.stderr.encode()) >= RECORD_TEXT_BYTES
+        return res
 
 
 @dataclass(slots=True)

@@ -131,6 +131,7 @@ def test_stderr_past_what_the_record_holds_is_kept_whole_beside_it(agent):
         done = http.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
         assert done["state"] == "succeeded", done["result"]
         assert len(done["result"]["stderr"]) == 64 * 1024 and done["result"]["stderr_truncated"] is True
+        assert done["result"]["stderr_in_record_truncated"] is True  # the rest is not lost: /output has it
         assert follow(http, job_id, "stderr") == b"x" * 100_000
     assert (agent.data_dir / "outputs" / f"{job_id}.err").stat().st_size == 100_000
 

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import sqlite3
 
 import pytest
@@ -223,6 +224,27 @@ async def test_a_store_from_before_labels_were_indexed_indexes_them_when_it_open
     assert [r.seq for r in reopened.list(state=None, tenant=None, limit=9, labels=[("sweep", "old")])] == [1, 2, 3, 4, 5]
     assert [r.seq for r in reopened.list(state=None, tenant=None, limit=9, labels=[("n", "4")])] == [4]
     reopened.close()
+
+
+async def test_a_record_stored_before_output_bytes_loads_and_says_its_text_may_be_partial(tmp_path):
+    store = Store(tmp_path)
+    r = rec(1)
+    store.stage(r, new=True)
+    for state in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
+        r.advance(state, 2.0, "n1")
+    r.result = JobResult(exit_code=0, reason="exit 0", stdout="x" * 65536)
+    store.stage(r, output=b"x" * 100_000)
+    await store.sync()
+    # As an older agent left it: none of the fields that say how much of the output the record holds.
+    row = json.loads(store._reader.execute("SELECT record FROM jobs WHERE id = ?", (r.id,)).fetchone()[0])
+    for key in ("output_bytes", "stdout_in_record_truncated", "stderr_in_record_truncated"):
+        del row["result"][key]
+    store._writer.execute("UPDATE jobs SET record = ? WHERE id = ?", (json.dumps(row), r.id))
+    store.close()
+    got = Store(tmp_path).get(r.id)
+    assert got is not None and got.state is JobState.SUCCEEDED and got.result is not None
+    assert got.result.output_bytes is None and got.result.stdout_in_record_truncated
+    assert got.as_dict()["result"]["output_bytes"] is None
 
 
 @pytest.fixture
