@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2psched.jobs.record import JobRecord, JobResult
+from p2psched.jobs.record import RECORD_TEXT_BYTES, JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
 from p2psched.jobs.store import StoreError
@@ -627,6 +627,12 @@ class RemoteJobs:
                 await self.store.sync()
             return {"t": m.ACK, "id": job_id, "duplicate": True}
         res = JobResult.from_dict(msg["result"])
+        output = bytes(msg.get("output") or b"")
+        stderr = msg.get("stderr")
+        if res.output_bytes is None:  # an executor from before output_bytes: measure what it sent
+            res.output_bytes = len(output)
+            res.stdout_in_record_truncated = len(output) > RECORD_TEXT_BYTES
+            res.stderr_in_record_truncated = isinstance(stderr, bytes)  # it sent stderr only when the record cut it
         for entry in msg.get("timeline", []):
             if isinstance(entry, dict) and entry not in rec.timeline and entry.get("state") not in (
                     "succeeded", "failed", "cancelled", "timed_out"):
@@ -641,8 +647,7 @@ class RemoteJobs:
             detail = f"result from an earlier attempt on {executor}"
         else:
             detail = res.reason
-        stderr = msg.get("stderr")
-        self.store.stage(rec, output=bytes(msg.get("output") or b""),
+        self.store.stage(rec, output=output,
                          stderr=stderr if isinstance(stderr, bytes) and len(stderr) <= rec.spec.limits.stderr_bytes
                          else None, artifacts=self._arrived_artifacts(res, sent, executor))
         if rec.state is JobState.PLACED and state is not JobState.CANCELLED:

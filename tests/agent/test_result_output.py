@@ -1,0 +1,67 @@
+"""A result that comes home from a peer says how much of its output the record holds,
+also when that peer is an older agent whose results do not say so."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import asynccontextmanager
+
+import trio
+
+from agents import FAST_MEMBERSHIP, running_agent
+
+#: More stdout and stderr than a record holds (64 KiB); less than a job keeps.
+LONG_OUTPUT = ["/bin/sh", "-c", "head -c 100000 /dev/zero | tr '\\0' o; head -c 70000 /dev/zero | tr '\\0' e >&2"]
+#: The result fields agents added when the record began to say this.
+NEW_FIELDS = ("output_bytes", "stdout_in_record_truncated", "stderr_in_record_truncated")
+
+
+@asynccontextmanager
+async def origin_and_executor(tmp_path):
+    """Two joined agents; the origin's slot is taken, so its jobs run on the peer."""
+    async with running_agent(tmp_path / "e", node_id="exec", cpus=1, membership=FAST_MEMBERSHIP) as (executor, _):
+        async with running_agent(tmp_path / "o", node_id="origin", cpus=1, join=[executor.settings.gossip],
+                                 membership=FAST_MEMBERSHIP) as (origin, http):
+            with trio.fail_after(20):
+                while not (origin.cluster.is_member("exec") and origin.cluster.state_of("exec") is not None
+                           and executor.cluster.is_member("origin")):
+                    await trio.sleep(0.05)
+            origin.cpu_used = origin.cpu_total
+            yield origin, executor, http
+
+
+async def run_there(http, spec) -> tuple[dict, bytes, bytes]:
+    job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
+    done = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()
+    assert done["state"] == "succeeded" and done["executor"] == "exec", done
+    out = (await http.get(f"/v1/jobs/{job_id}/result")).content
+    err = (await http.get(f"/v1/jobs/{job_id}/output", params={"stream": "stderr"})).content
+    return done["result"], out, err
+
+
+async def test_a_result_from_a_peer_says_its_text_is_the_first_part_and_how_long_the_whole_is(tmp_path):
+    async with origin_and_executor(tmp_path) as (_, _, http):
+        res, out, err = await run_there(http, {"runtime": "process", "command": LONG_OUTPUT})
+    assert out == b"o" * 100_000 and err == b"e" * 70_000
+    assert res["output_bytes"] == 100_000 and res["stdout_in_record_truncated"] is True
+    assert res["stderr_in_record_truncated"] is True and res["stderr_truncated"] is True
+    assert res["stdout_truncated"] is False
+
+
+async def test_the_origin_measures_the_output_an_older_executor_sent(tmp_path, monkeypatch):
+    async with origin_and_executor(tmp_path) as (_, executor, http):
+        request = executor.transfer.request
+
+        async def as_an_older_agent(node_id, address, msg, **kw):
+            if msg.get("t") == "result":
+                msg = {**msg, "result": {k: v for k, v in msg["result"].items() if k not in NEW_FIELDS}}
+            return await request(node_id, address, msg, **kw)
+
+        monkeypatch.setattr(executor.transfer, "request", as_an_older_agent)
+        res, out, _ = await run_there(http, {"runtime": "process", "command": LONG_OUTPUT})
+        assert res["output_bytes"] == len(out) == 100_000 and res["stdout_in_record_truncated"] is True
+        assert res["stderr_in_record_truncated"] is True
+        res, out, _ = await run_there(http, {"runtime": "process", "command": ["/bin/echo", "hi"]})
+        assert res["output_bytes"] == 3 and res["stdout_in_record_truncated"] is False
+        assert res["stderr_in_record_truncated"] is False
+        assert res["output_sha256"] == hashlib.sha256(out).hexdigest()
