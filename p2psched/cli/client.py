@@ -340,10 +340,25 @@ def _exit_for(rec: dict[str, Any]) -> None:
     sys.exit(1)
 
 
+def _say_where_the_rest_is(rec: dict[str, Any], streams: tuple[str, ...] = ("stdout", "stderr")) -> None:
+    """Say on stderr which of ``streams`` the record holds only the first part of, and
+    which command writes the whole."""
+    res = rec.get("result") or {}
+    if "stdout" in streams and res.get("stdout_in_record_truncated"):
+        size = res.get("output_bytes")
+        click.echo(f"p2psched: the record holds only the first part of job {rec['id']}'s stdout"
+                   + (f" ({size} bytes in all)" if size else "")
+                   + f"; `p2psched result {rec['id']}` writes all of it", err=True)
+    if "stderr" in streams and res.get("stderr_in_record_truncated"):
+        click.echo(f"p2psched: the record holds only the first part of job {rec['id']}'s stderr; "
+                   f"`p2psched logs --stderr {rec['id']}` writes all of it", err=True)
+
+
 def _report(api: Api, rec: dict[str, Any], as_json: bool) -> None:
     ok = rec["state"] == "succeeded"
     if as_json:
         _print_json(rec)
+        _say_where_the_rest_is(rec)
     elif rec["state"] in ("succeeded", "failed", "timed_out"):
         out = api.request("GET", f"/v1/jobs/{rec['id']}/result").content
         sys.stdout.buffer.write(out)
@@ -354,6 +369,7 @@ def _report(api: Api, rec: dict[str, Any], as_json: bool) -> None:
         click.echo(f"p2psched: job {rec['id']} {rec['state']}: {reason}", err=True)
         if res.get("stderr") and not as_json:
             click.echo(res["stderr"].rstrip(), err=True)
+            _say_where_the_rest_is(rec, ("stderr",))
         sys.exit(1)
 
 
@@ -367,6 +383,7 @@ def status(job_id: str, api: Api, wait_s: float, as_json: bool) -> None:
     rec = api.json("GET", f"/v1/jobs/{job_id}", params={"wait": wait_s})
     if as_json:
         _print_json(rec)
+        _say_where_the_rest_is(rec)
         return
     click.echo(_summary(rec))
     for t in rec["timeline"]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import struct
 
 import pytest
 
-from agents import new_agent, wasm_spec
+from agents import cli, new_agent, wasm_spec
 
 #: Floats vecadd.wasm adds: 100,000 bytes of stdout, more than a record holds (64 KiB).
 FLOATS = 25_000
@@ -92,3 +93,34 @@ def test_stderr_cut_by_the_jobs_own_limit_is_not_said_to_be_whole_elsewhere(agen
         r = http.get(f"/v1/jobs/{done['id']}/output", params={"stream": "stderr"})
         assert r.content == b"\0" * 100
 
+
+def test_the_cli_says_when_it_printed_only_the_first_part_and_what_prints_the_whole(agent):
+    # --wait writes /result, the whole: nothing to say
+    plain = cli("submit", "--wait", "--input", "-", "examples/wasm/vecadd.wasm",
+                input_bytes=vecadd_input(), agent=agent, check=True)
+    assert plain.stdout == expected_output() and plain.stderr == b""
+
+    as_json = cli("submit", "--wait", "--json", "--input", "-", "examples/wasm/vecadd.wasm",
+                  input_bytes=vecadd_input(), agent=agent, check=True)
+    job_id = json.loads(as_json.stdout)["id"]
+    says = (f"p2psched: the record holds only the first part of job {job_id}'s stdout (100000 bytes in all); "
+            f"`p2psched result {job_id}` writes all of it")
+    assert as_json.stderr.decode().strip() == says
+    status = cli("status", "--json", job_id, agent=agent, check=True)
+    assert json.loads(status.stdout)["result"]["stdout_in_record_truncated"] is True
+    assert status.stderr.decode().strip() == says
+    assert cli("result", job_id, agent=agent, check=True).stdout == expected_output()
+    small = cli("status", "--json", json.loads(cli("submit", "--json", "--wait", "examples/wasm/hello.wasm",
+                                                   agent=agent, check=True).stdout)["id"], agent=agent, check=True)
+    assert small.stderr == b""
+
+    # a failed job's stderr comes from the record: the first 64 KiB, and where the rest is
+    failed = cli("submit", "--process", "--wait", "--", "/bin/sh", "-c",
+                 "head -c 100000 /dev/zero | tr '\\0' x >&2; exit 3", agent=agent)
+    assert failed.returncode == 1
+    lines = failed.stderr.decode().splitlines()
+    job_id = lines[0].split()[2]
+    assert lines[0] == f"p2psched: job {job_id} failed: exit 3" and lines[1] == "x" * 64 * 1024
+    assert lines[2:] == [f"p2psched: the record holds only the first part of job {job_id}'s stderr; "
+                         f"`p2psched logs --stderr {job_id}` writes all of it"]
+    assert cli("logs", "--stderr", job_id, agent=agent, check=True).stdout == b"x" * 100_000
