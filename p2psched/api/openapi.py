@@ -63,10 +63,27 @@ def openapi_document() -> dict[str, Any]:
                 "detail": {"type": "string"}}}},
             "result": {"type": ["object", "null"], "properties": {
                 "exit_code": {"type": ["integer", "null"]}, "reason": {"type": "string"},
-                "stdout": {"type": "string"}, "stderr": {"type": "string"},
-                "stdout_truncated": {"type": "boolean"}, "stderr_truncated": {"type": "boolean"},
+                "stdout": {"type": "string", "description": "the first 64 KiB of stdout as UTF-8 text (invalid "
+                           "bytes replaced); the bytes, all of them, at /v1/jobs/{id}/result"},
+                "stderr": {"type": "string", "description": "the first 64 KiB of stderr as UTF-8 text; all of it at "
+                           "/v1/jobs/{id}/output?stream=stderr"},
+                "stdout_truncated": {"type": "boolean", "description": "the job's limits.stdout_bytes cut its "
+                                     "stdout: the rest was not kept"},
+                "stderr_truncated": {"type": "boolean", "description": "the record's stderr is not all the job "
+                                     "wrote: limits.stderr_bytes cut it (the rest was not kept), or the record "
+                                     "did (stderr_in_record_truncated), or both"},
+                "stdout_in_record_truncated": {"type": "boolean", "description": "`stdout` is only its first 64 "
+                                               "KiB; /v1/jobs/{id}/result has all output_bytes of it"},
+                "stderr_in_record_truncated": {"type": "boolean", "description": "`stderr` is only its first 64 "
+                                               "KiB; /v1/jobs/{id}/output?stream=stderr has all of it"},
                 "cpu_ms": {"type": "number"}, "peak_mem_bytes": {"type": "integer"},
-                "output_sha256": {"type": "string"}, "attestation": {"type": ["object", "null"]},
+                "output_sha256": {"type": "string"},
+                "output_bytes": {"type": ["integer", "null"], "description": "the size of the whole stdout, as "
+                                 "/v1/jobs/{id}/result serves it and output_sha256 hashes it; null in a result "
+                                 "stored before the field existed"},
+                "limit_hit": {"type": ["string", "null"]}, "signal": {"type": ["integer", "null"]},
+                "warnings": {"type": "array", "items": {"type": "string"}},
+                "attestation": {"type": ["object", "null"]},
                 "artifacts": {"type": "object", "description": "name -> {size, sha256} of each file collected; "
                               "the bytes at /v1/jobs/{id}/result?artifact=NAME",
                               "additionalProperties": {"type": "object", "properties": {

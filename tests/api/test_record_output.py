@@ -124,3 +124,12 @@ def test_the_cli_says_when_it_printed_only_the_first_part_and_what_prints_the_wh
     assert lines[2:] == [f"p2psched: the record holds only the first part of job {job_id}'s stderr; "
                          f"`p2psched logs --stderr {job_id}` writes all of it"]
     assert cli("logs", "--stderr", job_id, agent=agent, check=True).stdout == b"x" * 100_000
+
+
+def test_the_openapi_description_names_every_field_of_a_result(agent):
+    with agent.client() as http:
+        done, _ = run(http, wasm_spec("hello.wasm"))
+        doc = http.get("/openapi.json").json()
+    described = doc["components"]["schemas"]["JobRecord"]["properties"]["result"]["properties"]
+    assert sorted(described) == sorted(done["result"])
+    assert "/v1/jobs/{id}/result" in described["stdout_in_record_truncated"]["description"]
