@@ -227,6 +227,34 @@ def test_a_running_process_jobs_output_shows_in_its_detail_as_it_is_written(tmp_
         stop_all([agent])
 
 
+def test_a_jobs_detail_says_where_the_rest_of_a_cut_output_is_or_that_it_was_not_kept(tmp_path, browser):
+    """The record holds 64 KiB of each stream: the rest of a longer one is at /result
+    or /output; what the job's own stdout_bytes or stderr_bytes cut is nowhere."""
+    [agent] = start_cluster(tmp_path, ["solo"])
+    long_output = ["/bin/sh", "-c", "head -c 100000 /dev/zero | tr '\\0' o; head -c 70000 /dev/zero | tr '\\0' e >&2"]
+    capped = {"stdout_bytes": 100, "stderr_bytes": 100}  # the job dies of SIGPIPE at the cap: output_limit
+    try:
+        with agent.client() as http:
+            ends = {}
+            for limits in ({}, capped):
+                job = http.post("/v1/jobs", json={"runtime": "process", "command": long_output, "limits": limits})
+                done = http.get(f"/v1/jobs/{job.json()['id']}", params={"wait": 30}).json()
+                ends[done["id"]] = done["state"]
+        long_job, capped_job = ends
+        texts = {}
+        for job, state in ends.items():
+            browser.get(f"{agent.url}/ui/#{job}")
+            wait_for(lambda: browser.find_element(By.ID, "detail-state").text == state, what="the ended job")
+            texts[job] = [browser.find_element(By.ID, f"detail-{s}").text.splitlines()[-1] for s in ("stdout", "stderr")]
+        assert texts[long_job] == ["[cut here: output (raw) has the rest]",
+                                   f"[cut here: p2psched logs --stderr {long_job} has the rest]"]
+        assert texts[capped_job] == ["[cut here: the job's stdout_bytes limit kept only this much]",
+                                     "[cut here: the job's stderr_bytes limit kept only this much]"]
+        assert console_errors(browser) == []
+    finally:
+        stop_all([agent])
+
+
 def test_a_user_finds_a_sweeps_jobs_by_their_labels(tmp_path, browser):
     [agent] = start_cluster(tmp_path, ["labels"])
     try:

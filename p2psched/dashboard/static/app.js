@@ -298,8 +298,10 @@ function drawDetail(job) {
   }
   $("detail-output").hidden = !r && job.state !== "running";
   if (r) {
-    $("detail-stdout").textContent = shown(r.stdout, r.stdout_truncated, "output (raw)");
-    $("detail-stderr").textContent = shown(r.stderr, r.stderr_truncated, null);
+    $("detail-stdout").textContent = shown(r.stdout, "output (raw)",
+      cutHere("stdout", r.stdout_in_record_truncated, r.stdout_truncated, "output (raw)"));
+    $("detail-stderr").textContent = shown(r.stderr, null,
+      cutHere("stderr", r.stderr_in_record_truncated, r.stderr_truncated, `p2psched logs --stderr ${job.id}`));
   }
 }
 
@@ -315,14 +317,22 @@ async function drawLive(job) {
 
 // The record holds output as UTF-8 text with replacement characters: binary output
 // (a model's logits, say) is not worth reading that way.
-function shown(text, truncated, whereAll) {
+function shown(text, whereAll, cut) {
   const odd = (text.match(/[\uFFFD\u0000-\u0008\u000E-\u001F]/g) || []).length;
   if (odd > 4 && odd > text.length / 20) {
     const where = whereAll ? `: see ${whereAll}, or p2psched result JOB_ID > out.bin` : "";
     return `[binary output, ${text.length} characters as text${where}]`;
   }
-  if (!truncated) return text;
-  return text + (whereAll ? `\n[cut here: ${whereAll} has the rest]` : "\n[cut here: the agent keeps only this much]");
+  return cut ? `${text}\n${cut}` : text;
+}
+
+// Why a stream's text ends short: the record holds its first 64 KiB (the rest is
+// elsewhere), or the job's own limit kept no more (the rest is nowhere).
+// stderr_truncated is also set for the first, so it is asked second.
+function cutHere(stream, inRecord, truncated, whereAll) {
+  if (inRecord) return `[cut here: ${whereAll} has the rest]`;
+  if (truncated) return `[cut here: the job's ${stream}_bytes limit kept only this much]`;
+  return "";
 }
 
 // ------------------------------------------------------------------ banner
