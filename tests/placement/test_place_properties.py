@@ -33,14 +33,25 @@ def clusters(draw: st.DrawFn) -> tuple[NodeState, list[NodeState], JobRequest]:
     return states[me], states[:me] + states[me + 1:], req
 
 
+def leftover(req: JobRequest, state: NodeState) -> int:
+    """Free GPU slots the job would leave on ``state``, of the type it would take."""
+    free = state.vector.gpu_free
+    kinds = [req.gpu_type] if req.gpu_type else list(free)
+    return min(free.get(k, 0) - req.gpu for k in kinds if free.get(k, 0) >= req.gpu)
+
+
 @settings(max_examples=100, deadline=None)
 @given(clusters(), st.sampled_from(POLICIES), st.integers(0, 2**32))
 def test_decisions_respect_fit_visited_and_ttl(c: tuple[NodeState, list[NodeState], JobRequest], policy: str,
                                                seed: int) -> None:
     local, peers, req = c
     d, _ = place(req, local, peers, TOPO, rng=random.Random(seed), policy=policy)  # type: ignore[arg-type]
+    fitting = [p for p in peers if p.node_id not in req.visited and fits_now(req, p)]
     if isinstance(d, RunHere):
         assert fits_now(req, local)
+        if policy == "p2p" and req.gpu > 0 and fitting and req.hops < req.ttl:
+            # GPU-first: here only when no peer fits tighter.
+            assert leftover(req, local) <= min(leftover(req, p) for p in fitting)
     elif isinstance(d, Forward):
         assert req.hops < req.ttl
         by_id = {p.node_id: p for p in peers}
@@ -52,9 +63,14 @@ def test_decisions_respect_fit_visited_and_ttl(c: tuple[NodeState, list[NodeStat
             assert cand.route[0] == local.node_id and cand.route[-1] == cand.node_id
             assert cand.cost == TOPO.cost(local.node_id, cand.node_id)
         if policy == "p2p":
-            # Nothing that fits is nearer than the chosen target.
-            nearest = min(TOPO.cost(local.node_id, p.node_id) for p in peers
-                          if p.node_id not in req.visited and fits_now(req, p))
+            if req.gpu > 0:
+                # GPU-first: the tightest fit of all, here included; the nearest of those.
+                tightest = min(leftover(req, p) for p in fitting)
+                assert leftover(req, by_id[d.node_id]) == tightest
+                assert not fits_now(req, local) or leftover(req, local) > tightest
+                fitting = [p for p in fitting if leftover(req, p) == tightest]
+            # Nothing that fits (as tightly) is nearer than the chosen target.
+            nearest = min(TOPO.cost(local.node_id, p.node_id) for p in fitting)
             assert d.cost <= nearest + 1.0
     elif isinstance(d, Reject):
         ever = fits_ever(req, local) or any(fits_ever(req, p) for p in peers)
