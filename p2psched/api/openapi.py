@@ -14,7 +14,36 @@ from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
 
 _ERR = {"$ref": "#/components/schemas/Error"}
+_ERR_DETAIL = {"$ref": "#/components/schemas/ErrorDetail"}
 _REC = {"$ref": "#/components/schemas/JobRecord"}
+_STATES = [s.value for s in JobState]
+#: alive, suspect, dead, left as membership knows them; draining: alive, taking no work
+_MEMBER_STATES = ["alive", "draining", "suspect", "dead", "left"]
+_GPU_SLOTS = {"type": "object", "additionalProperties": {"type": "integer"}, "description": "slots by GPU type"}
+_ATTESTATION = {
+    "type": ["object", "null"],
+    "description": "The executor's signed report of the run (docs/security.md says how to verify it): every key "
+                   "but `signature` is signed, so a reader must keep the report as it came.",
+    "required": ["type", "job_id", "tenant", "runtime", "module_sha256", "input_sha256", "output_sha256",
+                 "node_id", "node_pubkey", "measurement", "sandbox", "limits", "started_at_ms", "ended_at_ms",
+                 "exit_code", "reason", "signature"],
+    "properties": {
+        "type": {"type": "string"}, "job_id": {"type": "string"}, "tenant": {"type": "string"},
+        "runtime": {"type": "string"}, "module_sha256": {"type": ["string", "null"]},
+        "input_sha256": {"type": "string"}, "output_sha256": {"type": "string"},
+        "stderr_sha256": {"type": ["string", "null"]},
+        "artifacts_sha256": {"type": "object", "additionalProperties": {"type": "string"}},
+        "spec_sha256": {"type": ["string", "null"]},
+        "node_id": {"type": "string"}, "node_pubkey": {"type": "string"}, "measurement": {"type": "string"},
+        "sandbox": {"type": "object", "properties": {"kind": {"type": "string"}}, "additionalProperties": True,
+                    "description": "what the sandbox reports of itself and its settings; its other keys vary "
+                                   "with the kind"},
+        "limits": {"type": "object", "additionalProperties": True, "description": "the spec's limits as the "
+                   "executor applied them: the keys of Limits as that agent's version has them"},
+        "started_at_ms": {"type": "integer"}, "ended_at_ms": {"type": "integer"},
+        "exit_code": {"type": ["integer", "null"]}, "reason": {"type": "string"},
+        "signature": {"type": "string", "description": "Ed25519, hex, by node_pubkey"}},
+}
 
 
 def _resp(desc: str, schema: dict[str, Any] | None = None, ctype: str = "application/json") -> dict[str, Any]:
@@ -25,15 +54,27 @@ def _resp(desc: str, schema: dict[str, Any] | None = None, ctype: str = "applica
 
 
 def _errors(*codes: int) -> dict[str, Any]:
+    """The error answers an operation gives, each with the Error body; the default
+    covers the rest (401 unsigned, 403 not the caller's, 503 store unwritable, ...)."""
     text = {400: "Invalid input; `error.fields` names each bad field.", 404: "Unknown job.",
             409: "Conflict with the job's state.", 413: "Body too large.", 429: "Queue full; see Retry-After.",
             503: "Agent shutting down."}
-    return {str(c): _resp(text[c], _ERR) for c in codes}
+    return {**{str(c): _resp(text[c], _ERR) for c in codes},
+            "default": _resp("Any other error: 401 unsigned or badly signed, 403 not the caller's, 503 the "
+                             "agent cannot write its store now (see Retry-After), ...", _ERR)}
+
+
+def _many(outcome: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The body of a many-job answer: one outcome per job, in order, and ``extra``."""
+    return {"type": "object", "required": ["results", *extra],
+            "properties": {"results": {"type": "array", "items": outcome}, **extra}}
 
 
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 300},
          "description": "Long-poll: wait up to this many seconds for the job to end."}
+_SPEC = {"name": "spec", "in": "query", "schema": {"type": "string", "enum": ["1"]},
+         "description": "1: the record carries its `spec` too."}
 _LABEL = {"name": "label", "in": "query", "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
           "style": "form", "explode": True,
           "description": "KEY=VALUE, repeatable: only jobs carrying every one of these labels."}
@@ -44,24 +85,42 @@ def openapi_document() -> dict[str, Any]:
     spec_schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = spec_schema.pop("$defs", {})
     schemas: dict[str, Any] = {**defs, "JobSpec": spec_schema}
-    schemas["Error"] = {
-        "type": "object",
-        "properties": {"error": {"type": "object", "properties": {
-            "status": {"type": "integer"}, "reason": {"type": "string"}, "message": {"type": "string"},
-            "fields": {"type": "array", "items": {"type": "object", "properties": {
-                "field": {"type": "string"}, "message": {"type": "string"}}}}}}},
+    schemas["ErrorDetail"] = {
+        "type": "object", "required": ["status", "reason", "message"],
+        "properties": {
+            "status": {"type": "integer"}, "reason": {"type": "string", "description": "a stable word to branch on"},
+            "message": {"type": "string", "description": "what went wrong and what to do instead"},
+            "fields": {"type": "array", "description": "each bad field of the input; absent when none is to blame",
+                       "items": {"type": "object", "required": ["field", "message"], "properties": {
+                           "field": {"type": "string"}, "message": {"type": "string"}}}},
+            "retry_after": {"type": "integer", "description": "in a batch's results only: seconds until a job "
+                            "refused for now (status 429) may be sent again, as Retry-After says for one job"}},
     }
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": _ERR_DETAIL}}
     schemas["JobRecord"] = {
         "type": "object",
+        "description": "A job as the cluster knows it. Clients should ignore keys they do not know: later "
+                       "versions add some.",
+        "required": ["id", "state", "tenant", "runtime", "origin", "executor", "route", "cost", "hops", "attempts",
+                     "timeline", "result", "wait_reason", "priority", "created_at"],
         "properties": {
-            "id": {"type": "string"}, "state": {"type": "string", "enum": [s.value for s in JobState]},
-            "tenant": {"type": "string"}, "runtime": {"type": "string"}, "origin": {"type": "string"},
-            "executor": {"type": ["string", "null"]}, "route": {"type": "array", "items": {"type": "string"}},
+            "id": {"type": "string"}, "state": {"type": "string", "enum": _STATES},
+            "tenant": {"type": "string"}, "runtime": {"type": "string"},
+            "origin": {"type": "string", "description": "the agent the job was submitted to"},
+            "executor": {"type": ["string", "null"], "description": "the agent that runs or ran it; null before "
+                         "placement"},
+            "route": {"type": "array", "items": {"type": "string"}, "description": "the graph path from origin "
+                      "to executor; empty when it runs where it was submitted"},
             "cost": {"type": "number"}, "hops": {"type": "integer"}, "attempts": {"type": "integer"},
-            "timeline": {"type": "array", "items": {"type": "object", "properties": {
-                "state": {"type": "string"}, "at": {"type": "number"}, "node": {"type": "string"},
-                "detail": {"type": "string"}}}},
-            "result": {"type": ["object", "null"], "properties": {
+            "timeline": {"type": "array", "items": {"type": "object", "required": ["state", "at", "node", "detail"],
+                                                    "properties": {
+                "state": {"type": "string", "enum": _STATES}, "at": {"type": "number", "description": "Unix time"},
+                "node": {"type": "string"}, "detail": {"type": "string"}}}},
+            "result": {"type": ["object", "null"], "description": "null until the job ends", "required": [
+                "exit_code", "reason", "stdout", "stderr", "stdout_truncated", "stderr_truncated",
+                "stdout_in_record_truncated", "stderr_in_record_truncated", "cpu_ms", "peak_mem_bytes",
+                "output_sha256", "output_bytes", "limit_hit", "signal", "warnings", "attestation", "artifacts"],
+                "properties": {
                 "exit_code": {"type": ["integer", "null"]}, "reason": {"type": "string"},
                 "stdout": {"type": "string", "description": "the first 64 KiB of stdout as UTF-8 text (invalid "
                            "bytes replaced); the bytes, all of them, at /v1/jobs/{id}/result"},
@@ -81,19 +140,120 @@ def openapi_document() -> dict[str, Any]:
                 "output_bytes": {"type": ["integer", "null"], "description": "the size of the whole stdout, as "
                                  "/v1/jobs/{id}/result serves it and output_sha256 hashes it; null in a result "
                                  "stored before the field existed"},
-                "limit_hit": {"type": ["string", "null"]}, "signal": {"type": ["integer", "null"]},
+                "limit_hit": {"type": ["string", "null"], "description": "the limit that ended the job, e.g. "
+                              "out_of_fuel or wall_timeout; null if none did"},
+                "signal": {"type": ["integer", "null"]},
                 "warnings": {"type": "array", "items": {"type": "string"}},
-                "attestation": {"type": ["object", "null"]},
+                "attestation": _ATTESTATION,
                 "artifacts": {"type": "object", "description": "name -> {size, sha256} of each file collected; "
                               "the bytes at /v1/jobs/{id}/result?artifact=NAME",
-                              "additionalProperties": {"type": "object", "properties": {
+                              "additionalProperties": {"type": "object", "required": ["size", "sha256"],
+                                                       "properties": {
                                   "size": {"type": "integer"}, "sha256": {"type": "string"}}}}}},
-            "wait_reason": {"type": ["string", "null"]},
-            "priority": {"type": "integer"}, "created_at": {"type": "number"},
+            "wait_reason": {"type": ["string", "null"], "description": "why the job waits, while it does"},
+            "priority": {"type": "integer"}, "created_at": {"type": "number", "description": "Unix time"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"},
                        "description": "the spec's labels; absent when it has none"},
+            "duplicate_attempts": {
+                "type": "array", "description": "results that arrived after the first final one (another "
+                "attempt's, e.g. from a peer that kept running a forwarded job): recorded, never applied; absent "
+                "when there were none",
+                "items": {"type": "object", "required": ["executor", "attempt", "reason", "at"], "properties": {
+                    "executor": {"type": "string"}, "attempt": {"type": ["integer", "null"]},
+                    "reason": {"type": ["string", "null"]}, "at": {"type": "number", "description": "Unix time"}}}},
+            "spec": {"$ref": "#/components/schemas/JobSpec",
+                     "description": "the job's spec, without the module's bytes (module_sha256 names them); only "
+                                    "with ?spec=1"},
         },
     }
+    schemas["JobOutcome"] = {
+        "description": "One job's part of a many-job answer: its record, or an error in its place",
+        "oneOf": [
+            {"type": "object", "required": ["status", "job"], "properties": {
+                "status": {"const": 200, "description": "as for the one-job request"},
+                "job": _REC}},
+            {"type": "object", "required": ["id", "error"], "properties": {
+                "id": {"type": "string", "description": "the id named"}, "error": _ERR_DETAIL}},
+        ],
+    }
+    schemas["ResourceVector"] = {
+        "type": "object", "description": "An agent's capacity and load, as it gossips them",
+        "required": ["cpu_total", "cpu_free", "mem_total_mb", "mem_free_mb", "gpu_free", "gpu_total", "queue_len",
+                     "running", "load", "draining", "impaired"],
+        "properties": {
+            "cpu_total": {"type": "number"}, "cpu_free": {"type": "number"},
+            "mem_total_mb": {"type": "integer"}, "mem_free_mb": {"type": "integer"},
+            "gpu_free": _GPU_SLOTS, "gpu_total": _GPU_SLOTS,
+            "queue_len": {"type": "integer", "description": "jobs waiting there"},
+            "running": {"type": "integer"}, "load": {"type": "number", "description": "the host's load average"},
+            "draining": {"type": "boolean", "description": "it takes no new work (draining, or its store cannot be "
+                         "written)"},
+            "impaired": {"type": "array", "items": {"type": "string"}, "description": "runtimes it cannot run now"}},
+    }
+    schemas["RuntimeHealth"] = {
+        "type": "object", "description": "A runtime whose jobs failed on this host for host reasons",
+        "required": ["state", "failures_in_a_row", "last_error", "retry_in_s"],
+        "properties": {
+            "state": {"type": "string", "enum": ["failing", "impaired", "trying again"],
+                      "description": "impaired: its jobs go to peers until retry_in_s passes"},
+            "failures_in_a_row": {"type": "integer"}, "last_error": {"type": "string"},
+            "retry_in_s": {"type": ["number", "null"]}},
+    }
+    schemas["Member"] = {
+        "type": "object", "description": "An agent as membership sees it; `self` is the one answering",
+        "required": ["node_id", "address", "api", "transfer", "state", "incarnation", "age_s", "vector", "position",
+                     "labels", "node_pubkey", "measurement", "self"],
+        "properties": {
+            "node_id": {"type": "string"}, "address": {"type": "string", "description": "gossip host:port"},
+            "api": {"type": "string", "description": "API host:port"},
+            "transfer": {"type": "string", "description": "job transfer host:port"},
+            "state": {"type": "string", "enum": _MEMBER_STATES},
+            "incarnation": {"type": "integer"},
+            "age_s": {"type": "number", "description": "seconds since this agent last learned about it"},
+            "vector": {"$ref": "#/components/schemas/ResourceVector"},
+            "position": {"type": "string", "description": "its host in the topology; empty without one"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "node_pubkey": {"type": "string", "description": "the key its attestation reports are signed with"},
+            "measurement": {"type": "string"},
+            "agent_version": {"type": "string", "description": "a peer's p2psched version, as it gossips it; absent "
+                              "from the answering agent's own row"},
+            "self": {"type": "boolean"},
+            "runtimes": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/RuntimeHealth"},
+                         "description": "runtimes with host failures; in the answering agent's own row only"}},
+    }
+    schemas["Health"] = {
+        "type": "object", "required": ["status", "node_id", "version"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "draining", "store_unwritable"]},
+            "node_id": {"type": "string"}, "version": {"type": "string"},
+            "impaired": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/RuntimeHealth"},
+                         "description": "runtimes it cannot run now (their jobs go to peers); absent when none"},
+            "detail": {"type": "string", "description": "with store_unwritable: the write error"}},
+    }
+    capacity = {"type": "object", "required": ["cpu", "mem_mb", "gpu", "gpu_declared"], "properties": {
+        "cpu": {"type": "number"}, "mem_mb": {"type": "integer"},
+        "gpu": {**_GPU_SLOTS, "description": "GPU slots by type (types share hardware, so they are not summed)"},
+        "gpu_declared": {**_GPU_SLOTS, "description": "those of `gpu` on GPUs declared with --gpus, which no "
+                         "hardware backs"}}}
+    schemas["Cluster"] = {
+        "type": "object", "required": ["members", "by_state", "total", "free"],
+        "description": "Members by state, and the resources of the alive and draining ones",
+        "properties": {
+            "members": {"type": "integer"},
+            "by_state": {"type": "object", "propertyNames": {"enum": _MEMBER_STATES},
+                         "additionalProperties": {"type": "integer"}},
+            "total": capacity, "free": capacity},
+    }
+    batch_answer = _many({"oneOf": [
+        {"type": "object", "required": ["status", "job"], "properties": {
+            "status": {"type": "integer", "enum": [200, 202], "description": "as POST /v1/jobs answers for it"},
+            "job": _REC}},
+        _ERR]})
+    wait_answer = _many({"$ref": "#/components/schemas/JobOutcome"})
+    cancel_answer = _many({"$ref": "#/components/schemas/JobOutcome"},
+                       cancelled={"type": "integer", "description": "how many of these jobs are now cancelled"},
+                       more={"type": "boolean", "description": "by labels: other unfinished jobs match; ask again"})
+    health = {"$ref": "#/components/schemas/Health"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "p2psched agent API", "version": __version__},
@@ -111,23 +271,28 @@ def openapi_document() -> dict[str, Any]:
                     {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                     {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["oldest", "newest"]},
                      "description": "oldest (default): from cursor on; newest: newest first, below cursor"}],
-                    "responses": {"200": _resp("Jobs", {"type": "object", "properties": {
-                        "jobs": {"type": "array", "items": _REC}, "next_cursor": {"type": ["integer", "null"]}}}),
+                    "responses": {"200": _resp("Jobs", {"type": "object", "required": ["jobs", "next_cursor"],
+                                                        "properties": {
+                        "jobs": {"type": "array", "items": _REC},
+                        "next_cursor": {"type": ["integer", "null"], "description": "the cursor for the next page; "
+                                        "null when this one is the last"}}}),
                         **_errors(400)}},
             },
             "/v1/jobs:counts": {"get": {"summary": "Stored jobs by state", "parameters": [
                 {"name": "tenant", "in": "query", "schema": {"type": "string"}}, _LABEL],
-                "responses": {"200": _resp("Counts", {"type": "object", "properties": {
-                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "responses": {"200": _resp("Counts", {"type": "object", "required": ["counts", "tenant"],
+                                                      "properties": {
+                    "counts": {"type": "object", "description": "every state, 0 where none",
+                               "required": _STATES, "properties": {st: {"type": "integer"} for st in _STATES}},
                     "tenant": {"type": ["string", "null"]},
                     "labels": {"type": "object", "additionalProperties": {"type": "string"},
                                "description": "the label filters, when given"}}}), **_errors(400)}}},
             "/v1/jobs:batch": {"post": {"summary": "Submit many jobs", "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"type": "object", "properties": {
                     "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}}}}}}},
-                "responses": {"202": _resp("One record or error per spec, in order"),
+                "responses": {"202": _resp("One record or error per spec, in order", batch_answer),
                               "207": _resp("Some specs failed; see each result. A spec refused for now (a full "
-                                           "queue: error.status 429) has error.retry_after, in seconds"),
+                                           "queue: error.status 429) has error.retry_after, in seconds", batch_answer),
                               **_errors(400, 413)}}},
             "/v1/jobs:wait": {"post": {
                 "summary": "Many jobs' records, once each has ended or `wait` seconds passed",
@@ -139,8 +304,8 @@ def openapi_document() -> dict[str, Any]:
                         "ids": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
                                 "maxItems": 10000},
                         "wait": {"type": "number", "minimum": 0, "maximum": 300, "default": 0}}}}}},
-                "responses": {"200": _resp("One record per id, in order"),
-                              "207": _resp("Some ids have an error in place of a record"),
+                "responses": {"200": _resp("One record per id, in order", wait_answer),
+                              "207": _resp("Some ids have an error in place of a record", wait_answer),
                               **_errors(400, 413)}}},
             "/v1/jobs:cancel": {"post": {
                 "summary": "Cancel many jobs: named by id, or every unfinished job with the given labels",
@@ -159,11 +324,11 @@ def openapi_document() -> dict[str, Any]:
                         "tenant": {"type": "string"},
                         "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}}}}},
                 "responses": {"200": _resp("One record per job, in order, with `cancelled` (how many are now "
-                                           "cancelled) and `more`"),
-                              "207": _resp("Some jobs have an error in place of a record"),
+                                           "cancelled) and `more`", cancel_answer),
+                              "207": _resp("Some jobs have an error in place of a record", cancel_answer),
                               **_errors(400, 413)}}},
             "/v1/jobs/{job_id}": {
-                "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT],
+                "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT, _SPEC],
                         "responses": {"200": _resp("The record", _REC), **_errors(404)}},
                 "delete": {"summary": "Cancel a job", "parameters": [_JOB_ID],
                            "responses": {"200": _resp("The cancelled record", _REC), **_errors(404, 409)}},
@@ -190,12 +355,27 @@ def openapi_document() -> dict[str, Any]:
                 ],
                 "responses": {"200": _resp("bytes of the stream from offset", {"type": "string", "format": "binary"},
                                            "application/octet-stream"), **_errors(400, 404)}}},
-            "/v1/peers": {"get": {"summary": "Cluster members", "responses": {"200": _resp("Members")}}},
-            "/v1/cluster": {"get": {"summary": "Members by state and resources", "responses": {"200": _resp("Totals")}}},
-            "/v1/drain": {"post": {"summary": "Drain this agent", "responses": {"200": _resp("Drain started")}}},
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _resp("Serving"),
-                                                                        "503": _resp("Draining or stopping")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": _resp("Text format")}}},
+            "/v1/peers": {"get": {"summary": "Cluster members", "responses": {
+                "200": _resp("Members, by node_id", {"type": "object", "required": ["peers"], "properties": {
+                    "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}}}}),
+                **_errors()}}},
+            "/v1/cluster": {"get": {"summary": "Members by state and resources", "responses": {
+                "200": _resp("Totals", {"$ref": "#/components/schemas/Cluster"}), **_errors()}}},
+            "/v1/drain": {"post": {
+                "summary": "Drain this agent: no new jobs, queued ones to peers, then leave once running ones end",
+                "description": "Admin tenants only (403 for another).",
+                "responses": {"200": _resp("Drain started (or already under way)", {
+                    "type": "object", "required": ["node_id", "draining", "queued", "running"], "properties": {
+                        "node_id": {"type": "string"}, "draining": {"const": True},
+                        "queued": {"type": "integer"}, "running": {"type": "integer"}}}), **_errors()}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {
+                "200": _resp("Serving (a runtime may be impaired: its jobs go to peers)", health),
+                "503": _resp("Draining, or its job store cannot be written", health)}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": _resp("Text format", {"type": "string"}, "text/plain")}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": _resp("OpenAPI 3.1", {"type": "object", "required": ["openapi", "info", "paths", "components"],
+                                             "additionalProperties": True})}}},
         },
         "components": {"schemas": schemas},
     }
