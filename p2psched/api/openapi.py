@@ -1,7 +1,19 @@
 """The OpenAPI description served at /openapi.json.
 
-Paths are listed by hand (they are few and stable); the schemas come from the same
-pydantic models that validate requests, so the document cannot drift from them.
+Generated: the JobSpec schema (with Resources and Limits) comes from the pydantic
+models that validate submissions, so it cannot drift from what the agent accepts.
+
+Written here by hand: the paths, their parameters, the bodies of the many-job
+requests, and every response schema (JobRecord, JobOutcome, Member, Cluster, Health,
+Error), because the handlers build answers as plain dicts (JobRecord.as_dict,
+Agent.self_view and cluster_view, server.py). tests/api/test_openapi.py keeps those
+true: every route of the app is here with its methods and nothing else is; the
+document is valid OpenAPI 3.1; and real agents' answers from every operation fit
+their schema, with no key it does not name, so a key added to an answer fails that
+test until it is described here. Request bodies by hand are not checked there.
+
+Answers' objects leave additionalProperties open: a client that validates against
+this document keeps working when a later agent adds a key.
 """
 
 from __future__ import annotations
