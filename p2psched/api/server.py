@@ -516,7 +516,7 @@ def create_app(agent: Any) -> Starlette:
 
     async def drain(request: Request) -> Response:
         _refuse_cross_site(request)
-        who = await principal(request, await request.body())
+        who = await principal(request, await read_body(request, "a drain request needs no body"))
         if not who.admin:
             raise AgentError(f"draining an agent needs an admin tenant; {who.tenant!r} is not one",
                              reason="forbidden", status=403)

@@ -87,6 +87,13 @@ async def test_oversized_body_gets_413(tmp_path):
         assert 'p2psched_admission_rejections_total{reason="body_too_large"} 1.0' in (await http.get("/metrics")).text
 
 
+async def test_a_drain_request_with_an_oversized_body_gets_413_and_drains_nothing(tmp_path):
+    async with running_agent(tmp_path, max_request_bytes=4096) as (agent, http):
+        r = await http.post("/v1/drain", content=b"x" * 8192)
+        assert r.status_code == 413 and r.json()["error"]["reason"] == "body_too_large", r.text
+        assert agent.accepting and (await http.get("/healthz")).status_code == 200
+
+
 async def test_module_over_the_size_limit_is_refused(tmp_path, monkeypatch):
     import p2psched.jobs.spec as spec_mod
 
