@@ -108,6 +108,26 @@ def openapi_document() -> dict[str, Any]:
             "retry_after": {"type": "integer", "description": "in a batch's results only: seconds until a job "
                             "refused for now (status 429) may be sent again, as Retry-After says for one job"}},
     }
+    # A submission is a bare spec, or the spec with the tenant's signature
+    # (security/signing.py); an agent with a tenant registry takes only the latter.
+    schemas["Auth"] = {
+        "type": "object", "required": ["tenant", "key_id", "nonce", "issued_at", "expires_at", "input_sha256",
+                                       "signature"],
+        "properties": {
+            "v": {"type": "integer", "const": 1}, "tenant": {"type": "string"}, "key_id": {"type": "string"},
+            "nonce": {"type": "string"}, "issued_at": {"type": "integer", "description": "Unix seconds"},
+            "expires_at": {"type": "integer", "description": "Unix seconds"},
+            "module_sha256": {"type": ["string", "null"]}, "input_sha256": {"type": "string"},
+            "signature": {"type": "string", "description": "Ed25519, hex"}},
+        "additionalProperties": False,
+    }
+    schemas["Submission"] = {
+        "description": "A job spec, bare or as {spec, auth} signed by its tenant (p2psched submit --tenant NAME "
+                       "--key FILE signs it)",
+        "oneOf": [{"$ref": "#/components/schemas/JobSpec"},
+                  {"type": "object", "required": ["spec"], "additionalProperties": False, "properties": {
+                      "spec": {"$ref": "#/components/schemas/JobSpec"}, "auth": {"$ref": "#/components/schemas/Auth"}}}],
+    }
     schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": _ERR_DETAIL}}
     schemas["JobRecord"] = {
         "type": "object",
@@ -272,7 +292,7 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/v1/jobs": {
                 "post": {"summary": "Submit a job", "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}},
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}}},
                     "responses": {"202": _resp("Accepted", _REC), "200": _resp("Same id: the existing job", _REC),
                                   **_errors(400, 413, 429, 503)}},
                 "get": {"summary": "List jobs", "parameters": [
@@ -300,8 +320,8 @@ def openapi_document() -> dict[str, Any]:
                     "labels": {"type": "object", "additionalProperties": {"type": "string"},
                                "description": "the label filters, when given"}}}), **_errors(400)}}},
             "/v1/jobs:batch": {"post": {"summary": "Submit many jobs", "requestBody": {"required": True, "content": {
-                "application/json": {"schema": {"type": "object", "properties": {
-                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSpec"}}}}}}},
+                "application/json": {"schema": {"type": "object", "required": ["jobs"], "properties": {
+                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Submission"}}}}}}},
                 "responses": {"202": _resp("One record or error per spec, in order", batch_answer),
                               "207": _resp("Some specs failed; see each result. A spec refused for now (a full "
                                            "queue: error.status 429) has error.retry_after, in seconds", batch_answer),

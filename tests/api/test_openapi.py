@@ -272,3 +272,25 @@ async def test_a_forwarded_job_and_a_peer_fit_the_document(tmp_path):
             a.check(await http.get("/v1/cluster"), "/v1/cluster", 200)
             a.check(await exec_http.get("/v1/peers"), "/v1/peers", 200)
     assert not a.problems, "answers the document does not describe:\n" + "\n".join(a.problems)
+
+
+def test_the_bodies_clients_send_fit_the_documented_request_schemas():
+    # What `p2psched submit` sends: a bare spec, or one signed by its tenant.
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from p2psched.jobs.spec import JobSpec
+    from p2psched.security.signing import sign_spec
+
+    bare = wasm_spec("hello.wasm")
+    signed = sign_spec(JobSpec.model_validate(bare), "alice", Ed25519PrivateKey.generate(), now=time.time()).to_json()
+    submit = _pointer("paths", "/v1/jobs", "post", "requestBody", "content", "application/json", "schema")
+    batch = _pointer("paths", "/v1/jobs:batch", "post", "requestBody", "content", "application/json", "schema")
+    for body in (bare, signed, {"spec": bare}):
+        assert _fits(body, submit), body
+    assert _fits({"jobs": [bare, signed]}, batch)
+    # and what the agent refuses, the document refuses too
+    assert not _fits({**signed, "extra": 1}, submit)
+    assert not _fits({"spec": bare, "auth": {**signed["auth"], "signature": 5}}, submit)
+    assert not _fits({"specs": [bare]}, batch)
