@@ -1700,7 +1700,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             "vector": self.vector().as_dict(), "position": self.position(), "labels": self.node_labels(),
             "self": True,
             "node_pubkey": self.gate.node_pubkey, "measurement": self.gate.measurement,
-            "runtimes": self.health.describe(trio.current_time()),
+            "agent_version": __version__, "runtimes": self.health.describe(trio.current_time()),
         }
 
     def peers_view(self) -> list[dict[str, Any]]:

@@ -247,8 +247,7 @@ def openapi_document() -> dict[str, Any]:
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
             "node_pubkey": {"type": "string", "description": "the key its attestation reports are signed with"},
             "measurement": {"type": "string"},
-            "agent_version": {"type": "string", "description": "a peer's p2psched version, as it gossips it; absent "
-                              "from the answering agent's own row"},
+            "agent_version": {"type": "string", "description": "its p2psched version (a peer's as it gossips it)"},
             "self": {"type": "boolean"},
             "runtimes": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/RuntimeHealth"},
                          "description": "runtimes with host failures; in the answering agent's own row only"}},

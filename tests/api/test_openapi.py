@@ -20,7 +20,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from p2psched import dashboard
+from p2psched import __version__, dashboard
 from p2psched.api.openapi import openapi_document
 from p2psched.api.server import create_app
 
@@ -269,6 +269,8 @@ async def test_a_forwarded_job_and_a_peer_fit_the_document(tmp_path):
             a.check(await exec_http.get(f"/v1/jobs/{job}"), "/v1/jobs/{job_id}", 200)
             peers = a.check(await http.get("/v1/peers"), "/v1/peers", 200)
             assert sorted(p["self"] for p in peers["peers"]) == [False, True], peers
+            # every row, the answering agent's own too, names its version
+            assert [p["agent_version"] for p in peers["peers"]] == [__version__] * 2, peers
             a.check(await http.get("/v1/cluster"), "/v1/cluster", 200)
             a.check(await exec_http.get("/v1/peers"), "/v1/peers", 200)
     assert not a.problems, "answers the document does not describe:\n" + "\n".join(a.problems)
