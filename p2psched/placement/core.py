@@ -30,6 +30,7 @@ jobs that need them (a 1-GPU job goes to the node with 1 free, not the one with 
 This agent competes on fit too: it runs the job when its fit is as tight as the
 best peer's (a local run costs nothing on the network), and otherwise offers it to
 the tighter peers. Among the nodes of the tightest fit, cost and load decide as above.
+``PlacementSettings(gpu_first=False)`` restores the earlier fit-last rule, for comparison.
 
 Other policies, for comparison: ``local-first`` (here if it fits, else the nearest
 fitting peer, deterministically: the greedy rule whose herding ``p2p`` avoids),
@@ -94,6 +95,13 @@ class PlacementSettings:
     #: Candidates returned for late-binding fallback. Each refusal costs a round trip;
     #: Sparrow probes 2 per task, and past ~8 refusals the gossip is too stale to trust.
     max_candidates: int = 8
+    #: GPU jobs under ``p2p`` rank GPU fit first (module docstring). False restores the
+    #: earlier fit-last rule, kept for comparison like the ``local-first`` policy (the
+    #: placement simulator's ``p2p/fit-last`` row): a GPU job that fits here runs here,
+    #: and peers rank by cost, then load, with the tightest fit winning only within
+    #: the window of near-ties. It spreads small GPU jobs over the hosts and leaves
+    #: fewer of them whole for the big ones.
+    gpu_first: bool = True
 
 
 DEFAULT_SETTINGS = PlacementSettings()
@@ -382,7 +390,7 @@ def place(
         p.node_id != local.node_id and p.node_id not in req.visited and req.runtime not in p.vector.impaired
         and fits_ever(req, p) for p in peers)
     here_now = fits_now(req, local) and not local.vector.draining and not impaired_here
-    gpu_first = req.gpu > 0 and policy == "p2p"  # then here competes with the peers on fit
+    gpu_first = req.gpu > 0 and policy == "p2p" and settings.gpu_first  # here competes with the peers on fit
     if here_now and (policy == "local-first" or (policy == "p2p" and not gpu_first)):
         return RunHere(), state
 
@@ -461,6 +469,11 @@ def place(
     best = min(tied)
     cost_cap, load_cap = best[0] + settings.cost_slack_us, best[1] + settings.load_slack
     near = [r for r in tied if r[0] <= cost_cap and r[1] <= load_cap]
+    if req.gpu > 0 and not gpu_first:
+        # Fit-last (settings.gpu_first off): within the window of near-ties cost and
+        # load count as tied, so the tightest fit wins; what stays tied is sampled.
+        tightest = min(r[2] for r in near)
+        near = [r for r in near if r[2] == tightest]
     if len(near) >= 2:
         a, b = rng.sample(near, 2)
         chosen = b if b[:3] < a[:3] else a  # an exact tie keeps the first draw: random

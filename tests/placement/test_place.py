@@ -132,6 +132,39 @@ def test_among_equal_gpu_fits_network_cost_decides() -> None:
         assert isinstance(d, Forward) and d.node_id == "h2-0", seed
 
 
+FIT_LAST = PlacementSettings(gpu_first=False)
+
+
+def test_fit_last_setting_restores_the_earlier_rule() -> None:
+    """gpu_first=False (kept for the simulator's comparison) places GPU jobs as place()
+    did before GPU-first: here whenever it fits, then cost, then load, fit last."""
+    here = node("h0-0", gpu_free={"whole": 4})
+    tight = node("h2-0", gpu_free={"whole": 1}, gpu_total={"whole": 4})
+    near = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})
+    # It fits here: here, though a peer would be a tighter fit.
+    assert decide(JobRequest("j", gpu=1), here, [near, tight], settings=FIT_LAST) == RunHere()
+    full = node("h0-0", cpu_free=0, gpu_free={"whole": 0}, gpu_total={"whole": 4})
+    for seed in range(20):
+        # Cost before fit: the same-leaf peer with 3 free beats the exact fit across the spine.
+        d = decide(JobRequest("j", gpu=1), full, [tight, near], seed=seed, settings=FIT_LAST)
+        assert isinstance(d, Forward) and d.node_id == "h0-1" and d.cost == 2.0, seed
+        assert [c.node_id for c in d.candidates] == ["h0-1", "h2-0"]  # the fallback by cost too
+        # Load before fit: an idle peer with 7 free beats a half-busy exact fit at the same cost.
+        idle = node("h2-0", gpu_free={"whole": 8})
+        busy_tight = node("h2-1", cpu_free=2, gpu_free={"whole": 1}, gpu_total={"whole": 8})  # load 0.5
+        d = decide(JobRequest("j", gpu=1), full, [busy_tight, idle], seed=seed, settings=FIT_LAST)
+        assert isinstance(d, Forward) and d.node_id == "h2-0", seed
+        d = decide(JobRequest("j", gpu=1), full, [busy_tight, idle], seed=seed)
+        assert isinstance(d, Forward) and d.node_id == "h2-1", seed  # GPU-first: the fit wins
+        # Within the window of near-ties (same cost, load within 0.25) the tightest fit wins.
+        loose = node("h2-0", gpu_free={"whole": 3}, gpu_total={"whole": 8})
+        snug = node("h2-1", cpu_free=3.5, gpu_free={"whole": 1}, gpu_total={"whole": 8})  # load 0.125
+        d = decide(JobRequest("j", gpu=1), full, [loose, snug], seed=seed, settings=FIT_LAST)
+        assert isinstance(d, Forward) and d.node_id == "h2-1", seed
+    # CPU jobs are placed the same either way.
+    assert decide(JobRequest("j"), here, [near, tight], settings=FIT_LAST) == RunHere()
+
+
 def test_untyped_gpu_request_fits_the_tightest_type() -> None:
     nodes = cluster(SMALL, cpu_free=0)
     nodes["h0-1"] = node("h0-1", gpu_free={"whole": 4, "1g.10gb": 1})
