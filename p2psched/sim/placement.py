@@ -15,14 +15,26 @@ messages per placement:
   slot or refreshes its view (every ``gossip_interval``); new arrivals are placed at
   once and may overtake it, as they would on a real agent with room elsewhere.
 * ``omniscient``: one central scheduler that sees every host exactly and instantly;
-  a job starts on the host with the most free CPUs, or waits in one global FIFO.
-  The ideal the others are measured against.
+  a job starts on the host with the most free CPUs (a GPU job: the host whose free
+  GPUs it would leave fewest, central best fit), or waits in one global FIFO. The
+  ideal the others are measured against.
 * ``random``: each job goes to a uniformly random host and waits in its FIFO.
 * ``power-of-two``: probe two random hosts (Sparrow's per-task sampling), enqueue at
   the one with the shorter queue (running + waiting).
 
 The first ``warmup`` fraction of jobs (by arrival) is left out of the figures, so
 the empty cluster at t=0 does not flatter anyone.
+
+GPU jobs (``--gpu-mix 1,1,1,2,4,8``): every job asks for a number of whole GPUs drawn
+uniformly from the list, and each host offers ``--gpus-per-host`` whole GPU slots
+(8), gossiped in its vector's ``gpu_free``/``gpu_total`` as an agent does. Each GPU
+comes with one job slot of the host's cores, so the CPU vector follows the GPUs and
+the load the agents rank by is the GPU busy fraction. The offered load counts GPU
+slots. A ``p2p/fit-last`` row runs the same trace with ``PlacementSettings(gpu_first=
+False)``, the ranking GPU-first replaced (here whenever it fits, then cost and load,
+fit last), so fragmentation shows in one run: per request size, the JCT and the wait
+(start - arrival) of every scheduler. Big jobs need a host whose GPUs are all free;
+a rule that scatters small jobs over many hosts leaves few such hosts.
 
 Broken hosts (``--broken K``): K hosts, drawn with the seed, are "black holes": up
 and gossiping free slots, but every job that starts there fails for the host's
@@ -65,7 +77,8 @@ import click
 
 from p2psched.agent.health import HostHealth
 from p2psched.placement import (
-    POLICIES, Decision, Forward, JobRequest, PlacementState, QueueHere, Reject, RunHere, check_fit, place,
+    DEFAULT_SETTINGS, POLICIES, Decision, Forward, JobRequest, PlacementSettings, PlacementState, QueueHere, Reject,
+    RunHere, check_fit, place,
 )
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.topology import Topology, TopologyError, pick_gossip_peers
@@ -81,6 +94,11 @@ MEM_PER_HOST_MB = 1 << 20
 #: How long a job lasts on a broken host before it fails (its sandbox not building, its
 #: worker dying): a host failure is quick, which is why a broken host looks idle.
 BROKEN_FAIL_S = 0.05
+#: GPU mode: whole GPUs per host, the size of a DGX/HGX-class node, so an 8-GPU job
+#: needs a host with every GPU free.
+GPUS_PER_HOST = 8
+#: The slot type simulated hosts gossip: whole devices, as an agent names them.
+GPU_SLOT = "whole"
 
 
 @dataclass(slots=True)
@@ -89,7 +107,8 @@ class SimJob:
     origin: int
     arrival: float
     duration: float
-    cpu: int
+    cpu: int  # job slots it takes (in GPU mode one per GPU)
+    gpu: int = 0  # whole GPU slots it asks for; 0 for a CPU job
     start: float = -1.0
     finish: float = -1.0
     executor: int = -1
@@ -106,17 +125,21 @@ class Trace:
     rate: float  # arrivals per second
 
 
-def make_trace(n_hosts: int, cpus_per_host: int, load: float, n_jobs: int, mean_duration: float,
-               durations: str, seed: int, job_cpus: Sequence[int] = (1,)) -> Trace:
+def make_trace(n_hosts: int, slots_per_host: int, load: float, n_jobs: int, mean_duration: float,
+               durations: str, seed: int, sizes: Sequence[int] = (1,), *, gpus: bool = False) -> Trace:
+    """Poisson arrivals whose slot demand is ``load`` of the cluster's slots; each job
+    takes a size drawn uniformly from ``sizes``: CPU slots, or with ``gpus`` whole GPUs."""
     rng = random.Random(seed)
-    mean_cpu = statistics.fmean(job_cpus)
-    rate = load * n_hosts * cpus_per_host / (mean_cpu * mean_duration)
+    mean_size = statistics.fmean(sizes)
+    rate = load * n_hosts * slots_per_host / (mean_size * mean_duration)
     t = 0.0
     jobs = []
     for i in range(n_jobs):
         t += rng.expovariate(rate)
         d = rng.expovariate(1.0 / mean_duration) if durations == "exp" else mean_duration
-        jobs.append(SimJob(i, rng.randrange(n_hosts), t, d, job_cpus[rng.randrange(len(job_cpus))]))
+        origin = rng.randrange(n_hosts)  # drawn before the size, as traces before GPU mode were
+        size = sizes[rng.randrange(len(sizes))]
+        jobs.append(SimJob(i, origin, t, d, size, size if gpus else 0))
     return Trace(jobs, rate)
 
 
@@ -126,7 +149,7 @@ def pick_broken(n_hosts: int, k: int, seed: int) -> frozenset[int]:
 
 
 def _fresh(trace: Trace) -> list[SimJob]:
-    return [SimJob(j.idx, j.origin, j.arrival, j.duration, j.cpu) for j in trace.jobs]
+    return [SimJob(j.idx, j.origin, j.arrival, j.duration, j.cpu, j.gpu) for j in trace.jobs]
 
 
 class _EventLoop:
@@ -176,15 +199,16 @@ class _IndexedSet:
 class _Scheduler:
     name = ""
 
-    def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int,
-                 broken: frozenset[int] = frozenset()) -> None:
+    def __init__(self, topo: Topology, slots_per_host: int, jobs: list[SimJob], seed: int,
+                 broken: frozenset[int] = frozenset(), *, gpus: bool = False) -> None:
         self.topo = topo
         self.broken = broken
         self.bounces = 0
         self.hosts = list(topo.hosts)
         self.n = len(self.hosts)
-        self.cpus = cpus_per_host
-        self.free = [cpus_per_host] * self.n
+        self.slots = slots_per_host  # CPU job slots, or with ``gpus`` whole GPU slots
+        self.gpus = gpus
+        self.free = [slots_per_host] * self.n
         self.jobs = jobs
         self.rng = random.Random(seed)
         self.loop = _EventLoop()
@@ -259,8 +283,9 @@ class Omniscient(_Scheduler):
 
     def setup(self) -> None:
         self.queue: deque[SimJob] = deque()
-        # Hosts bucketed by free CPUs: the scheduler takes the emptiest in O(slots).
-        self.by_free = [_IndexedSet() for _ in range(self.cpus + 1)]
+        # Hosts bucketed by free slots: the scheduler takes the emptiest (or, for a GPU
+        # job, the fullest that fits) in O(slots).
+        self.by_free = [_IndexedSet() for _ in range(self.slots + 1)]
         for h in range(self.n):
             if h not in self.broken:  # it sees everything, broken hosts included
                 self.by_free[self.free[h]].add(h)
@@ -276,7 +301,10 @@ class Omniscient(_Scheduler):
         self.by_free[self.free[host]].add(host)
 
     def _pick(self, cpu: int) -> int | None:
-        for f in range(self.cpus, cpu - 1, -1):
+        # CPU jobs spread to the emptiest host; GPU jobs take the best fit (the host they
+        # leave with the fewest free GPUs), which keeps whole hosts for the big requests.
+        frees = range(cpu, self.slots + 1) if self.gpus else range(self.slots, cpu - 1, -1)
+        for f in frees:
             if self.by_free[f].items:
                 return self.by_free[f].choice(self.rng)
         return None
@@ -359,13 +387,16 @@ class PowerOfTwo(_QueuedHosts):
 class PeerToPeer(_Scheduler):
     """Every host runs ``place()`` on its gossiped view; late binding on the target."""
 
-    def __init__(self, topo: Topology, cpus_per_host: int, jobs: list[SimJob], seed: int,
+    def __init__(self, topo: Topology, slots_per_host: int, jobs: list[SimJob], seed: int,
                  policy: str, gossip_interval: float, broken: frozenset[int] = frozenset(),
-                 breaker: bool = True) -> None:
-        super().__init__(topo, cpus_per_host, jobs, seed, broken)
+                 breaker: bool = True, *, gpus: bool = False, settings: PlacementSettings = DEFAULT_SETTINGS) -> None:
+        super().__init__(topo, slots_per_host, jobs, seed, broken, gpus=gpus)
         self.policy = policy
+        self.settings = settings
         # "p2p/random" (random over peers gossip says fit) is not the blind "random" baseline.
         self.name = "p2p" if policy == "p2p" else f"p2p/{policy}"
+        if gpus and policy == "p2p" and not settings.gpu_first:
+            self.name += "/fit-last"
         if not breaker:
             self.name += "/no-breaker"
         self.breaker = breaker
@@ -394,9 +425,11 @@ class PeerToPeer(_Scheduler):
     def _snapshot(self, h: int) -> NodeState:
         health = self.health.get(h)
         v = ResourceVector(
-            cpu_total=float(self.cpus), cpu_free=float(self.free[h]), mem_total_mb=MEM_PER_HOST_MB,
+            cpu_total=float(self.slots), cpu_free=float(self.free[h]), mem_total_mb=MEM_PER_HOST_MB,
             mem_free_mb=MEM_PER_HOST_MB, queue_len=len(self.queues[h]), running=self.running[h],
             impaired=health.impaired if health is not None else (),
+            gpu_free={GPU_SLOT: self.free[h]} if self.gpus else {},
+            gpu_total={GPU_SLOT: self.slots} if self.gpus else {},
         )
         return NodeState(self.hosts[h], vector=v, position=self.hosts[h])
 
@@ -440,7 +473,7 @@ class PeerToPeer(_Scheduler):
         """Place ``job`` at its origin; False if it (still) has to wait there."""
         o = job.origin
         self.placements += 1
-        req = JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1)
+        req = JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1, gpu=job.gpu)
         local, view = self._snapshot(o), self._view(o)
         decision: Decision | None = None
         if job.failed_at == o:
@@ -448,12 +481,12 @@ class PeerToPeer(_Scheduler):
             # room, as if this host were draining; with none, it runs here again.
             away, self.states[o] = place(req, replace(local, vector=replace(local.vector, draining=True)), view,
                                          self.topo, rng=self.rngs[o], policy=self.policy,  # type: ignore[arg-type]
-                                         state=self.states[o])
+                                         state=self.states[o], settings=self.settings)
             decision = away if isinstance(away, Forward) else None
         if decision is None:
             decision, self.states[o] = place(req, local, view, self.topo,
                                              rng=self.rngs[o], policy=self.policy,  # type: ignore[arg-type]
-                                             state=self.states[o])
+                                             state=self.states[o], settings=self.settings)
         if isinstance(decision, RunHere):
             if queued:
                 self.queues[o].popleft()
@@ -482,7 +515,7 @@ class PeerToPeer(_Scheduler):
     def _offer(self, job: SimJob, cands: list[int], i: int) -> None:
         t = cands[i]
         real = self._snapshot(t)
-        if check_fit(JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1), real) is None:
+        if check_fit(JobRequest(str(job.idx), cpu=job.cpu, mem_mb=1, gpu=job.gpu), real) is None:
             job.hops += 1
             self.running[t] += 1
             self.take(t, job.cpu)
@@ -518,6 +551,18 @@ class PeerToPeer(_Scheduler):
 
 
 @dataclass(slots=True)
+class SizeFigures:
+    """The figures of the jobs of one request size (GPU mode): fragmentation hits the big ones."""
+
+    jobs: int
+    mean_jct: float
+    p50_jct: float
+    p99_jct: float
+    mean_wait: float  # start - arrival
+    p99_wait: float
+
+
+@dataclass(slots=True)
 class Report:
     scheduler: str
     jobs: int
@@ -529,6 +574,11 @@ class Report:
     messages_per_placement: float
     mean_cost_us: float  # network cost from origin to executor, the topology's weight
     extra: dict[str, float] = field(default_factory=dict)
+    by_size: dict[int, SizeFigures] = field(default_factory=dict)  # GPU mode: GPUs asked -> figures
+
+
+def _q(sorted_xs: Sequence[float], p: float) -> float:
+    return sorted_xs[min(len(sorted_xs) - 1, max(0, math.ceil(p * len(sorted_xs)) - 1))]
 
 
 def _report(s: _Scheduler, warmup: float) -> Report:
@@ -538,7 +588,16 @@ def _report(s: _Scheduler, warmup: float) -> Report:
     waits = [j.start - j.arrival for j in measured]
 
     def q(p: float) -> float:
-        return jct[min(len(jct) - 1, max(0, math.ceil(p * len(jct)) - 1))]
+        return _q(jct, p)
+
+    by_size: dict[int, SizeFigures] = {}
+    if s.gpus:
+        for g in sorted({j.gpu for j in measured}):
+            mine = [j for j in measured if j.gpu == g]
+            js = sorted(j.finish - j.arrival for j in mine)
+            ws = sorted(j.start - j.arrival for j in mine)
+            by_size[g] = SizeFigures(len(mine), statistics.fmean(js), _q(js, 0.5), _q(js, 0.99),
+                                     statistics.fmean(ws), _q(ws, 0.99))
 
     extra: dict[str, float] = {}
     if s.broken:
@@ -552,29 +611,40 @@ def _report(s: _Scheduler, warmup: float) -> Report:
     return Report(
         s.name, len(measured), statistics.fmean(jct), q(0.5), q(0.99), statistics.fmean(waits),
         statistics.fmean(j.hops for j in measured), s.messages / max(1, len(s.jobs)),
-        statistics.fmean(s.lat(j.origin, j.executor) * 1e6 for j in measured), extra,
+        statistics.fmean(s.lat(j.origin, j.executor) * 1e6 for j in measured), extra, by_size,
     )
 
 
 def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", seed: int = 1,
              cpus_per_host: int = CPUS_PER_HOST, mean_duration: float = MEAN_DURATION_S,
              durations: str = "exp", gossip_interval: float = GOSSIP_INTERVAL_S, warmup: float = 0.1,
-             baselines: bool = True, broken: int = 0) -> list[Report]:
+             baselines: bool = True, broken: int = 0, gpu_mix: Sequence[int] = (),
+             gpus_per_host: int = GPUS_PER_HOST) -> list[Report]:
     """Run the trace through ``policy`` and (if ``baselines``) the three comparison
-    schedulers; with ``broken`` black-hole hosts, p2p also without its breaker."""
+    schedulers; with ``broken`` black-hole hosts, p2p also without its breaker. With
+    ``gpu_mix`` the jobs are GPU jobs of those sizes and p2p runs also fit-last."""
     if not 0 <= broken < len(topo.hosts):
         raise ValueError(f"broken hosts must number 0 to {len(topo.hosts) - 1}, not {broken}")
-    trace = make_trace(len(topo.hosts), cpus_per_host, load, jobs, mean_duration, durations, seed)
+    gpus = bool(gpu_mix)
+    if gpus and not all(0 < g <= gpus_per_host for g in gpu_mix):
+        raise ValueError(f"every GPU request must be 1 to {gpus_per_host} (the GPUs of a host), not {list(gpu_mix)}")
+    slots = gpus_per_host if gpus else cpus_per_host
+    trace = make_trace(len(topo.hosts), slots, load, jobs, mean_duration, durations, seed, gpu_mix or (1,), gpus=gpus)
     bad = pick_broken(len(topo.hosts), broken, seed)
-    runs: list[_Scheduler] = [PeerToPeer(topo, cpus_per_host, _fresh(trace), seed + 1, policy, gossip_interval, bad)]
+
+    def p2p(**kw: Any) -> PeerToPeer:
+        return PeerToPeer(topo, slots, _fresh(trace), seed + 1, policy, gossip_interval, bad, gpus=gpus, **kw)
+
+    runs: list[_Scheduler] = [p2p()]
+    if gpus and policy == "p2p":
+        runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=False)))
     if broken:
-        runs.append(PeerToPeer(topo, cpus_per_host, _fresh(trace), seed + 1, policy, gossip_interval, bad,
-                               breaker=False))
+        runs.append(p2p(breaker=False))
     if baselines:
         runs += [
-            Omniscient(topo, cpus_per_host, _fresh(trace), seed + 2, bad),
-            RandomPlacement(topo, cpus_per_host, _fresh(trace), seed + 3, bad),
-            PowerOfTwo(topo, cpus_per_host, _fresh(trace), seed + 4, bad),
+            Omniscient(topo, slots, _fresh(trace), seed + 2, bad, gpus=gpus),
+            RandomPlacement(topo, slots, _fresh(trace), seed + 3, bad, gpus=gpus),
+            PowerOfTwo(topo, slots, _fresh(trace), seed + 4, bad, gpus=gpus),
         ]
     out = []
     for s in runs:
@@ -631,6 +701,19 @@ def gossip_model(topo: Topology, *, fractions: Sequence[float], fanout: int = 3,
 # -- command line ----------------------------------------------------------------------
 
 
+def _gpu_mix(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        mix = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of GPU counts, e.g. 1,1,1,2,4,8 "
+                                 "(each job asks for one of them, drawn uniformly)") from None
+    if not all(g > 0 for g in mix):
+        raise click.BadParameter(f"{value!r} holds a count below 1; every job asks for at least one whole GPU")
+    return mix
+
+
 @click.command("placement")
 @click.option("--topology", "topology_file", type=click.Path(dir_okay=False), required=True,
               help="Topology file; one simulated agent per host.")
@@ -654,10 +737,16 @@ def gossip_model(topo: Topology, *, fractions: Sequence[float], fanout: int = 3,
 @click.option("--fanout", type=int, default=3, show_default=True, help="Gossip targets per node per round.")
 @click.option("--broken", type=click.IntRange(min=0), default=0, show_default=True,
               help="Black-hole hosts: they gossip free slots, but every job started there fails at once.")
+@click.option("--gpu-mix", "gpu_mix", callback=_gpu_mix, metavar="N,N,...",
+              help="GPU jobs: each asks for whole GPUs, a count drawn uniformly from this list (e.g. 1,1,1,2,4,8); "
+                   "the load counts GPU slots, and figures are given per request size.")
+@click.option("--gpus-per-host", type=click.IntRange(min=1), default=GPUS_PER_HOST, show_default=True,
+              help="With --gpu-mix: whole GPU slots per host (they replace --cpus-per-host).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus_per_host: int,
         mean_duration: float, durations: str, gossip_interval: float, warmup: float, baselines: bool,
-        gossip: bool, fractions: tuple[float, ...], fanout: int, broken: int, as_json: bool) -> None:
+        gossip: bool, fractions: tuple[float, ...], fanout: int, broken: int, gpu_mix: tuple[int, ...],
+        gpus_per_host: int, as_json: bool) -> None:
     """Drive the placement core through virtual time and compare it with baselines."""
     if not 0 < load < 1:
         raise click.BadParameter(f"is {load}; it must lie strictly between 0 and 1 (above 1 queues grow forever)",
@@ -674,20 +763,28 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
     if broken >= len(topo.hosts):
         raise click.BadParameter(f"is {broken}; the topology has {len(topo.hosts)} hosts, and at least one must work",
                                  param_hint="--broken")
+    if gpu_mix and max(gpu_mix) > gpus_per_host:
+        raise click.BadParameter(f"asks for {max(gpu_mix)} GPUs but a host has {gpus_per_host}; "
+                                 f"raise --gpus-per-host or drop the larger counts", param_hint="--gpu-mix")
     reports = simulate(topo, load=load, jobs=jobs, policy=policy, seed=seed, cpus_per_host=cpus_per_host,
                        mean_duration=mean_duration, durations=durations, gossip_interval=gossip_interval,
-                       warmup=warmup, baselines=baselines, broken=broken)
+                       warmup=warmup, baselines=baselines, broken=broken, gpu_mix=gpu_mix,
+                       gpus_per_host=gpus_per_host)
+    slots = gpus_per_host if gpu_mix else cpus_per_host
     greports = gossip_model(topo, fractions=fractions or (0.0, 0.5, 0.8), fanout=fanout, seed=seed) if gossip else []
-    ideal = next((r.mean_jct for r in reports if r.scheduler == "omniscient"), None)
+    omni = next((r for r in reports if r.scheduler == "omniscient"), None)
+    ideal = omni.mean_jct if omni else None
     if as_json:
         click.echo(json.dumps({
             "topology": topo.name, "hosts": len(topo.hosts), "load": load, "jobs": jobs, "seed": seed,
             "cpus_per_host": cpus_per_host, "mean_duration": mean_duration, "durations": durations, "broken": broken,
+            **({"gpu_mix": list(gpu_mix), "gpus_per_host": gpus_per_host} if gpu_mix else {}),
             "results": [{**asdict(r), **({"vs_omniscient": r.mean_jct / ideal} if ideal else {})} for r in reports],
             "gossip": [asdict(g) for g in greports],
         }, indent=2))
         return
-    click.echo(f"topology {topo.name}: {len(topo.hosts)} hosts x {cpus_per_host} slots, load {load:g}, "
+    kind = f"whole GPU slots, GPU jobs of {','.join(map(str, gpu_mix))} GPUs" if gpu_mix else "slots"
+    click.echo(f"topology {topo.name}: {len(topo.hosts)} hosts x {slots} {kind}, load {load:g}, "
                f"{jobs} jobs ({durations} durations, mean {mean_duration:g} s), seed {seed}, "
                f"first {warmup:.0%} left out")
     click.echo(f"{'scheduler':<16}{'mean JCT':>10}{'p50':>9}{'p99':>9}{'vs ideal':>10}{'mean wait':>11}"
@@ -697,6 +794,12 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
         click.echo(f"{r.scheduler:<16}{r.mean_jct:>9.3f}s{r.p50_jct:>8.3f}s{r.p99_jct:>8.3f}s{rel:>10}"
                    f"{r.mean_wait * 1e3:>9.1f}ms{r.hops_per_job:>10.3f}{r.messages_per_placement:>16.2f}"
                    f"{r.mean_cost_us:>9.2f}")
+        for size, f in r.by_size.items():
+            ref = omni.by_size.get(size) if omni else None
+            rel = f"{f.mean_jct / ref.mean_jct:.3f}x" if ref else "-"
+            label = f"  {size} GPU" + ("s" if size != 1 else "")
+            click.echo(f"{label:<16}{f.mean_jct:>9.3f}s{f.p50_jct:>8.3f}s{f.p99_jct:>8.3f}s{rel:>10}"
+                       f"{f.mean_wait * 1e3:>9.1f}ms  p99 wait {f.p99_wait:.3f}s, {f.jobs} jobs")
         for k, v in r.extra.items():
             click.echo(f"{'':<16}{k}: {v:.3f}")
     if greports:
