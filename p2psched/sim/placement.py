@@ -717,7 +717,8 @@ def _gpu_mix(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 @click.command("placement")
 @click.option("--topology", "topology_file", type=click.Path(dir_okay=False), required=True,
               help="Topology file; one simulated agent per host.")
-@click.option("--load", type=float, default=0.8, show_default=True, help="Offered load: busy CPU fraction (0-1).")
+@click.option("--load", type=float, default=0.8, show_default=True,
+              help="Offered load: busy slot fraction (0-1); GPU slots with --gpu-mix.")
 @click.option("--jobs", type=int, default=20000, show_default=True, help="Jobs in the trace.")
 @click.option("--policy", type=click.Choice(POLICIES), default="p2p", show_default=True,
               help="Placement policy every simulated agent runs.")
