@@ -152,6 +152,14 @@ class AgentSettings(BaseModel):
         description="Where a job submitted here runs: p2p weighs network cost, then load, then GPU fit "
         "(docs/scheduling.md); local-first, random and round-robin are there to compare against it.",
     )
+    gpu_placement: Literal["fit-last", "fit-first"] = Field(
+        "fit-last",
+        description="How p2p ranks the agents that can hold a GPU job. fit-last: here when it fits, then "
+        "network cost and load, the tightest GPU fit among near-ties; it scales (1.00x of an omniscient "
+        "scheduler at 1,024 hosts in the simulator). fit-first: the tightest fit anywhere first, which keeps "
+        "hosts whole for big jobs on small clusters (8-GPU jobs wait ~0 instead of ~0.7 s at 128 hosts) but "
+        "herds small jobs onto the same few hosts on large ones (2.5x worse at 1,024). docs/scheduling.md.",
+    )
     process_warm_pool: int = Field(
         2, ge=0, le=64,
         description="Process sandboxes kept pre-built once the first process job arrives: a warm start costs "

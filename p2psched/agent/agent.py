@@ -254,11 +254,12 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self.metrics.running.set_function(lambda: len(self.running))
         self._processes: Any = None  # ProcessSandbox, made on the first process job
         self.gpus: Any = None  # SlotAllocator, once started
-        from p2psched.placement.core import PlacementState
+        from p2psched.placement.core import DEFAULT_SETTINGS, PlacementState
         from p2psched.placement.metrics import PlacementMetrics
 
         self.placement_metrics = PlacementMetrics(self.registry)
         self.placement_state = PlacementState()
+        self.placement_settings = replace(DEFAULT_SETTINGS, gpu_first=settings.gpu_placement == "fit-first")
         self.rng = random.Random()
         self.cluster: Any = None  # ClusterView over membership, once started
         self.membership: Any = None  # MembershipService, once started
@@ -1149,7 +1150,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
         def decide(here: NodeState) -> Any:
             made, self.placement_state = place(req, here, peers, self.topology, rng=self.rng,
-                                               policy=self.settings.placement_policy, state=self.placement_state)
+                                               policy=self.settings.placement_policy, state=self.placement_state,
+                                               settings=self.placement_settings)
             return made
 
         if failed_here and rec.origin == self.node_id and peers:
@@ -1162,7 +1164,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             # unless nobody else could ever run the job.
             without = [p for p in peers if p.node_id != avoid]
             made, self.placement_state = place(req, local, without, self.topology, rng=self.rng,
-                                               policy=self.settings.placement_policy, state=self.placement_state)
+                                               policy=self.settings.placement_policy, state=self.placement_state,
+                                               settings=self.placement_settings)
             decision = None if isinstance(made, Reject) else made
         if decision is None:
             decision = decide(local)
@@ -1188,7 +1191,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         local = local or self.local_state(with_tenants=False)
         made, self.placement_state = place(req, replace(local, vector=replace(local.vector, draining=True)), peers,
                                            self.topology, rng=self.rng, policy=self.settings.placement_policy,
-                                           state=self.placement_state)
+                                           state=self.placement_state, settings=self.placement_settings)
         return made if isinstance(made, Forward) else None
 
     def _plain_decision(self, rec: JobRecord) -> Any:

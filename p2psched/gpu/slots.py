@@ -613,7 +613,7 @@ def pick_type(slots: Mapping[str, int], count: int) -> str | None:
 
 
 def best_fit_score(gpu_free: Mapping[str, int], count: int, gpu_type: str | None = None) -> float | None:
-    """How tightly a peer's free GPU slots hold a request; for GPU-first placement.
+    """How tightly a peer's free GPU slots hold a request; for GPU placement by fit.
 
     - ``count <= 0``: 0.0 for every peer (the job needs no GPU; this says nothing).
     - None: the peer cannot hold it (type not offered, or fewer than ``count`` free).

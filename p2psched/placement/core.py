@@ -23,14 +23,19 @@ peers within ``cost_slack_us`` and ``load_slack`` of the best form a window of
 near-ties, and two of them are drawn at random and the better one taken (the
 power-of-two-choices rule of Mitzenmacher, as Sparrow uses it).
 
-GPU jobs are placed GPU-first: the best fit comes before cost and load. The fit of
-a node is the free slots of the best-fitting type that the job would leave over;
-the fewest wins, because it keeps the nodes with more free slots whole for the big
-jobs that need them (a 1-GPU job goes to the node with 1 free, not the one with 8).
-This agent competes on fit too: it runs the job when its fit is as tight as the
-best peer's (a local run costs nothing on the network), and otherwise offers it to
-the tighter peers. Among the nodes of the tightest fit, cost and load decide as above.
-``PlacementSettings(gpu_first=False)`` restores the earlier fit-last rule, for comparison.
+GPU jobs have two rules (``PlacementSettings.gpu_first``; the agent's
+``gpu_placement``). The fit of a node is the free slots of the best-fitting type
+that the job would leave over; the fewest is the tightest.
+
+* fit-last (the default): a GPU job that fits here runs here; peers rank by cost,
+  then load, and within the window of near-ties the tightest fit wins outright.
+* fit-first: the tightest fit comes before cost and load, because it keeps the nodes
+  with more free slots whole for the big jobs that need them (a 1-GPU job goes to
+  the node with 1 free, not the one with 8). This agent competes on fit too: it
+  runs the job when its fit is as tight as the best peer's, and otherwise offers it
+  to the tighter peers. Among the nodes of the tightest fit, cost and load decide.
+  On large clusters every origin chases the same few exactly-fitting nodes through
+  stale gossip, so it is for small ones (docs/scheduling.md has the measurements).
 
 Other policies, for comparison: ``local-first`` (here if it fits, else the nearest
 fitting peer, deterministically: the greedy rule whose herding ``p2p`` avoids),
@@ -95,13 +100,15 @@ class PlacementSettings:
     #: Candidates returned for late-binding fallback. Each refusal costs a round trip;
     #: Sparrow probes 2 per task, and past ~8 refusals the gossip is too stale to trust.
     max_candidates: int = 8
-    #: GPU jobs under ``p2p`` rank GPU fit first (module docstring). False restores the
-    #: earlier fit-last rule, kept for comparison like the ``local-first`` policy (the
-    #: placement simulator's ``p2p/fit-last`` row): a GPU job that fits here runs here,
-    #: and peers rank by cost, then load, with the tightest fit winning only within
-    #: the window of near-ties. It spreads small GPU jobs over the hosts and leaves
-    #: fewer of them whole for the big ones.
-    gpu_first: bool = True
+    #: GPU jobs under ``p2p``: False (the default, the agent's ``gpu_placement =
+    #: "fit-last"``): a GPU job that fits here runs here, and peers rank by cost,
+    #: then load, the tightest fit winning within the window of near-ties. True
+    #: (``"fit-first"``): the tightest fit anywhere first, here included (module
+    #: docstring). The simulator (``sim placement --gpu-mix``) measures both: fit-first
+    #: keeps hosts whole for 8-GPU jobs on 128 hosts, but on 512 and more every origin
+    #: chases the same few exactly-fitting hosts through 200 ms-old gossip and most
+    #: offers are refused, so it is not the default.
+    gpu_first: bool = False
 
 
 DEFAULT_SETTINGS = PlacementSettings()

@@ -30,9 +30,10 @@ uniformly from the list, and each host offers ``--gpus-per-host`` whole GPU slot
 (8), gossiped in its vector's ``gpu_free``/``gpu_total`` as an agent does. Each GPU
 comes with one job slot of the host's cores, so the CPU vector follows the GPUs and
 the load the agents rank by is the GPU busy fraction. The offered load counts GPU
-slots. A ``p2p/fit-last`` row runs the same trace with ``PlacementSettings(gpu_first=
-False)``, the ranking GPU-first replaced (here whenever it fits, then cost and load,
-fit last), so fragmentation shows in one run: per request size, the JCT and the wait
+slots. The ``p2p`` row ranks GPU jobs fit-last (the agent's default); a
+``p2p/fit-first`` row runs the same trace with ``PlacementSettings(gpu_first=True)``
+(the tightest fit anywhere first, here included), so fragmentation and herding show
+in one run: per request size, the JCT and the wait
 (start - arrival) of every scheduler. Big jobs need a host whose GPUs are all free;
 a rule that scatters small jobs over many hosts leaves few such hosts.
 
@@ -395,8 +396,8 @@ class PeerToPeer(_Scheduler):
         self.settings = settings
         # "p2p/random" (random over peers gossip says fit) is not the blind "random" baseline.
         self.name = "p2p" if policy == "p2p" else f"p2p/{policy}"
-        if gpus and policy == "p2p" and not settings.gpu_first:
-            self.name += "/fit-last"
+        if gpus and policy == "p2p" and settings.gpu_first:
+            self.name += "/fit-first"
         if not breaker:
             self.name += "/no-breaker"
         self.breaker = breaker
@@ -622,7 +623,7 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
              gpus_per_host: int = GPUS_PER_HOST) -> list[Report]:
     """Run the trace through ``policy`` and (if ``baselines``) the three comparison
     schedulers; with ``broken`` black-hole hosts, p2p also without its breaker. With
-    ``gpu_mix`` the jobs are GPU jobs of those sizes and p2p runs also fit-last."""
+    ``gpu_mix`` the jobs are GPU jobs of those sizes and p2p runs also fit-first."""
     if not 0 <= broken < len(topo.hosts):
         raise ValueError(f"broken hosts must number 0 to {len(topo.hosts) - 1}, not {broken}")
     gpus = bool(gpu_mix)
@@ -637,7 +638,7 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
 
     runs: list[_Scheduler] = [p2p()]
     if gpus and policy == "p2p":
-        runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=False)))
+        runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=True)))
     if broken:
         runs.append(p2p(breaker=False))
     if baselines:

@@ -76,7 +76,7 @@ def test_slots_are_free_after_the_agent_is_killed_and_restarted(tmp_path):
 
 
 async def test_only_an_origin_that_forwards_sends_a_gpu_job_on_to_a_tighter_fit(tmp_path):
-    # GPU-first placement may prefer a peer that the job fills over this agent's two
+    # fit-first placement may prefer a peer that the job fills over this agent's two
     # free GPUs. The origin forwards; a job accepted here for another origin must run
     # here, since only origins forward (a Forward for it would leave it waiting), and
     # so must the origin's own job when forwarding is off.
@@ -86,7 +86,7 @@ async def test_only_an_origin_that_forwards_sends_a_gpu_job_on_to_a_tighter_fit(
     from p2psched.placement.core import Forward, RunHere
     from p2psched.resources import NodeState, ResourceVector
 
-    async with running_agent(tmp_path, gpus="2xH100-80GB") as (agent, http):
+    async with running_agent(tmp_path, gpus="2xH100-80GB", gpu_placement="fit-first") as (agent, http):
         tight = NodeState("peer", vector=ResourceVector(cpu_total=4, cpu_free=4, mem_total_mb=8192, mem_free_mb=8192,
                                                         gpu_free={"whole": 1}, gpu_total={"whole": 4}))
         agent.cluster.alive_states = lambda: [tight]

@@ -100,24 +100,28 @@ def test_best_gpu_fit_is_chosen() -> None:
         assert [c.node_id for c in d.candidates] == ["h1-1", "h2-0", "h1-0"]
 
 
+#: The agent's gpu_placement = "fit-first" (the default is fit-last, below).
+FIT_FIRST = PlacementSettings(gpu_first=True)
+
+
 def test_a_gpu_job_leaves_a_looser_fit_here_for_a_tighter_peer() -> None:
-    # GPU-first: this agent's 4 free GPUs stay whole for a 4-GPU job; the 1-GPU job
+    # fit-first: this agent's 4 free GPUs stay whole for a 4-GPU job; the 1-GPU job
     # goes to the peer it fills, even across the spine.
     here = node("h0-0", gpu_free={"whole": 4})
     tight = node("h2-0", gpu_free={"whole": 1}, gpu_total={"whole": 4})
     near = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})
     for seed in range(20):
-        d = decide(JobRequest("j", gpu=1), here, [near, tight], seed=seed)
+        d = decide(JobRequest("j", gpu=1), here, [near, tight], seed=seed, settings=FIT_FIRST)
         assert isinstance(d, Forward) and d.node_id == "h2-0" and d.cost == 6.0, seed
         assert [c.node_id for c in d.candidates] == ["h2-0", "h0-1"]  # the fallback ranks by fit too
     # As tight here as anywhere: it runs here, where it costs nothing on the network.
     assert decide(JobRequest("j", gpu=1), node("h0-0", gpu_free={"whole": 1}, gpu_total={"whole": 4}),
-                  [near, tight]) == RunHere()
+                  [near, tight], settings=FIT_FIRST) == RunHere()
     # Only here has room for it: here.
-    assert decide(JobRequest("j", gpu=4), here, [near, tight]) == RunHere()
+    assert decide(JobRequest("j", gpu=4), here, [near, tight], settings=FIT_FIRST) == RunHere()
     # local-first keeps its greedy rule, and a CPU job still runs here.
-    assert decide(JobRequest("j", gpu=1), here, [near, tight], policy="local-first") == RunHere()
-    assert decide(JobRequest("j"), here, [near, tight]) == RunHere()
+    assert decide(JobRequest("j", gpu=1), here, [near, tight], policy="local-first", settings=FIT_FIRST) == RunHere()
+    assert decide(JobRequest("j"), here, [near, tight], settings=FIT_FIRST) == RunHere()
 
 
 def test_among_equal_gpu_fits_network_cost_decides() -> None:
@@ -126,18 +130,20 @@ def test_among_equal_gpu_fits_network_cost_decides() -> None:
     across = node("h2-0", gpu_free={"whole": 2}, gpu_total={"whole": 4})
     looser = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})
     for seed in range(20):
-        d = decide(JobRequest("j", gpu=2), here, [across, same_leaf], seed=seed)
+        d = decide(JobRequest("j", gpu=2), here, [across, same_leaf], seed=seed, settings=FIT_FIRST)
         assert isinstance(d, Forward) and d.node_id == "h0-1" and d.cost == 2.0, seed
-        d = decide(JobRequest("j", gpu=2), here, [across, looser], seed=seed)
+        d = decide(JobRequest("j", gpu=2), here, [across, looser], seed=seed, settings=FIT_FIRST)
         assert isinstance(d, Forward) and d.node_id == "h2-0", seed
 
 
 FIT_LAST = PlacementSettings(gpu_first=False)
 
 
-def test_fit_last_setting_restores_the_earlier_rule() -> None:
-    """gpu_first=False (kept for the simulator's comparison) places GPU jobs as place()
-    did before GPU-first: here whenever it fits, then cost, then load, fit last."""
+def test_fit_last_is_the_default_and_the_earlier_rule() -> None:
+    """gpu_first=False (the default: fit-first herds on large clusters) places GPU jobs
+    as place() did before fit-first existed: here whenever it fits, then cost, then
+    load, fit last."""
+    assert PlacementSettings() == FIT_LAST
     here = node("h0-0", gpu_free={"whole": 4})
     tight = node("h2-0", gpu_free={"whole": 1}, gpu_total={"whole": 4})
     near = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})
@@ -154,8 +160,8 @@ def test_fit_last_setting_restores_the_earlier_rule() -> None:
         busy_tight = node("h2-1", cpu_free=2, gpu_free={"whole": 1}, gpu_total={"whole": 8})  # load 0.5
         d = decide(JobRequest("j", gpu=1), full, [busy_tight, idle], seed=seed, settings=FIT_LAST)
         assert isinstance(d, Forward) and d.node_id == "h2-0", seed
-        d = decide(JobRequest("j", gpu=1), full, [busy_tight, idle], seed=seed)
-        assert isinstance(d, Forward) and d.node_id == "h2-1", seed  # GPU-first: the fit wins
+        d = decide(JobRequest("j", gpu=1), full, [busy_tight, idle], seed=seed, settings=FIT_FIRST)
+        assert isinstance(d, Forward) and d.node_id == "h2-1", seed  # fit-first: the fit wins
         # Within the window of near-ties (same cost, load within 0.25) the tightest fit wins.
         loose = node("h2-0", gpu_free={"whole": 3}, gpu_total={"whole": 8})
         snug = node("h2-1", cpu_free=3.5, gpu_free={"whole": 1}, gpu_total={"whole": 8})  # load 0.125

@@ -7,7 +7,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2psched.placement import POLICIES, Forward, JobRequest, QueueHere, Reject, RunHere, fits_ever, fits_now, place
+from p2psched.placement import (
+    POLICIES, Forward, JobRequest, PlacementSettings, QueueHere, Reject, RunHere, fits_ever, fits_now, place,
+)
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.topology import FabricShape, Topology, generate
 
@@ -40,17 +42,18 @@ def leftover(req: JobRequest, state: NodeState) -> int:
     return min(free.get(k, 0) - req.gpu for k in kinds if free.get(k, 0) >= req.gpu)
 
 
-@settings(max_examples=100, deadline=None)
-@given(clusters(), st.sampled_from(POLICIES), st.integers(0, 2**32))
+@settings(max_examples=200, deadline=None)
+@given(clusters(), st.sampled_from(POLICIES), st.integers(0, 2**32), st.booleans())
 def test_decisions_respect_fit_visited_and_ttl(c: tuple[NodeState, list[NodeState], JobRequest], policy: str,
-                                               seed: int) -> None:
+                                               seed: int, fit_first: bool) -> None:
     local, peers, req = c
-    d, _ = place(req, local, peers, TOPO, rng=random.Random(seed), policy=policy)  # type: ignore[arg-type]
+    d, _ = place(req, local, peers, TOPO, rng=random.Random(seed), policy=policy,  # type: ignore[arg-type]
+                 settings=PlacementSettings(gpu_first=fit_first))
     fitting = [p for p in peers if p.node_id not in req.visited and fits_now(req, p)]
     if isinstance(d, RunHere):
         assert fits_now(req, local)
-        if policy == "p2p" and req.gpu > 0 and fitting and req.hops < req.ttl:
-            # GPU-first: here only when no peer fits tighter.
+        if policy == "p2p" and fit_first and req.gpu > 0 and fitting and req.hops < req.ttl:
+            # fit-first: here only when no peer fits tighter.
             assert leftover(req, local) <= min(leftover(req, p) for p in fitting)
     elif isinstance(d, Forward):
         assert req.hops < req.ttl
@@ -63,8 +66,8 @@ def test_decisions_respect_fit_visited_and_ttl(c: tuple[NodeState, list[NodeStat
             assert cand.route[0] == local.node_id and cand.route[-1] == cand.node_id
             assert cand.cost == TOPO.cost(local.node_id, cand.node_id)
         if policy == "p2p":
-            if req.gpu > 0:
-                # GPU-first: the tightest fit of all, here included; the nearest of those.
+            if req.gpu > 0 and fit_first:
+                # fit-first: the tightest fit of all, here included; the nearest of those.
                 tightest = min(leftover(req, p) for p in fitting)
                 assert leftover(req, by_id[d.node_id]) == tightest
                 assert not fits_now(req, local) or leftover(req, local) > tightest

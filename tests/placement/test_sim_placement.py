@@ -103,7 +103,7 @@ def test_gpu_jobs_run_once_within_each_hosts_gpus_and_their_load_counts_gpus() -
     assert {j.gpu for j in trace.jobs} == set(GPU_MIX) and all(j.cpu == j.gpu for j in trace.jobs)
     for sched in (PeerToPeer(MEDIUM, 8, _fresh(trace), 1, "p2p", 0.2, gpus=True),
                   PeerToPeer(MEDIUM, 8, _fresh(trace), 1, "p2p", 0.2, gpus=True,
-                             settings=PlacementSettings(gpu_first=False)),
+                             settings=PlacementSettings(gpu_first=True)),
                   Omniscient(MEDIUM, 8, _fresh(trace), 1, gpus=True), RandomPlacement(MEDIUM, 8, _fresh(trace), 1),
                   PowerOfTwo(MEDIUM, 8, _fresh(trace), 1)):
         sched.run()  # take() asserts no host ever runs more GPUs than it has
@@ -116,7 +116,7 @@ def test_gpu_jobs_run_once_within_each_hosts_gpus_and_their_load_counts_gpus() -
 
 def test_gpu_figures_per_request_size_add_up_to_the_total() -> None:
     reports = simulate(MEDIUM, load=0.8, jobs=1500, seed=4, mean_duration=1.0, gpu_mix=GPU_MIX)
-    assert [r.scheduler for r in reports] == ["p2p", "p2p/fit-last", "omniscient", "random", "power-of-two"]
+    assert [r.scheduler for r in reports] == ["p2p", "p2p/fit-first", "omniscient", "random", "power-of-two"]
     assert reports == simulate(MEDIUM, load=0.8, jobs=1500, seed=4, mean_duration=1.0, gpu_mix=GPU_MIX)
     for r in reports:
         assert [*r.by_size] == [1, 2, 4, 8], r.scheduler
@@ -129,27 +129,27 @@ def test_gpu_figures_per_request_size_add_up_to_the_total() -> None:
                                                mean_duration=1.0))
 
 
-def test_gpu_first_keeps_hosts_whole_so_8_gpu_jobs_wait_less_than_fit_last() -> None:
-    """The point of GPU-first: small jobs fill the tightest hosts, not whichever is near
+def test_fit_first_keeps_hosts_whole_so_8_gpu_jobs_wait_less_than_fit_last() -> None:
+    """The point of fit-first: small jobs fill the tightest hosts, not whichever is near
     or here, so a host with all 8 GPUs free is there when an 8-GPU job comes. This run
-    with seeds 1-5: the 8-GPU jobs' mean wait is 0-86 ms GPU-first against 217-2,055 ms
-    fit-last (on 1,024 hosts GPU-first herds instead: docs/scheduling.md)."""
+    with seeds 1-5: the 8-GPU jobs' mean wait is 0-86 ms fit-first against 217-2,055 ms
+    fit-last (on 1,024 hosts fit-first herds instead: docs/scheduling.md)."""
     reports = {r.scheduler: r for r in simulate(MEDIUM, load=0.8, jobs=4000, seed=1, gpu_mix=GPU_MIX,
                                                 baselines=False)}
-    first, last = reports["p2p"].by_size[8], reports["p2p/fit-last"].by_size[8]
+    first, last = reports["p2p/fit-first"].by_size[8], reports["p2p"].by_size[8]
     assert first.mean_wait < last.mean_wait / 2, (first, last)
-    assert reports["p2p"].mean_jct < reports["p2p/fit-last"].mean_jct
+    assert reports["p2p/fit-first"].mean_jct < reports["p2p"].mean_jct
 
 
 def test_cli_gpu_mix_prints_rows_per_size_and_checks_the_mix() -> None:
     args = ["--topology", str(REPO / "topologies" / "small.yaml"), "--jobs", "300", "--mean-duration", "1"]
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,2,8"])
     assert r.exit_code == 0, r.output
-    assert "8 whole GPU slots" in r.output and "p2p/fit-last" in r.output and "  8 GPUs" in r.output
+    assert "8 whole GPU slots" in r.output and "p2p/fit-first" in r.output and "  8 GPUs" in r.output
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,2,8", "--json", "--no-baselines"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert out["gpu_mix"] == [1, 2, 8] and [x["scheduler"] for x in out["results"]] == ["p2p", "p2p/fit-last"]
+    assert out["gpu_mix"] == [1, 2, 8] and [x["scheduler"] for x in out["results"]] == ["p2p", "p2p/fit-first"]
     assert sorted(out["results"][0]["by_size"]) == ["1", "2", "8"]
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,two"])
     assert r.exit_code == 2 and "comma-separated list of GPU counts" in r.output
