@@ -20,6 +20,16 @@ def rec(i: int) -> JobRecord:
     return r
 
 
+def succeeded(store: Store, result: JobResult) -> JobRecord:
+    """Job 1, staged new, then run to success with ``result`` (not staged again)."""
+    r = rec(1)
+    store.stage(r, new=True)
+    for state in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
+        r.advance(state, 2.0, "n1")
+    r.result = result
+    return r
+
+
 async def test_synced_records_survive_reopening(tmp_path):
     store = Store(tmp_path)
     records = [rec(i) for i in range(1, 6)]
@@ -75,11 +85,7 @@ async def test_large_outputs_go_to_files_and_small_ones_inline(tmp_path):
 
 async def test_artifacts_are_files_named_by_their_content_readable_before_and_after_the_flush(tmp_path):
     store = Store(tmp_path)
-    r = rec(1)
-    store.stage(r, new=True)
-    for state in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
-        r.advance(state, 2.0, "n1")
-    r.result = JobResult(exit_code=0, reason="exit 0")
+    r = succeeded(store, JobResult(exit_code=0, reason="exit 0"))
     blob = bytes(range(256)) * 1000
     sha = hashlib.sha256(blob).hexdigest()
     store.stage(r, output=b"", artifacts={hashlib.sha256(b"result\n").hexdigest(): b"result\n", sha: blob})
@@ -228,11 +234,7 @@ async def test_a_store_from_before_labels_were_indexed_indexes_them_when_it_open
 
 async def test_a_record_stored_before_output_bytes_loads_and_says_its_text_may_be_partial(tmp_path):
     store = Store(tmp_path)
-    r = rec(1)
-    store.stage(r, new=True)
-    for state in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
-        r.advance(state, 2.0, "n1")
-    r.result = JobResult(exit_code=0, reason="exit 0", stdout="x" * 65536)
+    r = succeeded(store, JobResult(exit_code=0, reason="exit 0", stdout="x" * 65536))
     store.stage(r, output=b"x" * 100_000)
     await store.sync()
     # As an older agent left it: none of the fields that say how much of the output the record holds.
