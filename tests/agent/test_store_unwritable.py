@@ -44,10 +44,20 @@ def test_a_full_disk_refuses_jobs_keeps_serving_and_writes_the_held_states_when_
 
                 refusal = wait_for(refused_batch)[0]["error"]
                 assert refusal["status"] == 503 and "free space" in refusal["message"]
-                one = http.post("/v1/jobs", json=spec)
+                # A small write (a state change) may still fit in free pages of the full
+                # disk's WAL, and a write that lands clears the agent's store_unwritable until
+                # the next one fails: look again rather than at one instant.
+                def refused_one():
+                    r = http.post("/v1/jobs", json=spec)
+                    if r.status_code == 202:
+                        accepted.append(r.json()["id"])
+                        return None
+                    return r
+
+                one = wait_for(refused_one)
                 assert one.status_code == 503 and one.headers["retry-after"] == "1"
-                health = http.get("/healthz")
-                assert health.status_code == 503 and health.json()["status"] == "store_unwritable"
+                health = wait_for(lambda: (h := http.get("/healthz")).status_code == 503 and h)
+                assert health.json()["status"] == "store_unwritable"
                 assert "disk is full" in health.json()["detail"]
                 assert 'p2psched_admission_rejections_total{reason="store_unwritable"}' in http.get("/metrics").text
 
