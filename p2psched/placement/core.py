@@ -475,12 +475,11 @@ def place(
         tied = [r for r in scored if r[2] == tightest]
     best = min(tied)
     cost_cap, load_cap = best[0] + settings.cost_slack_us, best[1] + settings.load_slack
-    near = [r for r in tied if r[0] <= cost_cap and r[1] <= load_cap]
-    if req.gpu > 0 and not gpu_first:
-        # Fit-last (settings.gpu_first off): within the window of near-ties cost and
-        # load count as tied, so the tightest fit wins; what stays tied is sampled.
-        tightest = min(r[2] for r in near)
-        near = [r for r in near if r[2] == tightest]
+    window = [r for r in tied if r[0] <= cost_cap and r[1] <= load_cap]
+    # Within the window cost and load count as tied, so the tightest fit wins (under
+    # fit-first every row is already of it); what stays tied is sampled.
+    tightest = min(r[2] for r in window)
+    near = [r for r in window if r[2] == tightest]
     if len(near) >= 2:
         a, b = rng.sample(near, 2)
         chosen = b if b[:3] < a[:3] else a  # an exact tie keeps the first draw: random
