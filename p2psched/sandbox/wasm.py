@@ -65,7 +65,8 @@ What a guest can do, and how each limit is enforced
 - Fuel (``limits.fuel``, else ``cpu_ms * FUEL_PER_CPU_MS``, else unlimited) ->
   ``out_of_fuel``. Wall time (``limits.wall_ms``, checked at each epoch tick)
   -> ``wall_timeout``. Linear memory (``limits.mem_bytes``, a store limit) ->
-  ``memory_limit``. Stack (``limits.stack_bytes``) -> ``stack_overflow``. Any
+  ``memory_limit``; a memory the module does not export is measured all the same
+  (``wasm_binary.py`` exports it to the host before compiling). Stack (``limits.stack_bytes``) -> ``stack_overflow``. Any
   other trap -> ``trap: <message>``.
 """
 
@@ -89,6 +90,7 @@ import wasmtime
 
 from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
+from p2psched.sandbox.wasm_binary import export_memories
 from p2psched.sandbox.masking import mask
 
 log = logging.getLogger("p2psched.sandbox")
@@ -276,7 +278,8 @@ class WasmEngine:
         # itself; the key also carries them so that versions never overwrite
         # each other's files. The stack limit is a runtime setting: one
         # compiled file serves every stack size.
-        self._fingerprint = f"wasmtime{self.wasmtime_version}-fuel-epoch"
+        # "-mem": compiled with its memories exported; older copies lack the exports.
+        self._fingerprint = f"wasmtime{self.wasmtime_version}-fuel-epoch-mem"
 
         self._cond = threading.Condition()  # guards everything below
         self._slots: dict[int, _Slot] = {}
@@ -479,7 +482,8 @@ class WasmEngine:
         if digest != sha256:
             # Never file a compiled module under another module's name.
             raise ValueError(f"module file {module_path} hashes to {digest}, not the job's module_sha256 {sha256}")
-        module = wasmtime.Module(engine, data)
+        # Its memories exported, so that the run can measure them (wasm_binary.py).
+        module = wasmtime.Module(engine, export_memories(data))
         self.stats.compiled += 1
         if cached is not None:
             tmp = cached.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")

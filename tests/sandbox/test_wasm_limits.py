@@ -309,3 +309,25 @@ def test_the_ticker_ticks_through_a_burst_and_sleeps_once_guests_stop():
         assert len(ticks) == lingered  # asleep until the next guest
         result = run_wasm(request("loop", limits=Limits(wall_ms=100)), engine)
         assert result.reason == "wall_timeout"  # woken by the run: its deadline was checked
+
+
+def test_a_memory_bomb_that_keeps_its_memory_to_itself_hits_the_memory_limit(engine, tmp_path):
+    # It exports only its function: the sandbox measures the memory all the same.
+    bomb = wat_module(tmp_path, "hidden_bomb", """
+(module
+  (memory 1)
+  (func (export "grow") (result i32)
+    (loop $more
+      (br_if $more (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
+    unreachable))""")
+    limit = 4 << 20
+    result = run_wasm(request(bomb, entry="grow", limits=Limits(mem_bytes=limit)), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("memory_limit", "memory_limit", None)
+    assert limit - 65536 < result.peak_mem_bytes <= limit
+
+
+def test_a_module_that_keeps_its_memory_to_itself_reports_its_peak(engine, tmp_path):
+    quiet = wat_module(tmp_path, "quiet", '(module (memory 3) (func (export "f") (result i32) (i32.const 1)))')
+    result = run_wasm(request(quiet, entry="f"), engine)
+    assert result.succeeded and result.stdout == b"1\n"
+    assert result.peak_mem_bytes == 3 * 65536
