@@ -279,7 +279,9 @@ def openapi_document() -> dict[str, Any]:
         {"type": "object", "required": ["status", "job"], "properties": {
             "status": {"type": "integer", "enum": [200, 202], "description": "as POST /v1/jobs answers for it"},
             "job": _REC}},
-        _ERR]})
+        {"type": "object", "required": ["error"], "properties": {
+            "error": _ERR_DETAIL,
+            "id": {"type": "string", "description": "the id the spec gave its job, when it gave a valid one"}}}]})
     wait_answer = _many({"$ref": "#/components/schemas/JobOutcome"})
     cancel_answer = _many({"$ref": "#/components/schemas/JobOutcome"},
                        cancelled={"type": "integer", "description": "how many of these jobs are now cancelled"},

@@ -25,7 +25,7 @@ from p2psched import dashboard
 from p2psched.agent.errors import AgentError
 from p2psched.api.errors import error_body, field_errors
 from p2psched.api.openapi import openapi_document
-from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.spec import JOB_ID_RE, JobSpec
 from p2psched.jobs.state import JobState
 from p2psched.jobs.store import StoreError
 
@@ -72,6 +72,14 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge()
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _named_id(item: Any) -> str | None:
+    """The id a batch item gave its job, when it is one (a signed item carries it in its spec)."""
+    if isinstance(item, dict) and isinstance(item.get("spec"), dict):
+        item = item["spec"]
+    job_id = item.get("id") if isinstance(item, dict) else None
+    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
 
 
 def _parse_spec(raw: Any, prefix: str = "") -> tuple[JobSpec, Any] | AgentError:
@@ -313,11 +321,14 @@ def create_app(agent: Any) -> Starlette:
             specs.append(refused(parsed) if isinstance(parsed, AgentError) else parsed)
         results = await agent.submit_many(specs)
         out = []
-        for item in results:
+        for raw_item, item in zip(jobs, results):
             if isinstance(item, AgentError):
                 body = error_body(item.status, item.reason, item.message, item.details)
                 if item.retry_after is not None:  # the Retry-After of a job refused alone
                     body["error"]["retry_after"] = math.ceil(item.retry_after)
+                job_id = _named_id(raw_item)
+                if job_id is not None:  # which of the client's jobs this is, beside its place in the list
+                    body["id"] = job_id
                 out.append(body)
             else:
                 out.append({"status": 202 if item[1] else 200, "job": item[0]})

@@ -221,6 +221,23 @@ async def test_batch_returns_one_result_per_spec(tmp_path):
         assert states == ["succeeded", "failed"]
 
 
+async def test_a_batch_error_names_the_job_id_the_client_gave(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        specs = [
+            {"id": "sweep-1", "runtime": "wasm"},  # no module: refused
+            {"spec": {"id": "sweep-2", "runtime": "wasm", "limits": {"wall_ms": -1}}},  # signed shape, refused
+            {"id": "not a valid id!", "runtime": "wasm"},  # its id is itself wrong: not echoed
+            {"runtime": "wasm"},  # no id to give
+            {**wasm_spec("hello.wasm"), "id": "sweep-3"},
+        ]
+        r = await http.post("/v1/jobs:batch", json={"jobs": specs})
+        assert r.status_code == 207
+        results = r.json()["results"]
+        assert [item.get("id") for item in results[:4]] == ["sweep-1", "sweep-2", None, None]
+        assert all(item["error"]["reason"] == "invalid_spec" for item in results[:4])
+        assert "id" not in results[4] and results[4]["job"]["id"] == "sweep-3"
+
+
 async def test_wait_for_many_jobs_in_one_request(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
         running = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000}))).json()

@@ -179,7 +179,7 @@ async def test_every_answer_of_an_agent_fits_the_document(tmp_path):
                 "/v1/jobs", 200)
         a.check(await http.post("/v1/jobs", json={"runtime": "wasm", "colour": "red"}), "/v1/jobs", 400)
         batch = a.check(await http.post("/v1/jobs:batch", json={"jobs": [
-            wasm_spec("loop.wasm", limits={"fuel": 10_000}), {"runtime": "wasm", "limits": {"wall_ms": -1}}]}),
+            wasm_spec("loop.wasm", limits={"fuel": 10_000}), {"id": "bad", "runtime": "wasm", "limits": {"wall_ms": -1}}]}),
             "/v1/jobs:batch", 207)
         fuel_id = batch["results"][0]["job"]["id"]
         batch = a.check(await http.post("/v1/jobs:batch", json={"jobs": [
