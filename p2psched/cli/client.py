@@ -166,7 +166,8 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 @click.option("--env", "env", multiple=True, help="KEY=VALUE for the guest (repeatable).")
 @click.option("--entry", default="_start", show_default=True, help="Exported function to call (wasm).")
 @click.option("--cpu", type=float, help="CPU slots [1].")
-@click.option("--mem-mb", type=int, help="Memory reserved, MiB [256].")
+@click.option("--mem-mb", type=int,
+              help="Memory reserved, MiB; the memory limit too unless the spec sets limits.mem_bytes [256].")
 @click.option("--gpu", type=int, help="GPU slots [0].")
 @click.option("--gpu-type", help="GPU slot type.")
 @click.option("--wall-ms", type=int, help="Wall-clock limit, ms [60000].")

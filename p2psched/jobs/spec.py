@@ -22,6 +22,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: request cannot exhaust the agent's memory. Nomad's artifact default is similar.
 MAX_MODULE_BYTES = 64 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+_MIN_MEM_BYTES = 64 * 1024  # Limits.mem_bytes's lower bound
 CAPABILITIES = ("wasm", "process", "gpu", "network")
 
 
@@ -33,7 +35,11 @@ class Resources(Strict):
     """What the job occupies on its executor while it runs."""
 
     cpu: float = Field(1.0, gt=0, le=1024, description="CPU cores (slots) reserved.")
-    mem_mb: int = Field(256, ge=1, le=4 * 1024 * 1024, description="Memory reserved, MiB.")
+    mem_mb: int = Field(
+        256, ge=1, le=4 * 1024 * 1024,
+        description="Memory reserved, MiB. Given without limits.mem_bytes, it is the memory limit too; without it, "
+        "limits.mem_bytes rounded up to MiB is reserved.",
+    )
     gpu: int = Field(0, ge=0, le=64, description="Virtual GPU slots.")
     gpu_type: str | None = Field(None, max_length=64, description="Slot type, e.g. 'whole' or '1g.10gb'.")
 
@@ -44,7 +50,11 @@ class Limits(Strict):
     wall_ms: int = Field(60_000, ge=1, le=7 * 24 * 3600 * 1000, description="Wall-clock limit.")
     cpu_ms: int | None = Field(None, ge=1, le=7 * 24 * 3600 * 1000, description="CPU-time limit.")
     fuel: int | None = Field(None, ge=1, le=10**15, description="WebAssembly instruction fuel.")
-    mem_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, le=1 << 42, description="Memory limit.")
+    mem_bytes: int = Field(
+        256 * 1024 * 1024, ge=64 * 1024, le=1 << 42,
+        description="Memory limit. Given without resources.mem_mb, it sets the reservation too; without it, "
+        "resources.mem_mb is the limit. Both given, the job may use up to this beyond what it reserved.",
+    )
     stack_bytes: int = Field(1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024, description="Guest stack limit.")
     stdout_bytes: int = Field(1024 * 1024, ge=0, le=1 << 30, description="stdout kept; the rest is cut and flagged.")
     stderr_bytes: int = Field(
@@ -118,6 +128,19 @@ class JobSpec(Strict):
         if len(v) > MAX_INPUT_BYTES:
             raise ValueError(f"is {len(v)} bytes; the limit is {MAX_INPUT_BYTES}")
         return v
+
+    @model_validator(mode="after")
+    def _memory_figures_agree(self) -> JobSpec:
+        """One memory figure given sets the other: a job that reserves 1 GiB is not
+        stopped at the default limit of 256 MiB, and one limited to 4 GiB is not
+        counted by the scheduler as 256 MiB. Both given, both stand."""
+        reserved = "mem_mb" in self.resources.model_fields_set
+        limited = "mem_bytes" in self.limits.model_fields_set
+        if reserved and not limited:
+            self.limits.mem_bytes = max(self.resources.mem_mb * MIB, _MIN_MEM_BYTES)
+        elif limited and not reserved:
+            self.resources.mem_mb = -(-self.limits.mem_bytes // MIB)
+        return self
 
     @model_validator(mode="after")
     def _runtime_fields(self) -> JobSpec:

@@ -26,6 +26,16 @@ async def test_submit_wait_and_fetch_result(tmp_path):
         assert out.headers["x-job-state"] == "succeeded"
 
 
+async def test_a_job_that_reserves_little_memory_is_held_to_it(tmp_path):
+    # --mem-mb 8 and nothing else: the memory bomb stops near 8 MiB, not at the default 256 MiB.
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", json=wasm_spec("membomb.wasm", resources={"mem_mb": 8}))
+        assert r.status_code == 202
+        done = (await http.get(f"/v1/jobs/{r.json()['id']}", params={"wait": 30})).json()
+        assert done["result"]["reason"] == "memory_limit"
+        assert 7 << 20 < done["result"]["peak_mem_bytes"] <= 8 << 20
+
+
 async def test_same_id_twice_runs_once(tmp_path):
     async with running_agent(tmp_path) as (agent, http):
         first = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", id="once"))
