@@ -29,13 +29,16 @@ that the job would leave over; the fewest is the tightest.
 
 * fit-last (the default): a GPU job that fits here runs here; peers rank by cost,
   then load, and within the window of near-ties the tightest fit wins outright.
-* fit-first: the tightest fit comes before cost and load, because it keeps the nodes
-  with more free slots whole for the big jobs that need them (a 1-GPU job goes to
-  the node with 1 free, not the one with 8). This agent competes on fit too: it
-  runs the job when its fit is as tight as the best peer's, and otherwise offers it
-  to the tighter peers. Among the nodes of the tightest fit, cost and load decide.
-  On large clusters every origin chases the same few exactly-fitting nodes through
-  stale gossip, so it is for small ones (docs/scheduling.md has the measurements).
+* fit-first: the fit comes before cost and load, because it keeps the nodes with
+  more free slots whole for the big jobs that need them (a 1-GPU job goes to a node
+  with 1 free, not the one with 8). Taking the exactly tightest node of the cluster
+  would send every origin, through the same stale gossip, to the same few nodes, and
+  most offers would be refused on large clusters. So it is a sampled best fit:
+  ``fit_sample`` of the fitting nodes (the peers, and this agent when it fits now)
+  are drawn at random, and the tightest fit of those is taken, cost then load
+  breaking ties; when this agent is that one, the job runs here. The fallback list
+  ranks the other peers by fit, then cost, then load. With no more fitting nodes
+  than the sample, it is the tightest fit of all.
 
 Other policies, for comparison: ``local-first`` (here if it fits, else the nearest
 fitting peer, deterministically: the greedy rule whose herding ``p2p`` avoids),
@@ -103,12 +106,16 @@ class PlacementSettings:
     #: GPU jobs under ``p2p``: False (the default, the agent's ``gpu_placement =
     #: "fit-last"``): a GPU job that fits here runs here, and peers rank by cost,
     #: then load, the tightest fit winning within the window of near-ties. True
-    #: (``"fit-first"``): the tightest fit anywhere first, here included (module
-    #: docstring). The simulator (``sim placement --gpu-mix``) measures both: fit-first
-    #: keeps hosts whole for 8-GPU jobs on 128 hosts, but on 512 and more every origin
-    #: chases the same few exactly-fitting hosts through 200 ms-old gossip and most
-    #: offers are refused, so it is not the default.
+    #: (``"fit-first"``): the tightest fit of a random sample of the fitting nodes,
+    #: here among them (module docstring). The simulator (``sim placement --gpu-mix``)
+    #: measures both.
     gpu_first: bool = False
+    #: fit-first's sample: the fitting nodes (peers, and this agent when it fits now)
+    #: drawn at random for each GPU job, of which the tightest fit is taken. The
+    #: smaller, the wider origins spread on 200 ms-old gossip; the larger, the tighter
+    #: the fit. Taking every fitting node (0) is the exactly tightest fit, whose
+    #: offers herd: on 512 simulated hosts most of them are refused.
+    fit_sample: int = 4
 
 
 DEFAULT_SETTINGS = PlacementSettings()
@@ -467,17 +474,29 @@ def place(
         ranked = heapq.nsmallest(settings.max_candidates, scored, key=lambda r: (r[0], r[3]))
         return _forward(local, ranked[0], ranked[1:], topology), state
 
-    tied = scored
     if gpu_first:
-        tightest = min(r[2] for r in scored)
-        if here_now and (_gpu_leftover(req, local.vector.gpu_free) or 0) <= tightest:
+        # Sampled best fit: the tightest fit of ``fit_sample`` fitting nodes drawn at
+        # random, here among them, cost then load breaking ties. Origins whose stale
+        # views agree on the tightest nodes draw different samples, so they do not all
+        # offer their jobs to those few.
+        entrants = scored
+        if here_now:
+            fit_here = _gpu_leftover(req, local.vector.gpu_free) or 0
+            entrants = [*scored, (0.0, node_load(local.vector), fit_here, me, local)]
+        drawn = rng.sample(entrants, min(settings.fit_sample or len(entrants), len(entrants)))
+        won = min(drawn, key=lambda r: (r[2], r[0], r[1]))  # an exact tie keeps the first drawn: random
+        if won[3] == me:
             return RunHere(), state
-        tied = [r for r in scored if r[2] == tightest]
-    best = min(tied)
+        # The fallback list ranks the rest by fit, then cost, then load.
+        passed = [r for r in scored if r is not won]
+        others = heapq.nsmallest(settings.max_candidates - 1, passed, key=lambda r: (r[2], r[0], r[1], r[3]))
+        return _forward(local, won, others, topology), state
+
+    best = min(scored)
     cost_cap, load_cap = best[0] + settings.cost_slack_us, best[1] + settings.load_slack
-    window = [r for r in tied if r[0] <= cost_cap and r[1] <= load_cap]
-    # Within the window cost and load count as tied, so the tightest fit wins (under
-    # fit-first every row is already of it); what stays tied is sampled.
+    window = [r for r in scored if r[0] <= cost_cap and r[1] <= load_cap]
+    # Within the window cost and load count as tied, so the tightest fit wins; what
+    # stays tied is sampled.
     tightest = min(r[2] for r in window)
     near = [r for r in window if r[2] == tightest]
     if len(near) >= 2:
@@ -485,10 +504,8 @@ def place(
         chosen = b if b[:3] < a[:3] else a  # an exact tie keeps the first draw: random
     else:
         chosen = near[0]
-    # The fallback list ranks the rest the same way: by fit first for a GPU job.
     passed = [r for r in scored if r is not chosen]
-    others = (heapq.nsmallest(settings.max_candidates - 1, passed, key=lambda r: (r[2], r[0], r[1], r[3]))
-              if gpu_first else heapq.nsmallest(settings.max_candidates - 1, passed))
+    others = heapq.nsmallest(settings.max_candidates - 1, passed)
     return _forward(local, chosen, others, topology), state
 
 
