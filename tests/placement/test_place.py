@@ -136,6 +136,51 @@ def test_among_equal_gpu_fits_network_cost_decides() -> None:
         assert isinstance(d, Forward) and d.node_id == "h2-0", seed
 
 
+def test_fit_first_takes_the_tightest_of_a_random_sample_so_origins_spread() -> None:
+    """Gossip shows every origin the same two exact fits among 32 fitting peers. Taking
+    the tightest of all sends every 1-GPU job to those two, where all offers but the
+    first are refused; the tightest of a sample of 4 sends them a quarter of the jobs
+    (1 - C(30,4)/C(32,4) = 0.24) and the loosest peers only when a sample holds no
+    other (C(16,4)/C(32,4) = 0.05)."""
+    here = node("h0-0", cpu_free=0, gpu_free={"whole": 0}, gpu_total={"whole": 8})
+    peers = [node(h, gpu_free={"whole": 1 if i < 2 else 2 if i < 16 else 8}, gpu_total={"whole": 8})
+             for i, h in enumerate(MEDIUM.hosts[1:33])]
+    exact, loose = {p.node_id for p in peers[:2]}, {p.node_id for p in peers[16:]}
+    fit = {p.node_id: p.vector.gpu_free["whole"] - 1 for p in peers}
+    sample4 = replace(FIT_FIRST, fit_sample=4)
+    targets: Counter[str] = Counter()
+    for seed in range(400):
+        d = decide(JobRequest("j", gpu=1), here, peers, topo=MEDIUM, seed=seed, settings=sample4)
+        assert isinstance(d, Forward), seed
+        targets[d.node_id] += 1
+        # The fallback list still ranks by fit: the exact fits first, unless chosen.
+        rest = [c.node_id for c in d.candidates[1:]]
+        assert [fit[n] for n in rest] == sorted(fit[n] for n in rest) and exact - {d.node_id} <= set(rest), seed
+    assert len(targets) > 20
+    assert 50 < sum(targets[n] for n in exact) < 150
+    assert sum(targets[n] for n in loose) < 50
+    # A sample of every fitting node (0) is the exactly tightest fit: herding.
+    for seed in range(50):
+        d = decide(JobRequest("j", gpu=1), here, peers, topo=MEDIUM, seed=seed,
+                   settings=replace(FIT_FIRST, fit_sample=0))
+        assert isinstance(d, Forward) and d.node_id in exact, seed
+
+
+def test_fit_first_runs_here_when_here_is_the_tightest_of_its_sample() -> None:
+    # Here is an exact fit among 32 looser peers: it runs here when the sample draws it
+    # (4 in 33: 12%), and otherwise goes to the tightest peer drawn. Drawn with only
+    # looser peers, here always wins; drawn with as tight a peer, here wins on cost.
+    here = node("h0-0", gpu_free={"whole": 1}, gpu_total={"whole": 8})
+    peers = [node(h, gpu_free={"whole": 2 + i % 6}, gpu_total={"whole": 8}) for i, h in enumerate(MEDIUM.hosts[1:33])]
+    sample4 = replace(FIT_FIRST, fit_sample=4)
+    runs = sum(decide(JobRequest("j", gpu=1), here, peers, topo=MEDIUM, seed=seed, settings=sample4) == RunHere()
+               for seed in range(400))
+    assert 25 < runs < 75
+    tight = [replace(p, vector=replace(p.vector, gpu_free={"whole": 1})) for p in peers[:3]]
+    assert all(decide(JobRequest("j", gpu=1), here, tight, topo=MEDIUM, seed=seed, settings=sample4) == RunHere()
+               for seed in range(20))
+
+
 FIT_LAST = PlacementSettings(gpu_first=False)
 
 
