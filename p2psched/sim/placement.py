@@ -32,10 +32,12 @@ comes with one job slot of the host's cores, so the CPU vector follows the GPUs 
 the load the agents rank by is the GPU busy fraction. The offered load counts GPU
 slots. The ``p2p`` row ranks GPU jobs fit-last (the agent's default); a
 ``p2p/fit-first`` row runs the same trace with ``PlacementSettings(gpu_first=True)``
-(the tightest fit anywhere first, here included), so fragmentation and herding show
-in one run: per request size, the JCT and the wait
-(start - arrival) of every scheduler. Big jobs need a host whose GPUs are all free;
-a rule that scatters small jobs over many hosts leaves few such hosts.
+(the tightest fit of a random sample of the fitting nodes, here among them), and
+``--fit-sample N`` (repeatable) gives one such row per sample size instead, named
+``p2p/fit-first/d=N`` unless N is the default, so fragmentation and herding show in
+one run: per request size, the JCT and the wait (start - arrival) of every scheduler.
+Big jobs need a host whose GPUs are all free; a rule that scatters small jobs over
+many hosts leaves few such hosts.
 
 Broken hosts (``--broken K``): K hosts, drawn with the seed, are "black holes": up
 and gossiping free slots, but every job that starts there fails for the host's
@@ -398,6 +400,8 @@ class PeerToPeer(_Scheduler):
         self.name = "p2p" if policy == "p2p" else f"p2p/{policy}"
         if gpus and policy == "p2p" and settings.gpu_first:
             self.name += "/fit-first"
+            if settings.fit_sample != DEFAULT_SETTINGS.fit_sample:
+                self.name += f"/d={settings.fit_sample}"
         if not breaker:
             self.name += "/no-breaker"
         self.breaker = breaker
@@ -620,10 +624,11 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
              cpus_per_host: int = CPUS_PER_HOST, mean_duration: float = MEAN_DURATION_S,
              durations: str = "exp", gossip_interval: float = GOSSIP_INTERVAL_S, warmup: float = 0.1,
              baselines: bool = True, broken: int = 0, gpu_mix: Sequence[int] = (),
-             gpus_per_host: int = GPUS_PER_HOST) -> list[Report]:
+             gpus_per_host: int = GPUS_PER_HOST, fit_samples: Sequence[int] = ()) -> list[Report]:
     """Run the trace through ``policy`` and (if ``baselines``) the three comparison
     schedulers; with ``broken`` black-hole hosts, p2p also without its breaker. With
-    ``gpu_mix`` the jobs are GPU jobs of those sizes and p2p runs also fit-first."""
+    ``gpu_mix`` the jobs are GPU jobs of those sizes and p2p runs also fit-first, once
+    per sample size in ``fit_samples`` (by default once, with the default sample)."""
     if not 0 <= broken < len(topo.hosts):
         raise ValueError(f"broken hosts must number 0 to {len(topo.hosts) - 1}, not {broken}")
     gpus = bool(gpu_mix)
@@ -638,7 +643,8 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
 
     runs: list[_Scheduler] = [p2p()]
     if gpus and policy == "p2p":
-        runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=True)))
+        for d in fit_samples or (DEFAULT_SETTINGS.fit_sample,):
+            runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=True, fit_sample=d)))
     if broken:
         runs.append(p2p(breaker=False))
     if baselines:
@@ -744,11 +750,14 @@ def _gpu_mix(ctx: click.Context, param: click.Parameter, value: str | None) -> t
                    "the load counts GPU slots, and figures are given per request size.")
 @click.option("--gpus-per-host", type=click.IntRange(min=1), default=GPUS_PER_HOST, show_default=True,
               help="With --gpu-mix: whole GPU slots per host (they replace --cpus-per-host).")
+@click.option("--fit-sample", "fit_samples", type=click.IntRange(min=0), multiple=True, metavar="N",
+              help="With --gpu-mix: a p2p/fit-first row taking the tightest fit of N sampled nodes (0: of all); "
+                   f"repeatable [{DEFAULT_SETTINGS.fit_sample}].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus_per_host: int,
         mean_duration: float, durations: str, gossip_interval: float, warmup: float, baselines: bool,
         gossip: bool, fractions: tuple[float, ...], fanout: int, broken: int, gpu_mix: tuple[int, ...],
-        gpus_per_host: int, as_json: bool) -> None:
+        gpus_per_host: int, fit_samples: tuple[int, ...], as_json: bool) -> None:
     """Drive the placement core through virtual time and compare it with baselines."""
     if not 0 < load < 1:
         raise click.BadParameter(f"is {load}; it must lie strictly between 0 and 1 (above 1 queues grow forever)",
@@ -771,7 +780,7 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
     reports = simulate(topo, load=load, jobs=jobs, policy=policy, seed=seed, cpus_per_host=cpus_per_host,
                        mean_duration=mean_duration, durations=durations, gossip_interval=gossip_interval,
                        warmup=warmup, baselines=baselines, broken=broken, gpu_mix=gpu_mix,
-                       gpus_per_host=gpus_per_host)
+                       gpus_per_host=gpus_per_host, fit_samples=fit_samples)
     slots = gpus_per_host if gpu_mix else cpus_per_host
     greports = gossip_model(topo, fractions=fractions or (0.0, 0.5, 0.8), fanout=fanout, seed=seed) if gossip else []
     omni = next((r for r in reports if r.scheduler == "omniscient"), None)

@@ -132,8 +132,8 @@ def test_gpu_figures_per_request_size_add_up_to_the_total() -> None:
 def test_fit_first_keeps_hosts_whole_so_8_gpu_jobs_wait_less_than_fit_last() -> None:
     """The point of fit-first: small jobs fill the tightest hosts, not whichever is near
     or here, so a host with all 8 GPUs free is there when an 8-GPU job comes. This run
-    with seeds 1-5: the 8-GPU jobs' mean wait is 0-86 ms fit-first against 217-2,055 ms
-    fit-last (on 1,024 hosts fit-first herds instead: docs/scheduling.md)."""
+    with seeds 1-5: the 8-GPU jobs' mean wait is 0-145 ms fit-first against 217-2,055 ms
+    fit-last."""
     reports = {r.scheduler: r for r in simulate(MEDIUM, load=0.8, jobs=4000, seed=1, gpu_mix=GPU_MIX,
                                                 baselines=False)}
     first, last = reports["p2p/fit-first"].by_size[8], reports["p2p"].by_size[8]
@@ -151,6 +151,13 @@ def test_cli_gpu_mix_prints_rows_per_size_and_checks_the_mix() -> None:
     out = json.loads(r.output)
     assert out["gpu_mix"] == [1, 2, 8] and [x["scheduler"] for x in out["results"]] == ["p2p", "p2p/fit-first"]
     assert sorted(out["results"][0]["by_size"]) == ["1", "2", "8"]
+    # One fit-first row per sample size; the default one keeps its plain name.
+    r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,2,8", "--json", "--no-baselines",
+                                        "--fit-sample", "0", "--fit-sample", "4"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["results"]
+    assert [x["scheduler"] for x in rows] == ["p2p", "p2p/fit-first/d=0", "p2p/fit-first"]
+    assert rows[2] == out["results"][1]
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,two"])
     assert r.exit_code == 2 and "comma-separated list of GPU counts" in r.output
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,16"])
