@@ -156,9 +156,10 @@ class AgentSettings(BaseModel):
         "fit-last",
         description="How p2p ranks the agents that can hold a GPU job. fit-last: here when it fits, then "
         "network cost and load, the tightest GPU fit among near-ties; it scales (1.00x of an omniscient "
-        "scheduler at 1,024 hosts in the simulator). fit-first: the tightest fit anywhere first, which keeps "
-        "hosts whole for big jobs on small clusters (8-GPU jobs wait ~0 instead of ~0.7 s at 128 hosts) but "
-        "herds small jobs onto the same few hosts on large ones (2.5x worse at 1,024). docs/scheduling.md.",
+        "scheduler at 1,024 hosts in the simulator). fit-first: the tightest fit of 4 fitting agents drawn at "
+        "random, this one among them, which keeps hosts whole for big jobs (8-GPU jobs wait ~10 ms instead of "
+        "~0.7-1 s at 128 hosts in the simulator); the sample keeps origins off the same few tightest hosts, "
+        "which the tightest fit of all herded onto at 512 hosts and more. docs/scheduling.md.",
     )
     process_warm_pool: int = Field(
         2, ge=0, le=64,

@@ -68,7 +68,7 @@ def _leaves(group: BaseException) -> list[BaseException]:
 @click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]),
               help="Where jobs submitted here run; the others are baselines to compare p2p against [p2p].")
 @click.option("--gpu-placement", type=click.Choice(["fit-last", "fit-first"]),
-              help="GPU jobs: fit-last scales; fit-first keeps hosts whole on small clusters [fit-last].")
+              help="GPU jobs: fit-last runs here when it fits; fit-first keeps hosts whole for big jobs [fit-last].")
 @click.option("--process-warm-pool", metavar="N", help="Process sandboxes kept pre-built [2].")
 @click.option("--gpus", help="Declared GPUs (see docs/gpu.md).")
 @click.option("--gpu-profile", help="How GPUs are offered: whole, shared:N, mig [whole].")
