@@ -67,8 +67,8 @@ def _leaves(group: BaseException) -> list[BaseException]:
               help="Node label, e.g. zone=a: jobs labelled node.zone=a run only on agents so labelled (repeatable).")
 @click.option("--placement-policy", type=click.Choice(["p2p", "local-first", "random", "round-robin"]),
               help="Where jobs submitted here run; the others are baselines to compare p2p against [p2p].")
-@click.option("--gpu-placement", type=click.Choice(["fit-last", "fit-first"]),
-              help="GPU jobs: fit-last runs here when it fits; fit-first keeps hosts whole for big jobs [fit-last].")
+@click.option("--gpu-placement", type=click.Choice(["fit-first", "fit-last"]),
+              help="GPU jobs: fit-first keeps hosts whole for big jobs; fit-last runs here when it fits [fit-first].")
 @click.option("--process-warm-pool", metavar="N", help="Process sandboxes kept pre-built [2].")
 @click.option("--gpus", help="Declared GPUs (see docs/gpu.md).")
 @click.option("--gpu-profile", help="How GPUs are offered: whole, shared:N, mig [whole].")

@@ -30,12 +30,12 @@ uniformly from the list, and each host offers ``--gpus-per-host`` whole GPU slot
 (8), gossiped in its vector's ``gpu_free``/``gpu_total`` as an agent does. Each GPU
 comes with one job slot of the host's cores, so the CPU vector follows the GPUs and
 the load the agents rank by is the GPU busy fraction. The offered load counts GPU
-slots. The ``p2p`` row ranks GPU jobs fit-last (the agent's default); a
-``p2p/fit-first`` row runs the same trace with ``PlacementSettings(gpu_first=True)``
-(the tightest fit of a random sample of the fitting nodes, here among them), and
-``--fit-sample N`` (repeatable) gives one such row per sample size instead, named
-``p2p/fit-first/d=N`` unless N is the default, so fragmentation and herding show in
-one run: per request size, the JCT and the wait (start - arrival) of every scheduler.
+slots. The ``p2p`` row ranks GPU jobs fit-first (the agent's default: the tightest
+fit of a random sample of the fitting nodes, here among them); ``--fit-sample N``
+(repeatable) gives one such row per sample size instead, named ``p2p/d=N`` unless N
+is the default; a ``p2p/fit-last`` row runs the same trace with
+``PlacementSettings(gpu_first=False)``. So fragmentation and herding show in one
+run: per request size, the JCT and the wait (start - arrival) of every scheduler.
 Big jobs need a host whose GPUs are all free; a rule that scatters small jobs over
 many hosts leaves few such hosts.
 
@@ -398,9 +398,10 @@ class PeerToPeer(_Scheduler):
         self.settings = settings
         # "p2p/random" (random over peers gossip says fit) is not the blind "random" baseline.
         self.name = "p2p" if policy == "p2p" else f"p2p/{policy}"
-        if gpus and policy == "p2p" and settings.gpu_first:
-            self.name += "/fit-first"
-            if settings.fit_sample != DEFAULT_SETTINGS.fit_sample:
+        if gpus and policy == "p2p":
+            if not settings.gpu_first:
+                self.name += "/fit-last"
+            elif settings.fit_sample != DEFAULT_SETTINGS.fit_sample:
                 self.name += f"/d={settings.fit_sample}"
         if not breaker:
             self.name += "/no-breaker"
@@ -627,8 +628,9 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
              gpus_per_host: int = GPUS_PER_HOST, fit_samples: Sequence[int] = ()) -> list[Report]:
     """Run the trace through ``policy`` and (if ``baselines``) the three comparison
     schedulers; with ``broken`` black-hole hosts, p2p also without its breaker. With
-    ``gpu_mix`` the jobs are GPU jobs of those sizes and p2p runs also fit-first, once
-    per sample size in ``fit_samples`` (by default once, with the default sample)."""
+    ``gpu_mix`` the jobs are GPU jobs of those sizes, and p2p runs fit-first once per
+    sample size in ``fit_samples`` (by default once, with the default sample), then
+    fit-last."""
     if not 0 <= broken < len(topo.hosts):
         raise ValueError(f"broken hosts must number 0 to {len(topo.hosts) - 1}, not {broken}")
     gpus = bool(gpu_mix)
@@ -643,8 +645,10 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
 
     runs: list[_Scheduler] = [p2p()]
     if gpus and policy == "p2p":
-        for d in fit_samples or (DEFAULT_SETTINGS.fit_sample,):
-            runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=True, fit_sample=d)))
+        # fit-first (the default) once per sample size asked for, then fit-last.
+        runs = [p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=True, fit_sample=d))
+                for d in fit_samples or (DEFAULT_SETTINGS.fit_sample,)]
+        runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=False)))
     if broken:
         runs.append(p2p(breaker=False))
     if baselines:
@@ -751,7 +755,7 @@ def _gpu_mix(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 @click.option("--gpus-per-host", type=click.IntRange(min=1), default=GPUS_PER_HOST, show_default=True,
               help="With --gpu-mix: whole GPU slots per host (they replace --cpus-per-host).")
 @click.option("--fit-sample", "fit_samples", type=click.IntRange(min=0), multiple=True, metavar="N",
-              help="With --gpu-mix: a p2p/fit-first row taking the tightest fit of N sampled nodes (0: of all); "
+              help="With --gpu-mix: a fit-first p2p row taking the tightest fit of N sampled nodes (0: of all); "
                    f"repeatable [{DEFAULT_SETTINGS.fit_sample}].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus_per_host: int,

@@ -199,7 +199,7 @@ def test_best_fit_sends_the_job_to_the_peer_it_fills(tmp_path):
 def test_fit_first_a_job_leaves_its_origin_for_the_peer_it_fills(tmp_path):
     # --gpu-placement fit-first: the fit comes before the network. The origin's two
     # free GPUs stay whole for a 2-GPU job; a 1-GPU job goes across the spine to the
-    # peer with one. (With the default, fit-last, it would run at its origin.)
+    # peer with one. (With fit-last it would run at its origin.)
     agents = start_cluster(tmp_path, ["h0-0", "h2-0"], "--cpus", "1", "--topology", str(SMALL),
                            "--gpu-placement", "fit-first",
                            per_agent={"h0-0": ["--gpus", "2xH100-80GB"], "h2-0": ["--gpus", "1xH100-80GB"]})

@@ -100,8 +100,12 @@ def test_best_gpu_fit_is_chosen() -> None:
         assert [c.node_id for c in d.candidates] == ["h1-1", "h2-0", "h1-0"]
 
 
-#: The agent's gpu_placement = "fit-first" (the default is fit-last, below).
+#: The agent's gpu_placement = "fit-first", the default (fit-last is below).
 FIT_FIRST = PlacementSettings(gpu_first=True)
+
+
+def test_fit_first_with_a_sample_of_four_is_the_default() -> None:
+    assert PlacementSettings() == FIT_FIRST and FIT_FIRST.fit_sample == 4
 
 
 def test_a_gpu_job_leaves_a_looser_fit_here_for_a_tighter_peer() -> None:
@@ -184,11 +188,9 @@ def test_fit_first_runs_here_when_here_is_the_tightest_of_its_sample() -> None:
 FIT_LAST = PlacementSettings(gpu_first=False)
 
 
-def test_fit_last_is_the_default_and_the_earlier_rule() -> None:
-    """gpu_first=False (the default: fit-first herds on large clusters) places GPU jobs
-    as place() did before fit-first existed: here whenever it fits, then cost, then
-    load, fit last."""
-    assert PlacementSettings() == FIT_LAST
+def test_fit_last_is_the_earlier_rule() -> None:
+    """gpu_first=False places GPU jobs as place() did before fit-first existed: here
+    whenever it fits, then cost, then load, fit last."""
     here = node("h0-0", gpu_free={"whole": 4})
     tight = node("h2-0", gpu_free={"whole": 1}, gpu_total={"whole": 4})
     near = node("h0-1", gpu_free={"whole": 3}, gpu_total={"whole": 4})

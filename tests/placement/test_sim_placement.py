@@ -116,7 +116,7 @@ def test_gpu_jobs_run_once_within_each_hosts_gpus_and_their_load_counts_gpus() -
 
 def test_gpu_figures_per_request_size_add_up_to_the_total() -> None:
     reports = simulate(MEDIUM, load=0.8, jobs=1500, seed=4, mean_duration=1.0, gpu_mix=GPU_MIX)
-    assert [r.scheduler for r in reports] == ["p2p", "p2p/fit-first", "omniscient", "random", "power-of-two"]
+    assert [r.scheduler for r in reports] == ["p2p", "p2p/fit-last", "omniscient", "random", "power-of-two"]
     assert reports == simulate(MEDIUM, load=0.8, jobs=1500, seed=4, mean_duration=1.0, gpu_mix=GPU_MIX)
     for r in reports:
         assert [*r.by_size] == [1, 2, 4, 8], r.scheduler
@@ -136,28 +136,28 @@ def test_fit_first_keeps_hosts_whole_so_8_gpu_jobs_wait_less_than_fit_last() -> 
     fit-last."""
     reports = {r.scheduler: r for r in simulate(MEDIUM, load=0.8, jobs=4000, seed=1, gpu_mix=GPU_MIX,
                                                 baselines=False)}
-    first, last = reports["p2p/fit-first"].by_size[8], reports["p2p"].by_size[8]
+    first, last = reports["p2p"].by_size[8], reports["p2p/fit-last"].by_size[8]
     assert first.mean_wait < last.mean_wait / 2, (first, last)
-    assert reports["p2p/fit-first"].mean_jct < reports["p2p"].mean_jct
+    assert reports["p2p"].mean_jct < reports["p2p/fit-last"].mean_jct
 
 
 def test_cli_gpu_mix_prints_rows_per_size_and_checks_the_mix() -> None:
     args = ["--topology", str(REPO / "topologies" / "small.yaml"), "--jobs", "300", "--mean-duration", "1"]
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,2,8"])
     assert r.exit_code == 0, r.output
-    assert "8 whole GPU slots" in r.output and "p2p/fit-first" in r.output and "  8 GPUs" in r.output
+    assert "8 whole GPU slots" in r.output and "p2p/fit-last" in r.output and "  8 GPUs" in r.output
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,2,8", "--json", "--no-baselines"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert out["gpu_mix"] == [1, 2, 8] and [x["scheduler"] for x in out["results"]] == ["p2p", "p2p/fit-first"]
+    assert out["gpu_mix"] == [1, 2, 8] and [x["scheduler"] for x in out["results"]] == ["p2p", "p2p/fit-last"]
     assert sorted(out["results"][0]["by_size"]) == ["1", "2", "8"]
-    # One fit-first row per sample size; the default one keeps its plain name.
+    # One fit-first row per sample size, the default one named plainly p2p; then fit-last.
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,2,8", "--json", "--no-baselines",
                                         "--fit-sample", "0", "--fit-sample", "4"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)["results"]
-    assert [x["scheduler"] for x in rows] == ["p2p", "p2p/fit-first/d=0", "p2p/fit-first"]
-    assert rows[2] == out["results"][1]
+    assert [x["scheduler"] for x in rows] == ["p2p/d=0", "p2p", "p2p/fit-last"]
+    assert rows[1] == out["results"][0] and rows[2] == out["results"][1]
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,two"])
     assert r.exit_code == 2 and "comma-separated list of GPU counts" in r.output
     r = CliRunner().invoke(cli, args + ["--gpu-mix", "1,16"])
