@@ -154,9 +154,9 @@ class AgentSettings(BaseModel):
     )
     gpu_placement: Literal["fit-first", "fit-last"] = Field(
         "fit-first",
-        description="How p2p ranks the agents that can hold a GPU job. fit-first: the tightest GPU fit of 4 "
-        "fitting agents drawn at random, this one among them, then network cost and load; it keeps hosts "
-        "whole for big jobs (in the simulator, from 128 to 1,024 hosts, 8-GPU jobs wait 0-182 ms on average "
+        description="How p2p ranks the agents that can hold a GPU job. fit-first: the tightest GPU fit of this "
+        "agent and 4 fitting peers drawn at random, then network cost and load; it keeps hosts "
+        "whole for big jobs (in the simulator, from 128 to 1,024 hosts, 8-GPU jobs wait 0-154 ms on average "
         "where fit-last's wait 28 ms-1.9 s), and the sample keeps origins off the same few tightest hosts. "
         "fit-last: here when it fits, then network cost and load, the tightest fit among near-ties; it "
         "forwards fewer GPU jobs. docs/scheduling.md.",

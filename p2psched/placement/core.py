@@ -32,11 +32,12 @@ that the job would leave over; the fewest is the tightest.
   with 1 free, not the one with 8). Taking the exactly tightest node of the cluster
   would send every origin, through the same stale gossip, to the same few nodes, and
   most offers would be refused on large clusters. So it is a sampled best fit:
-  ``fit_sample`` of the fitting nodes (the peers, and this agent when it fits now)
-  are drawn at random, and the tightest fit of those is taken, cost then load
-  breaking ties; when this agent is that one, the job runs here. The fallback list
-  ranks the other peers by fit, then cost, then load. With no more fitting nodes
-  than the sample, it is the tightest fit of all.
+  ``fit_sample`` of the fitting peers are drawn at random, this agent joins them
+  when it fits now, and the tightest fit of those is taken, cost then load breaking
+  ties (so this agent, at no network cost, wins a tie of fit, and a job leaves it
+  only for a tighter fit). The fallback list ranks the other peers by fit, then
+  cost, then load. With no more fitting peers than the sample, it is the tightest
+  fit of all.
 * fit-last: a GPU job that fits here runs here; peers rank by cost, then load, and
   within the window of near-ties the tightest fit wins outright. It forwards fewer
   GPU jobs, and leaves the big ones waiting longer for a whole node.
@@ -105,15 +106,15 @@ class PlacementSettings:
     #: Sparrow probes 2 per task, and past ~8 refusals the gossip is too stale to trust.
     max_candidates: int = 8
     #: GPU jobs under ``p2p``: True (the default, the agent's ``gpu_placement =
-    #: "fit-first"``): the tightest fit of a random sample of the fitting nodes, here
-    #: among them (module docstring). False (``"fit-last"``): a GPU job that fits here
+    #: "fit-first"``): the tightest fit of this agent and a random sample of the
+    #: fitting peers (module docstring). False (``"fit-last"``): a GPU job that fits here
     #: runs here, and peers rank by cost, then load, the tightest fit winning within
     #: the window of near-ties. The simulator (``sim placement --gpu-mix``) measures
-    #: both: from 128 to 1,024 hosts, fit-first's 8-GPU jobs wait 0-182 ms on average
+    #: both: from 128 to 1,024 hosts, fit-first's 8-GPU jobs wait 0-154 ms on average
     #: where fit-last's wait 28 ms-1.9 s (docs/scheduling.md).
     gpu_first: bool = True
-    #: fit-first's sample: the fitting nodes (peers, and this agent when it fits now)
-    #: drawn at random for each GPU job, of which the tightest fit is taken. The
+    #: fit-first's sample: the fitting peers drawn at random for each GPU job, of
+    #: which (and of this agent, when it fits now) the tightest fit is taken. The
     #: smaller, the wider origins spread on 200 ms-old gossip; the larger, the tighter
     #: the fit. Taking every fitting node (0) is the exactly tightest fit, whose
     #: offers herd: on 512 simulated hosts most of them are refused.
@@ -477,15 +478,14 @@ def place(
         return _forward(local, ranked[0], ranked[1:], topology), state
 
     if gpu_first:
-        # Sampled best fit: the tightest fit of ``fit_sample`` fitting nodes drawn at
-        # random, here among them, cost then load breaking ties. Origins whose stale
+        # Sampled best fit: the tightest fit of ``fit_sample`` fitting peers drawn at
+        # random and of this agent, cost then load breaking ties. Origins whose stale
         # views agree on the tightest nodes draw different samples, so they do not all
         # offer their jobs to those few.
-        entrants = scored
-        if here_now:
+        drawn = rng.sample(scored, min(settings.fit_sample or len(scored), len(scored)))
+        if here_now:  # this agent is always in the running: a job leaves it only for a tighter fit
             fit_here = _gpu_leftover(req, local.vector.gpu_free) or 0
-            entrants = [*scored, (0.0, node_load(local.vector), fit_here, me, local)]
-        drawn = rng.sample(entrants, min(settings.fit_sample or len(entrants), len(entrants)))
+            drawn = [*drawn, (0.0, node_load(local.vector), fit_here, me, local)]
         won = min(drawn, key=lambda r: (r[2], r[0], r[1]))  # an exact tie keeps the first drawn: random
         if won[3] == me:
             return RunHere(), state

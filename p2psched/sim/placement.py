@@ -31,7 +31,7 @@ uniformly from the list, and each host offers ``--gpus-per-host`` whole GPU slot
 comes with one job slot of the host's cores, so the CPU vector follows the GPUs and
 the load the agents rank by is the GPU busy fraction. The offered load counts GPU
 slots. The ``p2p`` row ranks GPU jobs fit-first (the agent's default: the tightest
-fit of a random sample of the fitting nodes, here among them); ``--fit-sample N``
+fit of the origin and a random sample of the fitting peers); ``--fit-sample N``
 (repeatable) gives one such row per sample size instead, named ``p2p/d=N`` unless N
 is the default; a ``p2p/fit-last`` row runs the same trace with
 ``PlacementSettings(gpu_first=False)``. So fragmentation and herding show in one

@@ -170,19 +170,28 @@ def test_fit_first_takes_the_tightest_of_a_random_sample_so_origins_spread() -> 
         assert isinstance(d, Forward) and d.node_id in exact, seed
 
 
-def test_fit_first_runs_here_when_here_is_the_tightest_of_its_sample() -> None:
-    # Here is an exact fit among 32 looser peers: it runs here when the sample draws it
-    # (4 in 33: 12%), and otherwise goes to the tightest peer drawn. Drawn with only
-    # looser peers, here always wins; drawn with as tight a peer, here wins on cost.
+def test_fit_first_keeps_a_job_here_unless_a_drawn_peer_fits_tighter() -> None:
+    # This agent joins every sample: an exact fit here never leaves for a looser peer,
+    # nor for an equally tight one (here costs no network).
     here = node("h0-0", gpu_free={"whole": 1}, gpu_total={"whole": 8})
     peers = [node(h, gpu_free={"whole": 2 + i % 6}, gpu_total={"whole": 8}) for i, h in enumerate(MEDIUM.hosts[1:33])]
     sample4 = replace(FIT_FIRST, fit_sample=4)
-    runs = sum(decide(JobRequest("j", gpu=1), here, peers, topo=MEDIUM, seed=seed, settings=sample4) == RunHere()
-               for seed in range(400))
-    assert 25 < runs < 75
     tight = [replace(p, vector=replace(p.vector, gpu_free={"whole": 1})) for p in peers[:3]]
-    assert all(decide(JobRequest("j", gpu=1), here, tight, topo=MEDIUM, seed=seed, settings=sample4) == RunHere()
-               for seed in range(20))
+    for seed in range(100):
+        assert decide(JobRequest("j", gpu=1), here, peers, topo=MEDIUM, seed=seed, settings=sample4) == RunHere()
+        assert decide(JobRequest("j", gpu=1), here, tight, topo=MEDIUM, seed=seed, settings=sample4) == RunHere()
+    # Here leaves 1 GPU free; 2 of the 32 peers would leave none. The job goes to one of
+    # those when the sample draws it (1 - C(30,4)/C(32,4) = 24%), and stays here otherwise.
+    here = node("h0-0", gpu_free={"whole": 2}, gpu_total={"whole": 8})
+    exact = [replace(p, vector=replace(p.vector, gpu_free={"whole": 1})) for p in peers[:2]]
+    runs = 0
+    for seed in range(400):
+        d = decide(JobRequest("j", gpu=1), here, [*exact, *peers[2:]], topo=MEDIUM, seed=seed, settings=sample4)
+        if d == RunHere():
+            runs += 1
+        else:
+            assert isinstance(d, Forward) and d.node_id in {p.node_id for p in exact}, seed
+    assert 250 < runs < 350
 
 
 FIT_LAST = PlacementSettings(gpu_first=False)

@@ -62,16 +62,18 @@ def drawn_ids(rows: list[object]) -> list[str]:
 
 def assert_sampled_best_fit(req: JobRequest, local: NodeState, fitting: list[NodeState], d: object,
                             rng: Drawing, fit_sample: int) -> None:
-    """fit-first: one sample of the fitting nodes, here among them when it fits; the
-    decision is its tightest fit, the nearest of those, and nothing in the sample fits
-    tighter. Every node that does lies outside the sample, so there are at most as
-    many as were left out."""
+    """fit-first: one sample of the fitting peers, and here when it fits; the decision
+    is their tightest fit, the nearest of those, and nothing among them fits tighter.
+    Every peer that does lies outside the sample, so there are at most as many as
+    were left out. A job leaves here only for a strictly tighter fit."""
     assert len(rng.drawn) == 1
     pool = {p.node_id: p for p in fitting}
-    if fits_now(req, local):
-        pool[local.node_id] = local
     ids = drawn_ids(rng.drawn[0])
     assert len(set(ids)) == len(ids) == min(fit_sample or len(pool), len(pool)) and set(ids) <= set(pool)
+    peers_left_out = len(pool) - len(ids)
+    if fits_now(req, local):
+        pool[local.node_id] = local
+        ids.append(local.node_id)
     assert isinstance(d, (RunHere, Forward))
     chosen = local.node_id if isinstance(d, RunHere) else d.node_id
     assert chosen in ids
@@ -79,8 +81,10 @@ def assert_sampled_best_fit(req: JobRequest, local: NodeState, fitting: list[Nod
     assert all(leftover(req, pool[n]) >= fit for n in ids)
     cost = TOPO.cost(local.node_id, chosen) if chosen != local.node_id else 0.0
     assert all(TOPO.cost(local.node_id, n) >= cost for n in ids if n != local.node_id and leftover(req, pool[n]) == fit)
-    assert sum(leftover(req, p) < fit for p in pool.values()) <= len(pool) - len(ids)
-    if fit_sample == 0 or fit_sample >= len(pool):
+    assert sum(leftover(req, p) < fit for p in pool.values()) <= peers_left_out
+    if isinstance(d, Forward) and fits_now(req, local):
+        assert fit < leftover(req, local)
+    if fit_sample == 0 or fit_sample >= len(pool) - fits_now(req, local):
         assert fit == min(leftover(req, p) for p in pool.values())  # a sample of all: the tightest of all
 
 

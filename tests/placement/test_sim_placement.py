@@ -132,7 +132,7 @@ def test_gpu_figures_per_request_size_add_up_to_the_total() -> None:
 def test_fit_first_keeps_hosts_whole_so_8_gpu_jobs_wait_less_than_fit_last() -> None:
     """The point of fit-first: small jobs fill the tightest hosts, not whichever is near
     or here, so a host with all 8 GPUs free is there when an 8-GPU job comes. This run
-    with seeds 1-5: the 8-GPU jobs' mean wait is 0-145 ms fit-first against 217-2,055 ms
+    with seeds 1-5: the 8-GPU jobs' mean wait is 0-148 ms fit-first against 217-2,055 ms
     fit-last."""
     reports = {r.scheduler: r for r in simulate(MEDIUM, load=0.8, jobs=4000, seed=1, gpu_mix=GPU_MIX,
                                                 baselines=False)}
