@@ -91,7 +91,9 @@ def _parse_spec(raw: Any, prefix: str = "") -> tuple[JobSpec, Any] | AgentError:
         extra = set(raw) - {"spec", "auth"}
         if extra:
             return AgentError(f"a signed submission holds only 'spec' and 'auth'; remove {sorted(extra)}",
-                              reason="invalid_spec")
+                              reason="invalid_spec",
+                              details=[{"field": f"{prefix}{k}", "message": "not allowed beside 'spec' and 'auth'"}
+                                       for k in sorted(extra)])
         if raw.get("auth") is not None:
             from p2psched.security.errors import AdmissionError
             from p2psched.security.signing import Auth
@@ -101,9 +103,10 @@ def _parse_spec(raw: Any, prefix: str = "") -> tuple[JobSpec, Any] | AgentError:
             except AdmissionError as e:
                 return AgentError(e.message, reason=e.reason, status=e.status)
         raw = raw["spec"]
-        prefix = prefix + "spec."
         if not isinstance(raw, dict):
-            return AgentError("'spec' must be a JSON object holding a job spec", reason="invalid_spec")
+            return AgentError("'spec' must be a JSON object holding a job spec", reason="invalid_spec",
+                              details=[{"field": f"{prefix}spec", "message": "must be a JSON object holding a job spec"}])
+        prefix = prefix + "spec."
     try:
         spec = JobSpec.model_validate(raw, strict=False)
     except ValidationError as e:
