@@ -115,6 +115,10 @@ class TransferService:
                     reply = await self.handler(peer, msg)
                 except ValueError as e:
                     reply = m.error(str(e))
+                except Exception as e:  # noqa: BLE001 - a bug on one message must not stop the agent
+                    log.exception("transfer: handling a %r message from %s failed", msg.get("t"), peer or "peer")
+                    reply = m.error(f"{self.node_id} could not handle this {msg.get('t')} message "
+                                    f"({type(e).__name__}: {e}); its log has the details")
                 await conn.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             return
