@@ -151,3 +151,22 @@ def test_odd_ids_and_query_parameters_get_named_errors(agent: AgentProcess, job_
                 query["wait"] = query["wait"][:4]  # a long poll of an unknown job still answers at once
             answered(http.request(method, path, params=query))
         assert http.get("/healthz").status_code == 200
+
+
+BODIES = st.fixed_dictionaries({}, optional={"ids": st.lists(IDS, max_size=3) | JSON, "wait": JSON,
+                                             "labels": st.dictionaries(st.text(max_size=8), JSON, max_size=2) | JSON,
+                                             "tenant": JSON, "state": JSON}) | JSON
+
+
+@FUZZ
+@given(body=BODIES)
+def test_waits_and_cancels_of_anything_get_answers_or_named_errors(agent: AgentProcess, body: Any) -> None:
+    with agent.client() as http:
+        for path in ("/v1/jobs:wait", "/v1/jobs:cancel"):
+            r = http.post(path, json=body)
+            answered(r)
+            if r.status_code < 400:
+                assert isinstance(r.json()["results"], list), r.text
+        params = {k: str(v) for k, v in body.items()} if isinstance(body, dict) else {}
+        answered(http.get("/v1/jobs:counts", params=params))
+        assert http.get("/healthz").status_code == 200
