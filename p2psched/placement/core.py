@@ -27,17 +27,17 @@ GPU jobs have two rules (``PlacementSettings.gpu_first``; the agent's
 ``gpu_placement``). The fit of a node is the free slots of the best-fitting type
 that the job would leave over; the fewest is the tightest.
 
-* fit-first (the default): the fit comes before cost and load, because it keeps the nodes with
-  more free slots whole for the big jobs that need them (a 1-GPU job goes to a node
-  with 1 free, not the one with 8). Taking the exactly tightest node of the cluster
-  would send every origin, through the same stale gossip, to the same few nodes, and
-  most offers would be refused on large clusters. So it is a sampled best fit:
-  ``fit_sample`` of the fitting peers are drawn at random, this agent joins them
-  when it fits now, and the tightest fit of those is taken, cost then load breaking
-  ties (so this agent, at no network cost, wins a tie of fit, and a job leaves it
-  only for a tighter fit). The fallback list ranks the other peers by fit, then
-  cost, then load. With no more fitting peers than the sample, it is the tightest
-  fit of all.
+* fit-first (the default): the fit comes before cost and load, because it keeps
+  the nodes with more free slots whole for the big jobs that need them (a 1-GPU job
+  goes to a node with 1 free, not the one with 8). Taking the exactly tightest node
+  of the cluster would send every origin, through the same stale gossip, to the same
+  few nodes, and most offers would be refused on large clusters. So it is a sampled
+  best fit: ``fit_sample`` of the fitting peers are drawn at random, this agent
+  joins them when it fits now, and the tightest fit of those is taken, cost then
+  load breaking ties (so this agent, at no network cost, wins a tie of fit, and a
+  job leaves it only for a tighter fit). The fallback list ranks the other peers by
+  fit, then cost, then load. With no more fitting peers than the sample, it is the
+  tightest fit of all.
 * fit-last: a GPU job that fits here runs here; peers rank by cost, then load, and
   within the window of near-ties the tightest fit wins outright. It forwards fewer
   GPU jobs, and leaves the big ones waiting longer for a whole node.
