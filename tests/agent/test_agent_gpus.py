@@ -102,3 +102,21 @@ async def test_only_an_origin_that_forwards_sends_a_gpu_job_on_to_a_tighter_fit(
             assert agent._place(mine) == RunHere()
         finally:
             agent.transfer = transfer
+
+
+async def test_fit_first_is_the_agents_default_and_fit_last_keeps_the_job_here(tmp_path):
+    # The same view as above: a peer that the 1-GPU job fills, and two free GPUs here.
+    from p2psched.jobs.record import JobRecord
+    from p2psched.jobs.spec import JobSpec
+    from p2psched.placement.core import Forward, RunHere
+    from p2psched.resources import NodeState, ResourceVector
+
+    tight = NodeState("peer", vector=ResourceVector(cpu_total=4, cpu_free=4, mem_total_mb=8192, mem_free_mb=8192,
+                                                    gpu_free={"whole": 1}, gpu_total={"whole": 4}))
+    spec = JobSpec.model_validate({**ENV, "resources": {"gpu": 1}})
+    for overrides, expected in (({"gpu_placement": "fit-last"}, RunHere), ({}, Forward)):
+        async with running_agent(tmp_path / str(len(overrides)), gpus="2xH100-80GB", **overrides) as (agent, http):
+            assert agent.placement_settings.gpu_first is (expected is Forward)
+            agent.cluster.alive_states = lambda: [tight]
+            decision = agent._place(JobRecord(id=f"{agent.node_id}:a", spec=spec, origin=agent.node_id))
+            assert isinstance(decision, expected), (overrides, decision)
