@@ -23,7 +23,6 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_MODULE_BYTES = 64 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 MIB = 1024 * 1024
-_MIN_MEM_BYTES = 64 * 1024  # Limits.mem_bytes's lower bound
 CAPABILITIES = ("wasm", "process", "gpu", "network")
 
 
@@ -137,7 +136,7 @@ class JobSpec(Strict):
         reserved = "mem_mb" in self.resources.model_fields_set
         limited = "mem_bytes" in self.limits.model_fields_set
         if reserved and not limited:
-            self.limits.mem_bytes = max(self.resources.mem_mb * MIB, _MIN_MEM_BYTES)
+            self.limits.mem_bytes = self.resources.mem_mb * MIB  # >= 1 MiB, within the limit's bounds
         elif limited and not reserved:
             self.resources.mem_mb = -(-self.limits.mem_bytes // MIB)
         return self

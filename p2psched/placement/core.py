@@ -483,9 +483,8 @@ def place(
         # views agree on the tightest nodes draw different samples, so they do not all
         # offer their jobs to those few.
         drawn = rng.sample(scored, min(settings.fit_sample or len(scored), len(scored)))
-        if here_now:  # this agent is always in the running: a job leaves it only for a tighter fit
-            fit_here = _gpu_leftover(req, local.vector.gpu_free) or 0
-            drawn = [*drawn, (0.0, node_load(local.vector), fit_here, me, local)]
+        if here_now:  # this agent is always in the running, at no network cost: a job
+            drawn = [*drawn, _score(req, lambda _: 0.0, local)]  # leaves it only for a tighter fit
         won = min(drawn, key=lambda r: (r[2], r[0], r[1]))  # an exact tie keeps the first drawn: random
         if won[3] == me:
             return RunHere(), state

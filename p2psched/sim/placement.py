@@ -643,12 +643,14 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
     def p2p(**kw: Any) -> PeerToPeer:
         return PeerToPeer(topo, slots, _fresh(trace), seed + 1, policy, gossip_interval, bad, gpus=gpus, **kw)
 
-    runs: list[_Scheduler] = [p2p()]
+    runs: list[_Scheduler]
     if gpus and policy == "p2p":
         # fit-first (the default) once per sample size asked for, then fit-last.
         runs = [p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=True, fit_sample=d))
                 for d in fit_samples or (DEFAULT_SETTINGS.fit_sample,)]
         runs.append(p2p(settings=replace(DEFAULT_SETTINGS, gpu_first=False)))
+    else:
+        runs = [p2p()]
     if broken:
         runs.append(p2p(breaker=False))
     if baselines:
