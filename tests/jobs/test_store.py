@@ -8,6 +8,7 @@ import trio
 from p2psched.jobs.record import JobRecord, JobResult
 from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
+from p2psched.jobs import store as store_module
 from p2psched.jobs.store import CHECKPOINT_ROWS, INLINE_OUTPUT_BYTES, Store, list_query
 
 from disks import fill, small_disk
@@ -378,3 +379,38 @@ async def test_an_output_file_that_cannot_be_written_is_a_store_error_and_loses_
     (disk / "filler").unlink()
     await store.sync()
     assert store.output(r.id) == b"o" * (INLINE_OUTPUT_BYTES + 1) and store.stderr(r.id) == b"e" * 70_000
+
+
+async def test_older_finished_records_are_kept_as_their_rows_and_read_back_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "WHOLE_FINISHED", 2)
+    store = Store(tmp_path)
+    ended = []
+    for i in range(1, 6):
+        r = rec(i)
+        store.stage(r, new=True)
+        for state in (JobState.PLACED, JobState.RUNNING, JobState.SUCCEEDED):
+            r.advance(state, 2.0 + i, "n1")
+        r.result = JobResult(exit_code=0, reason="exit 0", stdout=f"out {i}")
+        store.stage(r)
+        await store.sync()
+        ended.append(r)
+    # The two flushed last are the very objects; the older three come back equal, not the same.
+    assert store.get("n1:5") is ended[4] and store.get("n1:4") is ended[3]
+    for r in ended[:3]:
+        back = store.get(r.id)
+        assert back is not None and back is not r
+        assert back.as_dict(include_spec=True) == r.as_dict(include_spec=True)
+        assert back.seq == r.seq and back.spec == r.spec
+    assert all(type(store._finished[r.id]) is tuple for r in ended[:3])
+
+    # A late duplicate result on a compact record is kept, and the record is whole again.
+    late = store.get("n1:1")
+    assert late is not None
+    late.duplicates.append({"executor": "n2", "attempt": 2, "reason": "exit 0", "at": 9.0})
+    store.stage(late)
+    await store.sync()
+    assert store.get("n1:1") is late
+    store.close()
+    again = Store(tmp_path)
+    reopened = again.get("n1:1")
+    assert reopened is not None and reopened.duplicates == late.duplicates
