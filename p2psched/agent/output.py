@@ -15,7 +15,7 @@ Where the bytes come from:
 * a job running on this agent: what the sandbox has captured so far
   (``LiveOutput``), the same bytes the result will hold, so offsets carry over. A
   process job's comes as it is written; a wasm job's from its worker process every
-  200 ms once it has run that long (``wasm_workers.LIVE_EVERY_S``), so a shorter
+  200 ms once it has run that long (``wasm_worker.LIVE_EVERY_S``), so a shorter
   one shows nothing until its end;
 * a job running on a peer: that executor, asked over the transfer service by the
   job's origin (the agent a client submitted to, and so asks);

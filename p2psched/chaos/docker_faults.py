@@ -354,7 +354,7 @@ def break_sandbox(name: str) -> int:
     killed = 0
     for pid in _descendants(root):
         try:
-            if b"p2psched.sandbox.wasm_workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"p2psched.sandbox.wasm_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
         except (OSError, ProcessLookupError):

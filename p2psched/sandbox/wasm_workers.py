@@ -23,50 +23,29 @@ The agent's side (this process): ``WasmWorkers(nursery, n, ...)``; the nursery
     stop after WORKER_IDLE_S without a job, or when the nursery is cancelled. A
     worker that dies ends its jobs with an error; the next job starts a new one.
 
-The worker's side: ``python -m p2psched.sandbox.wasm_workers``. Its main thread
-reads jobs from stdin, one after another, and writes results to its original
-stdout; a second thread waits for cancels on a pipe of their own, so that a job's
-arrival wakes no other thread. Its stderr is the agent's.
-  - Agent -> worker: frames of a 4-byte big-endian length and a pickle. On stdin
-    ``("init", settings)`` then ``("run", run, job_id, spec_json, input, module_path)``
-    (the spec as JSON without its module and input: a pickled pydantic model costs
-    each side two to three times as much); on the cancel pipe
-    ``("cancel", run, job_id)``. Pickle goes this way only: the agent trusts itself.
-    ``run`` numbers each hand-over: a job taken back and given again is a new run,
-    so a cancel that reaches a worker after the run it was sent for has ended there
-    cannot stop the next one.
-  - Worker -> agent: a msgpack stream of ``{"run", "id", "result"}`` or
-    ``{"run", "id", "error"}`` maps. The agent never unpickles what a worker sends
-    (a worker runs untrusted guests), and decodes it under size limits.
-    Before its result, a job that has run for LIVE_EVERY_S has its new output
-    sent every LIVE_EVERY_S as ``{"out": run, "id", "s": 0 (stdout) or 1, "at":
-    offset, "data"}``, by a third thread that shares the pipe with the results
-    under a lock; a job shorter than that sends none.
-  - The end of the cancel pipe (the agent stopped or died: the kernel closes its
-    pipes) cancels the guests within a tick; the end of stdin ends the worker.
-    (Not PR_SET_PDEATHSIG: it fires when the thread that started the worker
-    exits, and trio starts processes from its thread cache.)
+The worker's side, ``python -m p2psched.sandbox.wasm_worker``, and the frames
+between the two are in ``wasm_worker.py``: a worker process imports none of
+this module (trio among it), so it starts sooner and holds less.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
 import pickle
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack  # type: ignore[import-untyped]
 import trio
 
 from p2psched.sandbox.base import SandboxResult
+from p2psched.sandbox.wasm_worker import FRAME_LEN, RESULT_FIELDS
 
 if TYPE_CHECKING:
     from p2psched.jobs.spec import JobSpec
@@ -78,7 +57,6 @@ log = logging.getLogger("p2psched.agent")
 #: ``done(result, error)``: exactly one of them is not None.
 Done = Callable[["SandboxResult | None", "str | None"], None]
 
-_LEN = struct.Struct(">I")
 #: Spec fields a run frame carries beside the spec's JSON (the input, as raw bytes) or not at all.
 _NOT_IN_JSON = {"module", "input"}
 _NONE = type(None)
@@ -88,17 +66,12 @@ _RESULT_TYPES: dict[str, tuple[type, ...]] = {
     "stdout_truncated": (bool,), "stderr_truncated": (bool,), "cpu_ms": (int, float), "peak_mem_bytes": (int,),
     "limit_hit": (str, _NONE), "signal": (int, _NONE), "artifacts": (dict,), "warnings": (list,), "sandbox": (dict,),
 }
-_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(SandboxResult))
-assert _RESULT_FIELDS == set(_RESULT_TYPES), "SandboxResult changed: update _RESULT_TYPES"
+assert RESULT_FIELDS == set(_RESULT_TYPES), "SandboxResult changed: update _RESULT_TYPES"
 
 #: The largest result a worker may send: the largest stdout and stderr a job may
 #: keep (limits allow 1 GiB each) with room for artifacts and the report. A
 #: worker that sends more, or anything that is not a result, is stopped.
 MAX_RESULT_BYTES = 3 << 30
-#: A guest that runs this long has its output so far sent to the agent, and again
-#: this often while it runs, for readers of /v1/jobs/{id}/output.
-LIVE_EVERY_S = 0.2
-
 #: A worker with no job for this long stops; the next job starts a new one (0.3 s).
 WORKER_IDLE_S = 60.0
 
@@ -118,7 +91,7 @@ class _Pipe:
     def send(self, message: tuple[Any, ...], *, hold: bool = False) -> None:
         """Queue a frame and write it now, or with ``hold`` at the next :meth:`flush`."""
         body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.outbox.append(_LEN.pack(len(body)) + body)
+        self.outbox.append(FRAME_LEN.pack(len(body)) + body)
         if not hold:
             self.flush()
 
@@ -199,7 +172,7 @@ class WasmWorkers:
         self._on_start = on_start
         self._on_output = on_output
         self._idle_s = idle_s
-        self._command = command or [sys.executable, "-m", "p2psched.sandbox.wasm_workers"]
+        self._command = command or [sys.executable, "-m", "p2psched.sandbox.wasm_worker"]
         #: The public key the workers signed with, once one has signed (it differs
         #: from ``node_pubkey`` only if node.pub did not match the key).
         self.signing_pubkey: str | None = None
@@ -270,7 +243,7 @@ class WasmWorkers:
         cancel_r, cancel_w = os.pipe()
         try:
             init = pickle.dumps(("init", {**self._init, "cancel_fd": cancel_r}), protocol=pickle.HIGHEST_PROTOCOL)
-            worker.runs.outbox[:0] = [_LEN.pack(len(init)) + init]
+            worker.runs.outbox[:0] = [FRAME_LEN.pack(len(init)) + init]
             worker.process = await trio.lowlevel.open_process(
                 self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(cancel_r,))
             os.close(cancel_r)
@@ -348,7 +321,7 @@ class WasmWorkers:
             error = error if isinstance(error, str) else repr(error)
         else:
             fields = message.get("result")
-            if not (isinstance(fields, dict) and {"exit_code", "reason"} <= set(fields) <= _RESULT_FIELDS
+            if not (isinstance(fields, dict) and {"exit_code", "reason"} <= set(fields) <= RESULT_FIELDS
                     and all(isinstance(v, _RESULT_TYPES[k]) for k, v in fields.items())):
                 raise ValueError(f"result of {job_id} is not a sandbox result: {fields!r:.100}")
             result = SandboxResult(**fields)
@@ -418,112 +391,6 @@ class WasmWorkers:
 # ---------------------------------------------------------------------------- worker side
 
 
-def _read_frame(stream: BinaryIO) -> Any:
-    """The next frame from a buffered pipe (frames that come together take one read), or None at its end."""
-    head = stream.read(_LEN.size)
-    if len(head) < _LEN.size:
-        return None
-    size = _LEN.unpack(head)[0]
-    body = stream.read(size)
-    return None if len(body) < size else pickle.loads(body)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def worker_main() -> None:
-    import threading
-    import time
-
-    from p2psched.jobs.spec import JobSpec
-    from p2psched.sandbox.base import LiveOutput, SandboxRequest
-    from p2psched.security.attestation import report_from_result
-    from p2psched.security.node_key import NodeKey
-    from p2psched.sandbox.wasm import WasmEngine, run_wasm
-
-    # Results go to the original stdout only; a stray print goes to stderr (the agent's log).
-    out = os.dup(1)
-    # Guests are batch work: under SCHED_BATCH a worker that wakes for its next job
-    # does not preempt the agent's event loop (the API, dispatch, heartbeats) on that
-    # CPU; it still gets its fair share. In the noop benchmark the loop was preempted
-    # half as often.
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    os.dup2(2, 1)
-    runs = os.fdopen(0, "rb", buffering=1 << 16)
-    first = _read_frame(runs)
-    if first is None:
-        return  # the agent stopped before it needed this worker
-    if first[0] != "init":
-        sys.exit("p2psched wasm worker: expected an init frame from the agent on stdin")
-    cfg = first[1]
-    engine = WasmEngine(cfg["cache_dir"])
-    key = NodeKey(Path(cfg["key_dir"]), cfg["node_pubkey"])
-
-    def read_cancels(fd: int) -> None:
-        try:
-            with os.fdopen(fd, "rb") as cancels:
-                while (frame := _read_frame(cancels)) is not None:
-                    engine.cancel(f"{frame[2]}#{frame[1]}")
-        finally:
-            engine.close()  # the agent stopped or died: stop what runs; later runs return at once
-
-    # Runs come on stdin, read by this thread between jobs; cancels on their own
-    # pipe, to a thread that waits on it, so that a job's arrival wakes no thread.
-    threading.Thread(target=read_cancels, args=(cfg["cancel_fd"],), name="p2psched-wasm-cancels",
-                     daemon=True).start()
-    # The job running now, for the thread that sends its output while it runs:
-    # [run, job_id, LiveOutput, monotonic start, bytes sent of stdout, of stderr].
-    writing = threading.Lock()  # results and output frames share the pipe
-    current: list[Any] = []
-
-    def send_output() -> None:
-        packer = msgpack.Packer(use_bin_type=True)
-        while True:
-            time.sleep(LIVE_EVERY_S)
-            with writing:
-                if not current or time.monotonic() - current[3] < LIVE_EVERY_S:
-                    continue
-                run, job_id, live = current[0], current[1], current[2]
-                for stream, buf in ((0, live.stdout), (1, live.stderr)):
-                    sent, now = current[4 + stream], len(buf)
-                    if now > sent:
-                        _write_all(out, packer.pack({"out": run, "id": job_id, "s": stream, "at": sent,
-                                                     "data": bytes(buf[sent:now])}))
-                        current[4 + stream] = now
-
-    threading.Thread(target=send_output, name="p2psched-wasm-output", daemon=True).start()
-    packer = msgpack.Packer(use_bin_type=True)
-    while (job := _read_frame(runs)) is not None:
-        _, run, job_id, spec_json, stdin, module_path = job
-        try:
-            spec = JobSpec.model_validate_json(spec_json)
-            spec.input = stdin
-            started = time.time()
-            # The engine knows the guest as JOB#RUN, the name its cancel gives.
-            request = SandboxRequest.for_job(
-                f"{job_id}#{run}", spec, Path(module_path) if module_path is not None else None)
-            if not spec.mask_patterns:  # else the agent shows nothing before the end: none of it leaves unmasked
-                request.live = LiveOutput()
-                current[:] = [run, job_id, request.live, time.monotonic(), 0, 0]
-            result = run_wasm(request, engine)
-            result.sandbox["attestation"] = report_from_result(
-                key.private(), node_id=cfg["node_id"], measurement=cfg["measurement"], job_id=job_id, spec=spec,
-                result=result, sandbox_kind=spec.runtime, started_at=started, ended_at=time.time(),
-                node_pubkey=key.public_hex,
-            )
-            message: dict[str, Any] = {"run": run, "id": job_id, "result": {
-                name: getattr(result, name) for name in _RESULT_FIELDS}}
-        except Exception as e:  # noqa: BLE001 - the agent records it as the job's sandbox error
-            message = {"run": run, "id": job_id, "error": f"{type(e).__name__}: {e}"}
-        with writing:  # no output frame of this run after its result
-            current.clear()
-            _write_all(out, packer.pack(message))
-
-
 def worker_pids(pid: int) -> list[int]:
     """The wasm worker processes of agent ``pid``, as seen from outside it (tests,
     the chaos nemesis): children of any of its threads, since trio starts processes
@@ -540,13 +407,10 @@ def worker_pids(pid: int) -> list[int]:
             continue
         for child in children:
             try:
-                if b"wasm_workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                if b"p2psched.sandbox.wasm_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
                     out.append(int(child))
             except OSError:
                 continue
     return out
 
-
-if __name__ == "__main__":
-    worker_main()
 

@@ -69,7 +69,7 @@ def test_a_broken_sandbox_kills_the_containers_wasm_workers_and_the_next_job_sti
     (kept a while for the next job) die, and a new job starts new ones."""
     def workers(name: str) -> list[str]:
         top = docker("top", name, "-eo", "pid,args").stdout.splitlines()[1:]
-        return [line for line in top if "p2psched.sandbox.wasm_workers" in line]
+        return [line for line in top if "p2psched.sandbox.wasm_worker" in line]
 
     names = [n for n in compose_cluster.containers() if workers(n)]
     assert names, "the job above left no wasm worker running in any container"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -524,3 +525,31 @@ async def test_a_worker_runs_its_guests_as_batch_work(tmp_path):
         assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the agent itself is not
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)  # nor niced
         await http.delete(f"/v1/jobs/{job['id']}")
+
+
+async def test_a_worker_process_runs_a_job_without_importing_trio_or_the_agent(tmp_path, capfd):
+    """A worker imports what running and signing a guest take, and no more: it starts
+    with the first job after an idle minute, and each holds its own copy."""
+    from p2psched.security.node_key import load_or_create_private_key
+
+    load_or_create_private_key(tmp_path / "k")
+    hello = Path(__file__).parents[2] / "examples" / "wasm" / "hello.wasm"
+    ended: list[tuple[object, str | None]] = []
+    async with trio.open_nursery() as nursery:
+        workers = WasmWorkers(nursery, 1, cache_dir=tmp_path / "c", key_dir=tmp_path / "k", node_pubkey="",
+                              node_id="t", measurement="m",
+                              command=[sys.executable, "-X", "importtime", "-m", "p2psched.sandbox.wasm_worker"])
+        spec = JobSpec.model_validate({"module_sha256": hashlib.sha256(hello.read_bytes()).hexdigest()})
+        workers.submit("j1", spec, hello, lambda result, error: ended.append((result, error)))
+        with trio.fail_after(30):
+            while not ended:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    result, error = ended[0]
+    assert error is None and result.reason == "exit 0" and result.stdout == b"hello from p2psched\n"
+    assert result.sandbox["attestation"]["job_id"] == "j1"  # signed in the worker
+    imported = {line.rsplit("|", 1)[1].strip() for line in capfd.readouterr().err.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"wasmtime", "msgpack", "p2psched.sandbox.wasm"} <= imported
+    assert not {name for name in imported if name.split(".")[0] in ("trio", "anyio", "starlette", "hypercorn")}
+    assert not {name for name in imported if name.startswith("p2psched.agent")}
