@@ -306,30 +306,23 @@ class RemoteJobs:
             return m.error(f"agent {self.node_id} cannot write its job store now: {e}")
 
     async def _handle_transfer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
-        kind = msg.get("t")
+        m.check_request(msg)  # every field, before a handler changes anything
+        kind = msg["t"]
         if kind == m.OFFER:
-            m.require(msg, "id", "job")
             return await self._on_offer(peer, msg)
         if kind == m.RESULT:
-            m.require(msg, "id", "executor", "result")
             return await self._on_result(msg)
         if kind == m.STATUS:
-            m.require(msg, "id", "entry")
             self._on_status(msg)
             return {"t": m.ACK, "id": msg["id"]}
         if kind == m.CANCEL:
-            m.require(msg, "id")
             return await self._on_cancel(msg)
         if kind == m.SUBMIT:
-            m.require(msg, "spec")
             return await self._on_submit(msg)
         if kind == m.OUTPUT:
-            m.require(msg, "id", "stream", "offset")
             return await self._on_output(peer, msg)
-        if kind == m.HANDBACK:
-            m.require(msg, "id", "executor")
-            return await self._on_handback(peer, msg)
-        raise ValueError(f"unknown transfer message type {kind!r}")
+        assert kind == m.HANDBACK
+        return await self._on_handback(peer, msg)
 
     async def _on_offer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
         job = msg["job"]

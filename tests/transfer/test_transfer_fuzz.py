@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents import AgentProcess, new_agent
+from agents import AgentProcess, new_agent, wasm_spec
 
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
@@ -88,4 +89,86 @@ def test_every_request_gets_a_reply(agent: AgentProcess, msg: dict[str, Any]) ->
 def test_bytes_that_are_not_frames_are_dropped_and_the_agent_goes_on(agent: AgentProcess, raw: bytes) -> None:
     exchange(agent, struct.pack(">I", len(raw)) + raw)
     exchange(agent, struct.pack(">I", 2**32 - 1) + raw)  # past the frame limit: refused before it is read
+    still_serving(agent)
+
+
+def request(agent: AgentProcess, msg: dict[str, Any]) -> dict[str, Any]:
+    body = msgpack.packb(msg, use_bin_type=True)
+    data = exchange(agent, struct.pack(">I", len(body)) + body)
+    (n,) = struct.unpack(">I", data[:4])
+    reply = msgpack.unpackb(data[4:4 + n], raw=False)
+    assert isinstance(reply, dict), reply
+    return reply
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProcess, httpx.Client]]:
+    """An agent with one CPU slot, held by a long guest: every job submitted next waits queued."""
+    a = new_agent(tmp_path_factory.mktemp("tbusy"), "tb", "--cpus", "1").start()
+    http = httpx.Client(base_url=a.url, timeout=30)
+    loop = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 600_000})).json()
+    while http.get(f"/v1/jobs/{loop['id']}").json()["state"] != "running":
+        time.sleep(0.05)
+    yield a, http
+    http.delete(f"/v1/jobs/{loop['id']}")
+    http.close()
+    assert a.stop() == 0
+    assert "Traceback" not in a.log_path.read_text(errors="replace")  # type: ignore[union-attr]
+
+
+def queued_job(http: httpx.Client) -> str:
+    job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()
+    assert job["state"] == "queued", job  # it may be placed behind the long guest in its worker next
+    return str(job["id"])
+
+
+def ends_whole(http: httpx.Client, job_id: str) -> dict[str, Any]:
+    """The job, cancelled if nothing ended it, read back final: no half-changed job is stuck."""
+    http.delete(f"/v1/jobs/{job_id}")
+    r = http.get(f"/v1/jobs/{job_id}", params={"wait": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] in ("succeeded", "failed", "cancelled", "timed_out"), r.json()
+    return dict(r.json())
+
+
+GOOD_RESULT = {"exit_code": 0, "reason": "exit 0"}
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"state": "bogus"}, "state: Input should be 'succeeded', 'failed', 'cancelled' or 'timed_out'"),
+    ({"state": "rejected"}, "state: Input should be"),
+    ({"result": {**GOOD_RESULT, "cpu_ms": "x"}}, "result.cpu_ms: Input should be a valid number"),
+    ({"result": {**GOOD_RESULT, "warnings": "w"}}, "result.warnings: Input should be a valid list"),
+    ({"result": {"reason": "exit 0"}}, "result.exit_code: Field required"),
+    ({"timeline": [{"state": "running", "at": "now", "node": "x"}]}, "timeline.0.at: Input should be a valid number"),
+    ({"output": "text"}, "output: Input should be a valid bytes"),
+    ({"artifacts": {"a": 5}}, "artifacts.a: Input should be a valid bytes"),
+    ({"executor": 7}, "executor: Input should be a valid string"),
+])
+def test_a_malformed_result_for_a_queued_job_is_refused_whole_and_the_job_still_runs(
+        busy: tuple[AgentProcess, httpx.Client], bad: dict[str, Any], named: str) -> None:
+    """A result whose fields are checked one by one as the handler goes could take the
+    job out of the queue and then fail on its state: a job lost, or a record the API
+    could not serve. The whole message is checked first; the job is untouched."""
+    agent, http = busy
+    job_id = queued_job(http)
+    msg = {"t": "result", "id": job_id, "executor": "elsewhere", "result": GOOD_RESULT, **bad}
+    reply = request(agent, msg)
+    assert reply["t"] == "error" and reply["message"].startswith("result message: ") and named in reply["message"]
+    rec = http.get(f"/v1/jobs/{job_id}").json()
+    # Untouched: still waiting here (queued, or placed behind the long guest in its worker).
+    assert rec["state"] in ("queued", "placed") and rec["result"] is None, rec
+    assert rec["executor"] in (None, "tb") and all(t["node"] == "tb" for t in rec["timeline"]), rec
+    assert ends_whole(http, job_id)["state"] == "cancelled"
+
+
+@FUZZ
+@given(msg=messages())
+def test_whatever_a_peer_sends_about_a_queued_job_leaves_it_whole(
+        busy: tuple[AgentProcess, httpx.Client], msg: dict[str, Any]) -> None:
+    agent, http = busy
+    job_id = queued_job(http)
+    reply = request(agent, {**msg, "id": job_id})
+    assert isinstance(reply.get("t"), str), reply
+    ends_whole(http, job_id)
     still_serving(agent)
