@@ -10,6 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The largest count or amount a peer may gossip (a CPU, MiB or slot count, a queue
+#: length): far past any host, and small enough that sums of many stay exact.
+MAX_AMOUNT = 2**48
+
+
+def _amount(v: Any, key: str) -> float:
+    """A gossiped amount, checked: a number, finite, from 0 to MAX_AMOUNT. A peer's
+    NaN, infinity or negative would otherwise win or lose every comparison placement
+    and quotas make with it, silently."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= MAX_AMOUNT):
+        raise ValueError(f"{key} must be a number from 0 to {MAX_AMOUNT}, not {v!r:.40}")
+    return v
+
+
+def _slots(value: Any, key: str) -> dict[str, int]:
+    if not isinstance(value, dict) or len(value) > 64:
+        raise ValueError(f"{key} must be a map of at most 64 slot types, not {value!r:.80}")
+    return {str(k): int(_amount(v, f"{key}.{k}")) for k, v in value.items()}
+
 
 def _runtimes(value: Any) -> tuple[str, ...]:
     """A gossiped list of runtime names, checked: a peer's bad value is refused, not stored."""
@@ -48,13 +67,13 @@ class ResourceVector:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> ResourceVector:
+        """Raises ValueError (naming the field) on anything but the amounts a vector holds."""
         return cls(
-            cpu_total=float(d.get("ct", 0.0)), cpu_free=float(d.get("cf", 0.0)),
-            mem_total_mb=int(d.get("mt", 0)), mem_free_mb=int(d.get("mf", 0)),
-            gpu_free={str(k): int(v) for k, v in dict(d.get("gf", {})).items()},
-            gpu_total={str(k): int(v) for k, v in dict(d.get("gt", {})).items()},
-            queue_len=int(d.get("q", 0)), running=int(d.get("r", 0)),
-            load=float(d.get("l", 0.0)), draining=bool(d.get("d", False)),
+            cpu_total=float(_amount(d.get("ct", 0), "ct")), cpu_free=float(_amount(d.get("cf", 0), "cf")),
+            mem_total_mb=int(_amount(d.get("mt", 0), "mt")), mem_free_mb=int(_amount(d.get("mf", 0), "mf")),
+            gpu_free=_slots(d.get("gf", {}), "gf"), gpu_total=_slots(d.get("gt", {}), "gt"),
+            queue_len=int(_amount(d.get("q", 0), "q")), running=int(_amount(d.get("r", 0), "r")),
+            load=float(_amount(d.get("l", 0), "l")), draining=bool(d.get("d", False)),
             impaired=_runtimes(d.get("i", ())),
         )
 
@@ -104,5 +123,6 @@ class NodeState:
             agent_version=str(d.get("av", "")), api=str(d.get("api", "")), transfer=str(d.get("tr", "")),
             labels={str(k): str(v) for k, v in dict(d.get("lb", {})).items()}, position=str(d.get("pos", "")),
             node_pubkey=str(d.get("pk", "")), measurement=str(d.get("ms", "")),
-            tenants={str(k): [float(x) for x in list(v)[:5]] for k, v in dict(d.get("tu", {})).items()},
+            tenants={str(k): [float(_amount(x, f"tu.{k}")) for x in list(v)[:5]]
+                     for k, v in dict(d.get("tu", {})).items()},
         )

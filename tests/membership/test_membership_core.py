@@ -360,3 +360,39 @@ def test_gossip_waits_for_a_peer_that_can_take_it():
     ticks, out = drive(m, 1.0 + S.dead_retention - 1, now=1.0)
     assert len(ticks) < S.dead_retention / S.gossip_interval / 4
     assert not [a for a in out if isinstance(a, Send)]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1, True, "8", 2**60])
+def test_a_state_with_an_amount_no_host_has_is_dropped_and_the_last_good_one_kept(bad):
+    """A NaN or infinite free CPU count would win or lose every comparison placement
+    makes with it; a negative quota usage would hide a tenant's jobs. Such a state is
+    dropped, as any malformed one, and the member keeps what it said before."""
+    a = core("a", A)
+    a.handle_packet(0.0, B, pkt(Alive(0, "b", B)))
+    good = NodeState("b", 1, ResourceVector(cpu_total=8, cpu_free=8))
+    a.handle_packet(0.1, B, pkt(State("b", 1, False, good.to_wire())))
+    for version, (where, wire) in enumerate([
+        ("full", {**NodeState("b", 2).to_wire(), "rv": {"ct": 8, "cf": bad}}),
+        ("partial", {"rv": {"ct": 8, "cf": 8, "gf": {"a100": bad}}}),
+        ("full", {**NodeState("b", 4).to_wire(), "tu": {"t1": [1, bad]}}),
+    ], start=2):
+        before = a.dropped.get("bad_state", 0)
+        a.handle_packet(0.1 * version, B, pkt(State("b", version, where == "partial", wire)))
+        assert a.dropped.get("bad_state", 0) == before + 1, (where, wire)
+        state = a.get("b").state
+        assert state.version == 1 and state.vector.cpu_free == 8 and state.tenants == {}
+
+
+def test_the_amounts_a_vector_holds_travel_and_anything_else_is_refused_by_name():
+    v = ResourceVector(cpu_total=8, cpu_free=2.5, mem_total_mb=4096, mem_free_mb=0, gpu_free={"a100": 3},
+                       gpu_total={"a100": 8}, queue_len=7, running=1, load=0.25, draining=True)
+    assert ResourceVector.from_wire(v.to_wire()) == v
+    for key, bad in [("cf", math.nan), ("ct", -0.5), ("mt", math.inf), ("q", "3"), ("l", None), ("r", False)]:
+        with pytest.raises(ValueError, match=f"^{key} must be a number from 0 to"):
+            ResourceVector.from_wire({**v.to_wire(), key: bad})
+    with pytest.raises(ValueError, match="^gf.a100 must be a number"):
+        ResourceVector.from_wire({"gf": {"a100": -1}})
+    with pytest.raises(ValueError, match="^gt must be a map"):
+        ResourceVector.from_wire({"gt": [8]})
+    with pytest.raises(ValueError, match="^tu.t1 must be a number"):
+        NodeState.from_wire({"n": "b", "tu": {"t1": [math.inf]}})
