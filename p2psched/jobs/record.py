@@ -98,9 +98,6 @@ class JobRecord:
     auth: dict[str, Any] | None = None
     # Results that arrived after the first final one: recorded, never applied.
     duplicates: list[dict[str, Any]] = field(default_factory=list)
-    # The spec as the store wrote it (JSON), kept so that the store can hold the
-    # finished record compactly without encoding the spec a second time.
-    stored_spec: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def tenant(self) -> str:

@@ -30,7 +30,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,13 +45,11 @@ from p2psched.jobs.state import FINAL_STATES, JobState
 #: Outputs up to this size live in the row; larger ones in a file, so the database
 #: stays small enough to page through quickly.
 INLINE_OUTPUT_BYTES = 64 * 1024
-#: Finished records kept in memory; older ones are read back from SQLite on demand.
-FINISHED_CACHE = 10_000
-#: Of those, the ones flushed most recently stay whole objects (a result on its way
-#: to its origin, a client waiting on it); the older ones are kept as their stored
-#: JSON, a quarter of the memory (about 3 KB for a noop job instead of 13) and
-#: nothing for the garbage collector to walk, and are parsed again when read.
-WHOLE_FINISHED = 1_000
+#: Finished records kept in memory, the most recently staged: a result on its way
+#: to its origin, a client waiting on it. Older ones are read back from SQLite on
+#: demand (a point read and a parse, about 100 us). A record is about 13 KB for a
+#: noop job, and holds the job's input: 10,000 of them kept a busy agent at 180 MB.
+FINISHED_CACHE = 1_000
 #: Flushes of at most this many rows, with outputs of at most INLINE_OUTPUT_BYTES in
 #: all, commit on the trio thread.
 INLINE_FLUSH_ROWS = 8
@@ -133,7 +131,6 @@ def _load(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
         timeline=d.get("timeline", []), result=JobResult.from_dict(result) if result else None,
         wait_reason=d.get("wait_reason"), created_at=d.get("created_at", 0.0), seq=seq,
         origin_transfer=d.get("origin_transfer", ""), auth=d.get("auth"), duplicates=d.get("duplicates", []),
-        stored_spec=spec_json,
     )
 
 
@@ -223,10 +220,7 @@ class Store:
         self._flushing = False
         self._flushed = trio.Event()
         self._rows_since_checkpoint = 0
-        # Finished records, least recently staged first: whole, or (seq, spec, record)
-        # as stored once WHOLE_FINISHED newer ones have been flushed after them.
-        self._finished: OrderedDict[str, JobRecord | tuple[int, str, str]] = OrderedDict()
-        self._whole_finished: deque[tuple[JobRecord, str]] = deque()
+        self._finished: OrderedDict[str, JobRecord] = OrderedDict()
         row = self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()
         self.last_seq: int = int(row[0])
         if self.get_kv(LABELS_INDEXED) is None:
@@ -378,11 +372,7 @@ class Store:
         if artifacts:
             self._artifacts_pending[rec.id] = artifacts
         prev = self._pending.get(rec.id)
-        spec = None
-        if new:
-            spec = rec.stored_spec = _spec_row(rec.spec)
-        elif prev:
-            spec = prev[1]
+        spec = _spec_row(rec.spec) if new else (prev[1] if prev else None)
         out = output if output is not None else (prev[7] if prev else None)
         self._pending[rec.id] = (
             rec.id, spec, rec.seq, rec.state.value, rec.tenant, rec.runtime, rec.created_at, out,
@@ -489,21 +479,6 @@ class Store:
                 done.set()
             self._committed_gen = gen
             self.write_error = None
-            self._compact_finished(staged, records)
-
-    def _compact_finished(self, flushed: dict[str, JobRecord], rows: dict[str, str]) -> None:
-        """Keep the records of jobs that ended whole until WHOLE_FINISHED newer ones
-        have been flushed, then as the rows just written (spec, record)."""
-        whole = self._whole_finished
-        for job_id, rec in flushed.items():
-            if rec.state in FINAL_STATES and self._finished.get(job_id) is rec:
-                whole.append((rec, rows[job_id]))
-        while len(whole) > WHOLE_FINISHED:
-            rec, row = whole.popleft()
-            # Staged again since (a late duplicate result), or gone: its newer flush decides.
-            if self._finished.get(rec.id) is rec and rec.id not in self._staged_records:
-                spec = rec.stored_spec if rec.stored_spec is not None else _spec_row(rec.spec)
-                self._finished[rec.id] = (rec.seq, spec, row)  # keeps its place in the order
 
     async def prune(self, submitted_before: float, batch: int = 1_000) -> int:
         """Delete the finished jobs submitted before ``submitted_before`` (Unix time),
@@ -653,11 +628,9 @@ class Store:
 
     def get(self, job_id: str) -> JobRecord | None:
         """A finished or unknown job's record (active jobs live in the agent's memory)."""
-        cached = self._finished.get(job_id)
-        if isinstance(cached, JobRecord):
-            return cached
-        if cached is not None:
-            return _load((job_id, *cached))
+        rec = self._finished.get(job_id)
+        if rec is not None:
+            return rec
         row = self._reader.execute("SELECT id, seq, spec, record FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _load(row) if row else None
 

@@ -381,8 +381,9 @@ async def test_an_output_file_that_cannot_be_written_is_a_store_error_and_loses_
     assert store.output(r.id) == b"o" * (INLINE_OUTPUT_BYTES + 1) and store.stderr(r.id) == b"e" * 70_000
 
 
-async def test_older_finished_records_are_kept_as_their_rows_and_read_back_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "WHOLE_FINISHED", 2)
+async def test_only_the_newest_finished_records_stay_in_memory_and_older_ones_read_back_whole(tmp_path,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(store_module, "FINISHED_CACHE", 2)
     store = Store(tmp_path)
     ended = []
     for i in range(1, 6):
@@ -393,24 +394,27 @@ async def test_older_finished_records_are_kept_as_their_rows_and_read_back_whole
         r.result = JobResult(exit_code=0, reason="exit 0", stdout=f"out {i}")
         store.stage(r)
         await store.sync()
+        if i == 1:  # a late duplicate result while its record is still in memory
+            r.duplicates.append({"executor": "n2", "attempt": 2, "reason": "exit 0", "at": 8.0})
+            store.stage(r)
+            await store.sync()
         ended.append(r)
-    # The two flushed last are the very objects; the older three come back equal, not the same.
+    # The two staged last are the very objects; the older three come back equal, not the same.
     assert store.get("n1:5") is ended[4] and store.get("n1:4") is ended[3]
+    assert len(store._finished) == 2
     for r in ended[:3]:
         back = store.get(r.id)
         assert back is not None and back is not r
         assert back.as_dict(include_spec=True) == r.as_dict(include_spec=True)
         assert back.seq == r.seq and back.spec == r.spec
-    assert all(type(store._finished[r.id]) is tuple for r in ended[:3])
 
-    # A late duplicate result on a compact record is kept, and the record is whole again.
+    # A second late duplicate, on a copy read back: both are kept, in memory and on disk.
     late = store.get("n1:1")
-    assert late is not None
-    late.duplicates.append({"executor": "n2", "attempt": 2, "reason": "exit 0", "at": 9.0})
+    assert late is not None and len(late.duplicates) == 1
+    late.duplicates.append({"executor": "n3", "attempt": 3, "reason": "exit 0", "at": 9.0})
     store.stage(late)
     await store.sync()
     assert store.get("n1:1") is late
     store.close()
-    again = Store(tmp_path)
-    reopened = again.get("n1:1")
-    assert reopened is not None and reopened.duplicates == late.duplicates
+    reopened = Store(tmp_path).get("n1:1")
+    assert reopened is not None and [d["executor"] for d in reopened.duplicates] == ["n2", "n3"]
