@@ -414,3 +414,7 @@ def worker_pids(pid: int) -> list[int]:
     return out
 
 
+if __name__ == "__main__":  # an agent started before an upgrade on disk still starts workers by this name
+    from p2psched.sandbox.wasm_worker import main
+
+    main()
