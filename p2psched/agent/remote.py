@@ -37,7 +37,7 @@ from p2psched.jobs.store import StoreError
 from p2psched.logs import JobLog
 from p2psched.resources import NodeState, ResourceVector
 from p2psched.transfer import messages as m
-from p2psched.transfer.service import TransferError
+from p2psched.transfer.service import TransferError, TransferRefused
 
 if TYPE_CHECKING:
     from p2psched.agent.agent import Agent
@@ -321,8 +321,9 @@ class RemoteJobs:
             return await self._on_submit(msg)
         if kind == m.OUTPUT:
             return await self._on_output(peer, msg)
-        assert kind == m.HANDBACK
-        return await self._on_handback(peer, msg)
+        if kind == m.HANDBACK:
+            return await self._on_handback(peer, msg)
+        raise ValueError(f"unknown transfer message type {kind!r}")  # check_request lets none through
 
     async def _on_offer(self: Agent, peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
         job = msg["job"]
@@ -557,6 +558,11 @@ class RemoteJobs:
                     self.store.stage_delivery(job_id, False)
                     await self._sync_retrying()
                     return
+            except TransferRefused as e:
+                # Not the network: the origin read the result and said no (another version
+                # of the agent, a bug). Sent again it will likely say no again; say so loudly.
+                log.warning("result of %s refused by its origin %s: %s; sending it again in %.1fs", job_id,
+                            rec.origin, e, backoff)
             except TransferError as e:
                 log.info("result of %s not delivered to %s yet: %s; retrying in %.1fs", job_id, rec.origin, e,
                          backoff)

@@ -38,6 +38,11 @@ class TransferError(ConnectionError):
     pass
 
 
+class TransferRefused(TransferError):
+    """The peer was reached and answered with an ``error``: it did not understand or
+    would not take the request."""
+
+
 class _Conn:
     def __init__(self, stream: trio.abc.Stream, max_frame: int) -> None:
         self.stream = stream
@@ -165,7 +170,7 @@ class TransferService:
             else:
                 await trio.aclose_forcefully(conn.stream)
             if reply.get("t") == m.ERROR:
-                raise TransferError(f"{node_id} refused the request: {reply.get('message')}")
+                raise TransferRefused(f"{node_id} refused the request: {reply.get('message')}")
             return reply
         raise AssertionError("unreachable")
 
