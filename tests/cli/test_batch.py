@@ -139,9 +139,12 @@ def test_ctrl_c_stops_waiting_not_the_jobs_and_says_how_to_cancel_them(tmp_path)
     spec = jobs_file(tmp_path / "long.yaml", LONG_LOOP)
     agent = new_agent(tmp_path, "interrupted").start()
     try:
+        # Ctrl-C as from a terminal: a runner that starts the suite in the background
+        # (sh's `cmd &`) passes SIGINT on ignored, and Python then leaves it ignored.
         batch = subprocess.Popen(
             [sys.executable, "-m", "p2psched", "batch", str(spec), "--label", "run=7", "--wait", "--agent",
-             agent.url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             agent.url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         with agent.client() as http:
             def running() -> list:
                 return http.get("/v1/jobs", params={"label": "run=7", "state": "running"}).json()["jobs"]
