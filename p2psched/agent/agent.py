@@ -117,6 +117,9 @@ ORPHAN_GRACE_S = 15.0
 #: kill grace); and how many jobs at other agents one request follows at once.
 CANCEL_WAIT_S = 30.0
 CANCEL_CONCURRENCY = 32
+#: A job of another origin that this agent can never run is given back to its origin;
+#: while the origin does not answer, it is tried again this often.
+GIVE_BACK_RETRY_S = 10.0
 
 
 @dataclass(slots=True)
@@ -1296,6 +1299,15 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self.queue.pop()
                 rec.wait_reason = None
                 self._reserve_and_start(rec)
+            elif isinstance(decision, Reject) and rec.origin != self.node_id and self.transfer is not None:
+                # A job this agent accepted for another origin that it can never run now
+                # (it restarted with less): only the origin may end it or place it again,
+                # and it waits on this agent for the result. Give it back.
+                self.queue.pop()
+                why = f"this agent can never run it now: {decision.reason}"
+                rec.wait_reason = f"{why}; giving it back to its origin {rec.origin}"
+                self._handing_back.add(rec.id)
+                self._nursery.start_soon(self._hand_back, rec, why, GIVE_BACK_RETRY_S)
             elif isinstance(decision, Reject):
                 self.queue.pop()
                 rec.result = JobResult(exit_code=None, reason=f"rejected: {decision.reason}")

@@ -1,12 +1,13 @@
 """No accepted job is lost: executors die, origins restart, ids are submitted twice."""
 
+import json
 import signal
 import time
 
 import httpx
 import pytest
 
-from agents import start_cluster, stop_all, wait_converged, wasm_spec
+from agents import FAST_MEMBERSHIP, start_cluster, stop_all, wait_converged, wasm_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -135,5 +136,36 @@ def test_drain_hands_queued_jobs_to_peers_and_leaves(tmp_path):
             recs = [http.get(f"/v1/jobs/{j}", params={"wait": 30}).json() for j in queued]
             assert [(r["state"], r["executor"]) for r in recs] == [("succeeded", "d1")] * 3, [r["timeline"] for r in recs]
             assert http.get(f"/v1/jobs/{running}").json()["state"] == "timed_out"
+    finally:
+        stop_all(agents)
+
+
+def test_a_job_its_executor_can_no_longer_run_goes_back_to_its_origin_and_ends_there(tmp_path):
+    """An executor restarted with less (here 1 CPU, was 2) finds a job it accepted that
+    it can never run now. Only the job's origin may end it or place it again: it is
+    given back, and the origin, where no agent can run it either, rejects it saying
+    why. Nothing waits forever on a job that ended only at its executor."""
+    # The origin is slow to suspect (30 s): big is back, a new incarnation, before it
+    # could be declared dead, so the origin never places the job again on its own.
+    patient = json.dumps({**FAST_MEMBERSHIP, "suspicion_mult": 300})
+    agents = start_cluster(tmp_path, ["home", "big"], per_agent={"home": ["--cpus", "1"], "big": ["--cpus", "2"]},
+                           per_agent_env={"home": {"P2PSCHED_MEMBERSHIP": patient}})
+    home, big = agents
+    try:
+        with home.client() as http:
+            job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", resources={"cpu": 2},
+                                                       limits={"wall_ms": 60000})).json()["id"]
+            assert wait_state(http, job, "running")["executor"] == "big"
+            big.kill(signal.SIGKILL)
+            big.extra[big.extra.index("--cpus") + 1] = "1"
+            big.start()
+            rec = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+        assert rec["state"] == "rejected", rec
+        assert "2 CPU" in rec["result"]["reason"] or "cpu" in rec["result"]["reason"], rec["result"]
+        details = " | ".join(t["detail"] for t in rec["timeline"])
+        assert "big could not run it" in details and "can never run it" in details, details
+        with big.client() as http:
+            there = http.get(f"/v1/jobs/{job}").json()
+        assert there["state"] == "cancelled" and "given back to its origin home" in there["timeline"][-1]["detail"]
     finally:
         stop_all(agents)
