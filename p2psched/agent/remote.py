@@ -264,12 +264,20 @@ class RemoteJobs:
             raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which cannot be reached now ({e}); "
                               "retry with the same id in a moment", reason="home_unreachable",
                               retry_after=1.0) from None
-        if reply.get("t") == m.SUBMITTED:
-            return dict(reply["job"]), bool(reply["created"])
+        try:
+            m.check_submit_reply(reply)
+        except ValueError as e:
+            log.warning("job id %r: its home agent %s answered the submission with a malformed reply: %s",
+                        spec.id, home, e)
+            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, whose answer made no sense ({e}); "
+                              "retry with the same id in a moment, and tell its operator if this persists",
+                              reason="home_unreachable", retry_after=1.0) from None
+        if reply["t"] == m.SUBMITTED:
+            return dict(reply["job"]), reply["created"]
         from p2psched.agent.errors import AgentError
 
-        raise AgentError(str(reply.get("message", "refused")), reason=str(reply.get("reason", "refused")),
-                         status=int(reply.get("status", 400)), retry_after=reply.get("retry_after"))
+        raise AgentError(reply["message"], reason=reply["reason"], status=reply["status"],
+                         retry_after=reply.get("retry_after"))
 
     async def _on_submit(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
         from p2psched.agent.errors import AgentError

@@ -190,6 +190,45 @@ class _Handback(TypedDict):
     error: NotRequired[str]
 
 
+class _SubmittedJob(TypedDict):  # the record as the home agent's API shows it; the rest passes through
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    id: str
+    state: str
+
+
+class _Submitted(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    job: _SubmittedJob
+    created: bool
+
+
+class _SubmitError(TypedDict):
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    status: Annotated[int, Field(ge=400, le=599)]
+    reason: str
+    message: str
+    retry_after: NotRequired[Annotated[float, Field(ge=0, le=3600)] | None]
+
+
+def check_submit_reply(reply: dict[str, Any]) -> None:
+    """Raise ValueError, naming the fields, unless ``reply`` is a well-formed answer
+    to a ``submit``: ``submitted`` with the job's record, or ``submit_error``. The
+    requesting agent hands either to its client as it is."""
+    adapter = _reply_adapters().get(reply.get("t"))  # type: ignore[arg-type]
+    if adapter is None:
+        raise ValueError(f"a reply of type {reply.get('t')!r:.40}, not {SUBMITTED} or {SUBMITTED_ERROR}")
+    try:
+        adapter.validate_python(reply)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise ValueError(f"{reply['t']} reply: {problems}") from None
+
+
+@functools.cache
+def _reply_adapters() -> dict[str, TypeAdapter[Any]]:
+    return {SUBMITTED: TypeAdapter(_Submitted), SUBMITTED_ERROR: TypeAdapter(_SubmitError)}
+
+
 @functools.cache
 def _request_adapters() -> dict[str, TypeAdapter[Any]]:
     """Built on the first request: an agent that never talks to a peer never builds them."""

@@ -34,3 +34,30 @@ async def test_a_handler_that_fails_on_a_message_answers_with_an_error_and_keeps
         assert (await fresh.request("server", address, {"t": "cancel", "id": "d"}))["id"] == "d"
         await fresh.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_an_answer_to_a_submission_is_checked_before_a_client_sees_it():
+    """A client-chosen id's home answers the agent the client asked; that agent hands the
+    answer on as it is, so a malformed one must be a named error, not a 500."""
+    from p2psched.transfer.messages import check_submit_reply
+
+    check_submit_reply({"t": "submitted", "job": {"id": "j", "state": "queued", "timeline": []}, "created": True})
+    check_submit_reply({"t": "submit_error", "status": 429, "reason": "queue_full", "message": "full",
+                        "retry_after": 2.5})
+    check_submit_reply({"t": "submit_error", "status": 400, "reason": "invalid_spec", "message": "bad"})
+    for bad, named in [
+        ({"t": "submitted", "job": {"id": "j"}, "created": True}, "submitted reply: job.state: Field required"),
+        ({"t": "submitted", "job": "j", "created": True}, "submitted reply: job: Input should be a valid dictionary"),
+        ({"t": "submitted", "job": {"id": "j", "state": "queued"}, "created": 1},
+         "created: Input should be a valid boolean"),
+        ({"t": "submit_error", "status": 200, "reason": "r", "message": "m"},
+         "status: Input should be greater than or equal to 400"),
+        ({"t": "submit_error", "status": "429", "reason": "r", "message": "m"},
+         "status: Input should be a valid integer"),
+        ({"t": "submit_error", "status": 429, "reason": "r", "message": "m", "retry_after": -1}, "retry_after"),
+        ({"t": "submit_error", "status": 503, "message": "m"}, "reason: Field required"),
+        ({"t": "ack"}, "a reply of type 'ack', not submitted or submit_error"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            check_submit_reply(bad)
+        assert named in str(e.value), (bad, str(e.value))
