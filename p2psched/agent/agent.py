@@ -679,6 +679,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 out.append(Unavailable(f"{e}; the job was not accepted", reason="store_unwritable",
                                        retry_after=STORE_RETRY_S))
                 continue
+            except Exception as e:  # a bug, met by this job only: the jobs accepted before it still queue
+                log.error("job %s not accepted", spec.id or "(no id given)", exc_info=e)
+                out.append(AgentError(f"the agent failed to accept this job ({type(e).__name__}); this is a bug, "
+                                      "and its log holds the traceback", reason="internal_error", status=500))
+                continue
             if new:
                 created.append(rec)
             out.append((rec.as_dict(), new))

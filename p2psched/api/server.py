@@ -7,27 +7,30 @@ oversized request costs the agent at most ``max_request_bytes`` of memory.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from typing import Any
 
 import trio
 from pydantic import ValidationError
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from p2psched import dashboard
 from p2psched.agent.errors import AgentError
 from p2psched.api.errors import error_body, field_errors
 from p2psched.api.openapi import openapi_document
-from p2psched.jobs.spec import JOB_ID_RE, JobSpec
+from p2psched.jobs.ids import JOB_ID_RE
+from p2psched.jobs.spec import JobSpec
 from p2psched.jobs.state import JobState
 from p2psched.jobs.store import StoreError
+
+log = logging.getLogger("p2psched.api")
 
 #: Batch requests carry at most this many specs: enough to amortise one HTTP round
 #: trip and one fsync over many jobs, small enough to answer within a second.
@@ -38,6 +41,10 @@ DEFAULT_CANCEL_LIMIT = 1_000
 MAX_WAIT_S = 300.0
 #: label= filters one listing may carry.
 MAX_LABEL_FILTERS = 8
+#: Nesting pydantic-core's JSON parser takes; a job spec needs four levels.
+MAX_JSON_DEPTH = 200
+#: Cursors and offsets are SQLite integers (signed 64-bit).
+MAX_SEQ = 1 << 63
 
 
 class BodyTooLarge(Exception):
@@ -164,10 +171,18 @@ def _wait_param(request: Request) -> float:
 
 
 def _parse_json(body: bytes) -> Any:
+    """The body as JSON data. pydantic-core's parser, not json.loads: it also refuses
+    what the store could never write (a lone surrogate such as "\\ud800" in a string),
+    nesting past MAX_JSON_DEPTH, NaN and Infinity, and whole numbers too long to hold."""
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AgentError(f"body is not valid JSON: {e}", reason="malformed_json") from None
+        return from_json(body, allow_inf_nan=False)
+    except ValueError as e:
+        hint = ""
+        if "escape" in str(e):
+            hint = " (a \\uXXXX escape must be a whole character: a surrogate comes in a high-low pair)"
+        elif "recursion limit" in str(e):
+            hint = f" (nested more than {MAX_JSON_DEPTH} levels deep)"
+        raise AgentError(f"body is not valid JSON: {e}{hint}", reason="malformed_json") from None
 
 
 def _label_params(request: Request) -> list[tuple[str, str]]:
@@ -405,8 +420,8 @@ def create_app(agent: Any) -> Starlette:
         except ValueError:
             raise AgentError(f"offset={raw!r} must be a whole number of bytes >= 0 (X-Output-Next of the last "
                              "answer)", reason="invalid_query") from None
-        if offset < 0:
-            raise AgentError(f"offset={offset} must be >= 0", reason="invalid_query")
+        if not 0 <= offset < MAX_SEQ:
+            raise AgentError(f"offset={offset} must be 0 to {MAX_SEQ - 1}", reason="invalid_query")
         chunk = await agent.read_output(job_id, stream, offset, _wait_param(request))
         headers = {"X-Job-State": chunk.state, "X-Output-Next": str(chunk.next),
                    "X-Output-Complete": "true" if chunk.complete else "false", "X-Output-Attempt": str(chunk.attempt)}
@@ -435,8 +450,9 @@ def create_app(agent: Any) -> Starlette:
             cursor = int(q.get("cursor", "0"))
         except ValueError:
             raise AgentError("limit and cursor must be integers", reason="invalid_query") from None
-        if not 1 <= limit <= 1000 or cursor < 0:
-            raise AgentError("limit must be 1-1000 and cursor >= 0", reason="invalid_query")
+        if not 1 <= limit <= 1000 or not 0 <= cursor < MAX_SEQ:
+            raise AgentError(f"limit must be 1-1000 and cursor 0 to {MAX_SEQ - 1} (next_cursor of the last page)",
+                             reason="invalid_query")
         tenant = visible_tenant(who, q.get("tenant"))
         recs = await agent.list_jobs(state=state, tenant=tenant, limit=limit, cursor=cursor,
                                      newest_first=order == "newest", labels=labels)
@@ -549,9 +565,25 @@ def create_app(agent: Any) -> Starlette:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         reason = {404: "no_such_route", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        allowed = ""
+        if exc.status_code == 405:
+            # The routes of one path are separate Routes: each 405 names only its own methods.
+            methods = {m for r in routes if isinstance(r, Route) and r.methods
+                       and r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+            headers["Allow"] = allowed = ", ".join(sorted(methods))
         msg = {404: f"no route {request.url.path}; see /openapi.json for the API",
-               405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json"}
-        return _bad(reason, msg.get(exc.status_code, str(exc.detail)), exc.status_code)
+               405: f"{request.method} is not allowed on {request.url.path}; use {allowed} (see /openapi.json)"}
+        response = _bad(reason, msg.get(exc.status_code, str(exc.detail)), exc.status_code)
+        response.headers.update(headers)
+        return response
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # A bug: say so in JSON, as every other error is, and keep the traceback.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _bad("internal_error", f"agent {agent.node_id} failed on {request.method} {request.url.path} "
+                    f"({type(exc).__name__}); this is a bug, and its log holds the traceback. Nothing this request "
+                    "asked for is certain to have happened: check before retrying", 500)
 
     routes = [
         Route("/v1/jobs", submit, methods=["POST"]),
@@ -573,7 +605,7 @@ def create_app(agent: Any) -> Starlette:
         *dashboard.routes(),
     ]
     return Starlette(routes=routes, exception_handlers={AgentError: on_agent_error, StoreError: on_store_error,
-                                                        HTTPException: on_http_error})
+                                                        HTTPException: on_http_error, Exception: on_unexpected})
 
 
 def agent_version() -> str:

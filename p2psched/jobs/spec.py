@@ -11,11 +11,12 @@ import hashlib
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from p2psched.jobs.ids import JOB_ID_RE, JOB_ID_RULE
 
 Base64Bytes = Annotated[bytes, Field(json_schema_extra={"contentEncoding": "base64"})]
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 #: 64 MiB: large enough for an MLP guest with its weights, small enough that one
@@ -24,6 +25,8 @@ MAX_MODULE_BYTES = 64 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 MIB = 1024 * 1024
 CAPABILITIES = ("wasm", "process", "gpu", "network")
+#: Validation context of a spec the agent accepted before: ``model_validate_json(raw, context=ACCEPTED)``.
+ACCEPTED = {"accepted": True}
 
 
 class Strict(BaseModel):
@@ -104,7 +107,31 @@ class JobSpec(Strict):
     @classmethod
     def _id_shape(cls, v: str | None) -> str | None:
         if v is not None and not JOB_ID_RE.match(v):
-            raise ValueError("must be 1-128 characters of letters, digits and . _ : - and start with a letter or digit")
+            raise ValueError(f"must be {JOB_ID_RULE}")
+        return v
+
+    # The NUL and env-name checks came after jobs were first stored: a spec read back as
+    # ACCEPTED (its store, its wasm worker) is not refused for them, it fails as it did.
+    @field_validator("command", "args")
+    @classmethod
+    def _argv_items(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if info.context == ACCEPTED:
+            return v
+        for i, item in enumerate(v):
+            if "\0" in item:
+                raise ValueError(f"item {i} holds a NUL character, which no program argument can carry")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_pairs(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if info.context == ACCEPTED:
+            return v
+        for name, value in v.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(f"variable name {name!r} must be non-empty, without '=' or a NUL character")
+            if "\0" in value:
+                raise ValueError(f"the value of {name} holds a NUL character, which no environment can carry")
         return v
 
     @field_validator("module_sha256")

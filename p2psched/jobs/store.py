@@ -39,7 +39,7 @@ import trio
 from pydantic_core import to_json
 
 from p2psched.jobs.record import JobRecord, JobResult
-from p2psched.jobs.spec import JobSpec
+from p2psched.jobs.spec import ACCEPTED, JobSpec
 from p2psched.jobs.state import FINAL_STATES, JobState
 
 #: Outputs up to this size live in the row; larger ones in a file, so the database
@@ -122,7 +122,7 @@ def _spec_row(spec: JobSpec) -> str:
 def _load(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     job_id, seq, spec_json, record_json = row
     d = json.loads(record_json)
-    spec = JobSpec.model_validate_json(spec_json) if spec_json else None
+    spec = JobSpec.model_validate_json(spec_json, context=ACCEPTED) if spec_json else None
     assert spec is not None
     result = d.get("result")
     return JobRecord(
@@ -608,6 +608,12 @@ class Store:
         except sqlite3.Error as e:
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
             raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and permissions") from e
+        except Exception as e:
+            # A value SQLite cannot bind (a bug upstream let it in): never leave the
+            # transaction open, or every later write fails on BEGIN.
+            self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
+            raise StoreError(f"could not write the job store {self.path}: {type(e).__name__}: {e}; this is a bug, "
+                             "please report it with the log") from e
 
     def _write_artifacts(self, job_id: str, arts: dict[str, bytes]) -> None:
         """Each artifact (sha256 -> bytes) as a file named by its sha256. Bytes a record

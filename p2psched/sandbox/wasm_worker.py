@@ -72,7 +72,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def main() -> None:
-    from p2psched.jobs.spec import JobSpec
+    from p2psched.jobs.spec import ACCEPTED, JobSpec
     from p2psched.sandbox.base import LiveOutput, SandboxRequest
     from p2psched.security.attestation import report_from_result
     from p2psched.security.node_key import NodeKey
@@ -134,7 +134,7 @@ def main() -> None:
     while (job := read_frame(runs)) is not None:
         _, run, job_id, spec_json, stdin, module_path = job
         try:
-            spec = JobSpec.model_validate_json(spec_json)
+            spec = JobSpec.model_validate_json(spec_json, context=ACCEPTED)
             spec.input = stdin
             started = time.time()
             # The engine knows the guest as JOB#RUN, the name its cancel gives.

@@ -418,3 +418,19 @@ async def test_only_the_newest_finished_records_stay_in_memory_and_older_ones_re
     store.close()
     reopened = Store(tmp_path).get("n1:1")
     assert reopened is not None and [d["executor"] for d in reopened.duplicates] == ["n2", "n3"]
+
+
+async def test_a_value_sqlite_cannot_bind_rolls_the_write_back(tmp_path):
+    # Such a value cannot come through the API any more (its JSON parser refuses lone
+    # surrogates); if a bug lets one in, the write fails as a StoreError with its
+    # transaction rolled back, where it once left BEGIN failing for every later write.
+    store = Store(tmp_path)
+    store.stage(rec(1), new=True)
+    await store.sync()
+    bad = rec(2)
+    bad.spec.labels = {"\ud800": "x"}
+    store.stage(bad, new=True)
+    with pytest.raises(store_module.StoreError, match="UnicodeEncodeError.*this is a bug"):
+        await store.sync()
+    assert not store._writer.in_transaction
+    assert store.get("n1:1") is not None
