@@ -297,10 +297,15 @@ def allowed_values(name: str) -> str | None:
     return ": ".join(parts) or None
 
 
-def format_validation_error(e: ValidationError, *, source: str = "configuration") -> str:
+def format_validation_error(e: ValidationError, *, source: str = "configuration",
+                            origins: dict[str, str] | None = None) -> str:
+    """One line per bad value; ``origins``: where a top-level key came from when not
+    from a flag (the environment variable, the config file), to name it."""
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["loc"] and origins and str(err["loc"][0]) in origins:
+            key += f" (from {origins[str(err['loc'][0])]})"
         msg = err["msg"].removeprefix("Value error, ")
         allowed = allowed_values(str(err["loc"][0])) if err["loc"] else None
         if err["type"] == "extra_forbidden":
@@ -355,11 +360,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSet
 
         try:
             merged = tomllib.loads(config_file.read_text())
-        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:  # TOMLDecodeError names the line
-            raise ConfigError(f"config file {config_file}: {e}") from None
-    merged = _deep_update(merged, _from_env(dict(os.environ)))
-    merged = _deep_update(merged, {k: v for k, v in overrides.items() if v is not None})
+        except tomllib.TOMLDecodeError as e:  # it names the line and column
+            raise ConfigError(f"config file {config_file}: {e}; fix the TOML there: one key = value a line, "
+                              "strings quoted, e.g. cpus = 4 and api = \"0.0.0.0:7700\"") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {config_file}: {e}; give a readable UTF-8 TOML file") from None
+    origins = {key: f"config file {config_file}" for key in merged}
+    from_env = _from_env(dict(os.environ))
+    origins.update({key: f"{ENV_PREFIX}{key.upper()}" for key in from_env})
+    merged = _deep_update(merged, from_env)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    merged = _deep_update(merged, flags)
     try:
         return AgentSettings(**merged)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, origins={k: v for k, v in origins.items()
+                                                               if k not in flags})) from None

@@ -8,6 +8,7 @@ ends, however it ends, so a crashed agent never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -20,6 +21,20 @@ log = logging.getLogger("p2psched.agent")
 LOCK_FILE = "agent.lock"
 
 
+def data_dir_error(data_dir: Path, e: OSError) -> StartupError:
+    """The data dir (or a file in it) cannot be made or written, and what to do."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(data_dir) else ""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        fix = "a file is in the way of the directory; give --data-dir a directory path"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "give --data-dir a directory this user can write, or change its owner or mode"
+    elif e.errno == errno.ENOSPC:
+        fix = "free space on its file system"
+    else:
+        fix = "check the path and its file system"
+    return StartupError(f"--data-dir {data_dir}: cannot use it{where}: {e.strerror or e}; {fix}")
+
+
 class DataDirLock:
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
@@ -27,9 +42,12 @@ class DataDirLock:
     @classmethod
     def acquire(cls, data_dir: Path, node_id: str) -> DataDirLock:
         """Lock ``data_dir`` for this agent, or raise StartupError naming the agent that holds it."""
-        data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise data_dir_error(data_dir, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

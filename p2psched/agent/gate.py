@@ -13,7 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from p2psched.agent.errors import AgentError
+from p2psched.agent.datadir import data_dir_error
+from p2psched.agent.errors import AgentError, StartupError
 from p2psched.config import AgentSettings
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.base import SandboxResult
@@ -22,7 +23,7 @@ from p2psched.security.attestation import NodeKey, measure, open_node_key, repor
 from p2psched.security.errors import AdmissionError
 from p2psched.security.nonces import SQLiteNonceStore
 from p2psched.security.request_auth import OPEN_PRINCIPAL, Principal
-from p2psched.security.tenants import RegistryHolder, Reload
+from p2psched.security.tenants import RegistryError, RegistryHolder, Reload
 
 log = logging.getLogger("p2psched.security")
 
@@ -44,15 +45,21 @@ class Gate:
 
     def __post_init__(self) -> None:
         data_dir = self.settings.resolved_data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        # The public key now (gossiped), the private key at the first report (node_key.py).
-        self.node_key = open_node_key(data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # The public key now (gossiped), the private key at the first report (node_key.py).
+            self.node_key = open_node_key(data_dir)
+            nonces = SQLiteNonceStore(data_dir / "nonces.db")
+        except OSError as e:
+            raise data_dir_error(data_dir, e) from None
         self.node_pubkey = self.node_key.public_hex
         cluster_cfg = {k: v for k, v in self.settings.model_dump(mode="json").items() if k not in NODE_LOCAL}
         self.measurement = measure(cluster_cfg).value
-        self.holder = RegistryHolder(self.settings.tenants) if self.settings.tenants else None
-        self.admission = Admission(nonces=SQLiteNonceStore(data_dir / "nonces.db"),
-                                   rejections=self.metrics_rejections)
+        try:
+            self.holder = RegistryHolder(self.settings.tenants) if self.settings.tenants else None
+        except RegistryError as e:  # it names the line and the fix
+            raise StartupError(f"--tenants: {e}") from None
+        self.admission = Admission(nonces=nonces, rejections=self.metrics_rejections)
         if self.holder is None:
             log.warning("no --tenants registry: open mode; every request is accepted unsigned, and a job's "
                         "tenant is the one it names ('default' if none). Give --tenants FILE to require signed "

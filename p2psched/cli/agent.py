@@ -128,8 +128,7 @@ def agent(config_file: Path | None, **flags: object) -> None:
         sys.exit(2)
     except* OSError as group:
         for failure in _leaves(group):
-            click.echo(f"p2psched agent: {failure}; is another agent using the same ports? (`p2psched doctor` checks)",
-                       err=True)
+            click.echo(f"p2psched agent: {failure}; `p2psched doctor` checks what this host needs", err=True)
         sys.exit(1)
     if unwritten:
         sys.exit(1)  # stopped without writing its last job states (logged): not a clean stop
