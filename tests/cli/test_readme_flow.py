@@ -75,7 +75,7 @@ def test_unknown_flags_and_bad_config_are_errors(tmp_path):
     cfg = tmp_path / "agent.toml"
     cfg.write_text('queue_limit = 5\nnode_id = "from-file"\nbogus_key = 1\n')
     p = cli("agent", "--config", str(cfg))
-    assert p.returncode == 2 and b"bogus_key: unknown key" in p.stderr
+    assert p.returncode == 2 and f"bogus_key (from config file {cfg}): unknown key".encode() in p.stderr
 
 
 def test_submit_cannot_reach_agent_says_how_to_fix():
