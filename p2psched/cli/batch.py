@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from p2psched.cli.client import (
-    FINAL_STATES, RETRY_S, Api, _parse_pairs, _print_json, _summary, agent_option, fail, json_option,
+    FINAL_STATES, RETRY_S, Api, FiniteFloat, _parse_pairs, _print_json, _summary, agent_option, fail, json_option,
 )
 from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
 
@@ -45,10 +45,11 @@ POLL_S = 10.0
               help="Add the label KEY=VALUE to every job (repeatable; over the file's value for the key), so that "
               "`p2psched jobs --label` and `p2psched cancel --label` find this run's jobs.")
 @click.option("--wait", is_flag=True, help="Wait for every job to end; print how each ended.")
-@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds, in all.")
+@click.option("--timeout", type=FiniteFloat(min=0), default=3600.0, show_default=True,
+              help="Longest --wait, seconds, in all.")
 @click.option("--chunk", type=click.IntRange(1, 10_000), default=500, show_default=True,
               help="Jobs per request.")
-@click.option("--retry-s", type=click.FloatRange(min=0), default=RETRY_S, show_default=True,
+@click.option("--retry-s", type=FiniteFloat(min=0), default=RETRY_S, show_default=True,
               help="How long to keep sending jobs the agent refuses for now (a full queue) while it accepts none.")
 @click.option("--dry-run", is_flag=True, help="Check the file and say what would be sent; send nothing.")
 @json_option
@@ -102,10 +103,14 @@ def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None,
     click.echo(f"p2psched: {len(finals)} job(s): " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                + (f"; {len(refused)} refused" if refused else ""), err=True)
     for rec in finals:
-        if rec["state"] != "succeeded":
-            res = rec.get("result") or {}
-            why = res.get("reason") or rec.get("wait_reason") or f"did not end within --timeout {timeout:g}s"
-            click.echo(f"p2psched: job {rec['id']} {rec['state']}: {why}", err=True)
+        if rec["state"] == "succeeded":
+            continue
+        why = (rec.get("result") or {}).get("reason") or rec.get("wait_reason")
+        if rec["state"] in FINAL_STATES or (why or "").startswith("cannot read it"):
+            click.echo(f"p2psched: job {rec['id']} {rec['state']}: {why or 'no reason recorded'}", err=True)
+        else:
+            click.echo(f"p2psched: job {rec['id']} is still {rec['state']}" + (f" ({why})" if why else "")
+                       + f" when --timeout {timeout:g}s ran out; it goes on at the agent ({how})", err=True)
     if refused:
         sys.exit(3)
     if any(rec["state"] != "succeeded" for rec in finals):

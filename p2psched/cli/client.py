@@ -4,28 +4,34 @@ They speak only the HTTP API, so everything they do a user can do with curl.
 An answer of 429 or 503 with Retry-After (a full queue, a rate limit, an agent
 still joining) is retried after that delay for up to 30 s (``submit --retry-s``).
 Exit status: 0 on success; 1 when the job did not succeed (reason on stderr);
-2 for usage errors; 3 when the agent cannot be reached or answers an error.
+2 for usage errors; 3 when the agent cannot be reached or answers an error;
+130 when Ctrl-C stopped the command (a job it was waiting for goes on).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import math
 import os
+import ssl
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import httpx
 
+from p2psched.jobs.ids import JOB_ID_RE, JOB_ID_RULE
+
 DEFAULT_URL = "http://127.0.0.1:7700"
 agent_option = click.option(
-    "--agent", "agent_url", default=lambda: os.environ.get("P2PSCHED_URL", DEFAULT_URL), show_default="$P2PSCHED_URL or "
-    + DEFAULT_URL, help="Agent API URL.",
+    "--agent", "agent_url", default=lambda: os.environ.get("P2PSCHED_URL", DEFAULT_URL),
+    show_default="$P2PSCHED_URL or " + DEFAULT_URL, help="Agent API URL (http://HOST:PORT).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON record.")
 
@@ -36,7 +42,11 @@ def api_options(f: Any) -> Any:
     @functools.wraps(f)
     def wrapper(*args: Any, agent_url: str, identity_tenant: str | None, identity_key: Path | None,
                 **kw: Any) -> Any:
-        return f(*args, api=Api(agent_url, tenant=identity_tenant, key=identity_key), **kw)
+        api = Api(agent_url, tenant=identity_tenant, key=identity_key)
+        try:
+            return f(*args, api=api, **kw)
+        except KeyboardInterrupt:
+            fail("stopped (Ctrl-C); what the agent was already asked to do goes on there", 130)
 
     wrapper = click.option("--key", "identity_key", type=click.Path(path_type=Path),
                            help="Tenant private key file; signs the request.")(wrapper)
@@ -47,6 +57,62 @@ def api_options(f: Any) -> Any:
 def fail(message: str, code: int = 3) -> NoReturn:
     click.echo(f"p2psched: {message}", err=True)
     sys.exit(code)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and inf (JSON has no such numbers, and no wait
+    or resource is infinite), then checks the range as FloatRange does."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; give a number of {_param_unit(param)}", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+def _param_unit(param: click.Parameter | None) -> str:
+    return "CPU slots" if param is not None and param.name == "cpu" else "seconds"
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` if it is a job id; else exit 2 saying what an id is (before any request)."""
+    if not JOB_ID_RE.fullmatch(job_id):
+        fail(f"{job_id!r} is not a job id: ids are {JOB_ID_RULE}", 2)
+    return job_id
+
+
+def _job_id_arg(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """click callback: check a job id argument or option (one, several, or none given)."""
+    if isinstance(value, tuple):
+        return tuple(check_job_id(v) for v in value)
+    return None if value is None else check_job_id(value)
+
+
+def agent_base_url(url: str) -> str:
+    """The agent API base URL ``url`` (from --agent or $P2PSCHED_URL), checked once: it
+    must parse and be http(s)://HOST[:PORT]; else exit 2 saying how to write it."""
+    where = f"--agent (or $P2PSCHED_URL) {url!r}"
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError, TypeError) as e:
+        fail(f"{where} is not a URL ({e}): use http://HOST:PORT", 2)
+    if "://" not in url or not parsed.scheme:
+        fail(f"{where} is not a URL: use http://HOST:PORT (add http://)", 2)
+    if parsed.scheme not in ("http", "https"):
+        fail(f"{where} is not an http:// URL: use http://HOST:PORT (the agent's API speaks HTTP)", 2)
+    if not parsed.host:
+        fail(f"{where} names no host: use http://HOST:PORT", 2)
+    if port is not None and not 1 <= port <= 65535:
+        fail(f"{where} has port {port}, outside 1-65535: use http://HOST:PORT", 2)
+    if parsed.query or parsed.fragment:
+        fail(f"{where} has a query or fragment: use http://HOST:PORT", 2)
+    return url.rstrip("/")
 
 
 def tenant_auth(tenant: str | None, key: Path | None) -> httpx.Auth | None:
@@ -71,13 +137,23 @@ CANCEL_CHUNK = 1_000
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
 
 
+#: The longest long-poll (?wait=) the agent serves (MAX_WAIT_S in p2psched/api/server.py);
+#: longer waits are made of several.
+AGENT_MAX_WAIT_S = 300.0
+
+
 class Api:
     def __init__(self, url: str, *, tenant: str | None = None, key: Path | None = None,
                  retry_s: float = RETRY_S) -> None:
-        self.url = url.rstrip("/")
+        self.url = agent_base_url(url)
         self.retry_s = retry_s
-        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=330.0),
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=AGENT_MAX_WAIT_S + 30),
                                    auth=tenant_auth(tenant, key))
+
+    def command(self, *words: str) -> str:
+        """``p2psched WORDS``, with --agent where this Api's is not the one a plain command uses."""
+        plain = os.environ.get("P2PSCHED_URL", DEFAULT_URL).rstrip("/")
+        return "p2psched " + " ".join(words) + ("" if self.url == plain else f" --agent {self.url}")
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         deadline = time.monotonic() + self.retry_s
@@ -85,8 +161,14 @@ class Api:
             try:
                 resp = self.client.request(method, path, **kw)
             except httpx.HTTPError as e:
+                if self.url.startswith("https:") and _is_tls_error(e):
+                    fail(f"cannot speak TLS with {self.url}: {e}; the agent's API speaks plain HTTP: use "
+                         "http://HOST:PORT (https:// only through a TLS proxy in front of it, with a certificate "
+                         "this host trusts)")
                 fail(f"cannot reach the agent at {self.url}: {e}; is `p2psched agent` running there? "
                      "(set --agent or $P2PSCHED_URL)")
+            except httpx.InvalidURL as e:
+                fail(f"cannot ask the agent at {self.url} for {path}: {e}; check --agent (or $P2PSCHED_URL)", 2)
             # A full queue, a rate limit, an agent still joining: the agent took nothing
             # and says when to ask again, so ask again (a refused request binds no nonce).
             wait = _retry_after(resp)
@@ -96,11 +178,47 @@ class Api:
                        f"(for up to {self.retry_s:g}s in all)", err=True)
             time.sleep(wait)
         if resp.status_code >= 400:
-            fail(f"{resp.status_code}: {_error_message(resp)}")
+            message = _error_message(resp)
+            if message is None:
+                _not_an_agent(resp)
+            fail(f"{resp.status_code}: {message}")
         return resp
 
     def json(self, method: str, path: str, **kw: Any) -> Any:
-        return self.request(method, path, **kw).json()
+        resp = self.request(method, path, **kw)
+        try:
+            data = resp.json()
+        except ValueError:
+            _not_an_agent(resp)
+        if not isinstance(data, dict):
+            _not_an_agent(resp)
+        return data
+
+    def output(self, method: str, path: str, header: str, **kw: Any) -> httpx.Response:
+        """A request for a job's bytes (result, output): the agent marks its answer with ``header``."""
+        resp = self.request(method, path, **kw)
+        if header not in resp.headers:
+            _not_an_agent(resp, "answer")
+        return resp
+
+
+def _not_an_agent(resp: httpx.Response, what: str = "JSON") -> NoReturn:
+    """Exit 3 for an answer no agent gives (a web page, another service), without printing it."""
+    kind = resp.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+    url = str(resp.url).split("?")[0]
+    fail(f"{url} answered HTTP {resp.status_code} ({kind}), not a p2psched agent's {what}; "
+         "is --agent (or $P2PSCHED_URL) an agent's API address?")
+
+
+def _is_tls_error(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError) or "[SSL" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -113,11 +231,12 @@ def _retry_after(resp: httpx.Response) -> float | None:
     return wait if 0 <= wait <= 60 else None
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(resp: httpx.Response) -> str | None:
+    """The message of the agent's error body; None for an answer that is not one."""
     try:
         return str(resp.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return resp.text[:500]
+        return None
 
 
 def _error_reason(resp: httpx.Response) -> str:
@@ -160,12 +279,12 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 @click.argument("command", nargs=-1)
 @click.option("--process", is_flag=True, help="Run COMMAND in the process sandbox: submit --process -- CMD ARGS...")
 @agent_option
-@click.option("--id", "job_id", help="Job id (idempotency: the same id never runs twice).")
+@click.option("--id", "job_id", callback=_job_id_arg, help="Job id (idempotency: the same id never runs twice).")
 @click.option("--input", "input_file", help="File (or - for stdin) fed to the job's stdin.")
 @click.option("--arg", "args", multiple=True, help="Argument for the guest (repeatable).")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE for the guest (repeatable).")
 @click.option("--entry", default="_start", show_default=True, help="Exported function to call (wasm).")
-@click.option("--cpu", type=float, help="CPU slots [1].")
+@click.option("--cpu", type=FiniteFloat(), help="CPU slots [1].")
 @click.option("--mem-mb", type=int,
               help="Memory reserved, MiB; the memory limit too unless the spec sets limits.mem_bytes [256].")
 @click.option("--gpu", type=int, help="GPU slots [0].")
@@ -196,8 +315,9 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 @click.option("--wait", is_flag=True, help="Wait for the job to end; print its output (or record with --json).")
 @click.option("--follow", "-f", is_flag=True,
               help="Print the job's output as it writes it, until it ends; exit as --wait does.")
-@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Longest --wait, seconds.")
-@click.option("--retry-s", type=click.FloatRange(min=0), default=RETRY_S, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0), default=3600.0, show_default=True,
+              help="Longest --wait or --follow, seconds.")
+@click.option("--retry-s", type=FiniteFloat(min=0), default=RETRY_S, show_default=True,
               help="How long to keep retrying when the agent answers 429 or 503 with Retry-After (0: never).")
 @json_option
 def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_url: str, job_id: str | None,
@@ -277,10 +397,18 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
         from p2psched.security.client import sign_submission
 
         body = sign_submission(spec, tenant, key)
-    rec = api.json("POST", "/v1/jobs", json=body)
+    try:
+        rec = api.json("POST", "/v1/jobs", json=body)
+    except KeyboardInterrupt:
+        see = f"`{api.command('status', job_id)}` says" if job_id else f"`{api.command('jobs', '--newest')}` lists it"
+        fail(f"stopped (Ctrl-C) before the agent answered; it may have taken the job: {see}", 130)
+    deadline = time.monotonic() + timeout  # --timeout counts from the job's acceptance
     if follow:
-        _follow_output(api, rec["id"], "stdout", follow=True, timeout=timeout)
-        _exit_for(_wait_final(api, rec["id"], 60.0))
+        with _stop_waiting_on_ctrl_c(api, rec["id"]):
+            complete = _follow_output(api, rec["id"], "stdout", follow=True, timeout=timeout)
+            # Output complete: the job has ended, and its record says so at once or nearly.
+            left = max(0.0, deadline - time.monotonic())
+            _exit_for(api, _wait_final(api, rec["id"], max(left, 10.0) if complete else 0.0), timeout)
         return
     if not wait:
         if as_json:
@@ -288,11 +416,25 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
         else:
             click.echo(rec["id"])
         return
-    rec = _wait_final(api, rec["id"], timeout)
-    _report(api, rec, as_json)
+    with _stop_waiting_on_ctrl_c(api, rec["id"]):
+        rec = _wait_final(api, rec["id"], max(0.0, deadline - time.monotonic()))
+        _report(api, rec, as_json, timeout)
+
+
+@contextlib.contextmanager
+def _stop_waiting_on_ctrl_c(api: Api, job_id: str) -> Iterator[None]:
+    """Ctrl-C while waiting for a job stops the waiting, not the job: say so, and how to
+    see and stop it, and exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(f"stopped waiting; job {job_id} goes on at the agent: `{api.command('status', job_id)}` shows it, "
+             f"`{api.command('cancel', job_id)}` stops it", 130)
 
 
 def _wait_final(api: Api, job_id: str, timeout: float) -> dict[str, Any]:
+    """The job's record once it has ended or ``timeout`` seconds have passed (any
+    number: the agent's long-polls of up to 60 s are asked one after another)."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -301,17 +443,18 @@ def _wait_final(api: Api, job_id: str, timeout: float) -> dict[str, Any]:
             return rec
 
 
-def _follow_output(api: Api, job_id: str, stream: str, *, follow: bool, timeout: float = math.inf) -> None:
+def _follow_output(api: Api, job_id: str, stream: str, *, follow: bool, timeout: float = math.inf) -> bool:
     """Write ``stream`` of the job to our stdout as the agent serves it: what there is
-    now, or with ``follow`` everything until the job ends (or ``timeout`` passes)."""
+    now, or with ``follow`` everything until the job ends (or ``timeout`` passes).
+    Returns whether the output is complete (the job has ended)."""
     out = sys.stdout.buffer
     offset, attempt, said = 0, 0, set()
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
         wait = max(0.0, min(30.0, left)) if follow else 0.0
-        resp = api.request("GET", f"/v1/jobs/{job_id}/output",
-                           params={"stream": stream, "offset": offset, "wait": f"{wait:.3f}"})
+        resp = api.output("GET", f"/v1/jobs/{job_id}/output", "x-output-next",
+                          params={"stream": stream, "offset": offset, "wait": f"{wait:.3f}"})
         got = int(resp.headers.get("x-output-attempt", "0") or 0)
         if got > attempt and offset:
             # A job run again (its host or executor failed) writes its output anew.
@@ -326,18 +469,35 @@ def _follow_output(api: Api, job_id: str, stream: str, *, follow: bool, timeout:
         if resp.content:
             out.write(resp.content)
             out.flush()
-        offset = int(resp.headers.get("x-output-next", offset))
-        if resp.headers.get("x-output-complete") == "true" or (not follow and not resp.content) or left <= 0:
-            return
+        try:
+            offset = int(resp.headers["x-output-next"])
+        except ValueError:
+            _not_an_agent(resp, "answer")
+        complete = resp.headers.get("x-output-complete") == "true"
+        if complete or (not follow and not resp.content) or left <= 0:
+            return complete
 
 
-def _exit_for(rec: dict[str, Any]) -> None:
+def _why_not_succeeded(api: Api, rec: dict[str, Any], timeout: float | None = None) -> str:
+    """Why the job of ``rec`` did not succeed: how it ended, or that it has not yet
+    (``timeout``: the --timeout that ran out) and goes on, and how to see and stop it."""
+    job_id = rec["id"]
+    if rec["state"] not in FINAL_STATES:
+        waiting = f" ({rec['wait_reason']})" if rec.get("wait_reason") else ""
+        when = f" when --timeout {timeout:g}s ran out" if timeout is not None else ""
+        return (f"job {job_id} is still {rec['state']}{waiting}{when}; it goes on at the agent: "
+                f"`{api.command('status', job_id)}` shows it, `{api.command('cancel', job_id)}` stops it")
+    res = rec.get("result") or {}
+    timeline = rec.get("timeline") or [{}]
+    reason = res.get("reason") or rec.get("wait_reason") or timeline[-1].get("detail") or "no reason recorded"
+    return f"job {job_id} {rec['state']}: {reason}"
+
+
+def _exit_for(api: Api, rec: dict[str, Any], timeout: float | None = None) -> None:
     """Exit 0 if the job succeeded; else say why on stderr and exit 1."""
     if rec["state"] == "succeeded":
         return
-    res = rec.get("result") or {}
-    reason = res.get("reason") or rec.get("wait_reason") or "did not finish in time"
-    click.echo(f"p2psched: job {rec['id']} {rec['state']}: {reason}", err=True)
+    click.echo(f"p2psched: {_why_not_succeeded(api, rec, timeout)}", err=True)
     sys.exit(1)
 
 
@@ -355,33 +515,37 @@ def _say_where_the_rest_is(rec: dict[str, Any], streams: tuple[str, ...] = ("std
                    f"`p2psched logs --stderr {rec['id']}` writes all of it", err=True)
 
 
-def _report(api: Api, rec: dict[str, Any], as_json: bool) -> None:
+def _report(api: Api, rec: dict[str, Any], as_json: bool, timeout: float | None = None) -> None:
     ok = rec["state"] == "succeeded"
     if as_json:
         _print_json(rec)
         _say_where_the_rest_is(rec)
     elif rec["state"] in ("succeeded", "failed", "timed_out"):
-        out = api.request("GET", f"/v1/jobs/{rec['id']}/result").content
+        out = api.output("GET", f"/v1/jobs/{rec['id']}/result", "x-job-state").content
         sys.stdout.buffer.write(out)
         sys.stdout.flush()
     if not ok:
         res = rec.get("result") or {}
-        reason = res.get("reason") or rec.get("wait_reason") or "did not finish in time"
-        click.echo(f"p2psched: job {rec['id']} {rec['state']}: {reason}", err=True)
+        click.echo(f"p2psched: {_why_not_succeeded(api, rec, timeout)}", err=True)
         if res.get("stderr") and not as_json:
             click.echo(res["stderr"].rstrip(), err=True)
             _say_where_the_rest_is(rec, ("stderr",))
         sys.exit(1)
 
 
+wait_option = click.option("--wait", "wait_s", type=FiniteFloat(min=0), default=0.0,
+                           help="Wait up to this many seconds for it to end.")
+
+
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_job_id_arg)
 @api_options
-@click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
+@wait_option
 @json_option
 def status(job_id: str, api: Api, wait_s: float, as_json: bool) -> None:
     """Show one job's record."""
-    rec = api.json("GET", f"/v1/jobs/{job_id}", params={"wait": wait_s})
+    with _stop_waiting_on_ctrl_c(api, job_id):
+        rec = _wait_final(api, job_id, wait_s)
     if as_json:
         _print_json(rec)
         _say_where_the_rest_is(rec)
@@ -406,6 +570,9 @@ def jobs(api: Api, state: str | None, tenant: str | None, limit: int, newest: bo
          counts: bool, as_json: bool) -> None:
     """List jobs known to an agent, oldest first (or --newest first)."""
     by_label = _label_filter(labels)
+    if counts and state:
+        fail(f"--state {state} does not apply to --counts: the counts cover every state; drop --state, or list the "
+             f"jobs in that state with `p2psched jobs --state {state}`", 2)
     if counts:
         data = api.json("GET", "/v1/jobs:counts", params={**({"tenant": tenant} if tenant else {}), **by_label})
         if as_json:
@@ -448,7 +615,7 @@ def _listing(api: Api, params: dict[str, Any], limit: float) -> tuple[list[dict[
 
 
 @click.command()
-@click.argument("job_ids", metavar="[JOB_ID]...", nargs=-1)
+@click.argument("job_ids", metavar="[JOB_ID]...", nargs=-1, callback=_job_id_arg)
 @api_options
 @click.option("--label", "labels", multiple=True,
               help="Instead of JOB_IDs: every unfinished job labelled KEY=VALUE (repeatable: each must match).")
@@ -508,19 +675,22 @@ def cancel(job_ids: tuple[str, ...], api: Api, labels: tuple[str, ...], as_json:
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_job_id_arg)
 @api_options
-@click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this many seconds for it to end.")
+@wait_option
 @click.option("--artifact", metavar="NAME", help="Write this artifact of the job (a file its spec named) instead.")
 def result(job_id: str, api: Api, wait_s: float, artifact: str | None) -> None:
     """Write a job's raw output bytes, or one of its artifacts, to stdout."""
-    params: dict[str, Any] = {"wait": wait_s, **({"artifact": artifact} if artifact is not None else {})}
-    resp = api.request("GET", f"/v1/jobs/{job_id}/result", params=params)
+    if wait_s > 0:
+        with _stop_waiting_on_ctrl_c(api, job_id):
+            _wait_final(api, job_id, wait_s)
+    params: dict[str, Any] = {"artifact": artifact} if artifact is not None else {}
+    resp = api.output("GET", f"/v1/jobs/{job_id}/result", "x-job-state", params=params)
     sys.stdout.buffer.write(resp.content)
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", callback=_job_id_arg)
 @api_options
 @click.option("--follow", "-f", is_flag=True,
               help="Go on printing as the job writes, until it ends; then exit 0 only if it succeeded.")
@@ -531,9 +701,13 @@ def logs(job_id: str, api: Api, follow: bool, stream: str) -> None:
     A process job's output is served as it writes it, a wasm job's every 200 ms;
     that of a job with mask_patterns only when it ends (they apply to the whole).
     """
-    _follow_output(api, job_id, stream, follow=follow)
-    if follow:
-        _exit_for(api.json("GET", f"/v1/jobs/{job_id}"))
+    if not follow:
+        _follow_output(api, job_id, stream, follow=False)
+        return
+    with _stop_waiting_on_ctrl_c(api, job_id):
+        complete = _follow_output(api, job_id, stream, follow=True)
+        # Output complete: the job has ended, and its record says so at once or nearly.
+        _exit_for(api, _wait_final(api, job_id, 10.0 if complete else 0.0))
 
 
 @click.command()
