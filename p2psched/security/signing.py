@@ -106,16 +106,20 @@ class Auth:
 
 
 def _str(d: dict[str, Any], k: str, max_len: int) -> str:
+    if k not in d:
+        raise ValueError(f"auth.{k} is missing")
     v = d[k]
     if not isinstance(v, str) or not v or len(v) > max_len:
-        raise ValueError(f"'{k}' must be a string of 1 to {max_len} characters")
+        raise ValueError(f"auth.{k} must be a string of 1 to {max_len} characters")
     return v
 
 
 def _int(d: dict[str, Any], k: str) -> int:
+    if k not in d:
+        raise ValueError(f"auth.{k} is missing")
     v = d[k]
     if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v < 2**40):
-        raise ValueError(f"'{k}' must be an integer number of Unix seconds")
+        raise ValueError(f"auth.{k} must be an integer number of Unix seconds")
     return v
 
 

@@ -434,3 +434,21 @@ async def test_a_value_sqlite_cannot_bind_rolls_the_write_back(tmp_path):
         await store.sync()
     assert not store._writer.in_transaction
     assert store.get("n1:1") is not None
+
+
+async def test_a_job_stored_before_the_argv_checks_still_loads(tmp_path):
+    # NULs and env names with '=' are refused at submission now; a job an older agent
+    # accepted with one is read back as it was (it fails at run time, as it did).
+    from p2psched.jobs.spec import ACCEPTED
+
+    store = Store(tmp_path)
+    r = rec(1)
+    r.spec = JobSpec.model_validate({"runtime": "process", "command": ["/bin/echo", "a\0b"], "env": {"A=B": "x"}},
+                                    context=ACCEPTED)
+    store.stage(r, new=True)
+    await store.sync()
+    store.close()
+    [back] = Store(tmp_path).unfinished()
+    assert back.spec.command == ["/bin/echo", "a\0b"] and back.spec.env == {"A=B": "x"}
+    with pytest.raises(ValueError, match="NUL"):
+        JobSpec.model_validate(back.spec.model_dump())

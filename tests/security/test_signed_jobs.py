@@ -271,7 +271,11 @@ def test_a_forwarded_job_tampered_in_transit_is_refused_by_the_next_hop(keys: Te
     assert hop.admit(spec, auth, registry=reg, job_id=job_id, usage=None, now=NOW + 5, forwarded=True).tenant == "alice"
 
 
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+# Any text a program argument or environment entry can carry: no NUL, no lone
+# surrogate, and no '=' in a variable's name (the spec refuses each).
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
+_env_name = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00="), min_size=1,
+                    max_size=20)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -279,7 +283,7 @@ _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
     cpu=st.floats(min_value=0.001, max_value=1024, allow_nan=False),
     mem=st.integers(1, 4 * 1024 * 1024),
     priority=st.integers(0, 50),
-    env=st.dictionaries(_text.filter(bool), _text, max_size=4),
+    env=st.dictionaries(_env_name, _text, max_size=4),
     args=st.lists(_text, max_size=4),
     data=st.binary(max_size=64),
     wire=st.sampled_from(["json", "msgpack"]),
@@ -295,3 +299,17 @@ def test_any_spec_verifies_after_travelling(keys: TenantKeys, cpu: float, mem: i
     else:
         got, auth, _ = receive_frame(forward_frame(env_.spec, env_.auth, "j"))
     assert verify_request(got, auth, registry(keys), NOW).tenant.name == "alice"
+
+
+@pytest.mark.parametrize(("drop", "change", "says"), [
+    ("key_id", {}, "auth.key_id is missing"),
+    (None, {"nonce": 7}, "auth.nonce must be a string of 1 to 64 characters"),
+    (None, {"issued_at": "now"}, "auth.issued_at must be an integer number of Unix seconds"),
+])
+def test_a_malformed_auth_block_names_the_field(keys: TenantKeys, drop: str | None, change: dict[str, Any],
+                                                says: str) -> None:
+    env = sign_spec(wasm_spec(), "alice", keys.key("alice"), NOW)
+    auth = {k: v for k, v in env.auth.to_json().items() if k != drop} | change
+    status, reason, message = reason_of(lambda: verify_request(env.spec, auth, registry(keys), NOW))
+    assert (status, reason) == (401, "malformed_auth")
+    assert f"the auth block is malformed: {says}; sign with" in message
