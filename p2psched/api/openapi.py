@@ -85,7 +85,7 @@ def _many(outcome: dict[str, Any], **extra: Any) -> dict[str, Any]:
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 300},
          "description": "Long-poll: wait up to this many seconds for the job to end."}
-_SPEC = {"name": "spec", "in": "query", "schema": {"type": "string", "enum": ["1"]},
+_SPEC = {"name": "spec", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]},
          "description": "1: the record carries its `spec` too."}
 _LABEL = {"name": "label", "in": "query", "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
           "style": "form", "explode": True,

@@ -185,6 +185,14 @@ def _parse_json(body: bytes) -> Any:
         raise AgentError(f"body is not valid JSON: {e}{hint}", reason="malformed_json") from None
 
 
+def _known_params(request: Request, *names: str) -> None:
+    """Refuse a query parameter the route does not take (a misspelt one would be ignored)."""
+    unknown = set(request.query_params) - set(names)
+    if unknown:
+        raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use {', '.join(names)}",
+                         reason="invalid_query")
+
+
 def _label_params(request: Request) -> list[tuple[str, str]]:
     """The ``label=KEY=VALUE`` query parameters (repeatable; a job must carry each)."""
     raw = request.query_params.getlist("label")
@@ -385,12 +393,18 @@ def create_app(agent: Any) -> Starlette:
 
     async def get_job(request: Request) -> Response:
         job_id = await readable(request)
+        _known_params(request, "wait", "spec")
+        spec = request.query_params.get("spec", "0")
+        if spec not in ("0", "1"):
+            raise AgentError(f"spec={spec!r}: use spec=1 to add the job's spec, or leave it out",
+                             reason="invalid_query")
         wait = _wait_param(request)
         rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
-        return _json(rec.as_dict(include_spec=request.query_params.get("spec") == "1"))
+        return _json(rec.as_dict(include_spec=spec == "1"))
 
     async def get_result(request: Request) -> Response:
         job_id = await readable(request)
+        _known_params(request, "wait", "artifact")
         wait = _wait_param(request)
         rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
         headers = {"X-Job-State": rec.state.value}
@@ -407,10 +421,7 @@ def create_app(agent: Any) -> Starlette:
     async def get_output(request: Request) -> Response:
         job_id = await readable(request)
         q = request.query_params
-        unknown = set(q) - {"stream", "offset", "wait"}
-        if unknown:
-            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use stream, offset, wait",
-                             reason="invalid_query")
+        _known_params(request, "stream", "offset", "wait")
         stream = q.get("stream", "stdout")
         if stream not in ("stdout", "stderr"):
             raise AgentError(f"stream={stream!r} is not an output stream; use stdout or stderr", reason="invalid_query")
@@ -432,10 +443,7 @@ def create_app(agent: Any) -> Starlette:
     async def list_jobs(request: Request) -> Response:
         who = await principal(request)
         q = request.query_params
-        unknown = set(q) - {"state", "tenant", "label", "limit", "cursor", "order"}
-        if unknown:
-            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use state, tenant, label, limit, "
-                             "cursor, order", reason="invalid_query")
+        _known_params(request, "state", "tenant", "label", "limit", "cursor", "order")
         labels = _label_params(request)
         order = q.get("order", "oldest")
         if order not in ("oldest", "newest"):
@@ -469,10 +477,7 @@ def create_app(agent: Any) -> Starlette:
 
     async def job_counts(request: Request) -> Response:
         who = await principal(request)
-        unknown = set(request.query_params) - {"tenant", "label"}
-        if unknown:
-            raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use tenant, label",
-                             reason="invalid_query")
+        _known_params(request, "tenant", "label")
         labels = _label_params(request)
         tenant = visible_tenant(who, request.query_params.get("tenant"))
         return _json({"counts": await agent.job_counts(tenant, labels), "tenant": tenant,

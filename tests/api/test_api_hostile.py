@@ -140,3 +140,18 @@ async def test_a_bug_met_by_one_job_of_a_batch_leaves_the_others_running(tmp_pat
             done = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
             assert done["state"] == "succeeded", done
         assert (await http.get("/v1/jobs/bad")).status_code == 404
+
+
+@pytest.mark.parametrize(("path", "params", "says"), [
+    ("/v1/jobs/{id}", {"wiat": "5"}, "unknown query parameter(s) ['wiat']; use wait, spec"),
+    ("/v1/jobs/{id}", {"spec": "yes"}, "spec='yes': use spec=1"),
+    ("/v1/jobs/{id}/result", {"artefact": "x"}, "unknown query parameter(s) ['artefact']; use wait, artifact"),
+])
+async def test_a_misspelt_query_parameter_is_refused_not_ignored(tmp_path, path, params, says):
+    async with running_agent(tmp_path) as (agent, http):
+        job = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
+        r = await http.get(path.format(id=job), params=params)
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "invalid_query"
+        assert says in r.json()["error"]["message"]
+        assert (await http.get(path.format(id=job), params={"wait": "10"})).status_code == 200
+        assert (await http.get(f"/v1/jobs/{job}", params={"spec": "1"})).json()["spec"]["runtime"] == "wasm"
