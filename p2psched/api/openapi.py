@@ -68,7 +68,8 @@ def _resp(desc: str, schema: dict[str, Any] | None = None, ctype: str = "applica
 def _errors(*codes: int) -> dict[str, Any]:
     """The error answers an operation gives, each with the Error body; the default
     covers the rest (401 unsigned, 403 not the caller's, 503 store unwritable, ...)."""
-    text = {400: "Invalid input; `error.fields` names each bad field.", 404: "Unknown job.",
+    text = {400: "Invalid input: `error.message` says what and how to fix it; for a spec, `error.fields` names "
+                 "each bad field.", 404: "Unknown job.",
             409: "Conflict with the job's state.", 413: "Body too large.", 429: "Queue full; see Retry-After.",
             503: "Agent shutting down."}
     return {**{str(c): _resp(text[c], _ERR) for c in codes},
