@@ -88,7 +88,8 @@ _WAIT = {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 
          "description": "Long-poll: wait up to this many seconds for the job to end."}
 _SPEC = {"name": "spec", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]},
          "description": "1: the record carries its `spec` too."}
-_LABEL = {"name": "label", "in": "query", "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+_LABEL = {"name": "label", "in": "query",
+          "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]+="}, "maxItems": 8},
           "style": "form", "explode": True,
           "description": "KEY=VALUE, repeatable: only jobs carrying every one of these labels."}
 
@@ -298,7 +299,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"202": _resp("Accepted", _REC), "200": _resp("Same id: the existing job", _REC),
                                   **_errors(400, 413, 429, 503)}},
                 "get": {"summary": "List jobs", "parameters": [
-                    {"name": "state", "in": "query", "schema": {"type": "string"}},
+                    {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in JobState]}},
                     {"name": "tenant", "in": "query", "schema": {"type": "string"}},
                     _LABEL,
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
@@ -351,12 +352,18 @@ def openapi_document() -> dict[str, Any]:
                                "others match: ask again. A job that is unknown, not the caller's, or already "
                                "ended has an error in its place (and the answer is 207).",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "properties": {
+                    "type": "object", "additionalProperties": False,
+                    # ids, or labels (with tenant and limit): one of the two, never both
+                    "oneOf": [{"required": ["ids"], "not": {"anyOf": [{"required": ["labels"]},
+                                                                      {"required": ["tenant"]},
+                                                                      {"required": ["limit"]}]}},
+                              {"required": ["labels"], "not": {"required": ["ids"]}}],
+                    "properties": {
                         "ids": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
                                 "maxItems": 10000},
-                        "labels": {"type": "object", "additionalProperties": {"type": "string"}, "minProperties": 1,
-                                   "maxProperties": 8},
-                        "tenant": {"type": "string"},
+                        "labels": {"type": "object", "propertyNames": {"minLength": 1},
+                                   "additionalProperties": {"type": "string"}, "minProperties": 1, "maxProperties": 8},
+                        "tenant": {"type": "string", "minLength": 1},
                         "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}}}}},
                 "responses": {"200": _resp("One record per job, in order, with `cancelled` (how many are now "
                                            "cancelled) and `more`", cancel_answer),
