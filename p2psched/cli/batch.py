@@ -24,8 +24,9 @@ from typing import Any
 import click
 
 from p2psched.cli.client import (
-    FINAL_STATES, RETRY_S, Api, FiniteFloat, _parse_pairs, _print_json, _summary, agent_option, fail, json_option,
+    FINAL_STATES, RETRY_S, Api, _parse_pairs, _print_json, _summary, agent_option, fail, json_option,
 )
+from p2psched.cli.numbers import FiniteFloat
 from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
 
 #: A request's body stays under this, well inside the agent's max_request_bytes (96 MiB).

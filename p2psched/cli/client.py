@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import click
 import httpx
 
+from p2psched.cli.numbers import FiniteFloat
 from p2psched.jobs.ids import JOB_ID_RE, JOB_ID_RULE
 
 DEFAULT_URL = "http://127.0.0.1:7700"
@@ -57,26 +58,6 @@ def api_options(f: Any) -> Any:
 def fail(message: str, code: int = 3) -> NoReturn:
     click.echo(f"p2psched: {message}", err=True)
     sys.exit(code)
-
-
-class FiniteFloat(click.FloatRange):
-    """A float option that refuses nan and inf (JSON has no such numbers, and no wait
-    or resource is infinite), then checks the range as FloatRange does."""
-
-    name = "float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number; give a number of {_param_unit(param)}", param, ctx)
-        return super().convert(number, param, ctx)
-
-    def _describe_range(self) -> str:
-        return "" if self.min is None and self.max is None else super()._describe_range()
-
-
-def _param_unit(param: click.Parameter | None) -> str:
-    return "CPU slots" if param is not None and param.name == "cpu" else "seconds"
 
 
 def check_job_id(job_id: str) -> str:

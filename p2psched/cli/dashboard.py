@@ -4,8 +4,10 @@ its dashboard itself, at ``http://AGENT/ui/``."""
 
 from __future__ import annotations
 
+import errno
 import webbrowser
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import httpx
@@ -61,5 +63,31 @@ def dashboard(agent_url: str, identity_tenant: str | None, identity_key: Path | 
         trio.run(main)
     except KeyboardInterrupt:
         pass
-    except OSError as e:
-        fail(f"cannot listen on {listen}: {e}; pick another --listen", 2)
+    except (OSError, BaseExceptionGroup) as e:  # trio's nursery wraps the server's bind error in a group
+        bind_error = _find(e, OSError)
+        if bind_error is None:
+            if _find(e, KeyboardInterrupt) is not None:
+                return
+            raise
+        if bind_error.errno == errno.EADDRNOTAVAIL:
+            fix = f"pass --listen with an address of this host, e.g. 127.0.0.1:{port}"
+        elif bind_error.errno == errno.EACCES:
+            fix = f"ports below 1024 need root; pass --listen {host}:OTHERPORT with a port of 1024 or above"
+        else:
+            fix = f"pass --listen {host}:OTHERPORT with a port free on this host"
+        fail(f"cannot listen on {listen}: {bind_error.strerror or bind_error}; {fix}", 2)
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _find(e: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` in ``e``, looking into (nested) exception groups."""
+    if isinstance(e, kind):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _find(sub, kind)
+            if found is not None:
+                return found
+    return None

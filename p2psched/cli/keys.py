@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -32,6 +33,15 @@ def keygen(gossip: bool, output: str | None, force: bool) -> None:
     except FileExistsError:
         raise click.ClickException(f"{output} already exists; pass --force to replace it "
                                    "(agents using the old key will no longer understand this cluster)") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the gossip key to {output}: {e.strerror or e}; "
+                                   "pass -o with a file in an existing directory you can write to") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:  # a full disk: a cut key file is worse than none
+        with contextlib.suppress(OSError):
+            os.unlink(output)
+        raise click.ClickException(f"cannot write the gossip key to {output}: {e.strerror or e}; "
+                                   "free some space there or pass another -o") from None
     click.echo(f"wrote gossip key to {output} (mode 0600)", err=True)

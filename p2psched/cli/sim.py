@@ -8,10 +8,13 @@ module exists. Further simulators register the same way in ``_EXTRA``.
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from typing import Any
 
 import click
+
+from p2psched.cli.numbers import POSITIVE, FiniteFloat
 
 # subcommand name -> "module:attribute" of a click command, loaded only when present
 _EXTRA = {"placement": "p2psched.sim.placement:cli"}
@@ -51,31 +54,33 @@ def _partition(ctx: click.Context, param: click.Parameter, value: str | None) ->
     except ValueError:
         raise click.BadParameter(f"{value!r} is not FRACTION:START:DURATION, e.g. 0.3:5:20 cuts 30% of the "
                                  "nodes off 5 s after the crash phase, for 20 s") from None
-    if not 0 < frac < 1 or start < 0 or dur <= 0:
+    if not (0 < frac < 1 and 0 <= start < math.inf and 0 < dur < math.inf):  # also false for nan
         raise click.BadParameter("FRACTION must be between 0 and 1, START >= 0 and DURATION > 0 seconds")
     return frac, start, dur
 
 
 @sim.command()
 @click.option("--nodes", "-n", default=100, show_default=True, type=click.IntRange(2, 20000))
-@click.option("--loss", default=0.01, show_default=True, type=click.FloatRange(0, 0.9), help="Datagram loss rate.")
+@click.option("--loss", default=0.01, show_default=True, type=FiniteFloat(0, 0.9), help="Datagram loss rate.")
 @click.option("--crash", default=1, show_default=True, type=click.IntRange(0), help="Nodes to crash.")
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--partition", default=None, callback=_partition, metavar="FRACTION:START:DURATION",
               help="Cut FRACTION of the live nodes off START s after the crash phase, for DURATION s.")
-@click.option("--duration", default=30.0, show_default=True, type=click.FloatRange(1),
+@click.option("--duration", default=30.0, show_default=True, type=FiniteFloat(1),
               help="Seconds of steady state measured for bytes per node per second.")
-@click.option("--probe-interval", default=None, type=float, help="Override the 1 s probe interval.")
-@click.option("--suspicion-mult", default=None, type=float, help="Override the suspicion multiplier (4).")
+@click.option("--probe-interval", default=None, type=POSITIVE, help="Override the 1 s probe interval.")
+@click.option("--suspicion-mult", default=None, type=POSITIVE, help="Override the suspicion multiplier (4).")
 @click.option("--topology", "topology_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Leaf-spine topology file: nodes sit on its hosts and links take its latencies.")
-@click.option("--same-leaf", default=None, type=click.FloatRange(0, 1),
+@click.option("--same-leaf", default=None, type=FiniteFloat(0, 1),
               help="With --topology: probability that a gossip peer is drawn from the same leaf.")
 def membership(nodes: int, loss: float, crash: int, seed: int, partition: tuple[float, float, float] | None,
                duration: float, probe_interval: float | None, suspicion_mult: float | None,
                topology_file: str | None, same_leaf: float | None) -> None:
     """SWIM + Lifeguard on N simulated nodes (2 +- 1 ms links): failure detection time,
     false positives, update spread, bytes per node, partition healing."""
+    from pydantic import ValidationError
+
     from p2psched.membership.settings import MembershipSettings
     from p2psched.sim.membership import run_experiment
 
@@ -86,7 +91,15 @@ def membership(nodes: int, loss: float, crash: int, seed: int, partition: tuple[
         over["suspicion_mult"] = suspicion_mult
     if same_leaf is not None:
         over["gossip_same_group_fraction"] = same_leaf
-    settings = MembershipSettings(insecure=True, mdns=False, **over)
+    try:
+        settings = MembershipSettings(insecure=True, mdns=False, **over)
+    except ValidationError as e:  # the flags' ranges above should keep every value valid
+        from p2psched.api.errors import field_errors
+
+        flags = {"probe_interval": "--probe-interval", "suspicion_mult": "--suspicion-mult",
+                 "gossip_same_group_fraction": "--same-leaf"}
+        raise click.UsageError("; ".join(f"{flags.get(d['field'], d['field'])}: {d['message']}"
+                                         for d in field_errors(e))) from None
     topology = None
     if topology_file is not None:
         from p2psched.topology.model import Topology, TopologyError

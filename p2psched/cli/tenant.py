@@ -220,10 +220,22 @@ def _peer_key(peers: Any, node_id: str) -> str | None:
     return None
 
 
+def _node_pubkey(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A raw Ed25519 public key in hex (security/keys.py public_hex): 32 bytes, 64 hex digits."""
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise click.BadParameter(f"{value!r} is not an Ed25519 public key: it must be 64 hex digits (0-9, a-f), "
+                                 "the executor's node_pubkey in 'p2psched peers --json' (or its DATA_DIR/node.pub)")
+    return key
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("target", metavar="JOB_ID|REPORT.json")
 @click.option("--agent", "agent_url", help="Agent URL: fetch the job's report and the executor's public key from it.")
-@click.option("--node-pubkey", help="The executor's Ed25519 public key (hex), as 'p2psched peers' shows it.")
+@click.option("--node-pubkey", callback=_node_pubkey,
+              help="The executor's Ed25519 public key: 64 hex digits, its node_pubkey in 'p2psched peers --json'.")
 @click.option("--module", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Check the module's hash.")
 @click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Check the input's hash.")
 @click.option("--output", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Check the output's hash.")
@@ -294,7 +306,9 @@ def _client(agent_url: str, tenant: str | None, key: Path | None) -> Any:
             auth = RequestSigner(tenant, key).auth
         except KeyFormatError as e:
             _fail(str(e), 2)
-    return httpx.Client(base_url=agent_url.rstrip("/"), timeout=30.0, auth=auth)
+    from p2psched.cli.client import agent_base_url
+
+    return httpx.Client(base_url=agent_base_url(agent_url), timeout=30.0, auth=auth)
 
 
 def _get(client: Any, path: str) -> Any:

@@ -32,6 +32,9 @@ def ca_init(out_dir: Path, name: str, days: int) -> None:
         cert, key = init_ca(out_dir, common_name=name, days=days)
     except TLSSetupError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the CA to {e.filename or out_dir}: {e.strerror or e}; "
+              "pass --out with a directory you can create and write to")
     click.echo(f"wrote {cert} and {key} (private, mode 0600)")
     click.echo(f"next, for each agent: p2psched cert issue NODE_ID --ca {out_dir} --out DIR")
 
@@ -53,8 +56,41 @@ def cert_issue(node_id: str, ca_dir: Path, out_dir: Path, hosts: tuple[str, ...]
     """Issue a certificate naming NODE_ID, signed by the CA in --ca."""
     from p2psched.security.tls import TLSSetupError, issue_node_cert
 
+    _check_ca(ca_dir)
     try:
         cert_path, key_path = issue_node_cert(node_id, ca_dir, out_dir, hosts=hosts, days=days)
     except TLSSetupError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {e.filename or out_dir}: {e.strerror or e}; pass --out with a directory you can "
+              "create and write to")
+    except (ValueError, TypeError) as e:  # what _check_ca did not foresee in the CA's files
+        _fail(f"cannot use the CA in {ca_dir}: {e}; give --ca the directory 'p2psched ca init --out' wrote")
     click.echo(f"wrote {cert_path} and {key_path} (private, mode 0600) for node {node_id}")
+
+
+def _check_ca(ca_dir: Path) -> None:
+    """Fail naming the file when --ca's ca.pem or ca.key cannot be read as 'ca init' writes them."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from p2psched.security.tls import CA_CERT, CA_KEY
+
+    fix = "give --ca the directory 'p2psched ca init --out' wrote, or create a CA with 'p2psched ca init --out DIR'"
+    cert_path, key_path = ca_dir / CA_CERT, ca_dir / CA_KEY
+    for path in (cert_path, key_path):
+        if not path.exists():
+            continue  # issue_node_cert says that no CA is there
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            _fail(f"cannot read {path}: {e.strerror or e}; {fix}")
+        try:
+            if path == cert_path:
+                x509.load_pem_x509_certificate(data)
+            else:
+                serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:  # TypeError: a key encrypted with a passphrase
+            what = "a PEM certificate" if path == cert_path else "an unencrypted PEM private key"
+            reason = str(e).split(". See ")[0]  # cryptography appends a link to its FAQ
+            _fail(f"{path} is not {what} ({reason}); {fix}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
+from p2psched.cli.numbers import POSITIVE
 from p2psched.topology import WEIGHTS, FabricShape, Topology, TopologyError, generate
 
 
@@ -21,31 +23,64 @@ def topology() -> None:
     """Generate, show and query leaf-spine topology files (format: docs/scheduling.md)."""
 
 
-@topology.command("generate")
+#: The largest fabric ``generate`` writes. 20,000 hosts is the most ``sim membership``
+#: simulates (the checked-in topologies reach 1,024); at these sizes writing and checking
+#: the file takes about 5 s and 0.3 GB, and it grows linearly beyond: a typo such as
+#: --spines 100000 should be an error, not minutes of work and a file no loader wants.
+MAX_HOSTS = 20_000
+MAX_SWITCHES = 2_000  # spines + leaves
+MAX_LINKS = 60_000  # leaves x spines + hosts
+
+
+@topology.command("generate", help=(
+    "Write a leaf-spine topology with every leaf linked to every spine.\n\n"
+    f"At most {MAX_HOSTS:,} hosts, {MAX_SWITCHES:,} switches (spines + leaves) and {MAX_LINKS:,} links "
+    "(leaves x spines + hosts)."))
 @click.option("--spines", type=int, required=True, help="Spine switches; every leaf links to each.")
 @click.option("--leaves", type=int, required=True, help="Leaf (top-of-rack) switches.")
 @click.option("--hosts-per-leaf", type=int, required=True, help="Hosts under each leaf, named h<leaf>-<index>.")
-@click.option("--oversubscription", type=float, default=1.0, show_default=True,
+@click.option("--oversubscription", type=POSITIVE, default=1.0, show_default=True,
               help="Host bandwidth under a leaf / its uplink bandwidth; sets the leaf-spine link speed.")
-@click.option("--host-gbps", type=float, default=25.0, show_default=True, help="Host link bandwidth.")
+@click.option("--host-gbps", type=POSITIVE, default=25.0, show_default=True, help="Host link bandwidth.")
 @click.option("--name", default="", help="Name stored in the file (default: leaf-spine-SxLxH).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
               help="File to write; '-' writes to stdout.")
 def generate_cmd(spines: int, leaves: int, hosts_per_leaf: int, oversubscription: float, host_gbps: float,
                  name: str, output: str) -> None:
-    """Write a leaf-spine topology with every leaf linked to every spine."""
     shape = FabricShape(spines, leaves, hosts_per_leaf, oversubscription, host_gbps=host_gbps)
     try:
-        text = generate(shape, name=name)
+        shape.check()
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    Topology.from_text(text)  # the generator's output must pass the loader's own checks
+    _check_size(spines, leaves, hosts_per_leaf)
+    if not 0 < shape.uplink_gbps < math.inf:
+        raise click.UsageError(f"the leaf-spine links come to {shape.uplink_gbps:g} Gb/s (hosts per leaf x "
+                               "--host-gbps / (--oversubscription x spines)); choose --host-gbps and "
+                               "--oversubscription that give a finite bandwidth above 0")
+    try:
+        text = generate(shape, name=name)
+        Topology.from_text(text)  # the generator's output must pass the loader's own checks
+    except (ValueError, TopologyError) as e:
+        raise click.UsageError(str(e)) from None
     if output == "-":
         click.echo(text, nl=False)
         return
-    Path(output).write_text(text, encoding="utf-8")
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}; pass -o with a file in an existing "
+                                   "directory you can write to, or -o - for standard output") from None
     click.echo(f"wrote {output}: {spines} spines, {leaves} leaves, {leaves * hosts_per_leaf} hosts, "
                f"uplinks {shape.uplink_gbps:g} Gb/s")
+
+
+def _check_size(spines: int, leaves: int, hosts_per_leaf: int) -> None:
+    hosts, switches, links = leaves * hosts_per_leaf, spines + leaves, leaves * spines + leaves * hosts_per_leaf
+    for what, n, limit in (("hosts", hosts, MAX_HOSTS), ("switches (spines + leaves)", switches, MAX_SWITCHES),
+                           ("links (leaves x spines + hosts)", links, MAX_LINKS)):
+        if n > limit:
+            raise click.UsageError(f"--spines {spines} --leaves {leaves} --hosts-per-leaf {hosts_per_leaf} make "
+                                   f"{n:,} {what}; generate writes at most {limit:,}: choose a smaller fabric")
 
 
 @topology.command("show")

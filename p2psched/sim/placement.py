@@ -79,6 +79,7 @@ from typing import Any
 import click
 
 from p2psched.agent.health import HostHealth
+from p2psched.cli.numbers import POSITIVE, FiniteFloat
 from p2psched.placement import (
     DEFAULT_SETTINGS, POLICIES, Decision, Forward, JobRequest, PlacementSettings, PlacementState, QueueHere, Reject,
     RunHere, check_fit, place,
@@ -633,6 +634,10 @@ def simulate(topo: Topology, *, load: float, jobs: int, policy: str = "p2p", see
     fit-last."""
     if not 0 <= broken < len(topo.hosts):
         raise ValueError(f"broken hosts must number 0 to {len(topo.hosts) - 1}, not {broken}")
+    if not (cpus_per_host >= 1 and 0 < mean_duration < math.inf and 0 < gossip_interval < math.inf):
+        # 0 divides the arrival rate by zero; a 0 gossip interval republishes forever at one instant
+        raise ValueError(f"cpus_per_host must be at least 1 and mean_duration and gossip_interval finite and "
+                         f"above 0, not {cpus_per_host}, {mean_duration} and {gossip_interval}")
     gpus = bool(gpu_mix)
     if gpus and not all(0 < g <= gpus_per_host for g in gpu_mix):
         raise ValueError(f"every GPU request must be 1 to {gpus_per_host} (the GPUs of a host), not {list(gpu_mix)}")
@@ -736,19 +741,22 @@ def _gpu_mix(ctx: click.Context, param: click.Parameter, value: str | None) -> t
 @click.option("--policy", type=click.Choice(POLICIES), default="p2p", show_default=True,
               help="Placement policy every simulated agent runs.")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--cpus-per-host", type=int, default=CPUS_PER_HOST, show_default=True, help="Job slots per host.")
-@click.option("--mean-duration", type=float, default=MEAN_DURATION_S, show_default=True, help="Mean job run time, s.")
+@click.option("--cpus-per-host", type=click.IntRange(min=1), default=CPUS_PER_HOST, show_default=True,
+              help="Job slots per host.")
+@click.option("--mean-duration", type=POSITIVE, default=MEAN_DURATION_S, show_default=True,
+              help="Mean job run time, s.")
 @click.option("--durations", type=click.Choice(["exp", "fixed"]), default="exp", show_default=True)
-@click.option("--gossip-interval", type=float, default=GOSSIP_INTERVAL_S, show_default=True,
+@click.option("--gossip-interval", type=POSITIVE, default=GOSSIP_INTERVAL_S, show_default=True,
               help="How often each agent's vector is re-published (its staleness), s.")
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="Fraction of first jobs left out.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also run omniscient, random and power-of-two on the same trace.")
 @click.option("--gossip/--no-gossip", "gossip", default=False, show_default=True,
               help="Also run the topology-aware gossip model.")
-@click.option("--same-leaf-fraction", "fractions", type=float, multiple=True,
+@click.option("--same-leaf-fraction", "fractions", type=FiniteFloat(0, 1), multiple=True,
               help="Same-leaf fractions for the gossip model (repeatable; default 0, 0.5, 0.8).")
-@click.option("--fanout", type=int, default=3, show_default=True, help="Gossip targets per node per round.")
+@click.option("--fanout", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Gossip targets per node per round.")
 @click.option("--broken", type=click.IntRange(min=0), default=0, show_default=True,
               help="Black-hole hosts: they gossip free slots, but every job started there fails at once.")
 @click.option("--gpu-mix", "gpu_mix", callback=_gpu_mix, metavar="N,N,...",

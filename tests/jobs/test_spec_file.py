@@ -87,7 +87,7 @@ def test_a_single_spec_is_one_job(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("[]", "holds no jobs"),
-    ("42", "holds a int"),
+    ("42", "holds a number (42), not specs"),
     ("defaults: {priority: 1}\n", "no 'jobs' list"),
     ("jobs: [{runtime: wasm}]\nextra: 1\n", "move ['extra'] into 'defaults'"),
     ("jobs: {a: 1}\n", "'jobs' must be a list"),
