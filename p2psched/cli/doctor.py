@@ -2,20 +2,25 @@
 
 Each check prints ok/warn/FAIL, what it found and, when it is not ok, the fix.
 Exit status 1 when any check FAILs (warnings are fine: they mean a fallback).
+Whether a check that is not ok warns or fails is decided per check (:func:`judge`),
+never from the words of its detail.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import socket
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import click
 
-Check = tuple[str, bool, str, str]  # name, ok, detail, fix
+Check = tuple[str, bool, str, str]  # name, ok, detail, fix: what every check returns
+Outcome = Literal["ok", "warn", "fail"]
 
 
 def check_python() -> Check:
@@ -65,21 +70,44 @@ _PROTOCOLS: dict[int, str] = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP
 def check_port(name: str, hostport: str, *kinds: int) -> Check:
     """Whether the agent could bind ``hostport`` for each of ``kinds``: the gossip port
     takes UDP for SWIM and TCP for push-pull, and either one taken stops the agent."""
-    host, _, port = hostport.rpartition(":")
+    from p2psched.config import parse_hostport
+
     protocols = " and ".join(_PROTOCOLS[k] for k in kinds)
+    try:
+        host, port = parse_hostport(hostport, what=f"--{name}")  # as the agent reads it
+    except ValueError as e:
+        return (f"port {name}", False, str(e), f"use HOST:PORT for --{name}, e.g. --{name} 0.0.0.0:{_EXAMPLE[name]}")
     for kind in kinds:
         s = socket.socket(socket.AF_INET, kind)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent binds: TIME_WAIT is no conflict
-            s.bind((host or "0.0.0.0", int(port)))
+            s.bind((host, port))
         except OSError as e:
-            ss = "-lntp" if kind == socket.SOCK_STREAM else "-lnup"
-            return (f"port {name}", False, f"{hostport} ({_PROTOCOLS[kind]}): {e.strerror}",
-                    f"stop whatever uses {_PROTOCOLS[kind]} port {port} (`ss {ss} | grep :{port}`), "
-                    f"or pass --{name} HOST:OTHERPORT with a port free for {protocols}")
+            return (f"port {name}", False, f"{hostport} ({_PROTOCOLS[kind]}): {e.strerror or e}",
+                    _bind_fix(name, host, port, kind, protocols, e))
         finally:
             s.close()
     return (f"port {name}", True, f"{hostport} is free ({protocols})", "")
+
+
+#: The agent's default ports, for the examples in fixes.
+_EXAMPLE = {"api": 7700, "gossip": 7701, "transfer": 7702}
+
+
+def _bind_fix(name: str, host: str, port: int, kind: int, protocols: str, e: OSError) -> str:
+    """The fix for a failed bind: only a port in use is fixed by freeing the port."""
+    if isinstance(e, socket.gaierror):
+        return f"{host!r} is not an address or a name this host resolves; pass --{name} with an IP address of " \
+               f"this host, or 0.0.0.0:{port} for all of them"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this host (see `ip -brief address`); pass --{name} with one of " \
+               f"its addresses, or 0.0.0.0:{port} for all of them"
+    if e.errno == errno.EACCES:
+        return f"ports below 1024 need root (or CAP_NET_BIND_SERVICE); pass --{name} {host}:OTHERPORT " \
+               "with a port of 1024 or above"
+    ss = "-lntp" if kind == socket.SOCK_STREAM else "-lnup"
+    return (f"stop whatever uses {_PROTOCOLS[kind]} port {port} (`ss {ss} | grep :{port}`), "
+            f"or pass --{name} HOST:OTHERPORT with a port free for {protocols}")
 
 
 def check_cgroups() -> Check:
@@ -136,7 +164,25 @@ def check_leftovers() -> Check:
 
 
 #: Checks whose failure is a warning: something works less well, or the agent mends it.
+#: Every other check that is not ok fails, unless :func:`judge` says otherwise.
 WARN_ONLY = {"leftovers"}
+
+
+def judge(check: Check, gpus_declared: bool) -> Outcome:
+    """ok, warn or fail for one row: a warning is a state the agent runs in (a fallback, or
+    something it mends itself); a failure is one it would refuse, or run jobs wrongly in."""
+    name, ok, detail, _ = check
+    if ok:
+        return "ok"
+    if name in WARN_ONLY:
+        return "warn"
+    if name == "device control" and detail.startswith("fallback:"):
+        # probe_device_control's two answers: a job cgroup it could not restrict fails
+        # jobs too; "fallback:" means the mount namespace alone keeps devices out.
+        return "warn"
+    if name.startswith("gpu") and not gpus_declared:
+        return "warn"  # a GPU this host lacks or cannot read: it still takes CPU and wasm jobs
+    return "fail"
 
 
 def _module_checks(module: str) -> Iterable[Check]:
@@ -167,15 +213,13 @@ def doctor(data_dir: Path, api: str, gossip: str, transfer: str, gpus: str | Non
 
     checks += gpu_checks(gpus)
     failed = 0
-    for name, ok, detail, fix in checks:
-        mark = click.style(" ok ", fg="green") if ok else click.style("FAIL", fg="red")
-        # A GPU the host lacks is a warning; a declaration the agent would refuse to start with fails.
-        if not ok and (name in WARN_ONLY or "fallback" in detail or "none" in detail.lower()
-                       or (name.startswith("gpu") and not gpus)):
-            mark = click.style("warn", fg="yellow")
-        elif not ok:
-            failed += 1
-        click.echo(f"[{mark}] {name:<18} {detail}")
-        if not ok and fix:
+    marks = {"ok": click.style(" ok ", fg="green"), "warn": click.style("warn", fg="yellow"),
+             "fail": click.style("FAIL", fg="red")}
+    for check in checks:
+        name, ok, detail, fix = check
+        outcome = judge(check, gpus_declared=bool(gpus and gpus.strip()))
+        failed += outcome == "fail"
+        click.echo(f"[{marks[outcome]}] {name:<18} {detail}")
+        if outcome != "ok" and fix:
             click.echo(f"       fix: {fix}")
     sys.exit(1 if failed else 0)

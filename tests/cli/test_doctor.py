@@ -78,3 +78,47 @@ def test_doctor_checks_a_gpu_declaration_as_the_agent_reads_it(tmp_path):
     mark, detail = rows["gpu: declared GPUs"]
     assert mark == "FAIL" and "must name its memory" in detail, rows
     assert "fix: fix the --gpus value; see docs/gpu.md" in out.stdout
+
+
+def test_doctor_reports_a_malformed_address_as_a_failed_check(tmp_path):
+    for bad in ("bogus", "127.0.0.1:99999"):
+        out = subprocess.run([sys.executable, "-m", "p2psched", "doctor", "--data-dir", str(tmp_path / "data"),
+                              "--api", bad, "--gossip", f"127.0.0.1:{free_port()}",
+                              "--transfer", f"127.0.0.1:{free_port()}"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"[FAIL] port api           --api {bad!r} must be HOST:PORT with a port 0-65535" in out.stdout
+        assert "fix: use HOST:PORT for --api, e.g. --api 0.0.0.0:7700" in out.stdout
+
+
+def test_doctor_fixes_an_address_this_host_lacks_by_naming_one_it_has(tmp_path):
+    port = free_port()
+    out, rows = doctor(tmp_path, tmp_path / "data", free_port(), None, "--api", f"192.0.2.1:{port}")  # TEST-NET-1
+    assert out.returncode == 1, out.stdout
+    assert rows["port api"] == ("FAIL", f"192.0.2.1:{port} (TCP): Cannot assign requested address")
+    assert (f"fix: 192.0.2.1 is not an address of this host (see `ip -brief address`); pass --api with one of its "
+            f"addresses, or 0.0.0.0:{port} for all of them") in out.stdout
+    assert "stop whatever uses" not in out.stdout
+
+
+def test_doctor_fails_a_data_dir_it_cannot_create_whatever_its_name(tmp_path):
+    out, rows = doctor(tmp_path, "/proc/nonexistent/d", free_port())  # "none" in its name once made it a warning
+    assert out.returncode == 1, out.stdout
+    assert rows["data dir"] == ("FAIL", "/proc/nonexistent/d: No such file or directory")
+
+
+def test_doctor_judges_each_check_by_its_name_not_its_words():
+    from p2psched.cli.doctor import judge
+
+    assert judge(("data dir", False, "/srv/none/x: Permission denied", "fix"), gpus_declared=False) == "fail"
+    assert judge(("seccomp", False, "fallback to none", "fix"), gpus_declared=False) == "fail"
+    assert judge(("leftovers", False, "left by a killed agent: 1 job cgroup", "fix"), gpus_declared=False) == "warn"
+    assert judge(("device control", False, "fallback: only the mount namespace", "fix"),
+                 gpus_declared=False) == "warn"
+    assert judge(("device control", False, "could not restrict a job cgroup's devices", "fix"),
+                 gpus_declared=False) == "fail"
+    # No GPUs is fine on a CPU host; a declaration the agent would refuse is not.
+    assert judge(("gpu: device nodes", False, "missing: /dev/nvidiactl", "fix"), gpus_declared=False) == "warn"
+    assert judge(("gpu: declared GPUs", False, "must name its memory", "fix"), gpus_declared=True) == "fail"
+    assert judge(("gpu: devices", True, "no GPU slots offered: none found", ""), gpus_declared=False) == "ok"
