@@ -90,7 +90,7 @@ import wasmtime
 
 from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
-from p2psched.sandbox.wasm_binary import export_memories
+from p2psched.sandbox.wasm_binary import export_memories, function_exports
 from p2psched.sandbox.masking import mask
 
 log = logging.getLogger("p2psched.sandbox")
@@ -151,6 +151,12 @@ def _engine_config(stack_bytes: int | None) -> wasmtime.Config:
     config = wasmtime.Config()
     config.consume_fuel = True
     config.epoch_interruption = True
+    # Off: proposals whose memory the store limiter does not bound. A second memory
+    # has a mem_bytes of its own (ten of them ran 8x over the limit), and the GC heap
+    # has none. A module that uses one is refused at submission, as not valid.
+    config.wasm_multi_memory = False
+    config.wasm_gc = False
+    config.wasm_function_references = False
     if stack_bytes is not None:
         # wasmtime aborts the whole process if max_wasm_stack exceeds the async
         # stack size, even though no async call is ever made here.
@@ -430,7 +436,11 @@ class WasmEngine:
             if hit is not None:
                 return hit
             module = self._load(slot.engine, sha256, module_path)
-            prepared = _prepare(slot, module)
+            signatures = None
+            if module_path is not None:
+                with contextlib.suppress(OSError):
+                    signatures = function_exports(Path(module_path).read_bytes())
+            prepared = _prepare(slot, module, signatures)
             with self._cond:
                 self._modules[key] = prepared
                 while len(self._modules) > self._modules_cap:
@@ -513,7 +523,11 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _prepare(slot: _Slot, module: wasmtime.Module) -> _Prepared:
+def _prepare(slot: _Slot, module: wasmtime.Module,
+             signatures: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None) -> _Prepared:
+    """``signatures``: the exported functions' types as read from the binary
+    (wasm_binary.function_exports); without them, wasmtime is asked, which aborts
+    the process for a v128."""
     imports = module.imports
     needs_wasi = any(imp.module in _WASI_MODULES for imp in imports)
     linker = slot.wasi_linker if needs_wasi else slot.plain_linker
@@ -529,8 +543,10 @@ def _prepare(slot: _Slot, module: wasmtime.Module) -> _Prepared:
     for export in module.exports:
         ty = export.type
         if isinstance(ty, wasmtime.FuncType):
-            params = tuple(_kind(p) for p in ty.params)
-            results = tuple(_kind(r) for r in ty.results)
+            if signatures is not None and export.name in signatures:
+                params, results = signatures[export.name]
+            else:
+                params, results = tuple(_kind(p) for p in ty.params), tuple(_kind(r) for r in ty.results)
             command = export.name == "_start" and not params and not results
             functions[export.name] = _Entry(export.name.encode(), params, results, command)
         elif isinstance(ty, wasmtime.MemoryType):
@@ -599,15 +615,21 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
 def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _Prepared, stack: int) -> SandboxResult:
     limits = request.limits
     if prepared.pre is None:
-        return SandboxResult(exit_code=None, reason=f"trap: {prepared.link_error}")
+        return SandboxResult(exit_code=None, reason=_capped(f"trap: {prepared.link_error}"))
     entry = _pick_entry(request.entry, prepared)
     if isinstance(entry, str):
-        return SandboxResult(exit_code=None, reason=f"trap: {entry}")
+        return SandboxResult(exit_code=None, reason=_capped(f"trap: {entry}"))
+    odd = next((kind for kind in entry.results if kind not in _NUMBERS), None)
+    if odd is not None:
+        # wasmtime-py aborts the whole worker on a v128 result (and prints a host address
+        # for a funcref): the guest's fault, not the host's, so it never reaches a call.
+        return SandboxResult(exit_code=None, reason=f"trap: function {entry.name.decode()!r} returns a {odd}, which "
+                             "a job's output cannot show; call one that returns i32, i64, f32 or f64 values, or none")
     params: list[int | float] = []
     if not entry.command:
         converted = _convert_args(entry, request.args)
         if isinstance(converted, str):
-            return SandboxResult(exit_code=None, reason=f"trap: {converted}")
+            return SandboxResult(exit_code=None, reason=_capped(f"trap: {converted}"))
         params = converted
 
     slot = engine._slot(stack)
@@ -653,15 +675,15 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
             elif code == wasmtime.TrapCode.INTERRUPT:
                 reason = "wall_timeout"
             else:
-                reason = f"trap: {_trap_message(e.message)}"
+                reason = _capped(f"trap: {_trap_message(e.message)}")
         except wasmtime.WasmtimeError as e:
             message = str(e)
             if run.stop is not None:
                 reason = run.stop
-            elif instance is None and "memory" in message and "limit" in message:
-                reason = "memory_limit"  # its initial memory alone is over the limit
+            elif instance is None and ("memory" in message or "table" in message) and "limit" in message:
+                reason = "memory_limit"  # its initial memory or table alone is over the limit
             else:
-                reason = f"trap: {_trap_message(message)}"
+                reason = _capped(f"trap: {_trap_message(message)}")
         if run.stop is not None:  # stopped during a host call, whatever the guest did next
             exit_code, reason = None, run.stop
         peak = store.memory_bytes(instance, prepared.memories) if instance is not None and prepared.memories else 0
@@ -695,6 +717,17 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
 
 
 _LIMIT_HITS = frozenset({"out_of_fuel", "wall_timeout", "memory_limit", "stack_overflow"})
+#: The value types a job's text arguments and output can carry.
+_NUMBERS = frozenset({"i32", "i64", "f32", "f64"})
+#: A reason is one line of a record: a module's own names (its imports, a trap's
+#: message) can make it megabytes.
+MAX_REASON_CHARS = 1024
+
+
+def _capped(reason: str) -> str:
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return reason[:MAX_REASON_CHARS - 40] + f"... ({len(reason):,} characters in all)"
 
 
 def _pick_entry(name: str, prepared: _Prepared) -> _Entry | str:

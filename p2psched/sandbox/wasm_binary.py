@@ -174,3 +174,62 @@ def export_memories(data: bytes) -> bytes:
         return data[:at] + bytes([_EXPORT]) + _uleb(len(body)) + body + data[at:]
     except _Malformed:
         return data
+
+
+#: Value types by their one-byte encoding (GC's and typed function references'
+#: longer ones are off in the engine, so a valid module has none).
+_VALUE_TYPES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128", 0x70: "funcref",
+                0x6F: "externref", 0x69: "exnref"}
+
+
+def _value_type(r: _Reader) -> str:
+    b = r.byte()
+    return _VALUE_TYPES.get(b, f"type 0x{b:02x}")
+
+
+def function_exports(data: bytes) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None:
+    """Each exported function's parameter and result types ("i32", "v128", ...) by its
+    name, read from the binary; None for a module this cannot read. wasmtime's C API
+    aborts the whole process when asked the kind of a v128, so the runner asks here."""
+    types: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    funcs: list[int] = []
+    exports: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    try:
+        r = _Reader(data, 8)
+        while r.pos < r.end:
+            section, size = r.byte(), r.uleb()
+            s = _Reader(data, r.pos, r.pos + size)
+            r.skip(size)
+            if section == 1:  # types
+                for _ in range(s.uleb()):
+                    if s.byte() != 0x60:
+                        return None
+                    params = tuple(_value_type(s) for _ in range(s.uleb()))
+                    types.append((params, tuple(_value_type(s) for _ in range(s.uleb()))))
+            elif section == 2:  # imports: imported functions come first in the index space
+                for _ in range(s.uleb()):
+                    s.name(), s.name()
+                    kind = s.byte()
+                    if kind == 0:
+                        funcs.append(s.uleb())
+                    elif kind == 1:
+                        s.byte(), s.limits()
+                    elif kind == 2:
+                        s.limits()
+                    elif kind == 3:
+                        s.byte(), s.byte()
+                    elif kind == 4:
+                        s.byte(), s.uleb()
+                    else:
+                        return None
+            elif section == 3:  # functions
+                funcs += [s.uleb() for _ in range(s.uleb())]
+            elif section == 7:  # exports
+                for _ in range(s.uleb()):
+                    name = s.name().decode("utf-8", "replace")
+                    kind, index = s.byte(), s.uleb()
+                    if kind == 0:
+                        exports[name] = types[funcs[index]]
+    except (_Malformed, IndexError):
+        return None
+    return exports

@@ -14,7 +14,7 @@ import wasmtime
 
 from p2psched.jobs.spec import Limits, Resources
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
-from p2psched.sandbox.wasm import FUEL_PER_CPU_MS, WasmEngine, run_wasm
+from p2psched.sandbox.wasm import FUEL_PER_CPU_MS, MAX_REASON_CHARS, WasmEngine, run_wasm, validate_module
 
 GUESTS = Path(__file__).resolve().parents[2] / "examples" / "wasm"
 
@@ -331,3 +331,54 @@ def test_a_module_that_keeps_its_memory_to_itself_reports_its_peak(engine, tmp_p
     result = run_wasm(request(quiet, entry="f"), engine)
     assert result.succeeded and result.stdout == b"1\n"
     assert result.peak_mem_bytes == 3 * 65536
+
+
+# -- what a hostile tenant tried (an audit through a real agent) ------------------------
+
+
+@pytest.mark.parametrize(("result", "value"), [("v128", "(v128.const i32x4 1 2 3 4)"),
+                                                ("funcref", "(ref.null func)"),
+                                                ("externref", "(ref.null extern)")])
+def test_a_function_returning_what_output_cannot_show_is_refused_not_called(engine, tmp_path, result, value):
+    # A v128 result aborted the whole worker process, which counted as a host failure:
+    # three such jobs marked the node's wasm runtime impaired for every tenant.
+    path = wat_module(tmp_path, result, f'(module (func (export "f") (result {result}) {value}))')
+    out = run_wasm(request(path, entry="f"), engine)
+    assert out.exit_code is None and not out.succeeded
+    assert out.reason.startswith(f"trap: function 'f' returns a {result}, which a job's output cannot show")
+    assert run_wasm(request("hello"), engine).succeeded  # the same engine goes on
+
+
+def test_tables_are_held_to_the_memory_limit(engine, tmp_path):
+    # table.grow was unbounded: 7.4 GB in 10 s with mem_bytes at 1 MiB.
+    grow = wat_module(tmp_path, "grow", """
+      (module (table 0 funcref)
+        (func (export "f") (result i32)
+          (loop (br_if 0 (i32.ne (table.grow 0 (ref.null func) (i32.const 10000000)) (i32.const -1))))
+          (table.size 0)))""")
+    out = run_wasm(request(grow, entry="f", limits=Limits(mem_bytes=1 << 20, wall_ms=10_000)), engine)
+    assert out.succeeded and int(out.stdout) < 10_000_000  # every grow past the limit failed
+    big = wat_module(tmp_path, "big", '(module (table 50000000 funcref) (func (export "_start")))')
+    out = run_wasm(request(big, limits=Limits(mem_bytes=1 << 20)), engine)
+    assert (out.reason, out.limit_hit) == ("memory_limit", "memory_limit")
+
+
+@pytest.mark.parametrize(("source", "says"), [
+    # ten memories of 16 MiB each ran at mem_bytes 16 MiB
+    ("(module (memory 1) (memory 1))", "multiple memories"),
+    # the GC heap is outside mem_bytes
+    ("(module (type (array (mut i32))) (func (export \"f\") (result i32) (i32.const 0)))", "gc"),
+])
+def test_proposals_the_memory_limit_cannot_bound_are_refused_as_not_valid(source, says):
+    with pytest.raises(ValueError, match="module is not valid WebAssembly") as refused:
+        validate_module(wasmtime.wat2wasm(source))
+    assert says in str(refused.value).lower()
+
+
+def test_a_reason_made_of_the_modules_own_names_is_capped(engine, tmp_path):
+    # 100 imports of 20 KB names made a 2 MB reason in the job's record.
+    imports = "".join(f'(import "env" "{"B" * 20_000}{i}" (func))' for i in range(100))
+    path = wat_module(tmp_path, "names", f'(module {imports} (func (export "_start")))')
+    out = run_wasm(request(path), engine)
+    assert out.reason.startswith("trap: cannot link") and len(out.reason) <= MAX_REASON_CHARS
+    assert out.reason.endswith("characters in all)")
