@@ -534,17 +534,24 @@ class _Job:
         binds.append(namespaces.Bind(namespaces.SCRATCH, src=str(self.scratch), writable=True))
         exe = command[0]
         if not namespaces.in_system_dirs(exe):
-            d = os.path.dirname(os.path.abspath(exe))
+            # The program file alone, never its directory: a program at /x bound the
+            # host's whole / into the job (and with it the agent's data dir, where
+            # other tenants' specs are). realpath: what the job is shown is the file
+            # the agent checked, not whatever a path through /proc/self names.
+            src = os.path.realpath(exe)
+            name = os.path.basename(exe) or "program"
             if self.scratch_mounted:
                 # bwrap, running as the sandbox uid, resolves sources by path and may
                 # not traverse the agent's 0700 directories; the agent (root) binds
-                # the program's directory under the 0711 runtime dir first
+                # the program under the 0711 runtime dir first
                 self.bindir.mkdir()
-                _bind(d, self.bindir)
-                self.mounts.append(self.bindir)
-                d = str(self.bindir)
-            binds.append(namespaces.Bind(namespaces.JOB_BIN, src=d))
-            command = [f"{namespaces.JOB_BIN}/{os.path.basename(exe)}"] + command[1:]
+                target = self.bindir / name
+                target.touch(mode=0o500)
+                _bind(src, target)
+                self.mounts.append(target)
+                src = str(target)
+            binds.append(namespaces.Bind(f"{namespaces.JOB_BIN}/{name}", src=src))
+            command = [f"{namespaces.JOB_BIN}/{name}"] + command[1:]
         for dev in self.req.gpu_devices:
             binds.append(namespaces.Bind(dev, src=dev, writable=True, device=True))
         env = dict(self.req.env)

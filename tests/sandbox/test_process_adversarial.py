@@ -198,6 +198,23 @@ async def test_12_setuid_binary_grants_nothing(sandbox: ProcessSandbox, tmp_path
     assert r.stdout.strip() != b"0"
 
 
+async def test_12_a_program_outside_the_system_dirs_brings_only_itself(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    # Its directory used to be bound at /job/bin: a program at /x showed the job the
+    # host's whole /, the agent's data dir (other tenants' specs) with it.
+    bindir = tmp_path / "tools"
+    bindir.mkdir()
+    (bindir / "secret.txt").write_text("another tenant's token\n")
+    prog = bindir / "list"
+    prog.write_text("#!/bin/sh\nls -a /job/bin; cat /job/bin/secret.txt\n")
+    prog.chmod(0o755)
+    r = await run(sandbox, [str(prog)], tmp_path)
+    assert r.stdout.split() == [b".", b"..", b"list"], (r.stdout, r.stderr)
+    assert b"token" not in r.stdout and b"No such file" in r.stderr
+    # a path through /proc/self names the file the agent checked, in the system dirs
+    r = await run(sandbox, ["/proc/self/root/../usr/bin/id", "-u"], tmp_path)
+    assert r.reason == "exit 0", r.stderr
+
+
 async def test_12_mount_unshare_keyctl_are_refused(sandbox: ProcessSandbox, tmp_path: Path) -> None:
     out = report(await run(sandbox, guest("privileged_calls"), tmp_path))
     assert out == {k: "Operation not permitted" for k in out}, out
