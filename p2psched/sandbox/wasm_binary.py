@@ -212,14 +212,16 @@ def function_exports(data: bytes) -> dict[str, tuple[tuple[str, ...], tuple[str,
                     kind = s.byte()
                     if kind == 0:
                         funcs.append(s.uleb())
-                    elif kind == 1:
-                        s.byte(), s.limits()
+                    elif kind == 1:  # a table: its element type, then its limits
+                        s.byte()
+                        s.limits()
                     elif kind == 2:
                         s.limits()
-                    elif kind == 3:
-                        s.byte(), s.byte()
-                    elif kind == 4:
-                        s.byte(), s.uleb()
+                    elif kind == 3:  # a global: its type and mutability
+                        s.skip(2)
+                    elif kind == 4:  # a tag: its attribute and type
+                        s.byte()
+                        s.uleb()
                     else:
                         return None
             elif section == 3:  # functions
