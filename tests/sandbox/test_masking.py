@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+import trio
 
 from p2psched.jobs.spec import JobSpec
-from p2psched.sandbox.masking import mask
+from p2psched.sandbox.masking import WITHHELD, mask
 
 from agents import running_agent, wasm_spec
 
@@ -63,3 +64,22 @@ async def test_a_process_jobs_literal_secret_is_masked_through_the_agent(tmp_pat
         assert rec["state"] == "succeeded", rec
         assert (await http.get(f"/v1/jobs/{job_id}/result")).content == b"pw [masked] ok\n"
         assert rec["result"]["stderr"] == "[masked]\n"
+
+
+async def test_a_pattern_that_backtracks_without_end_withholds_the_output_and_holds_nothing_up() -> None:
+    # (a|a)+b on 40 a's backtracks for hours. With `re`, masking a process job's output
+    # (a thread of the agent) held the GIL: /healthz waited 18 s for 29 characters.
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        out = await trio.to_thread.run_sync(mask, b"token=" + b"a" * 40 + b"!", ["(a|a)+b", "token"])
+        nursery.cancel_scope.cancel()
+    assert out == WITHHELD  # nothing of it kept: a secret could be in what no pattern looked at
+    assert ticks >= 5  # the event loop ran while the pattern did (with `re`: 0 or 1)
