@@ -25,6 +25,12 @@ MAX_MODULE_BYTES = 64 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 MIB = 1024 * 1024
 CAPABILITIES = ("wasm", "process", "gpu", "network")
+#: One program argument or environment variable, at most: Linux's MAX_ARG_STRLEN
+#: (execve refuses a longer one). A 20 MB PATH was accepted, and looking a program
+#: up in it held the agent for 5.5 s.
+MAX_ARG_BYTES = 128 * 1024
+#: command, args and env together, at most: within Linux's usual ARG_MAX.
+MAX_ARGV_ENV_BYTES = 2 * 1024 * 1024
 #: Validation context of a spec the agent accepted before: ``model_validate_json(raw, context=ACCEPTED)``.
 ACCEPTED = {"accepted": True}
 
@@ -120,6 +126,9 @@ class JobSpec(Strict):
         for i, item in enumerate(v):
             if "\0" in item:
                 raise ValueError(f"item {i} holds a NUL character, which no program argument can carry")
+            if len(item.encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"item {i} is {len(item.encode()):,} bytes; an argument may be {MAX_ARG_BYTES:,} "
+                                 "at most (pass big data as the job's input)")
         return v
 
     @field_validator("env")
@@ -132,7 +141,21 @@ class JobSpec(Strict):
                 raise ValueError(f"variable name {name!r} must be non-empty, without '=' or a NUL character")
             if "\0" in value:
                 raise ValueError(f"the value of {name} holds a NUL character, which no environment can carry")
+            if len(name.encode()) + len(value.encode()) + 1 > MAX_ARG_BYTES:
+                raise ValueError(f"{name}= is over {MAX_ARG_BYTES:,} bytes, the most one variable may be (pass big "
+                                 "data as the job's input)")
         return v
+
+    @model_validator(mode="after")
+    def _argv_and_env_fit(self, info: ValidationInfo) -> JobSpec:
+        if info.context == ACCEPTED:
+            return self
+        total = sum(len(x.encode()) + 1 for x in (*self.command, *self.args))
+        total += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in self.env.items())
+        if total > MAX_ARGV_ENV_BYTES:
+            raise ValueError(f"command, args and env come to {total:,} bytes; together they may be "
+                             f"{MAX_ARGV_ENV_BYTES:,} at most (pass big data as the job's input)")
+        return self
 
     @field_validator("module_sha256")
     @classmethod

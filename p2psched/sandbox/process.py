@@ -582,7 +582,7 @@ class _Job:
         return exe
 
     async def run(self, limiter: trio.CapacityLimiter | None = None) -> SandboxResult:
-        exe = self.resolve()
+        exe = await trio.to_thread.run_sync(self.resolve)  # a lookup in the job's PATH touches the disk
         if isinstance(exe, SandboxResult):
             return exe
         async with limiter if limiter is not None else contextlib.nullcontext():

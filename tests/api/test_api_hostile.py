@@ -94,6 +94,10 @@ async def test_405_names_every_method_the_path_takes(tmp_path, method, path, all
     ({"command": ["/bin/true"], "env": {"A=B": "x"}}, "env", "variable name 'A=B'"),
     ({"command": ["/bin/true"], "env": {"": "x"}}, "env", "must be non-empty"),
     ({"command": ["/bin/true"], "env": {"A": "x\0"}}, "env", "value of A holds a NUL"),
+    # a 20 MB PATH was accepted, and looking the program up in it held the agent 5.5 s
+    ({"command": ["nothere"], "env": {"PATH": "/x:" * 50_000}}, "env", "PATH= is over 131,072 bytes"),
+    ({"command": ["/bin/echo", "a" * 200_000]}, "command", "item 1 is 200,000 bytes"),
+    ({"command": ["/bin/true"], "args": ["a" * 100_000] * 25}, "(body)", "come to 2,500,035 bytes"),
 ])
 async def test_argv_and_env_no_process_could_take_are_refused_by_field(tmp_path, spec, field, words):
     # They used to be accepted, then fail at run time with a traceback in the job's stderr.
