@@ -853,7 +853,7 @@ class _Job:
                         await self._violate("pids_limit")
                         return
                     if self.limits.cpu_ms is not None:
-                        left_ms = self.limits.cpu_ms - s.cpu_ns / 1e6
+                        left_ms = self.limits.cpu_ms - (s.cpu_ns - self.cpu_base_ns) / 1e6  # as the result counts it
                         if left_ms <= 0:
                             await self._violate("cpu_limit")
                             return
