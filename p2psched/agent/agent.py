@@ -1627,9 +1627,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     async def _execute_process(self, run: Running, req: SandboxRequest) -> SandboxResult:
         sandbox = await self._process_sandbox()
         work = self.data_dir / "work" / req.job_id.replace(":", "_")
-        with run.scope:
-            return cast(SandboxResult, await sandbox.run(req, work))
-        return SandboxResult(exit_code=None, reason="cancelled")
+        try:
+            with run.scope:
+                return cast(SandboxResult, await sandbox.run(req, work))
+            return SandboxResult(exit_code=None, reason="cancelled")
+        finally:
+            with contextlib.suppress(OSError):
+                work.rmdir()  # empty once its sandbox is gone: one a job piled up in the data dir
 
     async def _run_job(self, run: Running) -> None:
         """A process job, from start to its end in ``_end_run``."""

@@ -159,3 +159,14 @@ async def test_a_misspelt_query_parameter_is_refused_not_ignored(tmp_path, path,
         assert says in r.json()["error"]["message"]
         assert (await http.get(path.format(id=job), params={"wait": "10"})).status_code == 200
         assert (await http.get(f"/v1/jobs/{job}", params={"spec": "1"})).json()["spec"]["runtime"] == "wasm"
+
+
+async def test_a_process_job_leaves_no_directory_behind(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        for _ in range(4):  # the first cold, then from the warm pool
+            job = (await http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/true"]})).json()["id"]
+            done = (await http.get(f"/v1/jobs/{job}", params={"wait": 30})).json()
+            assert done["state"] == "succeeded", done
+            assert done["timeline"][-1]["detail"] == "exit 0"
+        work = agent.data_dir / "work"
+        assert not work.exists() or list(work.iterdir()) == []
