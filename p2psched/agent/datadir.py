@@ -44,7 +44,7 @@ class DataDirLock:
         """Lock ``data_dir`` for this agent, or raise StartupError naming the agent that holds it."""
         path = data_dir / LOCK_FILE
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise data_dir_error(data_dir, e) from None

@@ -46,7 +46,7 @@ class Gate:
     def __post_init__(self) -> None:
         data_dir = self.settings.resolved_data_dir
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # tenants' data: this user's only
             # The public key now (gossiped), the private key at the first report (node_key.py).
             self.node_key = open_node_key(data_dir)
             nonces = SQLiteNonceStore(data_dir / "nonces.db")

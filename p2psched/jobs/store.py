@@ -99,6 +99,15 @@ class StoreError(RuntimeError):
     pass
 
 
+def private_files(db: Path) -> None:
+    """Make an SQLite file of tenants' data, and its -wal and -shm, readable by this
+    user only (they were 0644 in a 0755 data dir: any local user read every job's
+    env). A file this user does not own is left as it is."""
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)
+
+
 def _record_row(rec: JobRecord) -> str:
     d = rec.as_dict()
     d.pop("id"), d.pop("tenant"), d.pop("runtime"), d.pop("priority")
@@ -179,13 +188,16 @@ class Store:
         self._modules: dict[str, Path] = {}  # sha256 -> file, for modules known to be on disk
         self._module_touched: dict[str, float] = {}  # sha256 -> when this agent last marked it used
         self.outputs_dir = data_dir / "outputs"
-        for d in (data_dir, self.modules_dir, self.outputs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        # The tenants' specs (their env), inputs and outputs: this agent's user only.
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.modules_dir, self.outputs_dir):
+            d.mkdir(exist_ok=True)
         self.path = data_dir / "jobs.db"
         try:
             # The writer connection is used only inside flushes, one at a time; the reader
             # serves point lookups on the trio thread (WAL lets it read while a flush writes).
             self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            private_files(self.path)  # before WAL mode: SQLite gives -wal and -shm the file's mode
             self._writer.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
             # loss can drop the last transactions. That is the trade-off etcd and Consul make too.

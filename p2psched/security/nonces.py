@@ -19,7 +19,9 @@ just after it). Neither reads a clock: time comes in as ``now``.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import os
 import sqlite3
 from pathlib import Path
 from typing import Protocol
@@ -89,6 +91,8 @@ class SQLiteNonceStore:
     def __init__(self, path: str | Path, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)  # before WAL mode: SQLite gives -wal and -shm the file's mode
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(

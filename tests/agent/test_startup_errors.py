@@ -95,3 +95,22 @@ def test_a_config_file_that_is_not_toml_says_where_and_how_to_fix_it(tmp_path):
     config.write_text("cpus = -4\n")
     rc, said = start(tmp_path, "--config", str(config))
     assert rc == 2 and f"cpus (from config file {config}): Input should be greater than 0" in said
+
+
+def test_a_new_data_dir_and_its_stores_are_this_users_only(tmp_path):
+    # They were 0755 and 0644: any local user could read every job's spec (its env),
+    # input and output.
+    import stat
+
+    from p2psched.jobs.store import Store
+    from p2psched.security.nonces import SQLiteNonceStore
+
+    data = tmp_path / "new" / "data"
+    store = Store(data)
+    store._writer.execute("INSERT INTO deliveries (id) VALUES ('x')")  # a write: the -wal appears
+    nonces = SQLiteNonceStore(data / "nonces.db")
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm", "nonces.db"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    store.close()
+    nonces.close()
