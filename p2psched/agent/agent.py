@@ -19,7 +19,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,7 +33,7 @@ from p2psched.agent.health import COOLDOWN_MAX_S, HostHealth
 from p2psched.agent.host_failures import HostFailures
 from p2psched.agent.output import JobOutputs
 from p2psched.agent.remote import RemoteJobs
-from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable
+from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable, first_of
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue, DrainRate
 from p2psched.jobs.record import JobRecord, JobResult, record_text
@@ -200,21 +200,23 @@ def new_job_id(node_id: str) -> str:
     return f"{node_id}:{time.time_ns() // 1000:x}{secrets.token_hex(4)}"
 
 
-def listen_error(flag: str, address: str, error: BaseException) -> BaseException:
-    """An address this agent could not listen on, and what to do about it; ``error``
-    itself when it is not an OSError (or a group of one)."""
-    e = error
-    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-        e = e.exceptions[0]
-    if not isinstance(e, OSError):
-        return error
-    fix = {
-        errno.EADDRINUSE: "another program listens there (`p2psched doctor` names it); stop it, or choose another "
-                          "port",
-        errno.EADDRNOTAVAIL: "this host has no such address; give one of its own addresses, or 0.0.0.0 for all",
-        errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port above 1024",
-    }.get(e.errno or 0, "check the address")
-    return StartupError(f"{flag} {address}: cannot listen there ({e.strerror or e}); {fix}")
+@contextlib.contextmanager
+def listening(flag: str, address: str) -> Iterator[None]:
+    """Start a listener on ``address``; an address it cannot take becomes a StartupError
+    naming ``flag`` and what to do (the listener may bind inside a nursery of its own)."""
+    try:
+        yield
+    except (OSError, BaseExceptionGroup) as error:
+        e = first_of(error, OSError)
+        if e is None:
+            raise
+        fix = {
+            errno.EADDRINUSE: "another program listens there (`p2psched doctor` names it); stop it, or choose "
+                              "another port",
+            errno.EADDRNOTAVAIL: "this host has no such address; give one of its own addresses, or 0.0.0.0 for all",
+            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port above 1024",
+        }.get(e.errno or 0, "check the address")
+        raise StartupError(f"{flag} {address}: cannot listen there ({e.strerror or e}); {fix}") from None
 
 
 def origin_of(job_id: str) -> str | None:
@@ -367,10 +369,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 if self.topology is not None:
                     nursery.start_soon(self._watch_topology)
                 await self._start_cluster(nursery)
-                try:
+                with listening("--api", self.settings.api):
                     await nursery.start(serve_api, self)
-                except (OSError, BaseExceptionGroup) as e:  # hypercorn binds inside a nursery of its own
-                    raise listen_error("--api", self.settings.api, e) from None
                 log.info("agent %s listening", self.node_id, extra={"api": self.settings.api, "version": __version__})
                 # What start-up built (imported modules, settings, compiled patterns: ~75,000
                 # objects) lives as long as the agent: keep it out of the collector's full
@@ -967,10 +967,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
             self.transfer = TransferService(parse_hostport(self.settings.transfer), self.handle_transfer,
                                             node_id=self.node_id, tls=tls)
-            try:
+            with listening("--transfer", self.settings.transfer):
                 await nursery.start(self.transfer.serve)
-            except (OSError, BaseExceptionGroup) as e:
-                raise listen_error("--transfer", self.settings.transfer, e) from None
         await self._start_membership(nursery)
 
     async def _start_membership(self, nursery: trio.Nursery) -> None:
@@ -1007,10 +1005,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                                                 self.registry, group_of=group_of)
         except KeyringError as e:
             raise StartupError(f"--gossip-key: {e}") from None
-        try:
+        with listening("--gossip", st.gossip):
             await nursery.start(self.membership.run)
-        except (OSError, BaseExceptionGroup) as e:
-            raise listen_error("--gossip", st.gossip, e) from None
         self.cluster = ClusterView(self.membership, self.node_id, time.monotonic)
         events = self.membership.subscribe()
         nursery.start_soon(self._membership_events, events)

@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def first_of(error: BaseException, kind: type[_E]) -> _E | None:
+    """``error`` if it is a ``kind``, else the first ``kind`` in it when it is a
+    (nested) exception group, as trio's nurseries wrap what their tasks raise."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for sub in error.exceptions:
+            found = first_of(sub, kind)
+            if found is not None:
+                return found
+    return None
+
 
 class AgentError(Exception):
     status = 400

@@ -179,7 +179,8 @@ def _parse_json(body: bytes) -> Any:
     except ValueError as e:
         hint = ""
         if "escape" in str(e):
-            hint = " (a \\uXXXX escape must be a whole character: a surrogate comes in a high-low pair)"
+            hint = (" (a \\u escape of a surrogate, such as \\ud800, names half a character: send it in its "
+                    "high-low pair)")
         elif "recursion limit" in str(e):
             hint = f" (nested more than {MAX_JSON_DEPTH} levels deep)"
         raise AgentError(f"body is not valid JSON: {e}{hint}", reason="malformed_json") from None

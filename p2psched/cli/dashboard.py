@@ -7,12 +7,12 @@ from __future__ import annotations
 import errno
 import webbrowser
 from pathlib import Path
-from typing import TypeVar
 
 import click
 import httpx
 import trio
 
+from p2psched.agent.errors import first_of
 from p2psched.cli.client import agent_option, fail, tenant_auth
 from p2psched.config import parse_hostport
 
@@ -64,9 +64,9 @@ def dashboard(agent_url: str, identity_tenant: str | None, identity_key: Path | 
     except KeyboardInterrupt:
         pass
     except (OSError, BaseExceptionGroup) as e:  # trio's nursery wraps the server's bind error in a group
-        bind_error = _find(e, OSError)
+        bind_error = first_of(e, OSError)
         if bind_error is None:
-            if _find(e, KeyboardInterrupt) is not None:
+            if first_of(e, KeyboardInterrupt) is not None:
                 return
             raise
         if bind_error.errno == errno.EADDRNOTAVAIL:
@@ -77,17 +77,3 @@ def dashboard(agent_url: str, identity_tenant: str | None, identity_key: Path | 
             fix = f"pass --listen {host}:OTHERPORT with a port free on this host"
         fail(f"cannot listen on {listen}: {bind_error.strerror or bind_error}; {fix}", 2)
 
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _find(e: BaseException, kind: type[_E]) -> _E | None:
-    """The first ``kind`` in ``e``, looking into (nested) exception groups."""
-    if isinstance(e, kind):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            found = _find(sub, kind)
-            if found is not None:
-                return found
-    return None

@@ -126,8 +126,9 @@ class JobSpec(Strict):
         for i, item in enumerate(v):
             if "\0" in item:
                 raise ValueError(f"item {i} holds a NUL character, which no program argument can carry")
-            if len(item.encode()) > MAX_ARG_BYTES:
-                raise ValueError(f"item {i} is {len(item.encode()):,} bytes; an argument may be {MAX_ARG_BYTES:,} "
+            size = len(item.encode())
+            if size > MAX_ARG_BYTES:
+                raise ValueError(f"item {i} is {size:,} bytes; an argument may be {MAX_ARG_BYTES:,} "
                                  "at most (pass big data as the job's input)")
         return v
 

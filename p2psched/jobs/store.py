@@ -617,13 +617,13 @@ class Store:
             self._writer.execute("COMMIT")
             if checkpoint:
                 self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as e:
-            self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
-            raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and permissions") from e
         except Exception as e:
-            # A value SQLite cannot bind (a bug upstream let it in): never leave the
-            # transaction open, or every later write fails on BEGIN.
+            # Never leave the transaction open, or every later write fails on BEGIN; that
+            # includes a value SQLite cannot bind, which a bug upstream let in.
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and "
+                                 "permissions") from e
             raise StoreError(f"could not write the job store {self.path}: {type(e).__name__}: {e}; this is a bug, "
                              "please report it with the log") from e
 

@@ -604,6 +604,7 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
     finally:
         engine._end(run)
     result.cpu_ms = cpu_ms
+    result.reason = _capped(result.reason)  # a trap's text can hold the module's own names
     if warnings:
         result.warnings.extend(warnings)
     if request.mask_patterns:
@@ -615,10 +616,10 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
 def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _Prepared, stack: int) -> SandboxResult:
     limits = request.limits
     if prepared.pre is None:
-        return SandboxResult(exit_code=None, reason=_capped(f"trap: {prepared.link_error}"))
+        return SandboxResult(exit_code=None, reason=f"trap: {prepared.link_error}")
     entry = _pick_entry(request.entry, prepared)
     if isinstance(entry, str):
-        return SandboxResult(exit_code=None, reason=_capped(f"trap: {entry}"))
+        return SandboxResult(exit_code=None, reason=f"trap: {entry}")
     odd = next((kind for kind in entry.results if kind not in _NUMBERS), None)
     if odd is not None:
         # wasmtime-py aborts the whole worker on a v128 result (and prints a host address
@@ -629,7 +630,7 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
     if not entry.command:
         converted = _convert_args(entry, request.args)
         if isinstance(converted, str):
-            return SandboxResult(exit_code=None, reason=_capped(f"trap: {converted}"))
+            return SandboxResult(exit_code=None, reason=f"trap: {converted}")
         params = converted
 
     slot = engine._slot(stack)
@@ -675,7 +676,7 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
             elif code == wasmtime.TrapCode.INTERRUPT:
                 reason = "wall_timeout"
             else:
-                reason = _capped(f"trap: {_trap_message(e.message)}")
+                reason = f"trap: {_trap_message(e.message)}"
         except wasmtime.WasmtimeError as e:
             message = str(e)
             if run.stop is not None:
@@ -683,7 +684,7 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
             elif instance is None and ("memory" in message or "table" in message) and "limit" in message:
                 reason = "memory_limit"  # its initial memory or table alone is over the limit
             else:
-                reason = _capped(f"trap: {_trap_message(message)}")
+                reason = f"trap: {_trap_message(message)}"
         if run.stop is not None:  # stopped during a host call, whatever the guest did next
             exit_code, reason = None, run.stop
         peak = store.memory_bytes(instance, prepared.memories) if instance is not None and prepared.memories else 0
