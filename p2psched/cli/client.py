@@ -256,7 +256,7 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("module", required=False, type=click.Path(path_type=Path))
+@click.argument("module", required=False)  # a str: with --process it is the program, kept as given (./x too)
 @click.argument("command", nargs=-1)
 @click.option("--process", is_flag=True, help="Run COMMAND in the process sandbox: submit --process -- CMD ARGS...")
 @agent_option
@@ -301,7 +301,7 @@ def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
 @click.option("--retry-s", type=FiniteFloat(min=0), default=RETRY_S, show_default=True,
               help="How long to keep retrying when the agent answers 429 or 503 with Retry-After (0: never).")
 @json_option
-def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_url: str, job_id: str | None,
+def submit(module: str | None, command: tuple[str, ...], process: bool, agent_url: str, job_id: str | None,
            input_file: str | None, args: tuple[str, ...], env: tuple[str, ...], entry: str, cpu: float | None,
            mem_mb: int | None, gpu: int | None, gpu_type: str | None, wall_ms: int | None, cpu_ms: int | None,
            fuel: int | None, mem_limit_mb: int | None, stack_bytes: int | None, pids: int | None,
@@ -316,7 +316,7 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
              "(--wait --json prints the final record)", 2)
     spec: dict[str, Any] = {}
     if process:
-        argv = ([str(module)] if module is not None else []) + list(command)
+        argv = ([module] if module is not None else []) + list(command)
         if not argv:
             fail("--process needs a command after --, e.g. p2psched submit --process -- /bin/echo hi", 2)
         spec["runtime"] = "process"
@@ -327,7 +327,7 @@ def submit(module: Path | None, command: tuple[str, ...], process: bool, agent_u
         if command:
             fail(f"unexpected arguments {list(command)}; pass guest arguments with --arg", 2)
         try:
-            data = module.read_bytes()
+            data = Path(module).read_bytes()
         except OSError as e:
             fail(f"cannot read module {module}: {e.strerror}", 2)
         spec["runtime"] = "wasm"

@@ -132,6 +132,16 @@ class JobSpec(Strict):
                                  "at most (pass big data as the job's input)")
         return v
 
+    @field_validator("command")
+    @classmethod
+    def _program_path(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        """A relative path names a directory of the client's that no executor shares (an
+        executor would look in its own working directory)."""
+        if v and info.context != ACCEPTED and "/" in v[0] and not v[0].startswith("/"):
+            raise ValueError(f"the program {v[0]!r} is a relative path; give its absolute path on the executor "
+                             "(e.g. /opt/jobs/train.sh), or a name its PATH finds (e.g. python3)")
+        return v
+
     @field_validator("env")
     @classmethod
     def _env_pairs(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:

@@ -98,6 +98,9 @@ async def test_405_names_every_method_the_path_takes(tmp_path, method, path, all
     ({"command": ["nothere"], "env": {"PATH": "/x:" * 50_000}}, "env", "PATH= is over 131,072 bytes"),
     ({"command": ["/bin/echo", "a" * 200_000]}, "command", "item 1 is 200,000 bytes"),
     ({"command": ["/bin/true"], "args": ["a" * 100_000] * 25}, "(body)", "come to 2,500,035 bytes"),
+    # ./train.sh was looked for in the executor's working directory
+    ({"command": ["./train.sh"]}, "command", "the program './train.sh' is a relative path"),
+    ({"command": ["jobs/train.sh", "x"]}, "command", "give its absolute path on the executor"),
 ])
 async def test_argv_and_env_no_process_could_take_are_refused_by_field(tmp_path, spec, field, words):
     # They used to be accepted, then fail at run time with a traceback in the job's stderr.

@@ -56,3 +56,17 @@ def test_the_limit_flags_help_shows_the_specs_defaults():
                  "violation", "grace_ms", "wall_ms"):
         shown = re.search(r"\[([^\]]+)\]\.?$", helps[name])  # the flag is named as the field
         assert shown and shown.group(1) == str(Limits.model_fields[name].default), (name, helps[name])
+
+
+def test_a_relative_program_reaches_the_agent_as_given_and_is_refused_with_the_fix(tmp_path):
+    agent = new_agent(tmp_path, "relative").start()
+    try:
+        # click's Path type turned ./train.sh into train.sh, which the executor then
+        # looked up in its PATH: "command 'train.sh' was not found on the executor".
+        p = cli("submit", "--process", "--", "./train.sh", agent=agent)
+        assert p.returncode == 3, p.stdout
+        assert b"command: the program './train.sh' is a relative path; give its absolute path" in p.stderr, p.stderr
+        ok = cli("submit", "--process", "--wait", "--", "/bin/echo", "hi", agent=agent)
+        assert ok.returncode == 0 and ok.stdout == b"hi\n", (ok.stdout, ok.stderr)
+    finally:
+        agent.stop()
