@@ -240,15 +240,23 @@ class _Run:
     deadline: float
     tick_seconds: float
     cancelled: bool = False
-    stop: str | None = None  # why the epoch callback stopped the guest
+    stop: str | None = None  # why the guest was stopped: at an epoch check, or in a host call
+    outputs: tuple[wasm_ffi.OutputSink, ...] = ()
+
+    def halt(self, reason: str) -> None:
+        """Stop the run for ``reason``. From a host call (a cut-short sleep) the guest goes
+        on to its next epoch check, and may write before it: that is past its end, not output."""
+        self.stop = reason
+        for sink in self.outputs:
+            sink.closed = True
 
     def decide(self) -> int | str:
         """At each epoch tick: go on for one more tick, or stop the guest."""
         if self.cancelled:
-            self.stop = "cancelled"
+            self.halt("cancelled")
             return "p2psched: job cancelled"
         if time.monotonic() >= self.deadline:
-            self.stop = "wall_timeout"
+            self.halt("wall_timeout")
             return "p2psched: wall-clock limit reached"
         return 1
 
@@ -638,6 +646,7 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
     live = request.live
     stdout = wasm_ffi.OutputSink(limits.stdout_bytes, live.stdout if live is not None else None)
     stderr = wasm_ffi.OutputSink(limits.stderr_bytes, live.stderr if live is not None else None)
+    run.outputs = (stdout, stderr)
     handle = next(engine._handles)
     store = wasm_ffi.RawStore(slot.engine)
     instance = None

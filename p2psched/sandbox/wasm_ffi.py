@@ -77,21 +77,26 @@ def clear_epoch_decider(handle: int) -> None:
 class OutputSink:
     """A guest's stdout or stderr, kept up to ``cap`` bytes; the rest is counted, not copied."""
 
-    __slots__ = ("cap", "data", "truncated")
+    __slots__ = ("cap", "data", "truncated", "closed")
 
     def __init__(self, cap: int, data: bytearray | None = None) -> None:
         self.cap = cap
         self.data = data if data is not None else bytearray()  # a LiveOutput's, for readers while it runs
         self.truncated = False
+        self.closed = False  # the run was stopped: what the guest writes after is dropped
 
     def add(self, data: bytes) -> None:
         """Host-produced output (a function's printed result), under the same cap."""
+        if self.closed:
+            return
         room = max(self.cap - len(self.data), 0)
         if len(data) > room:
             self.truncated = True
         self.data += data[:room]
 
     def take(self, ptr: Any, size: int) -> None:
+        if self.closed:
+            return
         room = self.cap - len(self.data)
         if size > room:
             self.truncated = True

@@ -4,8 +4,9 @@ wasmtime's own ``poll_oneoff`` sleeps inside the host call, where neither fuel
 nor epoch interruption reaches, so a guest calling ``sleep(3600)`` would outlive
 its wall-clock limit and ignore cancellation. This replacement, defined over
 the WASI one in each engine's linker, sleeps in slices of one tick and returns
-early once the job's run is cancelled or past its deadline; the guest then hits
-its next epoch check and is stopped with the right reason.
+early once the job's run is cancelled or past its deadline. The run is stopped
+then: the guest goes on only to its next epoch check, where it traps, and what it
+writes meanwhile is dropped (straight-line code after the sleep has no check).
 
 What it implements (WASI preview 1): clock subscriptions, relative or absolute
 on the realtime clock, wait for the earliest; an absolute time on another clock
@@ -44,7 +45,8 @@ class Stoppable(Protocol):
     cancelled: bool
     deadline: float
     tick_seconds: float
-    stop: str | None
+
+    def halt(self, reason: str) -> None: ...
 
 
 def define(linker: wasmtime.Linker) -> None:
@@ -107,6 +109,6 @@ def _sleep(nanoseconds: int) -> None:
         if run is not None and (run.cancelled or now >= run.deadline):
             # The job ends with this reason even if the guest returns before
             # its next epoch check, where the callback would stop it.
-            run.stop = "cancelled" if run.cancelled else "wall_timeout"
+            run.halt("cancelled" if run.cancelled else "wall_timeout")
             return
         time.sleep(min(end - now, step))

@@ -203,6 +203,9 @@ def _in_thread(fn) -> SandboxResult:
 def test_sleeping_guest_is_stopped_at_the_wall_clock_limit(engine):
     result = _in_thread(lambda: run_wasm(request("sleep", limits=Limits(wall_ms=100)), engine))
     assert (result.reason, result.limit_hit) == ("wall_timeout", "wall_timeout")
+    # Its sleep was cut short at the limit; what it did after (print "woke") is not its
+    # output: it wrote it past its deadline.
+    assert result.stdout == b""
 
 
 def test_sleeping_guest_can_be_cancelled(engine):
@@ -216,6 +219,7 @@ def test_sleeping_guest_can_be_cancelled(engine):
     result = _in_thread(lambda: run_wasm(request("sleep", job_id="sleeper"), engine))
     canceller.join()
     assert result.reason == "cancelled"
+    assert result.stdout == b""  # "woke" came after the cancel
 
 
 POLL_WAT = """
