@@ -153,9 +153,13 @@ class Api:
             # A full queue, a rate limit, an agent still joining: the agent took nothing
             # and says when to ask again, so ask again (a refused request binds no nonce).
             wait = _retry_after(resp)
-            if wait is None or time.monotonic() + wait > deadline:
+            left = deadline - time.monotonic()
+            if wait is None or left <= 0:
                 break
-            click.echo(f"p2psched: {resp.status_code} {_error_reason(resp)}; retrying in {wait:g}s "
+            # A wait past the deadline is cut to it, for one last try then: giving up at the
+            # first such wait ended a 30 s retry after 15 s, as the agent's waits doubled.
+            wait = min(wait, left)
+            click.echo(f"p2psched: {resp.status_code} {_error_reason(resp)}; retrying in {wait:.3g}s "
                        f"(for up to {self.retry_s:g}s in all)", err=True)
             time.sleep(wait)
         if resp.status_code >= 400:

@@ -41,3 +41,43 @@ def test_submit_waits_out_a_full_queue_and_gives_up_after_retry_s(tmp_path):
                          err), err
     finally:
         agent.stop()
+
+
+def test_retrying_lasts_the_whole_retry_s_when_the_next_wait_would_pass_it(tmp_path):
+    # An answer that always says "full, ask again in 4 s" (a stand-in for an agent whose
+    # queue stays full, to fix the waits). With --retry-s 6 the client gave up after the
+    # first wait, at 4 s, with 2 of the 6 s unused.
+    import http.server
+    import json
+    import threading
+
+    asked = []
+
+    class Full(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"error": {"reason": "queue_full", "message": "the queue is full"}}).encode()
+            self.send_response(429)
+            self.send_header("retry-after", "4")
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Full)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "p2psched", "submit", "examples/wasm/hello.wasm", "--retry-s", "6",
+             "--agent", f"http://127.0.0.1:{server.server_address[1]}"],
+            cwd=ROOT, capture_output=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert p.returncode == 3 and b"429: the queue is full" in p.stderr, p.stderr
+    waits = [float(w) for w in re.findall(rb"retrying in ([0-9.]+)s \(for up to 6s in all\)", p.stderr)]
+    assert waits[0] == 4 and len(waits) == 2 and 1 < waits[1] < 2.1, p.stderr  # the rest of the 6 s
+    assert len(asked) == 3
