@@ -475,7 +475,8 @@ def _why_not_succeeded(api: Api, rec: dict[str, Any], timeout: float | None = No
     res = rec.get("result") or {}
     timeline = rec.get("timeline") or [{}]
     reason = res.get("reason") or rec.get("wait_reason") or timeline[-1].get("detail") or "no reason recorded"
-    return f"job {job_id} {rec['state']}: {reason}"
+    # "rejected: needs a node ..." after "rejected" said it twice
+    return f"job {job_id} {rec['state']}: {reason.removeprefix(rec['state'] + ': ')}"
 
 
 def _exit_for(api: Api, rec: dict[str, Any], timeout: float | None = None) -> None:

@@ -44,6 +44,9 @@ def test_a_job_runs_on_the_agent_with_its_node_label_and_an_unknown_label_is_rej
             assert rec["result"]["reason"] == (
                 "rejected: needs a node labelled zone=c; none of the 2 known nodes carries that: start an agent with "
                 "--label zone=c, or submit the job without those node.* labels")
+        said = cli("submit", "examples/wasm/hello.wasm", "--label", "node.zone=c", "--wait", agent=za)
+        assert said.returncode != 0 and b" rejected: needs a node labelled zone=c" in said.stderr, said.stderr
+        assert b"rejected: rejected" not in said.stderr  # the state, then the reason once
 
         # Labels are fixed for an agent's life: a new set takes a restart, and the
         # restarted agent's state must replace what peers hold of its older life.
