@@ -180,3 +180,30 @@ def test_bad_node_labels_are_refused_naming_the_label_and_the_rules(labels, expe
         f"configuration: labels: {expected} (allowed: at most 16 KEY=VALUE pairs; each key and value 1 to 63 "
         "letters, digits, '.', '_' and '-', starting and ending with a letter or digit; no key starting with gpu. "
         "or node.)")
+
+
+def test_a_nearly_right_environment_variable_is_named_with_the_right_one():
+    from p2psched.config import misspelt_env
+
+    # P2PSCHED_LABEL=zone=a was ignored without a word: the setting is P2PSCHED_LABELS.
+    env = {"P2PSCHED_LABEL": "zone=a", "P2PSCHED_QUEUE_LIMT": "5", "PATH": "/bin",
+           # not settings, and nothing like one: the client's, the container entrypoint's
+           "P2PSCHED_URL": "http://x:7700", "P2PSCHED_CLUSTER": "c", "P2PSCHED_REPLICA_INDEX": "1",
+           "P2PSCHED_LABELS": "zone=b", "P2PSCHED_CONFIG": "a.toml"}
+    assert misspelt_env(env) == [
+        "P2PSCHED_LABEL is not a setting and is ignored; did you mean P2PSCHED_LABELS?",
+        "P2PSCHED_QUEUE_LIMT is not a setting and is ignored; did you mean P2PSCHED_QUEUE_LIMIT?",
+    ]
+
+
+@pytest.mark.cluster
+def test_the_agent_logs_a_misspelt_variable_at_start(tmp_path):
+    from agents import new_agent
+
+    agent = new_agent(tmp_path, "spelt")
+    agent.env["P2PSCHED_LABEL"] = "zone=a"
+    agent.start()
+    try:
+        assert "P2PSCHED_LABEL is not a setting and is ignored; did you mean P2PSCHED_LABELS?" in agent.log()
+    finally:
+        agent.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from p2psched.config import ConfigError, load_settings
+from p2psched.config import ConfigError, load_settings, misspelt_env
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -93,6 +95,8 @@ def agent(config_file: Path | None, **flags: object) -> None:
     from p2psched.agent.agent import Agent
 
     logs.configure(settings.log_format, settings.log_level)
+    for warning in misspelt_env(dict(os.environ)):
+        logging.getLogger("p2psched.config").warning("%s", warning)
 
     unwritten: list[str] = []
 
