@@ -60,6 +60,8 @@ def check_data_dir(path: Path) -> Check:
     except StartupError as e:  # an agent holds it
         return ("data dir", False, str(e).split(";")[0], "stop that agent, or give the new one another --data-dir")
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # an agent there refuses jobs (503 store_unwritable) until there is room
+            return ("data dir", False, f"{path}: {e.strerror}", f"free space on the file system of {path}")
         return ("data dir", False, f"{path}: {e.strerror}", f"choose a writable --data-dir, or fix permissions on {path}")
     return ("data dir", True, f"{path} is writable and no agent uses it", "")
 

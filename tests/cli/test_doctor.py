@@ -5,9 +5,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from p2psched.agent.datadir import DataDirLock
 
 from agents import free_port
+from disks import fill, small_disk
 
 
 def doctor(tmp_path, data_dir, api_port, gossip_port=None, *extra):
@@ -122,3 +125,14 @@ def test_doctor_judges_each_check_by_its_name_not_its_words():
     assert judge(("gpu: device nodes", False, "missing: /dev/nvidiactl", "fix"), gpus_declared=False) == "warn"
     assert judge(("gpu: declared GPUs", False, "must name its memory", "fix"), gpus_declared=True) == "fail"
     assert judge(("gpu: devices", True, "no GPU slots offered: none found", ""), gpus_declared=False) == "ok"
+
+
+@pytest.mark.root
+def test_doctor_says_to_free_space_on_a_full_data_dir_not_to_fix_permissions(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        (disk / "data").mkdir()
+        fill(disk)
+        out, rows = doctor(tmp_path, disk / "data", free_port())
+    assert out.returncode == 1, out.stdout
+    assert rows["data dir"] == ("FAIL", f"{disk / 'data'}: No space left on device")
+    assert f"fix: free space on the file system of {disk / 'data'}" in out.stdout
