@@ -1067,6 +1067,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             logs.flush()
             if self.store.dirty:
                 await self._flush_once()
+            if self.store.files_removed:
+                await self._rewrite_store()
 
     async def _prune_loop(self) -> None:
         """Delete finished jobs older than the retention time, and modules no job used
@@ -1111,6 +1113,22 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         if failing:
             log.warning("the job store %s is writable again; accepting jobs", self.store.path)
             self._vector_changed.set()
+
+    async def _rewrite_store(self) -> None:
+        """jobs.db was removed (a tmp cleaner, an operator) while this agent held it open:
+        write it again from what the agent holds, or a restart would find no job."""
+        try:
+            await self.store.rewrite_files()
+        except StoreError as e:
+            now = trio.current_time()
+            if now - self._store_error_logged >= 60:
+                log.error("%s; jobs are refused until it is written", e)
+                self._store_error_logged = now
+            await trio.sleep(STORE_RETRY_S)
+            return
+        log.error("the job store %s was removed while the agent ran; written again from the agent's open copy, "
+                  "with every job. Keep the data dir out of tmp cleaners, and stop the agent before moving its "
+                  "files", self.store.path)
 
     def local_state(self, *, with_tenants: bool = True) -> NodeState:
         """This agent as peers see it. Placement skips the per-tenant usage: it is O(jobs)."""

@@ -59,6 +59,11 @@ MODULE_TOUCH_S = 3600.0
 #: Rows written since the last WAL checkpoint that make the next flush checkpoint
 #: (on its worker thread). About SQLite's default of 1,000 pages.
 CHECKPOINT_ROWS = 1_000
+#: How long a flush on a worker thread waits for another process's write transaction on
+#: jobs.db (an operator's sqlite3 shell, a backup tool) to end before it fails. A flush
+#: on the trio thread never waits there: it goes to a thread (SQLite's own default, 5 s
+#: of waiting on the trio thread, froze the whole agent).
+LOCK_WAIT_S = 1.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -99,6 +104,21 @@ class StoreError(RuntimeError):
     pass
 
 
+class _Locked(Exception):
+    """A write that may not wait met another process's write transaction."""
+
+
+def _fix(e: sqlite3.Error, data_dir: Path) -> str:
+    """What to do about SQLite's error ``e`` on the job store in ``data_dir``."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return ("another process holds a write transaction on it (an sqlite3 shell, a backup tool): end that "
+                "transaction or stop that process; the agent tries again each second")
+    if code == sqlite3.SQLITE_FULL:
+        return f"free space on the file system of {data_dir}; the agent tries again each second"
+    return "check disk space and permissions"
+
+
 def private_files(db: Path) -> None:
     """Make an SQLite file of tenants' data, and its -wal and -shm, readable by this
     user only (they were 0644 in a 0755 data dir: any local user read every job's
@@ -106,6 +126,13 @@ def private_files(db: Path) -> None:
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         with contextlib.suppress(OSError):
             os.chmod(path, 0o600)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _record_row(rec: JobRecord) -> str:
@@ -193,19 +220,15 @@ class Store:
         for d in (self.modules_dir, self.outputs_dir):
             d.mkdir(exist_ok=True)
         self.path = data_dir / "jobs.db"
+        if _size(self.path) == 0 and not _size(self.path.with_name(self.path.name + "-wal")):
+            # The store writes its header a moment after it creates the file: an empty one was cut, and
+            # opening it would start a new store that silently forgets every job.
+            raise StoreError(
+                f"cannot open the job store {self.path}: it is empty (0 bytes), so it was cut (a copy that failed, "
+                "a file system that lost its blocks in a crash); restore it from a backup, or delete it to start "
+                "with an empty store (the jobs it held are then forgotten)")
         try:
-            # The writer connection is used only inside flushes, one at a time; the reader
-            # serves point lookups on the trio thread (WAL lets it read while a flush writes).
-            self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            private_files(self.path)  # before WAL mode: SQLite gives -wal and -shm the file's mode
-            self._writer.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
-            # loss can drop the last transactions. That is the trade-off etcd and Consul make too.
-            self._writer.execute("PRAGMA synchronous=NORMAL")
-            self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
-            self._writer.executescript(SCHEMA)
-            self._reader = sqlite3.connect(self.path, check_same_thread=False)
-            self._reader.execute("SELECT count(*) FROM jobs WHERE seq < 0").fetchone()
+            self._connect()
         except sqlite3.Error as e:
             raise StoreError(
                 f"cannot open the job store {self.path}: {e}. Check that the data dir is writable and has space; "
@@ -237,6 +260,75 @@ class Store:
         self.last_seq: int = int(row[0])
         if self.get_kv(LABELS_INDEXED) is None:
             self._index_old_labels()
+
+    def _connect(self) -> None:
+        # The writer connection is used only inside flushes, one at a time; the reader
+        # serves point lookups on the trio thread (WAL lets it read while a flush writes).
+        self._writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        private_files(self.path)  # before WAL mode: SQLite gives -wal and -shm the file's mode
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
+        # loss can drop the last transactions. That is the trade-off etcd and Consul make too.
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
+        self._writer.executescript(SCHEMA)
+        self._reader = sqlite3.connect(self.path, check_same_thread=False)
+        self._reader.execute("SELECT count(*) FROM jobs WHERE seq < 0").fetchone()
+        self._files = self._identity()
+
+    def _identity(self) -> tuple[tuple[int, int] | None, ...]:
+        """Which files jobs.db, its -wal and its -shm are now (device, inode; None if missing)."""
+        found: list[tuple[int, int] | None] = []
+        for path in (self.path, self.path.with_name(self.path.name + "-wal"),
+                     self.path.with_name(self.path.name + "-shm")):
+            try:
+                st = os.stat(path)
+                found.append((st.st_dev, st.st_ino))
+            except OSError:
+                found.append(None)
+        return tuple(found)
+
+    @property
+    def files_removed(self) -> bool:
+        """Whether jobs.db, its -wal or its -shm was removed (or replaced) since the store
+        opened them. SQLite goes on writing to the files it holds open, so nothing fails,
+        but a restart would find none of it: ``rewrite_files`` writes them again."""
+        return self._identity() != self._files
+
+    async def rewrite_files(self) -> None:
+        """Write jobs.db again, whole, from the connections that still hold the removed
+        files, and reopen it. StoreError if it cannot be written (a full disk)."""
+        while self._flushing:
+            await self._flushed.wait()
+        self._flushing = True  # no write may land in the old files once they are copied
+        try:
+            tmp = self.path.with_name(self.path.name + ".rewrite")
+            await trio.to_thread.run_sync(self._copy_to, tmp)
+            self._writer.close()
+            self._reader.close()
+            for stale in ("-wal", "-shm"):  # a removed one's twin no longer matches the copy
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path.with_name(self.path.name + stale))
+            os.replace(tmp, self.path)
+            self._connect()
+            self.write_error = None
+        except (OSError, sqlite3.Error) as e:
+            self.write_error = (f"could not write the job store {self.path} again after it was removed: {e}; "
+                                "check disk space and permissions")
+            raise StoreError(self.write_error) from e
+        finally:
+            self._flushing = False
+            done, self._flushed = self._flushed, trio.Event()
+            done.set()
+
+    def _copy_to(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+        dst = sqlite3.connect(tmp)
+        try:
+            self._writer.backup(dst)
+        finally:
+            dst.close()
+        private_files(tmp)
 
     def _index_old_labels(self) -> None:
         """Index the labels of jobs stored before job_labels existed: once, when such a
@@ -326,6 +418,7 @@ class Store:
         else:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             try:
+                self.modules_dir.mkdir(exist_ok=True)  # removed under us (a tmp cleaner): made again
                 tmp.write_bytes(data)
                 os.replace(tmp, path)
             except OSError as e:
@@ -457,7 +550,11 @@ class Store:
                 outputs = sum(len(v[7]) for v in batch.values() if v[7] is not None)
                 if (rows <= INLINE_FLUSH_ROWS and outputs <= INLINE_OUTPUT_BYTES and not checkpoint and not errs
                         and not arts):
-                    self._write(batch, records, deliveries, labels=labels)
+                    try:
+                        self._write(batch, records, deliveries, labels=labels, wait=False)
+                    except _Locked:  # another process writes: wait for it on a thread, not here
+                        await trio.to_thread.run_sync(functools.partial(self._write, batch, records, deliveries,
+                                                                        labels=labels))
                 else:
                     await trio.to_thread.run_sync(functools.partial(self._write, batch, records, deliveries,
                                                                     checkpoint, errs, labels=labels,
@@ -564,11 +661,15 @@ class Store:
     def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str],
                deliveries: dict[str, bool] | None = None, checkpoint: bool = False,
                errs: dict[str, bytes] | None = None, *, labels: dict[str, dict[str, str]] | None = None,
-               artifacts: dict[str, dict[str, bytes]] | None = None) -> None:
+               artifacts: dict[str, dict[str, bytes]] | None = None, wait: bool = True) -> None:
+        """Write a flush: the files, then the rows in one transaction. ``wait``: wait up to
+        LOCK_WAIT_S for another process's write transaction; without it, raise _Locked."""
         rows_new = []
         rows_upd = []
         label_rows: list[tuple[str, str, int]] = []
         try:  # the files first: the commit below makes the job's end durable, and names them
+            if errs or artifacts or any(v[7] is not None and len(v[7]) > INLINE_OUTPUT_BYTES for v in batch.values()):
+                self.outputs_dir.mkdir(exist_ok=True)  # removed under us (a tmp cleaner): made again
             for job_id, err in (errs or {}).items():
                 (self.outputs_dir / f"{job_id}.err").write_bytes(err)
             for job_id, arts in (artifacts or {}).items():
@@ -591,6 +692,7 @@ class Store:
             raise StoreError(f"could not write job output under {self.outputs_dir}: {e}; "
                              "check disk space and permissions") from e
         try:
+            self._writer.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000) if wait else 0}")
             self._writer.execute("BEGIN")
             if rows_new:
                 self._writer.executemany(
@@ -615,17 +717,24 @@ class Store:
                 else:
                     self._writer.execute("DELETE FROM deliveries WHERE id = ?", (job_id,))
             self._writer.execute("COMMIT")
-            if checkpoint:
-                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except Exception as e:
             # Never leave the transaction open, or every later write fails on BEGIN; that
             # includes a value SQLite cannot bind, which a bug upstream let in.
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
             if isinstance(e, sqlite3.Error):
-                raise StoreError(f"could not write the job store {self.path}: {e}; check disk space and "
-                                 "permissions") from e
+                if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                    raise _Locked from e
+                raise StoreError(f"could not write the job store {self.path}: {e}; {_fix(e, self.data_dir)}") from e
             raise StoreError(f"could not write the job store {self.path}: {type(e).__name__}: {e}; this is a bug, "
                              "please report it with the log") from e
+        if checkpoint:
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                # The commit landed in the WAL, which reuses its own space; jobs.db could not grow
+                # to take its pages (a full disk). The rows are durable all the same: the next
+                # flush tries the checkpoint again.
+                self._rows_since_checkpoint = CHECKPOINT_ROWS
 
     def _write_artifacts(self, job_id: str, arts: dict[str, bytes]) -> None:
         """Each artifact (sha256 -> bytes) as a file named by its sha256. Bytes a record
