@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -169,3 +170,41 @@ def configure(fmt: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
     # hypercorn's access log is one line per request: too loud at the batch API's rates.
     logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+
+
+#: RateLimitedLog's one line per kind of trouble per this many seconds; the next line
+#: says how many were held back. Long enough that a flood costs a handful of lines a
+#: minute, short enough that an operator watching the log sees a problem start.
+INTERVAL_S = 10.0
+
+
+class RateLimitedLog:
+    """Log lines about what peers send, rate limited: a flood of bad packets or refused
+    connections must not become a flood of log lines (or of disk writes)."""
+
+    def __init__(self, log: logging.Logger, interval: float = INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = log
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last line at, held back since)
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        self.line(logging.WARNING, key, msg, *args)
+
+    def error(self, key: str, msg: str, *args: Any) -> None:
+        self.line(logging.ERROR, key, msg, *args)
+
+    def line(self, level: int, key: str, msg: str, *args: Any) -> None:
+        """Log ``msg % args`` unless a line with ``key`` was logged within the interval.
+        Keys are a small fixed set (reasons), not anything a peer chooses."""
+        now = self.clock()
+        last, held = self._last.get(key, (-math.inf, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, held + 1)
+            return
+        self._last[key] = (now, 0)
+        if held:
+            msg += " (and %d more like it in the last %.0f s)"
+            args = (*args, held, now - last)
+        self.log.log(level, msg, *args)

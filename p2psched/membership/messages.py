@@ -39,10 +39,18 @@ receiver fetches the rest at the next push-pull.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any, Union
 
 PROTOCOL = 1
+
+#: The largest incarnation, state version or sequence number on the wire. msgpack
+#: holds up to 2**64 - 1, and an agent answers a counter with the counter plus one
+#: (a refutation, a newer state), so a peer's counter must stay well below that;
+#: agents never count past this one (``next_counter``).
+MAX_COUNTER = 2**63 - 1
 
 T_PING, T_PING_REQ, T_ACK, T_NACK, T_SUSPECT, T_ALIVE, T_DEAD, T_STATE = range(8)
 T_PUSH_PULL_REQ, T_PUSH_PULL_RESP, T_PUSH_PULL_PUSH = 8, 9, 10
@@ -187,9 +195,15 @@ _MAX_ID = 128
 _MAX_HOST = 255
 
 
+def next_counter(n: int) -> int:
+    """``n + 1``, but never past MAX_COUNTER: at the ceiling a forged counter can still
+    win an argument about us, but it can no longer make us send what nobody decodes."""
+    return min(n + 1, MAX_COUNTER)
+
+
 def _int(v: Any, what: str) -> int:
-    if type(v) is not int or v < 0:
-        raise SchemaError(f"{what} must be a non-negative integer")
+    if type(v) is not int or not 0 <= v <= MAX_COUNTER:
+        raise SchemaError(f"{what} must be an integer in 0..2**63-1")
     return v
 
 
@@ -197,6 +211,23 @@ def _str(v: Any, what: str, limit: int = _MAX_ID) -> str:
     if type(v) is not str or not v or len(v) > limit:
         raise SchemaError(f"{what} must be a string of 1..{limit} characters")
     return v
+
+
+# A DNS name (letters, digits, '-' and '_' in labels of 1..63) or an IP literal: an
+# address we will send to. Anything else (an empty label, a space, a NUL) is refused
+# here, before the socket layer fails on it with errors that are not OSError.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def _host(v: Any) -> str:
+    host = _str(v, "host", _MAX_HOST)
+    if _HOSTNAME.fullmatch(host):
+        return host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise SchemaError(f"host {host[:64]!r} is neither a DNS name nor an IP address") from None
+    return host
 
 
 def _bool(v: Any, what: str) -> bool:
@@ -241,7 +272,7 @@ def _entry(v: Any) -> Entry:
         raise SchemaError("entry must have 7 fields")
     state = None if e[6] is None else _map(e[6], "entry state")
     return Entry(
-        _str(e[0], "node id"), (_str(e[1], "host", _MAX_HOST), _port(e[2])), _int(e[3], "incarnation"),
+        _str(e[0], "node id"), (_host(e[1]), _port(e[2])), _int(e[3], "incarnation"),
         _status(e[4]), _int(e[5], "version"), state,
     )
 
@@ -256,7 +287,7 @@ def from_wire(p: Any) -> Message:
         return Ping(_int(p[1], "seq"), _str(p[2], "target id"))
     if t == T_PING_REQ:
         _fields(p, 5, "ping-req")
-        return PingReq(_int(p[1], "seq"), _str(p[2], "target id"), (_str(p[3], "host", _MAX_HOST), _port(p[4])),
+        return PingReq(_int(p[1], "seq"), _str(p[2], "target id"), (_host(p[3]), _port(p[4])),
                        _bool(p[5], "want_nack"))
     if t == T_ACK:
         _fields(p, 1, "ack")
@@ -269,7 +300,7 @@ def from_wire(p: Any) -> Message:
         return Suspect(_int(p[1], "incarnation"), _str(p[2], "node id"), _str(p[3], "from id"))
     if t == T_ALIVE:
         _fields(p, 4, "alive")
-        return Alive(_int(p[1], "incarnation"), _str(p[2], "node id"), (_str(p[3], "host", _MAX_HOST), _port(p[4])))
+        return Alive(_int(p[1], "incarnation"), _str(p[2], "node id"), (_host(p[3]), _port(p[4])))
     if t == T_DEAD:
         _fields(p, 3, "dead")
         return Dead(_int(p[1], "incarnation"), _str(p[2], "node id"), _str(p[3], "from id"))

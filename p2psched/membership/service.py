@@ -29,6 +29,7 @@ from typing import Any, Callable
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from p2psched.logs import RateLimitedLog
 from p2psched.membership import discovery
 from p2psched.membership.keyring import OpenError, Sealer, sealer_for
 from p2psched.membership.messages import Addr
@@ -43,6 +44,27 @@ _LAG_PERIOD = 0.1
 #: Without a live peer there is no ack to make late; the probe only keeps the
 #: loop_lag_seconds gauge fresh, so an agent alone wakes for it once a second.
 _LAG_PERIOD_ALONE = 1.0
+#: Inbound TCP connections (push-pull, TCP pings) read at once. Each may hold a frame of
+#: up to max_tcp_message before its seal is checked, so this bounds what unauthenticated
+#: peers can make us hold (16 x 8 MiB); legitimate ones are a few per push-pull period.
+_TCP_SERVE_AT_ONCE = 16
+#: Inbound TCP connections open at once, waiting ones included; more are closed on
+#: accept, so that a flood of connections cannot take every file descriptor.
+_TCP_OPEN_MAX = 128
+#: What each reason a packet is dropped for means, for the log line.
+_DROP_HINTS = {
+    "auth": "not sealed with a key of our keyring, or sealed for another cluster name",
+    "stale": "timestamp outside the replay window; are the clocks in sync?",
+    "replay": "a nonce seen before: a replayed packet",
+    "unencrypted": "an --insecure peer, and we have a gossip key",
+    "encrypted": "a peer with a gossip key, and we run --insecure",
+    "cluster": "an --insecure peer of another cluster name",
+    "version": "not a p2psched gossip packet",
+    "short": "too short to be a packet",
+    "too_large": "over the size limit",
+}
+#: Drops that are our own doing, not a peer's input: counted, not logged per packet.
+_LOCAL_DROPS = frozenset({"send_queue_full", "send_error", "slow_subscriber", "tcp_busy"})
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,9 @@ class MembershipService:
         self._wake = trio.Event()
         self._out_send, self._out_recv = trio.open_memory_channel[tuple[Addr, bytes]](1024)
         self._tcp_limit = trio.CapacityLimiter(32)
+        self._serve_limit = trio.CapacityLimiter(_TCP_SERVE_AT_ONCE)
+        self._tcp_open = 0
+        self._peer_log = RateLimitedLog(self.log)
         self._nursery: trio.Nursery | None = None
         self._synced: dict[str, int] = {}
         self._done = trio.Event()
@@ -231,8 +256,24 @@ class MembershipService:
         core.set_seeds(seeds)
         self._wake.set()
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, src: Addr | None = None, detail: str = "") -> None:
         self.metrics.dropped.labels(reason).inc()
+        if src is not None:
+            self._log_drop(reason, src, detail)
+
+    def _log_drop(self, reason: str, src: Any, detail: str) -> None:
+        """One warning per reason per interval, naming the sender and what was wrong."""
+        if reason in _LOCAL_DROPS:
+            return
+        detail = detail or _DROP_HINTS.get(reason, "")
+        self._peer_log.warning("drop:" + reason, "membership: dropped a packet from %s:%s: %s%s", src[0], src[1],
+                               reason, f": {detail}" if detail else "")
+
+    def _handled(self, core: Membership, drops_before: int, src: Any) -> None:
+        """Log the packet the core just dropped, if it dropped one (it counts them itself)."""
+        if core.drops != drops_before:
+            reason, detail = core.last_drop
+            self._log_drop(reason, src, detail)
 
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
@@ -249,8 +290,8 @@ class MembershipService:
         self._wake.set()
 
     def _on_event(self, ev: Event) -> None:
-        if ev.kind == "conflict":
-            self.log.error("membership: %s", ev.detail)
+        if ev.kind == "conflict":  # each forged packet makes one: rate limited
+            self._peer_log.error("conflict", "membership: %s", ev.detail)
         elif ev.kind in ("dead", "suspect", "left", "joined", "alive"):
             self.log.info("membership: %s is %s %s", ev.node_id, ev.kind, ev.detail)
         for ch in list(self._subscribers):
@@ -323,21 +364,23 @@ class MembershipService:
             self.metrics.packets_in.inc()
             self.metrics.bytes_in.inc(len(data))
             if len(data) > limit:
-                self._drop("too_large")
+                self._drop("too_large", src, f"a datagram of {len(data)} bytes, over max_datagram ({limit})")
                 continue
             try:
                 plain = self.sealer.open(time.time(), data)
             except OpenError as e:
-                self._drop(e.reason)
+                self._drop(e.reason, src)
                 continue
+            drops = core.drops
             self._execute(core.handle_packet(trio.current_time(), (src[0], src[1]), plain))
+            self._handled(core, drops, src)
 
     async def _send_loop(self, udp: trio.socket.SocketType) -> None:
         async for addr, data in self._out_recv:
             sealed = self.sealer.seal(time.time(), data)
             try:
                 await udp.sendto(sealed, addr)
-            except OSError as e:
+            except (OSError, ValueError) as e:  # ValueError: a host name Python cannot encode
                 self._drop("send_error")
                 self.log.debug("membership: sending to %s:%d failed: %s", addr[0], addr[1], e)
                 continue
@@ -346,13 +389,14 @@ class MembershipService:
 
     # --- TCP ---------------------------------------------------------------------------
 
-    async def _read_frame(self, stream: trio.abc.ReceiveStream) -> bytes | None:
+    async def _read_frame(self, stream: trio.abc.ReceiveStream, src: Any = None) -> bytes | None:
         header = await _read_exact(stream, _FRAME_HEADER.size)
         if header is None:
             return None
         (n,) = _FRAME_HEADER.unpack(header)
-        if n > self.settings.max_tcp_message + self.sealer.overhead:
-            self._drop("too_large")
+        limit = self.settings.max_tcp_message + self.sealer.overhead
+        if n > limit:
+            self._drop("too_large", src, f"a TCP frame of {n} bytes, over max_tcp_message ({limit})")
             return None
         body = await _read_exact(stream, n)
         if body is not None:
@@ -364,30 +408,42 @@ class MembershipService:
         await stream.send_all(_FRAME_HEADER.pack(len(sealed)) + sealed)
         self.metrics.bytes_out.inc(len(sealed) + _FRAME_HEADER.size)
 
-    def _open(self, sealed: bytes | None) -> bytes | None:
+    def _open(self, sealed: bytes | None, src: Any = None) -> bytes | None:
         if sealed is None:
             return None
         try:
             return self.sealer.open(time.time(), sealed)
         except OpenError as e:
-            self._drop(e.reason)
+            self._drop(e.reason, src)
             return None
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
         core = self._need_core()
+        self._tcp_open += 1
         try:
             src = stream.socket.getpeername()
+            if self._tcp_open > _TCP_OPEN_MAX:
+                self._drop("tcp_busy")
+                self._peer_log.warning("tcp_busy", "membership: closed a TCP connection from %s:%s at once: "
+                                       "%d are open already (a flood?)", src[0], src[1], _TCP_OPEN_MAX)
+                return
+            # The time limit covers the wait for a turn too: a stalled peer holds a turn
+            # (and its descriptor) for this long at most.
             with trio.move_on_after(max(5.0, self.settings.probe_interval * 5)):
-                plain = self._open(await self._read_frame(stream))
-                if plain is None:
-                    return
-                reply, actions = core.handle_stream(trio.current_time(), (src[0], src[1]), plain)
-                self._execute(actions)
-                if reply is not None:
-                    await self._write_frame(stream, reply)
+                async with self._serve_limit:
+                    plain = self._open(await self._read_frame(stream, src), src)
+                    if plain is None:
+                        return
+                    drops = core.drops
+                    reply, actions = core.handle_stream(trio.current_time(), (src[0], src[1]), plain)
+                    self._handled(core, drops, src)
+                    self._execute(actions)
+                    if reply is not None:
+                        await self._write_frame(stream, reply)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            self._tcp_open -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -402,14 +458,17 @@ class MembershipService:
                     async with stream:
                         await self._write_frame(stream, a.data)
                         if isinstance(a, TcpProbe) or a.expect_reply:
-                            reply = self._open(await self._read_frame(stream))
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                            reply = self._open(await self._read_frame(stream, a.addr), a.addr)
+                # ValueError: a member's host name that Python cannot encode
+                except (OSError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
                     reply = None
         now = trio.current_time()
         if isinstance(a, TcpProbe):
             self._execute(core.tcp_probe_result(now, a.seq, reply))
         elif a.expect_reply:
+            drops = core.drops
             self._execute(core.handle_stream_reply(now, a.addr, reply))
+            self._handled(core, drops, a.addr)
 
 
 async def _read_exact(stream: trio.abc.ReceiveStream, n: int) -> bytes | None:

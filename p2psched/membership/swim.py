@@ -49,7 +49,7 @@ from typing import Callable, Sequence, Union
 from p2psched.membership import codec
 from p2psched.membership.messages import (
     ALIVE, DEAD, LEFT, STATUS_NAMES, SUSPECT, Ack, Addr, Alive, Dead, Digest, Entry, Message, Nack, Ping,
-    PingReq, PushPullPush, PushPullReq, PushPullResp, State, Suspect,
+    PingReq, PushPullPush, PushPullReq, PushPullResp, State, Suspect, next_counter,
 )
 from p2psched.membership.settings import MembershipSettings
 from p2psched.resources import NodeState, ResourceVector
@@ -279,6 +279,9 @@ class Membership:
             self_refutations=0, conflicts=0, push_pulls=0,
         )
         self.dropped: dict[str, int] = {}  # reason -> packets the core could not use
+        #: The reason and detail of the last packet dropped, for the adapter's log line.
+        self.last_drop: tuple[str, str] = ("", "")
+        self.drops = 0  # packets dropped in all; the adapter logs the last one when it grows
         self.rtt_samples: deque[float] = deque(maxlen=1024)  # drained by the adapter
 
         me = Member(self_id, self_addr, 0, ALIVE, now, now)
@@ -389,8 +392,10 @@ class Membership:
             parts += self._queue.take(room, self.retransmit_limit())
         return Send(addr, codec.assemble(self.id, parts))
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, detail: str = "") -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.last_drop = (reason, detail)
+        self.drops += 1
 
     # --- queries -------------------------------------------------------------------
 
@@ -442,7 +447,7 @@ class Membership:
         """Announce that we leave. The announcement goes straight to every live member,
         not only into gossip, so that peers mark us ``left`` at once."""
         self.left = True
-        self.incarnation += 1
+        self.incarnation = next_counter(self.incarnation)
         me = self.members[self.id]
         me.incarnation = self.incarnation
         msg = Dead(self.incarnation, self.id, self.id)
@@ -473,7 +478,7 @@ class Membership:
         if pending is None:
             return
         self._pending_state = None
-        self._state_version += 1
+        self._state_version = next_counter(self._state_version)
         state = dataclasses.replace(pending, node_id=self.id, version=self._state_version)
         me = self.members[self.id]
         me.state, me.version, me.last_update = state, state.version, now
@@ -486,7 +491,7 @@ class Membership:
         self._next_state_at = now + self.s.state_min_interval
 
     def _refute(self, accused_incarnation: int) -> None:
-        self.incarnation = max(self.incarnation, accused_incarnation) + 1
+        self.incarnation = next_counter(max(self.incarnation, accused_incarnation))
         me = self.members[self.id]
         me.incarnation = self.incarnation
         self.stats["self_refutations"] += 1
@@ -760,12 +765,12 @@ class Membership:
         try:
             sender, msg = codec.decode_frame(data, self.s.max_tcp_message)
         except codec.DecodeError as e:
-            self._drop(e.reason)
+            self._drop(e.reason, e.detail)
             return None, []
         out: list[Action] = []
         if isinstance(msg, Ping):
             if msg.target_id != self.id:
-                self._drop("wrong_target")
+                self._drop("wrong_target", f"a TCP ping for {msg.target_id!r}, not {self.id!r}")
                 return None, []
             return codec.encode_frame(self.id, Ack(msg.seq)), []
         if isinstance(msg, PushPullReq):
@@ -796,7 +801,7 @@ class Membership:
         try:
             sender, msg = codec.decode_frame(data, self.s.max_tcp_message)
         except codec.DecodeError as e:
-            self._drop(e.reason)
+            self._drop(e.reason, e.detail)
             return []
         if not isinstance(msg, PushPullResp):
             self._drop("unexpected_tcp")
@@ -818,7 +823,7 @@ class Membership:
         try:
             _, msg = codec.decode_frame(data, self.s.max_tcp_message)
         except codec.DecodeError as e:
-            self._drop(e.reason)
+            self._drop(e.reason, e.detail)
             return []
         if isinstance(msg, Ack) and msg.seq == seq:
             p.tcp_ok = True
@@ -832,13 +837,14 @@ class Membership:
         try:
             _, msgs = codec.decode_datagram(data)
         except codec.DecodeError as e:
-            self._drop(e.reason)
+            self._drop(e.reason, e.detail)
             return []
         out: list[Action] = []
         for msg in msgs:
             if isinstance(msg, Ping):
                 if msg.target_id != self.id:
-                    self._drop("wrong_target")  # e.g. a new agent took over this address
+                    # e.g. a new agent took over this address
+                    self._drop("wrong_target", f"a ping for {msg.target_id!r}, not {self.id!r}")
                     continue
                 if not self.left:
                     out.append(self._packet(src, [Ack(msg.seq)]))
@@ -988,11 +994,11 @@ class Membership:
             else:
                 state = NodeState.from_wire(msg.state)
                 state.version = msg.version
-        except Exception:  # a peer's malformed state must not take the agent down
-            self._drop("bad_state")
+        except Exception as e:  # a peer's malformed state must not take the agent down
+            self._drop("bad_state", f"state of {m.node_id!r}: {type(e).__name__}: {e}"[:200])
             return
         if state.node_id != m.node_id:
-            self._drop("bad_state")
+            self._drop("bad_state", f"state of {m.node_id!r} names node {state.node_id!r}"[:200])
             return
         if m.state is None or m.state.position != state.position:
             self._group_cache = None  # group_of may read positions from member states
