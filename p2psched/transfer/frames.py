@@ -54,6 +54,11 @@ class FrameReader:
         self.max_frame = max_frame
         self._buf = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a frame not yet whole."""
+        return len(self._buf)
+
     def feed(self, data: bytes | bytearray) -> list[dict[str, Any]]:
         self._buf += data
         out = []

@@ -13,6 +13,7 @@ in flight per connection; the pool opens more connections when requests overlap.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -20,10 +21,13 @@ from typing import Any
 
 import trio
 
+from p2psched.logs import RateLimitedLog
 from p2psched.transfer import messages as m
 from p2psched.transfer.frames import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode
 
 log = logging.getLogger("p2psched.transfer")
+#: Lines about what peers send (bad frames, failed handshakes), rate limited.
+peer_log = RateLimitedLog(log)
 
 Handler = Callable[[str | None, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -32,6 +36,14 @@ Handler = Callable[[str | None, dict[str, Any]], Awaitable[dict[str, Any]]]
 REQUEST_TIMEOUT_S = 30.0
 #: Idle pooled connections kept per peer. Requests beyond this open short-lived ones.
 POOL_PER_PEER = 4
+#: A connection that brings no request for this long is closed, so that stalled or
+#: forgotten connections do not hold descriptors forever. A client's pooled connection
+#: closed this way is replaced on its next request (``request`` retries on a fresh one).
+IDLE_TIMEOUT_S = 120.0
+#: Once a frame's first bytes are in, the whole frame must be in within this long:
+#: what a client allows for a whole request, so no honest frame takes longer.
+FRAME_TIMEOUT_S = REQUEST_TIMEOUT_S
+_CHUNK = 256 * 1024
 
 
 class TransferError(ConnectionError):
@@ -43,31 +55,79 @@ class TransferRefused(TransferError):
     would not take the request."""
 
 
+class _Busy(FrameError):
+    """The frames arriving from peers are over the server's memory budget."""
+
+
+class _Budget:
+    """Bytes of frames not yet whole, over all of a server's connections. Without it each
+    connection could hold a frame of up to max_frame half sent: N connections, N x 160 MiB."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class _Conn:
     def __init__(self, stream: trio.abc.Stream, max_frame: int) -> None:
         self.stream = stream
         self.reader = FrameReader(max_frame)
         self.pending: list[dict[str, Any]] = []
+        self.held = 0  # of a _Budget, on the server side
 
     async def send(self, msg: dict[str, Any]) -> None:
         await self.stream.send_all(encode(msg))
 
     async def receive(self) -> dict[str, Any] | None:
         while not self.pending:
-            data = await self.stream.receive_some(256 * 1024)
+            data = await self.stream.receive_some(_CHUNK)
             if not data:
                 return None
             self.pending.extend(self.reader.feed(data))
         return self.pending.pop(0)
 
+    async def receive_request(self, budget: _Budget, idle_timeout: float, frame_timeout: float
+                              ) -> dict[str, Any] | None:
+        """The server's ``receive``: raises TooSlowError when no frame starts within
+        ``idle_timeout`` or one takes over ``frame_timeout``, and FrameError when this
+        connection's partial frame would overrun ``budget``."""
+        frame_deadline = math.inf
+        while not self.pending:
+            deadline = frame_deadline if self.reader.buffered else trio.current_time() + idle_timeout
+            with trio.fail_at(deadline):
+                data = await self.stream.receive_some(_CHUNK)
+            if not data:
+                return None
+            self.pending.extend(self.reader.feed(data))
+            if not self.reader.buffered:
+                frame_deadline = math.inf
+            elif frame_deadline == math.inf:
+                frame_deadline = trio.current_time() + frame_timeout
+            budget.used += self.reader.buffered - self.held
+            self.held = self.reader.buffered
+            if budget.used > budget.limit:
+                raise _Busy(f"busy: {budget.used >> 20} MiB of frames are arriving from peers, over the "
+                            f"limit of {budget.limit >> 20} MiB; try again shortly")
+        return self.pending.pop(0)
+
+    def release(self, budget: _Budget) -> None:
+        budget.used -= self.held
+        self.held = 0
+
 
 class TransferService:
     def __init__(self, bind: tuple[str, int], handler: Handler, *, node_id: str, tls: Any = None,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, max_buffered: int | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT_S, frame_timeout: float = FRAME_TIMEOUT_S) -> None:
+        """``max_buffered``: bytes of frames not yet whole over all connections (default:
+        two frames of ``max_frame``); a connection that would go over gets an error."""
         self.bind = bind
         self.handler = handler
         self.node_id = node_id
         self.max_frame = max_frame
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self._budget = _Budget(max_buffered if max_buffered is not None else 2 * max_frame)
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
         if tls is not None:
@@ -95,7 +155,13 @@ class TransferService:
     async def _handle_connection(self, tcp: trio.SocketStream) -> None:
         peer: str | None = None
         stream: trio.abc.Stream = tcp
+        conn: _Conn | None = None
         try:
+            try:
+                host, port = tcp.socket.getpeername()[:2]
+                where = f"{host}:{port}"
+            except OSError:
+                where = "a peer that is gone"
             if self._server_ctx is not None:
                 from p2psched.security.tls import accept_peer
 
@@ -104,14 +170,22 @@ class TransferService:
                         stream, peer = await accept_peer(tcp, self._server_ctx)
                 except (ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, OSError) as e:
                     self.refused_handshakes += 1
-                    log.warning("transfer: refused a connection without a valid cluster certificate: %s", e)
+                    peer_log.warning("handshake", "transfer: refused a connection without a valid cluster certificate "
+                                     "from %s: %s", where, str(e) or type(e).__name__)
                     return
             conn = _Conn(stream, self.max_frame)
             while True:
                 try:
-                    msg = await conn.receive()
+                    msg = await conn.receive_request(self._budget, self.idle_timeout, self.frame_timeout)
+                except trio.TooSlowError:
+                    if conn.reader.buffered:  # an idle connection is closed quietly: pools leave them so
+                        peer_log.warning("slow", "transfer: closed the connection from %s (%s): a frame took over "
+                                         "%g s", where, peer or "no certificate", self.frame_timeout)
+                    return
                 except FrameError as e:
-                    log.warning("transfer: dropping connection from %s: %s", peer or "peer", e)
+                    peer_log.warning("busy" if isinstance(e, _Busy) else "frame",
+                                     "transfer: dropping the connection from %s (%s): %s",
+                                     where, peer or "no certificate", e)
                     await conn.send(m.error(str(e)))
                     return
                 if msg is None:
@@ -128,6 +202,8 @@ class TransferService:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             return
         finally:
+            if conn is not None:
+                conn.release(self._budget)
             await trio.aclose_forcefully(stream)
 
     # ------------------------------------------------------------------ client
