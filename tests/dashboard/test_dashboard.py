@@ -114,6 +114,7 @@ def test_a_user_watches_jobs_and_members_opens_a_job_cancels_one_and_sees_the_ag
         d1.stop()
         wait_for(lambda: "cannot reach the agent" in browser.find_element(By.ID, "banner").text,
                  what="the banner for a stopped agent")
+        assert browser.find_element(By.ID, "health").text == "unreachable"  # not its last "accepting jobs"
     finally:
         stop_all(agents)
 
@@ -216,7 +217,8 @@ def test_a_running_process_jobs_output_shows_in_its_detail_as_it_is_written(tmp_
         browser.get(f"{agent.url}/ui/#{job}")
         stdout = browser.find_element(By.ID, "detail-stdout")
         wait_for(lambda: browser.find_element(By.ID, "detail-state").text == "running", what="the running job")
-        assert stdout.text.startswith("epoch 1 loss 0.9")
+        # The state shows first; the output so far comes with the next request.
+        wait_for(lambda: stdout.text.startswith("epoch 1 loss 0.9"), what="the output so far")
         assert browser.find_element(By.ID, "detail-stderr").text == "warming up"
         # The page's refresh brings what the job writes next.
         wait_for(lambda: stdout.text == "epoch 1 loss 0.9\nepoch 2 loss 0.5", what="the next line")

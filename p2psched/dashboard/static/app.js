@@ -59,9 +59,18 @@ async function liveOutput(jobId, stream) {
 
 // ------------------------------------------------------------------ drawing helpers
 
+// Bidi controls and invisible characters in data would reorder or hide what is shown
+// around them (a label that reverses the next one, two names that look alike): they
+// show as marks such as [U+202E].
+const HIDDEN_CHARS = /[\u061C\u200B\u200E\u200F\u202A-\u202E\u2060\u2066-\u2069\uFEFF]/g;
+
+function plain(value) {
+  return String(value).replace(HIDDEN_CHARS, (c) => `[U+${c.charCodeAt(0).toString(16).toUpperCase()}]`);
+}
+
 function el(tag, text, className) {
   const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (text !== undefined && text !== null) e.textContent = plain(text);
   if (className) e.className = className;
   return e;
 }
@@ -77,7 +86,7 @@ function row(cells) {
   for (const c of cells) {
     const td = document.createElement("td");
     if (c instanceof Node) td.appendChild(c);
-    else td.textContent = c === undefined || c === null ? "" : String(c);
+    else td.textContent = c === undefined || c === null ? "" : plain(c);
     tr.appendChild(td);
   }
   return tr;
@@ -152,7 +161,7 @@ function jobReason(job) {
 // ------------------------------------------------------------------ sections
 
 function drawHealth(h) {
-  $("node").textContent = `node ${h.node_id} · v${h.version}`;
+  $("node").textContent = plain(`node ${h.node_id} · v${h.version}`);
   const p = $("health");
   const impaired = Object.keys(h.impaired || {});
   if (h.status === "ok" && impaired.length) {
@@ -190,6 +199,10 @@ function drawCounts(counts) {
   }
 }
 
+// A peer's API address as it gossips it is a link only when it is HOST:PORT: no peer
+// makes this page link elsewhere (a path, user info, another scheme).
+const HOST_PORT = /^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$/;
+
 function drawPeers(peers) {
   const body = $("peers").tBodies[0];
   body.replaceChildren();
@@ -201,8 +214,8 @@ function drawPeers(peers) {
     const impaired = v.impaired || [];
     let state = v.draining && p.state === "alive" ? "draining" : p.state;
     if (state === "alive" && impaired.length) state = "impaired";
-    let apiCell = "";
-    if (p.api) {
+    let apiCell = p.api || "";
+    if (HOST_PORT.test(apiCell)) {
       apiCell = el("a", p.api);
       apiCell.href = `http://${p.api}/ui/`;
     }
@@ -229,7 +242,7 @@ function drawJobs(jobs, hasMore) {
       fmtTime(j.created_at), took(j), "",
     ]);
     tr.lastChild.className = "reason";
-    tr.lastChild.textContent = jobReason(j);
+    tr.lastChild.textContent = plain(jobReason(j));
     tr.dataset.jobId = j.id;
     tr.dataset.state = j.state;
     if (j.id === view.selected) tr.classList.add("selected");
@@ -248,12 +261,13 @@ function field(dl, name, value) {
 
 function drawDetail(job) {
   $("detail").hidden = false;
-  $("detail-id").textContent = job.id;
+  $("detail-id").textContent = plain(job.id);
   const st = $("detail-state");
   st.textContent = job.state;
   st.className = `pill s-${job.state}`;
   const enc = encodeURIComponent(job.id);
   $("detail-json").href = `/v1/jobs/${enc}`;
+  $("detail-json").hidden = false;
   $("detail-result").href = `/v1/jobs/${enc}/result`;
   $("detail-result").hidden = !FINAL.has(job.state);
   $("detail-cancel").hidden = FINAL.has(job.state);
@@ -284,6 +298,7 @@ function drawDetail(job) {
       field(dl, "attestation", `signed by node ${r.attestation.node_id} (key ${key}…)`);
     }
   }
+  $("detail-timeline").hidden = false;
   const body = $("timeline").tBodies[0];
   body.replaceChildren();
   let prev = null;
@@ -291,7 +306,7 @@ function drawDetail(job) {
     const at = prev === null ? fmtTime(t.at) : `${fmtTime(t.at)} (+${fmtDuration(t.at - prev)})`;
     const tr = row([pill(t.state), at, t.node, ""]);
     tr.lastChild.className = "detail";
-    tr.lastChild.textContent = t.detail;
+    tr.lastChild.textContent = plain(t.detail);
     tr.dataset.state = t.state;
     body.appendChild(tr);
     prev = t.at;
@@ -305,14 +320,33 @@ function drawDetail(job) {
   }
 }
 
+// Why a job's detail cannot be shown, by the agent's reason: it holds no such job (never,
+// or no longer: see --job-retention-h), or the job is another tenant's.
+const UNSHOWN = { unknown_job: "not found", forbidden: "forbidden" };
+
+// Why the job cannot be shown, in place of its detail.
+function drawUnshown(jobId, e) {
+  $("detail").hidden = false;
+  $("detail-id").textContent = plain(jobId);
+  const st = $("detail-state");
+  st.textContent = UNSHOWN[e.reason];
+  st.className = "pill muted";
+  for (const id of ["detail-json", "detail-result", "detail-cancel"]) $(id).hidden = true;
+  const dl = $("detail-fields");
+  dl.replaceChildren();
+  field(dl, "error", e.message);
+  $("detail-timeline").hidden = true;
+  $("detail-output").hidden = true;
+}
+
 // A running job's output so far (process jobs write it as they go), redrawn with
 // each refresh while its detail is open.
 async function drawLive(job) {
   if (job.state !== "running") return;
   const [out, err] = await Promise.all([liveOutput(job.id, "stdout"), liveOutput(job.id, "stderr")]);
   if (view.selected !== job.id) return;
-  $("detail-stdout").textContent = out.text || (out.note ? `[${out.note}]` : "");
-  $("detail-stderr").textContent = err.text;
+  $("detail-stdout").textContent = plain(out.text || (out.note ? `[${out.note}]` : ""));
+  $("detail-stderr").textContent = plain(err.text);
 }
 
 // The record holds output as UTF-8 text with replacement characters: binary output
@@ -323,7 +357,7 @@ function shown(text, whereAll, cut) {
     const where = whereAll ? `: see ${whereAll}, or p2psched result JOB_ID > out.bin` : "";
     return `[binary output, ${text.length} characters as text${where}]`;
   }
-  return cut ? `${text}\n${cut}` : text;
+  return plain(cut ? `${text}\n${cut}` : text);
 }
 
 // Why a stream's text ends short: the record holds its first 64 KiB (the rest is
@@ -345,8 +379,13 @@ function showError(e) {
       "Open the dashboard through `p2psched dashboard --agent URL --tenant NAME --key FILE`, " +
       "which signs them with the tenant's key.";
   }
-  b.textContent = text;
+  b.textContent = plain(text);
   b.hidden = false;
+  if (e.reason === "unreachable" || e.reason === "agent_unreachable") {  // the page's, or the proxy's
+    $("health").textContent = "unreachable";  // not the last health it read
+    $("health").className = "pill s-unreachable";
+    $("health").title = "";
+  }
 }
 
 function clearError() {
@@ -395,11 +434,7 @@ async function refresh() {
     drawPeers(peers.peers);
     drawCounts(counts.counts);
     drawJobs(jobs.jobs, jobs.next_cursor !== null);
-    if (view.selected) {
-      const job = await api(`/v1/jobs/${encodeURIComponent(view.selected)}`);
-      drawDetail(job);
-      await drawLive(job);
-    }
+    if (view.selected) await loadDetail(view.selected);
     clearError();
     $("updated").textContent = `updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
   } catch (e) {
@@ -414,12 +449,29 @@ function schedule() {
   view.timer = view.paused ? null : setInterval(refresh, REFRESH_MS);
 }
 
+// The selected job's detail. Why one cannot be shown (it is not there, or not yours) is
+// said there, once: it is not asked for again, and the rest of the page goes on refreshing.
+async function loadDetail(jobId) {
+  let job;
+  try {
+    job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
+  } catch (e) {
+    if (!Object.hasOwn(UNSHOWN, e.reason)) throw e;
+    if (view.selected === jobId) {
+      view.selected = null;
+      drawUnshown(jobId, e);
+    }
+    return;
+  }
+  if (view.selected !== jobId) return;  // another was chosen meanwhile
+  drawDetail(job);
+  await drawLive(job);
+}
+
 async function select(jobId) {
   view.selected = jobId;
   try {
-    const job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
-    drawDetail(job);
-    await drawLive(job);
+    await loadDetail(jobId);
     clearError();
   } catch (e) {
     showError(e);
@@ -472,6 +524,16 @@ async function cancelSelected() {
   refresh();
 }
 
+// The job a link names as /ui/#JOB_ID; none for a fragment that is not valid
+// percent-encoding (no job id needs any).
+function hashJob() {
+  try {
+    return decodeURIComponent(location.hash.slice(1));
+  } catch (e) {
+    return "";
+  }
+}
+
 function init() {
   const filter = $("state-filter");
   for (const s of STATES) filter.appendChild(new Option(s, s));
@@ -496,11 +558,9 @@ function init() {
     refresh();
   });
   $("detail-cancel").addEventListener("click", cancelSelected);
-  const fromHash = decodeURIComponent(location.hash.slice(1));
-  if (fromHash) select(fromHash);
+  if (hashJob()) select(hashJob());
   window.addEventListener("hashchange", () => {
-    const h = decodeURIComponent(location.hash.slice(1));
-    if (h) select(h);
+    if (hashJob()) select(hashJob());
   });
   document.addEventListener("visibilitychange", () => { if (!view.paused) refresh(); });
   refresh();
