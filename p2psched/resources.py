@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2psched.membership.messages import NODE_ID_RE, NODE_ID_RULE, valid_host
+
 #: The largest count or amount a peer may gossip (a CPU, MiB or slot count, a queue
 #: length): far past any host, and small enough that sums of many stay exact.
 MAX_AMOUNT = 2**48
@@ -24,19 +26,41 @@ def _amount(v: Any, key: str) -> float:
     return v
 
 
+def _text(v: Any, key: str, limit: int = 128, *, empty: bool = True) -> str:
+    """A gossiped string, checked: printable (no control, bidi or invisible character,
+    since operators read these in `p2psched peers`, logs and the dashboard) and at most
+    ``limit`` characters."""
+    if not isinstance(v, str) or len(v) > limit or not v.isprintable() or (not v and not empty):
+        raise ValueError(f"{key} must be printable text of {0 if empty else 1} to {limit} characters, not {v!r:.80}")
+    return v
+
+
+def _address(v: Any, key: str) -> str:
+    """'' or HOST:PORT, as an agent advertises its API and transfer addresses."""
+    text = _text(v, key, 262)
+    if text:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) <= 65535 or not valid_host(host.strip("[]")):
+            raise ValueError(f"{key} must be HOST:PORT, not {text!r:.80}")
+    return text
+
+
+def _map(value: Any, key: str, limit: int) -> dict[Any, Any]:
+    if not isinstance(value, dict) or len(value) > limit:
+        raise ValueError(f"{key} must be a map of at most {limit} entries, not {value!r:.80}")
+    return value
+
+
 def _slots(value: Any, key: str) -> dict[str, int]:
-    if not isinstance(value, dict) or len(value) > 64:
-        raise ValueError(f"{key} must be a map of at most 64 slot types, not {value!r:.80}")
-    return {str(k): int(_amount(v, f"{key}.{k}")) for k, v in value.items()}
+    return {_text(k, f"{key} slot type", 64, empty=False): int(_amount(v, f"{key}.{k}"))
+            for k, v in _map(value, key, 64).items()}
 
 
 def _runtimes(value: Any) -> tuple[str, ...]:
     """A gossiped list of runtime names, checked: a peer's bad value is refused, not stored."""
     if not isinstance(value, (list, tuple)) or len(value) > 8:
         raise ValueError(f"impaired runtimes must be a list of at most 8 names, not {value!r:.80}")
-    if not all(isinstance(rt, str) and 0 < len(rt) <= 32 for rt in value):
-        raise ValueError(f"impaired runtimes must be names of 1-32 characters, not {value!r:.80}")
-    return tuple(value)
+    return tuple(_text(rt, "impaired runtimes", 32, empty=False) for rt in value)
 
 
 @dataclass(slots=True)
@@ -118,11 +142,20 @@ class NodeState:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> NodeState:
+        """Raises ValueError (naming the field) on what no agent would gossip: a peer's
+        strings reach operators' terminals and pages, and its addresses our sockets."""
+        node_id = d["n"]
+        if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
+            raise ValueError(f"n must be a node id ({NODE_ID_RULE}), not {node_id!r:.80}")
         return cls(
-            node_id=str(d["n"]), version=int(d.get("v", 0)), vector=ResourceVector.from_wire(dict(d.get("rv", {}))),
-            agent_version=str(d.get("av", "")), api=str(d.get("api", "")), transfer=str(d.get("tr", "")),
-            labels={str(k): str(v) for k, v in dict(d.get("lb", {})).items()}, position=str(d.get("pos", "")),
-            node_pubkey=str(d.get("pk", "")), measurement=str(d.get("ms", "")),
-            tenants={str(k): [float(_amount(x, f"tu.{k}")) for x in list(v)[:5]]
-                     for k, v in dict(d.get("tu", {})).items()},
+            node_id=node_id, version=int(d.get("v", 0)),
+            vector=ResourceVector.from_wire(_map(d.get("rv", {}), "rv", 32)),
+            agent_version=_text(d.get("av", ""), "av", 64), api=_address(d.get("api", ""), "api"),
+            transfer=_address(d.get("tr", ""), "tr"),
+            labels={_text(k, "lb key", 63, empty=False): _text(v, f"lb.{k}", 64)
+                    for k, v in _map(d.get("lb", {}), "lb", 64).items()},
+            position=_text(d.get("pos", ""), "pos"), node_pubkey=_text(d.get("pk", ""), "pk"),
+            measurement=_text(d.get("ms", ""), "ms"),
+            tenants={_text(k, "tu tenant", 64, empty=False): [float(_amount(x, f"tu.{k}")) for x in list(v)[:5]]
+                     for k, v in _map(d.get("tu", {}), "tu", 10_000).items()},
         )

@@ -15,7 +15,9 @@ from typing import Any, cast
 
 import msgpack  # type: ignore[import-untyped]
 
-from p2psched.membership.messages import PROTOCOL, Message, SchemaError, from_wire, to_wire
+from p2psched.membership.messages import (
+    NODE_ID_RE, NODE_ID_RULE, PROTOCOL, Message, SchemaError, from_wire, to_wire,
+)
 
 # Limits for one datagram: nothing in a 1,200-byte packet can be longer than the
 # packet, and no legitimate packet has more than a few dozen parts or map keys.
@@ -76,8 +78,8 @@ def _envelope(obj: Any) -> tuple[str, Any]:
         raise DecodeError("schema", "envelope must be [protocol, sender, body]")
     if obj[0] != PROTOCOL or type(obj[0]) is not int:
         raise DecodeError("protocol", f"protocol {obj[0]!r} is not {PROTOCOL}; upgrade the older agent")
-    if type(obj[1]) is not str or not 0 < len(obj[1]) <= 128:
-        raise DecodeError("schema", "sender id must be a string of 1..128 characters")
+    if type(obj[1]) is not str or not NODE_ID_RE.fullmatch(obj[1]):
+        raise DecodeError("schema", f"sender id must be a node id: {NODE_ID_RULE}")
     return obj[1], obj[2]
 
 

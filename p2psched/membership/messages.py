@@ -213,21 +213,44 @@ def _str(v: Any, what: str, limit: int = _MAX_ID) -> str:
     return v
 
 
+#: A node id on the wire: what an agent's --node-id may be (letters, digits, '.', '_'
+#: and '-', starting with a letter or digit), up to the wire's 128 characters. Ids are
+#: shown to operators (peers, logs, the dashboard): one holding a control character
+#: or markup is refused here.
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NODE_ID_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128"
+
 # A DNS name (letters, digits, '-' and '_' in labels of 1..63) or an IP literal: an
 # address we will send to. Anything else (an empty label, a space, a NUL) is refused
 # here, before the socket layer fails on it with errors that are not OSError.
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*\.?")
 
 
-def _host(v: Any) -> str:
-    host = _str(v, "host", _MAX_HOST)
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is a DNS name or an IP literal (of at most 255 characters)."""
+    if len(host) > _MAX_HOST:
+        return False
     if _HOSTNAME.fullmatch(host):
-        return host
+        return True
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise SchemaError(f"host {host[:64]!r} is neither a DNS name nor an IP address") from None
+        return False
+    return True
+
+
+def _host(v: Any) -> str:
+    host = _str(v, "host", _MAX_HOST)
+    if not valid_host(host):
+        raise SchemaError(f"host {host[:64]!r} is neither a DNS name nor an IP address")
     return host
+
+
+def _id(v: Any, what: str) -> str:
+    node_id = _str(v, what)
+    if not NODE_ID_RE.fullmatch(node_id):
+        raise SchemaError(f"{what} {node_id[:64]!r} is not a node id: {NODE_ID_RULE}")
+    return node_id
 
 
 def _bool(v: Any, what: str) -> bool:
@@ -272,7 +295,7 @@ def _entry(v: Any) -> Entry:
         raise SchemaError("entry must have 7 fields")
     state = None if e[6] is None else _map(e[6], "entry state")
     return Entry(
-        _str(e[0], "node id"), (_host(e[1]), _port(e[2])), _int(e[3], "incarnation"),
+        _id(e[0], "node id"), (_host(e[1]), _port(e[2])), _int(e[3], "incarnation"),
         _status(e[4]), _int(e[5], "version"), state,
     )
 
@@ -284,10 +307,10 @@ def from_wire(p: Any) -> Message:
     t = p[0]
     if t == T_PING:
         _fields(p, 2, "ping")
-        return Ping(_int(p[1], "seq"), _str(p[2], "target id"))
+        return Ping(_int(p[1], "seq"), _id(p[2], "target id"))
     if t == T_PING_REQ:
         _fields(p, 5, "ping-req")
-        return PingReq(_int(p[1], "seq"), _str(p[2], "target id"), (_host(p[3]), _port(p[4])),
+        return PingReq(_int(p[1], "seq"), _id(p[2], "target id"), (_host(p[3]), _port(p[4])),
                        _bool(p[5], "want_nack"))
     if t == T_ACK:
         _fields(p, 1, "ack")
@@ -297,16 +320,16 @@ def from_wire(p: Any) -> Message:
         return Nack(_int(p[1], "seq"))
     if t == T_SUSPECT:
         _fields(p, 3, "suspect")
-        return Suspect(_int(p[1], "incarnation"), _str(p[2], "node id"), _str(p[3], "from id"))
+        return Suspect(_int(p[1], "incarnation"), _id(p[2], "node id"), _id(p[3], "from id"))
     if t == T_ALIVE:
         _fields(p, 4, "alive")
-        return Alive(_int(p[1], "incarnation"), _str(p[2], "node id"), (_host(p[3]), _port(p[4])))
+        return Alive(_int(p[1], "incarnation"), _id(p[2], "node id"), (_host(p[3]), _port(p[4])))
     if t == T_DEAD:
         _fields(p, 3, "dead")
-        return Dead(_int(p[1], "incarnation"), _str(p[2], "node id"), _str(p[3], "from id"))
+        return Dead(_int(p[1], "incarnation"), _id(p[2], "node id"), _id(p[3], "from id"))
     if t == T_STATE:
         _fields(p, 4, "state")
-        return State(_str(p[1], "node id"), _int(p[2], "version"), _bool(p[3], "partial"), _map(p[4], "state"))
+        return State(_id(p[1], "node id"), _int(p[2], "version"), _bool(p[3], "partial"), _map(p[4], "state"))
     if t == T_PUSH_PULL_REQ:
         _fields(p, 2, "push-pull request")
         digest = []
@@ -314,12 +337,12 @@ def from_wire(p: Any) -> Message:
             d = _list(d, "digest entry")
             if len(d) != 4:
                 raise SchemaError("digest entry must have 4 fields")
-            digest.append(Digest(_str(d[0], "node id"), _int(d[1], "incarnation"), _status(d[2]), _int(d[3], "version")))
+            digest.append(Digest(_id(d[0], "node id"), _int(d[1], "incarnation"), _status(d[2]), _int(d[3], "version")))
         return PushPullReq(_bool(p[1], "join"), digest)
     if t == T_PUSH_PULL_RESP:
         _fields(p, 2, "push-pull response")
         return PushPullResp([_entry(e) for e in _list(p[1], "entries")],
-                            [_str(w, "wanted id") for w in _list(p[2], "wants")])
+                            [_id(w, "wanted id") for w in _list(p[2], "wants")])
     if t == T_PUSH_PULL_PUSH:
         _fields(p, 1, "push-pull push")
         return PushPullPush([_entry(e) for e in _list(p[1], "entries")])

@@ -148,3 +148,41 @@ def test_hostile_shapes_are_rejected_by_limits():
     with pytest.raises(codec.DecodeError) as e:
         codec.decode_datagram(msgpack.packb([2, "x", []]))
     assert e.value.reason == "protocol" and "upgrade" in str(e.value)
+
+
+# What a peer names reaches operators' terminals (`p2psched peers` is a rich table that
+# passed escape sequences and markup through) and pages, and its addresses our sockets.
+HOSTILE_TEXT = ["a\x1b]0;pwned\x07", "[bold]x[/bold]", "\u202eevil", "zero\u200bwidth", "a b", "-lead"]
+
+
+@pytest.mark.parametrize("bad", HOSTILE_TEXT)
+def test_a_node_id_that_no_agent_could_have_is_refused_on_the_wire(bad):
+    with pytest.raises(codec.DecodeError) as e:
+        codec.decode_datagram(codec.assemble("peer", [codec.pack_part(Alive(1, bad, ("10.0.0.1", 7701)))]))
+    assert e.value.reason == "schema" and "is not a node id" in str(e.value)
+    with pytest.raises(codec.DecodeError) as e:
+        codec.decode_datagram(codec.assemble(bad, []))
+    assert e.value.reason == "schema" and "sender id must be a node id" in str(e.value)
+    for msg in (Suspect(1, bad, "peer"), Dead(1, "peer", bad), Ping(1, bad)):
+        with pytest.raises(codec.DecodeError):
+            codec.decode_datagram(codec.assemble("peer", [codec.pack_part(msg)]))
+
+
+def _state(**wire):
+    honest = NodeState("h0-1.rack_a", api="10.0.0.5:7700", transfer="[::1]:7702",
+                       labels={"zone": "a", "gpu.model": "NVIDIA H100 80GB HBM3"}, position="h0-1").to_wire()
+    return {**honest, **wire}
+
+
+def test_a_peers_state_holds_printable_bounded_text_and_real_addresses():
+    s = NodeState.from_wire(_state())
+    assert (s.node_id, s.api, s.transfer) == ("h0-1.rack_a", "10.0.0.5:7700", "[::1]:7702")
+    assert s.labels["gpu.model"] == "NVIDIA H100 80GB HBM3"  # the GPU inventory's, spaces and all
+    refused = [{"n": bad} for bad in HOSTILE_TEXT]
+    refused += [{"api": "evil.example/phish?x=1:80"}, {"api": "127.0.0.1"}, {"tr": "host:99999"},
+                {"lb": {"zone": "\x1b[2Ja"}}, {"lb": {"zone": "\u202ea"}}, {"lb": {"z": "x" * 65}}, {"lb": {"": "a"}},
+                {"lb": {f"k{i}": "v" for i in range(65)}}, {"lb": {"zone": 7}}, {"pos": "\x00"}, {"av": "x" * 65},
+                {"tu": {"\x1b": [1]}}, {"rv": {"gf": {"\x1b[31m": 1}}}]
+    for wire in refused:
+        with pytest.raises(ValueError):
+            NodeState.from_wire(_state(**wire))
