@@ -231,6 +231,17 @@ def _error_reason(resp: httpx.Response) -> str:
         return resp.reason_phrase
 
 
+def shown(text: Any) -> str:
+    """A value an agent, a peer or a guest chose, for a terminal: control, bidi and other
+    invisible characters as \\u escapes, so that none can move the cursor, retitle the
+    window or reorder what is printed around it. (A job's own output, asked for with
+    result, logs or submit --wait, is printed as it is.)"""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -242,11 +253,11 @@ def _summary(rec: dict[str, Any]) -> str:
         parts.append("labels=" + ",".join(f"{k}={v}" for k, v in rec["labels"].items()))
     if rec.get("hops"):
         parts.append(f"hops={rec['hops']} route={'>'.join(rec['route'])} cost={rec['cost']}")
-    if res:
+    if res:  # !r: a reason a guest wrote (a trap names its functions) shows as a literal
         parts.append(f"reason={res['reason']!r} cpu_ms={res['cpu_ms']} peak_mem={res['peak_mem_bytes']}")
     if rec.get("wait_reason"):
         parts.append(f"waiting: {rec['wait_reason']}")
-    return "  ".join(parts)
+    return shown("  ".join(parts))
 
 
 def _parse_pairs(items: tuple[str, ...], flag: str = "--env") -> dict[str, str]:
@@ -476,7 +487,7 @@ def _why_not_succeeded(api: Api, rec: dict[str, Any], timeout: float | None = No
     timeline = rec.get("timeline") or [{}]
     reason = res.get("reason") or rec.get("wait_reason") or timeline[-1].get("detail") or "no reason recorded"
     # "rejected: needs a node ..." after "rejected" said it twice
-    return f"job {job_id} {rec['state']}: {reason.removeprefix(rec['state'] + ': ')}"
+    return shown(f"job {job_id} {rec['state']}: {reason.removeprefix(rec['state'] + ': ')}")
 
 
 def _exit_for(api: Api, rec: dict[str, Any], timeout: float | None = None) -> None:
@@ -706,9 +717,13 @@ def peers(api: Api, as_json: bool) -> None:
         _print_json(data)
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from p2psched.gpu.slots import describe_slots
+
+    def cell(value: Any) -> str:  # what a peer gossips is its own to choose: shown, never markup
+        return escape(shown(value))
 
     table = Table("node", "state", "inc", "age", "gossip", "api", "position", "labels", "cpu free", "mem free MiB",
                   "GPU slots free", "queue", "run")
@@ -717,13 +732,13 @@ def peers(api: Api, as_json: bool) -> None:
         state = p["state"]
         if v.get("impaired"):  # its jobs of these runtimes kept failing there: peers send it none
             state += f" ({', '.join(v['impaired'])} impaired)"
-        table.add_row(p["node_id"] + (" *" if p.get("self") else ""), state, str(p["incarnation"]),
-                      f"{p['age_s']:.1f}s", p["address"], p.get("api", ""), p.get("position") or "-",
+        table.add_row(cell(p["node_id"] + (" *" if p.get("self") else "")), cell(state), str(p["incarnation"]),
+                      f"{p['age_s']:.1f}s", cell(p["address"]), cell(p.get("api", "")), cell(p.get("position") or "-"),
                       # the operator's (--label); the gpu.* ones describe the GPU column
-                      ",".join(f"{k}={v}" for k, v in sorted(p.get("labels", {}).items())
-                               if not k.startswith("gpu.")) or "-",
+                      cell(",".join(f"{k}={v}" for k, v in sorted(p.get("labels", {}).items())
+                                    if not k.startswith("gpu.")) or "-"),
                       f"{v['cpu_free']:g}/{v['cpu_total']:g}", f"{v['mem_free_mb']}/{v['mem_total_mb']}",
-                      describe_slots(v["gpu_free"], v["gpu_total"], p.get("labels", {})) or "-",
+                      cell(describe_slots(v["gpu_free"], v["gpu_total"], p.get("labels", {})) or "-"),
                       str(v["queue_len"]), str(v["running"]))
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:

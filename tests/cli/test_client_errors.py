@@ -320,3 +320,15 @@ def test_the_urls_check_is_public_and_returns_the_base(capsys):
     assert exit_.value.code == 2
     assert "use http://HOST:PORT (add http://)" in capsys.readouterr().err
     assert httpx.URL(agent_base_url("http://h:1")).port == 1
+
+
+def test_what_agents_peers_and_guests_chose_cannot_drive_the_terminal():
+    from p2psched.cli.client import _summary, shown
+
+    rec = {"id": "a:1", "state": "failed", "runtime": "wasm", "executor": "n1",
+           "labels": {"team": "x\x1b]0;pwned\x07", "run": "\u202eevil"},
+           "result": {"reason": "trap: in f\x1b[2J", "cpu_ms": 1, "peak_mem_bytes": 0}}
+    line = _summary(rec)
+    assert "\x1b" not in line and "\u202e" not in line and "\x07" not in line
+    assert "team=x\\u001b]0;pwned\\u0007" in line and "run=\\u202eevil" in line
+    assert shown("plain text, é and 日本") == "plain text, é and 日本"
