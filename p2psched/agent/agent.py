@@ -48,6 +48,7 @@ from p2psched.security.admission import TenantUsage
 
 if TYPE_CHECKING:
     from p2psched.sandbox.wasm_workers import WasmWorkers
+    from p2psched.security.request_auth import Principal
 
 log = logging.getLogger("p2psched.agent")
 job_log = logs.JobLog()
@@ -620,6 +621,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         admitted = self.gate.admit(spec, auth, job_id=job_id, usage=usage, now=now, module=spec.module)
         if spec.id is not None or admitted.duplicate:
             existing = self.active.get(job_id) or self.store.get(job_id)
+            if existing is not None and not admitted.open and existing.tenant != admitted.tenant:
+                # Another tenant's job: neither its record nor the id is theirs to have.
+                self.metrics.admission_rejections.labels("id_taken").inc()
+                raise Conflict(f"job id {job_id!r} is taken; choose another id", reason="id_taken")
             if existing is not None:
                 return existing, False
         # spec.id stays as the client sent it (None when the agent chose the id): a
@@ -728,8 +733,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     # ---------------------------------------------------------------- queries
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, who: Principal | None = None) -> JobRecord:
+        """``job_id``'s record. With ``who``, a job it may not see is answered as one that
+        does not exist: another tenant learns nothing of it, not even that it exists (so
+        no counter on the unsigned /metrics counts it either)."""
         rec = self.active.get(job_id) or self.store.get(job_id)
+        if rec is not None and who is not None and not who.may_access(rec.tenant):
+            rec = None
         if rec is None:
             origin = origin_of(job_id)
             hint = ""

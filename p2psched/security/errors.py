@@ -27,7 +27,8 @@ REASONS: dict[str, int] = {
     "priority_too_high": 403,
     "label_not_allowed": 403,
     "exceeds_quota": 403,  # the job alone is larger than the tenant's quota: it can never run
-    "forbidden": 403,  # a read or cancel of another tenant's job
+    "forbidden": 403,  # a listing or count of another tenant's jobs (a job of another tenant
+    # is answered 404, as a missing one is, and not counted: see Agent.get)
     "replayed_nonce": 409,
     "quota_concurrent": 429,
     "quota_queued": 429,

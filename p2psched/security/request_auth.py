@@ -13,9 +13,9 @@ Public interface:
   registry, nonces, now)``, usually through ``Admission.authenticate`` which counts
   rejections. ``raw_path`` is the path and query exactly as sent, percent-encoding
   intact: in ASGI ``scope["raw_path"] + (b"?" + scope["query_string"] if it is non-empty)``.
-  Then ``principal.may_access(job.tenant)`` before showing or cancelling a job, and
-  ``principal.admin`` for cluster-wide operations; answer 403 ``forbidden`` (or 404,
-  to hide that the job exists) otherwise.
+  Then ``principal.may_access(job.tenant)`` before showing or cancelling a job (the
+  agent answers a job the principal may not see exactly as a missing one: 404, and
+  uncounted), and ``principal.admin`` for cluster-wide operations (403 ``forbidden``).
 * Open mode (no registry): pass ``registry=None``; the result is ``OPEN_PRINCIPAL``
   (an admin), whatever the header says.
 

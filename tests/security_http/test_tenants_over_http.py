@@ -35,7 +35,8 @@ def test_signed_jobs_unsigned_refused_tenants_see_only_their_own(tmp_path, tenan
         p = cli("status", rec["id"], "--json", *alice, agent=agent)
         assert json.loads(p.stdout)["id"] == rec["id"]
         p = cli("status", rec["id"], "--tenant", "bob", "--key", str(keys / "bob.key"), agent=agent, check=False)
-        assert p.returncode == 3 and b"403" in p.stderr and b"another tenant" in p.stderr
+        # Another tenant's job is answered as one that does not exist: bob learns nothing of it.
+        assert p.returncode == 3 and b"404" in p.stderr and b"no job" in p.stderr
         p = cli("status", rec["id"], "--tenant", "ops", "--key", str(keys / "ops.key"), agent=agent)
         assert rec["id"].encode() in p.stdout
         p = cli("status", rec["id"], agent=agent, check=False)
@@ -163,7 +164,7 @@ def test_batch_signs_every_job_as_its_tenant(tmp_path, tenants):
         bob = RequestSigner("bob", keys / "bob.key").auth
         r = httpx.post(agent.url + "/v1/jobs:wait", json={"ids": ids}, auth=bob)
         assert r.status_code == 207
-        assert [item["error"]["status"] for item in r.json()["results"]] == [403] * 4
+        assert [item["error"]["status"] for item in r.json()["results"]] == [404] * 4
         assert all("job" not in item for item in r.json()["results"]) and "succeeded" not in r.text
         assert httpx.post(agent.url + "/v1/jobs:wait", json={"ids": ids}).status_code == 401
 
@@ -188,7 +189,7 @@ def test_cancelling_many_jobs_reaches_only_the_callers_own(tmp_path, tenants):
         alice = RequestSigner("alice", keys / "alice.key").auth
         bob = RequestSigner("bob", keys / "bob.key").auth
         r = httpx.post(agent.url + "/v1/jobs:cancel", json={"ids": [job_id]}, auth=bob, timeout=60)
-        assert r.status_code == 207 and r.json()["results"][0]["error"]["status"] == 403
+        assert r.status_code == 207 and r.json()["results"][0]["error"]["status"] == 404
         r = httpx.post(agent.url + "/v1/jobs:cancel", json={"labels": {"sweep": "x"}}, auth=bob, timeout=60)
         assert r.json()["results"] == []  # bob's label cancel sees only bob's jobs
         assert httpx.post(agent.url + "/v1/jobs:cancel", json={"ids": [job_id]}).status_code == 401
