@@ -47,6 +47,36 @@ MAX_JSON_DEPTH = 200
 MAX_SEQ = 1 << 63
 
 
+#: What every answer but the dashboard's page tells a browser: take the Content-Type as
+#: given (never sniff job-controlled bytes into HTML), and render, run and load nothing
+#: from it, even when it is opened directly from the dashboard's origin.
+API_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+_RAW_API_HEADERS = [(k.lower().encode(), v.encode()) for k, v in API_HEADERS.items()]
+#: The result and output endpoints answer a job's own bytes: a browser saves them.
+ATTACHMENT = {"Content-Disposition": "attachment"}
+
+
+def hardened(app: Any) -> Any:
+    """``app`` with API_HEADERS added to every answer outside the dashboard's page (which
+    sets its own policy). Pure ASGI, not Starlette's BaseHTTPMiddleware: it costs one
+    closure a request, and errors raised past Starlette's handlers are covered too."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in ("/", "/ui") or path.startswith("/ui/"):
+            await app(scope, receive, send)
+            return
+
+        async def send_hardened(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *_RAW_API_HEADERS]
+            await send(message)
+
+        await app(scope, receive, send_hardened)
+
+    return asgi
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -417,7 +447,7 @@ def create_app(agent: Any) -> Starlette:
             data = agent.output(rec.id)
         if rec.result is not None:
             headers["X-Job-Reason"] = rec.result.reason.encode("ascii", "replace").decode()[:200]
-        return Response(data, media_type="application/octet-stream", headers=headers)
+        return Response(data, media_type="application/octet-stream", headers={**headers, **ATTACHMENT})
 
     async def get_output(request: Request) -> Response:
         job_id = await readable(request)
@@ -435,7 +465,7 @@ def create_app(agent: Any) -> Starlette:
         if not 0 <= offset < MAX_SEQ:
             raise AgentError(f"offset={offset} must be 0 to {MAX_SEQ - 1}", reason="invalid_query")
         chunk = await agent.read_output(job_id, stream, offset, _wait_param(request))
-        headers = {"X-Job-State": chunk.state, "X-Output-Next": str(chunk.next),
+        headers = {**ATTACHMENT, "X-Job-State": chunk.state, "X-Output-Next": str(chunk.next),
                    "X-Output-Complete": "true" if chunk.complete else "false", "X-Output-Attempt": str(chunk.attempt)}
         if chunk.note:
             headers["X-Output-Note"] = chunk.note.encode("ascii", "replace").decode()[:300]
@@ -631,5 +661,5 @@ async def serve_api(agent: Any, *, task_status: trio.TaskStatus[None] = trio.TAS
     # Long-polls hold a connection for up to MAX_WAIT_S; keep idle ones a little longer.
     config.keep_alive_timeout = MAX_WAIT_S + 5
     config.graceful_timeout = 1.0
-    app = create_app(agent)
+    app = hardened(create_app(agent))
     await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

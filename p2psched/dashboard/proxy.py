@@ -25,13 +25,14 @@ from starlette.routing import Route
 
 from p2psched import dashboard
 from p2psched.api.errors import error_body
-from p2psched.api.server import BodyTooLarge, read_limited_body
+from p2psched.api.server import API_HEADERS, BodyTooLarge, read_limited_body
 
 #: The largest cancel body passed on: 10,000 job ids, or labels, with room to spare.
 MAX_CANCEL_BYTES = 1 << 20
 #: Response headers passed back from the agent; hop-by-hop and length headers are not.
 _PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after", "x-output-next", "x-output-complete",
-           "x-output-attempt", "x-output-note")
+           "x-output-attempt", "x-output-note", "x-artifact-sha256", "x-content-type-options",
+           "content-security-policy", "content-disposition")
 
 
 def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[str]) -> Starlette:
@@ -98,7 +99,7 @@ def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[
 
 
 def _error(status: int, reason: str, message: str) -> Response:
-    return JSONResponse(error_body(status, reason, message), status)
+    return JSONResponse(error_body(status, reason, message), status, headers=API_HEADERS)
 
 
 def hosts_for(host: str, port: int) -> set[str]:
