@@ -58,6 +58,9 @@ from p2psched.resources import NodeState, ResourceVector
 # a partition longer than dead_retention still heals by itself.
 GRAVEYARD_SECONDS = 3600.0
 GRAVEYARD_SIZE = 64
+#: Indirect probes relayed for peers at once (each ends within a probe interval). A peer
+#: asks one per probe that goes unanswered: thousands in flight is a flood, not a cluster.
+MAX_RELAYS = 1024
 
 
 # --- actions -------------------------------------------------------------------------
@@ -840,7 +843,15 @@ class Membership:
             self._drop(e.reason, e.detail)
             return []
         out: list[Action] = []
+        asked = False  # a Ping or PingReq answered from this datagram already
         for msg in msgs:
+            if isinstance(msg, (Ping, PingReq)):
+                # An agent puts one in a datagram; more would make each datagram we get
+                # send many (to an address the sender names, or spoofs as its own).
+                if asked:
+                    self._drop("extra_request", "a datagram with more than one ping or ping-req: answered the first")
+                    continue
+                asked = True
             if isinstance(msg, Ping):
                 if msg.target_id != self.id:
                     # e.g. a new agent took over this address
@@ -855,7 +866,9 @@ class Membership:
                 if p is not None and p.seq == msg.seq:
                     p.nacks += 1
             elif isinstance(msg, PingReq):
-                if not self.left:
+                if len(self._relays) >= MAX_RELAYS:
+                    self._drop("relay_busy", f"{MAX_RELAYS} indirect probes in flight for peers already")
+                elif not self.left:
                     seq = self._next_seq()
                     nack_at = now + self.s.probe_timeout * 0.8 if msg.want_nack else None
                     self._relays[seq] = _Relay(src, msg.seq, nack_at, now + self.s.probe_interval * self._scale())

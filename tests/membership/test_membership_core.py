@@ -33,6 +33,24 @@ def events(actions, kind=None):
     return [a for a in actions if isinstance(a, Event) and (kind is None or a.kind == kind)]
 
 
+def test_one_datagram_gets_one_answer_however_many_pings_it_asks():
+    # 25 ping-reqs in one datagram made the agent send 25 pings to a host and port the
+    # sender named: a reflector for anyone who can reach an --insecure agent.
+    from p2psched.membership.messages import PingReq
+    from p2psched.membership.swim import MAX_RELAYS
+
+    m = core()
+    out = m.handle_packet(1.0, B, pkt(*[PingReq(i, "victim", ("192.0.2.7", 80), False) for i in range(25)]))
+    assert [a.addr for a in out if isinstance(a, Send)] == [("192.0.2.7", 80)]
+    assert m.dropped["extra_request"] == 24
+    out = m.handle_packet(1.0, B, pkt(*[Ping(i, "a") for i in range(25)]))
+    assert len([a for a in out if isinstance(a, Send)]) == 1
+    # Relays in flight are bounded too: a flood of single ping-reqs cannot grow them for good.
+    for i in range(MAX_RELAYS + 10):
+        m.handle_packet(1.0, B, pkt(PingReq(i, "victim", ("192.0.2.7", 80), False)))
+    assert len(m._relays) == MAX_RELAYS and m.dropped["relay_busy"] == 10 + 1
+
+
 def test_ping_is_acked_only_for_our_id():
     m = core()
     out = m.handle_packet(1.0, B, pkt(Ping(7, "a")))

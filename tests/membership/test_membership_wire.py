@@ -132,7 +132,7 @@ def test_mutated_packets_never_crash_the_core(packet, flips, cut):
     reply, _ = m.handle_stream(1.0, ("10.0.0.9", 1), data)
     m.handle_stream_reply(1.0, ("10.0.0.9", 1), data)
     assert set(m.dropped) <= {"msgpack", "schema", "protocol", "wrong_target", "bad_state", "unexpected_tcp",
-                              "unexpected_udp", "too_large"}
+                              "unexpected_udp", "too_large", "extra_request"}
 
 
 def test_hostile_shapes_are_rejected_by_limits():
