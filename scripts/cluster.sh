@@ -3,14 +3,24 @@
 #
 #   scripts/cluster.sh up N       start N agents (the entry + N-1 replicas); returns when
 #                                 all N are alive in the entry agent's view
-#   scripts/cluster.sh scale N    grow or shrink a running cluster to N agents, and wait
+#   scripts/cluster.sh scale N    grow or shrink a running cluster to N agents, and wait;
+#                                 running agents are left as they are (not rebuilt, not
+#                                 recreated). Shrinking removes the highest-numbered
+#                                 replicas and, with them, the records of the jobs they
+#                                 hold: it refuses while those replicas hold unfinished
+#                                 jobs (P2PSCHED_SCALE_FORCE=1 overrides)
 #   scripts/cluster.sh status     containers, and the members the entry agent sees
+#   scripts/cluster.sh stop       stop the agents (each drains), keeping their data;
+#                                 `up N` starts them again with the same job stores
 #   scripts/cluster.sh down       stop and remove the containers, network and volumes
+#                                 (every agent's job store with them)
 #   scripts/cluster.sh build      (re)build the image now
 #
 # The image is built when it is missing or older than the source: wheels on the host
 # (from .venv), then `docker build` on the local Debian base where no registry can be
-# reached (scripts/base-image.sh). The entry agent's API is at http://127.0.0.1:7700.
+# reached (scripts/base-image.sh). `up` on a running cluster whose image was rebuilt
+# recreates its agents with the new image (each drains first; its data is kept).
+# The entry agent's API and dashboard are at http://127.0.0.1:7700.
 #
 # Environment:
 #   P2PSCHED_IMAGE          image tag                 (default p2psched:dev)
@@ -133,7 +143,7 @@ wait_alive() {
   while :; do
     read -r alive total < <(peer_counts)
     if [[ $alive -eq $want && $total -ge $want ]]; then
-      say "$alive agents alive after $((SECONDS - start))s; entry API at $ENTRY_URL"
+      say "$alive agents alive after $((SECONDS - start))s; entry API at $ENTRY_URL, dashboard at $ENTRY_URL/ui/"
       return 0
     fi
     if (( SECONDS - start >= TIMEOUT )); then
@@ -150,10 +160,48 @@ check_n() {
 
 compose_up() {
   local n=$1
+  shift
   # Size the topology for this scale (never below 32 hosts, so small clusters share a file).
   export P2PSCHED_TOPOLOGY_HOSTS=$(( n > 32 ? n : 32 ))
-  "${COMPOSE[@]}" up -d --scale agent=$((n - 1)) >&2 \
+  "${COMPOSE[@]}" up -d "$@" --scale agent=$((n - 1)) >&2 \
     || die "'${COMPOSE[*]} up' failed (see above)"
+}
+
+# The replicas (service `agent`) a scale to N agents removes: compose removes the
+# highest container numbers. Prints "NUMBER NAME" per replica numbered N or more.
+replicas_beyond() {
+  local n=$1
+  docker ps -a --filter "label=com.docker.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=agent" \
+    --format '{{.Label "com.docker.compose.container-number"}} {{.Names}}' \
+    | awk -v n="$n" '$1 + 0 >= n + 0' | sort -n
+}
+
+# Shrinking removes replicas, and a replica's job store lives in its container: the
+# jobs it accepted (also those the entry sent it, a client-chosen id's home) cannot be
+# looked up once it is gone, and results owed to it are never recorded. Refuse while
+# a replica to be removed holds unfinished jobs.
+check_shrink() {
+  local n=$1 num name counts busy=()
+  while read -r num name; do
+    [[ -n $name ]] || continue
+    counts=$(docker exec "$name" python3 -c '
+import json, urllib.request
+c = json.load(urllib.request.urlopen("http://127.0.0.1:7700/v1/jobs:counts", timeout=5))
+c = c.get("counts", c)
+print(sum(int(c.get(s, 0)) for s in ("submitted", "queued", "placed", "running")))' 2>/dev/null) || {
+      say "could not ask $name for its unfinished jobs (is it running?); removing it anyway"
+      continue
+    }
+    if [[ $counts -gt 0 ]]; then
+      busy+=("$name ($counts unfinished; p2psched jobs --counts --agent http://$(docker inspect -f \
+        '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$name"):7700)")
+    fi
+  done < <(replicas_beyond "$n")
+  if [[ ${#busy[@]} -gt 0 && ${P2PSCHED_SCALE_FORCE:-0} != 1 ]]; then
+    die "not shrinking to $n: removing ${busy[*]} would take the records of those jobs with it;" \
+      "wait until none is unfinished there, or set P2PSCHED_SCALE_FORCE=1"
+  fi
 }
 
 cmd=${1:-}
@@ -169,9 +217,27 @@ case "$cmd" in
     ;;
   scale)
     check_n "${2:-}"; need_docker
-    build_image 0
-    compose_up "$2"
+    # Only a missing image is built: a rebuild (the sources changed) would make compose
+    # recreate every running agent, interrupting their jobs. `up N` applies a new image.
+    docker image inspect "$P2PSCHED_IMAGE" >/dev/null 2>&1 || build_image 0
+    check_shrink "$2"
+    # A removed replica's data volume (anonymous: the image's VOLUME) would outlive it,
+    # out of reach of `down -v`; a later replica with that number starts empty anyway.
+    gone_volumes=$(replicas_beyond "$2" | while read -r _ name; do
+      docker inspect -f '{{range .Mounts}}{{if eq .Destination "/var/lib/p2psched"}}{{.Name}} {{end}}{{end}}' "$name"
+    done)
+    compose_up "$2" --no-recreate
+    if [[ -n ${gone_volumes// /} && ${P2PSCHED_SCALE_FORCE:-0} != 1 ]]; then
+      docker volume rm $gone_volumes >/dev/null || say "could not remove the data volumes $gone_volumes"
+    elif [[ -n ${gone_volumes// /} ]]; then
+      say "kept the removed replicas' data volumes (their job stores): $gone_volumes"
+    fi
     wait_alive "$2"
+    ;;
+  stop)
+    need_docker
+    "${COMPOSE[@]}" stop >&2 || die "'${COMPOSE[*]} stop' failed (see above)"
+    say "agents stopped, their data kept; 'cluster.sh up N' starts them again, 'cluster.sh down' removes them"
     ;;
   status)
     need_docker
@@ -200,5 +266,5 @@ EOF
     ;;
   -h|--help|help) usage ;;
   "") usage >&2; exit 2 ;;
-  *) die "unknown command '$cmd'; use one of: up N, scale N, status, down, build" ;;
+  *) die "unknown command '$cmd'; use one of: up N, scale N, status, stop, down, build" ;;
 esac

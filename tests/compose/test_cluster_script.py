@@ -43,4 +43,4 @@ def test_an_unknown_command_lists_the_known_ones() -> None:
     out = run("restart")
     assert out.returncode == 1
     assert "unknown command 'restart'" in out.stderr
-    assert "up N, scale N, status, down, build" in out.stderr
+    assert "up N, scale N, status, stop, down, build" in out.stderr

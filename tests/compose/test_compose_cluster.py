@@ -150,6 +150,47 @@ def test_loss_fault_is_installed_and_cleared(compose_cluster: ComposeCluster) ->
     assert docker_faults.LOSS_CHAIN not in docker("exec", name, "iptables", "-S").stdout
 
 
+def test_scale_leaves_running_agents_alone_and_will_not_shrink_a_replica_with_unfinished_jobs(
+        compose_cluster: ComposeCluster) -> None:
+    import base64
+    import urllib.request
+
+    def container_ids() -> dict[str, str]:
+        return {n: docker("inspect", "-f", "{{.Id}}", n).stdout.strip() for n in compose_cluster.containers()}
+
+    before = container_ids()
+    out = compose_cluster.script("scale", "4")
+    assert out.returncode == 0, out.stderr
+    after = container_ids()
+    assert len(after) == 4
+    # growing neither rebuilt nor recreated the agents that were running
+    assert {n: after[n] for n in before} == before
+    added = next(n for n in after if n not in before)
+    sleep = base64.b64encode((ROOT / "examples" / "wasm" / "sleep.wasm").read_bytes()).decode()
+    body = json.dumps({"runtime": "wasm", "module": sleep, "limits": {"wall_ms": 120000}}).encode()
+    url = f"http://{docker_faults.address(added)}:7700/v1/jobs"
+    # `scale` returns once the entry sees the new agent alive; its API opens a moment later
+    wait_for(f"{added}'s API", lambda: get_json(url.replace("/v1/jobs", "/healthz"))["status"] == "ok", timeout=60)
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    job = json.load(urllib.request.urlopen(req, timeout=30))["id"]
+    mounts = '{{range .Mounts}}{{if eq .Destination "/var/lib/p2psched"}}{{.Name}}{{end}}{{end}}'
+    volume = docker("inspect", "-f", mounts, added).stdout.strip()
+
+    refused = compose_cluster.script("scale", "3")
+    assert refused.returncode == 1
+    assert f"not shrinking to 3: removing {added}" in refused.stderr
+    assert len(compose_cluster.containers()) == 4
+
+    cancel = urllib.request.Request(f"{url}/{job}", method="DELETE")
+    urllib.request.urlopen(cancel, timeout=30).read()
+    wait_for(f"{job} cancelled", lambda: get_json(f"{url}/{job}")["state"] == "cancelled", timeout=60)
+    out = compose_cluster.script("scale", "3")
+    assert out.returncode == 0, out.stderr
+    assert sorted(compose_cluster.containers()) == sorted(before)
+    # the removed replica's data volume went with it
+    assert docker("volume", "inspect", volume).returncode != 0
+
+
 def test_a_killed_agent_is_marked_dead_by_the_others(compose_cluster: ComposeCluster) -> None:
     names = compose_cluster.containers()
     victim = names[1]
