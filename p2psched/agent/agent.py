@@ -242,6 +242,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self.active: dict[str, JobRecord] = {}
         #: Status reports that arrived before the offer's acceptance (see _on_status).
         self.early_status: dict[str, dict[str, Any]] = {}
+        # job id -> (node, its "running" status): a run a restarted executor began before
+        # membership took it back in; taken as the job's attempt once it does.
+        self.restarted_runs: dict[str, tuple[str, dict[str, Any]]] = {}
         #: Module hashes each peer accepted an offer with: later offers leave the bytes out.
         self.peer_modules: dict[str, set[str]] = {}
         self.running: dict[str, Running] = {}
@@ -1027,6 +1030,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         async for ev in events:
             if ev.kind in ("dead", "left"):
                 self.on_member_down(ev.node_id, "was declared dead" if ev.kind == "dead" else "left the cluster")
+            if ev.kind in ("joined", "alive") and self.restarted_runs:
+                for job_id, (node, entry) in list(self.restarted_runs.items()):
+                    if node == ev.node_id:  # taken as the attempt, or stopped if placed again meanwhile
+                        del self.restarted_runs[job_id]
+                        self._stop_stale_attempt(self.active.get(job_id) or self.store.get(job_id), entry)
             if ev.kind in ("joined", "alive", "updated") and (len(self.queue) or self._prefetched):
                 self._wake.set()
 

@@ -209,7 +209,8 @@ class RemoteJobs:
 
         async def later() -> None:
             await trio.sleep(delay)
-            if not rec.state.final and rec.id in self.active and rec.id not in self.queue:
+            # (not if an executor's run was taken as its attempt meanwhile: _adopt_restarted_run)
+            if rec.state is JobState.QUEUED and rec.id in self.active and rec.id not in self.queue:
                 self._enqueue(rec)
 
         self._nursery.start_soon(later)
@@ -518,18 +519,44 @@ class RemoteJobs:
 
         An executor that restarts runs the jobs it held again; if this origin already
         declared it dead and placed the job elsewhere, or the job has ended, that run
-        is a duplicate holding CPUs and GPU slots for nothing. A job queued here for
-        another placement (no executor yet) keeps it: its result will count.
+        is a duplicate holding CPUs and GPU slots for nothing. A job still waiting here
+        to be placed again takes that run as its attempt instead.
         """
         node = entry.get("node")
         if (rec is None or rec.origin != self.node_id or entry.get("state") != "running"
                 or not isinstance(node, str) or node in (self.node_id, rec.executor)):
             return
         if not rec.state.final and rec.executor is None:
+            self._adopt_restarted_run(rec, node, entry)
             return
         where = f"it ended {rec.state.value}" if rec.state.final else f"it was placed again on {rec.executor}"
         log.info("job %s: cancelling the stale attempt on %s: %s", rec.id, node, where)
         self._send_cancel(node, rec)
+
+    def _adopt_restarted_run(self: Agent, rec: JobRecord, node: str, entry: dict[str, Any]) -> None:
+        """``node`` came back and runs ``rec`` again (it recovers what it held) while the
+        job waits here to be placed anew, after ``node`` was declared dead: that run is
+        the job's attempt now, placed and running there. Without this the job stayed
+        queued here, and ran a second time at once when a slot freed (found with a
+        compose cluster: docker kill, then docker start, of a busy replica)."""
+        if rec.state is not JobState.QUEUED or self.cluster is None:
+            return
+        if not self.cluster.is_member(node):
+            # It is up (it just sent this) but not back in membership yet, which would
+            # place the job again at once: adopt the run when it is (Agent._membership_events).
+            if len(self.restarted_runs) < 10_000:
+                self.restarted_runs[rec.id] = (node, entry)
+            return
+        self.restarted_runs.pop(rec.id, None)
+        self.queue.remove(rec.id)
+        rec.executor = node
+        rec.wait_reason = None
+        rec.attempts += 1
+        # When it started there, but not before this job's last step here (clocks differ).
+        at = entry.get("at")
+        at = max(float(at), rec.timeline[-1]["at"]) if isinstance(at, (int, float)) else time.time()
+        self._advance(rec, JobState.PLACED, at, f"{node} came back and runs it again; that run is this attempt")
+        self._record_elsewhere(rec, JobState.RUNNING, at, node, str(entry.get("detail", ""))[:200])
 
     # -------------------------------------------------------------- results home
 
