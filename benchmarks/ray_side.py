@@ -18,32 +18,12 @@ import time
 
 import psutil
 import ray
+from footprint import cpu_s, rss_mb  # beside this file
 
 
 def cluster_processes(driver: psutil.Process) -> list[psutil.Process]:
     """What Ray started for this driver: the GCS, the raylet, its agents and workers."""
     return driver.children(recursive=True)
-
-
-def rss_mb(procs: list[psutil.Process]) -> float:
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return total / 2**20
-
-
-def cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
 
 
 @ray.remote

@@ -43,41 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from agents import free_port  # noqa: E402
+from footprint import cpu_s, family, rss_mb  # noqa: E402
 from wasm_raw import NOOP  # noqa: E402
 
 CHUNK = 1_000  # the batch API's and the wait API's most ids a request
-
-
-def family(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def rss_mb(procs: list[psutil.Process]) -> float:
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return total / 2**20
-
-
-def cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
 
 
 def run_ray(python: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from agents import start_cluster, stop_all, wait_converged, wasm_spec
+from agents import start_cluster, stop_all, wait_converged, wait_for, wasm_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -24,35 +24,25 @@ def state_at(http: httpx.Client, job_id: str) -> dict:
     return r.json() if r.status_code == 200 else {}
 
 
-def wait_until(what: str, check, timeout: float = 30):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen in {timeout}s")
-
-
 def test_origin_does_not_run_a_job_again_while_its_restarted_executor_runs_it(tmp_path):
     agents = start_cluster(tmp_path, ["o", "e"], "--cpus", "1")
     origin, executor = agents
     try:
         with origin.client() as ho:
             busy = ho.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000})).json()["id"]
-            wait_until("the busy job runs at the origin", lambda: state_at(ho, busy).get("executor") == "o"
-                       and state_at(ho, busy).get("state") == "running")
+            wait_for(lambda: state_at(ho, busy).get("executor") == "o" and state_at(ho, busy).get("state") == "running",
+                     what="the busy job running at the origin")
             job = ho.post("/v1/jobs", json=wasm_spec("sleep.wasm", limits={"wall_ms": 8000})).json()["id"]
-            wait_until("the job runs on e", lambda: state_at(ho, job).get("executor") == "e"
-                       and state_at(ho, job).get("state") == "running")
+            wait_for(lambda: state_at(ho, job).get("executor") == "e" and state_at(ho, job).get("state") == "running",
+                     what="the job running on e")
             executor.kill(signal.SIGKILL)
-            wait_until("the origin declares e dead and queues the job",
-                       lambda: any("was declared dead" in t["detail"] for t in state_at(ho, job).get("timeline", [])))
+            wait_for(lambda: any("was declared dead" in t["detail"] for t in state_at(ho, job).get("timeline", [])),
+                     what="the origin declaring e dead and queueing the job")
             assert state_at(ho, job)["state"] == "queued"  # the origin is full: the job waits there
             executor.start()
             with executor.client() as he:
-                wait_until("the restarted executor runs the job again",
-                           lambda: state_at(he, job).get("state") == "running", timeout=60)
+                wait_for(lambda: state_at(he, job).get("state") == "running", timeout=60,
+                         what="the restarted executor running the job again")
                 wait_converged(agents)
                 ho.delete(f"/v1/jobs/{busy}")  # a slot frees at the origin
                 both = []
