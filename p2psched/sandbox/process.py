@@ -137,6 +137,24 @@ class SandboxError(RuntimeError):
     transient = True
 
 
+def in_container() -> bool:
+    """Whether this agent runs in a Docker or Podman container (their marker files)."""
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+
+
+def launch_error(said: str, *, in_container: bool) -> str:
+    """Why bwrap failed before the job started (``said``: its stderr), and, in a container,
+    what to change: Docker's defaults (seccomp, AppArmor, no SYS_ADMIN) refuse the
+    namespaces and mounts a sandbox needs, and bwrap's own words do not say so."""
+    out = f"the sandbox launcher (bwrap) failed before the job started: {said}"
+    if in_container:
+        out += ("; this agent runs in a container, whose defaults refuse a sandbox's namespaces and mounts: "
+                "unless it already was, start it with deploy/compose.process-sandbox.yaml "
+                "(P2PSCHED_PROCESS_SANDBOX=1 scripts/cluster.sh up N); see docs/operations.md, 'Running jobs "
+                "inside containers'")
+    return out
+
+
 class SandboxUnfit(SandboxError):
     """Trying again cannot help: a tool the sandbox needs is missing, or the job
     cannot run as given. The job fails at once, with the fix."""
@@ -651,10 +669,8 @@ class _Job:
         with contextlib.suppress(OSError):
             os.set_blocking(self.err_r, False)
             msg = os.read(self.err_r, 65536)
-        raise SandboxError(
-            "the sandbox launcher (bwrap) failed before the job started: "
-            + (msg.decode(errors="replace").strip() or f"wait status {status}")
-        )
+        raise SandboxError(launch_error(msg.decode(errors="replace").strip() or f"wait status {status}",
+                                        in_container=in_container()))
 
     def detach_mounts(self) -> None:
         """Detach the job's scratch and program mounts from the agent's namespace.

@@ -317,3 +317,16 @@ async def test_stopping_serve_leaves_nothing_behind(tmp_path: Path) -> None:
     for r in roots:
         assert not list((r / cgroups.PARENT_NAME).glob("job-leak-check-*"))
         assert not list((r / cgroups.PARENT_NAME).glob(f"job-warm-{pid}-*"))
+
+
+def test_a_launch_refused_in_a_container_says_how_to_start_the_container():
+    # In the default compose cluster a process job failed after its retries with bwrap's
+    # own words only, "Creating new namespace failed", which do not say what to change.
+    from p2psched.sandbox.process import launch_error
+
+    said = "bwrap: Creating new namespace failed: Operation not permitted"
+    assert launch_error(said, in_container=False) == (
+        f"the sandbox launcher (bwrap) failed before the job started: {said}")
+    hint = launch_error(said, in_container=True)
+    assert hint.startswith(f"the sandbox launcher (bwrap) failed before the job started: {said}; ")
+    assert "deploy/compose.process-sandbox.yaml" in hint and "P2PSCHED_PROCESS_SANDBOX=1" in hint
