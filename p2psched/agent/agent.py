@@ -270,6 +270,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._host_failures: dict[str, int] = {}  # job id -> tries this host could not run it
         self._handing_back: set[str] = set()  # jobs of other origins, being given back to them
         self._avoid: dict[str, str] = {}  # job id -> the executor that gave it back, passed over when placing
+        # job id -> the scope of a cancel the origin is following to the job's executor: the
+        # job ends there and then if that executor is lost or gives it back (RemoteJobs.cancel_remote)
+        self._cancelling: dict[str, trio.CancelScope] = {}
         self.health = HostHealth(cooldown_s=self.settings.host_cooldown_s,
                                  cooldown_max_s=max(self.settings.host_cooldown_s, COOLDOWN_MAX_S))
         self._health_changed: trio.Event = trio.Event()  # a breaker opened: its half-open time is new

@@ -454,7 +454,9 @@ class RemoteJobs:
             return {"t": m.ACK, "id": job_id, "taken": False, "state": found}
         error = str(msg.get("error", ""))[:300]
         now = time.time()
-        if rec.attempts >= MAX_ATTEMPTS:
+        if job_id in self._cancelling:  # a cancel waits on it: place it nowhere else
+            self._end_cancelled(rec, f"cancelled; executor {executor} gave it back unrun ({error})")
+        elif rec.attempts >= MAX_ATTEMPTS:
             rec.result = JobResult(exit_code=None, reason=f"retry budget spent: {rec.attempts} attempts; the last "
                                                           f"executor {executor} could not run it: {error}")
             self._advance(rec, JobState.FAILED, now, rec.result.reason)
@@ -738,30 +740,50 @@ class RemoteJobs:
         self._nursery.start_soon(send)
 
     async def cancel_remote(self: Agent, rec: JobRecord) -> JobRecord:
-        """Origin side: follow the job to its executor and stop it there."""
+        """Origin side: follow the job to its executor and stop it there.
+
+        While this waits on the executor the job is placed nowhere else: should
+        membership lose that executor, or the executor give the job back, the job
+        ends cancelled there and then (``_end_cancelled``) and the wait stops. Placed
+        again instead, a cancelled job ran to its end on another peer."""
         executor = rec.executor
         state = self.cluster.state_of(executor) if (self.cluster and executor) else None
         reply = None
-        if executor is not None and state is not None and state.transfer and self.transfer is not None:
-            try:
-                reply = await self.transfer.request(executor, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
-            except TransferError as e:
-                log.info("cancel of %s could not reach %s: %s; cancelling at the origin, and retrying the cancel "
-                         "there", rec.id, executor, e)
-                self._send_cancel(executor, rec)  # a paused or cut-off executor would run it to the end
-        if reply is not None and reply.get("state") in ("cancelling",) or (
-                reply is not None and reply.get("state") in ("succeeded", "failed", "timed_out", "cancelled")):
-            done = await self.wait_final(rec.id, 30)
-            if done.state.final:
-                return done
+        scope = self._cancelling[rec.id] = trio.CancelScope()
+        try:
+            with scope:
+                if executor is not None and state is not None and state.transfer and self.transfer is not None:
+                    try:
+                        reply = await self.transfer.request(executor, state.transfer, {"t": m.CANCEL, "id": rec.id},
+                                                            timeout=10)
+                    except TransferError as e:
+                        log.info("cancel of %s could not reach %s: %s; cancelling at the origin, and retrying the "
+                                 "cancel there", rec.id, executor, e)
+                        self._send_cancel(executor, rec)  # a paused or cut-off executor would run it to the end
+                if reply is not None and reply.get("state") in (
+                        "cancelling", "succeeded", "failed", "timed_out", "cancelled"):
+                    done = await self.wait_final(rec.id, 30)
+                    if done.state.final:
+                        return done
+        finally:
+            if self._cancelling.get(rec.id) is scope:
+                del self._cancelling[rec.id]
+        if scope.cancelled_caught and reply is None and executor is not None:
+            self._send_cancel(executor, rec)  # should it come back and run it still
         if not rec.state.final:
             # Unreachable executor (or it never heard of the job): the origin decides.
             # If the executor's result still arrives it is recorded as a duplicate.
-            rec.result = JobResult(exit_code=None, reason="cancelled")
-            self._advance(rec, JobState.CANCELLED, time.time(),
-                          f"cancelled at the origin; executor {executor} did not confirm")
-            await self.store.sync()
+            self._end_cancelled(rec, f"cancelled at the origin; executor {executor} did not confirm")
+        await self.store.sync()
         return rec
+
+    def _end_cancelled(self: Agent, rec: JobRecord, detail: str) -> None:
+        """Origin side: end ``rec`` cancelled, and stop a cancel that waits on its executor."""
+        rec.result = JobResult(exit_code=None, reason="cancelled")
+        self._advance(rec, JobState.CANCELLED, time.time(), detail)
+        scope = self._cancelling.pop(rec.id, None)
+        if scope is not None:
+            scope.cancel()
 
     # -------------------------------------------------------------- executor lost
 
@@ -772,6 +794,9 @@ class RemoteJobs:
             if rec.origin != self.node_id or rec.executor != node_id:
                 continue
             if rec.state not in (JobState.PLACED, JobState.RUNNING):
+                continue
+            if rec.id in self._cancelling:  # a cancel waits on it: place it nowhere else
+                self._end_cancelled(rec, f"cancelled at the origin; executor {node_id} {why} before it confirmed")
                 continue
             if rec.attempts >= MAX_ATTEMPTS:
                 rec.result = JobResult(exit_code=None, reason=f"retry budget spent: {rec.attempts} attempts; "
