@@ -64,9 +64,10 @@ class DeclaredFile(BaseModel):
     gpus: list[DeclaredGroup] = Field(min_length=1, max_length=MAX_DECLARED)
 
 
-def parse_declared(config: str | Path) -> GpuInventory:
+def parse_declared(config: str | Path, *, default_profile: str = "whole") -> GpuInventory:
     """Parse an inline string or a TOML/YAML file into a declared inventory.
 
+    ``default_profile`` (``--gpu-profile``) cuts the groups that name no profile.
     Raises ValueError with a sentence that names the bad part and the fix.
     """
     text = str(config).strip()
@@ -75,6 +76,8 @@ def parse_declared(config: str | Path) -> GpuInventory:
         groups, origin = _read_file(path), str(path)
     else:
         groups, origin = _parse_inline(text), f"--gpus {text!r}"
+    groups = [g if "profile" in g.model_fields_set else g.model_copy(update={"profile": default_profile})
+              for g in groups]
     gpus: list[GpuInfo] = []
     for g in groups:
         gpus.extend(_expand(g, start=len(gpus), origin=origin))
@@ -96,7 +99,8 @@ def _parse_inline(text: str) -> list[DeclaredGroup]:
         count = int(m.group(1)) if m.group(1) else 1
         if not 1 <= count <= MAX_DECLARED:
             raise ValueError(f"--gpus {text!r}: count {count} in {part!r} must be from 1 to {MAX_DECLARED}")
-        groups.append(DeclaredGroup(model=m.group(2), count=count, profile=m.group(3) or "whole"))
+        named = {"profile": m.group(3)} if m.group(3) else {}  # unnamed: --gpu-profile's (parse_declared)
+        groups.append(DeclaredGroup(model=m.group(2), count=count, **named))
     return groups
 
 
@@ -132,6 +136,8 @@ def _expand(g: DeclaredGroup, start: int, origin: str) -> list[GpuInfo]:
         raise ValueError(f"{origin}: GPU model {g.model!r} must name its memory, e.g. 'H100-80GB' or 'L4-24GB'")
     model = f"{m.group(1).upper()}-{int(m.group(2))}GB"
     mem = int(m.group(2)) << 30  # NVML reports an "80GB" H100 as 80 GiB (81559 MiB usable)
+    if not mem:
+        raise ValueError(f"{origin}: GPU model {g.model!r} has no memory; name its memory, e.g. 'H100-80GB'")
     prof = parse_profile(g.profile, f"{origin}: profile for {model}")
     if prof.kind in ("mig", "mig-fixed"):
         geom = geometry_for(model)

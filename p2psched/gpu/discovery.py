@@ -95,17 +95,18 @@ class GpuUsage:
 def load_inventory(gpus: str | Path | None = None, *, profile: str = "whole") -> GpuInventory:
     """Declared GPUs when ``gpus`` is given, else what NVML finds.
 
-    ``profile`` is the slot profile for discovered GPUs that are not in MIG mode
-    (MIG-mode GPUs always offer the instances that exist). Raises ValueError only for
-    a bad ``gpus`` declaration or profile; a host without GPUs is not an error.
+    ``profile`` (``--gpu-profile``) is the slot profile for discovered GPUs that are not
+    in MIG mode (MIG-mode GPUs always offer the instances that exist), and for declared
+    groups that name none. Raises ValueError only for a bad ``gpus`` declaration or
+    profile; a host without GPUs is not an error.
     """
+    from p2psched.gpu.profiles import parse_profile
+
+    prof = parse_profile(profile, "--gpu-profile")
     if gpus is not None and str(gpus).strip():
         from p2psched.gpu.declared import parse_declared
 
-        return parse_declared(gpus)
-    from p2psched.gpu.profiles import parse_profile
-
-    prof = parse_profile(profile, "the GPU profile")
+        return parse_declared(gpus, default_profile=str(prof))
     if prof.kind in ("mig", "mig-fixed"):
         # Carving MIG instances needs root and an idle GPU; the operator does it once
         # with nvidia-smi, and the agent offers what exists.

@@ -95,3 +95,26 @@ def test_blank_config_means_discover() -> None:
 def test_real_gpus_refuse_mig_profiles_with_the_way_forward() -> None:
     with pytest.raises(ValueError, match="nvidia-smi mig"):
         load_inventory(None, profile="mig")
+
+
+@pytest.mark.parametrize("profile", ["bogus", "shared:0", "shared:65", "mig:nope"])
+def test_bad_gpu_profile_is_refused_with_declared_gpus_too(profile: str) -> None:
+    # Before the fix a bad --gpu-profile next to --gpus started the agent as if unset.
+    with pytest.raises(ValueError, match="--gpu-profile"):
+        load_inventory("2xH100-80GB", profile=profile)
+
+
+def test_gpu_profile_applies_to_declared_groups_that_name_none(tmp_path: Path) -> None:
+    # Before the fix '--gpus 2xH100-80GB --gpu-profile mig' offered whole GPUs.
+    inv = load_inventory("2xH100-80GB, 1xL4-24GB/shared:2", profile="mig")
+    assert [g.profile for g in inv.gpus] == ["mig", "mig", "shared:2"]
+    f = tmp_path / "gpus.toml"
+    f.write_text('[[gpus]]\nmodel = "L4-24GB"\ncount = 1\n')
+    assert [g.profile for g in load_inventory(str(f), profile="shared:4").gpus] == ["shared:4"]
+    with pytest.raises(ValueError, match="MIG rules for L4-24GB are not known"):
+        load_inventory("1xL4-24GB", profile="mig")
+
+
+def test_declared_gpu_needs_some_memory() -> None:
+    with pytest.raises(ValueError, match="memory"):
+        load_inventory("H100-0GB")
