@@ -378,6 +378,9 @@ class RemoteJobs:
         if not self._fits_now(spec):
             return {"t": m.REFUSE, "id": job_id, "reason": "full: its capacity was taken since the last gossip",
                     **self._vector_wire()}
+        if (claim := self._gpu_claim_here(spec)) is not None:
+            return {"t": m.REFUSE, "id": job_id, **self._vector_wire(),
+                    "reason": f"full: its free GPU slots are kept for job {claim}, which waits here for more"}
         # Every hop verifies the tenant's original signature on its own.
         from p2psched.agent.errors import AgentError
 
@@ -408,6 +411,25 @@ class RemoteJobs:
         self._reserve_and_start(rec, already_placed=True)
         await self.store.sync()
         return {"t": m.ACCEPT, "id": job_id, **self._vector_wire()}
+
+    def _gpu_claim_here(self: Agent, spec: JobSpec) -> str | None:
+        """The queued job that has first claim on the GPU slots an offered ``spec`` would
+        take: the queue's head, when it waits for GPU slots this agent has but not yet
+        free and is not of lower priority. Without it, a stream of small offered jobs
+        would take each slot as it frees and a big job here would wait forever."""
+        head = self.queue.peek()
+        if spec.resources.gpu <= 0 or self.gpus is None or head is None or head.spec.priority < spec.priority:
+            return None
+        from p2psched.gpu.slots import UnknownSlotType
+
+        r = head.spec.resources
+        try:
+            kind = self.gpus.resolve_type(r.gpu, r.gpu_type) if r.gpu > 0 else None
+        except UnknownSlotType:
+            return None
+        if kind is None or self.gpus.total_by_type().get(kind, 0) < r.gpu or self.gpus.can_fit(r.gpu, r.gpu_type):
+            return None  # it needs no GPU, can never run here, or dispatch starts it now
+        return head.id
 
     # -------------------------------------------------------------- given back
 

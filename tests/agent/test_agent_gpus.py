@@ -120,3 +120,29 @@ async def test_fit_first_is_the_agents_default_and_fit_last_keeps_the_job_here(t
             agent.cluster.alive_states = lambda: [tight]
             decision = agent._place(JobRecord(id=f"{agent.node_id}:a", spec=spec, origin=agent.node_id))
             assert isinstance(decision, expected), (overrides, decision)
+
+
+async def test_a_gpu_job_waiting_here_keeps_first_claim_on_slots_against_offers(tmp_path):
+    # The executor's own 2-GPU job waits for its second slot. Before the fix, a peer's
+    # 1-GPU jobs were accepted into every slot that freed, and the big job waited forever.
+    from agents import FAST_MEMBERSHIP, await_peers, start_running
+
+    sleep = {"runtime": "process", "command": ["/bin/sleep", "60"], "limits": {"wall_ms": 90_000}}
+    async with running_agent(tmp_path / "o", node_id="origin", membership=FAST_MEMBERSHIP) as (origin, ohttp):
+        async with running_agent(tmp_path / "g", node_id="gpu", gpus="2xH100-80GB", join=[origin.settings.gossip],
+                                 membership=FAST_MEMBERSHIP) as (gpu, ghttp):
+            await await_peers(origin, "gpu")
+            first = await start_running(ghttp, {**sleep, "resources": {"gpu": 1}})
+            big = (await ghttp.post("/v1/jobs", json={**ENV, "resources": {"gpu": 2}})).json()["id"]
+            with trio.fail_after(10):
+                while origin.cluster.state_of("gpu").vector.gpu_free != {"whole": 1}:
+                    await trio.sleep(0.05)
+            small = (await ohttp.post("/v1/jobs", json={**sleep, "resources": {"gpu": 1}})).json()["id"]
+            await trio.sleep(2)
+            rec = (await ohttp.get(f"/v1/jobs/{small}")).json()
+            assert rec["state"] == "queued", rec  # refused by the executor: its slot is the big job's
+            assert gpu.gpus.free_by_type() == {"whole": 1}
+            await ghttp.delete(f"/v1/jobs/{first}")
+            done = (await ghttp.get(f"/v1/jobs/{big}", params={"wait": 30})).json()
+            assert done["state"] == "succeeded", done
+            await ohttp.delete(f"/v1/jobs/{small}")
