@@ -417,8 +417,10 @@ class RemoteJobs:
         take: the queue's head, when it waits for GPU slots this agent has but not yet
         free and is not of lower priority. Without it, a stream of small offered jobs
         would take each slot as it frees and a big job here would wait forever."""
+        if spec.resources.gpu <= 0 or self.gpus is None:
+            return None
         head = self.queue.peek()
-        if spec.resources.gpu <= 0 or self.gpus is None or head is None or head.spec.priority < spec.priority:
+        if head is None or head.spec.priority < spec.priority:
             return None
         from p2psched.gpu.slots import UnknownSlotType
 
