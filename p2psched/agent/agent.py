@@ -395,6 +395,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             lock.release()
         self.stopped.set()
 
+    _grace_ends: float | None = None  # when a drain began the stop's grace (trio time)
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -436,8 +438,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     async def _shutdown(self) -> None:
         self.accepting = False
         self._take_back_prefetched("the agent is stopping")
-        deadline = trio.current_time() + self.settings.grace_s
-        log.info("stopping: no new jobs; %d running may finish within %.1fs", len(self.running), self.settings.grace_s)
+        now = trio.current_time()
+        deadline = self._grace_ends if self._grace_ends is not None else now + self.settings.grace_s
+        log.info("stopping: no new jobs; %d running may finish within %.1fs", len(self.running),
+                 max(0.0, deadline - now))
         with trio.move_on_at(deadline):
             while self.running:
                 await trio.sleep(0.02)
@@ -1843,7 +1847,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         def waiting() -> int:  # queued, being offered, or backing off before another offer
             return sum(rec.state is JobState.QUEUED for rec in self.active.values())
 
-        with trio.move_on_after(self.settings.grace_s):
+        # One grace for the whole stop: the jobs still running when the drain ends have had
+        # theirs (the stop waited it again, so a drain took twice --grace-s).
+        self._grace_ends = trio.current_time() + self.settings.grace_s
+        with trio.move_on_at(self._grace_ends):
             while self.running or (waiting() and self.cluster is not None and self.cluster.alive_states()):
                 await trio.sleep(0.1)
         log.info("drained: %d running, %d still queued here; leaving the cluster", len(self.running), waiting())

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from agents import FAST_MEMBERSHIP, start_cluster, stop_all, wait_converged, wasm_spec
+from agents import FAST_MEMBERSHIP, new_agent, start_cluster, stop_all, wait_converged, wasm_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -138,6 +138,27 @@ def test_drain_hands_queued_jobs_to_peers_and_leaves(tmp_path):
             assert http.get(f"/v1/jobs/{running}").json()["state"] == "timed_out"
     finally:
         stop_all(agents)
+
+
+def test_a_drain_gives_running_jobs_one_grace_not_two(tmp_path):
+    # The drain waited --grace-s for running jobs, then the stop it ends in waited
+    # --grace-s again: a drain with a job that would not end took twice the grace.
+    agent = new_agent(tmp_path, "g", "--grace-s", "1")
+    agent.start()
+    try:
+        with agent.client() as http:
+            job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60000})).json()["id"]
+            wait_state(http, job, "running")
+            assert http.post("/v1/drain").json()["draining"] is True
+        assert agent.proc.wait(60) == 0
+        assert "stopping: no new jobs; 1 running may finish within 0.0s" in agent.log(), agent.log()
+    finally:
+        agent.kill()
+    agent.start()
+    with agent.client() as http:
+        rec = http.get(f"/v1/jobs/{job}").json()
+        assert any("agent stopping: run interrupted" in t["detail"] for t in rec["timeline"]), rec["timeline"]
+    agent.stop()
 
 
 def test_a_job_its_executor_can_no_longer_run_goes_back_to_its_origin_and_ends_there(tmp_path):
