@@ -488,6 +488,7 @@ class RemoteJobs:
             self._advance(rec, JobState.QUEUED, now, f"executor {executor} could not run it ({error}); "
                                                      "placing it again")
             rec.executor = None
+            rec.hops = 0  # a new placement (see on_member_down)
             self._avoid[rec.id] = executor
             self._enqueue(rec)
         await self.store.sync()
@@ -578,6 +579,7 @@ class RemoteJobs:
         rec.executor = node
         rec.wait_reason = None
         rec.attempts += 1
+        rec.hops = 1  # the forward it had there (its route is kept)
         # When it started there, but not before this job's last step here (clocks differ).
         at = entry.get("at")
         at = max(float(at), rec.timeline[-1]["at"]) if isinstance(at, (int, float)) else time.time()
@@ -829,6 +831,10 @@ class RemoteJobs:
                 continue
             self._advance(rec, JobState.QUEUED, now, f"executor {node_id} {why}; placing it again")
             rec.executor = None
+            # Hops count the forwards of one placement (the hop limit bounds a route, not
+            # the retries: MAX_ATTEMPTS does). Kept across placements, four executor deaths
+            # left a job that only peers can run stuck at its origin with a retry to spare.
+            rec.hops = 0
             delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, rec.attempts - 1))
             rec.wait_reason = f"executor {node_id} {why}; placing again in {delay:.1f}s (attempt {rec.attempts + 1})"
             self._requeue_later(rec, delay)
