@@ -347,14 +347,16 @@ def misspelt_env(environ: dict[str, str]) -> list[str]:
     """Warnings for P2PSCHED_ variables that name no setting but nearly do
     (P2PSCHED_LABEL for P2PSCHED_LABELS): they are ignored, and a user would not know.
     Other P2PSCHED_ names (the client's P2PSCHED_URL, the scripts' own) pass quietly."""
-    import difflib
-
     names = [*AgentSettings.model_fields, CONFIG_ENV.removeprefix(ENV_PREFIX).lower()]
+    unknown = [var for var in sorted(environ) if var.upper().startswith(ENV_PREFIX)
+               and var.lower().removeprefix(ENV_PREFIX.lower()) not in names]
+    if not unknown:
+        return []
+    import difflib  # only then: an idle agent does not keep it
+
     out = []
-    for var in sorted(environ):
+    for var in unknown:
         name = var.lower().removeprefix(ENV_PREFIX.lower())
-        if not var.upper().startswith(ENV_PREFIX) or name in names:
-            continue
         if close := difflib.get_close_matches(name, names, n=1, cutoff=0.8):
             out.append(f"{var} is not a setting and is ignored; did you mean {ENV_PREFIX}{close[0].upper()}?")
     return out
