@@ -26,6 +26,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+#: What text lines show escaped: C0 and C1 controls, DEL and the Unicode line and
+#: paragraph separators. Details carry text from clients and peers (a job's node
+#: labels, a peer's error), which must not split a line (forging the next one) or
+#: send escape sequences to a terminal.
+_TEXT_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_TEXT_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def _one_line(text: str) -> str:
+    """``text`` with :data:`_TEXT_ESCAPES` escaped (isprintable() is the fast check)."""
+    return text if text.isprintable() else text.translate(_TEXT_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
     _second = -1
     _hms = ""
@@ -41,9 +54,9 @@ class TextFormatter(logging.Formatter):
         second = int(created)
         if second != self._second:  # strftime once a second, not once a line
             self._second, self._hms = second, time.strftime("%H:%M:%S", time.localtime(second))
-        line = f"{self._hms}.{int((created - second) * 1000):03d} {levelname[0]} {name}: {message}"
+        line = f"{self._hms}.{int((created - second) * 1000):03d} {levelname[0]} {name}: {_one_line(message)}"
         if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            line += " " + " ".join(f"{k}={_one_line(str(v))}" for k, v in extra.items())
         return line
 
     def job_line(self, created: float, name: str, job_id: str, state: str, detail: str) -> str:
@@ -52,7 +65,7 @@ class TextFormatter(logging.Formatter):
         if second != self._second:
             self._second, self._hms = second, time.strftime("%H:%M:%S", time.localtime(second))
         return (f"{self._hms}.{int((created - second) * 1000):03d} I {name}: job {job_id} {state} "
-                f"job={job_id} state={state} detail={detail}")
+                f"job={job_id} state={state} detail={_one_line(detail)}")
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -107,3 +107,27 @@ def test_a_job_line_is_stamped_with_its_transitions_time(configured):
     logs.JobLog()("n1:abc", "placed", "runs here", NOW - 3600.5)
     stamp = time.strftime("%H:%M:%S", time.localtime(int(NOW - 3600.5)))
     assert out.getvalue() == f"{stamp}.131 I p2psched.jobs: job n1:abc placed job=n1:abc state=placed detail=runs here\n"
+
+
+HOSTILE = ['q"uote', "new\nline\r", "ctl\x01\x1b[31m\x7f\x9b", "sep\u2028\u2029", "back\\slash", "sur\udcff",
+           "ünï"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_hostile_text_in_a_line_cannot_forge_lines_or_reach_the_terminal(configured, fmt):
+    """A client's node label ends up in a rejected job's detail (and peers' text in
+    other lines): each record must stay one line, with no control character in it,
+    and a JSON line must parse back to the same text."""
+    out = configured(fmt)
+    for w in HOSTILE:
+        logs.JobLog()("n1:abc", "rejected", f"needs a node labelled z={w}")
+        logging.getLogger("p2psched.agent").warning("peer said %s", w, extra={"peer": w})
+    lines = out.getvalue().split("\n")
+    assert lines.pop() == "" and len(lines) == 2 * len(HOSTILE)
+    for line, w in zip(lines, [w for w in HOSTILE for _ in range(2)]):
+        assert line.isprintable() or "\udcff" in line, repr(line)
+        if fmt == "json":
+            entry = json.loads(line)
+            assert w in (entry.get("detail") or entry["msg"])
+        else:
+            assert not any(c in line for c in "\n\r\x01\x1b\x7f\x9b\u2028\u2029"), repr(line)
