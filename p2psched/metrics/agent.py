@@ -21,7 +21,9 @@ class AgentMetrics:
         self.registry = registry
         self.queue_length = Gauge("p2psched_queue_length", "Jobs waiting at this agent.", registry=registry)
         self.jobs_total = Counter(
-            "p2psched_jobs_total", "Jobs that reached each state here.", ["state", "runtime"], registry=registry
+            "p2psched_jobs_total",
+            "Jobs whose record here reached each state (an origin counts its forwarded jobs too).",
+            ["state", "runtime"], registry=registry,
         )
         self.run_seconds = Histogram(
             "p2psched_job_run_seconds", "Time from start to end of a run.", ["runtime"],
