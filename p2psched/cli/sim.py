@@ -60,13 +60,14 @@ def _partition(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @sim.command()
-@click.option("--nodes", "-n", default=100, show_default=True, type=click.IntRange(2, 20000))
+@click.option("--nodes", "-n", default=100, show_default=True, type=click.IntRange(2, 5000),
+              help="Simulated nodes; memory grows with the square (1,000: 0.3 GB and 10 s, 5,000: 6 GB and 2 min).")
 @click.option("--loss", default=0.01, show_default=True, type=FiniteFloat(0, 0.9), help="Datagram loss rate.")
 @click.option("--crash", default=1, show_default=True, type=click.IntRange(0), help="Nodes to crash.")
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--partition", default=None, callback=_partition, metavar="FRACTION:START:DURATION",
               help="Cut FRACTION of the live nodes off START s after the crash phase, for DURATION s.")
-@click.option("--duration", default=30.0, show_default=True, type=FiniteFloat(1),
+@click.option("--duration", default=30.0, show_default=True, type=FiniteFloat(1, 3600),
               help="Seconds of steady state measured for bytes per node per second.")
 @click.option("--probe-interval", default=None, type=POSITIVE, help="Override the 1 s probe interval.")
 @click.option("--suspicion-mult", default=None, type=POSITIVE, help="Override the suspicion multiplier (4).")
@@ -84,6 +85,10 @@ def membership(nodes: int, loss: float, crash: int, seed: int, partition: tuple[
     from p2psched.membership.settings import MembershipSettings
     from p2psched.sim.membership import run_experiment
 
+    if crash >= nodes:
+        raise click.UsageError(f"--crash {crash} of {nodes} nodes: at least one node must stay up to see the crashes")
+    if same_leaf is not None and topology_file is None:
+        raise click.UsageError("--same-leaf needs --topology; without leaves the flag would be ignored")
     over: dict[str, Any] = {}
     if probe_interval is not None:
         over["probe_interval"] = probe_interval

@@ -379,7 +379,7 @@ class PowerOfTwo(_QueuedHosts):
     def arrive(self, job: SimJob) -> None:
         self.placements += 1
         self.messages += 5
-        a, b = self.rng.sample(range(self.n), 2)
+        a, b = self.rng.sample(range(self.n), 2) if self.n > 1 else (0, 0)  # one host: both probes go to it
         # The probes' answers are current when they leave the hosts; the job follows.
         qa = len(self.queues[a]) + self.running[a]
         qb = len(self.queues[b]) + self.running[b]
@@ -781,6 +781,17 @@ def cli(topology_file: str, load: float, jobs: int, policy: str, seed: int, cpus
                                  param_hint="--jobs")
     if not 0 <= warmup < 1:
         raise click.BadParameter(f"is {warmup}; it must lie in [0, 1)", param_hint="--warmup")
+    ctx = click.get_current_context()
+    given = {p: ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
+             for p in ("fit_samples", "gpus_per_host", "fractions", "fanout")}
+    for flag, param, needed, needs in (
+            ("--fit-sample", "fit_samples", bool(gpu_mix), "--gpu-mix"),
+            ("--fit-sample", "fit_samples", policy == "p2p", "--policy p2p"),
+            ("--gpus-per-host", "gpus_per_host", bool(gpu_mix), "--gpu-mix"),
+            ("--same-leaf-fraction", "fractions", gossip, "--gossip"),
+            ("--fanout", "fanout", gossip, "--gossip")):
+        if given[param] and not needed:
+            raise click.UsageError(f"{flag} needs {needs}; without it the flag would be ignored")
     try:
         topo = Topology.load(topology_file)
     except TopologyError as e:

@@ -161,6 +161,41 @@ def test_simulate_refuses_what_would_divide_by_zero_or_never_end() -> None:
             simulate(topo, load=0.5, jobs=10, **bad)  # type: ignore[arg-type]
 
 
+def test_sim_placement_runs_on_a_one_host_topology(tmp_path: Path) -> None:
+    # power-of-two probed two distinct hosts: a ValueError traceback on one host
+    topo = tmp_path / "one.yaml"
+    assert run("topology", "generate", "--spines", "1", "--leaves", "1", "--hosts-per-leaf", "1",
+               "-o", str(topo)).exit_code == 0
+    r = run("sim", "placement", "--topology", str(topo), "--jobs", "20", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {x["scheduler"]: x for x in json.loads(r.output)["results"]}
+    assert rows["power-of-two"]["jobs"] == 18 and rows["power-of-two"]["hops_per_job"] == 0
+
+
+@pytest.mark.parametrize("args, needs", [
+    (["membership", "--same-leaf", "0.5"], "--same-leaf needs --topology"),
+    (["placement", "--fit-sample", "0"], "--fit-sample needs --gpu-mix"),
+    (["placement", "--gpus-per-host", "4"], "--gpus-per-host needs --gpu-mix"),
+    (["placement", "--gpu-mix", "1,2", "--fit-sample", "0", "--policy", "random"], "--fit-sample needs --policy p2p"),
+    (["placement", "--same-leaf-fraction", "0.5"], "--same-leaf-fraction needs --gossip"),
+    (["placement", "--fanout", "5"], "--fanout needs --gossip"),
+])
+def test_sim_refuses_a_flag_it_would_ignore(args: list[str], needs: str) -> None:
+    extra = ["--topology", str(TOPOLOGY), "--jobs", "10"] if args[0] == "placement" else ["--nodes", "5"]
+    r = run("sim", *args, *extra)
+    assert r.exit_code == 2 and needs in r.output, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "3", "--crash", "3"], "at least one node must stay up"),
+    (["--duration", "1e9"], "1<=x<=3600"),
+    (["--nodes", "20000"], "2<=x<=5000"),
+])
+def test_sim_membership_refuses_what_would_never_end_or_not_be_done(args: list[str], message: str) -> None:
+    r = run("sim", "membership", *args)
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
 # -- verify ----------------------------------------------------------------------------------
 
 
