@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from agents import start_cluster, stop_all, wasm_spec
+from agents import start_cluster, stop_all, wait_for, wasm_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -16,14 +16,9 @@ def sleeper() -> dict:
     return wasm_spec("sleep.wasm", limits={"wall_ms": 60000})
 
 
-def wait_running(http: httpx.Client, job_id: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        rec = http.get(f"/v1/jobs/{job_id}").json()
-        if rec["state"] == "running":
-            return rec
-        assert time.monotonic() < deadline, rec
-        time.sleep(0.05)
+def wait_running(http: httpx.Client, job_id: str) -> dict:
+    return wait_for(lambda: (rec := http.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and rec,
+                    what=f"job {job_id} running")
 
 
 def running_here(http: httpx.Client) -> int:
