@@ -327,6 +327,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         # After a restart no job holds a slot: running jobs were queued again and
         # queued jobs reserve only when they start, so every slot is free.
         self.gpus = SlotAllocator(inv)
+        # Read at scrape time, as cpu and mem_mb are: present (0) before the first grant too.
+        self.metrics.child(self.metrics.slots_in_use, "gpu").set_function(
+            lambda: sum(self.gpus.in_use_by_job().values()))
         self.gpu_metrics = GpuMetrics(self.registry)
         self.gpu_metrics.update(self.gpus, inv, usage=self._gpu_usage)
         if inv.gpus:
@@ -1457,11 +1460,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._slots_changed()
 
     def _slots_changed(self) -> None:
-        """Slots were taken or given back: the vector is published again, and GPU
-        gauges are set (the CPU, memory and running gauges are read at scrape time)."""
+        """Slots were taken or given back: the vector is published again, and the GPU
+        inventory's gauges are set (slots_in_use and the running gauge are read at scrape time)."""
         self._vector_changed.set()
         if self.gpus is not None and self.gpu_inventory.gpus:
-            self.metrics.slots_in_use.labels("gpu").set(sum(self.gpus.in_use_by_job().values()))
             self.gpu_metrics.update(self.gpus, self.gpu_inventory, usage=self._gpu_usage)
 
     def _sandbox_request(self, rec: JobRecord, grant: Any = None) -> SandboxRequest:

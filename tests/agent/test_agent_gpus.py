@@ -45,9 +45,11 @@ async def test_a_third_gpu_job_waits_for_a_slot_and_slots_are_freed(tmp_path):
         assert len(grants) == 2  # two different GPUs
         assert (await http.get("/metrics")).status_code == 200
         assert agent.registry.get_sample_value("p2psched_gpu_slots_in_use", {"type": "whole", "declared": "true"}) == 2
+        assert agent.registry.get_sample_value("p2psched_slots_in_use", {"kind": "gpu"}) == 2
         for i in ids:
             await http.delete(f"/v1/jobs/{i}")
         assert agent.gpus.free_by_type() == {"whole": 2}
+        assert agent.registry.get_sample_value("p2psched_slots_in_use", {"kind": "gpu"}) == 0
 
 
 async def test_job_needing_more_gpus_than_exist_is_rejected_with_the_reason(tmp_path):

@@ -495,7 +495,8 @@ async def test_openapi_and_metrics_describe_the_agent(tmp_path):
         text = (await http.get("/metrics")).text
         for name in ("p2psched_queue_length", 'p2psched_jobs_total{runtime="wasm",state="succeeded"} 1.0',
                      "p2psched_job_run_seconds_bucket", "p2psched_job_queue_seconds_bucket",
-                     'p2psched_slots_in_use{kind="cpu"}'):
+                     'p2psched_slots_in_use{kind="cpu"}',
+                     'p2psched_slots_in_use{kind="gpu"} 0.0'):  # before any GPU job, on a host with none
             assert name in text
         r = await http.get("/v2/nothing")
         assert r.status_code == 404 and "openapi.json" in r.json()["error"]["message"]
