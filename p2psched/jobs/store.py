@@ -108,9 +108,14 @@ class _Locked(Exception):
     """A write that may not wait met another process's write transaction."""
 
 
+def _code(e: sqlite3.Error) -> int:
+    """SQLite's primary result code of ``e`` (SQLITE_BUSY, SQLITE_FULL, ...)."""
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF
+
+
 def _fix(e: sqlite3.Error, data_dir: Path) -> str:
     """What to do about SQLite's error ``e`` on the job store in ``data_dir``."""
-    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    code = _code(e)
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return ("another process holds a write transaction on it (an sqlite3 shell, a backup tool): end that "
                 "transaction or stop that process; the agent tries again each second")
@@ -119,11 +124,16 @@ def _fix(e: sqlite3.Error, data_dir: Path) -> str:
     return "check disk space and permissions"
 
 
+def db_files(db: Path) -> tuple[Path, Path, Path]:
+    """An SQLite database in WAL mode: the file, its -wal and its -shm."""
+    return db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
 def private_files(db: Path) -> None:
     """Make an SQLite file of tenants' data, and its -wal and -shm, readable by this
     user only (they were 0644 in a 0755 data dir: any local user read every job's
     env). A file this user does not own is left as it is."""
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+    for path in db_files(db):
         with contextlib.suppress(OSError):
             os.chmod(path, 0o600)
 
@@ -220,7 +230,7 @@ class Store:
         for d in (self.modules_dir, self.outputs_dir):
             d.mkdir(exist_ok=True)
         self.path = data_dir / "jobs.db"
-        if _size(self.path) == 0 and not _size(self.path.with_name(self.path.name + "-wal")):
+        if _size(self.path) == 0 and not _size(db_files(self.path)[1]):
             # The store writes its header a moment after it creates the file: an empty one was cut, and
             # opening it would start a new store that silently forgets every job.
             raise StoreError(
@@ -274,13 +284,13 @@ class Store:
         self._writer.executescript(SCHEMA)
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._reader.execute("SELECT count(*) FROM jobs WHERE seq < 0").fetchone()
+        self._lock_wait: bool | None = None  # the writer's busy_timeout: LOCK_WAIT_S (True) or 0
         self._files = self._identity()
 
     def _identity(self) -> tuple[tuple[int, int] | None, ...]:
         """Which files jobs.db, its -wal and its -shm are now (device, inode; None if missing)."""
         found: list[tuple[int, int] | None] = []
-        for path in (self.path, self.path.with_name(self.path.name + "-wal"),
-                     self.path.with_name(self.path.name + "-shm")):
+        for path in db_files(self.path):
             try:
                 st = os.stat(path)
                 found.append((st.st_dev, st.st_ino))
@@ -306,9 +316,9 @@ class Store:
             await trio.to_thread.run_sync(self._copy_to, tmp)
             self._writer.close()
             self._reader.close()
-            for stale in ("-wal", "-shm"):  # a removed one's twin no longer matches the copy
+            for stale in db_files(self.path)[1:]:  # a removed one's twin no longer matches the copy
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path.with_name(self.path.name + stale))
+                    os.unlink(stale)
             os.replace(tmp, self.path)
             self._connect()
             self.write_error = None
@@ -692,7 +702,9 @@ class Store:
             raise StoreError(f"could not write job output under {self.outputs_dir}: {e}; "
                              "check disk space and permissions") from e
         try:
-            self._writer.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000) if wait else 0}")
+            if self._lock_wait is not wait:  # set only when it changes: most flushes keep it
+                self._writer.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000) if wait else 0}")
+                self._lock_wait = wait
             self._writer.execute("BEGIN")
             if rows_new:
                 self._writer.executemany(
@@ -722,7 +734,7 @@ class Store:
             # includes a value SQLite cannot bind, which a bug upstream let in.
             self._writer.execute("ROLLBACK") if self._writer.in_transaction else None
             if isinstance(e, sqlite3.Error):
-                if not wait and getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                if not wait and _code(e) == sqlite3.SQLITE_BUSY:
                     raise _Locked from e
                 raise StoreError(f"could not write the job store {self.path}: {e}; {_fix(e, self.data_dir)}") from e
             raise StoreError(f"could not write the job store {self.path}: {type(e).__name__}: {e}; this is a bug, "

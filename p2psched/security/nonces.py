@@ -19,13 +19,12 @@ just after it). Neither reads a clock: time comes in as ``now``.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-import os
 import sqlite3
 from pathlib import Path
 from typing import Protocol
 
+from p2psched.jobs.store import private_files
 from p2psched.security.errors import AdmissionError
 
 #: 100,000 entries (~20 MB): at the 5-minute default TTL, 330 signed requests per second
@@ -91,8 +90,7 @@ class SQLiteNonceStore:
     def __init__(self, path: str | Path, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)  # before WAL mode: SQLite gives -wal and -shm the file's mode
+        private_files(Path(path))  # before WAL mode: SQLite gives -wal and -shm the file's mode
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
