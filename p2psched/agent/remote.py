@@ -485,10 +485,7 @@ class RemoteJobs:
                                                           f"executor {executor} could not run it: {error}")
             self._advance(rec, JobState.FAILED, now, rec.result.reason)
         else:
-            self._advance(rec, JobState.QUEUED, now, f"executor {executor} could not run it ({error}); "
-                                                     "placing it again")
-            rec.executor = None
-            rec.hops = 0  # a new placement (see on_member_down)
+            self._queue_for_placement(rec, now, f"executor {executor} could not run it ({error}); placing it again")
             self._avoid[rec.id] = executor
             self._enqueue(rec)
         await self.store.sync()
@@ -813,6 +810,15 @@ class RemoteJobs:
 
     # -------------------------------------------------------------- executor lost
 
+    def _queue_for_placement(self: Agent, rec: JobRecord, now: float, detail: str) -> None:
+        """Origin side: its executor will not run ``rec`` (lost, or gave it back): queued
+        for a new placement. Hops count the forwards of one placement (the hop limit bounds
+        a route; MAX_ATTEMPTS bounds the retries): kept across placements, four executor
+        deaths left a job only peers can run stuck at its origin with a retry to spare."""
+        self._advance(rec, JobState.QUEUED, now, detail)
+        rec.executor = None
+        rec.hops = 0
+
     def on_member_down(self: Agent, node_id: str, why: str) -> None:
         """Membership says ``node_id`` is dead or left: place its jobs again."""
         now = time.time()
@@ -829,12 +835,7 @@ class RemoteJobs:
                                                               f"the last executor {node_id} {why}")
                 self._advance(rec, JobState.FAILED, now, rec.result.reason)
                 continue
-            self._advance(rec, JobState.QUEUED, now, f"executor {node_id} {why}; placing it again")
-            rec.executor = None
-            # Hops count the forwards of one placement (the hop limit bounds a route, not
-            # the retries: MAX_ATTEMPTS does). Kept across placements, four executor deaths
-            # left a job that only peers can run stuck at its origin with a retry to spare.
-            rec.hops = 0
+            self._queue_for_placement(rec, now, f"executor {node_id} {why}; placing it again")
             delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, rec.attempts - 1))
             rec.wait_reason = f"executor {node_id} {why}; placing again in {delay:.1f}s (attempt {rec.attempts + 1})"
             self._requeue_later(rec, delay)
