@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from p2psched.membership.messages import NODE_ID_CHARS
+
 ENV_PREFIX = "P2PSCHED_"
 #: The config file when --config is not given; not a setting itself (a file cannot name a file).
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -44,7 +46,7 @@ def _split_list(v: Any) -> Any:
 
 
 HOSTPORT_PATTERN = r"^[^\s]*:\d{1,5}$"
-NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NODE_ID_PATTERN = rf"^{NODE_ID_CHARS}$"  # what gossip accepts from a peer too
 #: The patterns in words, for error messages: a user should not have to read a regex.
 _PATTERN_WORDS = {
     HOSTPORT_PATTERN: "HOST:PORT, e.g. 127.0.0.1:7700",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2psched.membership.messages import NODE_ID_RE, NODE_ID_RULE, valid_host
+from p2psched.membership.messages import NODE_ID_RULE, valid_host, valid_node_id
 
 #: The largest count or amount a peer may gossip (a CPU, MiB or slot count, a queue
 #: length): far past any host, and small enough that sums of many stay exact.
@@ -145,7 +145,7 @@ class NodeState:
         """Raises ValueError (naming the field) on what no agent would gossip: a peer's
         strings reach operators' terminals and pages, and its addresses our sockets."""
         node_id = d["n"]
-        if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
+        if not valid_node_id(node_id):
             raise ValueError(f"n must be a node id ({NODE_ID_RULE}), not {node_id!r:.80}")
         return cls(
             node_id=node_id, version=int(d.get("v", 0)),

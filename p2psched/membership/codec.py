@@ -16,7 +16,7 @@ from typing import Any, cast
 import msgpack  # type: ignore[import-untyped]
 
 from p2psched.membership.messages import (
-    NODE_ID_RE, NODE_ID_RULE, PROTOCOL, Message, SchemaError, from_wire, to_wire,
+    NODE_ID_RULE, PROTOCOL, Message, SchemaError, from_wire, to_wire, valid_node_id,
 )
 
 # Limits for one datagram: nothing in a 1,200-byte packet can be longer than the
@@ -78,7 +78,7 @@ def _envelope(obj: Any) -> tuple[str, Any]:
         raise DecodeError("schema", "envelope must be [protocol, sender, body]")
     if obj[0] != PROTOCOL or type(obj[0]) is not int:
         raise DecodeError("protocol", f"protocol {obj[0]!r} is not {PROTOCOL}; upgrade the older agent")
-    if type(obj[1]) is not str or not NODE_ID_RE.fullmatch(obj[1]):
+    if not valid_node_id(obj[1]):
         raise DecodeError("schema", f"sender id must be a node id: {NODE_ID_RULE}")
     return obj[1], obj[2]
 

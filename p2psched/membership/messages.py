@@ -217,8 +217,13 @@ def _str(v: Any, what: str, limit: int = _MAX_ID) -> str:
 #: and '-', starting with a letter or digit), up to the wire's 128 characters. Ids are
 #: shown to operators (peers, logs, the dashboard): one holding a control character
 #: or markup is refused here.
-NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NODE_ID_CHARS = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # --node-id's rule too (config.NODE_ID_PATTERN)
 NODE_ID_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128"
+_NODE_ID = re.compile(NODE_ID_CHARS)
+
+
+def valid_node_id(v: Any) -> bool:
+    return type(v) is str and 0 < len(v) <= _MAX_ID and _NODE_ID.fullmatch(v) is not None
 
 # A DNS name (letters, digits, '-' and '_' in labels of 1..63) or an IP literal: an
 # address we will send to. Anything else (an empty label, a space, a NUL) is refused
@@ -247,10 +252,9 @@ def _host(v: Any) -> str:
 
 
 def _id(v: Any, what: str) -> str:
-    node_id = _str(v, what)
-    if not NODE_ID_RE.fullmatch(node_id):
-        raise SchemaError(f"{what} {node_id[:64]!r} is not a node id: {NODE_ID_RULE}")
-    return node_id
+    if not valid_node_id(v):
+        raise SchemaError(f"{what} {str(v)[:64]!r} is not a node id: {NODE_ID_RULE}")
+    return str(v)
 
 
 def _bool(v: Any, what: str) -> bool:
