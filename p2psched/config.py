@@ -350,15 +350,15 @@ def misspelt_env(environ: dict[str, str]) -> list[str]:
     (P2PSCHED_LABEL for P2PSCHED_LABELS): they are ignored, and a user would not know.
     Other P2PSCHED_ names (the client's P2PSCHED_URL, the scripts' own) pass quietly."""
     names = [*AgentSettings.model_fields, CONFIG_ENV.removeprefix(ENV_PREFIX).lower()]
-    unknown = [var for var in sorted(environ) if var.upper().startswith(ENV_PREFIX)
-               and var.lower().removeprefix(ENV_PREFIX.lower()) not in names]
+    prefix = ENV_PREFIX.lower()
+    unknown = {var: var.lower().removeprefix(prefix) for var in sorted(environ) if var.lower().startswith(prefix)}
+    unknown = {var: name for var, name in unknown.items() if name not in names}
     if not unknown:
         return []
     import difflib  # only then: an idle agent does not keep it
 
     out = []
-    for var in unknown:
-        name = var.lower().removeprefix(ENV_PREFIX.lower())
+    for var, name in unknown.items():
         if close := difflib.get_close_matches(name, names, n=1, cutoff=0.8):
             out.append(f"{var} is not a setting and is ignored; did you mean {ENV_PREFIX}{close[0].upper()}?")
     return out
