@@ -6,9 +6,17 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from agents import ROOT, new_agent, wait_for, wasm_spec
+
+
+def ran_hello(http: httpx.Client) -> str:
+    """Submit hello.wasm and wait until it succeeded; its id."""
+    job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
+    assert http.get(f"/v1/jobs/{job}", params={"wait": 30}).json()["state"] == "succeeded"
+    return str(job)
 
 
 @pytest.mark.cluster
@@ -19,8 +27,7 @@ def test_a_job_store_removed_while_the_agent_runs_is_written_again_and_loses_not
     agent.start()
     try:
         with agent.client() as http:
-            before = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
-            assert http.get(f"/v1/jobs/{before}", params={"wait": 30}).json()["state"] == "succeeded"
+            before = ran_hello(http)
             for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm"):
                 (agent.data_dir / name).unlink()
             after = [x["job"]["id"] for x in
@@ -45,8 +52,7 @@ def test_an_empty_job_store_stops_the_agent_at_start_instead_of_forgetting_every
     agent.start()
     try:
         with agent.client() as http:
-            job = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
-            assert http.get(f"/v1/jobs/{job}", params={"wait": 30}).json()["state"] == "succeeded"
+            ran_hello(http)
         assert agent.stop() == 0
     finally:
         agent.kill()
