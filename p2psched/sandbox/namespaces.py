@@ -110,14 +110,17 @@ def bwrap_args(plan: BwrapPlan, layout: Sequence[tuple[str, str]]) -> list[str]:
             a += ["--symlink", kind.split(":", 1)[1], d]
     for name in plan.etc_files:
         a += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    a += ["--proc", "/proc", "--dev", "/dev"]
+    # No pseudo-terminals: every devpts instance bwrap mounts draws on the host's one
+    # kernel.pty.max, unbounded, so one job could open them all and leave none to other
+    # jobs and containers. An empty tmpfs over /dev/pts leaves /dev/ptmx pointing nowhere.
+    a += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/pts"]
     for b in plan.binds:
         op = "--dev-bind" if b.device else ("--bind" if b.writable else "--ro-bind")
         a += [op, b.src, b.dest]
     a += ["--symlink", SCRATCH, "/tmp"]
     # Only scratch stays writable: the root and /dev (and so /dev/shm) are
     # tmpfs that bwrap made; freeze them once every mount is in place.
-    a += ["--remount-ro", "/dev", "--remount-ro", "/"]
+    a += ["--remount-ro", "/dev/pts", "--remount-ro", "/dev", "--remount-ro", "/"]
     a += ["--chdir", SCRATCH]
     for k, v in plan.env.items():
         a += ["--setenv", k, v]

@@ -238,6 +238,17 @@ async def test_13_sysv_shared_memory_is_private_to_a_job(sandbox: ProcessSandbox
     assert "0x50325053" not in host
 
 
+async def test_15_a_job_can_take_no_pseudo_terminal(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    """Every devpts instance draws on the host's one kernel.pty.max: a job that could
+    open ptys could leave none to other jobs and containers."""
+    r = await run(sandbox, guest("pty_hog"), tmp_path)
+    out = report(r)
+    assert out["openpty"] == out["ptmx"] == "No such file or directory"
+    assert out["write_pts"] == "Read-only file system"
+    assert out["null"] is True  # the rest of /dev is there
+    assert r.reason == "exit 0"
+
+
 HELPER = """
 import sys, trio
 from pathlib import Path
