@@ -61,6 +61,7 @@ import os
 import re
 import signal
 import queue
+import resource
 import subprocess
 import threading
 from collections.abc import Callable
@@ -378,9 +379,6 @@ def _nice_tool() -> str | None:
 # One job
 
 
-_SIG_RESULT = {signal.SIGXFSZ: "output_limit", signal.SIGXCPU: "cpu_limit"}
-
-
 def _safe_name(job_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:80] or "job"
 
@@ -528,6 +526,13 @@ class _Job:
         nofile = max(lim.nofile, self.cfg.min_nofile)
         if nofile != lim.nofile:
             self.warnings.append(f"nofile {lim.nofile} raised to {nofile}: the sandbox launcher needs that many to start")
+        # The launcher runs as the sandbox uid, which cannot raise a hard limit past the
+        # agent's own: asked for more, the job got a sandbox error, or failed itself.
+        most = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if most != resource.RLIM_INFINITY and nofile > most:
+            self.warnings.append(f"nofile {nofile} lowered to {most}, the most this agent may give (its own hard "
+                                 "limit, `ulimit -Hn`)")
+            nofile = most
         r = {"nofile": nofile, "fsize": lim.fsize_bytes, "core": 0}
         if not self.cg:
             # the rlimits fallback: weaker, and said so in the warnings
@@ -909,9 +914,13 @@ class _Job:
                 limit = "memory_limit"
             elif stats.pids_max_hits and exit_code != 0:
                 limit = "pids_limit"
+        # A limit only where the limit could have sent the signal: bwrap reports a job's
+        # own `exit 152` as 128+24 too, and that is no cpu_limit.
         if limit is None and sig is not None:
-            if sig in _SIG_RESULT:
-                limit = _SIG_RESULT[signal.Signals(sig)]
+            if sig == signal.SIGXCPU and "cpu" in self.rlimits:
+                limit = "cpu_limit"
+            elif sig == signal.SIGXFSZ and self._file_at_fsize():
+                limit = "output_limit"
             elif sig == signal.SIGPIPE and (out.truncated or err.truncated):
                 limit = "output_limit"
         if limit is not None:
@@ -929,6 +938,22 @@ class _Job:
             cpu_ms=cpu_ms, peak_mem_bytes=peak, limit_hit=limit, signal=sig,
             artifacts=self._collect_artifacts(), warnings=self.warnings, sandbox=self._sandbox_info(),
         )
+
+    def _file_at_fsize(self, most: int = 10_000) -> bool:
+        """Whether a file in scratch (of its first ``most`` entries) reached the
+        fsize limit: what a SIGXFSZ from that limit leaves behind."""
+        if self.scratch_fd is None:
+            return False
+        seen = 0
+        for _, _, files, dir_fd in os.fwalk(".", dir_fd=self.scratch_fd):
+            for name in files:
+                seen += 1
+                with contextlib.suppress(OSError):
+                    if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size >= self.limits.fsize_bytes:
+                        return True
+                if seen >= most:
+                    return False
+        return False
 
     def _collect_artifacts(self) -> dict[str, bytes]:
         found: dict[str, bytes] = {}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -110,6 +113,47 @@ async def test_file_size_limit(sandbox: ProcessSandbox, tmp_path: Path) -> None:
                   tmp_path)
     assert r.reason == "output_limit"  # SIGXFSZ
     assert r.limit_hit == "output_limit"
+
+
+async def test_an_exit_status_that_reads_as_a_limit_signal_is_no_limit(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    """bwrap reports death by signal N as exit 128+N, so a job's own `exit 152` reads as
+    SIGXCPU: with cgroups no RLIMIT_CPU is set, and no file reached fsize_bytes, so
+    neither is a limit, and neither is signed into the attestation as one."""
+    for code, sig in ((152, signal.SIGXCPU), (153, signal.SIGXFSZ)):
+        r = await run(sandbox, request(["/bin/sh", "-c", f"exit {code}"]), tmp_path)
+        assert (r.limit_hit, r.reason, r.signal) == (None, f"signal {int(sig)}", sig)
+
+
+NOFILE_HELPER = """
+import json, sys, trio
+from pathlib import Path
+from p2psched.jobs.spec import Limits, Resources
+from p2psched.sandbox.base import SandboxRequest
+from p2psched.sandbox.process import ProcessSandbox
+req = SandboxRequest(job_id="nofile", runtime="process", limits=Limits(wall_ms=20_000, nofile=30_000),
+                     resources=Resources(), command=["/bin/sh", "-c", "ulimit -n"])
+async def main():
+    sb = ProcessSandbox(warm=int(sys.argv[2]))
+    async with trio.open_nursery() as n:
+        await n.start(sb.serve)
+        r = await sb.run(req, Path(sys.argv[1]))
+        print(json.dumps({"reason": r.reason, "stdout": r.stdout.decode(), "warnings": r.warnings}))
+        n.cancel_scope.cancel()
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("warm", [0, 2], ids=["cold", "warm"])
+def test_nofile_past_the_agents_own_hard_limit_is_lowered_to_it(tmp_path: Path, warm: int) -> None:
+    """The launcher runs unprivileged and cannot raise a hard limit past the agent's
+    (here an agent started under `prlimit --nofile=1000`): the job gets the agent's,
+    and a warning, where it got a sandbox error (cold) or failed with `exit 1` (warm)."""
+    out = subprocess.run(["prlimit", "--nofile=1000:1000", sys.executable, "-c", NOFILE_HELPER, str(tmp_path / "w"),
+                          str(warm)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert (r["reason"], r["stdout"]) == ("exit 0", "1000\n")
+    assert any("nofile 30000 lowered to 1000" in w for w in r["warnings"]), r["warnings"]
 
 
 async def test_nofile_limit(sandbox: ProcessSandbox, tmp_path: Path) -> None:
