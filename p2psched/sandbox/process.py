@@ -652,9 +652,12 @@ class _Job:
             assert self.host.tools.setpriv
             argv = [self.host.tools.setpriv, f"--reuid={self.cfg.uid}", f"--regid={self.cfg.gid}",
                     "--clear-groups", "--", *argv]
+        # A session of its own: Ctrl-C in the agent's terminal (SIGINT to its process
+        # group) stops the agent, which lets the job finish within grace; it must not
+        # kill the job. --die-with-parent still ends the job if the agent dies.
         self.popen = popen = await _LAUNCHER.call(lambda: subprocess.Popen(
             argv, stdin=stdin_r, stdout=out_w, stderr=err_w, pass_fds=pass_fds, close_fds=True,
-            env={}, cwd="/",
+            env={}, cwd="/", start_new_session=True,
         ))
         self.monitor_pidfd = os.pidfd_open(popen.pid)
         for fd in (stdin_r, out_w, err_w, info_w, block_r, args_fd, seccomp_fd, *pass_fds):

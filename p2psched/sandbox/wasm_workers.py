@@ -244,8 +244,12 @@ class WasmWorkers:
         try:
             init = pickle.dumps(("init", {**self._init, "cancel_fd": cancel_r}), protocol=pickle.HIGHEST_PROTOCOL)
             worker.runs.outbox[:0] = [FRAME_LEN.pack(len(init)) + init]
+            # Its own session, as a process job's: Ctrl-C in the agent's terminal stops the
+            # agent (its guests may finish within grace), not the guests. A worker ends
+            # with the agent all the same: its pipes close.
             worker.process = await trio.lowlevel.open_process(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(cancel_r,))
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(cancel_r,),
+                start_new_session=True)
             os.close(cancel_r)
             cancel_r = -1
             worker.runs.stream = cast("trio.lowlevel.FdStream", worker.process.stdin)

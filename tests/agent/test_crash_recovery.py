@@ -1,5 +1,6 @@
 """kill -9 an agent with jobs queued and running; after a restart every job ends."""
 
+import os
 import signal
 import time
 
@@ -67,6 +68,29 @@ def test_sigterm_lets_running_jobs_finish_and_exits_0(tmp_path):
     with agent.client() as http:
         rec = http.get(f"/v1/jobs/{job}").json()
     assert rec["state"] == "timed_out" and rec["attempts"] == 1
+    agent.stop()
+
+
+def test_ctrl_c_stops_the_agent_not_its_jobs(tmp_path):
+    """Ctrl-C in the agent's terminal sends SIGINT to its whole process group: the
+    agent stops and lets running jobs finish within grace. Its sandboxes and wasm
+    workers were in that group, so process jobs died of it (failed, `signal 2`)."""
+    agent = new_agent(tmp_path, "terminal", "--grace-s", "30").start()
+    with agent.client() as http:
+        proc = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "1.5"]}).json()["id"]
+        wasm = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
+        for job in (proc, wasm):
+            while http.get(f"/v1/jobs/{job}").json()["state"] != "running":
+                time.sleep(0.02)
+    assert agent.proc is not None
+    os.killpg(agent.proc.pid, signal.SIGINT)  # the agent leads its own group (start_new_session)
+    assert agent.proc.wait(60) == 0
+    agent.start()
+    with agent.client() as http:
+        recs = {job: http.get(f"/v1/jobs/{job}").json() for job in (proc, wasm)}
+    assert (recs[proc]["state"], recs[proc]["result"]["reason"], recs[proc]["attempts"]) == ("succeeded", "exit 0", 1)
+    assert (recs[wasm]["state"], recs[wasm]["result"]["reason"], recs[wasm]["attempts"]) == (
+        "timed_out", "wall_timeout", 1)
     agent.stop()
 
 
