@@ -671,9 +671,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     async def submit(self, spec: JobSpec, auth: Any = None) -> tuple[dict[str, Any], bool]:
         """Accept one job durably. Returns (record as JSON data, created)."""
-        if not self._known(spec):
+        # A job this agent holds is answered here, wherever its id hashes now: the
+        # home moves when members come and go, and asking the new one made it accept
+        # the id anew, a second origin that ran the job again.
+        known = self._known(spec)
+        if not known:
             self._admit_check()
-        home = self.home_of(spec.id)
+        home = None if known else self.home_of(spec.id)
         if home is not None:
             proxied = await self.submit_at_home(home, spec, auth)
             if proxied is not None:
@@ -703,9 +707,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             try:
                 # The jobs accepted so far in this batch are queued only once the batch is
                 # durable: they count against the queue's bound all the same.
-                if not self._known(spec):
+                known = self._known(spec)
+                if not known:
                     self._admit_check(extra=1 + len(created))
-                home = self.home_of(spec.id)
+                home = None if known else self.home_of(spec.id)  # as in submit
                 proxied = await self.submit_at_home(home, spec, auth) if home is not None else None
                 if proxied is not None:
                     out.append(proxied)

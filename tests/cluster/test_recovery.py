@@ -1,5 +1,6 @@
 """No accepted job is lost: executors die, origins restart, ids are submitted twice."""
 
+import hashlib
 import json
 import signal
 import time
@@ -101,6 +102,30 @@ def test_same_id_submitted_to_two_agents_is_one_job(tmp_path):
             assert holders == []
     finally:
         stop_all(agents)
+
+
+def test_an_id_an_agent_holds_is_answered_there_after_its_home_moved(tmp_path):
+    """A client id's home is a hash over the members, so it moves when one joins (or
+    leaves). The agent that holds the job answers a resubmission itself: it handed
+    it to the new home, which accepted the id anew and ran the job a second time."""
+    first = new_agent(tmp_path, "first").start()
+    second = new_agent(tmp_path, "second", "--join", first.gossip)
+    second.env["P2PSCHED_MEMBERSHIP"] = json.dumps(FAST_MEMBERSHIP)
+    # an id whose home is "second" once it has joined (the agents' rendezvous hash)
+    job_id = next(i for i in (f"moved-{n}" for n in range(1000))
+                  if max(("first", "second"), key=lambda n: hashlib.sha256(f"{n}\x00{i}".encode()).digest())
+                  == "second")
+    try:
+        r = httpx.post(f"{first.url}/v1/jobs", json=wasm_spec("hello.wasm", id=job_id), timeout=30)
+        assert r.status_code == 202 and r.json()["origin"] == "first", r.text
+        assert httpx.get(f"{first.url}/v1/jobs/{job_id}", params={"wait": 30}, timeout=40).json()["state"] == "succeeded"
+        second.start()
+        wait_converged([first, second])
+        again = httpx.post(f"{first.url}/v1/jobs", json=wasm_spec("hello.wasm", id=job_id), timeout=30)
+        assert again.status_code == 200 and again.json()["origin"] == "first", again.text
+        assert httpx.get(f"{second.url}/v1/jobs/{job_id}", timeout=10).status_code == 404  # no second origin
+    finally:
+        stop_all([first, second])
 
 
 def test_graceful_leave_is_seen_as_left_not_dead(tmp_path):
