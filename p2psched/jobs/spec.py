@@ -31,6 +31,12 @@ CAPABILITIES = ("wasm", "process", "gpu", "network")
 MAX_ARG_BYTES = 128 * 1024
 #: command, args and env together, at most: within Linux's usual ARG_MAX.
 MAX_ARGV_ENV_BYTES = 2 * 1024 * 1024
+#: A job label's key and value, at most (characters). Labels are for finding jobs
+#: (label= filters, cancel by labels), stored in every record and rewritten with it
+#: on each state change: unbounded, 8 MiB labels stalled the agent for seconds and
+#: grew its store 7x their size. Kubernetes allows 63 for a key's name, 63 for a value.
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
 #: Validation context of a spec the agent accepted before: ``model_validate_json(raw, context=ACCEPTED)``.
 ACCEPTED = {"accepted": True}
 
@@ -167,6 +173,20 @@ class JobSpec(Strict):
             raise ValueError(f"command, args and env come to {total:,} bytes; together they may be "
                              f"{MAX_ARGV_ENV_BYTES:,} at most (pass big data as the job's input)")
         return self
+
+    @field_validator("labels")
+    @classmethod
+    def _label_pairs(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if info.context == ACCEPTED:
+            return v
+        for key, value in v.items():
+            if not key or len(key) > MAX_LABEL_KEY or "=" in key or not key.isprintable():
+                raise ValueError(f"label key {key[:80]!r} must be 1 to {MAX_LABEL_KEY} printable characters without "
+                                 "'=' (a filter is label=KEY=VALUE), e.g. sweep")
+            if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+                raise ValueError(f"label {key}: its value must be at most {MAX_LABEL_VALUE} printable characters "
+                                 f"(this one is {len(value):,}); put data in the job's input, not its labels")
+        return v
 
     @field_validator("module_sha256")
     @classmethod

@@ -111,6 +111,24 @@ async def test_argv_and_env_no_process_could_take_are_refused_by_field(tmp_path,
         assert error["field"] == field and words in error["message"]
 
 
+@pytest.mark.parametrize(("labels", "words"), [
+    # 8 MiB labels stalled the agent for seconds and grew its store 7x their size
+    ({"blob": "x" * 300}, "label blob: its value must be at most 256 printable characters (this one is 300)"),
+    ({"k" * 64: "v"}, "must be 1 to 63 printable characters"),
+    ({"": "v"}, "label key '' must be"),
+    ({"a=b": "c"}, "without '=' (a filter is label=KEY=VALUE)"),  # label=a=b=c could never find it
+    ({"sweep": "lr\n"}, "printable"),
+])
+async def test_labels_are_short_findable_text(tmp_path, labels, words):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", labels=labels))
+        assert r.status_code == 400, r.text
+        [error] = r.json()["error"]["fields"]
+        assert error["field"] == "labels" and words in error["message"], error
+        ok = await http.post("/v1/jobs", json=wasm_spec("hello.wasm", labels={"k" * 63: "v" * 256, "node.zone": ""}))
+        assert ok.status_code == 202, ok.text
+
+
 async def test_an_unexpected_error_is_a_logged_json_500_and_the_agent_serves_on(tmp_path, monkeypatch, caplog):
     async with running_agent(tmp_path) as (agent, http):
         async def broken(**kw):
