@@ -102,6 +102,8 @@ PUBLISH_INTERVAL_S = 0.1
 #: With no job here the vector changes only when work arrives (which wakes the
 #: publisher) or with the load average, which the kernel recomputes every 5 s.
 IDLE_PUBLISH_S = 5.0
+#: A process job's output past this size is hashed and signed off the event loop.
+SIGN_IN_THREAD_BYTES = 1 << 20
 #: Re-placement of jobs whose executor vanished from membership while we were not
 #: looking. The grace lets membership converge after our own restart first.
 ORPHAN_CHECK_S = 2.0
@@ -1710,7 +1712,18 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         except BaseException:  # the agent's nursery is closing: give back what the job held
             self._release(run)
             raise
-        self._end_run(run, result, started)
+        ended = time.time()
+        if len(result.stdout) + len(result.stderr) > SIGN_IN_THREAD_BYTES:
+            # The report hashes the output: 128 MiB of it held the event loop for a
+            # third of a second, so a big one is signed in a thread (its record then
+            # takes output_sha256 from the report, not from hashing it again).
+            report = await trio.to_thread.run_sync(functools.partial(
+                self.gate.attest, node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=result,
+                started_at=started, ended_at=ended))
+            result.sandbox["attestation"] = report
+            self._end_run(run, result, started, ended, output_sha256=report["output_sha256"])
+            return
+        self._end_run(run, result, started, ended)
 
     def _begin_run(self, run: Running) -> float:
         rec = run.record
@@ -1733,12 +1746,14 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._slots_changed()
         self._wake.set()
 
-    def _end_run(self, run: Running, result: SandboxResult, started: float) -> None:
+    def _end_run(self, run: Running, result: SandboxResult, started: float, ended: float | None = None,
+                 output_sha256: str | None = None) -> None:
+        """``output_sha256``: the result's stdout's, where the agent has hashed it already."""
         rec = run.record
         self._release(run)
         if self.health.failing and not result.reason.startswith("sandbox_error"):
             self._host_ran(rec.runtime)
-        ended = time.time()
+        ended = time.time() if ended is None else ended
         self.metrics.child(self.metrics.run_seconds, rec.runtime).observe(ended - started)
         if rec.state.final:
             # An earlier attempt's result arrived while this one ran: the first final
@@ -1754,9 +1769,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             result.reason = "cancelled"
         # Its ending reaches disk with the next flush (FLUSH_INTERVAL_S), shared with the
         # endings around it; whoever asks first (a waiter, a read, a delivery) syncs.
-        self._finish(rec, result, started, ended)
+        self._finish(rec, result, started, ended, output_sha256)
 
-    def _finish(self, rec: JobRecord, res: SandboxResult, started: float, ended: float) -> None:
+    def _finish(self, rec: JobRecord, res: SandboxResult, started: float, ended: float,
+                output_sha256: str | None = None) -> None:
         out = res.stdout
         report = cast("dict[str, Any] | None", res.sandbox.pop("attestation", None))
         if report is None:
@@ -1774,7 +1790,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             # either cut, as before stderr_in_record_truncated said which (see JobResult)
             stderr_truncated=res.stderr_truncated or stderr_cut, stderr_in_record_truncated=stderr_cut,
             cpu_ms=res.cpu_ms, peak_mem_bytes=res.peak_mem_bytes,
-            output_sha256=hashlib.sha256(out).hexdigest(), output_bytes=len(out), limit_hit=res.limit_hit,
+            output_sha256=output_sha256 or hashlib.sha256(out).hexdigest(), output_bytes=len(out),
+            limit_hit=res.limit_hit,
             signal=res.signal, warnings=list(res.warnings),
             artifacts={name: {"size": len(data), "sha256": digests[name]} for name, data in res.artifacts.items()},
             attestation=report,

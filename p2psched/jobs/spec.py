@@ -23,6 +23,10 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: request cannot exhaust the agent's memory. Nomad's artifact default is similar.
 MAX_MODULE_BYTES = 64 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024 * 1024
+#: The most stdout, and the most stderr, a job may keep. The agent holds what a job
+#: keeps in memory until it ends (and hashes and stores it then): it was 1 GiB each,
+#: and one job flooding both grew the agent by 4 GB. Bigger results belong in files.
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 MIB = 1024 * 1024
 CAPABILITIES = ("wasm", "process", "gpu", "network")
 #: One program argument or environment variable, at most: Linux's MAX_ARG_STRLEN
@@ -70,9 +74,13 @@ class Limits(Strict):
         "resources.mem_mb is the limit. Both given, the job may use up to this beyond what it reserved.",
     )
     stack_bytes: int = Field(1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024, description="Guest stack limit.")
-    stdout_bytes: int = Field(1024 * 1024, ge=0, le=1 << 30, description="stdout kept; the rest is cut and flagged.")
+    stdout_bytes: int = Field(
+        1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES,
+        description="stdout kept; the rest is cut and flagged. With stderr_bytes, at most resources.mem_mb: the "
+        "agent holds it in memory while the job runs.",
+    )
     stderr_bytes: int = Field(
-        256 * 1024, ge=0, le=1 << 30,
+        256 * 1024, ge=0, le=MAX_OUTPUT_BYTES,
         description="stderr kept (readable at /output, while the job runs and after); the rest is cut and "
         "flagged. The record's text holds its first 64 KiB.",
     )
@@ -220,6 +228,20 @@ class JobSpec(Strict):
             self.limits.mem_bytes = self.resources.mem_mb * MIB  # >= 1 MiB, within the limit's bounds
         elif limited and not reserved:
             self.resources.mem_mb = -(-self.limits.mem_bytes // MIB)
+        return self
+
+    @model_validator(mode="after")
+    def _output_within_the_reservation(self, info: ValidationInfo) -> JobSpec:
+        """The output a job keeps is held in the agent's memory until it ends: counted
+        within the job's reservation, the outputs of all running jobs together fit in
+        the memory the agent advertises, however small each job says it is."""
+        kept = self.limits.stdout_bytes + self.limits.stderr_bytes
+        if info.context != ACCEPTED and kept > self.resources.mem_mb * MIB:
+            raise ValueError(
+                f"limits.stdout_bytes + limits.stderr_bytes come to {kept:,} bytes, more than the job's memory "
+                f"reservation resources.mem_mb ({self.resources.mem_mb} MiB, {self.resources.mem_mb * MIB:,} bytes): "
+                "the agent holds kept output in memory, so it counts within the reservation; raise mem_mb or "
+                "lower the caps")
         return self
 
     @model_validator(mode="after")

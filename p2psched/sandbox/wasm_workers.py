@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgpack  # type: ignore[import-untyped]
 import trio
 
+from p2psched.jobs.spec import MAX_OUTPUT_BYTES
 from p2psched.sandbox.base import SandboxResult
 from p2psched.sandbox.wasm_worker import FRAME_LEN, RESULT_FIELDS
 
@@ -69,9 +70,9 @@ _RESULT_TYPES: dict[str, tuple[type, ...]] = {
 assert RESULT_FIELDS == set(_RESULT_TYPES), "SandboxResult changed: update _RESULT_TYPES"
 
 #: The largest result a worker may send: the largest stdout and stderr a job may
-#: keep (limits allow 1 GiB each) with room for artifacts and the report. A
-#: worker that sends more, or anything that is not a result, is stopped.
-MAX_RESULT_BYTES = 3 << 30
+#: keep (MAX_OUTPUT_BYTES each) with room for the report. A worker that sends more,
+#: or anything that is not a result, is stopped.
+MAX_RESULT_BYTES = 2 * MAX_OUTPUT_BYTES + (16 << 20)
 #: A worker with no job for this long stops; the next job starts a new one (0.3 s).
 WORKER_IDLE_S = 60.0
 

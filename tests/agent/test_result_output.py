@@ -4,6 +4,7 @@ also when that peer is an older agent whose results do not say so."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from contextlib import asynccontextmanager
 
 import trio
@@ -65,3 +66,33 @@ async def test_the_origin_measures_the_output_an_older_executor_sent(tmp_path, m
         assert res["output_bytes"] == 3 and res["stdout_in_record_truncated"] is False
         assert res["stderr_in_record_truncated"] is False
         assert res["output_sha256"] == hashlib.sha256(out).hexdigest()
+
+
+async def test_a_big_output_is_signed_off_the_event_loop_and_checks_out(tmp_path, monkeypatch):
+    """Past SIGN_IN_THREAD_BYTES a process job's report is hashed and signed in a
+    thread (128 MiB held the event loop a third of a second); the record's
+    output_sha256 is the report's, and both are the stored bytes'."""
+    from p2psched.agent.agent import SIGN_IN_THREAD_BYTES
+    from p2psched.security.attestation import verify_report
+
+    size = 3 * SIGN_IN_THREAD_BYTES
+    spec = {"runtime": "process", "command": ["/bin/sh", "-c", f"head -c {size} /dev/urandom"],
+            "limits": {"stdout_bytes": 4 * SIGN_IN_THREAD_BYTES}}
+    async with running_agent(tmp_path) as (agent, http):
+        signed_in: list[str] = []
+        attest = type(agent.gate).attest
+
+        def watched(gate, **kw):
+            signed_in.append(threading.current_thread().name)
+            return attest(gate, **kw)
+
+        monkeypatch.setattr(type(agent.gate), "attest", watched)
+        job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
+        done = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()
+        out = (await http.get(f"/v1/jobs/{job_id}/result")).content
+    assert len(signed_in) == 1 and signed_in[0] != threading.main_thread().name, signed_in
+    result = done["result"]
+    assert done["state"] == "succeeded" and len(out) == size == result["output_bytes"]
+    assert result["output_sha256"] == hashlib.sha256(out).hexdigest() == result["attestation"]["output_sha256"]
+    verify_report(result["attestation"], agent.gate.node_pubkey, output=out)
+    assert result["attestation"]["ended_at_ms"] == round(done["timeline"][-1]["at"] * 1000)
