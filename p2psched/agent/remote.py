@@ -692,10 +692,13 @@ class RemoteJobs:
             res.output_bytes = len(output)
             res.stdout_in_record_truncated = len(output) > RECORD_TEXT_BYTES
             res.stderr_in_record_truncated = isinstance(stderr, bytes)  # it sent stderr only when the record cut it
+        ran: dict[str, Any] | None = None  # the executor's own "running" entry, new here
         for entry in msg.get("timeline", []):
             if isinstance(entry, dict) and entry not in rec.timeline and entry.get("state") not in (
                     "succeeded", "failed", "cancelled", "timed_out"):
                 rec.timeline.append(entry)
+                if entry.get("state") == "running" and entry.get("node") == executor:
+                    ran = entry
         rec.timeline.sort(key=lambda t: t["at"])
         self.queue.remove(job_id)
         previous = rec.executor
@@ -710,7 +713,13 @@ class RemoteJobs:
                          stderr=stderr if isinstance(stderr, bytes) and len(stderr) <= rec.spec.limits.stderr_bytes
                          else None, artifacts=self._arrived_artifacts(res, sent, executor))
         if rec.state is JobState.PLACED and state is not JobState.CANCELLED:
-            self._record_elsewhere(rec, JobState.RUNNING, time.time(), executor, "(learned from the result)")
+            # The job's running, learned only now. The executor's own entry for it came
+            # with the result: it is that entry, not a second one beside it.
+            at, detail = time.time(), "(learned from the result)"
+            if ran is not None and isinstance(ran.get("at"), (int, float)):
+                rec.timeline.remove(ran)
+                at, detail = ran["at"], str(ran.get("detail", ""))
+            self._record_elsewhere(rec, JobState.RUNNING, at, executor, detail)
         self._advance(rec, state, time.time(), detail)
         await self.store.sync()
         if previous and previous != executor:

@@ -96,3 +96,18 @@ async def test_a_big_output_is_signed_off_the_event_loop_and_checks_out(tmp_path
     assert result["output_sha256"] == hashlib.sha256(out).hexdigest() == result["attestation"]["output_sha256"]
     verify_report(result["attestation"], agent.gate.node_pubkey, output=out)
     assert result["attestation"]["ended_at_ms"] == round(done["timeline"][-1]["at"] * 1000)
+
+
+async def test_a_run_learned_from_its_result_is_one_running_entry(tmp_path, monkeypatch):
+    """When the executor's "running" report never reached the origin, the result
+    brings the executor's own entry for it: the timeline holds that one, not that
+    one and the origin's "(learned from the result)" beside it."""
+    async with origin_and_executor(tmp_path) as (origin, executor, http):
+        monkeypatch.setattr(origin, "_on_status", lambda msg: None)  # the report is lost
+        done, _, _ = await run_there(http, {"runtime": "process", "command": ["/bin/true"]})
+        job_id = (await http.get("/v1/jobs", params={"limit": 1})).json()["jobs"][0]["id"]
+        rec = (await http.get(f"/v1/jobs/{job_id}")).json()
+    running = [t for t in rec["timeline"] if t["state"] == "running"]
+    assert len(running) == 1 and rec["attempts"] == 1, rec["timeline"]
+    assert running[0]["node"] == "exec" and running[0]["detail"] == "attempt 1"
+    assert [t["state"] for t in rec["timeline"]][-2:] == ["running", "succeeded"]
