@@ -49,6 +49,9 @@ DEFAULT_DEVICES = (
 
 PARENT_NAME = "p2psched"
 
+#: The kernel's default ``pid_max``: the host's task ceiling when /proc cannot say.
+DEFAULT_PID_MAX = 32_768
+
 
 @dataclass(frozen=True, slots=True)
 class CgroupLayout:
@@ -192,6 +195,14 @@ class CgroupStats:
     cpu_ns: int = 0
     peak_mem_bytes: int = 0
     oom_kills: int = 0
+    #: forks refused in the job (``pids.events`` max). On v1, and on v2 before Linux
+    #: 6.11, the kernel counts a refusal in the forking cgroup whichever limit
+    #: refused it, the job's own or the agent-wide bound on the parent: either way
+    #: the job ends as ``pids_limit``, truthfully (a sandbox pids limit refused its
+    #: fork). From 6.11, v2 counts it in the cgroup whose limit was hit and that
+    #: cgroup's ancestors, so a refusal by the parent's bound shows only in the
+    #: parent's files, which do not say which job forked: the job then sees EAGAIN
+    #: and its result is its own exit. Blaming every running job would be untrue.
     pids_max_hits: int = 0
 
 
@@ -199,21 +210,72 @@ class CgroupSetupError(RuntimeError):
     pass
 
 
-def prepare_parent(layout: CgroupLayout) -> list[Path]:
-    """Create ``<agent cgroup>/p2psched`` in each hierarchy the sandbox will use.
+def host_task_ceiling() -> int:
+    """How many tasks (processes and threads) the host can hold: the lower of
+    ``kernel.pid_max`` (each task takes a pid) and ``kernel.threads-max`` (and a
+    task struct), the figure systemd's ``TasksMax=`` percentages are taken of."""
+    figures = []
+    for name in ("pid_max", "threads-max"):
+        v = _read(Path("/proc/sys/kernel") / name).strip()
+        if v.isdigit():
+            figures.append(int(v))
+    return min(figures) if figures else DEFAULT_PID_MAX
+
+
+def parent_pids_bound(ceiling: int | None = None) -> int:
+    """The most tasks all of the agent's jobs together may hold: half the host's ceiling.
+
+    The pid space is one per host (per pid namespace): a job's threads draw on the
+    same pool as systemd, sshd, the container runtime and the agent itself, and a
+    spec may ask for 65,536 pids, above the default ``pid_max`` of 32,768. Half
+    leaves the host the other half for its own daemons, the agent (its threads and
+    bwrap's monitors, outside the job cgroups on v1) and an operator's shell, while
+    the jobs still get far more than they use: 1,000 running jobs are about 2,000
+    tasks (bwrap's init and the program), against 16,384 with the default pid_max.
+    systemd caps a single service at 15% of the same figure (``DefaultTasksMax``);
+    where such a cap sits above the agent, the kernel applies the lower one anyway.
+    """
+    return max(1, (host_task_ceiling() if ceiling is None else ceiling) // 2)
+
+
+def _bound_pids(parent: Path, bound: int) -> None:
+    """Write ``bound`` to ``parent``'s ``pids.max`` unless it already holds a number no higher.
+
+    A lower figure set by an operator (or by an earlier agent on a host whose
+    pid_max was lower then) is kept: this only ever tightens the bound.
+    """
+    current = _read(parent / "pids.max").strip()
+    if current.isdigit() and int(current) <= bound:
+        return
+    _write(parent / "pids.max", str(bound))
+
+
+def prepare_parent(layout: CgroupLayout, *, pids_max: int | None = None) -> list[Path]:
+    """Create ``<agent cgroup>/p2psched`` in each hierarchy the sandbox will use,
+    and bound the tasks all jobs together may hold there.
+
+    The bound is ``pids.max`` on that parent, which every job cgroup is created
+    under: ``pids_max``, by default :func:`parent_pids_bound` (half the host's
+    tasks). pids limits are hierarchical, so a job whose own ``pids.max`` is
+    higher (a spec may ask for 65,536) is still refused a fork (EAGAIN) once all
+    jobs together hold the bound. An existing lower ``pids.max`` is kept.
 
     On v2, controllers must be enabled in each ancestor's ``cgroup.subtree_control``,
     and a cgroup with processes in it cannot hand controllers down (the "no
     internal processes" rule). When the agent's own cgroup refuses, the agent
     moves itself into a leaf ``p2psched/agent`` and tries again, as systemd's
-    delegation guide advises.
+    delegation guide advises; its own threads and bwrap's monitors then count
+    toward the bound too.
     """
+    bound = parent_pids_bound() if pids_max is None else pids_max
     if layout.version == 1:
         parents = []
         for c, d in layout.v1_dirs.items():
             p = d / PARENT_NAME
             p.mkdir(exist_ok=True)
             parents.append(p)
+            if c == "pids":
+                _bound_pids(p, bound)
         return parents
     if layout.version == 2:
         assert layout.v2_dir is not None
@@ -234,6 +296,8 @@ def prepare_parent(layout: CgroupLayout) -> list[Path]:
             # parent must be a non-leaf with no processes for jobs to be siblings of agent
             _write(base / "cgroup.subtree_control", want)
         _write(parent / "cgroup.subtree_control", want)
+        if "pids" in layout.v2_controllers:
+            _bound_pids(parent, bound)
         return [parent]
     raise CgroupSetupError(layout.note)
 

@@ -147,6 +147,107 @@ def test_limits_written_for_a_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert written["p2psched/devices.allow"] == "c 195:0 rwm"  # the GPU, after the defaults
 
 
+def test_the_agent_wide_pids_bound_is_half_the_hosts_task_ceiling() -> None:
+    assert cgroups.parent_pids_bound(32_768) == 16_384  # this machine: pid_max 32,768, threads-max 193,107
+    pid_max, threads_max = (int(Path(f"/proc/sys/kernel/{n}").read_text()) for n in ("pid_max", "threads-max"))
+    assert cgroups.host_task_ceiling() == min(pid_max, threads_max)
+    assert cgroups.parent_pids_bound() == min(pid_max, threads_max) // 2
+    assert cgroups.parent_pids_bound() < 65_536  # the most a spec may ask for one job
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize(("existing", "kept"), [("max", False), ("1000000000", False), ("100", True)])
+def test_prepare_parent_bounds_the_pids_of_all_jobs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int, existing: str, kept: bool) -> None:
+    # the kernel's files stood in for by plain ones (each write replaces the whole
+    # file, as a cgroupfs write does): pids.max as the parent had it
+    def write(path: Path, value: str) -> None:
+        path.write_text(value)
+
+    monkeypatch.setattr(cgroups, "_write", write)
+    if version == 2:
+        layout = CgroupLayout(2, v2_dir=tmp_path, v2_controllers=frozenset({"memory", "pids", "cpu"}))
+        pids_dir = tmp_path
+        (tmp_path / "cgroup.subtree_control").write_text("")
+    else:
+        layout = CgroupLayout(1, v1_dirs={c: tmp_path / c for c in cgroups.V1_JOB_CONTROLLERS})
+        for d in layout.v1_dirs.values():
+            d.mkdir()
+        pids_dir = tmp_path / "pids"
+    parent = pids_dir / cgroups.PARENT_NAME
+    parent.mkdir(parents=True)
+    (parent / "cgroup.subtree_control").write_text("")
+    (parent / "pids.max").write_text(existing + "\n")
+    cgroups.prepare_parent(layout)
+    want = existing if kept else str(cgroups.parent_pids_bound())
+    assert (parent / "pids.max").read_text().strip() == want
+    cgroups.prepare_parent(layout, pids_max=50)  # a lower bound asked for replaces any higher one
+    assert (parent / "pids.max").read_text().strip() == "50"
+
+
+@contextlib.contextmanager
+def _v1_agent_cgroup() -> Iterator[CgroupLayout]:
+    """A fresh agent cgroup under this process's own in each real v1 hierarchy the
+    jobs use, as a layout; removed (with its children) after. The real
+    ``p2psched`` parent is left alone: other tests' agents share it."""
+    host = cgroups.detect()
+    if host.version != 1 or not all(c in host.v1_dirs for c in cgroups.V1_JOB_CONTROLLERS):
+        pytest.skip("needs the v1 memory, pids, cpu and cpuacct hierarchies")
+    name = f"p2psched-test-{uuid.uuid4().hex[:8]}"
+    dirs = {c: host.v1_dirs[c] / name for c in cgroups.V1_JOB_CONTROLLERS}
+    roots = list(dict.fromkeys(dirs.values()))  # co-mounted hierarchies share one
+    for d in roots:
+        d.mkdir()
+    try:
+        yield CgroupLayout(1, v1_dirs=dirs, note=f"cgroup v1 test layout {name}")
+    finally:
+        for root in roots:
+            for d in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if d.is_dir():
+                    d.rmdir()
+            root.rmdir()
+
+
+@pytest.mark.root
+def test_real_v1_parent_gets_the_bound_and_keeps_an_operators_lower_one() -> None:
+    with _v1_agent_cgroup() as layout:
+        pids_max = layout.v1_dirs["pids"] / cgroups.PARENT_NAME / "pids.max"
+        cgroups.prepare_parent(layout)
+        assert pids_max.read_text().strip() != "max"  # what a new cgroup has: no bound at all
+        assert pids_max.read_text().strip() == str(cgroups.parent_pids_bound())
+        pids_max.write_text("100")  # the operator's
+        cgroups.prepare_parent(layout)
+        assert pids_max.read_text().strip() == "100"
+
+
+@pytest.mark.root
+async def test_a_job_cannot_hold_more_pids_than_the_agent_wide_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job allowed 65,536 pids of its own, under a parent bounded to 8: the kernel
+    refuses its forks at 8 (bwrap's init, the shell and six sleeps of the twenty it
+    asks for), and the result says pids_limit (v1 counts the refusal in the job)."""
+    bound = 8
+    with _v1_agent_cgroup() as layout:
+        cfg = process.ProcessSandboxConfig()
+        cgroups.prepare_parent(layout, pids_max=bound)
+        parent = layout.v1_dirs["pids"] / cgroups.PARENT_NAME
+        host = dataclasses.replace(process._host(cfg), layout=layout, cgroups_ok=True)
+        monkeypatch.setitem(process._HOSTS, process._host_key(cfg), host)
+        req = SandboxRequest(
+            job_id="pids-bound", runtime="process",
+            limits=Limits.model_validate({"wall_ms": 30_000, "pids": 65_536}),
+            resources=Resources.model_validate({"cpu": 1.0}),
+            command=["/bin/sh", "-c", "i=0; while [ $i -lt 20 ]; do sleep 60 & i=$((i+1)); done; wait"],
+        )
+        r = await process.run_process(req, tmp_path / "work", cfg)
+        assert r.limit_hit == "pids_limit" and r.reason == "pids_limit", (r.reason, r.stderr)
+        if (parent / "pids.peak").exists():  # Linux 6.12 and later
+            assert 0 < int((parent / "pids.peak").read_text()) <= bound
+        # every process gone and its cgroup removed (pids.current may still count bwrap's init
+        # for a moment: a zombie once its monitor exits, until the host's pid 1 reaps it)
+        assert not list(parent.glob("job-*"))
+
+
 V2_ROOT = Path("/sys/fs/cgroup/unified")
 
 
