@@ -61,6 +61,7 @@ import os
 import re
 import signal
 import queue
+import random
 import resource
 import subprocess
 import threading
@@ -89,6 +90,16 @@ class ProcessSandboxConfig:
     #: only what is world-accessible.
     uid: int = 65534
     gid: int = 65534
+    #: Where the agent runs as root with user namespaces, each sandbox runs as a host
+    #: uid (and gid) of its own from this range, not as ``uid``: the kernel counts
+    #: some limits per user (inotify instances, 128 by default; pipe buffer pages;
+    #: user namespaces), and with one uid for every job, one job that took them all
+    #: left none to the others, nor to host daemons running as nobody. The range is
+    #: one systemd leaves unused (0x70000000, below 2^31), and owns no files. Inside
+    #: its namespace a job is still ``uid`` (nobody). Drawn at random, so two agents
+    #: on one host rarely hand out the same one at once.
+    uid_base: int = 0x7000_0000
+    uid_count: int = 65536
     #: "auto": use a user namespace where the kernel allows one (probed once);
     #: "off": never (bwrap runs as the agent's uid with every capability dropped).
     user_namespace: str = "auto"
@@ -383,6 +394,28 @@ def _safe_name(job_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", job_id)[:80] or "job"
 
 
+class _HostUids:
+    """Host uids for sandboxes, one per sandbox while it exists (see ``uid_base``)."""
+
+    def __init__(self) -> None:
+        self._taken: set[int] = set()
+        self._random = random.SystemRandom()
+
+    def take(self, cfg: ProcessSandboxConfig) -> int:
+        if len(self._taken) >= cfg.uid_count:
+            raise SandboxError(f"all {cfg.uid_count} sandbox uids are in use; this agent runs too many jobs at once")
+        while True:
+            uid = cfg.uid_base + self._random.randrange(cfg.uid_count)
+            if uid not in self._taken:
+                self._taken.add(uid)
+                return uid
+
+    def give_back(self, uid: int) -> None:
+        self._taken.discard(uid)
+
+
+_UIDS = _HostUids()
+
 _counter = 0
 
 
@@ -456,6 +489,8 @@ class _Job:
         self.violation: str | None = None
         self.stopping = False
         self.userns = host.user_namespace
+        #: the host uid and gid this sandbox runs as (``uid_base``), given back at clean-up
+        self.host_uid: int | None = _UIDS.take(cfg) if self.userns and os.geteuid() == 0 else None
         self.rlimits: dict[str, int] = {}
         #: set when bwrap exits: it does as soon as the job's program has (its
         #: PID 1 reports that over an eventfd), before the namespaces are gone
@@ -492,7 +527,7 @@ class _Job:
         self.rundir.mkdir(mode=0o711)
         os.chmod(self.rundir, 0o711)
         self.scratch.mkdir()
-        uid, gid = (self.cfg.uid, self.cfg.gid) if self.userns and os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        uid, gid = (self.host_uid, self.host_uid) if self.host_uid is not None else (os.geteuid(), os.getegid())
         if self.host.can_mount:
             _mount_tmpfs(self.scratch, self.limits.scratch_mb * 1024 * 1024, uid, gid)
             self.mounts.append(self.scratch)
@@ -650,7 +685,7 @@ class _Job:
             # uid change makes CPython fork() the whole agent with the GIL held,
             # while without one it uses vfork() and releases the GIL meanwhile.
             assert self.host.tools.setpriv
-            argv = [self.host.tools.setpriv, f"--reuid={self.cfg.uid}", f"--regid={self.cfg.gid}",
+            argv = [self.host.tools.setpriv, f"--reuid={self.host_uid}", f"--regid={self.host_uid}",
                     "--clear-groups", "--", *argv]
         # A session of its own: Ctrl-C in the agent's terminal (SIGINT to its process
         # group) stops the agent, which lets the job finish within grace; it must not
@@ -990,7 +1025,8 @@ class _Job:
             "started": "warm" if self.warm else "cold",
             "namespaces": sorted(ns),
             "user_namespace": self.userns,
-            "uid": self.cfg.uid if self.userns else os.geteuid(),
+            # the job's uid on the host (inside its user namespace it is cfg.uid, nobody)
+            "uid": self.host_uid if self.host_uid is not None else os.geteuid(),
             "capabilities": [],
             "no_new_privs": True,
             "seccomp": {"action": "EPERM", "denied": len(seccomp_filter.DENIED_SYSCALLS) + 2,
@@ -1032,16 +1068,22 @@ class _Job:
         if self.scratch_fd is not None:
             os.close(self.scratch_fd)
             self.scratch_fd = None
+        gone = True
         if self.cg is not None:
             with contextlib.suppress(OSError):
                 self.cg.kill()
             if not self.cg.remove(self.cfg.kill_wait_s):
                 self.warnings.append(f"cgroup {self.cg.name} could not be removed")
+                gone = False
         for m in reversed(self.mounts):
             _umount(m)
         self.mounts.clear()
         with contextlib.suppress(OSError):
             _rmtree(self.rundir)
+        if self.host_uid is not None and gone:
+            # no process of the job is left to share its uid with the next one
+            _UIDS.give_back(self.host_uid)
+            self.host_uid = None
 
 
 def _rmtree(path: Path) -> None:

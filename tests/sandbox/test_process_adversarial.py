@@ -8,6 +8,7 @@ agent does.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -247,6 +248,28 @@ async def test_15_a_job_can_take_no_pseudo_terminal(sandbox: ProcessSandbox, tmp
     assert out["write_pts"] == "Read-only file system"
     assert out["null"] is True  # the rest of /dev is there
     assert r.reason == "exit 0"
+
+
+async def test_16_jobs_do_not_share_per_user_kernel_limits(sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    """The kernel counts inotify instances (and pipe pages, user namespaces) per host
+    uid: with every job as nobody, one job that took them all left none to the rest.
+    Each sandbox runs as a host uid of its own."""
+    most = min(int(Path("/proc/sys/fs/inotify/max_user_instances").read_text()), 4096)
+    results: dict[str, SandboxResult] = {}
+
+    async def one(role: str, *args: str, **limits: object) -> None:
+        results[role] = await run(sandbox, guest("inotify_hog", role, *args), tmp_path, **limits)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(functools.partial(one, "hog", str(most + 10), "2.5", nofile=most + 64))
+        await trio.sleep(1.2)
+        n.start_soon(one, "one")
+    hog, other = report(results["hog"]), report(results["one"])
+    assert hog["held"] == most and hog["error"] == "Too many open files"  # the hog had them all
+    assert other["held"] == 1 and other["error"] is None
+    assert hog["uid"] == other["uid"] == 65534  # inside, each is nobody
+    uids = {results[r].sandbox["uid"] for r in ("hog", "one")}
+    assert len(uids) == 2 and all(0x7000_0000 <= u < 0x7001_0000 for u in uids), uids
 
 
 HELPER = """
