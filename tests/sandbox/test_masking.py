@@ -4,12 +4,17 @@ matches; for wasm jobs as for process jobs, through a real agent."""
 from __future__ import annotations
 
 import hashlib
+import random
+import tracemalloc
+import types
+from collections.abc import Callable
 
 import pytest
 import trio
 
 from p2psched.jobs.spec import JobSpec
-from p2psched.sandbox.masking import WITHHELD, mask
+from p2psched.sandbox import masking
+from p2psched.sandbox.masking import MARKER, WITHHELD, compiled, mask
 
 from agents import running_agent, wasm_spec
 
@@ -83,3 +88,79 @@ async def test_a_pattern_that_backtracks_without_end_withholds_the_output_and_ho
         nursery.cancel_scope.cancel()
     assert out == WITHHELD  # nothing of it kept: a secret could be in what no pattern looked at
     assert ticks >= 5  # the event loop ran while the pattern did (with `re`: 0 or 1)
+
+
+def _peak(fn: Callable[[], bytes]) -> tuple[bytes, int]:
+    """What ``fn`` returns, and the most memory Python held for it at once."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_pattern_that_matches_at_every_byte_of_16_mib_takes_memory_in_proportion_to_the_output() -> None:
+    # 16 million matches: collected a tuple each and sorted, they took 125 bytes per byte
+    # of output (2 GB here; a wasm worker, or the agent for a process job, grew by as much).
+    data = bytes(16 << 20)
+    out, peak = _peak(lambda: mask(data, ["\u0000"]))
+    assert out in (WITHHELD, MARKER)  # given up in time, or masked whole: never a part of it
+    assert peak < 4 * len(data)
+
+
+def test_many_matches_are_merged_as_they_are_found_not_collected() -> None:
+    # Each pattern twice over (as literal and as regex), 64 touching matches to a run,
+    # 256 runs: each run is one marker, and no match outlives its merging.
+    data = (b"ab" * 64 + b"_") * 256
+    out, peak = _peak(lambda: mask(data, ["ab", "a+b"]))
+    assert out == (MARKER + b"_") * 256
+    assert peak < 4 * len(data)
+
+
+@pytest.mark.parametrize(("data", "pattern"), [
+    (b"(" * (1 << 20), "("),  # its literal text only: "(" is no regex
+    (b"ab" * (1 << 19), "a."),  # its regex only
+    (bytes(1 << 20), "z*"),  # a regex whose every match is empty, and masks nothing
+])
+def test_however_many_matches_a_pattern_has_the_time_limit_holds(monkeypatch, data: bytes, pattern: str) -> None:
+    # A clock that moves 0.1 s each time it is read: the limit is over after 20 reads,
+    # which a million matches pass only if their search reads the clock as it goes.
+    now = 0.0
+
+    def monotonic() -> float:
+        nonlocal now
+        now += 0.1
+        return now
+
+    monkeypatch.setattr(masking, "time", types.SimpleNamespace(monotonic=monotonic))
+    assert mask(data, [pattern]) == WITHHELD
+
+
+def test_masking_is_what_collecting_and_sorting_every_match_gives() -> None:
+    """The merge as matches come against the plain way (every span, sorted, merged), on
+    small random outputs and patterns: literal, regex, both, overlapping and touching."""
+
+    def collected(data: bytes, patterns: list[str]) -> bytes:
+        spans = []
+        for p in patterns:
+            lit = p.encode()
+            spans += [(i, i + len(lit)) for i in range(len(data)) if lit and data.startswith(lit, i)]
+            if (pattern := compiled(p)) is not None:
+                spans += [m.span() for m in pattern.finditer(data) if m.end() > m.start()]
+        out, done, run = b"", 0, None
+        for s, e in sorted(spans) + [(len(data) + 1, 0)]:
+            if run is not None and s <= run[1]:
+                run = (run[0], max(run[1], e))
+                continue
+            if run is not None:
+                out += data[done:run[0]] + MARKER
+                done = run[1]
+            run = (s, e)
+        return out + data[done:]
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        data = bytes(rng.choice(b"abx()+.*\n") for _ in range(rng.randrange(30)))
+        patterns = ["".join(rng.choice("ab(.*+?|)[]x^$") for _ in range(rng.randrange(4)))
+                    for _ in range(rng.randrange(4))]
+        assert mask(data, patterns) == collected(data, patterns), (data, patterns)
