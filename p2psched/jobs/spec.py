@@ -27,6 +27,8 @@ MAX_INPUT_BYTES = 64 * 1024 * 1024
 #: keeps in memory until it ends (and hashes and stores it then): it was 1 GiB each,
 #: and one job flooding both grew the agent by 4 GB. Bigger results belong in files.
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+#: stdout and stderr kept by default: allowed whatever the job's reservation.
+DEFAULT_KEPT_OUTPUT = 1024 * 1024 + 256 * 1024
 MIB = 1024 * 1024
 CAPABILITIES = ("wasm", "process", "gpu", "network")
 #: One program argument or environment variable, at most: Linux's MAX_ARG_STRLEN
@@ -76,8 +78,8 @@ class Limits(Strict):
     stack_bytes: int = Field(1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024, description="Guest stack limit.")
     stdout_bytes: int = Field(
         1024 * 1024, ge=0, le=MAX_OUTPUT_BYTES,
-        description="stdout kept; the rest is cut and flagged. With stderr_bytes, at most resources.mem_mb: the "
-        "agent holds it in memory while the job runs.",
+        description="stdout kept; the rest is cut and flagged. With stderr_bytes, at most resources.mem_mb (or the "
+        "defaults' 1.25 MiB): the agent holds it in memory while the job runs.",
     )
     stderr_bytes: int = Field(
         256 * 1024, ge=0, le=MAX_OUTPUT_BYTES,
@@ -236,7 +238,9 @@ class JobSpec(Strict):
         within the job's reservation, the outputs of all running jobs together fit in
         the memory the agent advertises, however small each job says it is."""
         kept = self.limits.stdout_bytes + self.limits.stderr_bytes
-        if info.context != ACCEPTED and kept > self.resources.mem_mb * MIB:
+        # The default caps fit any job, however small its reservation: a job that asks
+        # for 1 MiB has not chosen its caps, and 1.25 MiB a job stays bounded.
+        if info.context != ACCEPTED and kept > max(self.resources.mem_mb * MIB, DEFAULT_KEPT_OUTPUT):
             raise ValueError(
                 f"limits.stdout_bytes + limits.stderr_bytes come to {kept:,} bytes, more than the job's memory "
                 f"reservation resources.mem_mb ({self.resources.mem_mb} MiB, {self.resources.mem_mb * MIB:,} bytes): "

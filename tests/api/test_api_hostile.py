@@ -134,6 +134,7 @@ async def test_labels_are_short_findable_text(tmp_path, labels, words):
     ({"limits": {"stdout_bytes": (64 << 20) + 1}}, "limits.stdout_bytes", "less than or equal to 67108864"),
     ({"resources": {"mem_mb": 2}, "limits": {"stdout_bytes": 2 << 20, "stderr_bytes": 1}}, "(body)",
      "come to 2,097,153 bytes, more than the job's memory reservation resources.mem_mb (2 MiB"),
+    ({"resources": {"mem_mb": 1}, "limits": {"stdout_bytes": 2 << 20}}, "(body)", "(1 MiB, 1,048,576 bytes)"),
     ({"limits": {"mem_bytes": 64 << 20, "stdout_bytes": 64 << 20}}, "(body)",
      "the agent holds kept output in memory, so it counts within the reservation; raise mem_mb"),
 ])
@@ -144,8 +145,10 @@ async def test_output_a_job_keeps_is_bounded_and_counted_in_its_reservation(tmp_
         [error] = r.json()["error"]["fields"]
         assert error["field"] == field and words in error["message"], error
         big = {"resources": {"mem_mb": 256}, "limits": {"stdout_bytes": 64 << 20, "stderr_bytes": 64 << 20}}
-        ok = await http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/true"], **big})
-        assert ok.status_code == 202, ok.text
+        small = {"resources": {"mem_mb": 1}}  # the default caps (1.25 MiB) fit whatever is reserved
+        for fits in (big, small):
+            ok = await http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/true"], **fits})
+            assert ok.status_code == 202, ok.text
 
 
 async def test_an_unexpected_error_is_a_logged_json_500_and_the_agent_serves_on(tmp_path, monkeypatch, caplog):
