@@ -223,7 +223,8 @@ class Store:
         self.data_dir = data_dir
         self.modules_dir = data_dir / "modules"
         self._modules: dict[str, Path] = {}  # sha256 -> file, for modules known to be on disk
-        self._module_touched: dict[str, float] = {}  # sha256 -> when this agent last marked it used
+        self._module_touched: dict[str, float] = {}  # sha256 -> when its file's mtime was last set
+        self._module_used: dict[str, float] = {}  # sha256 -> when a job last named it
         self.outputs_dir = data_dir / "outputs"
         # The tenants' specs (their env), inputs and outputs: this agent's user only.
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -382,9 +383,12 @@ class Store:
         return False
 
     def _used(self, sha256: str, path: Path) -> None:
-        """Mark a module used now (its file's mtime, at most once per MODULE_TOUCH_S),
-        so that pruning keeps the modules jobs still name."""
+        """Mark a module used now, so that pruning keeps the modules jobs still name:
+        here at every use, and in its file's mtime (what survives a restart) at most
+        once per MODULE_TOUCH_S. Pruning reads both: with the mtime alone, a retention
+        under an hour deleted a module named every 2 s."""
         now = time.time()
+        self._module_used[sha256] = now
         if now - self._module_touched.get(sha256, 0.0) >= MODULE_TOUCH_S:
             self._module_touched[sha256] = now
             with contextlib.suppress(OSError):
@@ -411,13 +415,14 @@ class Store:
         n = 0
         for path in candidates:
             sha256 = path.name.split(".")[0]
-            if sha256 in in_use or self._module_touched.get(sha256, 0.0) >= unused_since:
+            if sha256 in in_use or self._module_used.get(sha256, 0.0) >= unused_since:
                 continue
             with contextlib.suppress(OSError):
                 path.unlink()
                 if path.parent == self.modules_dir:
                     self._modules.pop(sha256, None)
                     self._module_touched.pop(sha256, None)
+                    self._module_used.pop(sha256, None)
                     n += 1
         return n
 

@@ -452,3 +452,27 @@ async def test_a_job_stored_before_the_argv_checks_still_loads(tmp_path):
     assert back.spec.command == ["/bin/echo", "a\0b"] and back.spec.env == {"A=B": "x"}
     with pytest.raises(ValueError, match="NUL"):
         JobSpec.model_validate(back.spec.model_dump())
+
+
+def test_a_module_named_since_the_cutoff_is_kept_whatever_its_files_mtime_says(tmp_path, monkeypatch):
+    """A module's mtime moves at most once per MODULE_TOUCH_S (an hour): with a
+    retention under that, a module named every 2 s looked unused by its mtime and
+    was deleted, and its next job refused with unknown_module."""
+    import os
+    import time as time_module
+
+    clock = [10_000.0]
+    monkeypatch.setattr(time_module, "time", lambda: clock[0])
+    store = Store(tmp_path)
+    sha = "d" * 64
+    path = store.put_module(sha, b"\0asmd")
+    assert store.has_module(sha)  # used at 10,000: its mtime too
+    os.utime(path, (10_000.0, 10_000.0))
+    for clock[0] in (10_020.0, 10_040.0, 10_042.0):  # named every 20 s; the mtime stays
+        assert store.has_module(sha)
+    cutoff = 10_044.0 - 36  # a retention of 36 s
+    candidates = store.unused_modules(cutoff, None)
+    assert path in candidates  # by its mtime, unused
+    assert store.prune_modules(candidates, in_use=set(), unused_since=cutoff) == 0
+    assert store.has_module(sha)
+    store.close()
