@@ -64,10 +64,16 @@ What a guest can do, and how each limit is enforced
 - No preopened directories and no sockets: every path_open fails.
 - Fuel (``limits.fuel``, else ``cpu_ms * FUEL_PER_CPU_MS``, else unlimited) ->
   ``out_of_fuel``. Wall time (``limits.wall_ms``, checked at each epoch tick)
-  -> ``wall_timeout``. Linear memory (``limits.mem_bytes``, a store limit) ->
-  ``memory_limit``; a memory the module does not export is measured all the same
-  (``wasm_binary.py`` exports it to the host before compiling). Stack (``limits.stack_bytes``) -> ``stack_overflow``. Any
-  other trap -> ``trap: <message>``.
+  -> ``wall_timeout``. Linear memory and tables (``limits.mem_bytes``, a store
+  limit: a grow past it returns -1) -> ``memory_limit`` when a grow was refused for
+  asking more than the limit and the guest then failed (any trap or ``exit n``,
+  n != 0); a guest that copes with the -1 and succeeds just succeeds.
+  ``wasm_binary.py`` rewrites each grow to record a refusal, and exports every
+  memory, so that one the module keeps to itself is measured all the same. Stack
+  (``limits.stack_bytes``) -> ``stack_overflow``. Any other trap -> ``trap:
+  <causes>``, wasmtime's chain of causes joined with ": ".
+- Threads (shared memory, atomics), multiple memories, GC and typed function
+  references are off: ``validate_module`` refuses such a module.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -90,7 +97,8 @@ import wasmtime
 
 from p2psched.sandbox import wasm_ffi, wasm_poll
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
-from p2psched.sandbox.wasm_binary import export_memories, function_exports
+from p2psched.sandbox.wasm_binary import export_memories, function_exports, refused_exports, watch_grows
+from p2psched.sandbox.wasm_ffi import MIN_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES
 from p2psched.sandbox.masking import mask
 
 log = logging.getLogger("p2psched.sandbox")
@@ -124,15 +132,21 @@ DEFAULT_MODULES_IN_MEMORY = 256
 #: frames of the thread pool and of ``run_wasm`` itself, with a wide margin.
 _HOST_STACK_RESERVE = 1 << 20
 
-#: A guest that fails with its memory within this much of ``mem_bytes`` is
-#: reported as ``memory_limit``. wasmtime's store limiter makes ``memory.grow``
-#: return -1 instead of trapping, and guests then fail in their own way (an
-#: ``unreachable``, a non-zero exit), so nearness to the limit is the evidence.
-#: 1/64 of the limit (4 MiB of the default 256 MiB) covers allocators that grow
-#: in chunks.
+#: wasmtime's store limiter makes ``memory.grow`` and ``table.grow`` return -1
+#: instead of trapping, and guests then fail in their own way (an ``unreachable``,
+#: a non-zero exit). The module's grows are made to record what a refused one asked
+#: for (``wasm_binary.watch_grows``); only for a module that rewrite cannot follow is
+#: nearness to the limit the evidence: a guest that fails with its memory within
+#: this much of ``mem_bytes`` is then reported as ``memory_limit``. 1/64 of the
+#: limit (4 MiB of the default 256 MiB) covers allocators that grow in chunks.
 def _memory_slack(mem_bytes: int) -> int:
     return max(65536, mem_bytes // 64)
 
+
+#: Bytes in a page of linear memory (custom page sizes are off in the engine).
+_WASM_PAGE = 65536
+#: A refused grow's size as recorded in 64 bits: too large to hold.
+_U64 = (1 << 64) - 1
 
 _WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
 _ARGV0 = "guest.wasm"
@@ -157,6 +171,10 @@ def _engine_config(stack_bytes: int | None) -> wasmtime.Config:
     config.wasm_multi_memory = False
     config.wasm_gc = False
     config.wasm_function_references = False
+    # Off: threads. Its shared memories are refused at instantiation (wasmtime-py turns
+    # shared memory support off), so every such job would fail after being accepted;
+    # without threads they are refused at submission instead, atomics with them.
+    config.wasm_threads = False
     if stack_bytes is not None:
         # wasmtime aborts the whole process if max_wasm_stack exceeds the async
         # stack size, even though no async call is ever made here.
@@ -186,7 +204,11 @@ def validate_module(data: bytes) -> None:
     try:
         wasmtime.Module.validate(engine, data)
     except wasmtime.WasmtimeError as e:
-        raise ValueError(f"module is not valid WebAssembly: {_first_line(str(e))}") from None
+        why = _first_line(str(e))
+        if "threads" in why:
+            why += ("; p2psched runs single-threaded guests, without shared memory or atomics: "
+                    "build for wasm32-wasip1, not wasm32-wasip1-threads, and without the atomics feature")
+        raise ValueError(f"module is not valid WebAssembly: {why}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -222,6 +244,7 @@ class _Prepared:
     needs_wasi: bool
     functions: dict[str, _Entry]
     memories: tuple[bytes, ...]
+    records: tuple[bytes, bytes] | None  # where its refused grows are recorded (wasm_binary.watch_grows)
 
 
 @dataclass(slots=True)
@@ -293,7 +316,8 @@ class WasmEngine:
         # each other's files. The stack limit is a runtime setting: one
         # compiled file serves every stack size.
         # "-mem": compiled with its memories exported; older copies lack the exports.
-        self._fingerprint = f"wasmtime{self.wasmtime_version}-fuel-epoch-mem"
+        # "-grow": with its grows recorded (and no threads); older copies lack both.
+        self._fingerprint = f"wasmtime{self.wasmtime_version}-fuel-epoch-mem-grow"
 
         self._cond = threading.Condition()  # guards everything below
         self._slots: dict[int, _Slot] = {}
@@ -448,7 +472,7 @@ class WasmEngine:
             if module_path is not None:
                 with contextlib.suppress(OSError):
                     signatures = function_exports(Path(module_path).read_bytes())
-            prepared = _prepare(slot, module, signatures)
+            prepared = _prepare(slot, module, sha256, signatures)
             with self._cond:
                 self._modules[key] = prepared
                 while len(self._modules) > self._modules_cap:
@@ -500,8 +524,18 @@ class WasmEngine:
         if digest != sha256:
             # Never file a compiled module under another module's name.
             raise ValueError(f"module file {module_path} hashes to {digest}, not the job's module_sha256 {sha256}")
-        # Its memories exported, so that the run can measure them (wasm_binary.py).
-        module = wasmtime.Module(engine, export_memories(data))
+        # Its memories exported, so that the run can measure them, and its refused
+        # grows recorded, so that it can tell the memory limit from a crash (wasm_binary.py).
+        exported = export_memories(data)
+        watched = watch_grows(exported, sha256)
+        try:
+            module = wasmtime.Module(engine, watched)
+        except wasmtime.WasmtimeError as e:
+            if watched is exported:
+                raise
+            module = wasmtime.Module(engine, exported)  # raises if the module itself does not compile
+            log.warning("module %s: its grows cannot be recorded (%s); memory_limit is judged by its peak",
+                        sha256[:16], _first_line(str(e)))
         self.stats.compiled += 1
         if cached is not None:
             tmp = cached.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
@@ -531,9 +565,10 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _prepare(slot: _Slot, module: wasmtime.Module,
+def _prepare(slot: _Slot, module: wasmtime.Module, sha256: str,
              signatures: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None) -> _Prepared:
-    """``signatures``: the exported functions' types as read from the binary
+    """``sha256``: the module's, which names the records of its refused grows.
+    ``signatures``: the exported functions' types as read from the binary
     (wasm_binary.function_exports); without them, wasmtime is asked, which aborts
     the process for a v128."""
     imports = module.imports
@@ -548,6 +583,8 @@ def _prepare(slot: _Slot, module: wasmtime.Module,
         link_error = f"cannot link: {_first_line(str(e))} (p2psched provides only WASI preview 1; the module also imports {wanted or 'nothing else'})"
     functions: dict[str, _Entry] = {}
     memories: list[bytes] = []
+    records = refused_exports(sha256)
+    recorded = 0
     for export in module.exports:
         ty = export.type
         if isinstance(ty, wasmtime.FuncType):
@@ -559,7 +596,10 @@ def _prepare(slot: _Slot, module: wasmtime.Module,
             functions[export.name] = _Entry(export.name.encode(), params, results, command)
         elif isinstance(ty, wasmtime.MemoryType):
             memories.append(export.name.encode())
-    return _Prepared(module, pre, link_error, needs_wasi, functions, tuple(memories))
+        elif export.name in records:  # a global watch_grows added: no module can name it so itself
+            recorded += 1
+    watched = (records[0].encode(), records[1].encode()) if recorded == 2 else None
+    return _Prepared(module, pre, link_error, needs_wasi, functions, tuple(memories), watched)
 
 
 def _kind(ty: wasmtime.ValType) -> str:
@@ -608,7 +648,8 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
         # The agent's own files are missing or wrong: say so; the job did not run.
         result = SandboxResult(exit_code=None, reason=f"trap: module unavailable: {e}")
     except wasmtime.WasmtimeError as e:
-        result = SandboxResult(exit_code=None, reason=f"trap: module does not compile: {_first_line(str(e))}")
+        why = _trap_message(str(e), head=True)
+        result = SandboxResult(exit_code=None, reason=f"trap: module does not compile: {why}")
     finally:
         engine._end(run)
     result.cpu_ms = cpu_ms
@@ -653,6 +694,7 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
     exit_code: int | None = None
     reason: str
     peak = 0
+    refused = False  # a grow was refused for asking more than the limit
     try:
         store.limit(fuel, limits.mem_bytes, handle, run.decide)
         if prepared.needs_wasi:
@@ -697,12 +739,18 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
         if run.stop is not None:  # stopped during a host call, whatever the guest did next
             exit_code, reason = None, run.stop
         peak = store.memory_bytes(instance, prepared.memories) if instance is not None and prepared.memories else 0
+        if exit_code != 0 and instance is not None and prepared.records is not None:
+            refused = _refused_over_limit(store, instance, prepared.records, limits.mem_bytes)
     finally:
         store.close()
         wasm_ffi.clear_epoch_decider(handle)
         wasm_ffi.clear_outputs(handle)
 
-    if exit_code != 0 and reason.startswith(("trap:", "exit ")) and peak + _memory_slack(limits.mem_bytes) > limits.mem_bytes:
+    if prepared.records is not None:
+        over = refused
+    else:  # no record of its grows: nearness to the limit is the evidence
+        over = peak + _memory_slack(limits.mem_bytes) > limits.mem_bytes
+    if exit_code != 0 and reason.startswith(("trap:", "exit ")) and over:
         reason, exit_code = "memory_limit", None
     limit_hit = reason if reason in _LIMIT_HITS else None
     return SandboxResult(
@@ -724,6 +772,24 @@ def _execute(request: SandboxRequest, engine: WasmEngine, run: _Run, prepared: _
             "mem_bytes": limits.mem_bytes,
         },
     )
+
+
+def _refused_over_limit(store: wasm_ffi.RawStore, instance: object, records: tuple[bytes, bytes],
+                        mem_bytes: int) -> bool:
+    """Whether the guest's memory or a table was refused a grow for asking more than the
+    store limiter allows (``wasm_ffi.RawStore.limit``): more than ``mem_bytes`` of memory,
+    or more table elements than those bytes hold. A grow refused for another reason (the
+    module's own maximum, the 4 GiB of a 32-bit memory) asks for less and does not count."""
+    pages, elements = (_exported_u64(store, instance, name) for name in records)
+    return pages * _WASM_PAGE > mem_bytes or elements > max(MIN_TABLE_ELEMENTS, mem_bytes // TABLE_ELEMENT_BYTES)
+
+
+def _exported_u64(store: wasm_ffi.RawStore, instance: object, name: bytes) -> int:
+    item = store.export(instance, name)
+    if item is None:
+        return 0
+    value = wasmtime.Global._from_raw(item.of.global_).value(store)  # type: ignore[arg-type]  # has _context()
+    return value & _U64 if isinstance(value, int) else 0
 
 
 _LIMIT_HITS = frozenset({"out_of_fuel", "wall_timeout", "memory_limit", "stack_overflow"})
@@ -797,15 +863,38 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "unknown error"
 
 
-def _trap_message(message: str) -> str:
-    """The cause of a wasmtime error, without its backtrace."""
+#: The causes a trap's reason keeps, and their characters: wasmtime's chain is short,
+#: but a host function's message can quote the guest.
+MAX_CAUSES = 8
+MAX_CAUSE_CHARS = 512
+_NUMBERED = re.compile(r"^\d+: ")
+
+
+def _trap_message(message: str, *, head: bool = False) -> str:
+    """The causes of a wasmtime error, outermost first, joined with ": ", without its
+    backtrace: "failed to call `get-random-bytes`: requested len 4294967295 exceeds
+    limit 67108864", not the first alone, which says nothing of why. ``head``: the
+    line before the causes is one too (a trap's is only "error while executing at
+    wasm backtrace:", a compile error's "failed to parse WebAssembly module")."""
     lines = [line.strip() for line in message.strip().splitlines()]
     if "Caused by:" in lines:
-        causes = lines[lines.index("Caused by:") + 1 :]
-        causes = [c.split(":", 1)[1].strip() if c[:1].isdigit() and ":" in c else c for c in causes if c]
-        lines = causes or lines
-    first = lines[0] if lines else "unknown error"
-    return first.removeprefix("wasm trap: ")
+        causes = [line for line in lines[lines.index("Caused by:") + 1 :] if line]
+        if causes and causes[0].startswith("0: "):  # several causes are numbered from 0
+            causes = [_NUMBERED.sub("", c) for c in causes]
+        lines = lines[:1] + causes if head else causes or lines[:1]
+    else:
+        lines = lines[:1]
+    kept: list[str] = []
+    for cause in lines[:MAX_CAUSES]:
+        cause = cause.removeprefix("wasm trap: ")
+        if cause and (not kept or kept[-1] != cause):
+            kept.append(cause)
+    text = ": ".join(kept) or "unknown error"
+    if len(lines) > MAX_CAUSES:
+        text += f" (and {len(lines) - MAX_CAUSES} more causes)"
+    if len(text) > MAX_CAUSE_CHARS:
+        text = text[:MAX_CAUSE_CHARS - 3] + "..."
+    return text
 
 
 def _thread_stack_bytes() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import threading
 import time
@@ -13,8 +14,17 @@ import trio
 import wasmtime
 
 from p2psched.jobs.spec import Limits, Resources
+from p2psched.sandbox import wasm
 from p2psched.sandbox.base import SandboxRequest, SandboxResult
-from p2psched.sandbox.wasm import FUEL_PER_CPU_MS, MAX_REASON_CHARS, WasmEngine, run_wasm, validate_module
+from p2psched.sandbox.wasm import (
+    FUEL_PER_CPU_MS,
+    MAX_CAUSE_CHARS,
+    MAX_REASON_CHARS,
+    WasmEngine,
+    _trap_message,
+    run_wasm,
+    validate_module,
+)
 
 GUESTS = Path(__file__).resolve().parents[2] / "examples" / "wasm"
 
@@ -386,3 +396,212 @@ def test_a_reason_made_of_the_modules_own_names_is_capped(engine, tmp_path):
     out = run_wasm(request(path), engine)
     assert out.reason.startswith("trap: cannot link") and len(out.reason) <= MAX_REASON_CHARS
     assert out.reason.endswith("characters in all)")
+
+
+# -- a refused grow is the memory limit, whatever the guest does next --------------------
+
+GROW_IN_STEPS = """
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (loop $more
+      (br_if $more (i32.ne (memory.grow (i32.const %d)) (i32.const -1))))
+    unreachable))"""
+
+
+def test_a_grow_refused_far_from_the_limit_is_still_a_memory_limit(engine, tmp_path):
+    # Reported as a trap: a 1 MiB step stopped 1.06 MiB short of 16 MiB, beyond the 256 KiB
+    # slack; a single 300 MiB grow left the memory at 64 KiB of 256 MiB.
+    steps = wat_module(tmp_path, "steps", GROW_IN_STEPS % 16)
+    result = run_wasm(request(steps, limits=Limits(mem_bytes=16 << 20)), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("memory_limit", "memory_limit", None)
+    assert result.peak_mem_bytes == 241 * 65536  # 15,794,176: the next step would pass the limit
+    once = wat_module(tmp_path, "once", GROW_IN_STEPS % 4800)  # 300 MiB
+    result = run_wasm(request(once), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("memory_limit", "memory_limit", None)
+    assert result.peak_mem_bytes == 65536
+
+
+def test_a_guest_that_exits_after_a_refused_grow_hit_the_memory_limit(engine, tmp_path):
+    exits = wat_module(tmp_path, "exits", """
+      (module
+        (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+        (memory (export "memory") 1)
+        (func (export "_start")
+          (if (i32.eq (memory.grow (i32.const 4800)) (i32.const -1)) (then (call $exit (i32.const 12))))))""")
+    result = run_wasm(request(exits), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("memory_limit", "memory_limit", None)
+
+
+def test_a_refused_table_grow_is_a_memory_limit(engine, tmp_path):
+    table = wat_module(tmp_path, "table", """
+      (module (table $t 1 externref)
+        (func (export "f") (result i32)
+          (drop (table.grow $t (ref.null extern) (i32.const 1000)))
+          (if (i32.eq (table.grow $t (ref.null extern) (i32.const 200000)) (i32.const -1)) (then unreachable))
+          (table.size $t)))""")
+    result = run_wasm(request(table, entry="f", limits=Limits(mem_bytes=1 << 20)), engine)
+    assert (result.reason, result.limit_hit, result.exit_code) == ("memory_limit", "memory_limit", None)
+
+
+def test_a_guest_that_handles_a_refused_grow_goes_on(engine, tmp_path):
+    handles = wat_module(tmp_path, "handles", """
+      (module (memory 1) (table 0 funcref)
+        (func (export "f") (result i32 i32 i32)
+          (memory.grow (i32.const 10000))
+          (table.grow 0 (ref.null func) (i32.const 100000000))
+          (memory.grow (i32.const 1))))""")
+    result = run_wasm(request(handles, entry="f", limits=Limits(mem_bytes=1 << 20)), engine)
+    assert (result.reason, result.exit_code, result.limit_hit) == ("exit 0", 0, None)
+    assert result.stdout == b"-1 -1 1\n"
+
+
+def test_only_the_jobs_limit_makes_a_refused_grow_a_memory_limit(engine, tmp_path):
+    # Refused by the module's own maximum, far below the job's limit: its own trap.
+    own_max = wat_module(tmp_path, "own_max", """
+      (module (memory 1 2)
+        (func (export "_start") (if (i32.eq (memory.grow (i32.const 5)) (i32.const -1)) (then unreachable))))""")
+    result = run_wasm(request(own_max), engine)
+    assert (result.reason, result.limit_hit) == ("trap: wasm `unreachable` instruction executed", None)
+    # Right at the limit, but never refused: its own trap too (this was memory_limit).
+    full = wat_module(tmp_path, "full", """
+      (module (memory 1)
+        (func (export "f") (param i32) (result i32)
+          (drop (memory.grow (i32.const 15)))
+          (i32.div_u (i32.const 1) (local.get 0))))""")
+    result = run_wasm(request(full, entry="f", args=["0"], limits=Limits(mem_bytes=1 << 20)), engine)
+    assert (result.reason, result.limit_hit) == ("trap: integer divide by zero", None)
+    assert result.peak_mem_bytes == 1 << 20
+
+
+def test_a_64_bit_memory_refused_a_grow_hits_the_memory_limit(engine, tmp_path):
+    wide = wat_module(tmp_path, "wide", """
+      (module (memory i64 1)
+        (func (export "f") (param i64) (result i64)
+          (if (i64.eq (memory.grow (local.get 0)) (i64.const -1)) (then unreachable))
+          (memory.size)))""")
+    result = run_wasm(request(wide, entry="f", args=["3"], limits=Limits(mem_bytes=1 << 20)), engine)
+    assert result.stdout == b"4\n"
+    for pages in ("17", "0xffffffffffffffff"):  # past the limit; past what 64 bits count
+        result = run_wasm(request(wide, entry="f", args=[pages], limits=Limits(mem_bytes=1 << 20)), engine)
+        assert (result.reason, result.limit_hit) == ("memory_limit", "memory_limit")
+
+
+def test_grows_are_recorded_among_every_kind_of_instruction(engine, tmp_path):
+    # The rewrite follows each instruction's immediates; a slip would fail to compile,
+    # and the run would fall back to judging by the peak, which says trap here.
+    mixed = wat_module(tmp_path, "mixed", """
+      (module
+        (type $unary (func (param i32) (result i32)))
+        (tag $oops (param i32))
+        (memory 2)
+        (table $funcs 2 funcref)
+        (table $refs 1 externref)
+        (elem (table $funcs) (i32.const 0) func $twice $grow)
+        (data $bytes "\\01\\02\\03\\04")
+        (global $g (mut i64) (i64.const 5))
+        (func $twice (param i32) (result i32) (i32.mul (local.get 0) (i32.const 2)))
+        (func $tail (param i32) (result i32) (return_call $twice (local.get 0)))
+        (func $grow (param i32) (result i32) (memory.grow (local.get 0)))
+        (func (export "f") (param $n i32) (result i32)
+          (local $v v128) (local $x i64) (local $r externref)
+          (memory.init $bytes (i32.const 8) (i32.const 0) (i32.const 4))
+          (memory.copy (i32.const 16) (i32.const 8) (i32.const 4))
+          (memory.fill (i32.const 32) (i32.const 7) (i32.const 4))
+          (local.set $v (v128.load offset=8 align=4 (i32.const 0)))
+          (local.set $v (i8x16.shuffle 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 (local.get $v) (v128.const i32x4 1 2 3 4)))
+          (local.set $v (i32x4.replace_lane 1 (local.get $v) (i32.const 9)))
+          (v128.store32_lane offset=40 1 (i32.const 0) (local.get $v))
+          (local.set $x (i64.add (i64.load32_u offset=40 (i32.const 0)) (global.get $g)))
+          (local.set $x (i64.add (local.get $x) (i64.trunc_sat_f64_s (f64.const 2.5))))
+          (i64.add128 (local.get $x) (i64.const 0) (i64.const 1) (i64.const 0)) (drop) (drop)
+          (local.set $r (table.get $refs (i32.const 0)))
+          (table.set $refs (i32.const 0) (select (result externref) (local.get $r) (ref.null extern) (i32.const 1)))
+          (drop (table.grow $refs (ref.null extern) (i32.const 2)))
+          (block $out (result i32)
+            (try_table (catch $oops $out)
+              (block $a (block $b (br_table $a $b $a (local.get $n))))
+              (throw $oops (call_indirect $funcs (type $unary) (i32.const 100) (i32.const 1))))
+            (i32.const -2))
+          (if (result i32) (i32.eq (i32.const -1))
+            (then (unreachable))
+            (else (call $tail (i32.wrap_i64 (local.get $x)))))
+          (drop (ref.is_null (ref.func $twice)))
+          (f32.const 1.5) (f64.const 2.5) (drop) (drop)
+          (i32.add (memory.size))
+          (i32.add (table.size $funcs))))""")
+    result = run_wasm(request(mixed, entry="f", args=["1"], limits=Limits(mem_bytes=4 << 20)), engine)
+    assert (result.reason, result.limit_hit) == ("memory_limit", "memory_limit")
+    assert result.peak_mem_bytes == 2 * 65536  # far from the limit: it is the record that counts
+    result = run_wasm(request(mixed, entry="f", args=["1"], limits=Limits(mem_bytes=256 << 20)), engine)
+    assert result.succeeded, result.reason
+    assert result.stdout == b"%d\n" % ((9 + 5 + 2) * 2 + 102 + 2)  # $x twice, then pages and table size
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["cannot-follow", "does-not-compile"])
+def test_without_a_record_of_its_grows_a_module_is_judged_by_its_peak(tmp_path, monkeypatch, caplog, broken):
+    # A module the rewrite cannot follow is left as it was; a rewrite that does not compile
+    # (a slip in it) is dropped, with a warning.
+    monkeypatch.setattr(wasm, "watch_grows", lambda data, tag: data[:-1] if broken else data)
+    slow = wat_module(tmp_path, "slow", GROW_IN_STEPS % 1)
+    fast = wat_module(tmp_path, "fast", GROW_IN_STEPS % 16)
+    with WasmEngine(None) as fresh, caplog.at_level(logging.WARNING, logger="p2psched.sandbox"):
+        result = run_wasm(request(slow, limits=Limits(mem_bytes=4 << 20)), fresh)
+        assert (result.reason, result.limit_hit) == ("memory_limit", "memory_limit")  # within 1/64 of the limit
+        result = run_wasm(request(fast, limits=Limits(mem_bytes=16 << 20)), fresh)
+        assert (result.reason, result.limit_hit) == ("trap: wasm `unreachable` instruction executed", None)
+    assert ("its grows cannot be recorded" in caplog.text) == broken
+
+
+def test_a_module_cannot_pose_as_the_record_of_its_grows(engine, tmp_path):
+    # The record is named after the module's sha256, which no module can hold; under the
+    # bare prefix a v128 global would have aborted the worker when read.
+    fake = '(global (export "p2psched:refused_memory_pages") (mut v128) (v128.const i64x2 -1 -1))'
+    posing = wat_module(tmp_path, "posing", GROW_IN_STEPS.replace("(memory ", fake + " (memory ") % 16)
+    result = run_wasm(request(posing, limits=Limits(mem_bytes=16 << 20)), engine)
+    assert (result.reason, result.limit_hit) == ("memory_limit", "memory_limit")
+
+
+# -- a trap says why ----------------------------------------------------------------------
+
+
+def test_a_trap_keeps_every_cause_it_was_given(engine, tmp_path):
+    # Only the first was kept: "trap: failed to call `get-random-bytes`".
+    random = wat_module(tmp_path, "random", """
+      (module
+        (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (func (export "_start") (drop (call $random (i32.const 0) (i32.const -1)))))""")
+    result = run_wasm(request(random), engine)
+    assert result.reason == "trap: failed to call `get-random-bytes`: requested len 4294967295 exceeds limit 67108864"
+
+
+def test_a_traps_causes_are_bounded():
+    many = "error\n\nCaused by:\n" + "".join(f"    {i}: cause {i} {'x' * 100}\n" for i in range(20))
+    text = _trap_message(many)
+    assert text.startswith("cause 0 x") and len(text) <= MAX_CAUSE_CHARS and text.endswith("...")
+    few = _trap_message("error\n\nCaused by:\n    0: outer\n    1: outer\n    2: wasm trap: inner\n")
+    assert few == "outer: inner"
+
+
+@pytest.mark.parametrize("source", [
+    '(module (memory 1 1 shared))',
+    '(module (memory 1 1 shared) (func (export "_start")'
+    ' (drop (memory.atomic.wait32 (i32.const 0) (i32.const 0) (i64.const 10)))))',
+    '(module (memory 1) (func (export "f") (result i32) (i32.atomic.load (i32.const 0))))',
+])
+def test_threads_are_refused_at_submission(source):
+    # A shared memory was accepted, then every run failed with "trap: shared memory
+    # support is disabled for this engine".
+    with pytest.raises(ValueError, match="^module is not valid WebAssembly: threads ") as refused:
+        validate_module(wasmtime.wat2wasm(source))
+    assert "single-threaded" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_module_that_does_not_compile_says_why(engine, tmp_path):
+    # One stored before threads were refused at submission: the cause was cut off, leaving
+    # "trap: module does not compile: failed to parse WebAssembly module".
+    shared = wat_module(tmp_path, "shared", '(module (memory 1 1 shared) (func (export "_start")))')
+    result = run_wasm(request(shared), engine)
+    assert result.reason.startswith("trap: module does not compile: failed to parse WebAssembly module: "
+                                    "threads must be enabled for shared memories")
