@@ -126,6 +126,14 @@ class AgentSettings(BaseModel):
         96 * 1024 * 1024, ge=1024, le=1 << 31,
         description="Largest HTTP request body; a 64 MiB module is 86 MiB in base64.",
     )
+    request_body_timeout_s: float = Field(
+        30.0, ge=1, le=600,
+        description="An HTTP request body must keep arriving: the agent answers 408 and closes the connection "
+        "when none of it comes for this many seconds, or when after these first seconds it has come slower than "
+        "16 KiB/s on average (a 96 MiB body may take up to 1.7 hours), so a client that stalls or trickles "
+        "holds no connection open for long. 30 s without a byte is a stalled connection, not a slow one; raise "
+        "it for a link that stalls longer.",
+    )
     join: list[str] = Field(default_factory=list, description="Seed peers HOST:PORT (gossip).")
     join_dns: list[str] = Field(
         default_factory=list, description="DNS NAME:PORT resolving to peers; re-resolved periodically."

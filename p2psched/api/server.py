@@ -2,7 +2,9 @@
 
 The handlers are thin: they parse and validate, call the agent, and map its errors
 to statuses. Bodies are read with a hard size limit before any parsing, so an
-oversized request costs the agent at most ``max_request_bytes`` of memory.
+oversized request costs the agent at most ``max_request_bytes`` of memory, and with
+a deadline, so a client that stops sending one holds no connection (and no file
+descriptor) open for long.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
@@ -45,6 +47,29 @@ MAX_LABEL_FILTERS = 8
 MAX_JSON_DEPTH = 200
 #: Cursors and offsets are SQLite integers (signed 64-bit).
 MAX_SEQ = 1 << 63
+#: A request body's average rate, bytes/s, below which it is cut with 408 once its first
+#: request_body_timeout_s have passed. 16 KiB/s (128 kbit/s) still takes the largest
+#: body, 96 MiB, whole (in 1.7 hours; at 1 Mbit/s it takes 13 minutes), while a client
+#: that trickles bytes to hold a connection open must send this much for each one it holds.
+BODY_MIN_RATE = 16 * 1024
+#: hypercorn's read_timeout: how long a connection may send nothing while a request is in
+#: flight. It is no deadline for a body (that is read_limited_body's, and answers 408): in
+#: hypercorn 0.18's trio worker its expiry ends the reading of the connection for good and
+#: tells the app the client left, though its answer is still sent. So it must exceed every
+#: silence of a client that is still there: a long-poll (MAX_WAIT_S) and the answer after
+#: it, a download (the client sends nothing meanwhile; a keep-alive connection reused after
+#: a longer one would get no answer), and the longest request_body_timeout_s (600 s), so a
+#: stalled body gets its 408 first. What is left to it is a backstop for a body read
+#: without a deadline. It also cuts neither an idle connection nor one whose headers stall:
+#: both stay open until keep_alive_timeout.
+READ_TIMEOUT_S = 900
+#: hypercorn's keep_alive_timeout: how long an idle connection is kept, and the only
+#: deadline on headers that never end. hypercorn stops it while a request is in flight,
+#: so a long-poll needs no more. At 305 s, connections their clients had closed but
+#: hypercorn's trio worker had not noticed (CLOSE_WAIT, a fifth to most of short-lived
+#: clients' here) held an fd each for five minutes: at 100 new connections a second,
+#: thousands of the agent's 20,000. Long enough for a client's pool to reuse one.
+KEEP_ALIVE_S = 30
 
 
 #: What every answer but the dashboard's page tells a browser: take the Content-Type as
@@ -81,6 +106,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """A request body stopped arriving, or came too slowly; the message says which."""
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     # pydantic-core's encoder: a batch's thousand records encode in a fifth of
     # json.dumps's time, and it writes UTF-8 and never the invalid NaN.
@@ -88,27 +117,57 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(e: AgentError) -> Response:
-    headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else None
-    return _json(error_body(e.status, e.reason, e.message, e.details), e.status, headers)
+    headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else {}
+    if e.status == 408:
+        # RFC 9110 15.5.9: the server closes the connection rather than wait on; say so.
+        headers["Connection"] = "close"
+    return _json(error_body(e.status, e.reason, e.message, e.details), e.status, headers or None)
 
 
 def _bad(reason: str, message: str, status: int = 400, details: list[dict[str, str]] | None = None) -> Response:
     return _json(error_body(status, reason, message, details), status)
 
 
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """The request's body, or BodyTooLarge as soon as it passes ``limit`` bytes."""
+async def read_limited_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request's body, or BodyTooLarge as soon as it passes ``limit`` bytes. With
+    ``timeout_s``, BodyTimeout once none of it has come for ``timeout_s`` seconds, or once
+    it has come slower than BODY_MIN_RATE on average after its first ``timeout_s``: a
+    deadline for each chunk alone would let a client hold the connection for hours with
+    a byte every few seconds, and one for the whole body alone would have to be hours
+    long for the largest body on a slow link. starlette's ClientDisconnect when the
+    client closes the connection first."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge()
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge()
-        chunks.append(chunk)
-    return b"".join(chunks)
+    stream = request.stream()
+    started = trio.current_time()
+    try:
+        while True:
+            waited_from = trio.current_time()
+            deadline = math.inf
+            if timeout_s is not None:
+                deadline = min(waited_from + timeout_s, started + timeout_s + size / BODY_MIN_RATE)
+            with trio.move_on_at(deadline) as waiting:
+                chunk = await anext(stream, None)
+            if waiting.cancelled_caught:
+                now = trio.current_time()
+                got = f"{size} of {declared} bytes" if declared is not None else f"{size} bytes"
+                raise BodyTimeout(
+                    f"the request body stopped or slowed: {got} came in {now - started:.0f} s, none in the last "
+                    f"{now - waited_from:.0f} s (a body must keep arriving: at most {timeout_s:g} s without a byte, "
+                    f"and {BODY_MIN_RATE // 1024} KiB/s on average after its first {timeout_s:g} s); the agent "
+                    "stopped waiting and did nothing: send the request again on a connection that keeps it "
+                    "flowing, or for a link that stalls longer raise the agent's request_body_timeout_s")
+            if chunk is None:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+    finally:
+        await stream.aclose()
 
 
 def _named_id(item: Any) -> str | None:
@@ -326,10 +385,12 @@ def create_app(agent: Any) -> Starlette:
 
     async def read_body(request: Request, too_large: str) -> bytes:
         try:
-            return await read_limited_body(request, limit)
+            return await read_limited_body(request, limit, agent.settings.request_body_timeout_s)
         except BodyTooLarge:
             raise AgentError(f"request body is larger than the limit of {limit} bytes; {too_large}",
                              reason="body_too_large", status=413) from None
+        except BodyTimeout as e:
+            raise AgentError(str(e), reason="body_timeout", status=408) from None
 
     async def load_json(request: Request) -> Any:
         body = await read_body(request, "send a smaller module or input, or raise max_request_bytes")
@@ -614,6 +675,15 @@ def create_app(agent: Any) -> Starlette:
         response.headers.update(headers)
         return response
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # The client closed the connection before its body ended: no bug, and nothing was
+        # done (a body is read whole before anything acts on it). No one is left to read an
+        # answer; this one is for hypercorn, which also reports a client gone silent for
+        # READ_TIMEOUT_S as gone, and that client may still read it.
+        log.debug("%s %s: the client left before its request body ended", request.method, request.url.path)
+        return _bad("client_disconnected", "the connection ended before the request body did; nothing was done: "
+                    "send the request again", 400)
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # A bug: say so in JSON, as every other error is, and keep the traceback.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -641,7 +711,8 @@ def create_app(agent: Any) -> Starlette:
         *dashboard.routes(),
     ]
     return Starlette(routes=routes, exception_handlers={AgentError: on_agent_error, StoreError: on_store_error,
-                                                        HTTPException: on_http_error, Exception: on_unexpected})
+                                                        HTTPException: on_http_error,
+                                                        ClientDisconnect: on_client_gone, Exception: on_unexpected})
 
 
 def agent_version() -> str:
@@ -658,8 +729,8 @@ async def serve_api(agent: Any, *, task_status: trio.TaskStatus[None] = trio.TAS
     config.bind = [agent.settings.api]
     config.accesslog = None
     config.errorlog = None
-    # Long-polls hold a connection for up to MAX_WAIT_S; keep idle ones a little longer.
-    config.keep_alive_timeout = MAX_WAIT_S + 5
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    config.read_timeout = READ_TIMEOUT_S
     config.graceful_timeout = 1.0
     app = hardened(create_app(agent))
     await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -19,16 +19,19 @@ from typing import Any
 import httpx
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from p2psched import dashboard
 from p2psched.api.errors import error_body
-from p2psched.api.server import API_HEADERS, BodyTooLarge, read_limited_body
+from p2psched.api.server import API_HEADERS, BodyTimeout, BodyTooLarge, read_limited_body
 
 #: The largest cancel body passed on: 10,000 job ids, or labels, with room to spare.
 MAX_CANCEL_BYTES = 1 << 20
+#: A cancel's body (a list of ids, or labels) that sends nothing this long is cut with 408:
+#: a page that stalls must not hold the proxy's connection.
+CANCEL_BODY_TIMEOUT_S = 30.0
 #: Response headers passed back from the agent; hop-by-hop and length headers are not.
 _PASSED = ("content-type", "x-job-state", "x-job-reason", "retry-after", "x-output-next", "x-output-complete",
            "x-output-attempt", "x-output-note", "x-artifact-sha256", "x-content-type-options",
@@ -67,10 +70,15 @@ def create_proxy(agent_url: str, *, auth: httpx.Auth | None, allowed_hosts: set[
             if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
                 return _error(415, "unsupported_media_type", "send the cancel as application/json")
             try:
-                body = await read_limited_body(request, MAX_CANCEL_BYTES)
+                body = await read_limited_body(request, MAX_CANCEL_BYTES, CANCEL_BODY_TIMEOUT_S)
             except BodyTooLarge:
                 return _error(413, "body_too_large", f"a cancel through this proxy is at most "
                                                      f"{MAX_CANCEL_BYTES} bytes; name fewer jobs")
+            except BodyTimeout as e:
+                return _error(408, "body_timeout", str(e).replace(
+                    "raise the agent's request_body_timeout_s", "send the cancel to the agent itself"))
+            except ClientDisconnect:
+                return _error(400, "client_disconnected", "the page left before its cancel arrived")
         # The path as the browser sent it: the signature covers the exact bytes.
         target = request.scope.get("raw_path", path.encode()).decode("ascii", "replace")
         if request.url.query:
