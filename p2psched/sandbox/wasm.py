@@ -479,6 +479,45 @@ class WasmEngine:
                     self._modules.popitem(last=False)
             return prepared
 
+    def _prepared_for(self, run: _Run, sha256: str, module_path: Path | None, stack_bytes: int) -> _Prepared | str:
+        """The module ready for ``run``, or why the run ended first: "cancelled", or
+        "wall_timeout" past its deadline.
+
+        Compiling cannot be interrupted, and a module of 100,000 small functions took
+        20 s: a job whose wall limit was 1 s ran for 15, and a cancel waited for it. So a
+        module not in memory is loaded or compiled on a thread of its own while the run
+        waits, a tick at a time; a run that gives up leaves the compile going, into the
+        caches, so the module's next job finds it compiled."""
+        key = (sha256, stack_bytes)
+        with self._cond:
+            hit = self._modules.get(key)
+            if hit is not None:
+                self._modules.move_to_end(key)
+                self.stats.from_memory += 1
+                return hit
+        done = threading.Event()
+        outcome: list[_Prepared | BaseException] = []
+
+        def load() -> None:
+            try:
+                outcome.append(self._prepared(sha256, module_path, stack_bytes))
+            except BaseException as e:  # noqa: BLE001 - handed to the run, or logged if it gave up
+                outcome.append(e)
+                if run.cancelled or time.monotonic() >= run.deadline:
+                    log.warning("module %s: loading it failed after its job gave up: %s", sha256[:16], e)
+            finally:
+                done.set()
+
+        threading.Thread(target=load, name="p2psched-wasm-compile", daemon=True).start()
+        while not done.wait(self.tick_seconds):
+            if run.cancelled:
+                return "cancelled"
+            if time.monotonic() >= run.deadline:
+                return "wall_timeout"
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
     def warm(self, sha256: str, module_path: Path, stack_bytes: int = 1 << 20) -> None:
         """Compile a module into the caches ahead of its first run (blocking;
         optional). Raises ``wasmtime.WasmtimeError`` if it does not compile."""
@@ -635,15 +674,20 @@ def run_wasm(request: SandboxRequest, engine: WasmEngine) -> SandboxResult:
             if request.module_path is None:
                 raise ValueError("a wasm request needs module_sha256 or module_path")
             sha256 = hashlib.sha256(Path(request.module_path).read_bytes()).hexdigest()
-        prepared = engine._prepared(sha256, request.module_path, stack)
-        # The job's CPU time, not the agent's: compiling a module is excluded.
-        cpu_start = time.thread_time()
-        wasm_poll.current.run = run
-        try:
-            result = _execute(request, engine, run, prepared, stack)
-        finally:
-            wasm_poll.current.run = None
-        cpu_ms = (time.thread_time() - cpu_start) * 1000.0
+        prepared = engine._prepared_for(run, sha256, request.module_path, stack)
+        if isinstance(prepared, str):  # it ended while its module compiled
+            result = SandboxResult(exit_code=None, reason=prepared, limit_hit=prepared if prepared in _LIMIT_HITS
+                                   else None, warnings=["the module was still compiling when the job ended; the "
+                                                        "compile goes on, so its next job starts compiled"])
+        else:
+            # The job's CPU time, not the agent's: compiling a module is excluded.
+            cpu_start = time.thread_time()
+            wasm_poll.current.run = run
+            try:
+                result = _execute(request, engine, run, prepared, stack)
+            finally:
+                wasm_poll.current.run = None
+            cpu_ms = (time.thread_time() - cpu_start) * 1000.0
     except (OSError, ValueError) as e:
         # The agent's own files are missing or wrong: say so; the job did not run.
         result = SandboxResult(exit_code=None, reason=f"trap: module unavailable: {e}")

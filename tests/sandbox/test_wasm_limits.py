@@ -605,3 +605,44 @@ def test_a_module_that_does_not_compile_says_why(engine, tmp_path):
     result = run_wasm(request(shared), engine)
     assert result.reason.startswith("trap: module does not compile: failed to parse WebAssembly module: "
                                     "threads must be enabled for shared memories")
+
+
+def many_functions(tmp_path: Path, n: int) -> Path:
+    """A module that takes a while to compile (50,000 functions: about a second here)."""
+    body = "".join(f"(func (result i32) i32.const {i} i32.const 3 i32.mul)" for i in range(n))
+    return wat_module(tmp_path, f"many{n}", f'(module {body} (func (export "_start")))')
+
+
+def test_a_module_still_compiling_at_the_wall_limit_ends_its_job_and_compiles_on(tmp_path):
+    """Compiling cannot be interrupted: a job whose module took 15 s to compile ran
+    15 s past a 1 s wall limit. It now ends at its limit, and the compile goes on
+    into the caches for the module's next job."""
+    path = many_functions(tmp_path, 50_000)
+    with WasmEngine(tmp_path / "cache") as engine:
+        r = run_wasm(request(path, limits=Limits(wall_ms=1), job_id="first"), engine)
+        assert (r.reason, r.limit_hit) == ("wall_timeout", "wall_timeout")
+        assert any("still compiling" in w for w in r.warnings), r.warnings
+        for _ in range(1200):
+            if engine.stats.compiled:
+                break
+            time.sleep(0.05)
+        assert engine.stats.compiled == 1
+        r = run_wasm(request(path, limits=Limits(wall_ms=5_000), job_id="next"), engine)
+        assert r.reason == "exit 0" and engine.stats.compiled == 1  # compiled once
+
+
+def test_a_job_cancelled_while_its_module_compiles_ends_then(tmp_path):
+    """A cancel used to wait for the compile to end (8.65 s for DELETE to answer)."""
+    path = many_functions(tmp_path, 50_000)
+    with WasmEngine(None) as engine:
+        results: list[SandboxResult] = []
+        runner = threading.Thread(target=lambda: results.append(
+            run_wasm(request(path, limits=Limits(wall_ms=600_000), job_id="c"), engine)))
+        runner.start()
+        for _ in range(1200):
+            if engine.cancel("c"):  # True once the run has begun: it is compiling
+                break
+            time.sleep(0.005)
+        runner.join(60)
+        assert [r.reason for r in results] == ["cancelled"]
+        assert engine.stats.compiled == 0 or results[0].warnings  # it ended before the compile did
