@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -178,10 +179,22 @@ def _named_id(item: Any) -> str | None:
     return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {list: "an array", str: "a string", int: "a number", float: "a number"}.get(type(value), "an object")
+
+
 def _parse_spec(raw: Any, prefix: str = "") -> tuple[JobSpec, Any] | AgentError:
     """A spec, bare or signed as ``{"spec": ..., "auth": ...}``, with its auth block (or None)."""
     if not isinstance(raw, dict):
-        return AgentError(f"{prefix or 'body'} must be a JSON object holding a job spec", reason="invalid_spec")
+        where = prefix.rstrip(".") or "(body)"  # a batch item's is "jobs.3."
+        return AgentError(f"{'the body' if where == '(body)' else where} must be a JSON object holding a job spec, "
+                          f"not {_json_kind(raw)}", reason="invalid_spec",
+                          details=[{"field": where, "message": "must be a JSON object holding a job spec"}])
     auth = None
     if "spec" in raw:
         extra = set(raw) - {"spec", "auth"}
@@ -248,9 +261,14 @@ async def _wasm_check(agent: Any, spec: JobSpec, prefix: str = "",
     return AgentError(problem, reason="invalid_module", details=[{"field": prefix + "module", "message": problem}])
 
 
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
 def _wait_param(request: Request) -> float:
     raw = request.query_params.get("wait", "0")
     try:
+        if not _SECONDS.fullmatch(raw):  # float() also takes ' 5', '1_0', 'nan' and '٥'
+            raise ValueError(raw)
         value = float(raw)
     except ValueError:
         raise AgentError(f"wait={raw!r} must be a number of seconds, 0 to {MAX_WAIT_S:g}", reason="invalid_query")
@@ -276,11 +294,24 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _known_params(request: Request, *names: str) -> None:
-    """Refuse a query parameter the route does not take (a misspelt one would be ignored)."""
+    """Refuse a query parameter the route does not take (a misspelt one would be ignored),
+    and one given twice that is not a list (label=): which of the two counts is a guess."""
     unknown = set(request.query_params) - set(names)
     if unknown:
         raise AgentError(f"unknown query parameter(s) {sorted(unknown)}; use {', '.join(names)}",
                          reason="invalid_query")
+    twice = sorted(name for name in request.query_params if name != "label"
+                   and len(request.query_params.getlist(name)) > 1)
+    if twice:
+        raise AgentError(f"query parameter(s) {twice} given more than once; give each once", reason="invalid_query")
+
+
+def _whole(raw: str) -> int:
+    """A whole number >= 0 as a query parameter writes it: ASCII digits only. Python's
+    int() also takes '٥', '10_0' and ' 5', which no client means to send."""
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(raw)
+    return int(raw)
 
 
 def _label_params(request: Request) -> list[tuple[str, str]]:
@@ -354,6 +385,8 @@ def _cancel_body(raw: Any) -> tuple[list[str] | None, list[tuple[str, str]], str
     if tenant is not None and (not isinstance(tenant, str) or not tenant):
         raise AgentError(f"tenant={tenant!r} must be a tenant's name", reason="invalid_cancel")
     limit = raw.get("limit", DEFAULT_CANCEL_LIMIT)
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)  # 384.0 is a JSON integer too, as the OpenAPI schema's "integer" allows
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_BATCH:
         raise AgentError(f"limit={limit!r} must be an integer from 1 to {MAX_BATCH}", reason="invalid_cancel")
     return None, list(labels.items()), tenant, limit
@@ -519,7 +552,7 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError(f"stream={stream!r} is not an output stream; use stdout or stderr", reason="invalid_query")
         raw = q.get("offset", "0")
         try:
-            offset = int(raw)
+            offset = _whole(raw)
         except ValueError:
             raise AgentError(f"offset={raw!r} must be a whole number of bytes >= 0 (X-Output-Next of the last "
                              "answer)", reason="invalid_query") from None
@@ -546,8 +579,8 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError(f"state={state!r} is not a job state; use one of "
                              + ", ".join(s.value for s in JobState), reason="invalid_query")
         try:
-            limit = int(q.get("limit", "100"))
-            cursor = int(q.get("cursor", "0"))
+            limit = _whole(q.get("limit", "100"))
+            cursor = _whole(q.get("cursor", "0"))
         except ValueError:
             raise AgentError("limit and cursor must be integers", reason="invalid_query") from None
         if not 1 <= limit <= 1000 or not 0 <= cursor < MAX_SEQ:

@@ -231,6 +231,21 @@ async def test_batch_returns_one_result_per_spec(tmp_path):
         assert states == ["succeeded", "failed"]
 
 
+async def test_a_batch_item_that_is_no_object_is_named_by_its_field(tmp_path):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm"), "hello.wasm", None, [1]]})
+        assert r.status_code == 207
+        errors = [item["error"] for item in r.json()["results"][1:]]
+        assert [e["message"] for e in errors] == [
+            f"jobs.{i} must be a JSON object holding a job spec, not {kind}"
+            for i, kind in ((1, "a string"), (2, "null"), (3, "an array"))]
+        assert [e["fields"] for e in errors] == [
+            [{"field": f"jobs.{i}", "message": "must be a JSON object holding a job spec"}] for i in (1, 2, 3)]
+        r = await http.post("/v1/jobs", json=[wasm_spec("hello.wasm")])
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            "the body must be a JSON object holding a job spec, not an array")
+
+
 async def test_a_batch_error_names_the_job_id_the_client_gave(tmp_path):
     async with running_agent(tmp_path) as (agent, http):
         specs = [
@@ -371,6 +386,7 @@ async def test_cancel_many_refuses_a_bad_body_by_name(tmp_path):
             ({"labels": {"sweep": 1}}, "labels.sweep"),
             ({"labels": {"a": "b"}, "limit": 0}, "limit=0"),
             ({"labels": {"a": "b"}, "limit": True}, "limit=True"),
+            ({"labels": {"a": "b"}, "limit": 2.5}, "limit=2.5"),
             ({"labels": {"a": "b"}, "tenant": ""}, "tenant=''"),
             ({"ids": ["a"], "wait": 3}, "unknown field(s) ['wait']"),
         ]
@@ -379,6 +395,9 @@ async def test_cancel_many_refuses_a_bad_body_by_name(tmp_path):
             assert r.status_code == 400, body
             assert r.json()["error"]["reason"] == "invalid_cancel" and says in r.json()["error"]["message"], (
                 body, r.json())
+        # a whole number written as 384.0 is a JSON integer, as the OpenAPI schema says
+        r = await http.post("/v1/jobs:cancel", json={"labels": {"a": "b"}, "limit": 384.0})
+        assert r.status_code == 200 and r.json()["cancelled"] == 0, r.text
         r = await http.post("/v1/jobs:cancel", content=b'{"ids": [', headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["reason"] == "malformed_json"
         assert (await http.get("/healthz")).status_code == 200

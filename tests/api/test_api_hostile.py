@@ -189,6 +189,25 @@ async def test_a_bug_met_by_one_job_of_a_batch_leaves_the_others_running(tmp_pat
         assert (await http.get("/v1/jobs/bad")).status_code == 404
 
 
+@pytest.mark.parametrize(("query", "says"), [
+    ("limit=\u0665", "limit and cursor must be integers"),  # an Arabic-Indic five: int() takes it
+    ("limit=10_0", "limit and cursor must be integers"),
+    ("limit=%205", "limit and cursor must be integers"),
+    ("limit=5&limit=7", "query parameter(s) ['limit'] given more than once"),
+    ("cursor=-1", "limit and cursor must be integers"),
+])
+async def test_a_query_number_is_plain_digits_given_once(tmp_path, query, says):
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.get(f"/v1/jobs?{query}")
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "invalid_query", r.text
+        assert says in r.json()["error"]["message"]
+        job = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm"))).json()["id"]
+        for wait in ("1_0", "%205", "nan", "\u0665"):
+            r = await http.get(f"/v1/jobs/{job}?wait={wait}")
+            assert r.status_code == 400 and "must be a number of seconds" in r.json()["error"]["message"], wait
+        assert (await http.get("/v1/jobs?limit=5&label=a=b&label=c=d")).status_code == 200  # label= is a list
+
+
 @pytest.mark.parametrize(("path", "params", "says"), [
     ("/v1/jobs/{id}", {"wiat": "5"}, "unknown query parameter(s) ['wiat']; use wait, spec"),
     ("/v1/jobs/{id}", {"spec": "yes"}, "spec='yes': use spec=1"),
