@@ -13,7 +13,8 @@ import logging
 import math
 import re
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 from pydantic import ValidationError
@@ -169,6 +170,40 @@ async def read_limited_body(request: Request, limit: int, timeout_s: float | Non
             chunks.append(chunk)
     finally:
         await stream.aclose()
+
+
+T = TypeVar("T")
+
+
+async def while_connected(request: Request, wait: Callable[[], Awaitable[T]]) -> T | None:
+    """``wait()``, or None as soon as the client goes away. A long-poll the client gave up
+    on otherwise held its handler, its waiter and its connection's descriptor for the
+    whole wait (up to MAX_WAIT_S), however many such clients came and went."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        async def waiting() -> None:
+            try:
+                outcome.append(await wait())
+            except Exception as e:  # noqa: BLE001 - raised again below, outside the nursery's group
+                failure.append(e)
+            nursery.cancel_scope.cancel()
+
+        async def watching() -> None:
+            # The request's body is read already (a GET has none): the next message is the end.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(waiting)
+        nursery.start_soon(watching)
+    if failure:
+        raise failure[0]
+    return outcome[0] if outcome else None
+
+
+#: The answer to a client that has gone: nobody reads it.
+GONE = Response(status_code=499)
 
 
 def _named_id(item: Any) -> str | None:
@@ -493,14 +528,20 @@ def create_app(agent: Any) -> Starlette:
         ids, wait = _wait_body(_parse_json(body))
         deadline = trio.current_time() + wait
         out: list[dict[str, Any]] = []
-        for job_id in ids:
-            try:
-                agent.get(job_id, who)
-                rec = await agent.wait_final(job_id, max(0.0, deadline - trio.current_time()))
-            except AgentError as e:
-                out.append({"id": job_id, **error_body(e.status, e.reason, e.message, e.details)})
-            else:
-                out.append({"status": 200, "job": rec.as_dict()})
+
+        async def each() -> bool:
+            for job_id in ids:
+                try:
+                    agent.get(job_id, who)
+                    rec = await agent.wait_final(job_id, max(0.0, deadline - trio.current_time()))
+                except AgentError as e:
+                    out.append({"id": job_id, **error_body(e.status, e.reason, e.message, e.details)})
+                else:
+                    out.append({"status": 200, "job": rec.as_dict()})
+            return True
+
+        if not await (while_connected(request, each) if wait else each()):
+            return GONE
         return _json({"results": out}, 207 if any("error" in o for o in out) else 200)
 
     async def principal(request: Request, body: bytes = b"") -> Any:
@@ -524,14 +565,20 @@ def create_app(agent: Any) -> Starlette:
             raise AgentError(f"spec={spec!r}: use spec=1 to add the job's spec, or leave it out",
                              reason="invalid_query")
         wait = _wait_param(request)
-        rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
+        rec = await while_connected(request, lambda: agent.wait_final(job_id, wait)) if wait else (
+            await agent.read(job_id))
+        if rec is None:
+            return GONE
         return _json(rec.as_dict(include_spec=spec == "1"))
 
     async def get_result(request: Request) -> Response:
         job_id = await readable(request)
         _known_params(request, "wait", "artifact")
         wait = _wait_param(request)
-        rec = await agent.wait_final(job_id, wait) if wait else await agent.read(job_id)
+        rec = await while_connected(request, lambda: agent.wait_final(job_id, wait)) if wait else (
+            await agent.read(job_id))
+        if rec is None:
+            return GONE
         headers = {"X-Job-State": rec.state.value}
         name = request.query_params.get("artifact")
         if name is not None:
@@ -558,7 +605,10 @@ def create_app(agent: Any) -> Starlette:
                              "answer)", reason="invalid_query") from None
         if not 0 <= offset < MAX_SEQ:
             raise AgentError(f"offset={offset} must be 0 to {MAX_SEQ - 1}", reason="invalid_query")
-        chunk = await agent.read_output(job_id, stream, offset, _wait_param(request))
+        wait = _wait_param(request)
+        chunk = await while_connected(request, lambda: agent.read_output(job_id, stream, offset, wait))
+        if chunk is None:
+            return GONE
         headers = {**ATTACHMENT, "X-Job-State": chunk.state, "X-Output-Next": str(chunk.next),
                    "X-Output-Complete": "true" if chunk.complete else "false", "X-Output-Attempt": str(chunk.attempt)}
         if chunk.note:
