@@ -452,15 +452,21 @@ class WasmEngine:
         bucket = 1 << max(16, (requested - 1).bit_length())
         return min(bucket, self.max_stack_bytes)
 
-    def _prepared(self, sha256: str, module_path: Path | None, stack_bytes: int) -> _Prepared:
-        """The module ready to run: from memory, else from the disk cache, else compiled."""
-        key = (sha256, stack_bytes)
+    def _in_memory(self, key: tuple[str, int]) -> _Prepared | None:
+        """The module ready to run if the in-memory LRU holds it (counted, and kept there longer)."""
         with self._cond:
             hit = self._modules.get(key)
             if hit is not None:
                 self._modules.move_to_end(key)
                 self.stats.from_memory += 1
-                return hit
+            return hit
+
+    def _prepared(self, sha256: str, module_path: Path | None, stack_bytes: int) -> _Prepared:
+        """The module ready to run: from memory, else from the disk cache, else compiled."""
+        key = (sha256, stack_bytes)
+        hit = self._in_memory(key)
+        if hit is not None:
+            return hit
         slot = self._slot(stack_bytes)
         with self._compile_lock:
             with self._cond:
@@ -488,13 +494,9 @@ class WasmEngine:
         module not in memory is loaded or compiled on a thread of its own while the run
         waits, a tick at a time; a run that gives up leaves the compile going, into the
         caches, so the module's next job finds it compiled."""
-        key = (sha256, stack_bytes)
-        with self._cond:
-            hit = self._modules.get(key)
-            if hit is not None:
-                self._modules.move_to_end(key)
-                self.stats.from_memory += 1
-                return hit
+        hit = self._in_memory((sha256, stack_bytes))
+        if hit is not None:
+            return hit
         done = threading.Event()
         outcome: list[_Prepared | BaseException] = []
 
