@@ -88,7 +88,15 @@ def test_ctrl_c_stops_the_agent_not_its_jobs(tmp_path):
     agent.start()
     with agent.client() as http:
         recs = {job: http.get(f"/v1/jobs/{job}").json() for job in (proc, wasm)}
-    assert (recs[proc]["state"], recs[proc]["result"]["reason"], recs[proc]["attempts"]) == ("succeeded", "exit 0", 1)
+    if recs[proc]["state"] != "succeeded":  # queued again (see below): it runs again after the restart
+        with agent.client() as http:
+            recs[proc] = http.get(f"/v1/jobs/{proc}", params={"wait": 30}).json()
+    # Known race: a Ctrl-C while the first process job fills the warm pool can fail that
+    # fill (ECHILD); the job is then queued again, as a host fault, and runs after the
+    # restart: a second attempt, never a failed job.
+    assert (recs[proc]["state"], recs[proc]["result"]["reason"]) == ("succeeded", "exit 0")
+    assert recs[proc]["attempts"] in (1, 2)
+    assert not any("signal 2" in t["detail"] for t in recs[proc]["timeline"])
     assert (recs[wasm]["state"], recs[wasm]["result"]["reason"], recs[wasm]["attempts"]) == (
         "timed_out", "wall_timeout", 1)
     agent.stop()
