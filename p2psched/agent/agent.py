@@ -1713,6 +1713,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             self._release(run)
             raise
         ended = time.time()
+        digest = None
         if len(result.stdout) + len(result.stderr) > SIGN_IN_THREAD_BYTES:
             # The report hashes the output: 128 MiB of it held the event loop for a
             # third of a second, so a big one is signed in a thread (its record then
@@ -1721,9 +1722,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self.gate.attest, node_id=self.node_id, job_id=rec.id, spec=rec.spec, result=result,
                 started_at=started, ended_at=ended))
             result.sandbox["attestation"] = report
-            self._end_run(run, result, started, ended, output_sha256=report["output_sha256"])
-            return
-        self._end_run(run, result, started, ended)
+            digest = report["output_sha256"]
+        self._end_run(run, result, started, ended, output_sha256=digest)
 
     def _begin_run(self, run: Running) -> float:
         rec = run.record
