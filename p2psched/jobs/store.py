@@ -64,6 +64,11 @@ CHECKPOINT_ROWS = 1_000
 #: on the trio thread never waits there: it goes to a thread (SQLite's own default, 5 s
 #: of waiting on the trio thread, froze the whole agent).
 LOCK_WAIT_S = 1.0
+#: The size the WAL is cut back to when it starts over after a checkpoint. Between two
+#: checkpoints it holds up to CHECKPOINT_ROWS rows, inline outputs included (up to 64 MB),
+#: and SQLite reuses that space rather than give it back: without a limit a burst of
+#: large outputs kept the data dir that much larger until the agent stopped.
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -282,6 +287,7 @@ class Store:
         # loss can drop the last transactions. That is the trade-off etcd and Consul make too.
         self._writer.execute("PRAGMA synchronous=NORMAL")
         self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
+        self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._writer.executescript(SCHEMA)
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._reader.execute("SELECT count(*) FROM jobs WHERE seq < 0").fetchone()

@@ -476,3 +476,20 @@ def test_a_module_named_since_the_cutoff_is_kept_whatever_its_files_mtime_says(t
     assert store.prune_modules(candidates, in_use=set(), unused_since=cutoff) == 0
     assert store.has_module(sha)
     store.close()
+
+
+async def test_a_wal_grown_by_a_burst_of_large_outputs_is_cut_back_once_checkpointed(tmp_path):
+    store = Store(tmp_path)
+    wal = tmp_path / "jobs.db-wal"
+    output = b"x" * (INLINE_OUTPUT_BYTES - 1)  # the largest output a row holds
+    for i in range(1, 301):  # about 20 MB of rows, in the WAL until the checkpoint
+        store.stage(rec(i), new=True, output=output)
+    await store.sync()
+    assert wal.stat().st_size > 2 * store_module.WAL_SIZE_LIMIT
+    for i in range(301, CHECKPOINT_ROWS + 2):  # enough rows for a checkpoint, then one more commit
+        store.stage(rec(i), new=True)
+        await store.sync()
+    assert wal.stat().st_size <= store_module.WAL_SIZE_LIMIT
+    store.close()
+    again = Store(tmp_path)
+    assert again.output("n1:300") == output and len(list(again.unfinished())) == CHECKPOINT_ROWS + 1
