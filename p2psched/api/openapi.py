@@ -70,7 +70,8 @@ def _errors(*codes: int) -> dict[str, Any]:
     covers the rest (401 unsigned, 403 not the caller's, 503 store unwritable, ...)."""
     text = {400: "Invalid input: `error.message` says what and how to fix it; for a spec, `error.fields` names "
                  "each bad field.", 404: "Unknown job.",
-            409: "Conflict with the job's state.", 413: "Body too large.", 429: "Queue full; see Retry-After.",
+            409: "Conflict with the job's state.", 413: "Body too large.",
+            415: "Body sent compressed (Content-Encoding); send it as it is.", 429: "Queue full; see Retry-After.",
             503: "Agent shutting down."}
     return {**{str(c): _resp(text[c], _ERR) for c in codes},
             "default": _resp("Any other error: 401 unsigned or badly signed, 403 not the caller's, 503 the "
@@ -297,7 +298,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {"summary": "Submit a job", "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}}},
                     "responses": {"202": _resp("Accepted", _REC), "200": _resp("Same id: the existing job", _REC),
-                                  **_errors(400, 413, 429, 503)}},
+                                  **_errors(400, 413, 415, 429, 503)}},
                 "get": {"summary": "List jobs", "parameters": [
                     {"name": "state", "in": "query", "schema": {"type": "string", "enum": [s.value for s in JobState]}},
                     {"name": "tenant", "in": "query", "schema": {"type": "string"}},
@@ -329,7 +330,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"202": _resp("One record or error per spec, in order", batch_answer),
                               "207": _resp("Some specs failed; see each result. A spec refused for now (a full "
                                            "queue: error.status 429) has error.retry_after, in seconds", batch_answer),
-                              **_errors(400, 413)}}},
+                              **_errors(400, 413, 415)}}},
             "/v1/jobs:wait": {"post": {
                 "summary": "Many jobs' records, once each has ended or `wait` seconds passed",
                 "description": "Read access to each job as for GET /v1/jobs/{job_id}. Records come in the order "
@@ -342,7 +343,7 @@ def openapi_document() -> dict[str, Any]:
                         "wait": {"type": "number", "minimum": 0, "maximum": 300, "default": 0}}}}}},
                 "responses": {"200": _resp("One record per id, in order", wait_answer),
                               "207": _resp("Some ids have an error in place of a record", wait_answer),
-                              **_errors(400, 413)}}},
+                              **_errors(400, 413, 415)}}},
             "/v1/jobs:cancel": {"post": {
                 "summary": "Cancel many jobs: named by id, or every unfinished job with the given labels",
                 "description": "Access as for DELETE /v1/jobs/{job_id}. Jobs that have not started are cancelled "
@@ -368,7 +369,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _resp("One record per job, in order, with `cancelled` (how many are now "
                                            "cancelled) and `more`", cancel_answer),
                               "207": _resp("Some jobs have an error in place of a record", cancel_answer),
-                              **_errors(400, 413)}}},
+                              **_errors(400, 413, 415)}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "A job's record", "parameters": [_JOB_ID, _WAIT, _SPEC],
                         "responses": {"200": _resp("The record", _REC), **_errors(404)}},

@@ -120,6 +120,8 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _error(e: AgentError) -> Response:
     headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else {}
+    if e.status == 415:
+        headers["Accept-Encoding"] = "identity"  # RFC 9110 15.5.16: the codings it would have taken
     if e.status == 408:
         # RFC 9110 15.5.9: the server closes the connection rather than wait on; say so.
         headers["Connection"] = "close"
@@ -452,6 +454,13 @@ def create_app(agent: Any) -> Starlette:
     limit = agent.settings.max_request_bytes
 
     async def read_body(request: Request, too_large: str) -> bytes:
+        coding = request.headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            # Read as it came, a compressed body failed as "malformed JSON" (or, for a
+            # drain, was not even looked at): say what is wrong with it instead.
+            raise AgentError(f"the request body is sent with Content-Encoding {coding!r}, which the agent does not "
+                             "decode; send it uncompressed, without that header", reason="unsupported_encoding",
+                             status=415)
         try:
             return await read_limited_body(request, limit, agent.settings.request_body_timeout_s)
         except BodyTooLarge:

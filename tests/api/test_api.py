@@ -1,6 +1,8 @@
 """The HTTP API against a real agent and real hypercorn, on a free port."""
 
 import base64
+import gzip
+import json
 import time
 from types import SimpleNamespace
 
@@ -69,6 +71,24 @@ async def test_malformed_json_and_wrong_body_shape(tmp_path):
         metrics = (await http.get("/metrics")).text  # each refusal at the door is counted by its reason
         for reason in ("malformed_json", "invalid_spec", "invalid_batch"):
             assert f'p2psched_admission_rejections_total{{reason="{reason}"}} 1.0' in metrics, reason
+
+
+async def test_a_compressed_body_gets_415_naming_its_encoding_and_nothing_is_done(tmp_path):
+    spec = json.dumps(wasm_spec("hello.wasm")).encode()
+    async with running_agent(tmp_path) as (agent, http):
+        r = await http.post("/v1/jobs", content=gzip.compress(spec),
+                            headers={"content-type": "application/json", "content-encoding": "gzip"})
+        assert r.status_code == 415 and r.headers["accept-encoding"] == "identity"
+        error = r.json()["error"]
+        assert error["reason"] == "unsupported_encoding" and "'gzip'" in error["message"]
+        assert "send it uncompressed" in error["message"]
+        assert 'p2psched_admission_rejections_total{reason="unsupported_encoding"} 1.0' in (
+            await http.get("/metrics")).text
+        r = await http.post("/v1/drain", content=gzip.compress(b"{}"), headers={"content-encoding": "gzip"})
+        assert r.status_code == 415 and agent.accepting
+        assert (await http.get("/v1/jobs")).json()["jobs"] == []
+        r = await http.post("/v1/jobs", content=spec, headers={"content-encoding": "Identity"})
+        assert r.status_code == 202, r.text
 
 
 async def test_a_draining_agent_refuses_submissions_with_503_and_counts_them(tmp_path):
