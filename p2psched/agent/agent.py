@@ -1523,6 +1523,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 # The placement is undone too: it runs again.
                 self._advance(rec, JobState.QUEUED, time.time(),
                               f"taken back before it started ({error or run.cancel_reason}); it will run again")
+                rec.wait_reason = IN_TURN  # it waits in the queue again, not in a worker
                 self.queue.push_front(rec)
                 self._wake.set()
                 return
@@ -1618,6 +1619,11 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         """Take back the jobs waiting in workers that should not wait there any more.
 
         - A job of higher priority than one waiting has arrived: it goes first.
+        - Under ``fair``, a tenant with a job queued at a waiting job's priority has two
+          fewer jobs waiting at that priority than another tenant: taking turns, the
+          queue would have given it one of those places. (Jobs of one tenant that
+          arrived alone fill the workers; another tenant's job then waits behind all
+          of them, however long they run.) One fewer is fair: that tenant's turn came.
         - A peer has room for it now (one freed a slot, or joined): placement may send
           it there.
         - A slot is free that a waiting job fits, and nothing queued would take it, or
@@ -1644,6 +1650,26 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                     and (head is None or now - run.started >= PREFETCH_PATIENCE_S)):
                 self._take_back_prefetched("a slot is free")
                 return
+        if head is not None and self.queue.policy == "fair":
+            skipped = self._tenant_skipped()
+            if skipped is not None:
+                self._take_back_prefetched(f"tenant {skipped!r} takes its turn first")
+
+    def _tenant_skipped(self) -> str | None:
+        """A tenant whose turn the jobs waiting in workers took (see _review_prefetched)."""
+        waiting: dict[int, dict[str, int]] = {}
+        for run in self._prefetched.values():
+            spec = run.record.spec
+            by_tenant = waiting.setdefault(spec.priority, {})
+            by_tenant[spec.tenant] = by_tenant.get(spec.tenant, 0) + 1
+        for priority, by_tenant in waiting.items():
+            most = max(by_tenant.values())
+            if most < 2:
+                continue
+            for tenant in self.queue.tenants_at(priority):
+                if by_tenant.get(tenant, 0) + 2 <= most:
+                    return tenant
+        return None
 
     def _after_wasm_results(self) -> None:
         """After a batch of wasm results: start the next jobs, then record the ended ones.

@@ -102,6 +102,20 @@ class DispatchQueue:
             heapq.heappop(self._prios)
         return rec
 
+    def tenants_at(self, priority: int) -> list[str]:
+        """The tenants with a job queued at ``priority`` (under ``fifo``, none: tenants
+        take no turns there)."""
+        level = self._levels.get(priority) if self.policy == "fair" else None
+        if not level:
+            return []
+        found = []
+        for tenant, q in level.items():
+            while q and self._ids.get(q[0][1].id) != q[0][0]:
+                q.popleft()  # removed entries at the front go now, as peek's do
+            if q:
+                found.append(tenant)
+        return found
+
     def remove(self, job_id: str) -> bool:
         """Mark a queued job gone (cancel, hand-off); it is skipped lazily."""
         return self._ids.pop(job_id, None) is not None

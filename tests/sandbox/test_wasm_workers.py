@@ -258,6 +258,31 @@ async def test_a_job_of_higher_priority_goes_before_a_waiting_one(tmp_path):
         assert started[urgent] < started[waiting]
 
 
+async def test_jobs_of_one_tenant_waiting_in_a_worker_give_another_tenant_its_turn(tmp_path):
+    # Six jobs of tenant a, alone in the queue, fill the worker's waiting places; b's
+    # job, arriving next, would wait behind all of them without being taken back.
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        short = {"limits": {"wall_ms": 300}}
+        r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("loop.wasm", tenant="a", **short)] * 6})
+        a_jobs = [x["job"]["id"] for x in r.json()["results"]]
+        await wait_state(agent, a_jobs[0], "running")
+        await wait_state(agent, a_jobs[WAITING_PER_WORKER], "placed")
+        b_job = (await http.post("/v1/jobs", json=wasm_spec("hello.wasm", tenant="b"))).json()["id"]
+        with trio.fail_after(60):
+            while not all(agent.get(j).state.final for j in (*a_jobs, b_job)):
+                for j in a_jobs:  # one taken back waits in the queue again, and says so
+                    rec = agent.get(j)
+                    assert rec.state.value != "queued" or not rec.wait_reason.startswith(PREFETCHED_WAIT), rec
+                await trio.sleep(0.005)
+        started = {j: next(t["at"] for t in agent.get(j).timeline if t["state"] == "running")
+                   for j in (*a_jobs, b_job)}
+        order = sorted(started, key=started.__getitem__)
+        assert order.index(b_job) <= 2, order  # a's running job, maybe its next, then b's turn
+        taken = [t["detail"] for j in a_jobs for t in agent.get(j).timeline if "takes its turn first" in t["detail"]]
+        assert taken and all("tenant 'b'" in d for d in taken)
+        assert [t["state"] for t in agent.get(a_jobs[-1]).timeline][-1] == "timed_out"
+
+
 async def test_cancelling_a_waiting_job_ends_it_at_once(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
         long, waiting = await _one_running_one_waiting(agent, http)
