@@ -676,14 +676,16 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         # A job this agent holds is answered here, wherever its id hashes now: the
         # home moves when members come and go, and asking the new one made it accept
         # the id anew, a second origin that ran the job again.
+        # A job another agent is home to is that agent's to admit: this one's full queue
+        # (or its drain) must not refuse it, nor a retry of it that the home holds.
         known = self._known(spec)
-        if not known:
-            self._admit_check()
         home = None if known else self.home_of(spec.id)
         if home is not None:
             proxied = await self.submit_at_home(home, spec, auth)
             if proxied is not None:
                 return proxied
+        if not known:
+            self._admit_check()
         rec, created = self._accept(spec, time.time(), auth)
         try:
             await self.store.sync()
@@ -710,13 +712,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 # The jobs accepted so far in this batch are queued only once the batch is
                 # durable: they count against the queue's bound all the same.
                 known = self._known(spec)
-                if not known:
-                    self._admit_check(extra=1 + len(created))
                 home = None if known else self.home_of(spec.id)  # as in submit
                 proxied = await self.submit_at_home(home, spec, auth) if home is not None else None
                 if proxied is not None:
                     out.append(proxied)
                     continue
+                if not known:
+                    self._admit_check(extra=1 + len(created))
                 rec, new = self._accept(spec, now, auth)
             except AgentError as e:
                 out.append(e)

@@ -291,7 +291,8 @@ class RemoteJobs:
         except (ValueError, AdmissionError) as e:
             raise ValueError(f"submit: {e}") from None
         try:
-            self._admit_check()
+            if not self._known(spec):  # a retry of a job held here is answered, full queue or not
+                self._admit_check()
             rec, created = self._accept(spec, time.time(), auth)
             try:
                 await self.store.sync()

@@ -215,3 +215,39 @@ def test_a_job_its_executor_can_no_longer_run_goes_back_to_its_origin_and_ends_t
         assert there["state"] == "cancelled" and "given back to its origin home" in there["timeline"][-1]["detail"]
     finally:
         stop_all(agents)
+
+
+def test_a_retry_of_an_id_its_home_holds_is_answered_through_an_agent_whose_queue_is_full(tmp_path):
+    """The agent a client asks only passes a job another agent is home to on: its own
+    full queue refused a retry that the home would have answered with the record. The
+    home's full queue refused it too, though the home holds the job."""
+    one = ["--queue-limit", "1"]
+    # Each queue is filled with a job only its own agent can run, so none is forwarded.
+    agents = start_cluster(tmp_path, ["full", "home"], per_agent={"full": [*one, "--cpus", "1", "--mem-mb", "4096"],
+                                                                  "home": [*one, "--cpus", "2", "--mem-mb", "1024"]})
+    full, home = agents
+    job_id = next(i for i in (f"kept-{n}" for n in range(1000))
+                  if max(("full", "home"), key=lambda n: hashlib.sha256(f"{n}\x00{i}".encode()).digest()) == "home")
+
+    def long(cpu: int, mem_mb: int) -> dict:
+        return wasm_spec("loop.wasm", limits={"wall_ms": 60_000}, resources={"cpu": cpu, "mem_mb": mem_mb})
+
+    try:
+        with home.client() as http:
+            assert http.post("/v1/jobs", json=wasm_spec("hello.wasm", id=job_id)).status_code == 202
+            assert http.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["state"] == "succeeded"
+            wait_state(http, http.post("/v1/jobs", json=long(2, 256)).json()["id"], "running")
+            http.post("/v1/jobs", json=long(2, 256)).raise_for_status()
+            assert http.post("/v1/jobs", json=long(2, 256)).status_code == 429
+        with full.client() as http:
+            wait_state(http, http.post("/v1/jobs", json=long(1, 2048)).json()["id"], "running")
+            http.post("/v1/jobs", json=long(1, 2048)).raise_for_status()
+            refused = http.post("/v1/jobs", json=long(1, 2048))
+            assert refused.status_code == 429 and refused.json()["error"]["reason"] == "queue_full", refused.text
+            again = http.post("/v1/jobs", json=wasm_spec("hello.wasm", id=job_id))
+            assert again.status_code == 200, again.text
+            assert (again.json()["origin"], again.json()["state"]) == ("home", "succeeded")
+            batch = http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("hello.wasm", id=job_id)]}).json()
+            assert batch["results"][0]["status"] == 200 and batch["results"][0]["job"]["origin"] == "home", batch
+    finally:
+        stop_all(agents)
