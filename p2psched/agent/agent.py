@@ -267,6 +267,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._wasm: WasmWorkers | None = None
         self._wasm_ended: list[tuple[Running, SandboxResult, float]] = []  # freed, not yet recorded
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
+        #: Queued jobs out of the queue for a while: offered to a peer, or waiting to be
+        #: queued again after a refusal. They wait here all the same (``waiting``).
+        self._aside: set[str] = set()
         self._peer_room_looked = 0.0  # monotonic time of the last look for a peer with room for them
         self._dispatching = False
         self._host_failures: dict[str, int] = {}  # job id -> tries this host could not run it
@@ -502,6 +505,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
 
     def _advance(self, rec: JobRecord, state: JobState, at: float, detail: str = "") -> None:
         rec.advance(state, at, self.node_id, detail)
+        if self._aside:
+            self._aside.discard(rec.id)
         self.metrics.job_state(state.value, rec.runtime).inc()
         # One structured line per transition, with the job id (a job is created
         # submitted and its first line is submitted -> queued); --log-level warning
@@ -539,8 +544,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     # ---------------------------------------------------------------- submission
 
     def waiting(self) -> int:
-        """Jobs waiting to run here: queued, or placed in a wasm worker behind another job."""
-        return len(self.queue) + len(self._prefetched)
+        """Jobs waiting to run here or to be placed: queued, being offered to a peer or
+        backing off before another offer, or placed in a wasm worker behind another job."""
+        return len(self.queue) + len(self._aside) + len(self._prefetched)
 
     def _admit_check(self, extra: int = 1) -> None:
         if not self.accepting:
@@ -749,6 +755,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     def _enqueue(self, rec: JobRecord) -> None:
         if rec.wait_reason is None:  # the dispatcher says more once the job reaches the queue's head
             rec.wait_reason = IN_TURN
+        self._aside.discard(rec.id)
         self.queue.push(rec)
         self._wake.set()
         self._vector_changed.set()
@@ -1416,6 +1423,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                                        "certificates, or --insecure")
                     break
                 self.queue.pop()
+                self._aside.add(rec.id)
                 rec.wait_reason = f"offering to {decision.node_id}"
                 if self.cluster is not None:  # so that the next job of this pass sees the peer as taken
                     self._hold_on(decision.node_id, rec)

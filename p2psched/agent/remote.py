@@ -206,9 +206,11 @@ class RemoteJobs:
 
     def _requeue_later(self: Agent, rec: JobRecord, delay: float) -> None:
         assert self._nursery is not None
+        self._aside.add(rec.id)  # it counts against the queue's bound meanwhile
 
         async def later() -> None:
             await trio.sleep(delay)
+            self._aside.discard(rec.id)
             # (not if an executor's run was taken as its attempt meanwhile: _adopt_restarted_run)
             if rec.state is JobState.QUEUED and rec.id in self.active and rec.id not in self.queue:
                 self._enqueue(rec)

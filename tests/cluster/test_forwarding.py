@@ -98,3 +98,29 @@ def test_late_binding_refusal_sends_the_job_to_the_next_candidate(tmp_path):
         assert refusals, metrics[:2000]
     finally:
         stop_all(agents)
+
+
+def test_jobs_being_offered_to_a_peer_count_against_the_queue_bound(tmp_path):
+    """A job on its way to a peer waits at its origin until the peer takes it: it was
+    counted nowhere, so the queue admitted past its bound while an offer hung."""
+    import os
+    import signal
+
+    agents = start_cluster(tmp_path, ["bound", "hangs"], "--cpus", "1", "--queue-limit", "2")
+    origin, hung = agents
+    try:
+        with origin.client() as http:
+            wait_running(http, http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60_000})).json()["id"])
+            os.kill(hung.proc.pid, signal.SIGSTOP)  # still alive to the origin: its next job is offered there, and hangs
+            offered = http.post("/v1/jobs", json=wasm_spec("hello.wasm")).json()["id"]
+            deadline = time.monotonic() + 10
+            while not (http.get(f"/v1/jobs/{offered}").json()["wait_reason"] or "").startswith("offering to hangs"):
+                assert time.monotonic() < deadline, http.get(f"/v1/jobs/{offered}").json()
+                time.sleep(0.01)
+            answers = [http.post("/v1/jobs", json=wasm_spec("hello.wasm")).status_code for _ in range(3)]
+            assert answers == [202, 429, 429], answers
+            metrics = http.get("/metrics").text
+            assert "p2psched_queue_length 2.0" in metrics, [ln for ln in metrics.splitlines() if "queue_length" in ln]
+    finally:
+        os.kill(hung.proc.pid, signal.SIGCONT)
+        stop_all(agents)
