@@ -669,8 +669,32 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self.store.stage(rec, new=True)
         self.metrics.job_state("submitted", rec.runtime).inc()
         self._advance(rec, JobState.QUEUED, now, "accepted")
+        never = self._never_runs(rec)
+        if never is not None:
+            # Ended now, in the same durable write: at the queue's head it ended the same
+            # way, but only after the jobs ahead of it had started (hours, behind long ones).
+            rec.result = JobResult(exit_code=None, reason=f"rejected: {never}")
+            self._advance(rec, JobState.REJECTED, now, never)
+            return rec, True
         self.active[rec.id] = rec
         return rec, True
+
+    def _never_runs(self, rec: JobRecord) -> str | None:
+        """Why no node this agent knows of could run ``rec`` even idle, or None. Most jobs
+        fit this agent idle, which is looked at first and costs nothing."""
+        from p2psched.placement.core import NODE_LABEL_PREFIX, JobRequest, fits_ever, never_reason
+
+        spec = rec.spec
+        r = spec.resources
+        if (r.gpu <= 0 and self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb
+                and not any(k.startswith(NODE_LABEL_PREFIX) for k in spec.labels)):
+            return None
+        req = JobRequest.from_spec(rec.id, spec, hops=rec.hops)
+        local = self.local_state(with_tenants=False)
+        peers = self.cluster.alive_states() if self.cluster is not None else []
+        if fits_ever(req, local) or any(fits_ever(req, p) for p in peers):
+            return None
+        return never_reason(req, [local, *peers])
 
     def _known(self, spec: JobSpec) -> bool:
         """Whether ``spec`` names a job this agent holds: submitting it again returns
@@ -753,6 +777,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         return out
 
     def _enqueue(self, rec: JobRecord) -> None:
+        if rec.state.final:
+            return  # rejected as it was accepted (_accept)
         if rec.wait_reason is None:  # the dispatcher says more once the job reaches the queue's head
             rec.wait_reason = IN_TURN
         self._aside.discard(rec.id)

@@ -265,7 +265,7 @@ def node_load(v: ResourceVector) -> float:
     return (v.cpu_total - v.cpu_free + v.queue_len) / v.cpu_total
 
 
-def _never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
+def never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
     """Name the first constraint that no known node satisfies, even when idle."""
     n = len(states)
     nodes = f"{n} known node" + ("s" if n != 1 else "")
@@ -412,7 +412,7 @@ def place(
         return RunHere(), state
 
     if not fits_ever(req, local) and not any(fits_ever(req, p) for p in peers):
-        return Reject(_never_reason(req, [local, *peers])), state
+        return Reject(never_reason(req, [local, *peers])), state
 
     if req.hops >= req.ttl:
         if here_now or (impaired_here and fits_now(req, local) and not local.vector.draining):

@@ -55,3 +55,26 @@ async def test_a_too_big_job_is_rejected_and_a_third_waits_on_a_full_agent(tmp_p
             assert waiting.state.value == "placed" and waiting.wait_reason.startswith(PREFETCHED_WAIT), waiting
         for i in ids:
             await http.delete(f"/v1/jobs/{i}")
+
+
+async def test_a_job_no_node_could_ever_run_is_rejected_at_once_not_behind_the_queue(tmp_path):
+    # Behind a long job, a job no node could run even idle was queued and rejected only
+    # once it reached the queue's head: after every job ahead of it had started.
+    async with running_agent(tmp_path, cpus=1) as (agent, http):
+        first = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60_000}))).json()["id"]
+        queued = (await http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 60_000}))).json()["id"]
+        r = await http.post("/v1/jobs", json=wasm_spec("noop.wasm", entry="noop", resources={"cpu": 64}))
+        assert r.status_code == 202
+        rec = r.json()
+        assert [t["state"] for t in rec["timeline"]] == ["submitted", "queued", "rejected"], rec["timeline"]
+        assert rec["result"]["reason"] == "rejected: needs 64 cpus; the largest node has 1", rec["result"]
+        batch = (await http.post("/v1/jobs:batch", json={"jobs": [
+            wasm_spec("noop.wasm", entry="noop", resources={"gpu": 1}), wasm_spec("hello.wasm")]})).json()
+        gpu, fits = (x["job"] for x in batch["results"])
+        assert gpu["state"] == "rejected" and "gpu" in gpu["result"]["reason"].lower(), gpu["result"]
+        assert fits["state"] == "queued"
+        assert agent.waiting() == 2 and rec["id"] not in agent.active  # the rejected jobs wait nowhere
+        again = (await http.get(f"/v1/jobs/{rec['id']}")).json()
+        assert again["state"] == "rejected"
+        for job in (first, queued, fits["id"]):
+            await http.delete(f"/v1/jobs/{job}")
