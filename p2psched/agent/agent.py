@@ -682,13 +682,12 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     def _never_runs(self, rec: JobRecord) -> str | None:
         """Why no node this agent knows of could run ``rec`` even idle, or None. Most jobs
         fit this agent idle, which is looked at first and costs nothing."""
-        from p2psched.placement.core import NODE_LABEL_PREFIX, JobRequest, fits_ever, never_reason
-
         spec = rec.spec
         r = spec.resources
-        if (r.gpu <= 0 and self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb
-                and not any(k.startswith(NODE_LABEL_PREFIX) for k in spec.labels)):
+        if r.gpu <= 0 and self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb and not spec.labels:
             return None
+        from p2psched.placement.core import JobRequest, fits_ever, never_reason
+
         req = JobRequest.from_spec(rec.id, spec, hops=rec.hops)
         local = self.local_state(with_tenants=False)
         peers = self.cluster.alive_states() if self.cluster is not None else []
