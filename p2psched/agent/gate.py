@@ -19,7 +19,7 @@ from p2psched.config import AgentSettings
 from p2psched.jobs.spec import JobSpec
 from p2psched.sandbox.base import SandboxResult
 from p2psched.security.admission import Admission, Admitted, TenantUsage
-from p2psched.security.attestation import NodeKey, measure, open_node_key, report_from_result
+from p2psched.security.attestation import NodeKey, NodeKeyError, measure, open_node_key, report_from_result
 from p2psched.security.errors import AdmissionError
 from p2psched.security.nonces import SQLiteNonceStore
 from p2psched.security.request_auth import OPEN_PRINCIPAL, Principal
@@ -52,6 +52,8 @@ class Gate:
             nonces = SQLiteNonceStore(data_dir / "nonces.db")
         except OSError as e:
             raise data_dir_error(data_dir, e) from None
+        except NodeKeyError as e:  # it names the key file and the fix (chmod 600, or delete it)
+            raise StartupError(str(e)) from None
         self.node_pubkey = self.node_key.public_hex
         cluster_cfg = {k: v for k, v in self.settings.model_dump(mode="json").items() if k not in NODE_LOCAL}
         self.measurement = measure(cluster_cfg).value
@@ -107,10 +109,12 @@ class Gate:
         except AdmissionError as e:
             raise to_agent_error(e) from None
 
-    def check_access(self, principal: Principal, tenant: str, job_id: str) -> None:
+    def check_tenant(self, principal: Principal, tenant: str) -> None:
+        """Refuse (403) a listing, count or label cancel of ``tenant``'s jobs that
+        ``principal`` may not see."""
         if not principal.may_access(tenant):
             assert self.admission is not None
-            raise to_agent_error(self.admission.forbidden(principal, tenant, job_id))
+            raise to_agent_error(self.admission.forbidden_tenant(principal, tenant))
 
     def attest(self, *, node_id: str, job_id: str, spec: JobSpec, result: SandboxResult, started_at: float,
                ended_at: float) -> dict[str, Any]:

@@ -656,7 +656,7 @@ def create_app(agent: Any) -> Starlette:
         if who.admin:
             return tenant
         if tenant is not None and tenant != who.tenant:
-            agent.gate.check_access(who, tenant, "*")
+            agent.gate.check_tenant(who, tenant)
         return str(who.tenant)
 
     async def job_counts(request: Request) -> Response:

@@ -181,6 +181,15 @@ class Admission:
             "jobs (an admin tenant sees all)",
         ))
 
+    def forbidden_tenant(self, principal: Principal, tenant: str) -> AdmissionError:
+        """The error for a listing, count or label cancel that names another tenant
+        (counted as ``forbidden``)."""
+        return self._reject(AdmissionError(
+            "forbidden", f"tenant {principal.tenant!r} may list, count and cancel by label only its own jobs, not "
+            f"tenant {tenant!r}'s; leave the tenant out (drop --of-tenant; in the API, the tenant parameter) to "
+            "cover your own, or sign as an admin tenant to cover another's",
+        ))
+
     def _admit(
         self, spec: JobSpec, auth: Auth | dict[str, Any] | None, registry: TenantRegistry | None,
         job_id: str, usage: TenantUsage | None, now: float, forwarded: bool, module: bytes | None,

@@ -57,6 +57,15 @@ def test_signed_jobs_unsigned_refused_tenants_see_only_their_own(tmp_path, tenan
             "succeeded": 1}, "tenant": "alice"}
         assert counts("bob").json()["counts"]["succeeded"] == 0
         assert counts("bob", tenant="alice").status_code == 403
+        # It names the tenant asked for (not a job: none is named) and what to do.
+        p = cli("jobs", "--counts", "--of-tenant", "alice", "--tenant", "bob", "--key", str(keys / "bob.key"),
+                agent=agent, check=False)
+        said = p.stderr.decode()
+        assert p.returncode == 3 and "403" in said, said
+        assert "job *" not in said and "belongs to another tenant" not in said, said
+        assert ("tenant 'bob' may list, count and cancel by label only its own jobs, not tenant 'alice''s; leave "
+                "the tenant out (drop --of-tenant; in the API, the tenant parameter) to cover your own, or sign as "
+                "an admin tenant to cover another's") in said, said
         assert counts("ops", tenant="alice").json()["counts"]["succeeded"] == 1
         assert httpx.get(agent.url + "/v1/jobs:counts").status_code == 401
 
