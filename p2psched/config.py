@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -319,11 +320,29 @@ def format_validation_error(e: ValidationError, *, source: str = "configuration"
         msg = err["msg"].removeprefix("Value error, ")
         allowed = allowed_values(str(err["loc"][0])) if err["loc"] else None
         if err["type"] == "extra_forbidden":
-            msg, allowed = "unknown key; check its spelling (`p2psched agent --help` lists every setting)", None
+            msg, allowed = _unknown_key(str(err["loc"][-1]) if err["loc"] else ""), None
         if allowed and allowed not in msg:  # a Literal's message lists its choices already
             msg += f" (allowed: {allowed})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
+
+
+def close_names(name: str, names: Iterable[str], *, n: int = 1, cutoff: float = 0.8) -> list[str]:
+    """The names in ``names`` that ``name`` is a likely misspelling of, closest first."""
+    import difflib  # only then: an idle agent does not keep it
+
+    return difflib.get_close_matches(name, list(names), n=n, cutoff=cutoff)
+
+
+def _unknown_key(name: str) -> str:
+    # Every key, not `p2psched agent --help`: some settings (max_request_bytes, membership,
+    # allow_measurements...) have no flag, and no page lists them all.
+    keys = sorted(AgentSettings.model_fields)
+    close = close_names(name, keys, cutoff=0.6)
+    every = ", ".join(keys)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}? The settings are: {every}"
+    return f"unknown key; check its spelling. The settings are: {every}"
 
 
 def _deep_update(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -361,13 +380,9 @@ def misspelt_env(environ: dict[str, str]) -> list[str]:
     prefix = ENV_PREFIX.lower()
     unknown = {var: var.lower().removeprefix(prefix) for var in sorted(environ) if var.lower().startswith(prefix)}
     unknown = {var: name for var, name in unknown.items() if name not in names}
-    if not unknown:
-        return []
-    import difflib  # only then: an idle agent does not keep it
-
     out = []
     for var, name in unknown.items():
-        if close := difflib.get_close_matches(name, names, n=1, cutoff=0.8):
+        if close := close_names(name, names):
             out.append(f"{var} is not a setting and is ignored; did you mean {ENV_PREFIX}{close[0].upper()}?")
     return out
 

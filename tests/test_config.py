@@ -73,6 +73,26 @@ def test_unknown_file_key_is_refused_by_name(tmp_path):
     assert f"queue_limt (from config file {cfg}): unknown key" in str(e.value)
 
 
+@pytest.mark.parametrize(("key", "hint"), [
+    ("queue_limt", "did you mean 'queue_limit'?"),
+    ("max_request_byte", "did you mean 'max_request_bytes'?"),  # a setting with no flag in `agent --help`
+    ("zzzz", "check its spelling."),
+])
+def test_unknown_file_key_names_the_closest_setting_and_every_setting(tmp_path, key, hint):
+    from p2psched.config import AgentSettings
+
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f"{key} = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg, node_id="x")
+    said = str(e.value)
+    assert f"{key} (from config file {cfg}): unknown key; {hint} The settings are: " in said
+    assert "--help" not in said  # it lacks the settings that have no flag
+    listed = said.split("The settings are: ")[1].split(", ")
+    assert listed == sorted(AgentSettings.model_fields)
+    assert {"request_body_timeout_s", "max_request_bytes", "membership", "allow_measurements"} <= set(listed)
+
+
 @pytest.mark.parametrize(("kw", "expected"), [
     # a type error, not only a broken bound, still shows the whole range
     ({"queue_limit": "abc"}, "queue_limit: Input should be a valid integer, unable to parse string as an integer "
