@@ -208,6 +208,13 @@ def validate_module(data: bytes) -> None:
         if "threads" in why:
             why += ("; p2psched runs single-threaded guests, without shared memory or atomics: "
                     "build for wasm32-wasip1, not wasm32-wasip1-threads, and without the atomics feature")
+        elif "multiple memories" in why:
+            why += ("; p2psched refuses a second memory on purpose (mem_bytes bounds each memory alone, "
+                    "not their total): build the module with one memory, without the multi-memory feature "
+                    "(no `-C target-feature=+multimemory` in Rust, no `-mmultimemory` in clang)")
+        elif "gc feature" in why or "function references" in why:
+            why += ("; p2psched refuses the GC and typed function references proposals on purpose (a GC heap is "
+                    "outside the memory limit): build the module without them")
         raise ValueError(f"module is not valid WebAssembly: {why}") from None
 
 

@@ -3,6 +3,7 @@
 import base64
 import gzip
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -106,6 +107,30 @@ async def test_module_that_is_not_wasm_is_refused(tmp_path):
         assert r.status_code == 400
         assert r.json()["error"]["reason"] == "invalid_module"
         assert "not valid WebAssembly" in r.json()["error"]["message"]
+
+
+async def test_a_module_refused_on_purpose_says_so_and_how_to_build_it(tmp_path):
+    import wasmtime
+
+    # Two memories said only "multiple memories (at offset 0x14)"; a shared memory
+    # (threads) already said how to build without it.
+    cases = [
+        ('(module (import "env" "m" (memory 1)) (memory 1))',
+         "multiple memories; p2psched refuses a second memory on purpose (mem_bytes bounds each "
+         "memory alone, not their total): build the module with one memory, without the multi-memory feature"),
+        ("(module (memory 1 1 shared))",
+         "threads must be enabled for shared memories; p2psched runs single-threaded guests"),
+        ('(module (type (array (mut i32))) (func (export "f") (result i32) (i32.const 0)))',
+         "array indexed types not supported without the gc feature; p2psched refuses the GC and typed function "
+         "references proposals on purpose"),
+    ]
+    async with running_agent(tmp_path) as (agent, http):
+        for source, says in cases:
+            module = base64.b64encode(wasmtime.wat2wasm(source)).decode()
+            r = await http.post("/v1/jobs", json={"runtime": "wasm", "module": module})
+            assert r.status_code == 400 and r.json()["error"]["reason"] == "invalid_module", r.text
+            said = re.sub(r" \(at offset 0x[0-9a-f]+\)", "", r.json()["error"]["message"])
+            assert said.startswith(f"module is not valid WebAssembly: {says}"), said
 
 
 async def test_oversized_body_gets_413(tmp_path):
