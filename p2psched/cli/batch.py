@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from p2psched.cli.client import (
-    FINAL_STATES, RETRY_S, Api, _parse_pairs, _print_json, _summary, agent_option, fail, json_option,
+    FINAL_STATES, RETRY_S, Api, _parse_pairs, _print_json, _summary, agent_option, fail, how_it_ended, json_option,
 )
 from p2psched.cli.numbers import FiniteFloat
 from p2psched.jobs.spec_file import Batch, Job, SpecFileError, load
@@ -108,7 +108,7 @@ def batch(spec_file: Path, agent_url: str, tenant: str | None, key: Path | None,
             continue
         why = (rec.get("result") or {}).get("reason") or rec.get("wait_reason")
         if rec["state"] in FINAL_STATES or (why or "").startswith("cannot read it"):
-            click.echo(f"p2psched: job {rec['id']} {rec['state']}: {why or 'no reason recorded'}", err=True)
+            click.echo(f"p2psched: {how_it_ended(rec)}", err=True)
         else:
             click.echo(f"p2psched: job {rec['id']} is still {rec['state']}" + (f" ({why})" if why else "")
                        + f" when --timeout {timeout:g}s ran out; it goes on at the agent ({how})", err=True)

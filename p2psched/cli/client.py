@@ -483,11 +483,17 @@ def _why_not_succeeded(api: Api, rec: dict[str, Any], timeout: float | None = No
         when = f" when --timeout {timeout:g}s ran out" if timeout is not None else ""
         return (f"job {job_id} is still {rec['state']}{waiting}{when}; it goes on at the agent: "
                 f"`{api.command('status', job_id)}` shows it, `{api.command('cancel', job_id)}` stops it")
+    return how_it_ended(rec)
+
+
+def how_it_ended(rec: dict[str, Any]) -> str:
+    """``job ID STATE: REASON`` for a job that did not succeed, as submit --wait and
+    batch --wait say it."""
     res = rec.get("result") or {}
     timeline = rec.get("timeline") or [{}]
     reason = res.get("reason") or rec.get("wait_reason") or timeline[-1].get("detail") or "no reason recorded"
     # "rejected: needs a node ..." after "rejected" said it twice
-    return shown(f"job {job_id} {rec['state']}: {reason.removeprefix(rec['state'] + ': ')}")
+    return shown(f"job {rec['id']} {rec['state']}: {reason.removeprefix(rec['state'] + ': ')}")
 
 
 def _exit_for(api: Api, rec: dict[str, Any], timeout: float | None = None) -> None:

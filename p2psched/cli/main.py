@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "batch": ("p2psched.cli.batch:batch", "Submit the jobs of a spec file; --wait shows how each ended."),
     "status": ("p2psched.cli.client:status", "Show one job's record."),
     "jobs": ("p2psched.cli.client:jobs", "List jobs."),
-    "cancel": ("p2psched.cli.client:cancel", "Cancel a job."),
+    "cancel": ("p2psched.cli.client:cancel", "Cancel jobs by id, or every unfinished job with --label."),
     "result": ("p2psched.cli.client:result", "Write a job's raw output to stdout."),
     "logs": ("p2psched.cli.client:logs", "Print a job's output while it runs or after; --follow streams it."),
     "peers": ("p2psched.cli.client:peers", "List cluster members as an agent sees them."),

@@ -58,12 +58,16 @@ LONG_LOOP = "{module_file: GUEST/loop.wasm, limits: {wall_ms: 120000}}"
 
 
 def test_a_failing_job_sets_the_exit_status_and_says_why(tmp_path):
-    spec = jobs_file(tmp_path / "mixed.yaml", "{module_file: GUEST/hello.wasm}", "{module_file: GUEST/exit3.wasm}")
+    spec = jobs_file(tmp_path / "mixed.yaml", "{module_file: GUEST/hello.wasm}", "{module_file: GUEST/exit3.wasm}",
+                     "{module_file: GUEST/hello.wasm, id: huge, resources: {cpu: 64}}")
     agent = new_agent(tmp_path, "failing").start()
     try:
         p = cli("batch", str(spec), "--wait", agent=agent)
         assert p.returncode == 1
-        assert b"1 failed, 1 succeeded" in p.stderr and b"failed: exit 3" in p.stderr
+        assert b"1 failed, 1 rejected, 1 succeeded" in p.stderr and b"failed: exit 3" in p.stderr
+        # Said once, as `submit --wait` says it: "rejected: rejected: needs ..." said it twice.
+        said = p.stderr.decode()
+        assert "p2psched: job huge rejected: needs 64 cpus" in said and "rejected: rejected" not in said, said
     finally:
         agent.stop()
 
