@@ -65,6 +65,25 @@ class DataDirLock:
         os.pwrite(fd, f"pid {os.getpid()}, node {node_id}\n".encode(), 0)
         return cls(fd)
 
+    @staticmethod
+    def holder(data_dir: Path) -> str | None:
+        """Which agent holds ``data_dir`` now (its "pid N, node X"), or None when none
+        does; creates and writes nothing. An agent creates ``agent.lock`` before it locks
+        it, so a data dir without one is held by none."""
+        try:
+            fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        except OSError:  # a file system without flock: acquire() only warns there
+            return None
+        finally:
+            os.close(fd)  # closing the descriptor drops a lock taken here
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock

@@ -13,6 +13,7 @@ import importlib
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -48,22 +49,48 @@ def check_wasmtime() -> Check:
 
 
 def check_data_dir(path: Path) -> Check:
+    """Whether the agent could use ``path``, leaving nothing behind that was not there:
+    a directory it had to create is removed, and no agent.lock is created or written."""
     from p2psched.agent.datadir import DataDirLock
-    from p2psched.agent.errors import StartupError
 
+    missing = [d for d in (path, *path.parents) if not d.exists()]  # deepest first: removed in this order
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".doctor-probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        DataDirLock.acquire(path, "doctor").release()
-    except StartupError as e:  # an agent holds it
-        return ("data dir", False, str(e).split(";")[0], "stop that agent, or give the new one another --data-dir")
+        fd, probe = tempfile.mkstemp(prefix=".doctor-probe-", dir=path)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        holder = DataDirLock.holder(path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # an agent there refuses jobs (503 store_unwritable) until there is room
             return ("data dir", False, f"{path}: {e.strerror}", f"free space on the file system of {path}")
         return ("data dir", False, f"{path}: {e.strerror}", f"choose a writable --data-dir, or fix permissions on {path}")
+    finally:
+        for d in missing:
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not created here after all, or no longer empty: leave it and those above
+    if holder is not None:
+        return ("data dir", False, f"data dir {path} is in use by another agent ({holder})",
+                "stop that agent, or give the new one another --data-dir")
+    if missing:
+        return ("data dir", True, f"{path} can be created and written, and no agent uses it", "")
     return ("data dir", True, f"{path} is writable and no agent uses it", "")
+
+
+def default_data_dir(node_id: str | None) -> Path:
+    """The data dir `p2psched agent` uses when given none: its config file's or
+    $P2PSCHED_DATA_DIR, else ./data/<node id> (the node id: --node-id,
+    $P2PSCHED_NODE_ID, the config file's, else the hostname)."""
+    from p2psched.config import ConfigError, load_settings
+
+    try:
+        return load_settings(node_id=node_id).resolved_data_dir
+    except ConfigError:  # the agent would say so at start; the doctor still checks the default place
+        return Path("data") / (node_id or socket.gethostname())
 
 
 _PROTOCOLS: dict[int, str] = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP"}
@@ -197,13 +224,18 @@ def _module_checks(module: str) -> Iterable[Check]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="The agent's data directory [as the agent: ./data/<node-id>].")
+@click.option("--node-id", help="The agent's node id, for the default --data-dir [as the agent: hostname].")
 @click.option("--api", default="0.0.0.0:7700", show_default=True)
 @click.option("--gossip", default="0.0.0.0:7701", show_default=True)
 @click.option("--transfer", default="0.0.0.0:7702", show_default=True)
 @click.option("--gpus", envvar="P2PSCHED_GPUS", help="Check this --gpus declaration, as the agent would read it.")
-def doctor(data_dir: Path, api: str, gossip: str, transfer: str, gpus: str | None) -> None:
+def doctor(data_dir: Path | None, node_id: str | None, api: str, gossip: str, transfer: str,
+           gpus: str | None) -> None:
     """Check what works on this host, and how to fix what doesn't."""
+    if data_dir is None:
+        data_dir = default_data_dir(node_id)
     checks: list[Check] = [
         check_python(), check_wasmtime(), check_data_dir(data_dir),
         check_port("api", api, socket.SOCK_STREAM),

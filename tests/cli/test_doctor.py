@@ -34,7 +34,8 @@ def test_doctor_checks_each_thing_and_passes_on_this_host(tmp_path):
                  "user namespaces", "leftovers", "gpu: devices"):
         assert name in rows, (name, out.stdout)
     assert rows["wasmtime"][1].endswith("trial run 2+3=5")
-    assert rows["data dir"] == ("ok", f"{tmp_path / 'data'} is writable and no agent uses it")
+    assert rows["data dir"] == ("ok", f"{tmp_path / 'data'} can be created and written, and no agent uses it")
+    assert not (tmp_path / "data").exists()  # made for the check, and removed
     assert rows["cgroups"][1].startswith(("v1", "v2"))
     assert rows["port gossip"][0] == "ok" and rows["port gossip"][1].endswith("is free (UDP and TCP)")
 
@@ -54,6 +55,38 @@ def test_doctor_fails_a_data_dir_an_agent_holds_and_a_taken_port_with_fixes(tmp_
     assert "node n7" in rows["data dir"][1]
     assert rows["port api"][0] == "FAIL"
     assert "fix: stop that agent, or give the new one another --data-dir" in out.stdout
+
+
+def test_doctor_checks_the_agents_default_data_dir_and_leaves_nothing_behind(tmp_path):
+    """It checked ./data while the agent uses ./data/<node-id>, and left an agent.lock
+    (and any directory it made) behind."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PSCHED_")}
+    ports = ["--api", f"127.0.0.1:{free_port()}", "--gossip", f"127.0.0.1:{free_port()}",
+             "--transfer", f"127.0.0.1:{free_port()}"]
+
+    def data_dir_row(*flags, **extra_env):
+        out = subprocess.run([sys.executable, "-m", "p2psched", "doctor", *ports, *flags], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path, env={**env, **extra_env})
+        [row] = [line for line in out.stdout.splitlines() if line.startswith("[") and line[7:].startswith("data dir")]
+        return row[7 + 18:].strip()
+
+    assert data_dir_row("--node-id", "n1") == "data/n1 can be created and written, and no agent uses it"
+    assert data_dir_row() == f"data/{socket.gethostname()} can be created and written, and no agent uses it"
+    assert data_dir_row(P2PSCHED_NODE_ID="n2").startswith("data/n2 can be created")
+    assert data_dir_row(P2PSCHED_DATA_DIR=str(tmp_path / "d")).startswith(f"{tmp_path / 'd'} can be created")
+    assert list(tmp_path.iterdir()) == []  # no ./data, no ./data/<node-id>
+
+    # A data dir that exists, empty or with a stopped agent's lock file: as it was found.
+    (tmp_path / "data" / "n1").mkdir(parents=True)
+    assert data_dir_row("--node-id", "n1") == "data/n1 is writable and no agent uses it"
+    assert list((tmp_path / "data" / "n1").iterdir()) == []
+    DataDirLock.acquire(tmp_path / "data" / "n1", "n1").release()
+    before = (tmp_path / "data" / "n1" / "agent.lock").read_text()
+    assert data_dir_row("--node-id", "n1") == "data/n1 is writable and no agent uses it"
+    assert [p.name for p in (tmp_path / "data" / "n1").iterdir()] == ["agent.lock"]
+    assert (tmp_path / "data" / "n1" / "agent.lock").read_text() == before  # not rewritten as the doctor's
 
 
 def test_doctor_fails_a_gossip_port_taken_for_tcp_only(tmp_path):
