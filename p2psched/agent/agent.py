@@ -32,7 +32,7 @@ from p2psched.agent.gate import Gate
 from p2psched.agent.health import COOLDOWN_MAX_S, HostHealth
 from p2psched.agent.host_failures import HostFailures
 from p2psched.agent.output import JobOutputs
-from p2psched.agent.remote import RemoteJobs
+from p2psched.agent.remote import IN_DOUBT_KEY, RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable, first_of
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue, DrainRate
@@ -239,6 +239,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             self.store = Store(self.data_dir)
         except StoreError as e:
             raise StartupError(str(e)) from None
+        #: Client-chosen ids handed to their home agent without an answer (it may hold
+        #: the job): id -> that home. Until the home answers, the id goes to it alone.
+        self._in_doubt: dict[str, str] = {
+            key.removeprefix(IN_DOUBT_KEY): home for key, home in self.store.kv_items(IN_DOUBT_KEY).items()}
         self.queue = DispatchQueue(settings.dispatch_policy)
         self._drain = DrainRate()  # jobs ended per second lately, for Retry-After
         self.active: dict[str, JobRecord] = {}
@@ -1081,6 +1085,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         async for ev in events:
             if ev.kind in ("dead", "left"):
                 self.on_member_down(ev.node_id, "was declared dead" if ev.kind == "dead" else "left the cluster")
+            if ev.kind == "left" and self._in_doubt:
+                self.forget_doubts(ev.node_id)
             if ev.kind in ("joined", "alive") and self.restarted_runs:
                 for job_id, (node, entry) in list(self.restarted_runs.items()):
                     if node == ev.node_id:  # taken as the attempt, or stopped if placed again meanwhile

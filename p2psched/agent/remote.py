@@ -22,6 +22,7 @@ refuses with ``need_module`` and the origin offers again, bytes included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -63,6 +64,11 @@ JOIN_SYNC_WAIT_S = 15.0
 CANCEL_TRIES = 10
 #: Module hashes remembered per peer as held there (offers then leave the bytes out).
 PEER_MODULES_KNOWN = 4096
+#: How long a submission handed to its home waits for the home's answer. The client
+#: waits on it; a home that has not answered by then is hung or cut off.
+SUBMIT_AT_HOME_TIMEOUT_S = 10.0
+#: kv key prefix of a client-chosen id handed to its home without an answer (Agent._in_doubt).
+IN_DOUBT_KEY = "home_in_doubt:"
 
 
 #: The reason of an executor's own record of a job it gave back to its origin.
@@ -232,6 +238,12 @@ class RemoteJobs:
         """
         if job_id is None or self.cluster is None:
             return None
+        doubt = self._in_doubt.get(job_id) if self._in_doubt else None
+        if doubt is not None:
+            # Handed there before without an answer, it may be held there: it goes there
+            # alone, wherever it hashes now (its home is forgotten once it has been dead
+            # for dead_retention, and a late submission can still reach it after that).
+            return doubt
         if (not self.cluster.synced() and (self.settings.join or self.settings.join_dns)
                 and time.time() - self.started_at < JOIN_SYNC_WAIT_S):
             # Until it has the cluster's member list, this agent could pick another
@@ -252,35 +264,68 @@ class RemoteJobs:
         """Hand a submission to its home agent; None when it cannot be reached (accept here)."""
         from p2psched.agent.errors import Unavailable
 
+        job_id = spec.id
+        assert job_id is not None  # only a client-chosen id has a home
         state = self.cluster.state_of(home) if self.cluster else None
         if state is None or not state.transfer or self.transfer is None:
+            if job_id in self._in_doubt:
+                raise Unavailable(self._doubt_message(job_id, home, "is not reachable now"),
+                                  reason="home_unreachable", retry_after=1.0)
             raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which is not reachable now; retry with "
                               "the same id in a moment (or let the id be generated)", reason="home_unreachable",
                               retry_after=1.0)
         msg = {"t": m.SUBMIT, "spec": spec.model_dump(),
                "auth": auth.to_json() if hasattr(auth, "to_json") else auth}
         try:
-            reply = await self.transfer.request(home, state.transfer, msg)
+            reply = await self.transfer.request(home, state.transfer, msg, timeout=SUBMIT_AT_HOME_TIMEOUT_S)
         except TransferError as e:
             # Accepting here could make a second origin for the id (the home may have
             # taken it already): refuse, and let the client retry the same id.
-            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which cannot be reached now ({e}); "
-                              "retry with the same id in a moment", reason="home_unreachable",
+            await self._doubt(job_id, home)
+            raise Unavailable(self._doubt_message(job_id, home, f"did not answer ({e})"), reason="home_unreachable",
                               retry_after=1.0) from None
         try:
             m.check_submit_reply(reply)
         except ValueError as e:
             log.warning("job id %r: its home agent %s answered the submission with a malformed reply: %s",
                         spec.id, home, e)
+            await self._doubt(job_id, home)
             raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, whose answer made no sense ({e}); "
                               "retry with the same id in a moment, and tell its operator if this persists",
                               reason="home_unreachable", retry_after=1.0) from None
+        self._resolve_doubt(job_id)  # the home answered: it holds the job, or refused it
         if reply["t"] == m.SUBMITTED:
             return dict(reply["job"]), reply["created"]
         from p2psched.agent.errors import AgentError
 
         raise AgentError(reply["message"], reason=reply["reason"], status=reply["status"],
                          retry_after=reply.get("retry_after"))
+
+    async def _doubt(self: Agent, job_id: str, home: str) -> None:
+        """``home`` may hold ``job_id`` (a submission reached it, or may have, and no
+        answer came back): until it answers, the id goes to it alone. Kept durably, so
+        a restart of this agent does not hash the id to another home."""
+        if self._in_doubt.get(job_id) == home:
+            return
+        self._in_doubt[job_id] = home
+        self.store.stage_kv(IN_DOUBT_KEY + job_id, home)
+        with contextlib.suppress(StoreError):  # the 503 the client gets says nothing of the store
+            await self.store.sync()
+
+    def _resolve_doubt(self: Agent, job_id: str) -> None:
+        if self._in_doubt.pop(job_id, None) is not None:
+            self.store.stage_kv(IN_DOUBT_KEY + job_id, None)
+
+    def forget_doubts(self: Agent, home: str) -> None:
+        """``home`` left the cluster (it said so): the ids only it could answer for are
+        this agent's to place again (see docs/architecture.md, Idempotency)."""
+        for job_id in [j for j, h in self._in_doubt.items() if h == home]:
+            self._resolve_doubt(job_id)
+
+    def _doubt_message(self: Agent, job_id: str, home: str, what: str) -> str:
+        return (f"job id {job_id!r} was handed to agent {home}, which {what}: it may hold the job, so no other agent "
+                f"takes this id until {home} answers. Retry with the same id once {home} is reachable again; if it "
+                "is gone for good, submit the job under a new id")
 
     async def _on_submit(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
         from p2psched.agent.errors import AgentError

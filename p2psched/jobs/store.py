@@ -265,6 +265,7 @@ class Store:
         self._artifacts_pending: dict[str, dict[str, bytes]] = {}
         self._artifacts_inflight: dict[str, dict[str, bytes]] = {}
         self._deliveries: dict[str, bool] = {}  # job id -> owed (True) or acknowledged (False)
+        self._kv_pending: dict[str, str | None] = {}  # kv key -> its new value, or None to delete it
         self._staged_gen = 0
         self._staged_event = trio.Event()
         self._committed_gen = 0
@@ -520,6 +521,17 @@ class Store:
         self._staged_gen += 1
         self._staged_event.set()
 
+    def stage_kv(self, key: str, value: str | None) -> None:
+        """Set ``key`` of the kv table to ``value`` (None: delete it) in the next flush."""
+        self._kv_pending[key] = value
+        self._staged_gen += 1
+        self._staged_event.set()
+
+    def kv_items(self, prefix: str) -> dict[str, str]:
+        """The stored kv pairs whose keys start with ``prefix`` (and hold no NUL)."""
+        rows = self._reader.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ?", (prefix, prefix + "\x7f"))
+        return dict(rows.fetchall())
+
     def owed_deliveries(self) -> list[str]:
         return [r[0] for r in self._reader.execute("SELECT id FROM deliveries")]
 
@@ -548,6 +560,7 @@ class Store:
             batch: dict[str, tuple[Any, ...]] = {}
             staged: dict[str, JobRecord] = {}
             deliveries: dict[str, bool] = {}
+            kvs: dict[str, str | None] = {}
             try:
                 # Let the tasks runnable now stage too, so that they share this commit.
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -561,9 +574,10 @@ class Store:
                 labels = {job_id: r.spec.labels for job_id, r in staged.items()
                           if r.spec.labels and batch.get(job_id, (None, None))[1] is not None}
                 deliveries, self._deliveries = self._deliveries, {}
+                kvs, self._kv_pending = self._kv_pending, {}
                 gen = self._staged_gen
                 self._inflight = batch
-                rows = len(batch) + len(deliveries)
+                rows = len(batch) + len(deliveries) + len(kvs)
                 self._rows_since_checkpoint += rows
                 checkpoint = self._rows_since_checkpoint >= CHECKPOINT_ROWS
                 if checkpoint:
@@ -572,14 +586,14 @@ class Store:
                 if (rows <= INLINE_FLUSH_ROWS and outputs <= INLINE_OUTPUT_BYTES and not checkpoint and not errs
                         and not arts):
                     try:
-                        self._write(batch, records, deliveries, labels=labels, wait=False)
+                        self._write(batch, records, deliveries, labels=labels, kvs=kvs, wait=False)
                     except _Locked:  # another process writes: wait for it on a thread, not here
                         await trio.to_thread.run_sync(functools.partial(self._write, batch, records, deliveries,
-                                                                        labels=labels))
+                                                                        labels=labels, kvs=kvs))
                 else:
                     await trio.to_thread.run_sync(functools.partial(self._write, batch, records, deliveries,
                                                                     checkpoint, errs, labels=labels,
-                                                                    artifacts=arts))
+                                                                    artifacts=arts, kvs=kvs))
             except BaseException as e:
                 if isinstance(e, StoreError):
                     self.write_error = str(e)
@@ -595,6 +609,8 @@ class Store:
                     self._staged_records.setdefault(k, rec)
                 for k, owed in deliveries.items():
                     self._deliveries.setdefault(k, owed)
+                for k, value in kvs.items():
+                    self._kv_pending.setdefault(k, value)
                 for k, err in errs.items():
                     self._stderr_pending.setdefault(k, err)
                 for k, art in arts.items():
@@ -682,7 +698,8 @@ class Store:
     def _write(self, batch: dict[str, tuple[Any, ...]], records: dict[str, str],
                deliveries: dict[str, bool] | None = None, checkpoint: bool = False,
                errs: dict[str, bytes] | None = None, *, labels: dict[str, dict[str, str]] | None = None,
-               artifacts: dict[str, dict[str, bytes]] | None = None, wait: bool = True) -> None:
+               artifacts: dict[str, dict[str, bytes]] | None = None, kvs: dict[str, str | None] | None = None,
+               wait: bool = True) -> None:
         """Write a flush: the files, then the rows in one transaction. ``wait``: wait up to
         LOCK_WAIT_S for another process's write transaction; without it, raise _Locked."""
         rows_new = []
@@ -739,6 +756,11 @@ class Store:
                     self._writer.execute("INSERT OR IGNORE INTO deliveries (id) VALUES (?)", (job_id,))
                 else:
                     self._writer.execute("DELETE FROM deliveries WHERE id = ?", (job_id,))
+            for key, value in (kvs or {}).items():
+                if value is None:
+                    self._writer.execute("DELETE FROM kv WHERE key = ?", (key,))
+                else:
+                    self._writer.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
             self._writer.execute("COMMIT")
         except Exception as e:
             # Never leave the transaction open, or every later write fails on BEGIN; that

@@ -233,7 +233,10 @@ class TransferService:
                     ssl.SSLError, FrameError) as e:
                 if conn is not None:
                     await trio.aclose_forcefully(conn.stream)
-                if fresh:
+                # A pooled connection the peer closed fails at once: try a fresh one. A peer
+                # that gave no answer for the whole timeout gets no second one (it doubled
+                # every wait on a hung peer, and sent the request twice).
+                if fresh or isinstance(e, trio.TooSlowError):
                     raise TransferError(f"cannot reach {node_id} at {address}: {e or type(e).__name__}") from e
                 continue
             if reply is None:

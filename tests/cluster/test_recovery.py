@@ -251,3 +251,40 @@ def test_a_retry_of_an_id_its_home_holds_is_answered_through_an_agent_whose_queu
             assert batch["results"][0]["status"] == 200 and batch["results"][0]["job"]["origin"] == "home", batch
     finally:
         stop_all(agents)
+
+
+def test_an_id_handed_to_a_home_that_did_not_answer_goes_to_that_home_alone(tmp_path):
+    """The asked agent handed the id to its home, which hung before answering. Once
+    membership had forgotten the home, the id hashed to the asked agent, which took it
+    anew; the hung home then woke, read the submission and took it too: two origins,
+    two runs, for a client that only ever retried at one agent."""
+    import os
+
+    quick = {"P2PSCHED_MEMBERSHIP": json.dumps({**FAST_MEMBERSHIP, "dead_retention": 2.0})}
+    agents = start_cluster(tmp_path, ["asks", "home"], per_agent_env={"asks": quick, "home": quick})
+    asks, home = agents
+    job_id = next(i for i in (f"doubt-{n}" for n in range(1000))
+                  if max(("asks", "home"), key=lambda n: hashlib.sha256(f"{n}\x00{i}".encode()).digest()) == "home")
+    spec = wasm_spec("hello.wasm", id=job_id)
+    try:
+        os.kill(home.proc.pid, signal.SIGSTOP)  # before membership notices: the submission reaches its socket
+        first = httpx.post(f"{asks.url}/v1/jobs", json=spec, timeout=60)
+        assert first.status_code == 503 and first.json()["error"]["reason"] == "home_unreachable", first.text
+        assert "it may hold the job" in first.json()["error"]["message"]
+        deadline = time.monotonic() + 8  # well past the home's death and its dead_retention
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{asks.url}/v1/jobs", json=spec, timeout=60)
+            assert r.status_code == 503 and "was handed to agent home" in r.json()["error"]["message"], r.text
+            time.sleep(0.5)
+        os.kill(home.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while (r := httpx.post(f"{asks.url}/v1/jobs", json=spec, timeout=60)).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.5)
+        assert r.status_code in (200, 202) and r.json()["origin"] == "home", r.text
+        assert httpx.get(f"{asks.url}/v1/jobs/{job_id}", timeout=10).status_code == 404  # no second origin
+        done = httpx.get(f"{home.url}/v1/jobs/{job_id}", params={"wait": 30}, timeout=40).json()
+        assert done["state"] == "succeeded" and done["attempts"] == 1
+    finally:
+        os.kill(home.proc.pid, signal.SIGCONT)
+        stop_all(agents)

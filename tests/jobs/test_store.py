@@ -493,3 +493,18 @@ async def test_a_wal_grown_by_a_burst_of_large_outputs_is_cut_back_once_checkpoi
     store.close()
     again = Store(tmp_path)
     assert again.output("n1:300") == output and len(list(again.unfinished())) == CHECKPOINT_ROWS + 1
+
+
+async def test_staged_kv_pairs_are_written_with_the_next_flush_and_deleted_with_none(tmp_path):
+    store = Store(tmp_path)
+    store.stage_kv("doubt:a", "n2")
+    store.stage_kv("doubt:b", "n3")
+    store.stage_kv("other", "x")
+    assert store.dirty
+    await store.sync()
+    store.stage_kv("doubt:b", None)
+    await store.sync()
+    store.close()
+    again = Store(tmp_path)
+    assert again.kv_items("doubt:") == {"doubt:a": "n2"}
+    assert again.get_kv("other") == "x"
