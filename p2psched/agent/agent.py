@@ -251,6 +251,9 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         # job id -> (node, its "running" status): a run a restarted executor began before
         # membership took it back in; taken as the job's attempt once it does.
         self.restarted_runs: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: node -> ids of the jobs whose cancel did not reach it (an ordered set): sent
+        #: again when membership sees it alive (``resend_cancels``).
+        self._cancels_owed: dict[str, dict[str, None]] = {}
         #: Module hashes each peer accepted an offer with: later offers leave the bytes out.
         self.peer_modules: dict[str, set[str]] = {}
         self.running: dict[str, Running] = {}
@@ -1087,6 +1090,8 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self.on_member_down(ev.node_id, "was declared dead" if ev.kind == "dead" else "left the cluster")
             if ev.kind == "left" and self._in_doubt:
                 self.forget_doubts(ev.node_id)
+            if ev.kind in ("joined", "alive") and self._cancels_owed.get(ev.node_id):
+                self.resend_cancels(ev.node_id)
             if ev.kind in ("joined", "alive") and self.restarted_runs:
                 for job_id, (node, entry) in list(self.restarted_runs.items()):
                     if node == ev.node_id:  # taken as the attempt, or stopped if placed again meanwhile

@@ -62,6 +62,9 @@ JOIN_SYNC_WAIT_S = 15.0
 #: Tries to cancel a duplicate attempt, 0.2 s apart doubling to 10 s: about a minute,
 #: long enough for a crashed executor to restart and rejoin.
 CANCEL_TRIES = 10
+#: Cancels kept per node for its return, once CANCEL_TRIES did not reach it (the oldest
+#: are dropped past this many).
+CANCELS_OWED_PER_NODE = 10_000
 #: Module hashes remembered per peer as held there (offers then leave the bytes out).
 PEER_MODULES_KNOWN = 4096
 #: How long a submission handed to its home waits for the home's answer. The client
@@ -794,7 +797,8 @@ class RemoteJobs:
         return {"t": m.CANCEL_ACK, "id": rec.id, "state": "cancelling"}
 
     def _send_cancel(self: Agent, node_id: str, rec: JobRecord) -> None:
-        """Stop a duplicate attempt on ``node_id``, retrying for about a minute.
+        """Stop a duplicate attempt on ``node_id``, retrying for about a minute, then once
+        more when membership sees the node alive again (``resend_cancels``).
 
         The node may be restarting, and so not yet back in this agent's view, when
         its duplicate is noticed; a cancel that reaches nobody leaves it running.
@@ -816,8 +820,22 @@ class RemoteJobs:
                         pass
                 await trio.sleep(delay)
                 delay = min(10.0, delay * 2)
+            # Cut off or hung for longer: sent again when membership sees the node again,
+            # or the attempt runs on there to its wall limit (days, for some jobs).
+            owed = self._cancels_owed.setdefault(node_id, {})
+            owed[rec.id] = None
+            while len(owed) > CANCELS_OWED_PER_NODE:
+                del owed[next(iter(owed))]
 
         self._nursery.start_soon(send)
+
+    def resend_cancels(self: Agent, node_id: str) -> None:
+        """``node_id`` is alive again: send it the cancels it missed while away, but not
+        one of a job that has been placed there again since (that attempt is the job's)."""
+        for job_id in self._cancels_owed.pop(node_id, {}):
+            rec = self.active.get(job_id) or self.store.get(job_id)
+            if rec is not None and (rec.state.final or rec.executor != node_id):
+                self._send_cancel(node_id, rec)
 
     async def cancel_remote(self: Agent, rec: JobRecord) -> JobRecord:
         """Origin side: follow the job to its executor and stop it there.

@@ -12,6 +12,9 @@ from agents import start_cluster, stop_all, wait_for, wasm_spec
 pytestmark = pytest.mark.cluster
 
 
+FINAL = ("succeeded", "failed", "cancelled", "timed_out", "rejected")
+
+
 def sleeper() -> dict:
     return wasm_spec("sleep.wasm", limits={"wall_ms": 60000})
 
@@ -59,4 +62,31 @@ def test_a_cancel_that_outlives_its_hung_executor_is_not_placed_again(tmp_path):
     finally:
         if hung is not None:
             os.kill(hung.proc.pid, signal.SIGCONT)
+        stop_all(agents)
+
+
+def test_a_cancel_that_missed_an_executor_away_for_minutes_reaches_it_when_it_returns(tmp_path):
+    # The origin tries a cancel for about a minute (CANCEL_TRIES); an executor down for
+    # longer came back and ran the cancelled job again, to its wall limit.
+    from p2psched.agent.remote import CANCEL_TRIES
+
+    agents = start_cluster(tmp_path, ["c0", "c1"], "--cpus", "1")
+    origin, away = agents
+    tries_s = sum(min(10.0, 0.2 * 2 ** i) for i in range(CANCEL_TRIES))
+    try:
+        with origin.client() as http:
+            wait_running(http, http.post("/v1/jobs", json=sleeper()).json()["id"])
+            time.sleep(0.5)  # the peer sees the origin full
+            job = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 600_000})).json()["id"]
+            assert wait_running(http, job)["executor"] == "c1"
+            away.kill()
+            assert http.delete(f"/v1/jobs/{job}").json()["state"] == "cancelled"
+            time.sleep(tries_s + 3)  # every try has failed
+        away.start()
+        with away.client() as http:
+            rec = wait_for(lambda: (r := http.get(f"/v1/jobs/{job}").json())["state"] in FINAL and r,
+                           timeout=30, what=f"job {job} ended on c1")
+            assert rec["state"] == "cancelled", rec
+            assert running_here(http) == 0
+    finally:
         stop_all(agents)
