@@ -8,8 +8,12 @@ collide)::
         |- veth pcvTAG02 ==== eth0 10.77.K.12 in namespace pcTAG-2 (agent n2)
         ...
 
-``K`` is the first third octet with no address or route in use (0 when free). A
-partition takes the root end of a node's veth down: the node keeps its address and
+``K`` is the first third octet with no address or route in use (0 when free). Choosing
+``K`` and putting its address on the bridge happen under an exclusive ``flock`` on
+``/run/p2psched-chaos/subnet.lock``, so two runs started at the same moment (in
+separate processes or threads) never pick the same subnet.
+
+A partition takes the root end of a node's veth down: the node keeps its address and
 its sockets, but nothing reaches it and nothing leaves it, as when a switch port
 dies. Healing brings the link back up.
 
@@ -23,6 +27,8 @@ with their own ports, where partitions cannot be made.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,9 @@ from typing import Any
 log = logging.getLogger("p2psched.chaos")
 
 STATE_DIR = Path("/run/p2psched-chaos")
+#: Held (flock) while a run picks its subnet and claims it; never removed, so every run
+#: locks the same inode.
+SUBNET_LOCK = "subnet.lock"
 #: The first host address in the subnet; .1 is the bridge (the harness's side).
 FIRST_HOST = 11
 API_PORT, GOSSIP_PORT, TRANSFER_PORT = 7700, 7701, 7702
@@ -103,6 +113,18 @@ def _used_octets() -> set[int]:
     return used
 
 
+@contextlib.contextmanager
+def _subnet_lock() -> Iterator[None]:
+    """Exclusive across processes (and threads: each call opens its own file description)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(STATE_DIR / SUBNET_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
 @dataclass
 class Host:
     """Where one agent lives and how it is reached."""
@@ -144,43 +166,49 @@ class NetnsNetwork:
         if self.n > 200:
             raise HostSetupError(f"{self.n} agents do not fit a /24; use at most 200")
         sweep_stale()
-        free = [k for k in range(256) if k not in _used_octets()]
-        if not free:
-            raise HostSetupError("every 10.77.K.0/24 subnet is in use; remove stale bridges (ip link) and retry")
-        octet = free[0]
-        self.subnet = f"10.77.{octet}"
-        self.bridge = f"pcb{self.tag}"
-        self.hosts = [Host(f"n{i}", f"{self.subnet}.{FIRST_HOST + i - 1}", API_PORT, GOSSIP_PORT, TRANSFER_PORT,
-                           netns=f"pc{self.tag}-{i}", veth=f"pcv{self.tag}{i:02d}") for i in range(1, self.n + 1)]
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        self._state = STATE_DIR / f"{self.tag}.json"
-        # Bridged frames pass the host's FORWARD chain where br_netfilter is loaded
-        # (Docker loads it and sets the policy to DROP): let our bridge's own traffic through.
-        self._forward_rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
-        self._save()
-        try:
-            _ip("link", "add", self.bridge, "type", "bridge")
-            _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
-            if not _iptables("-I", *self._forward_rule, check=False):
-                log.warning("could not add an iptables FORWARD rule for %s; agents may not reach each other "
-                            "if br_netfilter drops bridged traffic", self.bridge)
-                self._forward_rule = None
-                self._save()
-            for i, h in enumerate(self.hosts, 1):
-                assert h.netns and h.veth
-                peer = f"pcp{self.tag}{i:02d}"
-                _ip("netns", "add", h.netns)
-                _ip("link", "add", h.veth, "type", "veth", "peer", "name", peer)
-                _ip("link", "set", peer, "netns", h.netns)
-                _ip("link", "set", h.veth, "master", self.bridge, "up")
-                _ip("-n", h.netns, "link", "set", peer, "name", "eth0")
-                _ip("-n", h.netns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
-                _ip("-n", h.netns, "link", "set", "eth0", "up")
-                _ip("-n", h.netns, "link", "set", "lo", "up")
-        except BaseException:
-            self.close()
-            raise
+        with contextlib.ExitStack() as claim:
+            # Choosing the octet and putting its address on the bridge (which is what makes the
+            # choice visible to the next chooser's _used_octets) must be one step across runs.
+            claim.enter_context(_subnet_lock())
+            used = _used_octets()
+            free = [k for k in range(256) if k not in used]
+            if not free:
+                raise HostSetupError("every 10.77.K.0/24 subnet is in use; remove stale bridges (ip link) and retry")
+            octet = free[0]
+            self.subnet = f"10.77.{octet}"
+            self.bridge = f"pcb{self.tag}"
+            self.hosts = [Host(f"n{i}", f"{self.subnet}.{FIRST_HOST + i - 1}", API_PORT, GOSSIP_PORT, TRANSFER_PORT,
+                               netns=f"pc{self.tag}-{i}", veth=f"pcv{self.tag}{i:02d}") for i in range(1, self.n + 1)]
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            self._state = STATE_DIR / f"{self.tag}.json"
+            # Bridged frames pass the host's FORWARD chain where br_netfilter is loaded
+            # (Docker loads it and sets the policy to DROP): let our bridge's own traffic through.
+            self._forward_rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+            self._save()
+            try:
+                _ip("link", "add", self.bridge, "type", "bridge")
+                _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+                claim.close()  # the bridge's address now marks the octet as taken: let the next run choose
+                _ip("link", "set", self.bridge, "up")
+                if not _iptables("-I", *self._forward_rule, check=False):
+                    log.warning("could not add an iptables FORWARD rule for %s; agents may not reach each other "
+                                "if br_netfilter drops bridged traffic", self.bridge)
+                    self._forward_rule = None
+                    self._save()
+                for i, h in enumerate(self.hosts, 1):
+                    assert h.netns and h.veth
+                    peer = f"pcp{self.tag}{i:02d}"
+                    _ip("netns", "add", h.netns)
+                    _ip("link", "add", h.veth, "type", "veth", "peer", "name", peer)
+                    _ip("link", "set", peer, "netns", h.netns)
+                    _ip("link", "set", h.veth, "master", self.bridge, "up")
+                    _ip("-n", h.netns, "link", "set", peer, "name", "eth0")
+                    _ip("-n", h.netns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
+                    _ip("-n", h.netns, "link", "set", "eth0", "up")
+                    _ip("-n", h.netns, "link", "set", "lo", "up")
+            except BaseException:
+                self.close()
+                raise
         return self
 
     def _save(self) -> None:

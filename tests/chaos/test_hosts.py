@@ -86,6 +86,57 @@ def test_what_a_dead_run_left_behind_is_swept() -> None:
         net.close()
 
 
+# A harness process whose subnet choice is slow: it reads what is in use, then dawdles before
+# claiming, so two runs started together both choose before either claims unless choosing and
+# claiming are one step. It sets up on "go", prints its subnet, and tears down on the next line.
+SLOW_CHOOSER = """
+import sys, time
+from p2psched.chaos import hosts
+real, calls = hosts._used_octets, []
+def slow():
+    used = real()
+    if not calls:
+        calls.append(1)
+        time.sleep(1.0)
+    return used
+hosts._used_octets = slow
+sys.stdin.readline()
+net = hosts.NetnsNetwork(1).setup()
+print(net.subnet, flush=True)
+sys.stdin.readline()
+net.close()
+"""
+
+
+def test_runs_started_together_get_different_subnets() -> None:
+    assert netns_problem() is None
+    runs = [subprocess.Popen([sys.executable, "-c", SLOW_CHOOSER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for run in runs:
+            assert run.stdin is not None
+            run.stdin.write("go\n")
+            run.stdin.flush()
+        subnets = []
+        for run in runs:
+            assert run.stdout is not None
+            line = run.stdout.readline().strip()
+            assert line, f"a run failed to set up: {run.stderr.read() if run.poll() is not None else ''}"
+            subnets.append(line)
+        assert subnets[0] != subnets[1], f"both runs chose {subnets[0]}.0/24"
+    finally:
+        for run in runs:
+            try:
+                assert run.stdin is not None
+                run.stdin.write("done\n")
+                run.stdin.close()
+                run.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                run.kill()
+                run.wait()
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr.read() for run in runs if run.stderr]
+
+
 def test_loopback_hosts_refuse_partitions_with_the_reason() -> None:
     net = LoopbackNetwork(2).setup()
     assert len({h.api_port for h in net.hosts}) == 2
