@@ -76,30 +76,32 @@ def test_ctrl_c_stops_the_agent_not_its_jobs(tmp_path):
     agent stops and lets running jobs finish within grace. Its sandboxes and wasm
     workers were in that group, so process jobs died of it (failed, `signal 2`)."""
     agent = new_agent(tmp_path, "terminal", "--grace-s", "30").start()
-    with agent.client() as http:
-        proc = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "1.5"]}).json()["id"]
-        wasm = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
-        for job in (proc, wasm):
-            while http.get(f"/v1/jobs/{job}").json()["state"] != "running":
-                time.sleep(0.02)
-    assert agent.proc is not None
-    os.killpg(agent.proc.pid, signal.SIGINT)  # the agent leads its own group (start_new_session)
-    assert agent.proc.wait(60) == 0
-    agent.start()
-    with agent.client() as http:
-        recs = {job: http.get(f"/v1/jobs/{job}").json() for job in (proc, wasm)}
-    if recs[proc]["state"] != "succeeded":  # queued again (see below): it runs again after the restart
+    try:
         with agent.client() as http:
-            recs[proc] = http.get(f"/v1/jobs/{proc}", params={"wait": 30}).json()
-    # Known race: a Ctrl-C while the first process job fills the warm pool can fail that
-    # fill (ECHILD); the job is then queued again, as a host fault, and runs after the
-    # restart: a second attempt, never a failed job.
-    assert (recs[proc]["state"], recs[proc]["result"]["reason"]) == ("succeeded", "exit 0")
-    assert recs[proc]["attempts"] in (1, 2)
-    assert not any("signal 2" in t["detail"] for t in recs[proc]["timeline"])
-    assert (recs[wasm]["state"], recs[wasm]["result"]["reason"], recs[wasm]["attempts"]) == (
-        "timed_out", "wall_timeout", 1)
-    agent.stop()
+            proc = http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/sleep", "1.5"]}).json()["id"]
+            wasm = http.post("/v1/jobs", json=wasm_spec("loop.wasm", limits={"wall_ms": 1500})).json()["id"]
+            for job in (proc, wasm):
+                while http.get(f"/v1/jobs/{job}").json()["state"] != "running":
+                    time.sleep(0.02)
+        assert agent.proc is not None
+        os.killpg(agent.proc.pid, signal.SIGINT)  # the agent leads its own group (start_new_session)
+        assert agent.proc.wait(60) == 0
+        agent.start()
+        with agent.client() as http:
+            recs = {job: http.get(f"/v1/jobs/{job}").json() for job in (proc, wasm)}
+        if recs[proc]["state"] != "succeeded":  # queued again (see below): it runs again after the restart
+            with agent.client() as http:
+                recs[proc] = http.get(f"/v1/jobs/{proc}", params={"wait": 30}).json()
+        # Known race: a Ctrl-C while the first process job fills the warm pool can fail that
+        # fill (ECHILD); the job is then queued again, as a host fault, and runs after the
+        # restart: a second attempt, never a failed job.
+        assert (recs[proc]["state"], recs[proc]["result"]["reason"]) == ("succeeded", "exit 0")
+        assert recs[proc]["attempts"] in (1, 2)
+        assert not any("signal 2" in t["detail"] for t in recs[proc]["timeline"])
+        assert (recs[wasm]["state"], recs[wasm]["result"]["reason"], recs[wasm]["attempts"]) == (
+            "timed_out", "wall_timeout", 1)
+    finally:
+        agent.stop()  # whatever failed above: no agent (or its jobs) outlives the test
 
 
 def test_grace_expiry_requeues_the_interrupted_job_and_says_why(tmp_path):
