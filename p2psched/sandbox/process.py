@@ -865,9 +865,15 @@ class _Job:
         self._signal_init(signal.SIGKILL)
         if self.init_pidfd is None and self.popen is not None and self.reaped is None:
             # bwrap has not reported its PID 1 yet: killing bwrap itself makes its
-            # child die too (--die-with-parent)
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.kill()
+            # child die too (--die-with-parent). Through its pidfd, not Popen.kill():
+            # that polls first, and reaping an exited bwrap there left _wait_monitor
+            # an ECHILD (a warm sandbox cut short by Ctrl-C failed its job's run).
+            if self.monitor_pidfd is not None:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(self.monitor_pidfd, signal.SIGKILL)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.popen.pid, signal.SIGKILL)  # not reaped, so still ours
 
     def _members(self) -> list[int]:
         """Host pids of the job's processes other than bwrap's init."""

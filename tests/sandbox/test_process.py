@@ -374,3 +374,24 @@ def test_a_launch_refused_in_a_container_says_how_to_start_the_container():
     hint = launch_error(said, in_container=True)
     assert hint.startswith(f"the sandbox launcher (bwrap) failed before the job started: {said}; ")
     assert "deploy/compose.process-sandbox.yaml" in hint and "P2PSCHED_PROCESS_SANDBOX=1" in hint
+
+
+async def test_stopping_a_sandbox_whose_bwrap_already_exited_reaps_it_once():
+    """A sandbox stopped before bwrap reported its PID 1, with bwrap gone meanwhile (a
+    warm one cut short by Ctrl-C): killing it through Popen.kill() polled, and so
+    reaped, bwrap, and the wait that followed failed with ECHILD."""
+    from p2psched.sandbox.process import _Job
+
+    job = _Job.__new__(_Job)  # the parts of a sandbox this stop looks at, around a real child
+    job.popen = subprocess.Popen(["/bin/sh", "-c", "exit 3"], start_new_session=True)
+    job.monitor_pidfd = os.pidfd_open(job.popen.pid)
+    job.init_pidfd, job.reaped = None, None
+    try:
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(job.monitor_pidfd)  # it has exited, not yet reaped
+        job.kill_all()
+        with trio.fail_after(10):
+            status, _ = await job._wait_monitor()
+        assert os.waitstatus_to_exitcode(status) == 3 and job.popen.returncode == 3
+    finally:
+        os.close(job.monitor_pidfd)
