@@ -274,6 +274,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         self._wasm: WasmWorkers | None = None
         self._wasm_ended: list[tuple[Running, SandboxResult, float]] = []  # freed, not yet recorded
         self._prefetched: dict[str, Running] = {}  # placed in a wasm worker behind a running job
+        self._turn_given: str | None = None  # the last queued job jobs were taken back for (_tenant_skipped)
         #: Queued jobs out of the queue for a while: offered to a peer, or waiting to be
         #: queued again after a refusal. They wait here all the same (``waiting``).
         self._aside: set[str] = set()
@@ -1670,6 +1671,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
           queue would have given it one of those places. (Jobs of one tenant that
           arrived alone fill the workers; another tenant's job then waits behind all
           of them, however long they run.) One fewer is fair: that tenant's turn came.
+          See _tenant_skipped for when this is worth it.
         - A peer has room for it now (one freed a slot, or joined): placement may send
           it there.
         - A slot is free that a waiting job fits, and nothing queued would take it, or
@@ -1697,24 +1699,35 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
                 self._take_back_prefetched("a slot is free")
                 return
         if head is not None and self.queue.policy == "fair":
-            skipped = self._tenant_skipped()
+            skipped = self._tenant_skipped(now)
             if skipped is not None:
-                self._take_back_prefetched(f"tenant {skipped!r} takes its turn first")
+                self._turn_given = skipped.id
+                self._take_back_prefetched(f"tenant {skipped.tenant!r} takes its turn first")
 
-    def _tenant_skipped(self) -> str | None:
-        """A tenant whose turn the jobs waiting in workers took (see _review_prefetched)."""
+    def _tenant_skipped(self, now: float) -> JobRecord | None:
+        """The queued job of a tenant whose turn the jobs waiting in workers took (see
+        _review_prefetched), if taking them back lets it take a worker's place: a wasm
+        job, on a host whose wasm is not impaired, not taken back for before (so one
+        that cannot follow them in a worker takes nothing back twice). Only once those
+        jobs have waited PREFETCH_PATIENCE_S: behind short jobs the turn comes anyway,
+        sooner than taking them back costs."""
+        if "wasm" in self.health.impaired:
+            return None
         waiting: dict[int, dict[str, int]] = {}
+        since: dict[int, float] = {}
         for run in self._prefetched.values():
             spec = run.record.spec
             by_tenant = waiting.setdefault(spec.priority, {})
             by_tenant[spec.tenant] = by_tenant.get(spec.tenant, 0) + 1
+            since[spec.priority] = min(since.get(spec.priority, now), run.started)
         for priority, by_tenant in waiting.items():
             most = max(by_tenant.values())
-            if most < 2:
+            if most < 2 or now - since[priority] < PREFETCH_PATIENCE_S:
                 continue
-            for tenant in self.queue.tenants_at(priority):
-                if by_tenant.get(tenant, 0) + 2 <= most:
-                    return tenant
+            for first in self.queue.firsts_at(priority):
+                if (by_tenant.get(first.tenant, 0) + 2 <= most and first.runtime == "wasm"
+                        and first.id != self._turn_given):
+                    return first
         return None
 
     def _after_wasm_results(self) -> None:

@@ -102,18 +102,18 @@ class DispatchQueue:
             heapq.heappop(self._prios)
         return rec
 
-    def tenants_at(self, priority: int) -> list[str]:
-        """The tenants with a job queued at ``priority`` (under ``fifo``, none: tenants
-        take no turns there)."""
+    def firsts_at(self, priority: int) -> list[JobRecord]:
+        """The first job queued at ``priority`` of each tenant that has one there (under
+        ``fifo``, none: tenants take no turns there)."""
         level = self._levels.get(priority) if self.policy == "fair" else None
         if not level:
             return []
         found = []
-        for tenant, q in level.items():
+        for q in level.values():
             while q and self._ids.get(q[0][1].id) != q[0][0]:
                 q.popleft()  # removed entries at the front go now, as peek's do
             if q:
-                found.append(tenant)
+                found.append(q[0][1])
         return found
 
     def remove(self, job_id: str) -> bool:

@@ -283,6 +283,33 @@ async def test_jobs_of_one_tenant_waiting_in_a_worker_give_another_tenant_its_tu
         assert [t["state"] for t in agent.get(a_jobs[-1]).timeline][-1] == "timed_out"
 
 
+async def test_a_tenant_whose_job_cannot_wait_in_a_worker_takes_no_waiting_job_back(tmp_path):
+    # b's process job waits (its runtime is impaired here and no peer has room: that
+    # state is set by hand, the placement it leads to is the agent's own) while the
+    # dispatcher goes on past it with a's wasm jobs. Taking a's waiting jobs back gives
+    # b nothing; it was done on every pass, each time a job's transitions and writes.
+    from p2psched.placement.core import QueueHere
+
+    async with running_agent(tmp_path, cpus=2) as (agent, http):
+        place = agent._place
+        agent._place = lambda rec: (QueueHere("all peers that could run it are full; waiting here for capacity")
+                                    if rec.runtime == "process" else place(rec))
+        agent.health.impaired = ("process",)
+        b_job = (await http.post("/v1/jobs", json={"runtime": "process", "command": ["/bin/true"],
+                                                  "tenant": "b"})).json()["id"]
+        a_jobs: list[str] = []
+        for _ in range(3):
+            r = await http.post("/v1/jobs:batch", json={"jobs": [wasm_spec("noop.wasm", entry="noop", tenant="a")] * 300})
+            a_jobs += [x["job"]["id"] for x in r.json()["results"]]
+        with trio.fail_after(120):
+            while not all(agent.get(j).state.final for j in a_jobs):
+                await trio.sleep(0.05)
+        taken = sum("takes its turn first" in t["detail"] for j in a_jobs for t in agent.get(j).timeline)
+        assert taken == 0, taken
+        assert agent.get(b_job).state.value == "queued"
+        await http.delete(f"/v1/jobs/{b_job}")
+
+
 async def test_cancelling_a_waiting_job_ends_it_at_once(tmp_path):
     async with running_agent(tmp_path, cpus=1) as (agent, http):
         long, waiting = await _one_running_one_waiting(agent, http)
