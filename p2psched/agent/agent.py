@@ -32,7 +32,7 @@ from p2psched.agent.gate import Gate
 from p2psched.agent.health import COOLDOWN_MAX_S, HostHealth
 from p2psched.agent.host_failures import HostFailures
 from p2psched.agent.output import JobOutputs
-from p2psched.agent.remote import IN_DOUBT_KEY, RemoteJobs
+from p2psched.agent.remote import RemoteJobs
 from p2psched.agent.errors import AgentError, StartupError, Conflict, NotFound, QueueFull, Unavailable, first_of
 from p2psched.config import AgentSettings
 from p2psched.jobs.queue import DispatchQueue, DrainRate
@@ -241,8 +241,7 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
             raise StartupError(str(e)) from None
         #: Client-chosen ids handed to their home agent without an answer (it may hold
         #: the job): id -> that home. Until the home answers, the id goes to it alone.
-        self._in_doubt: dict[str, str] = {
-            key.removeprefix(IN_DOUBT_KEY): home for key, home in self.store.kv_items(IN_DOUBT_KEY).items()}
+        self._in_doubt: dict[str, tuple[str, float]] = self.load_doubts()  # id -> (home, since)
         self.queue = DispatchQueue(settings.dispatch_policy)
         self._drain = DrainRate()  # jobs ended per second lately, for Retry-After
         self.active: dict[str, JobRecord] = {}
@@ -690,12 +689,13 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     def _never_runs(self, rec: JobRecord) -> str | None:
         """Why no node this agent knows of could run ``rec`` even idle, or None. Most jobs
         fit this agent idle, which is looked at first and costs nothing."""
+        from p2psched.placement.core import NODE_LABEL_PREFIX, JobRequest, fits_ever, never_reason
+
         spec = rec.spec
         r = spec.resources
-        if r.gpu <= 0 and self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb and not spec.labels:
-            return None
-        from p2psched.placement.core import JobRequest, fits_ever, never_reason
-
+        if r.gpu <= 0 and self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb and not (
+                spec.labels and any(k.startswith(NODE_LABEL_PREFIX) for k in spec.labels)):
+            return None  # only node.* labels ask something of a node
         req = JobRequest.from_spec(rec.id, spec, hops=rec.hops)
         local = self.local_state(with_tenants=False)
         peers = self.cluster.alive_states() if self.cluster is not None else []
@@ -1089,8 +1089,10 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
         async for ev in events:
             if ev.kind in ("dead", "left"):
                 self.on_member_down(ev.node_id, "was declared dead" if ev.kind == "dead" else "left the cluster")
-            if ev.kind == "left" and self._in_doubt:
-                self.forget_doubts(ev.node_id)
+            if ev.kind == "left":
+                if self._in_doubt:
+                    self.forget_doubts(ev.node_id)
+                self._cancels_owed.pop(ev.node_id, None)  # it stopped its jobs as it left
             if ev.kind in ("joined", "alive") and self._cancels_owed.get(ev.node_id):
                 self.resend_cancels(ev.node_id)
             if ev.kind in ("joined", "alive") and self.restarted_runs:

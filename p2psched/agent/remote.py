@@ -67,9 +67,16 @@ CANCEL_TRIES = 10
 CANCELS_OWED_PER_NODE = 10_000
 #: Module hashes remembered per peer as held there (offers then leave the bytes out).
 PEER_MODULES_KNOWN = 4096
-#: How long a submission handed to its home waits for the home's answer. The client
-#: waits on it; a home that has not answered by then is hung or cut off.
+#: How long a submission handed to its home waits for the home's answer, and for each
+#: SUBMIT_MIN_BYTES_S of module and input it carries, a second more. The client waits on
+#: it; a home that has not answered by then is hung or cut off.
 SUBMIT_AT_HOME_TIMEOUT_S = 10.0
+SUBMIT_MIN_BYTES_S = 1024 * 1024
+#: How long an id stays with a home that did not answer (Agent._in_doubt), and how many
+#: such ids are kept (the oldest go first): a home back within a day is asked again;
+#: an id retried after that, or past the bound, is placed anew.
+IN_DOUBT_S = 24 * 3600.0
+IN_DOUBT_MAX = 100_000
 #: kv key prefix of a client-chosen id handed to its home without an answer (Agent._in_doubt).
 IN_DOUBT_KEY = "home_in_doubt:"
 
@@ -242,11 +249,13 @@ class RemoteJobs:
         if job_id is None or self.cluster is None:
             return None
         doubt = self._in_doubt.get(job_id) if self._in_doubt else None
-        if doubt is not None:
+        if doubt is not None and time.time() - doubt[1] < IN_DOUBT_S:
             # Handed there before without an answer, it may be held there: it goes there
             # alone, wherever it hashes now (its home is forgotten once it has been dead
             # for dead_retention, and a late submission can still reach it after that).
-            return doubt
+            return doubt[0]
+        if doubt is not None:
+            self._resolve_doubt(job_id)
         if (not self.cluster.synced() and (self.settings.join or self.settings.join_dns)
                 and time.time() - self.started_at < JOIN_SYNC_WAIT_S):
             # Until it has the cluster's member list, this agent could pick another
@@ -279,13 +288,21 @@ class RemoteJobs:
                               retry_after=1.0)
         msg = {"t": m.SUBMIT, "spec": spec.model_dump(),
                "auth": auth.to_json() if hasattr(auth, "to_json") else auth}
+        # The module and input go with it: a link at SUBMIT_MIN_BYTES_S carries them in time.
+        size = len(spec.module or b"") + len(spec.input or b"")
         try:
-            reply = await self.transfer.request(home, state.transfer, msg, timeout=SUBMIT_AT_HOME_TIMEOUT_S)
+            reply = await self.transfer.request(home, state.transfer, msg,
+                                                timeout=SUBMIT_AT_HOME_TIMEOUT_S + size / SUBMIT_MIN_BYTES_S)
         except TransferError as e:
             # Accepting here could make a second origin for the id (the home may have
             # taken it already): refuse, and let the client retry the same id.
-            await self._doubt(job_id, home)
-            raise Unavailable(self._doubt_message(job_id, home, f"did not answer ({e})"), reason="home_unreachable",
+            if e.sent and not isinstance(e, TransferRefused):  # it may have acted on it
+                await self._doubt(job_id, home)
+            if job_id in self._in_doubt:
+                raise Unavailable(self._doubt_message(job_id, home, f"did not answer ({e})"),
+                                  reason="home_unreachable", retry_after=1.0) from None
+            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which cannot be reached now ({e}); "
+                              "retry with the same id in a moment", reason="home_unreachable",
                               retry_after=1.0) from None
         try:
             m.check_submit_reply(reply)
@@ -308,12 +325,32 @@ class RemoteJobs:
         """``home`` may hold ``job_id`` (a submission reached it, or may have, and no
         answer came back): until it answers, the id goes to it alone. Kept durably, so
         a restart of this agent does not hash the id to another home."""
-        if self._in_doubt.get(job_id) == home:
+        if job_id in self._in_doubt and self._in_doubt[job_id][0] == home:
             return
-        self._in_doubt[job_id] = home
-        self.store.stage_kv(IN_DOUBT_KEY + job_id, home)
+        at = time.time()
+        self._in_doubt[job_id] = (home, at)
+        self.store.stage_kv(IN_DOUBT_KEY + job_id, f"{home}\t{at:.0f}")
+        while len(self._in_doubt) > IN_DOUBT_MAX:
+            self._resolve_doubt(next(iter(self._in_doubt)))
         with contextlib.suppress(StoreError):  # the 503 the client gets says nothing of the store
             await self.store.sync()
+
+    def load_doubts(self: Agent) -> dict[str, tuple[str, float]]:
+        """The ids left in doubt by an earlier run (see _doubt), the expired and
+        unreadable ones dropped."""
+        kept: dict[str, tuple[str, float]] = {}
+        now = time.time()
+        for key, value in self.store.kv_items(IN_DOUBT_KEY).items():
+            home, _, at = value.partition("\t")
+            try:
+                since = float(at)
+            except ValueError:
+                since = 0.0
+            if home and now - since < IN_DOUBT_S:
+                kept[key.removeprefix(IN_DOUBT_KEY)] = (home, since)
+            else:
+                self.store.stage_kv(key, None)
+        return dict(sorted(kept.items(), key=lambda item: item[1][1]))  # oldest first, as _doubt keeps them
 
     def _resolve_doubt(self: Agent, job_id: str) -> None:
         if self._in_doubt.pop(job_id, None) is not None:
@@ -322,7 +359,7 @@ class RemoteJobs:
     def forget_doubts(self: Agent, home: str) -> None:
         """``home`` left the cluster (it said so): the ids only it could answer for are
         this agent's to place again (see docs/architecture.md, Idempotency)."""
-        for job_id in [j for j, h in self._in_doubt.items() if h == home]:
+        for job_id in [j for j, (h, _) in self._in_doubt.items() if h == home]:
             self._resolve_doubt(job_id)
 
     def _doubt_message(self: Agent, job_id: str, home: str, what: str) -> str:
@@ -808,6 +845,14 @@ class RemoteJobs:
         assert self._nursery is not None
         transfer, cluster = self.transfer, self.cluster
 
+        # Owed until it gets through: should the tries below all fail (the node cut off
+        # or hung for longer), it is sent again when membership sees the node alive, or
+        # the attempt runs on there to its wall limit (days, for some jobs).
+        owed = self._cancels_owed.setdefault(node_id, {})
+        owed[rec.id] = None
+        while len(owed) > CANCELS_OWED_PER_NODE:
+            del owed[next(iter(owed))]
+
         async def send() -> None:
             delay = 0.2
             for _ in range(CANCEL_TRIES):
@@ -815,27 +860,26 @@ class RemoteJobs:
                 if state is not None and state.transfer:
                     try:
                         await transfer.request(node_id, state.transfer, {"t": m.CANCEL, "id": rec.id}, timeout=10)
-                        return
                     except TransferError:
                         pass
+                    else:
+                        self._cancels_owed.get(node_id, {}).pop(rec.id, None)
+                        return
                 await trio.sleep(delay)
                 delay = min(10.0, delay * 2)
-            # Cut off or hung for longer: sent again when membership sees the node again,
-            # or the attempt runs on there to its wall limit (days, for some jobs).
-            owed = self._cancels_owed.setdefault(node_id, {})
-            owed[rec.id] = None
-            while len(owed) > CANCELS_OWED_PER_NODE:
-                del owed[next(iter(owed))]
 
         self._nursery.start_soon(send)
 
     def resend_cancels(self: Agent, node_id: str) -> None:
-        """``node_id`` is alive again: send it the cancels it missed while away, but not
-        one of a job that has been placed there again since (that attempt is the job's)."""
-        for job_id in self._cancels_owed.pop(node_id, {}):
+        """``node_id`` is alive again: send it the cancels it has not confirmed, of the
+        jobs that have ended (a job queued again may be placed there anew meanwhile, and
+        that attempt is the job's)."""
+        for job_id in list(self._cancels_owed.get(node_id, {})):
             rec = self.active.get(job_id) or self.store.get(job_id)
-            if rec is not None and (rec.state.final or rec.executor != node_id):
+            if rec is not None and rec.state.final:
                 self._send_cancel(node_id, rec)
+            else:
+                self._cancels_owed[node_id].pop(job_id, None)
 
     async def cancel_remote(self: Agent, rec: JobRecord) -> JobRecord:
         """Origin side: follow the job to its executor and stop it there.

@@ -47,7 +47,12 @@ _CHUNK = 256 * 1024
 
 
 class TransferError(ConnectionError):
-    pass
+    """The request got no answer. ``sent``: it went out whole (on some connection), so
+    the peer may have acted on it; False: it never left this host whole."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class TransferRefused(TransferError):
@@ -222,12 +227,14 @@ class TransferService:
                       timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
         """Send one request and return the reply; raises TransferError when the peer can't be reached."""
         idle = self._idle[node_id]
+        sent = False
         for fresh in (False, True):
             conn = None
             try:
                 with trio.fail_after(timeout):
                     conn = idle.pop() if (idle and not fresh) else await self._connect(node_id, address)
                     await conn.send(msg)
+                    sent = True
                     reply = await conn.receive()
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
                     ssl.SSLError, FrameError) as e:
@@ -237,12 +244,13 @@ class TransferService:
                 # that gave no answer for the whole timeout gets no second one (it doubled
                 # every wait on a hung peer, and sent the request twice).
                 if fresh or isinstance(e, trio.TooSlowError):
-                    raise TransferError(f"cannot reach {node_id} at {address}: {e or type(e).__name__}") from e
+                    raise TransferError(f"cannot reach {node_id} at {address}: {e or type(e).__name__}",
+                                        sent=sent) from e
                 continue
             if reply is None:
                 await trio.aclose_forcefully(conn.stream)
                 if fresh:
-                    raise TransferError(f"{node_id} at {address} closed the connection without replying")
+                    raise TransferError(f"{node_id} at {address} closed the connection without replying", sent=sent)
                 continue
             if len(idle) < POOL_PER_PEER:
                 idle.append(conn)

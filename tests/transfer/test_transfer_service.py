@@ -61,3 +61,32 @@ def test_an_answer_to_a_submission_is_checked_before_a_client_sees_it():
         with pytest.raises(ValueError) as e:
             check_submit_reply(bad)
         assert named in str(e.value), (bad, str(e.value))
+
+
+async def test_a_request_says_whether_it_went_out_and_a_timed_out_one_is_sent_once() -> None:
+    """A caller must know whether the peer may have acted on a request it got no answer
+    to (a client id's home may hold the job): a refused connection sent nothing; a
+    peer that read the request and never answered got it, once: the request is not
+    sent again on a fresh connection after the whole timeout has passed."""
+    got: list[dict[str, Any]] = []
+
+    async def hangs(peer: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+        got.append(msg)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    client = TransferService(("127.0.0.1", free_port()), hangs, node_id="client")
+    with pytest.raises(TransferError) as refused:
+        await client.request("nobody", f"127.0.0.1:{free_port()}", {"t": "cancel", "id": "a"}, timeout=5)
+    assert refused.value.sent is False
+    port = free_port()
+    server = TransferService(("127.0.0.1", port), hangs, node_id="server")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        with pytest.raises(TransferError) as unanswered:
+            await client.request("server", f"127.0.0.1:{port}", {"t": "cancel", "id": "b"}, timeout=0.5)
+        assert unanswered.value.sent is True
+        await trio.sleep(0.2)
+        assert [m["id"] for m in got] == ["b"]
+        nursery.cancel_scope.cancel()
+    await client.aclose()
