@@ -825,7 +825,9 @@ class RemoteJobs:
         run = self.running.get(rec.id) or self._prefetched.get(rec.id)
         if run is not None:
             self._cancel_running(run, "cancelled")
-        elif rec.id in self.queue:
+        elif rec.id in self.queue or rec.state is JobState.QUEUED:
+            # Queued, or out of the queue for a while (backing off after its host failed
+            # it): either way it has not started, and must not once the pause is over.
             self.queue.remove(rec.id)
             rec.result = JobResult(exit_code=None, reason="cancelled")
             self._advance(rec, JobState.CANCELLED, time.time(), "cancelled before it ran")

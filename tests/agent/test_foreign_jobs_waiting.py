@@ -106,3 +106,21 @@ async def test_an_own_job_that_fits_in_the_room_a_held_job_waits_for_goes_to_a_p
                 return next(t["at"] for t in timeline if t["state"] == "running")
             assert started(big.timeline) <= started(rec["timeline"])
             await peer_http.delete(f"/v1/jobs/{busy}")  # rather than wait out the stop's grace period
+
+
+async def test_a_cancel_from_the_origin_ends_a_job_backing_off_here_before_it_runs_again(tmp_path):
+    # A job this agent's host failed waits out a pause out of the queue before it runs
+    # again; its origin's cancel was acknowledged and did nothing, and it ran after all.
+    async with running_agent(tmp_path, node_id="exec", cpus=1) as (executor, http):
+        loop = await start_running(http, wasm_spec("loop.wasm", limits={"wall_ms": 120_000}))
+        hold_for_another_origin(executor, "elsewhere:paused", "elsewhere")
+        rec = executor.active["elsewhere:paused"]
+        executor.queue.remove(rec.id)
+        executor._requeue_later(rec, 2.0)  # as _retry_later does after a host fault
+        reply = await executor._on_cancel({"id": rec.id})
+        assert reply["state"] == "cancelling"
+        assert rec.state.value == "cancelled" and rec.result.reason == "cancelled"
+        await trio.sleep(2.5)  # the pause is over: it is not queued again
+        assert rec.id not in executor.queue and executor.waiting() == 0
+        assert executor.get(rec.id).state.value == "cancelled"
+        await http.delete(f"/v1/jobs/{loop}")
