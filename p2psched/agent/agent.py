@@ -689,19 +689,16 @@ class Agent(RemoteJobs, JobOutputs, HostFailures):
     def _never_runs(self, rec: JobRecord) -> str | None:
         """Why no node this agent knows of could run ``rec`` even idle, or None. Most jobs
         fit this agent idle, which is looked at first and costs nothing."""
-        from p2psched.placement.core import NODE_LABEL_PREFIX, JobRequest, fits_ever, never_reason
+        from p2psched.placement.core import NODE_LABEL_PREFIX, JobRequest, never_fits
 
         spec = rec.spec
         r = spec.resources
         if r.gpu <= 0 and self.cpu_total >= r.cpu and self.mem_total_mb >= r.mem_mb and not (
                 spec.labels and any(k.startswith(NODE_LABEL_PREFIX) for k in spec.labels)):
             return None  # only node.* labels ask something of a node
-        req = JobRequest.from_spec(rec.id, spec, hops=rec.hops)
-        local = self.local_state(with_tenants=False)
         peers = self.cluster.alive_states() if self.cluster is not None else []
-        if fits_ever(req, local) or any(fits_ever(req, p) for p in peers):
-            return None
-        return never_reason(req, [local, *peers])
+        return never_fits(JobRequest.from_spec(rec.id, spec, hops=rec.hops),
+                          [self.local_state(with_tenants=False), *peers])
 
     def _known(self, spec: JobSpec) -> bool:
         """Whether ``spec`` names a job this agent holds: submitting it again returns

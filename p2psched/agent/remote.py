@@ -280,12 +280,8 @@ class RemoteJobs:
         assert job_id is not None  # only a client-chosen id has a home
         state = self.cluster.state_of(home) if self.cluster else None
         if state is None or not state.transfer or self.transfer is None:
-            if job_id in self._in_doubt:
-                raise Unavailable(self._doubt_message(job_id, home, "is not reachable now"),
-                                  reason="home_unreachable", retry_after=1.0)
-            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which is not reachable now; retry with "
-                              "the same id in a moment (or let the id be generated)", reason="home_unreachable",
-                              retry_after=1.0)
+            raise self._home_unreachable(job_id, home, "is not reachable now",
+                                         "retry with the same id in a moment (or let the id be generated)")
         msg = {"t": m.SUBMIT, "spec": spec.model_dump(),
                "auth": auth.to_json() if hasattr(auth, "to_json") else auth}
         # The module and input go with it: a link at SUBMIT_MIN_BYTES_S carries them in time.
@@ -298,12 +294,8 @@ class RemoteJobs:
             # taken it already): refuse, and let the client retry the same id.
             if e.sent and not isinstance(e, TransferRefused):  # it may have acted on it
                 await self._doubt(job_id, home)
-            if job_id in self._in_doubt:
-                raise Unavailable(self._doubt_message(job_id, home, f"did not answer ({e})"),
-                                  reason="home_unreachable", retry_after=1.0) from None
-            raise Unavailable(f"job id {spec.id!r} belongs to agent {home}, which cannot be reached now ({e}); "
-                              "retry with the same id in a moment", reason="home_unreachable",
-                              retry_after=1.0) from None
+            raise self._home_unreachable(job_id, home, f"cannot be reached now ({e})",
+                                         "retry with the same id in a moment") from None
         try:
             m.check_submit_reply(reply)
         except ValueError as e:
@@ -362,10 +354,18 @@ class RemoteJobs:
         for job_id in [j for j, (h, _) in self._in_doubt.items() if h == home]:
             self._resolve_doubt(job_id)
 
-    def _doubt_message(self: Agent, job_id: str, home: str, what: str) -> str:
-        return (f"job id {job_id!r} was handed to agent {home}, which {what}: it may hold the job, so no other agent "
-                f"takes this id until {home} answers. Retry with the same id once {home} is reachable again; if it "
-                "is gone for good, submit the job under a new id")
+    def _home_unreachable(self: Agent, job_id: str, home: str, what: str, fix: str) -> Exception:
+        """The 503 for ``job_id`` while its ``home`` ``what`` (is not reachable now, did
+        not answer); ``fix``: what to do when the home holds nothing of it yet."""
+        from p2psched.agent.errors import Unavailable
+
+        if job_id in self._in_doubt:
+            message = (f"job id {job_id!r} was handed to agent {home}, which {what}: it may hold the job, so no "
+                       f"other agent takes this id until {home} answers. Retry with the same id once {home} is "
+                       "reachable again; if it is gone for good, submit the job under a new id")
+        else:
+            message = f"job id {job_id!r} belongs to agent {home}, which {what}; {fix}"
+        return Unavailable(message, reason="home_unreachable", retry_after=1.0)
 
     async def _on_submit(self: Agent, msg: dict[str, Any]) -> dict[str, Any]:
         from p2psched.agent.errors import AgentError

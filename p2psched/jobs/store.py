@@ -855,5 +855,3 @@ class Store:
         row = self._reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_kv(self, key: str, value: str) -> None:
-        self._writer.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))

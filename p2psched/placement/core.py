@@ -265,7 +265,12 @@ def node_load(v: ResourceVector) -> float:
     return (v.cpu_total - v.cpu_free + v.queue_len) / v.cpu_total
 
 
-def never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
+def never_fits(req: JobRequest, states: Sequence[NodeState]) -> str | None:
+    """Why none of ``states`` could run ``req`` even idle, or None when one could."""
+    return None if any(fits_ever(req, s) for s in states) else _never_reason(req, states)
+
+
+def _never_reason(req: JobRequest, states: Sequence[NodeState]) -> str:
     """Name the first constraint that no known node satisfies, even when idle."""
     n = len(states)
     nodes = f"{n} known node" + ("s" if n != 1 else "")
@@ -411,8 +416,9 @@ def place(
     if here_now and (policy == "local-first" or (policy == "p2p" and not gpu_first)):
         return RunHere(), state
 
-    if not fits_ever(req, local) and not any(fits_ever(req, p) for p in peers):
-        return Reject(never_reason(req, [local, *peers])), state
+    never = never_fits(req, [local, *peers])
+    if never is not None:
+        return Reject(never), state
 
     if req.hops >= req.ttl:
         if here_now or (impaired_here and fits_now(req, local) and not local.vector.draining):
